@@ -1,0 +1,26 @@
+"""minidiff: a small, readable PyTorch implementation of the Diffutron masked-diffusion LM.
+
+    import minidiff
+    model = minidiff.load_model("jhu-clsp/mmBERT-base")   # or a local directory
+    tok = minidiff.load_tokenizer("jhu-clsp/mmBERT-base")
+"""
+from .model import ModelConfig, ModernBertMLM
+
+__version__ = "0.1.0"
+
+
+def load_model(name_or_path, *, dtype=None, device=None, revision=None):
+    """A ModernBertMLM in eval mode from a local directory or a hub id (see checkpoint.load_model)."""
+    from .checkpoint import load_model as _load_model
+
+    return _load_model(name_or_path, dtype=dtype, device=device, revision=revision)
+
+
+def load_tokenizer(name_or_path, *, revision=None):
+    """A Tokenizer from a directory (or hub id) holding tokenizer.json (see tokenizer.load_tokenizer)."""
+    from .tokenizer import load_tokenizer as _load_tokenizer
+
+    return _load_tokenizer(name_or_path, revision=revision)
+
+
+__all__ = ["ModelConfig", "ModernBertMLM", "load_model", "load_tokenizer", "__version__"]

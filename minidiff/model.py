@@ -1,0 +1,366 @@
+"""ModernBERT (mmBERT) encoder with its masked-language-model head, in one file.
+
+Module and parameter names equal the keys of a transformers `ModernBertForMaskedLM`
+checkpoint (`model.layers.3.attn.Wqkv.weight`, `head.dense.weight`, `decoder.bias`, ...), so a
+checkpoint loads with a plain `load_state_dict` and no renaming table.
+
+Forward pass (SPEC §2):
+    x = LayerNorm(E[ids])
+    for each layer l:   x = x + Wo(attn(rope(attn_norm(x))))      (layer 0: no attn_norm)
+                        x = x + Wo_mlp(gelu(u) * g),  [u, g] = Wi(mlp_norm(x))
+    h = final_norm(x);  logits = decoder(head.norm(gelu(head.dense(h))))
+Layer l is global when l % global_attn_every_n_layers == 0, else local: query i sees key j
+only when |i - j| <= local_attention // 2. This module imports nothing else of minidiff.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint as activation_checkpoint
+
+
+@dataclass
+class ModelConfig:
+    """The architecture, with transformers' `ModernBertConfig` field names and defaults.
+
+    Build it from a `config.json` with `from_dict`/`from_json`: every field the model uses is
+    read from the file; unknown keys are ignored. Both config layouts are understood: the
+    transformers 4.x one (`global_rope_theta`, `local_rope_theta`,
+    `global_attn_every_n_layers`) and the 5.x one (`rope_parameters`, `layer_types`).
+    """
+
+    vocab_size: int = 50368
+    hidden_size: int = 768
+    intermediate_size: int = 1152
+    num_hidden_layers: int = 22
+    num_attention_heads: int = 12
+    max_position_embeddings: int = 8192
+    global_rope_theta: float = 160000.0
+    local_rope_theta: float | None = None  # None: the same as global_rope_theta
+    local_attention: int = 128
+    global_attn_every_n_layers: int = 3
+    layer_types: list[str] | None = None  # "full_attention" | "sliding_attention" per layer
+    norm_eps: float = 1e-5
+    norm_bias: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    classifier_bias: bool = False
+    decoder_bias: bool = True
+    hidden_activation: str = "gelu"
+    classifier_activation: str = "gelu"
+    tie_word_embeddings: bool = True
+    initializer_range: float = 0.02
+    initializer_cutoff_factor: float = 2.0
+    pad_token_id: int | None = 50283
+    eos_token_id: int | None = 50282
+    bos_token_id: int | None = 50281
+    cls_token_id: int | None = 50281
+    sep_token_id: int | None = 50282
+    mask_token_id: int | None = None  # not a transformers field; recorded when known
+
+    def __post_init__(self) -> None:
+        if self.local_rope_theta is None:
+            self.local_rope_theta = self.global_rope_theta
+        if self.layer_types is None:
+            every = self.global_attn_every_n_layers
+            self.layer_types = [
+                "full_attention" if i % every == 0 else "sliding_attention"
+                for i in range(self.num_hidden_layers)
+            ]
+        if len(self.layer_types) != self.num_hidden_layers:
+            raise ValueError(
+                f"config has {len(self.layer_types)} layer_types for {self.num_hidden_layers} layers"
+            )
+        if self.hidden_size % self.num_attention_heads != 0:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads "
+                f"{self.num_attention_heads}"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "ModelConfig":
+        raw = dict(raw)
+        rope = raw.get("rope_parameters") or {}
+        if isinstance(rope, dict):  # transformers 5.x layout
+            if "global_rope_theta" not in raw and "rope_theta" in (rope.get("full_attention") or {}):
+                raw["global_rope_theta"] = rope["full_attention"]["rope_theta"]
+            if "local_rope_theta" not in raw and "rope_theta" in (rope.get("sliding_attention") or {}):
+                raw["local_rope_theta"] = rope["sliding_attention"]["rope_theta"]
+        if isinstance(raw.get("eos_token_id"), list):
+            raw["eos_token_id"] = raw["eos_token_id"][0]
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in raw.items() if k in known})
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "ModelConfig":
+        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+
+    def to_dict(self) -> dict:
+        """A `config.json` that both transformers 4.x and 5.x read as this architecture."""
+        out = asdict(self)
+        if out["mask_token_id"] is None:
+            del out["mask_token_id"]
+        out["rope_parameters"] = {
+            "full_attention": {"rope_type": "default", "rope_theta": self.global_rope_theta},
+            "sliding_attention": {"rope_type": "default", "rope_theta": self.local_rope_theta},
+        }
+        return {"architectures": ["ModernBertForMaskedLM"], "model_type": "modernbert", **out}
+
+
+def activation(name: str):
+    """The activation functions ModernBERT configs name (transformers' ACT2FN spellings)."""
+    table = {
+        "gelu": F.gelu,  # exact erf form
+        "gelu_python": F.gelu,
+        "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+        "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+        "silu": F.silu,
+        "swish": F.silu,
+        "relu": F.relu,
+    }
+    if name not in table:
+        raise ValueError(f"unsupported activation {name!r}; expected one of {sorted(table)}")
+    return table[name]
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    # rotate_half([x1, x2]) = [-x2, x1], halves of the head dimension
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding for one theta (the half-split "rotate_half" form)."""
+
+    def __init__(self, head_dim: int, theta: float):
+        super().__init__()
+        # inv_freq_k = 1 / theta^(2k / d),  k = 0 .. d/2 - 1
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def cos_sin(self, seq_len: int, device: torch.device, dtype: torch.dtype):
+        positions = torch.arange(seq_len, device=device, dtype=torch.float32)
+        angles = positions[:, None] * self.inv_freq.to(device)[None, :]  # [S, d/2], fp32
+        angles = torch.cat((angles, angles), dim=-1)  # [S, d]
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x' = x cos(p w) + rotate_half(x) sin(p w), computed in fp32;  x: [B, heads, S, d]
+    xf = x.float()
+    return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.Wqkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.attention_bias)
+        self.Wo = nn.Linear(config.hidden_size, config.hidden_size, bias=config.attention_bias)
+
+    def forward(self, x, cos, sin, mask):
+        B, S, H = x.shape
+        qkv = self.Wqkv(x).view(B, S, 3, self.num_heads, self.head_dim)  # q, k, v outermost
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, heads, S, d]
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        # softmax(q k^T / sqrt(d) + mask) v
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.head_dim**-0.5)
+        return self.Wo(out.transpose(1, 2).reshape(B, S, H))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.Wi = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias)
+        self.Wo = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.act = activation(config.hidden_activation)
+
+    def forward(self, x):
+        # [u, g] = Wi x;  out = Wo(act(u) * g)   (the gate is the SECOND half)
+        u, g = self.Wi(x).chunk(2, dim=-1)
+        return self.Wo(self.act(u) * g)
+
+
+def layer_norm(config: ModelConfig) -> nn.LayerNorm:
+    return nn.LayerNorm(config.hidden_size, eps=config.norm_eps, bias=config.norm_bias)
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, index: int):
+        super().__init__()
+        self.is_global = config.layer_types[index] == "full_attention"
+        self.attn_norm = layer_norm(config) if index > 0 else nn.Identity()
+        self.attn = Attention(config)
+        self.mlp_norm = layer_norm(config)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, mask):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Embeddings(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        # padding_idx as in transformers: the pad row receives no gradient from the lookup
+        pad = config.pad_token_id
+        pad = pad if pad is not None and 0 <= pad < config.vocab_size else None
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=pad)
+        self.norm = layer_norm(config)
+
+    def forward(self, input_ids):
+        return self.norm(self.tok_embeddings(input_ids))
+
+
+class Encoder(nn.Module):
+    """The headless ModernBertModel: ids -> final-normed hidden states [B, S, H]."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embeddings = Embeddings(config)
+        self.layers = nn.ModuleList(EncoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.final_norm = layer_norm(config)
+        self.rotary_global = Rotary(config.head_dim, config.global_rope_theta)
+        self.rotary_local = Rotary(config.head_dim, config.local_rope_theta)
+        self.gradient_checkpointing = False
+
+    def attention_masks(self, attention_mask, seq_len: int, device):
+        """Boolean masks for SDPA (True = may attend): global [B,1,1,S] and local [B?,1,S,S]."""
+        key_ok = None
+        if attention_mask is not None:
+            key_ok = attention_mask.bool()[:, None, None, :]  # [B, 1, 1, S]
+        half_window = self.config.local_attention // 2
+        if seq_len <= half_window + 1:  # the band covers every pair: local == global
+            return key_ok, key_ok
+        pos = torch.arange(seq_len, device=device)
+        band = (pos[:, None] - pos[None, :]).abs() <= half_window  # [S, S]
+        local = band[None, None] if key_ok is None else band[None, None] & key_ok
+        return key_ok, local
+
+    def forward(self, input_ids, attention_mask=None):
+        B, S = input_ids.shape
+        x = self.embeddings(input_ids)  # [B, S, H]
+        global_mask, local_mask = self.attention_masks(attention_mask, S, input_ids.device)
+        rope_global = self.rotary_global.cos_sin(S, x.device, x.dtype)
+        rope_local = self.rotary_local.cos_sin(S, x.device, x.dtype)
+        for layer in self.layers:
+            cos, sin = rope_global if layer.is_global else rope_local
+            mask = global_mask if layer.is_global else local_mask
+            if self.gradient_checkpointing and self.training:
+                x = activation_checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask)
+        return self.final_norm(x)
+
+
+class PredictionHead(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size, bias=config.classifier_bias)
+        self.act = activation(config.classifier_activation)
+        self.norm = layer_norm(config)
+
+    def forward(self, h):
+        return self.norm(self.act(self.dense(h)))
+
+
+class ModernBertMLM(nn.Module):
+    """Encoder + MLM head. `model(ids, attention_mask, logits_at)` -> logits.
+
+    logits_at selects where the head and the vocabulary-wide decoder run (SPEC §8: the decoder
+    costs more than all layers together):
+      None                 -> [B, S, V]
+      bool [B, S]          -> [N, V], the selected rows in row-major order (N = sel.sum())
+      long [B, K] indices  -> [B, K, V], positions gathered per row (no host sync)
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = Encoder(config)
+        self.head = PredictionHead(config)
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size, bias=config.decoder_bias)
+        self.reset_parameters()
+        if config.tie_word_embeddings:
+            self.decoder.weight = self.model.embeddings.tok_embeddings.weight
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """transformers' init: truncated normals, output projections scaled by 1/sqrt(2L)."""
+        c = self.config
+        std_in = c.initializer_range
+        std_out = c.initializer_range / math.sqrt(2.0 * c.num_hidden_layers)
+
+        def init(linear_or_emb, std):
+            cut = c.initializer_cutoff_factor * std
+            nn.init.trunc_normal_(linear_or_emb.weight, 0.0, std, -cut, cut)
+            if getattr(linear_or_emb, "bias", None) is not None:
+                nn.init.zeros_(linear_or_emb.bias)
+
+        init(self.model.embeddings.tok_embeddings, std_in)
+        for layer in self.model.layers:
+            init(layer.attn.Wqkv, std_in)
+            init(layer.attn.Wo, std_out)
+            init(layer.mlp.Wi, std_in)
+            init(layer.mlp.Wo, std_out)
+        init(self.head.dense, std_out)
+        if not c.tie_word_embeddings:
+            init(self.decoder, std_out)
+        elif self.decoder.bias is not None:
+            nn.init.zeros_(self.decoder.bias)
+
+    def hidden(self, input_ids, attention_mask=None):
+        """Final-normed encoder states [B, S, H]."""
+        return self.model(input_ids, attention_mask)
+
+    def logits_from_hidden(self, h):
+        """[..., H] -> [..., V]: decoder(head(h))."""
+        return self.decoder(self.head(h))
+
+    def forward(self, input_ids, attention_mask=None, logits_at=None):
+        h = self.hidden(input_ids, attention_mask)  # [B, S, H]
+        if logits_at is None:
+            return self.logits_from_hidden(h)  # [B, S, V]
+        if logits_at.dtype == torch.bool:
+            return self.logits_from_hidden(h[logits_at])  # [N, V]
+        index = logits_at[..., None].expand(-1, -1, h.shape[-1])  # [B, K, H]
+        return self.logits_from_hidden(h.gather(1, index))  # [B, K, V]
+
+    def num_parameters(self) -> int:
+        """Distinct parameters (the tied decoder weight counted once)."""
+        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+
+    def save_pretrained(self, directory: str | Path, state_dict: dict | None = None) -> None:
+        """Write config.json + model.safetensors in the transformers layout.
+
+        `state_dict` overrides what is saved (e.g. a LoRA model's merged base weights).
+        The tied decoder weight is left out (transformers re-ties it on load). Files are
+        written under temporary names and renamed, so a crash never leaves a complete-looking
+        but truncated model behind.
+        """
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = self.state_dict() if state_dict is None else state_dict
+        state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+        if self.config.tie_word_embeddings:
+            state.pop("decoder.weight", None)
+        tmp_weights = directory / "model.safetensors.tmp"
+        save_file(state, str(tmp_weights), metadata={"format": "pt"})
+        tmp_config = directory / "config.json.tmp"
+        tmp_config.write_text(json.dumps(self.config.to_dict(), indent=2) + "\n", encoding="utf-8")
+        tmp_config.replace(directory / "config.json")
+        tmp_weights.replace(directory / "model.safetensors")
