@@ -1,0 +1,136 @@
+"""Evaluate a model: the MLM perplexity probe and zero-shot multiple-choice tasks (CETVEL subset).
+
+    python evaluate.py --model out/cpt --task perplexity:essays.txt \\
+        --task belebele_tr:belebele_tur.jsonl --task ironytr:IronyTR_val.csv \\
+        --out results.json --compare baseline.json
+
+Tasks: perplexity:SRC (any file/dir/hf:// source the data module reads), mc:FILE.jsonl (rows
+{"prompt", "choices", "label"}), or one of belebele_tr, exams_tr, ironytr, news_cat, mnli_tr,
+sts_tr, xcopa_tr, each as NAME:FILE (a local file in the hub dataset's own schema) or NAME alone
+(read from the hub; needs network). Writes results.json (per task: metrics, n, settings, seed,
+model) atomically and prints markdown tables shaped like the paper's Table 4.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+from pathlib import Path
+
+from minidiff.errors import UserError, run_cli
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="model directory or hub id (config.json, "
+                   "model.safetensors, tokenizer.json)")
+    p.add_argument("--task", action="append", required=True, metavar="T",
+                   help="perplexity:SRC | mc:FILE | NAME[:FILE]; repeat for several tasks")
+    p.add_argument("--out", required=True, help="results JSON to write (atomically)")
+    p.add_argument("--compare", action="append", default=[], metavar="OLD.json",
+                   help="earlier results files; each adds a column to the tables")
+    p.add_argument("--limit", type=int, default=None,
+                   help="use only the first N rows (multiple choice) / documents (perplexity)")
+    p.add_argument("--mc-samples", type=int, default=32,
+                   help="Monte-Carlo samples per multi-token answer (one-token answers use 1: exact)")
+    p.add_argument("--batch-size", type=int, default=32, help="sequences per forward pass")
+    p.add_argument("--seed", type=int, default=0, help="seed of every random draw (masks, MC samples)")
+    p.add_argument("--max-len", type=int, default=512, help="perplexity block length in tokens")
+    p.add_argument("--mask-prob", type=float, default=0.15, help="perplexity: fraction of tokens masked")
+    p.add_argument("--mlm-replace", action="store_true",
+                   help="perplexity: BERT 80/10/10 replacement (mask/random/keep) instead of all <mask>")
+    p.add_argument("--no-nelbo", action="store_true", help="perplexity: skip the NELBO bound column")
+    p.add_argument("--metric", choices=("acc", "acc_norm", "macro_f1"), default="acc",
+                   help="multiple-choice metric shown in the table (the JSON has all)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="weights dtype")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p.parse_args(argv)
+
+
+def check_args(args) -> None:
+    if args.limit is not None and args.limit < 1:
+        raise UserError(f"--limit {args.limit}: expected a positive number of rows")
+    if args.mc_samples < 1:
+        raise UserError(f"--mc-samples {args.mc_samples}: expected at least 1")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size {args.batch_size}: expected at least 1")
+    if args.max_len < 2:
+        raise UserError(f"--max-len {args.max_len}: expected at least 2 tokens")
+    if not 0.0 < args.mask_prob < 1.0:
+        raise UserError(f"--mask-prob {args.mask_prob}: expected a fraction between 0 and 1")
+    out = Path(args.out)
+    if out.exists() and out.is_dir():
+        raise UserError(f"--out {out} is a directory; expected a .json file path")
+
+
+def read_compare(path: str) -> dict:
+    try:
+        results = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"--compare {path} does not exist") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"--compare {path} is not a JSON file written by evaluate.py") from None
+    if not isinstance(results, dict) or not isinstance(results.get("tasks"), dict):
+        raise UserError(f"--compare {path} has no 'tasks' object; expected a results file of evaluate.py")
+    return results
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    check_args(args)
+    from minidiff import data, evaluation
+
+    # every input is read and checked before the model loads: bad input fails fast, writes nothing
+    specs = [evaluation.parse_task(t) for t in args.task]
+    keys = [s.key for s in specs]
+    if len(set(keys)) != len(keys):
+        raise UserError(f"--task given twice: {sorted(k for k in set(keys) if keys.count(k) > 1)}")
+    compare = [(Path(p).stem, read_compare(p)["tasks"]) for p in args.compare]
+    inputs = {}
+    for spec in specs:
+        if spec.kind == "perplexity":
+            texts = data.read_documents(spec.source).texts[: args.limit]
+            if not texts:
+                raise UserError(f"--task {spec.key}: no documents in {spec.source}")
+            inputs[spec.key] = {"texts": texts}
+        else:
+            inputs[spec.key] = {"examples": evaluation.load_examples(spec, args.limit)}
+
+    import torch
+
+    import minidiff
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = minidiff.load_model(args.model, dtype=getattr(torch, args.dtype), device=device)
+    tok = minidiff.load_tokenizer(args.model)
+    model.eval()
+    tasks = {}
+    for spec in specs:
+        result = evaluation.run_task(
+            model, tok, spec, **inputs[spec.key], mc_samples=args.mc_samples,
+            batch_size=args.batch_size, seed=args.seed, max_len=args.max_len,
+            mask_prob=args.mask_prob, mlm_replace=args.mlm_replace, nelbo=not args.no_nelbo,
+            progress=not args.no_progress)
+        result.update({"model": args.model, "seed": args.seed, "limit": args.limit})
+        tasks[spec.key] = result
+    results = {"model": args.model, "seed": args.seed, "device": device, "dtype": args.dtype,
+               "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               "torch": torch.__version__, "minidiff": minidiff.__version__, "tasks": tasks}
+    write_json_atomic(Path(args.out), results)
+    header = Path(args.model).name or args.model
+    print(evaluation.markdown_tables([(header, tasks)] + compare, metric=args.metric))
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
