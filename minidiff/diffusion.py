@@ -1,0 +1,439 @@
+"""Absorbing-state (masked) diffusion: schedules, forward corruption, losses, likelihoods.
+
+Every equation of the training objective and of likelihood scoring lives here (SPEC §3, §6).
+
+Forward process: each maskable token of x0 independently stays itself with probability
+alpha(t) or becomes <mask> with probability 1 - alpha(t); t ~ U(eps, 1), one t per sequence.
+
+Continuous-time NELBO (MDLM, Sahoo et al. 2024), an upper bound on -log p(x0):
+    NELBO = E_t E_{x_t} [ w(t) * sum_{i masked} -log p(x0_i | x_t) ],   w(t) = -alpha'(t) / (1 - alpha(t))
+The model never predicts <mask>: its logit is removed from every softmax here.
+
+Summed over the subsets M of masked positions the same bound is exact and schedule-free:
+    NELBO = sum_{M != {}} (|M|-1)! (L-|M|)! / L! * sum_{i in M} -log p(x0_i | x0 with M masked)
+(`exact_nelbo`), which is the any-order-autoregressive NLL averaged over all L! orders. The
+LLaDA estimator (`mc_loglik`) draws |M| = l uniform in 1..L and M uniform of that size and
+scores (L / l) * sum_{i in M} CE: an unbiased, low-variance estimate of the same sum.
+
+    loss, n = nelbo_loss(model, ids, tok.mask_id, maskable=labels != -100)
+    loss.backward()
+    logp = mc_loglik(model, prompt_ids, answer_ids, tok.mask_id, num_samples=32)
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .errors import UserError
+
+# ---------------------------------------------------------------------------------------------
+# Schedules: alpha(t) = P(token still itself at time t), decreasing from ~1 at t=0 to ~0 at t=1.
+# Each class gives mask_prob(t) = 1 - alpha(t) in closed form (no cancellation at small t).
+# ---------------------------------------------------------------------------------------------
+
+
+class Schedule:
+    """alpha(t), alpha'(t) and the NELBO weight w(t) = -alpha'(t) / (1 - alpha(t))."""
+
+    name = "schedule"
+
+    def mask_prob(self, t):
+        raise NotImplementedError
+
+    def alpha_prime(self, t):
+        raise NotImplementedError
+
+    def alpha(self, t):
+        # alpha(t) = 1 - P(masked at t)
+        return 1.0 - self.mask_prob(t)
+
+    def weight(self, t):
+        # w(t) = -alpha'(t) / (1 - alpha(t))
+        return -self.alpha_prime(t) / self.mask_prob(t)
+
+
+@dataclass
+class LinearSchedule(Schedule):
+    """alpha(t) = 1 - t: mask probability t, weight 1/t (dllm's default, what Diffutron ran)."""
+
+    name = "linear"
+
+    def mask_prob(self, t):
+        # 1 - alpha(t) = t
+        return torch.as_tensor(t)
+
+    def alpha_prime(self, t):
+        # alpha'(t) = -1
+        return -torch.ones_like(torch.as_tensor(t))
+
+
+@dataclass
+class CosineSchedule(Schedule):
+    """alpha(t) = 1 - cos(pi/2 (1 - t)): mask probability sin(pi t / 2), weight (pi/2) cot(pi t / 2)."""
+
+    name = "cosine"
+
+    def mask_prob(self, t):
+        # 1 - alpha(t) = cos(pi/2 (1 - t)) = sin(pi t / 2)
+        return torch.sin(torch.as_tensor(t) * (math.pi / 2))
+
+    def alpha_prime(self, t):
+        # alpha'(t) = -(pi/2) sin(pi/2 (1 - t)) = -(pi/2) cos(pi t / 2)
+        return -(math.pi / 2) * torch.cos(torch.as_tensor(t) * (math.pi / 2))
+
+
+@dataclass
+class LogLinearSchedule(Schedule):
+    """MDLM's LogLinearNoise: total noise sigma(t) = -log(1 - (1-eps) t), alpha(t) = exp(-sigma(t)).
+
+    So alpha(t) = 1 - (1-eps) t: linear with the mask probability capped at 1 - eps at t=1, and
+    weight -alpha'/(1-alpha) = (1-eps) / ((1-eps) t) = 1/t, the same as the linear schedule.
+    """
+
+    eps: float = 1e-3
+    name = "loglinear"
+
+    def mask_prob(self, t):
+        # 1 - alpha(t) = 1 - exp(-sigma(t)) = (1 - eps) t
+        return (1.0 - self.eps) * torch.as_tensor(t)
+
+    def alpha_prime(self, t):
+        # alpha'(t) = -(1 - eps)
+        return -(1.0 - self.eps) * torch.ones_like(torch.as_tensor(t))
+
+
+SCHEDULES = {"linear": LinearSchedule, "cosine": CosineSchedule, "loglinear": LogLinearSchedule}
+
+
+def get_schedule(schedule: str | Schedule = "linear") -> Schedule:
+    """A schedule object from its name ("linear", "cosine", "loglinear"); objects pass through."""
+    if isinstance(schedule, Schedule):
+        return schedule
+    if schedule not in SCHEDULES:
+        raise UserError(f"unknown noise schedule {schedule!r}; expected one of {sorted(SCHEDULES)}")
+    return SCHEDULES[schedule]()
+
+
+# ---------------------------------------------------------------------------------------------
+# Time sampling and the forward (masking) process.
+# ---------------------------------------------------------------------------------------------
+
+
+def _draw_device(generator, device):
+    if device is not None:
+        return torch.device(device)
+    return generator.device if generator is not None else torch.device("cpu")
+
+
+def sample_t(batch: int, eps: float = 1e-3, stratified: bool = False, generator=None, device=None):
+    """Diffusion times [batch] in [eps, 1).
+
+    iid (dllm):        t_i = eps + (1 - eps) u_i
+    stratified (MDLM): t_i = eps + (1 - eps) (u_i + i) / n, one draw in each of n equal strata
+    (MDLM's `_sample_t` with antithetic_sampling: `(u / n + arange(n) / n) % 1`).
+    """
+    u = torch.rand(batch, generator=generator, device=_draw_device(generator, device))  # [B]
+    if stratified:
+        # (u_i + i) / n: sample i lands in the stratum [i/n, (i+1)/n)
+        u = (u + torch.arange(batch, device=u.device)) / batch
+    # t = eps + (1 - eps) u
+    return eps + (1.0 - eps) * u
+
+
+def _maskable_or_all(x0, maskable, attention_mask=None):
+    """Positions that may be masked: `maskable` and the real (attended) tokens, default all."""
+    result = torch.ones_like(x0, dtype=torch.bool) if maskable is None else maskable.bool()
+    if attention_mask is not None:
+        result = result & attention_mask.bool()
+    return result
+
+
+def corrupt(x0, t, mask_id: int, maskable=None, generator=None, schedule="linear"):
+    """Forward process q(x_t | x0): (xt [B, S], is_masked [B, S] bool).
+
+    Each maskable token is replaced by mask_id independently with probability 1 - alpha(t_b)
+    (t: [B], one time per sequence); positions not maskable (SFT prompt, padding) never change.
+    """
+    schedule = get_schedule(schedule)
+    maskable = _maskable_or_all(x0, maskable)
+    # P(masked) = 1 - alpha(t), per row
+    mask_prob = schedule.mask_prob(t).to(torch.float32).reshape(-1, 1)  # [B, 1] (or [1, 1])
+    u = torch.rand(x0.shape, generator=generator, device=x0.device)  # [B, S]
+    is_masked = (u < mask_prob) & maskable  # [B, S]
+    xt = torch.where(is_masked, torch.full_like(x0, mask_id), x0)
+    return xt, is_masked
+
+
+def _masked_ce(logits, targets, mask_id: int):
+    """-log p(target) with the <mask> logit removed from the softmax. logits [N, V] -> [N] (>= fp32)."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    is_mask_column = torch.arange(logits.shape[-1], device=logits.device) == mask_id  # [V]
+    logits = logits.masked_fill(is_mask_column, float("-inf"))
+    return F.cross_entropy(logits, targets, reduction="none")
+
+
+def _selected_rows_and_ids(selected, ids):
+    """For every True entry of a bool [B, S] in row-major order (the order of the model's
+    `logits_at` rows): its row index [N] and the id of `ids` [B, S] there [N]."""
+    flat_index = selected.flatten().nonzero().squeeze(1)  # [N]
+    return flat_index // selected.shape[1], ids.flatten()[flat_index]
+
+
+# ---------------------------------------------------------------------------------------------
+# The training objectives.
+# ---------------------------------------------------------------------------------------------
+
+
+def nelbo_loss(
+    model,
+    x0,
+    mask_id: int,
+    *,
+    maskable=None,
+    attention_mask=None,
+    schedule="linear",
+    normalize: str = "sequence",
+    stratified: bool = False,
+    eps: float = 1e-3,
+    t=None,
+    generator=None,
+):
+    """One Monte-Carlo draw of the continuous-time NELBO (SPEC §3): (loss scalar, num_masked).
+
+    x0 [B, S] clean ids; maskable [B, S] bool (default: all positions, and never padding when an
+    attention_mask is given); t [B] overrides the drawn times.
+    normalize="sequence" (dllm): per row, w(t) * sum_masked CE / (that row's maskable count),
+                                 then the mean over rows.
+    normalize="token" (MDLM):    sum over the batch of w(t) * CE / (total maskable count).
+    """
+    if normalize not in ("sequence", "token"):
+        raise UserError(f"normalize={normalize!r} is not known; expected 'sequence' or 'token'")
+    schedule = get_schedule(schedule)
+    maskable = _maskable_or_all(x0, maskable, attention_mask)  # [B, S]
+    if t is None:
+        t = sample_t(x0.shape[0], eps, stratified, generator, device=x0.device)  # [B]
+    t = torch.as_tensor(t, dtype=torch.float32, device=x0.device).expand(x0.shape[0])  # [B]
+    xt, is_masked = corrupt(x0, t, mask_id, maskable, generator, schedule)
+
+    logits = model(xt, attention_mask, logits_at=is_masked)  # [N, V], N = is_masked.sum()
+    # -log p(x0_i | x_t) at every masked position, <mask> excluded from the softmax
+    rows, targets = _selected_rows_and_ids(is_masked, x0)  # [N], [N]
+    token_ce = _masked_ce(logits, targets, mask_id)  # [N]
+    # w(t_b) * CE_i for token i of row b
+    weighted = schedule.weight(t).to(token_ce)[rows] * token_ce  # [N]
+    # sum_{i masked in row b} w(t_b) CE_i   (an empty batch gives zeros that still backprop)
+    per_row = token_ce.new_zeros(x0.shape[0]).index_add_(0, rows, weighted)  # [B]
+    if normalize == "sequence":
+        # mean_b [ per_row_b / |maskable_b| ]
+        loss = (per_row / maskable.sum(1).clamp(min=1).to(per_row)).mean()
+    else:
+        # sum_b per_row_b / sum_b |maskable_b|
+        loss = per_row.sum() / maskable.sum().clamp(min=1).to(per_row)
+    return loss, is_masked.sum()
+
+
+def mlm_corrupt(ids, mask_id: int, maskable, *, mask_prob: float = 0.15, replace: bool = False,
+                vocab_size: int | None = None, generator=None):
+    """Fixed-ratio BERT masking: (corrupted ids [B, S], is_target [B, S] bool).
+
+    Each row gets exactly k = floor(p n + 0.5) targets among its n maskable positions, a
+    uniformly random k-subset (the k smallest of n iid uniforms). Positions not maskable
+    (special tokens, padding) are never targets. With replace=True the targets follow BERT's
+    80/10/10 rule (HF DataCollatorForLanguageModeling): 80% <mask>, 10% a token drawn uniformly
+    from [0, vocab_size), 10% left unchanged; otherwise every target becomes <mask>.
+    """
+    if not 0.0 <= mask_prob <= 1.0:
+        raise UserError(f"mask_prob={mask_prob} is outside [0, 1]")
+    if replace and vocab_size is None:
+        raise ValueError("mlm_corrupt(replace=True) needs vocab_size for the random 10%")
+    maskable = maskable.bool()
+    # k_b = floor(p * n_b + 0.5)   (float64 so that p * n lands where a reader computes it)
+    count = torch.floor(maskable.sum(1).double() * mask_prob + 0.5).long()  # [B]
+    # rank the maskable positions by a uniform score; non-maskable ones (score 2) rank last
+    scores = torch.rand(ids.shape, generator=generator, device=ids.device)  # [B, S]
+    scores = scores.masked_fill(~maskable, 2.0)
+    ranks = scores.argsort(dim=1).argsort(dim=1)  # [B, S] rank of each position in its row
+    is_target = ranks < count[:, None]  # [B, S]
+
+    if not replace:
+        return torch.where(is_target, torch.full_like(ids, mask_id), ids), is_target
+    choice = torch.rand(ids.shape, generator=generator, device=ids.device)  # [B, S]
+    random_ids = torch.randint(vocab_size, ids.shape, generator=generator, device=ids.device)
+    # u < 0.8 -> <mask>;  0.8 <= u < 0.9 -> random token;  u >= 0.9 -> unchanged
+    corrupted = torch.where(is_target & (choice < 0.8), torch.full_like(ids, mask_id), ids)
+    corrupted = torch.where(is_target & (choice >= 0.8) & (choice < 0.9), random_ids, corrupted)
+    return corrupted, is_target
+
+
+def mlm_loss(model, ids, mask_id: int, *, maskable, attention_mask=None, mask_prob: float = 0.15,
+             replace: bool = False, vocab_size: int | None = None, exclude_mask_logit: bool = False,
+             generator=None):
+    """BERT's fixed-ratio MLM loss: (mean CE over the targets, number of targets).
+
+    The softmax runs over the full vocabulary by default (HF run_mlm, the paper's perplexity
+    probe, SPEC §6); exclude_mask_logit=True removes <mask> as in the diffusion losses.
+    """
+    if vocab_size is None:
+        vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
+    maskable = _maskable_or_all(ids, maskable, attention_mask)
+    corrupted, is_target = mlm_corrupt(ids, mask_id, maskable, mask_prob=mask_prob,
+                                       replace=replace, vocab_size=vocab_size, generator=generator)
+    logits = model(corrupted, attention_mask, logits_at=is_target).float()  # [N, V]
+    if exclude_mask_logit:
+        token_ce = _masked_ce(logits, ids[is_target], mask_id)  # [N]
+    else:
+        token_ce = F.cross_entropy(logits, ids[is_target], reduction="none")  # [N]
+    num_targets = is_target.sum()
+    # mean over targets: sum CE / N
+    return token_ce.sum() / num_targets.clamp(min=1), num_targets
+
+
+# ---------------------------------------------------------------------------------------------
+# Likelihoods for evaluation and auditing.
+# ---------------------------------------------------------------------------------------------
+
+
+def _model_device(model):
+    param = next(iter(model.parameters()), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def _as_ids(ids, what: str):
+    ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
+    if ids.numel() == 0 and what == "answer":
+        raise UserError("an answer to score is empty; expected at least one answer token")
+    return ids
+
+
+@torch.no_grad()
+def mc_loglik_many(model, pairs, mask_id: int, *, pad_id: int, num_samples: int = 32,
+                   batch_size: int = 32, generator=None) -> list[float]:
+    """LLaDA's Monte-Carlo estimate of log p(answer | prompt) for each (prompt, answer) pair.
+
+    Per pair (answer length L) and sample j: l_j in 1..L, exactly l_j answer positions masked
+    (a uniform subset), the prompt never; the sample scores (L / l_j) * sum_masked CE. The l_j
+    are stratified over the samples: l_j = ((k + floor(j L / n)) mod L) + 1 with one k uniform
+    in 0..L-1, so each l_j is uniform on 1..L and together they cover 1..L evenly. The estimate
+    is -(mean over samples); its expectation is -exact_nelbo over the answer positions, a lower
+    bound on log p(answer | prompt). L = 1 is exact for any num_samples.
+
+    Samples of all pairs are packed into forwards of batch_size rows, right-padded with pad_id
+    under an attention mask. The random draws for pair p are made before those for pair p + 1,
+    so scoring pairs one by one with the same generator gives the same numbers.
+    """
+    if num_samples < 1 or batch_size < 1:
+        raise UserError(f"num_samples={num_samples} and batch_size={batch_size} must both be >= 1")
+    if len(pairs) == 0:
+        return []
+    device = _model_device(model)
+    draw_device = generator.device if generator is not None else torch.device("cpu")
+
+    # --- the draws, pair by pair ---------------------------------------------------------
+    sequences, answer_masks, sample_weights = [], [], []
+    for prompt, answer in pairs:
+        prompt, answer = _as_ids(prompt, "prompt"), _as_ids(answer, "answer")
+        L = answer.numel()
+        # l_j = ((k + floor(j L / n)) mod L) + 1
+        k = torch.randint(L, (1,), generator=generator, device=draw_device)
+        j = torch.arange(num_samples, device=draw_device)
+        num_masked = (k + (j * L) // num_samples) % L + 1  # [n]
+        # a uniform l-subset: the answer positions holding the l smallest uniform scores
+        scores = torch.rand(num_samples, L, generator=generator, device=draw_device)  # [n, L]
+        ranks = scores.argsort(dim=1).argsort(dim=1)
+        answer_masks.append((ranks < num_masked[:, None]).to(device))  # [n, L]
+        # weight L / l
+        sample_weights.append((L / num_masked.double()).to(device))  # [n]
+        sequences.append(torch.cat([prompt.to(device), answer.to(device)]))
+
+    # --- forwards over packed rows: row r is sample r % n of pair r // n -------------------
+    n, num_rows = num_samples, len(sequences) * num_samples
+    row_weights = torch.cat(sample_weights)  # [P n]
+    row_owners = torch.arange(len(sequences), device=device).repeat_interleave(n)  # [P n]
+    totals = torch.zeros(len(sequences), dtype=torch.float64, device=device)  # [P]
+    for start in range(0, num_rows, batch_size):
+        end = min(start + batch_size, num_rows)
+        chunk_pairs = range(start // n, (end - 1) // n + 1)
+        lengths = [sequences[p].numel() for p in chunk_pairs]
+        width = max(lengths)
+        x0 = torch.full((end - start, width), pad_id, dtype=torch.long, device=device)  # [b, W]
+        is_masked = torch.zeros(end - start, width, dtype=torch.bool, device=device)  # [b, W]
+        attention = torch.zeros(end - start, width, dtype=torch.long, device=device)  # [b, W]
+        for p in chunk_pairs:
+            # rows r0:r1 of this chunk hold samples j0:j1 of pair p
+            j0, j1 = max(start, p * n) - p * n, min(end, (p + 1) * n) - p * n
+            r0, r1 = p * n + j0 - start, p * n + j1 - start
+            seq, answer_len = sequences[p], answer_masks[p].shape[1]
+            x0[r0:r1, :seq.numel()] = seq
+            attention[r0:r1, :seq.numel()] = 1
+            is_masked[r0:r1, seq.numel() - answer_len:seq.numel()] = answer_masks[p][j0:j1]
+        xt = torch.where(is_masked, torch.full_like(x0, mask_id), x0)
+        padded = min(lengths) != width
+        logits = model(xt, attention if padded else None, logits_at=is_masked)  # [N, V]
+        rows, targets = _selected_rows_and_ids(is_masked, x0)  # [N], [N]
+        token_ce = _masked_ce(logits, targets, mask_id).double()  # [N]
+        # per row: (L / l) * sum_masked CE
+        per_row = token_ce.new_zeros(end - start).index_add_(0, rows, token_ce)
+        per_row = per_row * row_weights[start:end]  # [b]
+        totals.index_add_(0, row_owners[start:end], per_row)
+    # log p(answer | prompt) ~= -(mean over samples)
+    return (-totals / num_samples).tolist()
+
+
+def mc_loglik(model, prompt_ids, answer_ids, mask_id: int, *, num_samples: int = 32,
+              batch_size: int = 32, generator=None) -> float:
+    """LLaDA's Monte-Carlo estimate of log p(answer | prompt) (SPEC §6; see mc_loglik_many)."""
+    # one pair: every row has the same length, so no padding (pad_id is never written)
+    return mc_loglik_many(model, [(prompt_ids, answer_ids)], mask_id, pad_id=mask_id,
+                          num_samples=num_samples, batch_size=batch_size, generator=generator)[0]
+
+
+MAX_EXACT_LENGTH = 16
+
+
+@torch.no_grad()
+def exact_nelbo(model, x0, mask_id: int, maskable=None, *, batch_size: int = 256) -> float:
+    """The NELBO of one sequence, exactly, by enumerating the 2^L - 1 masks (L <= 16; auditing).
+
+        NELBO(x0) = sum_{M != {}} (|M|-1)! (L-|M|)! / L!  *  sum_{i in M} -log p(x0_i | x0 with M masked)
+
+    over the subsets M of the L maskable positions. (|M|-1)!(L-|M|)!/L! = int_0^1 w(t) t^|M|
+    (1-t)^(L-|M|) dt for the linear schedule, and the continuous NELBO is the same for every
+    schedule. It equals the any-order-autoregressive NLL averaged over all orders.
+    """
+    x0 = torch.as_tensor(x0, dtype=torch.long).reshape(-1)  # [S]
+    maskable = _maskable_or_all(x0, None if maskable is None else torch.as_tensor(maskable).reshape(-1))
+    positions = maskable.nonzero().flatten().tolist()
+    L = len(positions)
+    if L > MAX_EXACT_LENGTH:
+        raise UserError(f"exact_nelbo enumerates 2^L masks and accepts at most {MAX_EXACT_LENGTH} "
+                        f"maskable positions; this sequence has {L}")
+    if L == 0:
+        return 0.0
+    device = _model_device(model)
+    x0 = x0.to(device)
+    # subset s (1 .. 2^L - 1) as bits over the maskable positions
+    codes = torch.arange(1, 2**L, device=device)[:, None]  # [K, 1]
+    bits = (codes >> torch.arange(L, device=device)) & 1  # [K, L]
+    sizes = bits.sum(1)  # [K]
+    # weight(m) = (m-1)! (L-m)! / L!, as exp of log-gammas in float64
+    m = sizes.double()
+    subset_weight = torch.exp(torch.lgamma(m) + torch.lgamma(L - m + 1) - math.lgamma(L + 1))  # [K]
+
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    position_index = torch.tensor(positions, device=device)
+    for start in range(0, bits.shape[0], batch_size):
+        chunk = bits[start:start + batch_size].bool()  # [b, L]
+        is_masked = torch.zeros(chunk.shape[0], x0.numel(), dtype=torch.bool, device=device)
+        is_masked[:, position_index] = chunk  # [b, S]
+        x0_rows = x0.expand(chunk.shape[0], -1)
+        xt = torch.where(is_masked, torch.full_like(x0_rows, mask_id), x0_rows)
+        logits = model(xt, None, logits_at=is_masked)  # [N, V]
+        rows, targets = _selected_rows_and_ids(is_masked, x0_rows)  # [N], [N]
+        token_ce = _masked_ce(logits, targets, mask_id).double()  # [N]
+        # sum_{i in M} CE_i for each subset M of the chunk
+        per_subset = token_ce.new_zeros(chunk.shape[0]).index_add_(0, rows, token_ce)
+        total += (subset_weight[start:start + batch_size] * per_subset).sum()
+    return float(total)
