@@ -9,11 +9,12 @@ from .model import ModelConfig, ModernBertMLM
 __version__ = "0.1.0"
 
 
-def load_model(name_or_path, *, dtype=None, device=None, revision=None):
-    """A ModernBertMLM in eval mode from a local directory or a hub id (see checkpoint.load_model)."""
+def load_model(name_or_path, *, dtype=None, device=None, revision=None, **kwargs):
+    """A ModernBertMLM in eval mode from a local directory or a hub id (see checkpoint.load_model;
+    e.g. allow_missing_head=True loads a headless encoder checkpoint)."""
     from .checkpoint import load_model as _load_model
 
-    return _load_model(name_or_path, dtype=dtype, device=device, revision=revision)
+    return _load_model(name_or_path, dtype=dtype, device=device, revision=revision, **kwargs)
 
 
 def load_tokenizer(name_or_path, *, revision=None):

@@ -42,7 +42,7 @@ class ModelConfig:
     num_attention_heads: int = 12
     max_position_embeddings: int = 8192
     global_rope_theta: float = 160000.0
-    local_rope_theta: float | None = None  # None: the same as global_rope_theta
+    local_rope_theta: float | None = None  # absent from config.json: 10000, as transformers
     local_attention: int = 128
     global_attn_every_n_layers: int = 3
     layer_types: list[str] | None = None  # "full_attention" | "sliding_attention" per layer
@@ -66,7 +66,9 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if self.local_rope_theta is None:
-            self.local_rope_theta = self.global_rope_theta
+            # transformers (4.x and 5.x) falls back to 10000 here, not to the global theta, so a
+            # checkpoint trained with a config lacking the field was trained with 10000.
+            self.local_rope_theta = 10000.0
         if self.layer_types is None:
             every = self.global_attn_every_n_layers
             self.layer_types = [
@@ -140,17 +142,25 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class Rotary(nn.Module):
-    """Rotary position embedding for one theta (the half-split "rotate_half" form)."""
+    """Rotary position embedding for one theta (the half-split "rotate_half" form).
+
+    The frequencies are recomputed in fp32 on every call (d/2 numbers) rather than stored as a
+    buffer, so `model.to(torch.bfloat16)` cannot round them: a bf16 inv_freq puts the angle at
+    position 511 off by ~0.5 rad.
+    """
 
     def __init__(self, head_dim: int, theta: float):
         super().__init__()
-        # inv_freq_k = 1 / theta^(2k / d),  k = 0 .. d/2 - 1
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.head_dim = head_dim
+        self.theta = float(theta)
 
     def cos_sin(self, seq_len: int, device: torch.device, dtype: torch.dtype):
+        d = self.head_dim
+        # inv_freq_k = 1 / theta^(2k / d),  k = 0 .. d/2 - 1
+        exponents = torch.arange(0, d, 2, device=device, dtype=torch.float32) / d
+        inv_freq = 1.0 / (self.theta**exponents)
         positions = torch.arange(seq_len, device=device, dtype=torch.float32)
-        angles = positions[:, None] * self.inv_freq.to(device)[None, :]  # [S, d/2], fp32
+        angles = positions[:, None] * inv_freq[None, :]  # [S, d/2], fp32
         angles = torch.cat((angles, angles), dim=-1)  # [S, d]
         return angles.cos().to(dtype), angles.sin().to(dtype)
 

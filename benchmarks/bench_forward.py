@@ -1,0 +1,107 @@
+"""minidiff vs transformers forward speed on the same weights (CPU by default), in one run.
+
+    python benchmarks/bench_forward.py                      # mmBERT-small depth/width, vocab 32k, 4 x 512
+    python benchmarks/bench_forward.py --vocab 256000 --batch 1   # the real vocabulary width
+
+Both models get the same random weights (mmBERT-small shape: hidden 384, 6 heads, 22 layers,
+intermediate 1152, local window 128, a global layer every 3), transformers with
+attn_implementation="sdpa". Timings are interleaved (A, B, C, A, B, C, ...) after a warm-up and
+the median of the repeats is reported, so machine load drifts hit every variant alike.
+Printed: a markdown table of medians and ratios (transformers time / minidiff time; > 1 means
+minidiff is faster) for dense logits [B, S, V] and for `logits_at` on 15% of the positions (what
+training and sampling use) against transformers' dense output.
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from minidiff.model import ModelConfig, ModernBertMLM  # noqa: E402
+
+
+def build(args):
+    config = ModelConfig(
+        vocab_size=args.vocab, hidden_size=384, num_attention_heads=6, num_hidden_layers=22,
+        intermediate_size=1152, local_attention=128, global_attn_every_n_layers=3,
+        global_rope_theta=160000.0, local_rope_theta=160000.0,
+        pad_token_id=0, eos_token_id=1, bos_token_id=2, cls_token_id=1, sep_token_id=1,
+    )
+    torch.manual_seed(0)
+    ours = ModernBertMLM(config).eval()
+
+    import transformers
+
+    hf_config = transformers.ModernBertConfig(**config.to_dict())
+    hf_config._attn_implementation = args.attn
+    hf = transformers.ModernBertForMaskedLM(hf_config)
+    missing, unexpected = hf.load_state_dict(ours.state_dict(), strict=False)
+    assert not unexpected and set(missing) <= {"decoder.weight"}, (missing, unexpected)
+    hf.tie_weights()
+    return ours, hf.eval()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--vocab", type=int, default=32000, help="vocabulary size (mmBERT: 256000)")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--frac", type=float, default=0.15, help="fraction of positions for logits_at")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats per variant (median)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"], help="transformers attention")
+    parser.add_argument("--padding", action="store_true", help="right-pad rows to 100%%, 90%%, 75%%, ... of seq")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    ours, hf = build(args)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(5, args.vocab, (args.batch, args.seq), generator=g)
+    attention_mask = torch.ones_like(ids)
+    if args.padding:
+        for b in range(args.batch):
+            attention_mask[b, int(args.seq * (1 - 0.1 * b)):] = 0
+    ids = ids.masked_fill(attention_mask == 0, 0)
+    sel = (torch.rand(ids.shape, generator=g) < args.frac) & attention_mask.bool()
+
+    variants = {
+        "transformers dense": lambda: hf(input_ids=ids, attention_mask=attention_mask).logits,
+        "minidiff dense": lambda: ours(ids, attention_mask),
+        "minidiff logits_at": lambda: ours(ids, attention_mask, logits_at=sel),
+    }
+    with torch.no_grad():
+        # correctness first: same numbers (fp32)
+        real = attention_mask.bool()
+        want = variants["transformers dense"]()
+        diff = (variants["minidiff dense"]() - want)[real].abs().max().item()
+        diff_at = (variants["minidiff logits_at"]() - want[sel]).abs().max().item()
+        del want
+        times = {name: [] for name in variants}
+        for _ in range(args.repeats):
+            for name, run in variants.items():
+                start = time.perf_counter()
+                out = run()
+                times[name].append(time.perf_counter() - start)
+                del out
+    med = {name: statistics.median(t) for name, t in times.items()}
+    ref = med["transformers dense"]
+    print(f"\nforward, no grad, fp32: B={args.batch} S={args.seq} V={args.vocab}, mmBERT-small layers, "
+          f"transformers attn={args.attn}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{platform.processor() or platform.machine()}, padding={'yes' if args.padding else 'no'}; "
+          f"logits_at on {sel.sum().item()} of {ids.numel()} positions; max |diff| dense {diff:.1e}, "
+          f"logits_at {diff_at:.1e}; median of {args.repeats} interleaved repeats\n")
+    print("| variant | median s | min s | speed-up vs transformers dense |")
+    print("|---|---|---|---|")
+    for name in variants:
+        print(f"| {name} | {med[name]:.3f} | {min(times[name]):.3f} | {ref / med[name]:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()

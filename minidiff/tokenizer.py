@@ -1,0 +1,272 @@
+"""A thin wrapper over a `tokenizers.Tokenizer` (tokenizer.json): special ids, batching, chat text.
+
+    tok = load_tokenizer("jhu-clsp/mmBERT-base")     # or a directory holding tokenizer.json
+    tok.mask_id, tok.pad_id, tok.eos_id, tok.bos_id  # 4, 0, 1, 2 for mmBERT
+    tok.encode("Merhaba dünya")                       # [bos, ..., eos]: the file's own framing
+    ids, attention_mask = tok.batch_encode(texts)     # right-padded with pad_id, LongTensors [B, S]
+    tok.apply_chat_template([{"role": "user", "content": "Soru?"}])   # "[Question]\\nSoru?\\n..."
+
+Special ids are looked up by their token strings (`<mask>` then `[MASK]`, ...), falling back
+to the names in tokenizer_config.json / special_tokens_map.json: in some Gemma-vocabulary
+files `<mask>` is an ordinary vocabulary entry, not flagged special.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+
+TOKENIZER_FILE = "tokenizer.json"
+CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json")
+# mmBERT's layout: <pad> 0, <eos> 1, <bos> 2, <unk> 3, <mask> 4
+MMBERT_SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]
+# token strings tried for each role, in order, before the names the config files give
+CONVENTIONAL = {
+    "pad": ["<pad>", "[PAD]"],
+    "eos": ["<eos>", "</s>", "[SEP]"],
+    "bos": ["<bos>", "<s>", "[CLS]"],
+    "unk": ["<unk>", "[UNK]"],
+    "mask": ["<mask>", "[MASK]"],
+}
+# config-file keys that name each role (eos/bos fall back to sep/cls, as BERT-style files do)
+CONFIG_KEYS = {
+    "pad": ["pad_token"],
+    "eos": ["eos_token", "sep_token"],
+    "bos": ["bos_token", "cls_token"],
+    "unk": ["unk_token"],
+    "mask": ["mask_token"],
+}
+# SPEC §4: dllm's plain-text chat template for BERT-style models (markers are ordinary text)
+END_OF_TURN = "[/Answer]"
+
+
+def _token_string(value) -> str | None:
+    """A config entry is a string or an AddedToken-like dict {"content": ...}."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+class Tokenizer:
+    """tokenizer.json plus the special ids a masked diffusion model needs."""
+
+    def __init__(self, backend, config: dict | None = None, source: str = "tokenizer"):
+        self.backend = backend  # the tokenizers.Tokenizer
+        self.config = dict(config or {})  # merged tokenizer_config.json + special_tokens_map.json
+        self.source = source
+        self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
+        self.pad_token, self.pad_id = self._lookup("pad")
+        self.eos_token, self.eos_id = self._lookup("eos")
+        self.bos_token, self.bos_id = self._lookup("bos")
+        self.unk_token, self.unk_id = self._lookup("unk")
+        self.mask_token, self.mask_id = self._lookup("mask")
+        if self.mask_id is None:
+            raise UserError(
+                f"{source} has no mask token (looked for <mask>, [MASK] and a mask_token in "
+                "tokenizer_config.json); a masked diffusion model needs one"
+            )
+        if self.pad_id is None:  # pad with eos when the vocabulary has no pad token
+            self.pad_token, self.pad_id = self.eos_token, self.eos_id
+        if self.pad_id is None:
+            raise UserError(f"{source} has neither a pad nor an eos token; batches cannot be padded")
+        flagged = {i for i, added in backend.get_added_tokens_decoder().items() if added.special}
+        roles = {self.pad_id, self.eos_id, self.bos_id, self.unk_id, self.mask_id}
+        self.special_ids = flagged | {i for i in roles if i is not None}
+
+    def _lookup(self, role: str) -> tuple[str | None, int | None]:
+        """(token string, id) for a role: conventional strings first, then the config files'."""
+        candidates = list(CONVENTIONAL[role])
+        candidates += [_token_string(self.config.get(key)) for key in CONFIG_KEYS[role]]
+        for token in candidates:
+            if token is not None and self.backend.token_to_id(token) is not None:
+                return token, self.backend.token_to_id(token)
+        return None, None
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def __repr__(self) -> str:
+        return (f"Tokenizer({self.source}, vocab_size={self.vocab_size}, pad={self.pad_id}, eos={self.eos_id}, "
+                f"bos={self.bos_id}, unk={self.unk_id}, mask={self.mask_id})")
+
+    # ------------------------------------------------------------------ text <-> ids
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids; with add_special_tokens the file's post-processor frames them (mmBERT:
+        `<bos> ... <eos>`)."""
+        if not isinstance(text, str):
+            raise TypeError(f"encode expects a str, got {type(text).__name__}")
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        """Text of `ids` (a list or a 1-D tensor); special ids (incl. an unflagged <mask>) dropped
+        when skip_special_tokens."""
+        if torch.is_tensor(ids):
+            ids = ids.tolist()
+        ids = [int(i) for i in ids]
+        if skip_special_tokens:
+            ids = [i for i in ids if i not in self.special_ids]
+        return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def batch_encode(self, texts, add_special_tokens: bool = True, max_length: int | None = None):
+        """(ids, attention_mask), LongTensors [B, S], right-padded with pad_id to the longest row.
+
+        max_length truncates each text on the right, keeping the framing tokens (the content
+        is cut so that content + specials fit).
+        """
+        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+            raise TypeError("batch_encode expects a list of str")
+        specials = 0
+        if add_special_tokens and self.backend.post_processor is not None:
+            specials = self.backend.post_processor.num_special_tokens_to_add(False)
+        if max_length is not None and max_length <= specials:
+            raise UserError(f"max_length {max_length} leaves no room for text next to {specials} special tokens")
+        rows = []
+        for text in texts:
+            encoding = self.backend.encode(text, add_special_tokens=False)
+            if max_length is not None:
+                encoding.truncate(max_length - specials)
+            if add_special_tokens:
+                encoding = self.backend.post_process(encoding, add_special_tokens=True)
+            rows.append(encoding.ids)
+        width = max((len(r) for r in rows), default=0)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for b, row in enumerate(rows):
+            ids[b, : len(row)] = torch.tensor(row, dtype=torch.long)
+            attention_mask[b, : len(row)] = 1
+        return ids, attention_mask
+
+    # ------------------------------------------------------------------ chat
+
+    def apply_chat_template(self, messages, add_generation_prompt: bool = True) -> str:
+        """dllm's plain-text template (SPEC §4); contents stripped of surrounding whitespace:
+
+            [SYS]\\n{system}\\n[/SYS]\\n\\n          (only when the first message is a system one)
+            [Question]\\n{user}\\n[/Question]\\n\\n  (each user turn)
+            [Answer]\\n{assistant}\\n[/Answer]\\n\\n (each assistant turn)
+            [Answer]\\n                            (generation prompt, unless the last turn is the assistant's)
+        """
+        if not isinstance(messages, (list, tuple)):
+            raise UserError("chat messages must be a list of {'role': ..., 'content': ...} dicts")
+        parts = []
+        for i, message in enumerate(messages):
+            if not isinstance(message, dict) or not isinstance(message.get("content"), str):
+                raise UserError(f"chat message {i} must be a dict with a str 'content'; got {message!r}")
+            role, content = message.get("role"), message["content"].strip()
+            if role == "system" and i == 0:
+                parts.append(f"[SYS]\n{content}\n[/SYS]\n\n")
+            elif role == "user":
+                parts.append(f"[Question]\n{content}\n[/Question]\n\n")
+            elif role == "assistant":
+                parts.append(f"[Answer]\n{content}\n{END_OF_TURN}\n\n")
+            else:
+                where = "only as the first message" if role == "system" else "user, assistant or a first system"
+                raise UserError(f"chat message {i} has role {role!r}; expected {where}")
+        turns = [m for m in messages if m["role"] != "system"]
+        if add_generation_prompt and (not turns or turns[-1]["role"] != "assistant"):
+            parts.append("[Answer]\n")
+        return "".join(parts)
+
+    # ------------------------------------------------------------------ files
+
+    def save(self, directory) -> Path:
+        """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json to `directory`."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        special = {f"{role}_token": token for role, token in
+                   [("pad", self.pad_token), ("eos", self.eos_token), ("bos", self.bos_token),
+                    ("unk", self.unk_token), ("mask", self.mask_token)] if token is not None}
+        files = {
+            TOKENIZER_FILE: self.backend.to_str(),
+            "tokenizer_config.json": json.dumps({**self.config, **special}, indent=2, ensure_ascii=False),
+            "special_tokens_map.json": json.dumps(special, indent=2, ensure_ascii=False),
+        }
+        for name, text in files.items():  # temporary name, then rename: never a half-written file
+            tmp = directory / (name + ".tmp")
+            tmp.write_text(text + "\n", encoding="utf-8")
+            os.replace(tmp, directory / name)
+        return directory
+
+
+def _read_json(file: Path) -> dict:
+    try:
+        value = json.loads(file.read_text(encoding="utf-8"))
+    except ValueError as err:
+        raise UserError(f"{file} is not valid JSON ({err})") from None
+    return value if isinstance(value, dict) else {}
+
+
+def load_tokenizer(name_or_path, revision: str | None = None) -> Tokenizer:
+    """A Tokenizer from a directory holding tokenizer.json (or that file itself, or a hub id)."""
+    from tokenizers import Tokenizer as Backend
+
+    path = Path(os.path.expanduser(str(name_or_path)))
+    if path.is_file():
+        file, directory = path, path.parent
+    else:
+        from .checkpoint import TOKENIZER_FILES, resolve_model_dir
+
+        directory = resolve_model_dir(name_or_path, revision, allow_patterns=TOKENIZER_FILES)
+        file = directory / TOKENIZER_FILE
+    if not file.is_file():
+        raise UserError(f"{file} is missing; a tokenizer directory needs a tokenizers-format tokenizer.json")
+    try:
+        backend = Backend.from_file(str(file))
+    except Exception as err:  # the Rust side raises a plain Exception on a malformed file
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"{file} is not a valid tokenizers file ({reason})") from None
+    config: dict = {}
+    for name in reversed(CONFIG_FILES):  # tokenizer_config.json wins over special_tokens_map.json
+        if (directory / name).is_file():
+            config.update(_read_json(directory / name))
+    config.pop("added_tokens_decoder", None)
+    return Tokenizer(backend, config, source=str(file))
+
+
+def train_tokenizer(texts, vocab_size: int, out_dir=None) -> Tokenizer:
+    """Train a small byte-fallback BPE with mmBERT's layout (<pad> 0, <eos> 1, <bos> 2, <unk> 3,
+    <mask> 4; spaces as "▁"; framing `<bos> $A <eos>`), e.g. for the CPU demo.
+
+    vocab_size counts everything: the 5 specials, the learned pieces and the 256 byte pieces
+    `<0x00>`..`<0xFF>` (ordinary vocabulary entries, as in Gemma's file, appended after
+    training). A tiny corpus can give fewer; an alphabet larger than the budget gives more.
+    Written to `out_dir` (tokenizer.json + configs) when given.
+    """
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    texts = list(texts)
+    if not texts:
+        raise UserError("train_tokenizer needs at least one text")
+    backend = Backend(models.BPE(unk_token="<unk>", byte_fallback=True))
+    backend.normalizer = normalizers.Replace(" ", "▁")
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
+    backend.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    trainer = trainers.BpeTrainer(vocab_size=max(vocab_size - 256, len(MMBERT_SPECIALS)),
+                                  special_tokens=MMBERT_SPECIALS, show_progress=False)
+    backend.train_from_iterator(texts, trainer)
+    # byte-fallback pieces <0x00>..<0xFF> as ordinary vocabulary entries, after the learned ones
+    spec = json.loads(backend.to_str())
+    vocab = spec["model"]["vocab"]
+    for byte in range(256):
+        vocab.setdefault(f"<0x{byte:02X}>", len(vocab))
+    backend = Backend.from_str(json.dumps(spec))
+    bos, eos = MMBERT_SPECIALS.index("<bos>"), MMBERT_SPECIALS.index("<eos>")
+    backend.post_processor = processors.TemplateProcessing(
+        single="<bos> $A <eos>", pair="<bos> $A <eos> $B <eos>",
+        special_tokens=[("<bos>", bos), ("<eos>", eos)],
+    )
+    config = {"pad_token": "<pad>", "eos_token": "<eos>", "bos_token": "<bos>", "unk_token": "<unk>",
+              "mask_token": "<mask>", "model_max_length": 8192}
+    tok = Tokenizer(backend, config, source="trained tokenizer")
+    if out_dir is not None:
+        tok.save(out_dir)
+        tok.source = str(Path(out_dir) / TOKENIZER_FILE)
+    return tok
