@@ -1,0 +1,299 @@
+"""Generate, chat or fill in blanks with a minidiff / Diffutron model, watching the denoising.
+
+    python sample.py --model DIR --prompt "Türkiye'nin başkenti neresidir?" --preset diffutron-long
+    python sample.py --model DIR --chat
+    python sample.py --model DIR --infill "İstanbul <mask> <mask> Asya'yı ayırır." --raw
+    python sample.py --model DIR --prompt "..." --json --trace-html denoise.html
+
+Prompts go through the chat template of SPEC §4 (`[Question]...[/Question]` then `[Answer]`)
+unless --raw. In a terminal the canvas is redrawn after every step (masks as dim blocks);
+when stdout is not a terminal only the answers are printed (or JSON with --json).
+"""
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import os
+import shutil
+import sys
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import torch
+
+import minidiff
+from minidiff.data import chat_prompt_ids
+from minidiff.errors import UserError, run_cli
+from minidiff.sampler import END_OF_TURN, SamplerConfig, generate, infill
+
+MASK_CHAR = "░"
+DIM, RESET = "\x1b[2m", "\x1b[0m"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", required=True, help="model directory (config.json, model.safetensors, tokenizer.json) or hub id")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
+    what.add_argument("--chat", action="store_true", help="interactive chat with the chat template")
+    what.add_argument("--infill", help="text with <mask> markers to fill in")
+    p.add_argument("--raw", action="store_true", help="use the prompt text as is (no chat template)")
+    p.add_argument("--system", help="system message for the chat template")
+    p.add_argument("--preset", choices=sorted(SamplerConfig.PRESETS), help="start from these sampler settings")
+    g = p.add_argument_group("sampler (SamplerConfig fields; override the preset)")
+    g.add_argument("--max-new-tokens", type=int)
+    g.add_argument("--steps", type=int)
+    g.add_argument("--block-length", type=int)
+    g.add_argument("--temperature", type=float)
+    g.add_argument("--remasking", help="low_confidence | random")
+    g.add_argument("--stochastic", action=argparse.BooleanOptionalAction, help="Binomial transfer counts")
+    g.add_argument("--cfg-scale", type=float)
+    g.add_argument("--repetition-penalty", type=float)
+    g.add_argument("--schedule", help="dllm | llada")
+    g.add_argument("--threshold", type=float, help="parallel decoding: commit every candidate this confident")
+    g.add_argument("--stop-strings", nargs="*", help="strings that end the answer (none: give the flag alone)")
+    g.add_argument("--stop-at-eos", action=argparse.BooleanOptionalAction,
+                   help="stop once every answer has eos or [/Answer] in a finished block")
+    g.add_argument("--seed", type=int)
+    p.add_argument("--json", action="store_true", help="print JSON: ids, text, steps used")
+    p.add_argument("--trace-html", type=Path, help="write a self-contained HTML page replaying the denoising")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16")
+    return p.parse_args(argv)
+
+
+def sampler_config(args) -> SamplerConfig:
+    """The preset (or the defaults) with every flag that was given laid over it."""
+    chosen = {f.name: getattr(args, f.name) for f in fields(SamplerConfig)
+              if getattr(args, f.name, None) is not None}
+    if "stop_strings" in chosen:
+        chosen["stop_strings"] = tuple(chosen["stop_strings"])
+    if args.preset:
+        return SamplerConfig.preset(args.preset, **chosen)
+    return SamplerConfig(**chosen)
+
+
+# ----------------------------------------------------------------------------- text
+
+
+def prompt_ids(tok, text: str, *, raw: bool, system: str | None = None, history=()) -> list[int]:
+    """The prompt's token ids. Chat (default): the templated conversation exactly as SFT training
+    saw it (data.chat_prompt_ids: no special tokens, ends with the generation prompt
+    "[Answer]\n"). Raw: <bos> + the text, without the post-processor's closing <eos> (as a CPT
+    document starts); the answer's masks follow the prompt directly."""
+    if not raw:
+        messages = ([{"role": "system", "content": system}] if system else []) + list(history)
+        return chat_prompt_ids(messages + [{"role": "user", "content": text}], tok)
+    ids = tok.encode(text, add_special_tokens=False)
+    return ([tok.bos_id] if tok.bos_id is not None else []) + ids
+
+
+def answer_text(tok, ids: list[int]) -> str:
+    """The answer: up to the first eos or pad (SFT teaches the model to end with padding), then
+    up to the end-of-turn string, stripped."""
+    ends = [ids.index(t) for t in (tok.eos_id, tok.pad_id) if t is not None and t in ids]
+    if ends:
+        ids = ids[: min(ends)]
+    text = tok.decode(ids, skip_special_tokens=True)
+    return text.split(END_OF_TURN)[0].strip()
+
+
+def token_pieces(tok, ids: list[int]) -> list[str]:
+    """The text each token adds (incremental decoding, so multi-byte characters come out whole)."""
+    pieces, previous = [], ""
+    for n in range(1, len(ids) + 1):
+        text = tok.decode(ids[:n], skip_special_tokens=True)
+        pieces.append(text[len(previous):] if text.startswith(previous) else tok.decode(ids[n - 1:n]))
+        previous = text
+    return pieces
+
+
+def render_row(tok, ids: list[int], mask_id: int, color: bool) -> str:
+    """Committed runs decoded, each mask a block character (dim in a terminal)."""
+    out, run = [], []
+    for t in ids + [None]:
+        if t is not None and t != mask_id:
+            run.append(t)
+            continue
+        if run:
+            out.append(tok.decode(run, skip_special_tokens=True))
+            run = []
+        if t is not None:
+            out.append(f"{DIM}{MASK_CHAR}{RESET}" if color else MASK_CHAR)
+    return "".join(out).replace("\n", "↵")
+
+
+class LiveView:
+    """Redraws each row's answer region after every step (ANSI: cursor up + clear)."""
+
+    def __init__(self, tok, mask_id: int, stream=sys.stdout):
+        self.tok, self.mask_id, self.stream, self.lines = tok, mask_id, stream, 0
+
+    def __call__(self, out) -> None:
+        rows = out.sequences.tolist()
+        text = [render_row(self.tok, row[s:e], self.mask_id, True)
+                for row, s, e in zip(rows, out.answer_start, out.answer_end)]
+        text[-1] += f"  {DIM}[step {out.num_forward}]{RESET}"
+        width = max(shutil.get_terminal_size().columns, 20)
+        if self.lines:
+            self.stream.write(f"\x1b[{self.lines}F\x1b[J")
+        visible = [len(t.replace(DIM, "").replace(RESET, "")) for t in text]
+        self.lines = sum(max(1, -(-v // width)) for v in visible)
+        self.stream.write("\n".join(text) + "\n")
+        self.stream.flush()
+
+    def clear(self) -> None:
+        if self.lines:
+            self.stream.write(f"\x1b[{self.lines}F\x1b[J")
+            self.stream.flush()
+        self.lines = 0
+
+
+# ----------------------------------------------------------------------------- HTML replay
+
+PAGE = """<!DOCTYPE html>
+<html lang="tr"><head><meta charset="utf-8"><title>minidiff denoising</title>
+<style>
+body{font-family:system-ui,sans-serif;margin:2em;max-width:60em}
+.row{white-space:pre-wrap;font-family:ui-monospace,monospace;border:1px solid #ccc;padding:.6em;margin:.6em 0}
+.prompt{color:#777}.mask{color:#bbb}.new{background:#ffe08a}
+</style></head><body>
+<h1>Denoising replay</h1>
+<p><button id="play">play</button> step <span id="n">0</span> / <span id="total"></span>
+<input id="slider" type="range" min="0" value="0" style="width:30em"></p>
+<div id="rows"></div>
+<script>
+const DATA = __DATA__;
+const slider = document.getElementById("slider"), rows = document.getElementById("rows");
+slider.max = DATA.steps; document.getElementById("total").textContent = DATA.steps;
+function esc(s){return s.replace(/&/g,"&amp;").replace(/</g,"&lt;").replace(/>/g,"&gt;");}
+function draw(step){
+  document.getElementById("n").textContent = step;
+  rows.innerHTML = DATA.rows.map(r => '<div class="row"><span class="prompt">' + esc(r.prompt) +
+    '</span>' + r.pieces.map((p, i) => r.reveal[i] > step ? '<span class="mask">\\u2591</span>' :
+    '<span class="' + (r.reveal[i] === step && step > 0 ? 'new' : '') + '">' + esc(p) + '</span>').join('') +
+    '</div>').join('');
+}
+let timer = null;
+document.getElementById("play").onclick = () => {
+  if (timer) { clearInterval(timer); timer = null; return; }
+  if (+slider.value >= DATA.steps) slider.value = 0;
+  timer = setInterval(() => { slider.value = +slider.value + 1; draw(+slider.value);
+    if (+slider.value >= DATA.steps) { clearInterval(timer); timer = null; } }, 120);
+};
+slider.oninput = () => draw(+slider.value);
+draw(0);
+</script></body></html>
+"""
+
+
+def write_trace_html(path: Path, tok, out, prompts_text: list[str]) -> None:
+    """A page with the final tokens and, per position, the step at which it was revealed."""
+    steps = out.num_forward
+    final = out.sequences.tolist()
+    reveal = [[0] * len(row) for row in final]
+    for n, step in enumerate(out.trace, start=1):
+        for r, (positions, committed) in enumerate(zip(step.positions.tolist(), step.committed.tolist())):
+            for p, c in zip(positions, committed):
+                if c:
+                    reveal[r][p] = n
+    initial = out.initial.tolist()
+    rows = []
+    for r, row in enumerate(final):
+        s, e = out.answer_start[r], out.answer_end[r]
+        # positions masked at the start but never committed by a step (stop rules) appear last
+        when = [reveal[r][p] if reveal[r][p] or initial[r][p] != out.mask_id else steps
+                for p in range(s, e)]
+        rows.append({"prompt": prompts_text[r], "pieces": token_pieces(tok, row[s:e]), "reveal": when})
+    data = json.dumps({"steps": steps, "rows": rows}, ensure_ascii=False).replace("</", "<\\/")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(PAGE.replace("__DATA__", data), encoding="utf-8")
+    tmp.replace(path)
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def run_once(model, tok, ids_list, config, args, *, mode: str, live: bool, texts: list[str]):
+    view = LiveView(tok, tok.mask_id) if live else None
+    fn = infill if mode == "infill" else generate
+    out = fn(model, ids_list, config, mask_id=tok.mask_id, eos_id=tok.eos_id, tokenizer=tok,
+             pad_id=tok.pad_id, callback=view)
+    if view is not None:
+        view.clear()
+    if args.trace_html:
+        write_trace_html(args.trace_html, tok, out, texts)
+    return out
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    config = sampler_config(args)
+    if args.trace_html is not None and args.chat:
+        raise UserError("--trace-html replays one generation; use it with --prompt or --infill, not --chat.")
+    if args.trace_html is not None and not args.trace_html.parent.is_dir():
+        raise UserError(f"--trace-html: the directory {args.trace_html.parent} does not exist.")
+    tok = minidiff.load_tokenizer(args.model)
+    model = minidiff.load_model(args.model, dtype=args.dtype, device=args.device)
+    if tok.mask_id >= model.config.vocab_size:
+        raise UserError(f"the tokenizer's mask id {tok.mask_id} is outside the model's vocabulary "
+                        f"of {model.config.vocab_size}; tokenizer and model do not match.")
+    live = sys.stdout.isatty() and not args.json
+
+    if args.infill is not None:
+        if "<mask>" not in args.infill:
+            raise UserError('--infill: the text has no "<mask>" marker to fill in.')
+        pieces = args.infill.split("<mask>")
+        ids = [tok.bos_id] if tok.bos_id is not None else []
+        for i, piece in enumerate(pieces):
+            ids += tok.encode(piece, add_special_tokens=False) if piece else []
+            if i < len(pieces) - 1:
+                ids.append(tok.mask_id)
+        out = run_once(model, tok, [ids], config, args, mode="infill", live=live, texts=[""])
+        filled = out.sequences[0].tolist()
+        text = tok.decode(filled, skip_special_tokens=True)
+        if args.json:
+            print(json.dumps({"ids": filled, "text": text, "steps": out.num_forward}, ensure_ascii=False))
+        else:
+            print(text)
+        return 0
+
+    if args.chat:
+        history = []
+        interactive = sys.stdin.isatty()
+        while True:
+            try:
+                line = input("you> " if interactive else "")
+            except EOFError:
+                break
+            if line.strip() in ("", "/exit", "/quit"):
+                break
+            ids = prompt_ids(tok, line, raw=False, system=args.system, history=history)
+            out = run_once(model, tok, [ids], config, args, mode="generate", live=live, texts=[line])
+            answer = answer_text(tok, out.answers()[0])
+            history += [{"role": "user", "content": line}, {"role": "assistant", "content": answer}]
+            if args.json:
+                print(json.dumps({"ids": out.answers()[0], "text": answer, "steps": out.num_forward},
+                                 ensure_ascii=False), flush=True)
+            else:
+                print(f"model> {answer}" if interactive else answer, flush=True)
+        return 0
+
+    ids_list = [prompt_ids(tok, p, raw=args.raw, system=args.system) for p in args.prompt]
+    out = run_once(model, tok, ids_list, config, args, mode="generate", live=live, texts=args.prompt)
+    answers = out.answers()
+    texts = [answer_text(tok, a) for a in answers]
+    if args.json:
+        print(json.dumps({"config": asdict(config), "steps": out.num_forward,
+                          "results": [{"prompt": p, "ids": a, "text": t}
+                                      for p, a, t in zip(args.prompt, answers, texts)]},
+                         ensure_ascii=False))
+    else:
+        print("\n\n".join(texts))
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
