@@ -1,0 +1,143 @@
+"""One LoRA CPT training step: minidiff against transformers + peft + torch.optim.AdamW, same model.
+
+    python benchmarks/bench_train.py                       # mmBERT-shaped, 2 layers, vocab 256000
+    python benchmarks/bench_train.py --layers 4 --seq 512 --batch 2 --steps 5
+
+Both sides get the same weights (hidden 768, 12 heads, intermediate 1152, mmBERT's vocabulary
+size but few layers, so the vocabulary projection weighs as it does in mmBERT-base: SPEC §8),
+LoRA r=256/alpha=256/dropout 0.05 on Wqkv, Wo, Wi, the same batch and the same masks (t and
+the corruption drawn from identically seeded generators), fp32 on the CPU.
+- reference: peft model on transformers' ModernBertForMaskedLM, dense logits [B, S, V], then
+  the NELBO cross-entropy at the masked positions, torch.optim.AdamW;
+- minidiff: diffusion.nelbo_loss (logits only at the masked positions via logits_at),
+  minidiff.optim.AdamW (multi-tensor).
+Steps alternate between the two so machine load affects both alike; the median is reported.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+
+def build(args):
+    import peft
+    import transformers
+
+    from minidiff import lora, optim
+    from minidiff.model import ModelConfig, ModernBertMLM
+
+    config = ModelConfig(vocab_size=args.vocab, hidden_size=768, intermediate_size=1152,
+                         num_hidden_layers=args.layers, num_attention_heads=12, max_position_embeddings=8192,
+                         global_rope_theta=160000.0, local_rope_theta=160000.0, local_attention=128,
+                         global_attn_every_n_layers=3, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+                         cls_token_id=1, sep_token_id=1)
+    torch.manual_seed(0)
+    ours = ModernBertMLM(config)
+    hf_config = transformers.ModernBertConfig(**config.to_dict())
+    hf_config._attn_implementation = "sdpa"
+    ref = transformers.ModernBertForMaskedLM(hf_config)
+    missing, unexpected = ref.load_state_dict(ours.state_dict(), strict=False)
+    assert not unexpected and set(missing) <= {"decoder.weight"}, (missing, unexpected)
+    ref.tie_weights()
+
+    targets = ["Wqkv", "Wo", "Wi"]
+    torch.manual_seed(1)
+    lora.apply_lora(ours, r=args.rank, alpha=args.rank, dropout=0.05, targets=targets)
+    ref = peft.get_peft_model(ref, peft.LoraConfig(r=args.rank, lora_alpha=args.rank, lora_dropout=0.05,
+                                                   target_modules=targets))
+    # same adapter initialisation on both sides (B = 0, A copied)
+    ref_params = dict(ref.named_parameters())
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if p.requires_grad:
+                ref_params[f"base_model.model.{name.replace('.weight', '.default.weight')}"].copy_(p)
+    ours_opt = optim.AdamW(optim.param_groups(ours, 0.0), lr=1e-4, weight_decay=0.0)
+    ref_opt = torch.optim.AdamW([p for p in ref.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.0)
+    return ours, ours_opt, ref, ref_opt
+
+
+def ours_step(model, opt, x0, seed):
+    from minidiff import diffusion
+
+    gen = torch.Generator().manual_seed(seed)
+    loss, _ = diffusion.nelbo_loss(model, x0, 4, generator=gen)  # logits only where masked
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def ref_loss(model, x0, seed):
+    from minidiff import diffusion
+
+    gen = torch.Generator().manual_seed(seed)
+    t = diffusion.sample_t(x0.shape[0], 1e-3, False, gen)  # the same draws nelbo_loss makes
+    xt, masked = diffusion.corrupt(x0, t, 4, None, gen)
+    logits = model(input_ids=xt).logits  # [B, S, V]: dense, as a transformers training loop computes it
+    logits = logits.masked_fill(torch.arange(logits.shape[-1]) == 4, float("-inf"))
+    ce = F.cross_entropy(logits[masked], x0[masked], reduction="none")  # [N]
+    rows = masked.nonzero()[:, 0]
+    # per sequence: sum_masked CE / t / S, then the batch mean (normalize="sequence", linear schedule)
+    per_row = torch.zeros(x0.shape[0]).index_add_(0, rows, ce / t[rows])
+    return (per_row / x0.shape[1]).mean()
+
+
+def ref_step(model, opt, x0, seed):
+    loss = ref_loss(model, x0, seed)
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--vocab", type=int, default=256000)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--rank", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    ours, ours_opt, ref, ref_opt = build(args)
+    x0 = torch.randint(5, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(2))
+
+    # parity (dropout off): the two losses of the same batch and masks agree
+    ours.eval(), ref.eval()
+    with torch.no_grad():
+        from minidiff import diffusion
+
+        a = diffusion.nelbo_loss(ours, x0, 4, generator=torch.Generator().manual_seed(9))[0]
+        b = ref_loss(ref, x0, 9)
+    ours.train(), ref.train()
+
+    times = {"minidiff": [], "transformers+peft": []}
+    for i in range(args.steps + 1):  # step 0 of each is a warm-up
+        for name, step, model, opt in (("minidiff", ours_step, ours, ours_opt),
+                                       ("transformers+peft", ref_step, ref, ref_opt)):
+            start = time.perf_counter()
+            step(model, opt, x0, 100 + i)
+            if i > 0:
+                times[name].append(time.perf_counter() - start)
+
+    tokens = args.batch * args.seq
+    ref_median = statistics.median(times["transformers+peft"])
+    print(f"LoRA CPT step, hidden 768, {args.layers} layers, vocab {args.vocab:,}, batch {args.batch} x {args.seq}, "
+          f"r={args.rank}, fp32 CPU, {torch.get_num_threads()} threads, median of {args.steps} steps")
+    print(f"loss parity (dropout off): minidiff {a.item():.6f} vs reference {b.item():.6f}\n")
+    print("| implementation | s / step | tokens / s | speed-up |")
+    print("|---|---|---|---|")
+    for name in ("transformers+peft", "minidiff"):
+        median = statistics.median(times[name])
+        print(f"| {name} | {median:.3f} | {tokens / median:,.0f} | {ref_median / median:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()

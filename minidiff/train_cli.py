@@ -1,0 +1,218 @@
+"""What train_cpt.py and train_sft.py share: flags generated from their config dataclass (one
+flag per field, `--help` listing every default and the presets), model building (load, from
+scratch, LoRA) and evaluation batches.
+
+    parser = config_parser(CPTConfig, "train_cpt.py", __doc__, HELP, PRESETS)
+    config, given = parse_config(CPTConfig, parser, argv, PRESETS)   # given: flags set explicitly
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import types
+import typing
+from dataclasses import MISSING, fields
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+
+
+TRAIN_HELP = {  # help texts of the TrainConfig fields, shared by both scripts
+    "lr": "peak learning rate", "min_lr": "final learning rate of the cosine decay",
+    "warmup": "linear warmup steps", "warmup_ratio": "warmup as a fraction of the total steps",
+    "max_steps": "optimizer steps (instead of --epochs)", "epochs": "passes over the data (default 1)",
+    "batch_size": "sequences per micro-batch per process", "grad_accum": "micro-batches per optimizer step",
+    "weight_decay": "AdamW weight decay", "beta1": "AdamW beta1", "beta2": "AdamW beta2", "adam_eps": "AdamW eps",
+    "clip": "max gradient norm (0: no clipping)",
+    "schedule": "noise schedule: linear | cosine | loglinear",
+    "loss_norm": "sequence: per-sequence mean then batch mean (dllm); token: sum / real tokens (MDLM)",
+    "stratified_t": "stratified diffusion times over the micro-batch (MDLM) instead of iid",
+    "time_eps": "t = eps + (1 - eps) u", "seed": "seed of the data order, masks and init",
+    "log_every": "steps between metrics lines", "eval_every": "steps between evaluations (0: start and end)",
+    "save_every": "steps between checkpoints (0: none)", "keep_last": "checkpoints kept",
+    "bf16": "bf16 autocast on CUDA", "gradient_checkpointing": "recompute activations in backward (less memory)",
+    "resume": "continue from the newest complete checkpoint in --out", "progress": "show a progress bar",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are UserErrors: one sentence, exit status 2, no usage dump."""
+
+    def error(self, message):  # noqa: D401 - argparse API
+        raise UserError(f"{message} (see --help)")
+
+
+def _field_default(f):
+    if f.default is not MISSING:
+        return f.default
+    if f.default_factory is not MISSING:
+        return f.default_factory()
+    return None
+
+
+def _base_type(annotation):
+    """(python type, is_list) of a field annotation such as `int | None` or `list[str] | None`."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        return _base_type(args[0])
+    if typing.get_origin(annotation) is list:
+        return (args[0] if args else str), True
+    return annotation, False
+
+
+def _as_flag(name: str, value) -> str:
+    flag = "--" + name.replace("_", "-")
+    if isinstance(value, bool):
+        return flag if value else "--no-" + name.replace("_", "-")
+    if isinstance(value, list):
+        return f"{flag} {' '.join(map(str, value))}"
+    return f"{flag} {value}"
+
+
+def format_presets(presets: dict[str, dict]) -> str:
+    lines = ["presets (--preset NAME sets these fields; flags given explicitly still win):"]
+    for name, values in presets.items():
+        lines.append(f"  {name}:")
+        lines.extend(f"    {_as_flag(k, v)}" for k, v in values.items() if not k.startswith("_"))
+        if "_note" in values:
+            lines.append(f"    ({values['_note']})")
+    return "\n".join(lines)
+
+
+def config_parser(cls, prog: str, description: str, helps: dict[str, str], presets: dict[str, dict]):
+    """One flag per dataclass field (`max_len` -> `--max-len`), defaults shown in the help."""
+    hints = typing.get_type_hints(cls)
+    parser = _Parser(prog=prog, description=description, epilog=format_presets(presets),
+                     formatter_class=argparse.RawDescriptionHelpFormatter, argument_default=argparse.SUPPRESS)
+    from .trainer import TrainConfig
+
+    loop_names = {f.name for f in fields(TrainConfig)}
+    script_group = parser.add_argument_group("model, data and output")
+    loop_group = parser.add_argument_group("training loop (minidiff.trainer.TrainConfig)")
+    ordered = [f for f in fields(cls) if f.name not in loop_names] + [f for f in fields(cls) if f.name in loop_names]
+    for f in ordered:
+        group = loop_group if f.name in loop_names else script_group
+        flag = "--" + f.name.replace("_", "-")
+        kind, is_list = _base_type(hints[f.name])
+        default = _field_default(f)
+        text = helps.get(f.name, "")
+        text = f"{text} (default: {default})" if text else f"(default: {default})"
+        if f.name == "preset":
+            group.add_argument(flag, choices=sorted(presets), help=text)
+        elif kind is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, help=text)
+        elif is_list:
+            group.add_argument(flag, nargs="+", type=kind, metavar=f.name.upper(), help=text)
+        else:
+            group.add_argument(flag, type=kind, metavar=f.name.upper(), help=text)
+    return parser
+
+
+def parse_config(cls, parser, argv, presets: dict[str, dict]):
+    """(config, set of field names given on the command line); a preset fills the fields it
+    names, explicit flags override it."""
+    given = vars(parser.parse_args(argv))
+    values = {}
+    if given.get("preset"):
+        values.update({k: v for k, v in presets[given["preset"]].items() if not k.startswith("_")})
+    values.update(given)
+    return cls(**values), set(given)
+
+
+def positive(config, *names: str) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if value is not None and value <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
+
+
+def check_common(config, given: set[str]) -> None:
+    """Flag combinations both scripts refuse."""
+    if "max_steps" in given and "epochs" in given:
+        raise UserError("--max-steps and --epochs both given; choose one way to set the run length")
+    if config.max_steps is not None and config.epochs is not None:
+        config.epochs = None  # a preset's epochs give way to an explicit --max-steps
+    if "warmup" in given and "warmup_ratio" in given:
+        raise UserError("--warmup and --warmup-ratio both given; choose one")
+    positive(config, "batch_size", "grad_accum", "max_steps", "epochs", "lr", "max_len", "log_every", "keep_last")
+    for name in ("eval_every", "save_every", "warmup"):
+        if getattr(config, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(config, name)}")
+    if not 0.0 <= config.warmup_ratio < 1.0:
+        raise UserError(f"--warmup-ratio must lie in [0, 1), got {config.warmup_ratio}")
+    if config.schedule not in ("linear", "cosine", "loglinear"):
+        raise UserError(f"--schedule {config.schedule!r} is unknown; expected linear, cosine or loglinear")
+    if config.loss_norm not in ("sequence", "token"):
+        raise UserError(f"--loss-norm {config.loss_norm!r} is unknown; expected sequence or token")
+    if getattr(config, "eval_data", None) and "eval_fraction" in given:
+        raise UserError("--eval-data and --eval-fraction both given; choose one source of evaluation data")
+    if not 0.0 <= config.eval_fraction < 1.0:
+        raise UserError(f"--eval-fraction must lie in [0, 1), got {config.eval_fraction}")
+
+
+def check_lora_flags(lora_on: bool, given: set[str], switch: str) -> None:
+    """LoRA hyper-parameters make no sense when LoRA is off."""
+    if not lora_on:
+        for name in ("lora_r", "lora_alpha", "lora_dropout", "lora_targets"):
+            if name in given:
+                raise UserError(f"--{name.replace('_', '-')} was given but LoRA is off ({switch}); drop one of them")
+
+
+def build_model(model_name: str | None, from_scratch: str | None, tokenizer, seed: int):
+    """Load `model_name` (directory or hub id), or build a fresh model from a config.json."""
+    from .model import ModelConfig, ModernBertMLM
+
+    if from_scratch:
+        path = Path(from_scratch)
+        if not path.is_file():
+            raise UserError(f"--from-scratch {path} does not exist; expected a model config.json")
+        try:
+            config = ModelConfig.from_json(path)
+        except (ValueError, TypeError) as err:
+            raise UserError(f"--from-scratch {path} is not a valid model config ({err})") from None
+        seed_everything(seed)
+        model = ModernBertMLM(config)
+    else:
+        from .checkpoint import load_model
+
+        model = load_model(model_name)
+    if model.config.vocab_size < tokenizer.vocab_size:
+        raise UserError(f"the model's vocab_size {model.config.vocab_size} is smaller than the tokenizer's "
+                        f"{tokenizer.vocab_size}; use a matching --tokenizer")
+    return model
+
+
+def seed_everything(seed: int) -> None:
+    """python, numpy and torch (CPU and CUDA) seeded: a fresh model or LoRA init is reproducible
+    (torch seeds itself randomly per process otherwise)."""
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def apply_lora_from(config, model):
+    """LoRA on `model` as the config says (A initialised from torch's RNG seeded with config.seed)."""
+    from . import lora
+
+    seed_everything(config.seed)
+    lora.apply_lora(model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
+                    targets=tuple(config.lora_targets))
+    return lora.lora_report(model)
+
+
+def eval_batches(examples, batch_size: int, rank: int, world_size: int, collate) -> list[dict]:
+    """This rank's share (every world_size-th example) of the evaluation set, collated."""
+    mine = list(examples)[rank::world_size]
+    return [collate(mine[i:i + batch_size]) for i in range(0, len(mine), batch_size)]
+
+
+def say(rank: int, message: str) -> None:
+    """Print on rank 0 only (stderr, so stdout stays for results)."""
+    if rank == 0:
+        print(message, file=sys.stderr, flush=True)

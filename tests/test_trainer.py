@@ -1,0 +1,267 @@
+"""minidiff.trainer and minidiff.train_state: the loop against hand-written references.
+
+- one optimizer step with gradient accumulation equals a hand-written step (the global loss
+  written as one scalar, torch.optim.AdamW), for both loss normalisations;
+- the loss falls on a short run; checkpoints are complete, atomic and pruned;
+- resuming in-process from a checkpoint gives bitwise the weights of an uninterrupted run;
+- SFT batches: the prompt is never masked, the answer and its padding are, and "token"
+  normalisation counts exactly the non-prompt positions;
+- a non-finite loss stops the run naming the step and keeps the last good checkpoint.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers import MASK, TURKISH_TEXT, make_tokenizer_dir, tiny_model
+from minidiff import data, diffusion, train_state, trainer
+from minidiff.errors import UserError
+from minidiff.tokenizer import load_tokenizer
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run faster on one thread (and far faster on a loaded machine); restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    return load_tokenizer(make_tokenizer_dir(tmp_path_factory.mktemp("tok")))
+
+
+def cpt_examples(tok, max_len=48):
+    ids = data.tokenize_documents(TURKISH_TEXT, tok)
+    return data.cpt_examples(ids, max_len, "drop", eos_id=tok.eos_id, bos_id=tok.bos_id)
+
+
+def cpt_batches(tok, batch_size=4, seed=0, examples=None):
+    examples = examples if examples is not None else cpt_examples(tok)
+    return data.Batches(examples, batch_size, seed=seed, collate=lambda b: data.collate_cpt(b, tok.pad_id))
+
+
+def config(**kw):
+    base = dict(lr=3e-3, max_steps=4, batch_size=4, grad_accum=1, clip=0.0, log_every=1, progress=False, seed=0)
+    base.update(kw)
+    return trainer.TrainConfig(**base)
+
+
+def model_for(tok, seed=0):
+    return tiny_model(seed, vocab_size=tok.vocab_size)
+
+
+@pytest.mark.parametrize("loss_norm", ["token", "sequence"])
+def test_one_accumulated_step_equals_hand_written_step(tok, tmp_path, loss_norm):
+    # adam_eps=1, lr=1: the first AdamW step is g / (|g| + 1), smooth in g, so weights compare gradients
+    cfg = config(max_steps=1, grad_accum=2, batch_size=3, loss_norm=loss_norm, weight_decay=0.0, adam_eps=1.0, lr=1.0)
+    model = model_for(tok)
+    reference = model_for(tok)
+    batches = cpt_batches(tok, batch_size=3)
+    ref_batches = cpt_batches(tok, batch_size=3)
+    micro = [next(ref_batches), next(ref_batches)]
+
+    loss_fn = trainer.nelbo_objective(MASK, loss_norm=loss_norm)
+    trainer.train(model, batches, None, loss_fn, cfg, tmp_path / "run")
+
+    # reference: the global loss as ONE scalar over both micro-batches, then torch's AdamW
+    reference.train()
+    numerator, denominator = 0.0, 0.0
+    for m, batch in enumerate(micro):
+        gen = torch.Generator().manual_seed(trainer.derived_seed(cfg.seed, 0, m))
+        torch.manual_seed(trainer.derived_seed(cfg.seed, 0, m))
+        loss, _ = diffusion.nelbo_loss(reference, batch["input_ids"], MASK, maskable=batch["maskable"],
+                                       attention_mask=batch["attention_mask"], normalize=loss_norm, generator=gen)
+        count = batch["maskable"].sum() if loss_norm == "token" else batch["input_ids"].shape[0]
+        numerator = numerator + loss * count
+        denominator = denominator + count
+    (numerator / denominator).backward()
+    opt = torch.optim.AdamW([p for p in reference.parameters()], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                            eps=cfg.adam_eps, weight_decay=0.0)
+    opt.step()
+    for (name, a), b in zip(model.state_dict().items(), reference.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-5), name  # updates are 1e-2..1
+    assert not torch.equal(model.state_dict()['head.dense.weight'], model_for(tok).state_dict()['head.dense.weight'])
+
+
+def test_loss_falls_and_run_layout(tok, tmp_path):
+    examples = cpt_examples(tok)
+    cfg = config(max_steps=40, lr=5e-3, log_every=5, save_every=10, keep_last=2, eval_every=20)
+    out = tmp_path / "run"
+    model = model_for(tok)
+    result = trainer.train(model, cpt_batches(tok, examples=examples), [data.collate_cpt(examples[:8], tok.pad_id)],
+                           trainer.nelbo_objective(MASK), cfg, out, tokenizer=tok)
+    first, last = result.eval_losses[0][1], result.eval_losses[-1][1]
+    assert result.eval_losses[0][0] == 0 and result.eval_losses[-1][0] == 40
+    assert last < 0.75 * first, (first, last)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [5, 10, 15, 20, 25, 30, 35, 40]
+    assert [r["step"] for r in rows if "eval_loss" in r] == [0, 20, 40]
+    # keep_last=2 of the checkpoints at 10, 20, 30 (none at the final step: the export is the result)
+    assert [s for s, _ in train_state.list_checkpoints(out / "checkpoints")] == [20, 30]
+    run = json.loads((out / "run.json").read_text())
+    assert run["config"]["lr"] == cfg.lr and run["versions"]["torch"] == torch.__version__
+    # the export: transformers layout, loadable, equal to the trained weights
+    from minidiff import load_model
+
+    loaded = load_model(out)
+    for name, tensor in loaded.state_dict().items():
+        assert torch.equal(tensor, model.state_dict()[name].cpu()), name
+    assert load_tokenizer(out).vocab_size == tok.vocab_size
+
+
+def test_resume_from_checkpoint_is_bitwise_exact(tok, tmp_path):
+    from minidiff import lora
+
+    def lora_model():
+        m = model_for(tok, seed=1)
+        return lora.apply_lora(m, r=4, alpha=8, dropout=0.1)  # dropout: global RNG must be restored too
+
+    cfg = config(max_steps=6, save_every=2, keep_last=5, grad_accum=2, batch_size=3, loss_norm="token",
+                 stratified_t=True, clip=1.0, warmup=2, eval_every=3)
+    evals = [data.collate_cpt(cpt_examples(tok)[:4], tok.pad_id)]
+    full = lora_model()
+    trainer.train(full, cpt_batches(tok, 3), evals, trainer.nelbo_objective(MASK, loss_norm="token", stratified=True),
+                  cfg, tmp_path / "a", lora=True)
+
+    # a run that dies after its step-4 checkpoint (its loss raises at step 5) ...
+    calls = {"n": 0}
+    base_loss = trainer.nelbo_objective(MASK, loss_norm="token", stratified=True)
+
+    def dying_loss(model, batch, generator):
+        if model.training:
+            calls["n"] += 1
+            if calls["n"] > 4 * cfg.grad_accum:
+                raise RuntimeError("killed")
+        return base_loss(model, batch, generator)
+
+    with pytest.raises(RuntimeError, match="killed"):
+        trainer.train(lora_model(), cpt_batches(tok, 3), evals, dying_loss, cfg, tmp_path / "b", lora=True)
+    assert [s for s, _ in train_state.list_checkpoints(tmp_path / "b" / "checkpoints")] == [2, 4]
+    assert not (tmp_path / "b" / "model.safetensors").exists()
+    torch.manual_seed(12345)  # a different global RNG state: the resumed run must not depend on it
+    resumed = lora_model()
+    from dataclasses import replace
+
+    trainer.train(resumed, cpt_batches(tok, 3), evals, base_loss, replace(cfg, resume=True), tmp_path / "b", lora=True)
+    a, b = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    ad_a = load_file(str(tmp_path / "a" / "adapter" / "adapter_model.safetensors"))
+    ad_b = load_file(str(tmp_path / "b" / "adapter" / "adapter_model.safetensors"))
+    assert all(torch.equal(ad_a[k], ad_b[k]) for k in ad_a)
+    # metrics of the resumed run: each step logged once
+    steps = [json.loads(x)["step"] for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(x)]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_checkpoint_contents_and_rng_roundtrip(tok, tmp_path):
+    cfg = config(max_steps=3, save_every=2)
+    trainer.train(model_for(tok), cpt_batches(tok), None, trainer.nelbo_objective(MASK), cfg, tmp_path / "run")
+    ckpt = tmp_path / "run" / "checkpoints" / "step-000002"
+    names = sorted(p.name for p in ckpt.iterdir())
+    assert names == ["optimizer.pt", "rng-rank-0.pt", "state.json", "trainable.safetensors"]
+    state = json.loads((ckpt / "state.json").read_text())
+    assert state["step"] == 2 and state["data"]["step_in_epoch"] == 2
+    opt = torch.load(ckpt / "optimizer.pt", weights_only=True)  # plain tensors and containers only
+    assert opt["scheduler"]["last_epoch"] == 2
+    # python / numpy / torch random states survive the round trip
+    import random
+
+    import numpy as np
+
+    gen = torch.Generator().manual_seed(7)
+    saved = train_state.rng_state(gen)
+    expected = (random.random(), np.random.rand(), torch.rand(1).item(), torch.rand(1, generator=gen).item())
+    train_state.set_rng_state(saved, gen)
+    again = (random.random(), np.random.rand(), torch.rand(1).item(), torch.rand(1, generator=gen).item())
+    assert expected == again
+
+
+def test_sft_batch_masks_answer_and_padding_only(tok):
+    rows = [
+        {"messages": [{"role": "user", "content": "Türkiye'nin başkenti neresidir?"},
+                      {"role": "assistant", "content": "Ankara."}]},
+        {"messages": [{"role": "system", "content": "Kısa cevap ver."},
+                      {"role": "user", "content": "İstanbul hangi boğazın iki yakasındadır?"},
+                      {"role": "assistant", "content": "İstanbul Boğazı, Avrupa ile Asya arasında."}]},
+    ]
+    examples, _ = data.build_sft_examples(rows, "messages", tok, 128)
+    batch = data.collate_sft(examples, tok.pad_id, tok.eos_id)
+    # hand-made expectation: prompt length from the template text itself
+    prompts = ["[Question]\nTürkiye'nin başkenti neresidir?\n[/Question]\n\n[Answer]\n",
+               "[SYS]\nKısa cevap ver.\n[/SYS]\n\n[Question]\nİstanbul hangi boğazın iki yakasındadır?\n[/Question]\n\n[Answer]\n"]
+    prompt_lens = [len(tok.encode(p, add_special_tokens=False)) for p in prompts]
+    S = batch["input_ids"].shape[1]
+    expected_maskable = torch.tensor([[i >= n for i in range(S)] for n in prompt_lens])
+
+    seen = []
+
+    class Spy(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, ids, attention_mask=None, logits_at=None):
+            seen.append((ids.clone(), attention_mask))
+            return self.inner(ids, attention_mask, logits_at=logits_at)
+
+    spy = Spy(model_for(tok))
+    loss_fn = trainer.nelbo_objective(tok.mask_id, loss_norm="token")
+    gen = torch.Generator().manual_seed(0)
+    ever_masked = torch.zeros_like(expected_maskable)
+    for _ in range(60):
+        loss, weight = loss_fn(spy, batch, gen)
+        ever_masked |= seen[-1][0] == tok.mask_id
+        assert seen[-1][1] is None  # SFT: no attention mask
+    assert not (ever_masked & ~expected_maskable).any(), "a prompt position was masked"
+    assert torch.equal(ever_masked, expected_maskable), "some answer/padding position was never masked"
+    assert weight.item() == int(expected_maskable.sum())
+    pad_positions = batch["input_ids"] == tok.pad_id
+    assert pad_positions[0].any() and (ever_masked & pad_positions).any()  # the padding is trained
+
+
+def test_non_finite_loss_stops_naming_the_step(tok, tmp_path):
+    base = trainer.nelbo_objective(MASK)
+    calls = {"n": 0}
+
+    def exploding(model, batch, generator):
+        loss, weight = base(model, batch, generator)
+        if model.training:
+            calls["n"] += 1
+            if calls["n"] == 5:
+                loss = loss * float("nan")
+        return loss, weight
+
+    cfg = config(max_steps=8, save_every=2, log_every=3)
+    with pytest.raises(UserError, match="non-finite .* at step 5"):
+        trainer.train(model_for(tok), cpt_batches(tok), None, exploding, cfg, tmp_path / "run")
+    kept = [s for s, _ in train_state.list_checkpoints(tmp_path / "run" / "checkpoints")]
+    assert kept == [2, 4]  # step 6 was never saved with the corrupted weights
+    ckpt = load_file(str(tmp_path / "run" / "checkpoints" / "step-000004" / "trainable.safetensors"))
+    assert all(torch.isfinite(t).all() for t in ckpt.values())
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_output_dir_rules(tok, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(UserError, match="no complete checkpoint"):
+        trainer.check_out_dir(out, resume=True)
+    (out / "checkpoints" / ".tmp-step-000002").mkdir(parents=True)  # an interrupted write is not a checkpoint
+    with pytest.raises(UserError, match="no complete checkpoint"):
+        trainer.check_out_dir(out, resume=True)
+    trainer.train(model_for(tok), cpt_batches(tok), None, trainer.nelbo_objective(MASK),
+                  config(max_steps=2, save_every=1, keep_last=1), out)
+    with pytest.raises(UserError, match="finished model"):
+        trainer.check_out_dir(out, resume=False)
+    (out / "model.safetensors").unlink()
+    with pytest.raises(UserError, match="unfinished run"):
+        trainer.check_out_dir(out, resume=False)
+    assert trainer.check_out_dir(out, resume=True).name == "step-000001"

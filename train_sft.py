@@ -1,0 +1,139 @@
+"""Instruction tuning (one stage per run) with the masked-diffusion NELBO on the answers (SPEC §4).
+
+    python train_sft.py --model runs/cpt --data llamaturk.jsonl --format alpaca --out runs/sft1
+    python train_sft.py --preset diffutron-sft1 --model runs/cpt --data ... --out runs/sft1
+    python train_sft.py --preset diffutron-sft2 --model runs/sft1 --data instructurca.parquet --out runs/sft2
+
+Each row is rendered with the plain-text chat template ([Question] ... [/Question], [Answer] ...
+[/Answer]); the prompt (up to and including the generation prompt "[Answer]\\n") gets label -100:
+never masked, no loss. The answer and the padding after it (pad token, up to the batch length)
+are the labels: the model learns to end its answer with padding. No attention mask. Rows whose
+prompt alone fills --max-len are dropped (counted), the rest right-truncated. Full fine-tuning
+by default (`--lora` for LoRA). Stage 2 is another run with --model pointing at stage 1's --out.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from minidiff import data, train_cli, trainer
+from minidiff.errors import UserError, run_cli
+
+
+@dataclass
+class SFTConfig(trainer.TrainConfig):
+    model: str | None = None
+    tokenizer: str | None = None
+    data: list[str] | None = None
+    format: str = "alpaca"
+    out: str | None = None
+    preset: str | None = None
+    max_len: int = 256
+    pad_fill: str = "pad"
+    eval_data: list[str] | None = None
+    eval_fraction: float = 0.0
+    lora: bool = False
+    lora_r: int = 256
+    lora_alpha: float = 256.0
+    lora_dropout: float = 0.05
+    lora_targets: list[str] = field(default_factory=lambda: ["Wqkv", "Wo", "Wi"])
+    device: str | None = None
+
+
+HELP = {
+    **train_cli.TRAIN_HELP,
+    "model": "model to tune: a directory (e.g. the --out of train_cpt.py or of stage 1) or a hub id",
+    "tokenizer": "tokenizer directory (default: --model)",
+    "data": "SFT rows: .jsonl/.json/.csv/.parquet files, directories, hf://datasets/ORG/NAME",
+    "format": "row format: alpaca (instruction/input/output), instructurca (Input/Output), messages (role/content list)",
+    "out": "output directory of the run", "preset": "settings of a paper run (listed below)",
+    "max_len": "sequence length in tokens (prompt + answer + padding)",
+    "pad_fill": "token the answers are padded (and trained) with: pad (dllm) or eos",
+    "eval_data": "held-out rows for the evaluation loss (same --format)",
+    "eval_fraction": "hold out this fraction of the rows for evaluation",
+    "lora": "LoRA instead of full fine-tuning", "lora_r": "LoRA rank", "lora_alpha": "LoRA alpha",
+    "lora_dropout": "LoRA dropout", "lora_targets": "linear layers adapted",
+    "device": "cpu, cuda, cuda:1 ... (default: cuda when available; torchrun: cuda:LOCAL_RANK)",
+}
+
+PRESETS = {
+    "diffutron-sft1": dict(
+        format="alpaca", epochs=20.0, batch_size=16, grad_accum=1, lr=1e-4, max_len=256, lora=False,
+        schedule="linear", loss_norm="sequence", bf16=True,
+        _note="SPEC §1 stage 1: metunlp/LlamaTurk-Instruction-Set, full fine-tune, 20 epochs, batch 16, lr 1e-4"),
+    "diffutron-sft2": dict(
+        format="instructurca", epochs=8.0, batch_size=96, grad_accum=1, lr=1e-4, max_len=256, lora=False,
+        schedule="linear", loss_norm="sequence", bf16=True,
+        _note="SPEC §1 stage 2: turkish-nlp-suite/InstrucTurca from stage 1, 8 epochs, batch 96 (the paper ran "
+              "two A100s: with torchrun --nproc_per_node=2 use --batch-size 48 for the same global batch), lr 1e-4"),
+}
+
+
+def check(config: SFTConfig, given: set[str]) -> None:
+    if not config.model:
+        raise UserError("--model is required: the model directory (or hub id) to instruction-tune")
+    if not config.data:
+        raise UserError("--data is required: one or more SFT row files, directories or hf:// ids")
+    if not config.out:
+        raise UserError("--out is required: the directory the run is written to")
+    if config.format not in data.SFT_FORMATS:
+        raise UserError(f"--format {config.format!r} is unknown; expected one of {', '.join(data.SFT_FORMATS)}")
+    if config.pad_fill not in ("pad", "eos"):
+        raise UserError(f"--pad-fill {config.pad_fill!r} is unknown; expected pad or eos")
+    train_cli.check_lora_flags(config.lora, given, "no --lora")
+    train_cli.check_common(config, given)
+
+
+def sft_examples_from(sources, config: SFTConfig, tok, rank: int):
+    rows = data.Rows()
+    for source in sources:
+        part = data.read_rows(source)
+        train_cli.say(rank, f"{source}: {part.summary()}")
+        rows.extend(part)
+        rows.where.extend(part.where)
+    examples, report = data.build_sft_examples(rows, config.format, tok, config.max_len)
+    train_cli.say(rank, report.summary())
+    return examples
+
+
+def main(argv=None) -> int:
+    from minidiff.tokenizer import load_tokenizer
+
+    parser = train_cli.config_parser(SFTConfig, "train_sft.py", __doc__, HELP, PRESETS)
+    config, given = train_cli.parse_config(SFTConfig, parser, argv, PRESETS)
+    check(config, given)
+    ctx = trainer.distributed_context(config.device)
+    trainer.check_out_dir(config.out, config.resume)
+
+    tok = load_tokenizer(config.tokenizer or config.model)
+    examples = sft_examples_from(config.data, config, tok, ctx.rank)
+    held_out = []
+    if config.eval_data:
+        held_out = sft_examples_from(config.eval_data, config, tok, ctx.rank)
+    elif config.eval_fraction > 0:
+        examples, held_out = data.train_eval_split(examples, config.eval_fraction, seed=config.seed)
+    train_cli.say(ctx.rank, f"{len(examples):,} training examples, {len(held_out):,} evaluation examples")
+
+    model = train_cli.build_model(config.model, None, tok, config.seed)
+    if config.lora:
+        train_cli.say(ctx.rank, "LoRA: " + train_cli.apply_lora_from(config, model))
+
+    def collate(batch):
+        return data.collate_sft(batch, tok.pad_id, tok.eos_id, fill=config.pad_fill)
+
+    batches = data.Batches(examples, config.batch_size, seed=config.seed, rank=ctx.rank,
+                           world_size=ctx.world_size, drop_last=True, collate=collate)
+    evals = train_cli.eval_batches(held_out, config.batch_size, ctx.rank, ctx.world_size, collate) if held_out else None
+    loss_fn = trainer.nelbo_objective(tok.mask_id, schedule=config.schedule, loss_norm=config.loss_norm,
+                                      stratified=config.stratified_t, eps=config.time_eps)
+    result = trainer.train(model, batches, evals, loss_fn, config, config.out, tokenizer=tok,
+                           lora=config.lora, base_model=config.model,
+                           run_info={"script": "train_sft.py", "num_train": len(examples), "num_eval": len(held_out)})
+    if ctx.is_main:
+        last_eval = f", eval loss {result.eval_losses[-1][1]:.4f}" if result.eval_losses else ""
+        print(f"done: {result.step} steps, train loss {result.train_loss:.4f}{last_eval}; model in {config.out}")
+    trainer.finish_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
