@@ -114,7 +114,9 @@ def read_documents(source, *, field: str = "text", per: str = "line") -> ReadRes
         result.texts.extend(texts)
         result.problems.extend(problems)
     if not result.texts:
-        raise UserError(f"no documents left in {_name(source)} after skipping bad lines/rows ({result.summary(1)})")
+        first = f"; the first: {result.problems[0]}" if result.problems else ""
+        raise UserError(f"no documents left in {_name(source)}: {len(result.problems):,} lines/rows were "
+                        f"skipped{first}; expected at least one non-empty document")
     return result
 
 

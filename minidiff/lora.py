@@ -157,7 +157,7 @@ def apply_lora(model: nn.Module, r: int, alpha: float, dropout: float = 0.0,
         raise UserError("LoRA is already applied to this model; apply it once (or load_adapter into it)")
     for name, linear in _target_linears(model, targets):
         parent_name, _, child = name.rpartition(".")
-        model.get_submodule(parent_name).register_module(child, LoRALinear(linear, r, alpha, dropout))
+        model.get_submodule(parent_name).register_module(child, LoRALinear(linear, r, alpha, dropout).train(linear.training))
     for p in model.parameters():
         p.requires_grad_(False)
     for _, m in lora_modules(model):
