@@ -12,9 +12,7 @@ when stdout is not a terminal only the answers are printed (or JSON with --json)
 from __future__ import annotations
 
 import argparse
-import html
 import json
-import os
 import shutil
 import sys
 from dataclasses import asdict, fields

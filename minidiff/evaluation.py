@@ -22,7 +22,7 @@ plus macro-F1 of the acc prediction for the classification tasks.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 

@@ -28,7 +28,7 @@ the data).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
 import torch

@@ -17,16 +17,6 @@ from minidiff.errors import UserError
 V = 12  # tiny vocabulary: ids 0..4 are mmBERT's specials (mask = 4), 5..11 ordinary tokens
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These tests run thousands of tiny forwards; on a shared 2-core machine two intra-op
-    threads spin against each other and run 10-30x slower than one. Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def model():
     """A tiny random encoder whose predictions depend strongly on context: the freshly

@@ -10,13 +10,13 @@ import math
 
 import pytest
 import torch
-from helpers import BOS, EOS, MASK, TURKISH_TEXT, make_model_dir, make_tokenizer_dir
+from helpers import BOS, EOS, MASK, TURKISH_TEXT, make_model_dir
 from tokenizers import Tokenizer
 
 import minidiff
 from minidiff import evaluation
 from minidiff.errors import UserError
-from minidiff.evaluation import Example, TaskSpec, parse_task
+from minidiff.evaluation import Example, parse_task
 
 # ----------------------------------------------------------------------------- fixture files
 # A few rows per dataset, written by hand in the hub dataset's own column layout.

@@ -13,15 +13,6 @@ from minidiff.optim import AdamW, WarmupCosine, clip_grad_norm, param_groups, wa
 PEAK, MIN, WARMUP, TOTAL = 3e-3, 3e-4, 20, 200
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: on a busy 2-core machine intra-op threads only contend (30x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class Small(nn.Module):
     """Embedding + linears (with biases) + LayerNorm: parameters with and without decay."""
 

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from helpers import make_model_dir
 from minidiff.errors import UserError

@@ -103,10 +103,7 @@ def prompt(seed, n):
 
 @pytest.fixture(scope="module")
 def model():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: threads only add overhead
-    yield tiny_model(7)
-    torch.set_num_threads(threads)
+    return tiny_model(7)
 
 
 # ----------------------------------------------------------------------------- exactness

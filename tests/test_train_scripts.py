@@ -31,15 +31,6 @@ SMALL = ["--max-len", "48", "--lr", "3e-3", "--log-every", "1", "--no-progress"]
 LORA_SMALL = ["--lora-r", "4", "--lora-alpha", "8"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run faster on one thread (and far faster on a loaded machine); restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("scripts")

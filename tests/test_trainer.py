@@ -22,15 +22,6 @@ from minidiff.errors import UserError
 from minidiff.tokenizer import load_tokenizer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run faster on one thread (and far faster on a loaded machine); restored after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
     return load_tokenizer(make_tokenizer_dir(tmp_path_factory.mktemp("tok")))
