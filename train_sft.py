@@ -120,19 +120,8 @@ def main(argv=None) -> int:
     def collate(batch):
         return data.collate_sft(batch, tok.pad_id, tok.eos_id, fill=config.pad_fill)
 
-    batches = data.Batches(examples, config.batch_size, seed=config.seed, rank=ctx.rank,
-                           world_size=ctx.world_size, drop_last=True, collate=collate)
-    evals = train_cli.eval_batches(held_out, config.batch_size, ctx.rank, ctx.world_size, collate) if held_out else None
-    loss_fn = trainer.nelbo_objective(tok.mask_id, schedule=config.schedule, loss_norm=config.loss_norm,
-                                      stratified=config.stratified_t, eps=config.time_eps)
-    result = trainer.train(model, batches, evals, loss_fn, config, config.out, tokenizer=tok,
-                           lora=config.lora, base_model=config.model,
-                           run_info={"script": "train_sft.py", "num_train": len(examples), "num_eval": len(held_out)})
-    if ctx.is_main:
-        last_eval = f", eval loss {result.eval_losses[-1][1]:.4f}" if result.eval_losses else ""
-        print(f"done: {result.step} steps, train loss {result.train_loss:.4f}{last_eval}; model in {config.out}")
-    trainer.finish_distributed()
-    return 0
+    return train_cli.run_training(config, ctx, model, tok, examples, held_out, collate,
+                                  lora=config.lora, script="train_sft.py")
 
 
 if __name__ == "__main__":

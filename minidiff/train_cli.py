@@ -216,3 +216,23 @@ def say(rank: int, message: str) -> None:
     """Print on rank 0 only (stderr, so stdout stays for results)."""
     if rank == 0:
         print(message, file=sys.stderr, flush=True)
+
+
+def run_training(config, ctx, model, tok, examples, held_out, collate, *, lora: bool, script: str) -> int:
+    """What both scripts do once examples and model exist: batches, the NELBO objective, the
+    training loop, a one-line summary. Returns the exit status."""
+    from . import data, trainer
+
+    batches = data.Batches(examples, config.batch_size, seed=config.seed, rank=ctx.rank,
+                           world_size=ctx.world_size, drop_last=True, collate=collate)
+    evals = eval_batches(held_out, config.batch_size, ctx.rank, ctx.world_size, collate) if held_out else None
+    loss_fn = trainer.nelbo_objective(tok.mask_id, schedule=config.schedule, loss_norm=config.loss_norm,
+                                      stratified=config.stratified_t, eps=config.time_eps)
+    result = trainer.train(model, batches, evals, loss_fn, config, config.out, tokenizer=tok,
+                           lora=lora, base_model=config.model,
+                           run_info={"script": script, "num_train": len(examples), "num_eval": len(held_out)})
+    if ctx.is_main:
+        last_eval = f", eval loss {result.eval_losses[-1][1]:.4f}" if result.eval_losses else ""
+        print(f"done: {result.step} steps, train loss {result.train_loss:.4f}{last_eval}; model in {config.out}")
+    trainer.finish_distributed()
+    return 0
