@@ -14,7 +14,7 @@ tokenizer.json, plus adapter/ for LoRA runs).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from minidiff import data, train_cli, trainer
@@ -22,37 +22,23 @@ from minidiff.errors import UserError, run_cli
 
 
 @dataclass
-class CPTConfig(trainer.TrainConfig):
-    model: str | None = None
+class CPTConfig(train_cli.ScriptConfig):
     from_scratch: str | None = None
-    tokenizer: str | None = None
-    data: list[str] | None = None
-    out: str | None = None
-    preset: str | None = None
     text_field: str = "text"
     per_file: bool = False
-    max_len: int = 512
     pack: bool = False
     mix_counts: list[int] | None = None
     mix_ratios: list[float] | None = None
-    eval_data: list[str] | None = None
-    eval_fraction: float = 0.0
     full: bool = False
-    lora_r: int = 256
-    lora_alpha: float = 256.0
-    lora_dropout: float = 0.05
-    lora_targets: list[str] = field(default_factory=lambda: ["Wqkv", "Wo", "Wi"])
-    device: str | None = None
 
 
 HELP = {
     **train_cli.TRAIN_HELP,
+    **train_cli.SCRIPT_HELP,
     "model": "base model: a local directory or a hub id (config.json + model.safetensors + tokenizer.json)",
     "from_scratch": "train a freshly initialised model with this config.json instead of loading --model",
     "tokenizer": "tokenizer directory (default: --model, or the directory of --from-scratch)",
     "data": "training sources: .txt (one document per line), .jsonl/.json/.csv/.parquet, directories, hf://datasets/ORG/NAME",
-    "out": "output directory of the run",
-    "preset": "settings of a paper run (listed below)",
     "text_field": "column holding the text in .jsonl/.json/.csv/.parquet sources",
     "per_file": "a whole .txt file is one document (instead of one per line)",
     "max_len": "sequence length in tokens, <bos> and <eos> included",
@@ -60,11 +46,7 @@ HELP = {
     "mix_counts": "take this many examples from each --data source (repeat or subsample)",
     "mix_ratios": "mix the --data sources in these proportions",
     "eval_data": "held-out sources for the evaluation loss",
-    "eval_fraction": "hold out this fraction of the training examples for evaluation",
     "full": "full fine-tuning instead of LoRA",
-    "lora_r": "LoRA rank", "lora_alpha": "LoRA alpha (scale alpha / r)", "lora_dropout": "LoRA dropout",
-    "lora_targets": "linear layers adapted (the name Wo matches attention and MLP output)",
-    "device": "cpu, cuda, cuda:1 ... (default: cuda when available; torchrun: cuda:LOCAL_RANK)",
 }
 
 PRESETS = {

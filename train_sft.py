@@ -13,46 +13,32 @@ by default (`--lora` for LoRA). Stage 2 is another run with --model pointing at 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from minidiff import data, train_cli, trainer
 from minidiff.errors import UserError, run_cli
 
 
 @dataclass
-class SFTConfig(trainer.TrainConfig):
-    model: str | None = None
-    tokenizer: str | None = None
-    data: list[str] | None = None
+class SFTConfig(train_cli.ScriptConfig):
     format: str = "alpaca"
-    out: str | None = None
-    preset: str | None = None
     max_len: int = 256
     pad_fill: str = "pad"
-    eval_data: list[str] | None = None
-    eval_fraction: float = 0.0
     lora: bool = False
-    lora_r: int = 256
-    lora_alpha: float = 256.0
-    lora_dropout: float = 0.05
-    lora_targets: list[str] = field(default_factory=lambda: ["Wqkv", "Wo", "Wi"])
-    device: str | None = None
 
 
 HELP = {
     **train_cli.TRAIN_HELP,
+    **train_cli.SCRIPT_HELP,
     "model": "model to tune: a directory (e.g. the --out of train_cpt.py or of stage 1) or a hub id",
     "tokenizer": "tokenizer directory (default: --model)",
     "data": "SFT rows: .jsonl/.json/.csv/.parquet files, directories, hf://datasets/ORG/NAME",
     "format": "row format: alpaca (instruction/input/output), instructurca (Input/Output), messages (role/content list)",
-    "out": "output directory of the run", "preset": "settings of a paper run (listed below)",
     "max_len": "sequence length in tokens (prompt + answer + padding)",
     "pad_fill": "token the answers are padded (and trained) with: pad (dllm) or eos",
     "eval_data": "held-out rows for the evaluation loss (same --format)",
     "eval_fraction": "hold out this fraction of the rows for evaluation",
-    "lora": "LoRA instead of full fine-tuning", "lora_r": "LoRA rank", "lora_alpha": "LoRA alpha",
-    "lora_dropout": "LoRA dropout", "lora_targets": "linear layers adapted",
-    "device": "cpu, cuda, cuda:1 ... (default: cuda when available; torchrun: cuda:LOCAL_RANK)",
+    "lora": "LoRA instead of full fine-tuning",
 }
 
 PRESETS = {

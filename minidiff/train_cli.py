@@ -11,12 +11,13 @@ import argparse
 import sys
 import types
 import typing
-from dataclasses import MISSING, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
 import torch
 
 from .errors import UserError
+from .trainer import TrainConfig
 
 
 TRAIN_HELP = {  # help texts of the TrainConfig fields, shared by both scripts
@@ -42,6 +43,36 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message):  # noqa: D401 - argparse API
         raise UserError(f"{message} (see --help)")
+
+
+@dataclass
+class ScriptConfig(TrainConfig):
+    """The fields both train scripts have on top of the loop's: where things come from and go,
+    evaluation data, LoRA settings, device. Each script's config adds its own."""
+
+    model: str | None = None
+    tokenizer: str | None = None
+    data: list[str] | None = None
+    out: str | None = None
+    preset: str | None = None
+    max_len: int = 512
+    eval_data: list[str] | None = None
+    eval_fraction: float = 0.0
+    lora_r: int = 256
+    lora_alpha: float = 256.0
+    lora_dropout: float = 0.05
+    lora_targets: list[str] = field(default_factory=lambda: ["Wqkv", "Wo", "Wi"])
+    device: str | None = None
+
+
+SCRIPT_HELP = {  # help texts of the ScriptConfig fields the scripts do not word differently
+    "out": "output directory of the run",
+    "preset": "settings of a paper run (listed below)",
+    "eval_fraction": "hold out this fraction of the training examples for evaluation",
+    "lora_r": "LoRA rank", "lora_alpha": "LoRA alpha (scale alpha / r)", "lora_dropout": "LoRA dropout",
+    "lora_targets": "linear layers adapted (the name Wo matches attention and MLP output)",
+    "device": "cpu, cuda, cuda:1 ... (default: cuda when available; torchrun: cuda:LOCAL_RANK)",
+}
 
 
 def _field_default(f):
