@@ -3,12 +3,18 @@
     python benchmarks/bench_sample.py                    # random mmBERT-shaped model (768 hidden, 256k vocab, 2 layers)
     python benchmarks/bench_sample.py --layers 4 --max-new-tokens 64
     python benchmarks/bench_sample.py --model DIR        # a trained model (e.g. the demo's) and its tokenizer
+    python benchmarks/bench_sample.py --model runs/demo/sft --chat-data runs/demo/data/sft_train.jsonl
 
 The reference is the dllm / Diffutron step written plainly: the MLM head and the 256k-way
 vocabulary projection run on every canvas position every step, the repetition penalty loops over
 rows, top-k per row. Both use the diffutron-long settings (128 tokens, 128 steps, block 32,
 penalty 1.2) at temperature 0, so they must commit identical tokens (asserted). Threshold decoding
 (0.9) is reported with its agreement with the reference. Prints a markdown table.
+
+With --chat-data (rows in the messages format, e.g. the demo's SFT split) the prompts are the
+first --num-prompts questions rendered with the chat template exactly as SFT saw them, each
+generated alone (batch 1); times and calls are summed over the prompts and --show prints what
+each sampler wrote.
 """
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from minidiff.errors import run_cli  # noqa: E402
 from minidiff.model import ModelConfig, ModernBertMLM  # noqa: E402
 from minidiff.sampler import SamplerConfig, generate, transfer_counts  # noqa: E402
 
@@ -65,9 +72,13 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=2, help="layers of the random model (mmBERT-base: 22)")
     p.add_argument("--prompt-length", type=int, default=64)
     p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--threshold", type=float, default=0.9)
+    p.add_argument("--threshold", type=float, nargs="+", default=[0.9],
+                   help="confidence threshold(s) for the threshold-decoding rows (default 0.9)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--chat-data", help="with --model: a messages-format .jsonl whose questions are the prompts")
+    p.add_argument("--num-prompts", type=int, default=8, help="with --chat-data: how many rows (default 8)")
+    p.add_argument("--show", action="store_true", help="print each sampler's answers (with --model)")
     p.add_argument("--repeats", type=int, default=1,
                    help="run the three samplers this many times, interleaved, and keep each one's fastest")
     args = p.parse_args()
@@ -80,11 +91,7 @@ def main() -> None:
         model = minidiff.load_model(args.model)
         tok = minidiff.load_tokenizer(args.model)
         mask_id, eos_id = tok.mask_id, tok.eos_id
-        text = ("Türkiye Cumhuriyeti 1923 yılında kuruldu ve başkenti Ankara oldu. İstanbul Boğazı "
-                "Avrupa ile Asya'yı birbirinden ayırır. ") * 8
-        question = tok.apply_chat_template([{"role": "user", "content": text}])
-        ids = tok.encode(question, add_special_tokens=False)
-        prompt = ([tok.bos_id] + ids)[-args.prompt_length:]
+        prompts = chat_prompts(tok, args) if args.chat_data else [generic_prompt(tok, args.prompt_length)]
         what = f"{args.model} ({model.num_parameters():,} parameters)"
     else:
         torch.manual_seed(args.seed)
@@ -95,45 +102,83 @@ def main() -> None:
                              global_attn_every_n_layers=3, pad_token_id=0, eos_token_id=1,
                              bos_token_id=2, cls_token_id=1, sep_token_id=1, mask_token_id=4)
         model = ModernBertMLM(config).eval()
-        mask_id, eos_id = 4, 1
+        tok, mask_id, eos_id = None, 4, 1
         g = torch.Generator().manual_seed(args.seed)
-        prompt = [2] + torch.randint(5, 256000, (args.prompt_length - 1,), generator=g).tolist()
+        prompts = [[2] + torch.randint(5, 256000, (args.prompt_length - 1,), generator=g).tolist()]
         what = f"random mmBERT-shaped, {args.layers} layers ({model.num_parameters():,} parameters)"
 
     config = SamplerConfig.preset("diffutron-long", temperature=0.0, stop_strings=(), stop_at_eos=False,
                                   max_new_tokens=args.max_new_tokens, steps=args.max_new_tokens)
     n = config.max_new_tokens
-    generate(model, [prompt], config.replace(max_new_tokens=4, steps=4), mask_id=mask_id, eos_id=eos_id)  # warm-up
+    generate(model, [prompts[0]], config.replace(max_new_tokens=4, steps=4), mask_id=mask_id, eos_id=eos_id)  # warm-up
 
-    t_ref = t_fast = t_thr = math.inf
-    for _ in range(args.repeats):  # interleaved, so a busy moment of the machine hits all three
-        (ref, ref_calls), t = timed(lambda: reference_generate(model, prompt, config, mask_id, eos_id))
-        t_ref = min(t_ref, t)
-        fast, t = timed(lambda: generate(model, [prompt], config, mask_id=mask_id, eos_id=eos_id))
-        t_fast = min(t_fast, t)
-        thr, t = timed(lambda: generate(model, [prompt], config.replace(threshold=args.threshold),
-                                        mask_id=mask_id, eos_id=eos_id))
-        t_thr = min(t_thr, t)
-    answer = slice(len(prompt), len(prompt) + n)
-    identical = torch.equal(fast.sequences, ref)
-    assert identical, "generate and the reference committed different tokens"
-    agree = (thr.sequences[0, answer] == ref[0, answer]).sum().item()
+    # the samplers: name -> function(prompt) -> (sequences [1, T], model calls)
+    def run_generate(sampler_config):
+        def run(prompt):
+            out = generate(model, [prompt], sampler_config, mask_id=mask_id, eos_id=eos_id)
+            return out.sequences, out.num_forward
+        return run
 
-    print(f"\nSampling, {what}; prompt {len(prompt)} tokens, {n} new tokens, diffutron-long "
-          f"(block 32, penalty 1.2), temperature 0, batch 1, fastest of {args.repeats} run(s)")
+    samplers = {"reference (full-canvas logits)": lambda prompt: reference_generate(model, prompt, config, mask_id, eos_id),
+                "generate (block logits only)": run_generate(config)}
+    for threshold in args.threshold:
+        samplers[f"generate, threshold {threshold}"] = run_generate(config.replace(threshold=threshold))
+    names = list(samplers)
+    best = dict.fromkeys(names, math.inf)  # fastest time over the repeats, summed over prompts
+    calls = dict.fromkeys(names, 0)
+    answers = {name: [] for name in names}
+    for repeat in range(args.repeats):  # interleaved, so a busy moment of the machine hits all of them
+        total = dict.fromkeys(names, 0.0)
+        for prompt in prompts:
+            answer = slice(len(prompt), len(prompt) + n)
+            for name in names:
+                (sequences, num_calls), seconds = timed(lambda: samplers[name](prompt))
+                total[name] += seconds
+                if repeat == 0:
+                    calls[name] += num_calls
+                    answers[name].append(sequences[0, answer])
+            if repeat == 0 and not torch.equal(answers[names[1]][-1], answers[names[0]][-1]):
+                raise AssertionError("generate and the reference committed different tokens")
+        best = {name: min(best[name], total[name]) for name in names}
+
+    tokens = n * len(prompts)
+    reference = answers[names[0]]
+    equal = {name: sum(int((a == r).sum()) for a, r in zip(answers[name], reference)) for name in names}
+    source = f"{len(prompts)} chat prompts from {args.chat_data}" if args.chat_data else f"prompt {len(prompts[0])} tokens"
+    print(f"\nSampling, {what}; {source}, {n} new tokens each, diffutron-long (block 32, penalty 1.2), "
+          f"temperature 0, batch 1, fastest of {args.repeats} run(s)")
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}\n")
-    print("| sampler | model calls | seconds | tokens/s | speed-up | tokens equal to reference |")
-    print("|---|---|---|---|---|---|")
-    print(f"| reference (full-canvas logits) | {ref_calls} | {t_ref:.1f} | {n / t_ref:.2f} | 1.00x | {n}/{n} |")
-    print(f"| generate (block logits only) | {fast.num_forward} | {t_fast:.1f} | {n / t_fast:.2f} | "
-          f"{t_ref / t_fast:.2f}x | {n}/{n} (identical: {identical}) |")
-    print(f"| generate, threshold {args.threshold} | {thr.num_forward} | {t_thr:.1f} | {n / t_thr:.2f} | "
-          f"{t_ref / t_thr:.2f}x | {agree}/{n} |")
+    print("| sampler | model calls | seconds | tokens/s | speed-up | tokens equal to reference | tokens differing |")
+    print("|---|---|---|---|---|---|---|")
+    for name in names:
+        print(f"| {name} | {calls[name]} | {best[name]:.1f} | {tokens / best[name]:.1f} | "
+              f"{best[names[0]] / best[name]:.2f}x | {equal[name]}/{tokens} | {tokens - equal[name]} |")
+    if args.show and tok is not None:
+        for i, prompt in enumerate(prompts):
+            print(f"\nprompt {i}: {tok.decode(prompt)!r}")
+            for name in names:
+                print(f"  {name}: {tok.decode(answers[name][i].tolist())!r}")
     if not args.model:
         print("\nA random model is rarely confident, so threshold decoding commits about one token per "
-              "step here; its speed-up shows on a trained model (--model DIR).")
+              "step here; its speed-up shows on a trained model (--model DIR --chat-data FILE).")
 
+
+def generic_prompt(tok, length: int) -> list[int]:
+    """A chat prompt around a repeated Turkish text, its last `length` tokens."""
+    text = ("Türkiye Cumhuriyeti 1923 yılında kuruldu ve başkenti Ankara oldu. İstanbul Boğazı "
+            "Avrupa ile Asya'yı birbirinden ayırır. ") * 8
+    ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": text}]), add_special_tokens=False)
+    return ([tok.bos_id] + ids)[-length:]
+
+
+def chat_prompts(tok, args) -> list[list[int]]:
+    """The first --num-prompts rows of --chat-data (messages format), without their last
+    (assistant) turn, as the SFT prompt ids."""
+    from minidiff import data
+
+    rows = data.read_rows(args.chat_data)[: args.num_prompts]  # UserError (one sentence) when empty
+    return [data.chat_prompt_ids(data.sft_messages(row, "messages")[:-1], tok) for row in rows]
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

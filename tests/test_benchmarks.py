@@ -1,0 +1,58 @@
+"""benchmarks/bench_sample.py on a tiny model directory: the script runs end to end, its
+`generate` commits the same tokens as its plain full-canvas reference (the script asserts it),
+and a bad --chat-data ends with one sentence and exit status 2."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers import make_model_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks" / "bench_sample.py"
+
+
+def run(*args):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(BENCH), *map(str, args)], capture_output=True,
+                          text=True, timeout=300, cwd=ROOT, env=env)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_model_dir(tmp_path_factory.mktemp("model"), seed=5)
+
+
+@pytest.mark.slow  # one python + torch start-up
+def test_bench_sample_chat_prompts(model_dir, tmp_path):
+    rows = tmp_path / "chat.jsonl"
+    rows.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q},
+                                                     {"role": "assistant", "content": a}]}) + "\n"
+                            for q, a in [("Merhaba", "Selam"), ("Nasılsın?", "İyiyim."),
+                                         ("Unused", "row")]), encoding="utf-8")
+    done = run("--model", model_dir, "--chat-data", rows, "--num-prompts", 2, "--max-new-tokens", 12,
+               "--threshold", 0.2, "--show")
+    assert done.returncode == 0, done.stderr
+    table = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in done.stdout.splitlines()
+             if line.startswith("| ") and not line.startswith("| sampler")}
+    # 2 prompts x 12 tokens; one call per token for both step-per-token samplers
+    assert table["reference (full-canvas logits)"][1] == "24"
+    assert table["generate (block logits only)"][1] == "24"
+    assert table["generate (block logits only)"][5] == "24/24"
+    threshold_calls = int(table["generate, threshold 0.2"][1])
+    assert 2 <= threshold_calls <= 24  # at least one call per block (one block per prompt)
+    assert "2 chat prompts" in done.stdout and done.stdout.count("prompt 1:") == 1
+
+
+@pytest.mark.slow
+def test_bench_sample_bad_chat_data(model_dir, tmp_path):
+    missing = tmp_path / "missing.jsonl"
+    done = run("--model", model_dir, "--chat-data", missing, "--max-new-tokens", 4)
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().startswith("error:") and str(missing.name) in done.stderr
