@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from minidiff import data, train_cli, trainer
+from minidiff import data, train_cli
 from minidiff.errors import UserError, run_cli
 
 
@@ -104,21 +104,14 @@ def cpt_examples_from(sources, config: CPTConfig, tok, rank: int) -> list[list[l
 def main(argv=None) -> int:
     from minidiff.tokenizer import load_tokenizer
 
-    parser = train_cli.config_parser(CPTConfig, "train_cpt.py", __doc__, HELP, PRESETS)
-    config, given = train_cli.parse_config(CPTConfig, parser, argv, PRESETS)
-    check(config, given)
-    ctx = trainer.distributed_context(config.device)
-    trainer.check_out_dir(config.out, config.resume)
+    config, ctx = train_cli.start(CPTConfig, "train_cpt.py", __doc__, HELP, PRESETS, check, argv)
 
     tok_source = config.tokenizer or config.model or str(Path(config.from_scratch).parent)
     tok = load_tokenizer(tok_source)
     lists = cpt_examples_from(config.data, config, tok, ctx.rank)
     examples = data.mix_sources(lists, counts=config.mix_counts, ratios=config.mix_ratios, seed=config.seed)
-    held_out = []
-    if config.eval_data:
-        held_out = [x for xs in cpt_examples_from(config.eval_data, config, tok, ctx.rank) for x in xs]
-    elif config.eval_fraction > 0:
-        examples, held_out = data.train_eval_split(examples, config.eval_fraction, seed=config.seed)
+    examples, held_out = train_cli.split_held_out(
+        examples, config, lambda sources: [x for xs in cpt_examples_from(sources, config, tok, ctx.rank) for x in xs])
     train_cli.say(ctx.rank, f"{len(examples):,} training sequences, {len(held_out):,} evaluation sequences")
 
     model = train_cli.build_model(config.model, config.from_scratch, tok, config.seed)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from minidiff import data, train_cli, trainer
+from minidiff import data, train_cli
 from minidiff.errors import UserError, run_cli
 
 
@@ -84,19 +84,12 @@ def sft_examples_from(sources, config: SFTConfig, tok, rank: int):
 def main(argv=None) -> int:
     from minidiff.tokenizer import load_tokenizer
 
-    parser = train_cli.config_parser(SFTConfig, "train_sft.py", __doc__, HELP, PRESETS)
-    config, given = train_cli.parse_config(SFTConfig, parser, argv, PRESETS)
-    check(config, given)
-    ctx = trainer.distributed_context(config.device)
-    trainer.check_out_dir(config.out, config.resume)
+    config, ctx = train_cli.start(SFTConfig, "train_sft.py", __doc__, HELP, PRESETS, check, argv)
 
     tok = load_tokenizer(config.tokenizer or config.model)
     examples = sft_examples_from(config.data, config, tok, ctx.rank)
-    held_out = []
-    if config.eval_data:
-        held_out = sft_examples_from(config.eval_data, config, tok, ctx.rank)
-    elif config.eval_fraction > 0:
-        examples, held_out = data.train_eval_split(examples, config.eval_fraction, seed=config.seed)
+    examples, held_out = train_cli.split_held_out(
+        examples, config, lambda sources: sft_examples_from(sources, config, tok, ctx.rank))
     train_cli.say(ctx.rank, f"{len(examples):,} training examples, {len(held_out):,} evaluation examples")
 
     model = train_cli.build_model(config.model, None, tok, config.seed)

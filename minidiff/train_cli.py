@@ -152,6 +152,33 @@ def parse_config(cls, parser, argv, presets: dict[str, dict]):
     return cls(**values), set(given)
 
 
+def start(cls, prog: str, description: str, helps: dict[str, str], presets: dict[str, dict], check,
+          argv):
+    """What both scripts do first: parse the flags (preset, then explicit flags), validate them
+    with check(config, given), join the process group and refuse an --out that a run would
+    overwrite. Returns (config, distributed context)."""
+    from . import trainer
+
+    parser = config_parser(cls, prog, description, helps, presets)
+    config, given = parse_config(cls, parser, argv, presets)
+    check(config, given)
+    ctx = trainer.distributed_context(config.device)
+    trainer.check_out_dir(config.out, config.resume)
+    return config, ctx
+
+
+def split_held_out(examples: list, config, read_eval) -> tuple[list, list]:
+    """(training, evaluation) examples: --eval-data read with read_eval(sources), else a
+    --eval-fraction split of the training examples, else no evaluation set."""
+    from . import data
+
+    if config.eval_data:
+        return examples, read_eval(config.eval_data)
+    if config.eval_fraction > 0:
+        return data.train_eval_split(examples, config.eval_fraction, seed=config.seed)
+    return examples, []
+
+
 def positive(config, *names: str) -> None:
     for name in names:
         value = getattr(config, name)
