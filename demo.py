@@ -1,5 +1,8 @@
 """The whole Diffutron pipeline at toy scale on a CPU, in one command (a few minutes):
 
+References: Diffutron (arXiv 2603.20466), the pipeline shown at toy scale; MDLM (2406.07524),
+LLaDA (2502.09992), ModernBERT (2412.13663). Reader's pages: docs/training.md, docs/sampler.md.
+
     python demo.py                     # writes runs/demo/
     python demo.py --cpt-steps 5000    # longer pre-training, better samples
 
@@ -8,7 +11,7 @@
 2. train a small byte-fallback BPE tokenizer with mmBERT's special-token layout;
 3. pre-train a small ModernBERT (0.72M parameters, character-level vocabulary) from scratch on most speeches with the
    masked-diffusion NELBO (train_cpt.py --from-scratch --full --pack);
-4. instruction-tune it on the pairs (train_sft.py, chat template of SPEC §4);
+4. instruction-tune it on the pairs (train_sft.py, dllm's chat template, docs/training.md);
 5. report MLM perplexity (15% masked, fixed seed) on held-out speeches before and after, and
    sample answers with the block sampler.
 

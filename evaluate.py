@@ -1,5 +1,8 @@
 """Evaluate a model: the MLM perplexity probe and zero-shot multiple-choice tasks (CETVEL subset).
 
+References: Diffutron (arXiv 2603.20466, Table 4); HF `run_mlm.py` (perplexity probe) and
+lm-evaluation-harness (multiple choice). Reader's page: docs/evaluation.md.
+
     python evaluate.py --model out/cpt --task perplexity:essays.txt \\
         --task belebele_tr:belebele_tur.jsonl --task ironytr:IronyTR_val.csv \\
         --out results.json --compare baseline.json

@@ -1,11 +1,14 @@
 """Generate, chat or fill in blanks with a minidiff / Diffutron model, watching the denoising.
 
+References: LLaDA (arXiv 2502.09992), Fast-dLLM (2505.22618), Diffutron (2603.20466); the
+sampler matches dllm's LLaDA generator and the Diffutron fork. Reader's page: docs/sampler.md.
+
     python sample.py --model DIR --prompt "Türkiye'nin başkenti neresidir?" --preset diffutron-long
     python sample.py --model DIR --chat
     python sample.py --model DIR --infill "İstanbul <mask> <mask> Asya'yı ayırır." --raw
     python sample.py --model DIR --prompt "..." --json --trace-html denoise.html
 
-Prompts go through the chat template of SPEC §4 (`[Question]...[/Question]` then `[Answer]`)
+Prompts go through dllm's chat template (`[Question]...[/Question]` then `[Answer]`)
 unless --raw. In a terminal the canvas is redrawn after every step (masks as dim blocks);
 when stdout is not a terminal only the answers are printed (or JSON with --json).
 """

@@ -1,4 +1,7 @@
-"""Continual pre-training of a ModernBERT encoder with the masked-diffusion NELBO (SPEC §3).
+"""Continual pre-training of a ModernBERT encoder with the masked-diffusion NELBO (MDLM 2406.07524).
+
+References: Diffutron (arXiv 2603.20466, CPT), MDLM (2406.07524, the NELBO), LoRA (2106.09685),
+mmBERT (2509.06888). Matches dllm's BERT pre-training recipe. Reader's page: docs/training.md.
 
     python train_cpt.py --model jhu-clsp/mmBERT-base --data wiki.txt web.jsonl --out runs/cpt
     python train_cpt.py --preset diffutron-cpt --model jhu-clsp/mmBERT-base --data ... --out runs/cpt
@@ -54,7 +57,7 @@ PRESETS = {
         epochs=4.0, batch_size=64, grad_accum=2, lr=1e-4, max_len=512, pack=False, full=False,
         lora_r=256, lora_alpha=256.0, lora_dropout=0.05, lora_targets=["Wqkv", "Wo", "Wi"],
         schedule="linear", loss_norm="sequence", bf16=True, weight_decay=0.0, warmup_ratio=0.0,
-        _note="SPEC §1: 4 epochs of ~2.0M sequences = 62,680 steps at batch 64 x 2 on one GPU; "
+        _note="Diffutron: 4 epochs of ~2.0M sequences = 62,680 steps at batch 64 x 2 on one GPU; "
               "lr and warmup are illegible in the paper (dllm's BERT scripts: 1e-4)"),
 }
 

@@ -1,4 +1,7 @@
-"""Instruction tuning (one stage per run) with the masked-diffusion NELBO on the answers (SPEC §4).
+"""Instruction tuning (one stage per run) with the masked-diffusion NELBO on the answers (dllm's recipe).
+
+References: Diffutron (arXiv 2603.20466, SFT stages), LLaDA (2502.09992, SFT), MDLM
+(2406.07524). Matches dllm's BERT `sft.py`. Reader's page: docs/training.md.
 
     python train_sft.py --model runs/cpt --data llamaturk.jsonl --format alpaca --out runs/sft1
     python train_sft.py --preset diffutron-sft1 --model runs/cpt --data ... --out runs/sft1
@@ -45,11 +48,11 @@ PRESETS = {
     "diffutron-sft1": dict(
         format="alpaca", epochs=20.0, batch_size=16, grad_accum=1, lr=1e-4, max_len=256, lora=False,
         schedule="linear", loss_norm="sequence", bf16=True,
-        _note="SPEC §1 stage 1: metunlp/LlamaTurk-Instruction-Set, full fine-tune, 20 epochs, batch 16, lr 1e-4"),
+        _note="Diffutron stage 1: metunlp/LlamaTurk-Instruction-Set, full fine-tune, 20 epochs, batch 16, lr 1e-4"),
     "diffutron-sft2": dict(
         format="instructurca", epochs=8.0, batch_size=96, grad_accum=1, lr=1e-4, max_len=256, lora=False,
         schedule="linear", loss_norm="sequence", bf16=True,
-        _note="SPEC §1 stage 2: turkish-nlp-suite/InstrucTurca from stage 1, 8 epochs, batch 96 (the paper ran "
+        _note="Diffutron stage 2: turkish-nlp-suite/InstrucTurca from stage 1, 8 epochs, batch 96 (the paper ran "
               "two A100s: with torchrun --nproc_per_node=2 use --batch-size 48 for the same global batch), lr 1e-4"),
 }
 

@@ -1,5 +1,8 @@
 """minidiff vs transformers forward speed on the same weights (CPU by default), in one run.
 
+References: ModernBERT (arXiv 2412.13663); the reference is transformers'
+`ModernBertForMaskedLM` (modeling_modernbert, sdpa).
+
     python benchmarks/bench_forward.py                      # mmBERT-small depth/width, vocab 32k, 4 x 512
     python benchmarks/bench_forward.py --vocab 256000 --batch 1   # the real vocabulary width
 

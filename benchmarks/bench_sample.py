@@ -1,5 +1,8 @@
 """Sampling speed: minidiff.sampler.generate vs a reference with full-canvas logits, and threshold decoding.
 
+References: LLaDA (arXiv 2502.09992), Fast-dLLM (2505.22618); the reference is dllm's
+LLaDA sampler and the Diffutron fork's step, written plainly here.
+
     python benchmarks/bench_sample.py                    # random mmBERT-shaped model (768 hidden, 256k vocab, 2 layers)
     python benchmarks/bench_sample.py --layers 4 --max-new-tokens 64
     python benchmarks/bench_sample.py --model DIR        # a trained model (e.g. the demo's) and its tokenizer

@@ -1,10 +1,13 @@
 """One LoRA CPT training step: minidiff against transformers + peft + torch.optim.AdamW, same model.
 
+References: LoRA (arXiv 2106.09685), AdamW (1711.05101), MDLM (2406.07524); the reference is
+peft on transformers' `ModernBertForMaskedLM` with `torch.optim.AdamW`.
+
     python benchmarks/bench_train.py                       # mmBERT-shaped, 2 layers, vocab 256000
     python benchmarks/bench_train.py --layers 4 --seq 512 --batch 2 --steps 5
 
 Both sides get the same weights (hidden 768, 12 heads, intermediate 1152, mmBERT's vocabulary
-size but few layers, so the vocabulary projection weighs as it does in mmBERT-base: SPEC §8),
+size but few layers, so the vocabulary projection weighs as it does in mmBERT-base: see docs/math.md),
 LoRA r=256/alpha=256/dropout 0.05 on Wqkv, Wo, Wi, the same batch and the same masks (t and
 the corruption drawn from identically seeded generators), fp32 on the CPU.
 - reference: peft model on transformers' ModernBertForMaskedLM, dense logits [B, S, V], then

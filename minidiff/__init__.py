@@ -1,5 +1,9 @@
 """minidiff: a small, readable PyTorch implementation of the Diffutron masked-diffusion LM.
 
+References: Diffutron (arXiv 2603.20466), the pipeline reproduced; MDLM (2406.07524) and
+LLaDA (2502.09992), the diffusion objective and sampler; ModernBERT (2412.13663) and mmBERT
+(2509.06888), the encoder. A reader starts at docs/walkthrough.py (see README, "Reading order").
+
     import minidiff
     model = minidiff.load_model("jhu-clsp/mmBERT-base")   # or a local directory
     tok = minidiff.load_tokenizer("jhu-clsp/mmBERT-base")

@@ -1,5 +1,9 @@
 """Find a model (local directory or hub id), read its weights, and build a ModernBertMLM from them.
 
+References: ModernBERT (arXiv 2412.13663), mmBERT (2509.06888). Matches the checkpoint layout of
+transformers' `ModernBertForMaskedLM` (modeling_modernbert, `save_pretrained`) and the hub cache of
+huggingface_hub's `snapshot_download`.
+
     resolve_model_dir("jhu-clsp/mmBERT-base")   -> Path of a directory (the hub cache snapshot)
     load_weights(directory)                     -> {key: tensor} from model.safetensors or its shards
     load_model("path/or/hub-id", dtype=torch.bfloat16, device="cuda")  -> model in eval mode

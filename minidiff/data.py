@@ -1,5 +1,9 @@
 """Training data: read documents and rows, build CPT and SFT examples, collate, batch, shard.
 
+References: Diffutron (arXiv 2603.20466: CPT drop rule, SFT stages), LLaDA (2502.09992, SFT:
+the prompt is never masked). Matches dllm's data code (`tokenize_and_group` for packing, the SFT
+map function and `DataCollatorForSeq2Seq` padding) and HF `run_mlm`'s `group_texts`.
+
     docs = read_documents("wiki.txt")                            # one document per line
     print(docs.summary())                                        # kept / skipped, with FILE:LINE
     ids = tokenize_documents(docs.texts, tok)                    # no special tokens inside documents
@@ -8,7 +12,7 @@
     batches = Batches(sft, 16, seed=0, collate=lambda b: collate_sft(b, tok.pad_id))
     batch = next(batches)                                        # input_ids, labels, maskable
 
-Conventions (SPEC §3-§4, dllm):
+Conventions (dllm; docs/training.md):
 - CPT "drop" frames each document as `<bos> doc <eos>` (mmBERT's post-processor) and keeps it
   only when it fits in max_len; "pack" writes `doc <eos> doc <eos> ...` and cuts full blocks.
 - SFT: prompt = chat template up to and including the generation prompt "[Answer]\\n" (labels
@@ -420,7 +424,7 @@ def _text_field(row: dict, name: str, where: str) -> str:
 
 
 def render_sft(row: dict, fmt: str, tokenizer, where: str = "row") -> tuple[str, str]:
-    """(prompt_text, answer_text) of one SFT row in SPEC §4's chat template: the prompt is the
+    """(prompt_text, answer_text) of one SFT row in dllm's chat template (docs/training.md): prompt is the
     conversation before the last assistant turn plus the generation prompt "[Answer]\\n"; the
     answer is the rest of the full rendering, i.e. that turn's content + "\\n[/Answer]\\n\\n"."""
     messages = sft_messages(row, fmt, where)
@@ -525,7 +529,7 @@ def collate_sft(batch: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: in
                 *, fill: str = "pad", pad_to: int | None = None) -> dict:
     """Right-pad (input_ids, labels) pairs to the longest (or to `pad_to`) with the pad token
     (`fill="pad"`, what dllm's collator does with mmBERT's <pad>) or with eos (`fill="eos"`).
-    The padding is part of the labels (SPEC §4: trained, so the model learns to end answers):
+    The padding is part of the labels (dllm: trained, so the model learns to end answers):
     input_ids [B, S] long, labels [B, S] long (IGNORE on the prompt), maskable [B, S] bool =
     labels != IGNORE, attention_mask None (SFT attends to everything, padding included)."""
     if fill not in ("pad", "eos") or (fill == "eos" and eos_id is None):

@@ -1,6 +1,11 @@
 """Absorbing-state (masked) diffusion: schedules, forward corruption, losses, likelihoods.
 
-Every equation of the training objective and of likelihood scoring lives here (SPEC §3, §6).
+References: MDLM (arXiv 2406.07524: the NELBO, the schedules, stratified t), LLaDA (2502.09992:
+the l/L likelihood estimator), ARDM (2110.02037) and RADD (2406.03736): the any-order identity.
+Matches kuleshov-group/mdlm `diffusion.py` (`_sample_t`, `LogLinearNoise`), LLaDA's
+`get_log_likelihood.py` and dllm's MDLM trainer. Derivations: docs/math.md.
+
+Every equation of the training objective and of likelihood scoring lives here (docs/math.md).
 
 Forward process: each maskable token of x0 independently stays itself with probability
 alpha(t) or becomes <mask> with probability 1 - alpha(t); t ~ U(eps, 1), one t per sequence.
@@ -201,7 +206,7 @@ def nelbo_loss(
     t=None,
     generator=None,
 ):
-    """One Monte-Carlo draw of the continuous-time NELBO (SPEC §3): (loss scalar, num_masked).
+    """One Monte-Carlo draw of the continuous-time NELBO (MDLM; docs/math.md): (loss scalar, num_masked).
 
     x0 [B, S] clean ids; maskable [B, S] bool (default: all positions, and never padding when an
     attention_mask is given); t [B] overrides the drawn times.
@@ -274,7 +279,7 @@ def mlm_loss(model, ids, mask_id: int, *, maskable, attention_mask=None, mask_pr
     """BERT's fixed-ratio MLM loss: (mean CE over the targets, number of targets).
 
     The softmax runs over the full vocabulary by default (HF run_mlm, the paper's perplexity
-    probe, SPEC §6); exclude_mask_logit=True removes <mask> as in the diffusion losses.
+    probe, docs/evaluation.md); exclude_mask_logit=True removes <mask> as in the diffusion losses.
     """
     if vocab_size is None:
         vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
@@ -384,7 +389,7 @@ def mc_loglik_many(model, pairs, mask_id: int, *, pad_id: int, num_samples: int 
 
 def mc_loglik(model, prompt_ids, answer_ids, mask_id: int, *, num_samples: int = 32,
               batch_size: int = 32, generator=None) -> float:
-    """LLaDA's Monte-Carlo estimate of log p(answer | prompt) (SPEC §6; see mc_loglik_many)."""
+    """LLaDA's Monte-Carlo estimate of log p(answer | prompt) (docs/math.md; see mc_loglik_many)."""
     # one pair: every row has the same length, so no padding (pad_id is never written)
     return mc_loglik_many(model, [(prompt_ids, answer_ids)], mask_id, pad_id=mask_id,
                           num_samples=num_samples, batch_size=batch_size, generator=generator)[0]

@@ -1,5 +1,7 @@
 """The one exception type for mistakes a user can make, and the wrapper scripts use to report it.
 
+References: none (project plumbing); the rule it serves is in docs/training.md ("Errors").
+
 A `UserError` carries one sentence naming what was wrong (the file, flag or key) and what was
 expected. Scripts wrap their `main` in `run_cli`, which prints that sentence and exits with
 status 2, no traceback.

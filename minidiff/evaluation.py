@@ -1,9 +1,14 @@
 """Evaluation: the paper's MLM perplexity probe and zero-shot multiple-choice benchmarks.
 
+References: Diffutron (arXiv 2603.20466, Table 4), BERT (1810.04805: the 80/10/10 masking),
+LLaDA (2502.09992: likelihood of an answer). Matches HF transformers' `run_mlm.py` (the
+perplexity probe), lm-evaluation-harness (multiple choice, acc / acc_norm) and CETVEL's task
+files (prompts). Reader's page: docs/evaluation.md.
+
     tasks = [parse_task("belebele_tr:belebele_tur.jsonl"), parse_task("perplexity:essays.txt")]
     result = run_task(model, tok, tasks[0], mc_samples=32, seed=0)   # {"metrics": {"acc": ...}, ...}
 
-Perplexity (SPEC §6, HF `run_mlm` style). Every document is encoded with the tokenizer's own
+Perplexity (HF `run_mlm` style; docs/evaluation.md). Every document is encoded with the tokenizer's own
 framing (`<bos> doc <eos>` for mmBERT), the documents are concatenated and cut into blocks of
 `max_len` tokens (the tail shorter than a block is dropped, as run_mlm does, unless there is no
 full block at all). In each block exactly floor(0.15 n + 0.5) of its n non-special tokens are
@@ -12,7 +17,7 @@ masked (specials never), chosen with a fixed seed; 80/10/10 replacement is off u
 over the whole vocabulary, `<mask>` logit included (run_mlm does not remove it). The second
 column is the NELBO bound: exp(NELBO per non-special token), one t per block (linear schedule).
 
-Multiple choice (SPEC §7, lm-eval-harness style). A task is data: a row -> (prompt, choices,
+Multiple choice (lm-eval-harness style; docs/evaluation.md). A task is data: a row -> (prompt, choices,
 label). Prompt and `" " + choice` are tokenised separately WITHOUT special tokens and joined as
 `<bos> prompt | choice` (only the choice is scored; no `<eos>`, since it would be scored too);
     loglik(choice) = log p(choice | prompt)   (diffusion.mc_loglik_many; exact for 1 token)
@@ -45,7 +50,7 @@ class Example:
 
 @dataclass(frozen=True)
 class TaskDef:
-    """A multiple-choice benchmark as data (SPEC §7)."""
+    """A multiple-choice benchmark as data (docs/evaluation.md)."""
 
     name: str                       # --task name
     title: str                      # row name in the table (the paper's spelling)
@@ -97,7 +102,7 @@ def render_belebele(row: dict) -> Example:
 
 
 def render_belebele_cetvel(row: dict) -> Example:
-    """The Turkish template of CETVEL's own belebele_tr.yaml (SPEC §7 gives lm-eval's English
+    """The Turkish template of CETVEL's own belebele_tr.yaml (lm-eval's own belebele_tr has the English
     one): `Paragraf: {passage}\nSoru: {question}\nA: ..\nD: {a4}\nCevap:`."""
     example = render_belebele(row)
     head, _, rest = example.prompt.partition("\nQ: ")

@@ -1,5 +1,9 @@
 """LoRA (Hu et al. 2021) for the encoder's linears, with adapters in peft's file layout.
 
+References: LoRA (arXiv 2106.09685). Matches peft's `tuners/lora/layer.py` (`Linear`: init,
+scaling alpha / r, dropout, merge) and peft's adapter files (`adapter_config.json`,
+`adapter_model.safetensors`).
+
 A LoRA layer keeps the pretrained weight W frozen and learns a low-rank correction:
 
     y = x W^T + b + (alpha / r) * dropout(x) A^T B^T        A: [r, in], B: [out, r]
@@ -8,7 +12,7 @@ A starts kaiming-uniform (a = sqrt(5), as peft) and B at zero, so training start
 pretrained model exactly. Merging folds the correction into the weight, W <- W + (alpha/r) B A,
 after which the layer is a plain linear again (unmerge subtracts it back).
 
-Diffutron (SPEC §1) adapts every per-layer linear: attn.Wqkv, attn.Wo, mlp.Wi and mlp.Wo
+Diffutron (2603.20466) adapts every per-layer linear: attn.Wqkv, attn.Wo, mlp.Wi and mlp.Wo
 (the name "Wo" matches both, as peft's `target_modules` name matching does); the MLM head is
 not adapted. Parameter names follow peft so adapters cross in both directions:
     model.layers.0.attn.Wqkv.weight         the frozen base weight (plain transformers key)

@@ -1,10 +1,13 @@
 """ModernBERT (mmBERT) encoder with its masked-language-model head, in one file.
 
+References: ModernBERT (arXiv 2412.13663), mmBERT (2509.06888). Matches transformers'
+`models/modernbert/modeling_modernbert.py` (`ModernBertForMaskedLM`), logits to 1e-4.
+
 Module and parameter names equal the keys of a transformers `ModernBertForMaskedLM`
 checkpoint (`model.layers.3.attn.Wqkv.weight`, `head.dense.weight`, `decoder.bias`, ...), so a
 checkpoint loads with a plain `load_state_dict` and no renaming table.
 
-Forward pass (SPEC §2):
+Forward pass (ModernBERT 2412.13663; as transformers' modeling_modernbert):
     x = LayerNorm(E[ids])
     for each layer l:   x = x + Wo(attn(rope(attn_norm(x))))      (layer 0: no attn_norm)
                         x = x + Wo_mlp(gelu(u) * g),  [u, g] = Wi(mlp_norm(x))
@@ -289,7 +292,7 @@ class PredictionHead(nn.Module):
 class ModernBertMLM(nn.Module):
     """Encoder + MLM head. `model(ids, attention_mask, logits_at)` -> logits.
 
-    logits_at selects where the head and the vocabulary-wide decoder run (SPEC §8: the decoder
+    logits_at selects where the head and the vocabulary-wide decoder run (docs/math.md: the decoder
     costs more than all layers together):
       None                 -> [B, S, V]
       bool [B, S]          -> [N, V], the selected rows in row-major order (N = sel.sum())

@@ -1,5 +1,8 @@
 """AdamW, its parameter groups, the warmup + cosine learning-rate schedule and gradient clipping.
 
+References: AdamW (arXiv 1711.05101), Adam (1412.6980). Matches `torch.optim.AdamW` (bitwise),
+transformers' `get_cosine_schedule_with_warmup` and `torch.nn.utils.clip_grad_norm_`.
+
 AdamW (Loshchilov & Hutter 2019), the update torch.optim.AdamW performs, for step t = 1, 2, ...:
 
     p   <- p - lr * wd * p                      decoupled weight decay (not through the gradient)

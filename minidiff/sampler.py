@@ -1,8 +1,13 @@
 """The block sampler Diffutron used (dllm's LLaDA generator + the authors' fork), made fast.
 
+References: LLaDA (arXiv 2502.09992: semi-autoregressive blocks, low-confidence remasking),
+Fast-dLLM (2505.22618: threshold decoding), Diffutron (2603.20466: settings). Matches LLaDA's
+`generate.py`, dllm's LLaDA sampler (`core/samplers`) and the Diffutron fork (repetition
+penalty, stop strings) token for token at temperature 0. Reader's page: docs/sampler.md.
+
 Canvas: [prompt | max_new_tokens x <mask>], rows right-padded with eos. The answer is cut into
 blocks of `block_length`, aligned to each row's own prompt end, and denoised left to right;
-every block gets ceil(steps / num_blocks) steps. One step (SPEC §5):
+every block gets ceil(steps / num_blocks) steps. One step (docs/sampler.md):
 
     1. logits at the block's positions   (cfg > 0: un + (cfg + 1) * (cond - un), with the
                                           unconditional canvas = prompt replaced by masks)
@@ -93,7 +98,7 @@ class SamplerConfig:
                 raise UserError(f"sampler config: {message}.")
 
     PRESETS = {
-        # Diffutron's model-card settings (SPEC §1) with the fork's penalty and stop strings
+        # Diffutron's model-card settings (2603.20466) with the fork's penalty and stop strings
         "diffutron-long": dict(max_new_tokens=128, steps=128, block_length=32, temperature=0.1,
                                repetition_penalty=1.2, stop_strings=FORK_STOP_STRINGS),
         "diffutron-short": dict(max_new_tokens=64, steps=64, block_length=32, temperature=0.1,
@@ -325,7 +330,7 @@ def _find_stop(tokenizer, ids: list[int], stop_strings) -> int | None:
 
 def _ended(tokenizer, ids: list[int], eos_id: int, pad_id: int) -> bool:
     """Has this answer ended? eos, pad (SFT trains the model to emit padding after the answer,
-    SPEC §4) or the end-of-turn string."""
+    docs/training.md) or the end-of-turn string."""
     if eos_id in ids or pad_id in ids:
         return True
     return tokenizer is not None and END_OF_TURN in tokenizer.decode(ids, skip_special_tokens=False)

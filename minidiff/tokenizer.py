@@ -1,5 +1,8 @@
 """A thin wrapper over a `tokenizers.Tokenizer` (tokenizer.json): special ids, batching, chat text.
 
+References: mmBERT (arXiv 2509.06888: Gemma vocabulary, special ids). Wraps HF `tokenizers`;
+the chat template is dllm's plain-text template for BERT-style models (docs/training.md).
+
     tok = load_tokenizer("jhu-clsp/mmBERT-base")     # or a directory holding tokenizer.json
     tok.mask_id, tok.pad_id, tok.eos_id, tok.bos_id  # 4, 0, 1, 2 for mmBERT
     tok.encode("Merhaba dünya")                       # [bos, ..., eos]: the file's own framing
@@ -40,7 +43,7 @@ CONFIG_KEYS = {
     "unk": ["unk_token"],
     "mask": ["mask_token"],
 }
-# SPEC §4: dllm's plain-text chat template for BERT-style models (markers are ordinary text)
+# dllm's plain-text chat template for BERT-style models (markers are ordinary text)
 END_OF_TURN = "[/Answer]"
 
 
@@ -144,7 +147,7 @@ class Tokenizer:
     # ------------------------------------------------------------------ chat
 
     def apply_chat_template(self, messages, add_generation_prompt: bool = True) -> str:
-        """dllm's plain-text template (SPEC §4); contents stripped of surrounding whitespace:
+        """dllm's plain-text template (docs/training.md); contents stripped of surrounding whitespace:
 
             [SYS]\\n{system}\\n[/SYS]\\n\\n          (only when the first message is a system one)
             [Question]\\n{user}\\n[/Question]\\n\\n  (each user turn)

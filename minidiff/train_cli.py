@@ -2,6 +2,9 @@
 flag per field, `--help` listing every default and the presets), model building (load, from
 scratch, LoRA) and evaluation batches.
 
+References: Diffutron (arXiv 2603.20466) for the presets' values; otherwise plumbing
+(docs/training.md).
+
     parser = config_parser(CPTConfig, "train_cpt.py", __doc__, HELP, PRESETS)
     config, given = parse_config(CPTConfig, parser, argv, PRESETS)   # given: flags set explicitly
 """

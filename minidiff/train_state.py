@@ -1,8 +1,16 @@
 """Training checkpoints: save and restore the complete state of a run, atomically.
 
-    save_training_state(ckpt_root, step, model, optimizer, scheduler, data_state, extra, keep_last)
-    path = latest_checkpoint(ckpt_root)        # newest complete DIR/checkpoints/step-XXXXXX or None
-    state = load_training_state(path, model, optimizer, scheduler)
+References: none (plumbing); exact resume is explained in docs/training.md ("Resume").
+
+    tmp = begin_checkpoint(ckpt_root, step)     # fresh .tmp-step-XXXXXX (rank 0)
+    write_rng(tmp, rank, generator)             # every rank: its own rng-rank-R.pt
+    finish_checkpoint(tmp, step, model, optimizer, scheduler, state, keep_last)   # rank 0: rename
+    path = latest_checkpoint(ckpt_root)         # newest complete DIR/checkpoints/step-XXXXXX or None
+    state = load_training_state(path, model, optimizer, scheduler, rank, generator)  # -> state.json
+
+Saving is split in three because under data parallelism every rank writes its own random
+states between rank 0 creating the directory and rank 0 publishing it (the trainer puts a
+barrier between the calls).
 
 A checkpoint directory holds
     trainable.safetensors    the parameters that train (LoRA: the adapter tensors only)
@@ -10,7 +18,8 @@ A checkpoint directory holds
                              torch.load(weights_only=True), never plain unpickling)
     rng-rank-R.pt            every random state of rank R: torch CPU, CUDA, the masking generator
                              (tensors), python and numpy (as plain lists)
-    state.json               step, data position (Batches.state_dict), config, metrics so far
+    state.json               step, data position (Batches.state_dict), config, world size,
+                             total steps, eval losses so far
 
 It is first written to `.tmp-step-XXXXXX` and then renamed to `step-XXXXXX`: a rename is atomic,
 so every `step-*` directory is complete and the previous one stays valid until the new one is.

@@ -1,5 +1,9 @@
 """The one training loop both train scripts use.
 
+References: MDLM (arXiv 2406.07524) and LLaDA (2502.09992) for the loss (minidiff.diffusion),
+Diffutron (2603.20466) for the recipe. Loss normalisation as dllm's trainer (sequence) or MDLM
+(token); data parallelism with `torch.nn.parallel.DistributedDataParallel`. docs/training.md.
+
     config = TrainConfig(lr=1e-4, batch_size=16, grad_accum=2, max_steps=1000, save_every=200)
     loss_fn = nelbo_objective(tok.mask_id, schedule="linear", loss_norm="sequence")
     result = train(model, train_batches, eval_batches, loss_fn, config, "runs/cpt",
@@ -21,7 +25,7 @@ index) the masking generator and torch's global RNG (LoRA dropout) are seeded fr
 the masks and dropout of one uninterrupted process; the checkpoint also stores every RNG state.
 Evaluation uses its own fixed seeds per batch, so eval losses are comparable across steps.
 
-Output layout (DESIGN.md): DIR/run.json, DIR/metrics.jsonl, DIR/checkpoints/step-XXXXXX/
+Output layout (docs/training.md): DIR/run.json, DIR/metrics.jsonl, DIR/checkpoints/step-XXXXXX/
 (minidiff.train_state), and at completion DIR/config.json + tokenizer.json (+ adapter/) and,
 written last, DIR/model.safetensors; DIR/loss.png when matplotlib is installed.
 """

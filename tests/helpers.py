@@ -15,7 +15,7 @@ import torch
 
 from minidiff.model import ModelConfig, ModernBertMLM
 
-# mmBERT's special-token layout (SPEC §2).
+# mmBERT's special-token layout (mmBERT 2509.06888; tokenizer of jhu-clsp/mmBERT-base).
 SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]
 PAD, EOS, BOS, UNK, MASK = range(5)
 

@@ -1,6 +1,6 @@
 """minidiff.data: readers, CPT drop/pack, mixing, SFT rendering and labels, collate, Batches.
 
-Expected values are written by hand from the file contents, the SPEC §4 template text and
+Expected values are written by hand from the file contents, dllm's template text and
 the definitions in the docstrings, never taken from an earlier run of the code.
 """
 from __future__ import annotations
@@ -214,7 +214,7 @@ ROWS = {
         {"role": "assistant", "content": " İyiyim. "},
     ]},
 }
-# SPEC §4, written out by hand
+# dllm's chat template, written out by hand
 PROMPTS = {
     "alpaca": "[Question]\nBaşkent neresidir?\n\nTürkiye\n[/Question]\n\n[Answer]\n",
     "instructurca": "[Question]\nBir renk söyle.\n[/Question]\n\n[Answer]\n",
@@ -225,7 +225,7 @@ ANSWERS = {"alpaca": "Ankara.\n[/Answer]\n\n", "instructurca": "Mavi.\n[/Answer]
 
 
 @pytest.mark.parametrize("fmt", data.SFT_FORMATS)
-def test_render_sft_matches_spec(tok, fmt):
+def test_render_sft_matches_dllm_template(tok, fmt):
     assert data.render_sft(ROWS[fmt], fmt, tok) == (PROMPTS[fmt], ANSWERS[fmt])
 
 

@@ -110,7 +110,7 @@ def test_trainable_parameters_are_exactly_the_lora_ones_and_match_peft():
 
 
 def test_report_on_full_mmbert_base_config_matches_paper():
-    # mmBERT-base (SPEC §2) on the meta device: no memory, no weights
+    # mmBERT-base (2509.06888) on the meta device: no memory, no weights
     config = ModelConfig(vocab_size=256000, hidden_size=768, intermediate_size=1152, num_hidden_layers=22,
                          num_attention_heads=12, pad_token_id=0, eos_token_id=1, bos_token_id=2,
                          cls_token_id=1, sep_token_id=1)

@@ -118,13 +118,13 @@ MMBERT_BASE = dict(
 def test_mmbert_base_parameter_count():
     with torch.device("meta"):
         model = ModernBertMLM(ModelConfig(**MMBERT_BASE))
-    assert model.num_parameters() == 307_786_240  # SPEC §1/§2, the model card's figure
-    # and the same count written out from the key table of SPEC §2 (decoder tied, bias only)
+    assert model.num_parameters() == 307_786_240  # the mmBERT-base model card's figure
+    # and the same count written out from ModernBertForMaskedLM's keys (decoder tied, bias only)
     V, H, I, L = 256000, 768, 1152, 22
     per_layer = 3 * H * H + H * H + H + 2 * I * H + H * I  # Wqkv, Wo, mlp_norm, Wi, Wo
     by_table = V * H + H + L * per_layer + (L - 1) * H + H + H * H + H + V
     assert model.num_parameters() == by_table
-    assert len(model.state_dict()) == 138  # SPEC §2: 138 tensors, decoder.weight included
+    assert len(model.state_dict()) == 138  # 138 tensors, decoder.weight included
 
 
 def test_config_transformers4_layout(tmp_path):

@@ -50,7 +50,7 @@ def test_prompts_json_match_generate(model_dir):
     assert data["steps"] == 12 and data["config"]["repetition_penalty"] == 1.2
     assert [r["prompt"] for r in data["results"]] == prompts
 
-    # the same generation in process: <bos> + chat template of SPEC §4, no closing <eos>
+    # the same generation in process: <bos> + dllm's chat template, no closing <eos>
     tok, model = minidiff.load_tokenizer(model_dir), minidiff.load_model(model_dir)
     ids = [[tok.bos_id] + tok.encode(f"[Question]\n{p}\n[/Question]\n\n[Answer]\n", add_special_tokens=False)
            for p in prompts]

@@ -1,4 +1,4 @@
-"""The sampler against a plain reference written here from SPEC §5 and the dllm/Diffutron source.
+"""The sampler against a plain reference written here from the dllm/Diffutron source (docs/sampler.md).
 
 The reference runs the model on the whole canvas every step, applies the repetition penalty
 with a per-row loop over torch.unique (as the fork does), picks with torch.topk per row and
