@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import UserError
+from .progress import bar as progress_bar
 
 # ----------------------------------------------------------------------------- task definitions
 
@@ -329,14 +330,12 @@ def score_examples(model, tok, examples: Sequence[Example], *, mc_samples: int =
                    progress: bool = True, desc: str = "mc") -> list[list[float]]:
     """log p(" " + choice | prompt) for every choice of every example, batched across choices
     and rows. One-token answers use one sample (it is exact); longer ones `mc_samples`."""
-    from tqdm.auto import tqdm
-
     from . import diffusion
 
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
     scores: list[list[float]] = []
-    bar = tqdm(total=len(examples), desc=desc, disable=not progress, unit="row")
+    bar = progress_bar(total=len(examples), desc=desc, disable=not progress, unit="row")
     for start in range(0, len(examples), rows_per_step):
         chunk = examples[start:start + rows_per_step]
         pairs = [pair for ex in chunk for pair in choice_pairs(tok, ex)]
@@ -422,8 +421,6 @@ def mlm_perplexity(model, tok, texts: Sequence[str], *, max_len: int = 512, mask
                    progress: bool = True) -> dict:
     """The paper's probe: exp(token-weighted mean CE at the masked positions); plus
     exp(NELBO / non-special tokens), the diffusion bound, with one t per block."""
-    from tqdm.auto import tqdm
-
     from . import diffusion
 
     device = next(model.parameters()).device
@@ -432,7 +429,7 @@ def mlm_perplexity(model, tok, texts: Sequence[str], *, max_len: int = 512, mask
     nelbo_gen = torch.Generator(device=device).manual_seed(seed + 1)
     ce_sum = torch.zeros((), dtype=torch.float64, device=device)
     nelbo_sum = torch.zeros((), dtype=torch.float64, device=device)
-    for start in tqdm(range(0, len(blocks), batch_size), desc="perplexity", disable=not progress):
+    for start in progress_bar(range(0, len(blocks), batch_size), desc="perplexity", disable=not progress):
         x0 = blocks[start:start + batch_size].to(device)
         xt = corrupted[start:start + batch_size].to(device)
         target = is_target[start:start + batch_size].to(device)

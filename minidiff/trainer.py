@@ -46,7 +46,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import train_state
+from . import progress, train_state
 from .errors import UserError
 
 EVAL_SEED_TAG = 0xE7A1  # separates evaluation seeds from training seeds
@@ -84,7 +84,7 @@ class TrainConfig:
     bf16: bool = True                # bf16 autocast on CUDA (CPU always runs fp32)
     gradient_checkpointing: bool = False
     resume: bool = False             # continue from the newest complete checkpoint in DIR
-    progress: bool = True            # tqdm progress bar (rank 0)
+    progress: bool = True            # progress bar, rank 0 (minidiff.progress: tqdm in a terminal, else lines)
 
 
 # Fields that must equal the checkpoint's for --resume to continue the same run.
@@ -412,9 +412,7 @@ def train(model, train_batches, eval_batches, loss_fn, config: TrainConfig, out_
 
     bar = None
     if ctx.is_main and config.progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=steps, initial=step, desc="train", dynamic_ncols=True, file=sys.stderr)
+        bar = progress.bar(total=steps, initial=step, desc="train", file=sys.stderr)
 
     if step == 0:
         run_eval()
