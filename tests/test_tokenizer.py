@@ -165,7 +165,7 @@ def test_save_and_reload(tok, tmp_path):
 
 def test_train_tokenizer_matches_helper_layout(tmp_path):
     """train_tokenizer(texts, n + 256) builds exactly the file helpers.make_tokenizer_dir(n) writes
-    (that helper is written directly against the tokenizers library)."""
+    (which is written directly against the tokenizers library)."""
     reference = RawTokenizer.from_file(str(make_tokenizer_dir(tmp_path / "ref", vocab_size=300) / "tokenizer.json"))
     trained = train_tokenizer(TURKISH_TEXT * 4, vocab_size=300 + 256, out_dir=tmp_path / "ours")
     assert trained.backend.to_str() == reference.to_str()
