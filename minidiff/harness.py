@@ -102,6 +102,8 @@ def parse_model_args(pretrained=None, mc_samples=32, batch_size=32, max_batch_si
     # without --device lm-eval says "cuda:0": use the CPU when there is no GPU
     wanted = str(device) if device else "cuda"
     if wanted.startswith("cuda") and not torch.cuda.is_available():
+        if device and wanted != "cuda:0":  # lm-eval's own default is "cuda:0"
+            log.warning("device %s asked for, but there is no GPU: running on the CPU", wanted)
         wanted = "cpu"
     try:
         seed = int(seed)
@@ -111,7 +113,7 @@ def parse_model_args(pretrained=None, mc_samples=32, batch_size=32, max_batch_si
     return {"pretrained": str(pretrained), "mc_samples": _positive_int("mc_samples", mc_samples),
             "batch_size": 32 if auto else _positive_int("batch_size", batch_size),
             "device": torch.device(wanted), "dtype": DTYPES[dtype], "seed": seed,
-            "max_length": None if max_length is None else _positive_int("max_length", max_length),
+            "max_length": None if max_length is None else max(2, _positive_int("max_length", max_length)),
             "sampler": sampler}
 
 
@@ -146,6 +148,11 @@ class MinidiffLM(LM):
         ids = self.tok.encode(text, add_special_tokens=False)
         return ([self.tok.bos_id] if self.tok.bos_id is not None else []) + ids
 
+    @staticmethod
+    def _fit(prompt: list[int], room: int) -> list[int]:
+        """The prompt cut to `room` tokens from the left, keeping its first token (<bos>)."""
+        return prompt if len(prompt) <= room else prompt[:1] + prompt[len(prompt) - room + 1:]
+
     def _score(self, pairs: list[tuple[list[int], list[int]]]) -> list[float]:
         """log p(answer | prompt) per pair: one sample for one-token answers (exact), else
         mc_samples; every pair's draws seeded with `seed`, so grouping never changes a value."""
@@ -171,9 +178,10 @@ class MinidiffLM(LM):
         for request in requests:
             context, continuation = request.args
             answer = self.tok.encode(continuation, add_special_tokens=False)
-            prompt = self._prompt_ids(context)
-            if len(prompt) + len(answer) > self.max_length:  # keep the answer, cut the context's left
-                prompt = prompt[:1] + prompt[1 + len(prompt) + len(answer) - self.max_length:]
+            if len(answer) >= self.max_length:
+                raise UserError(f"a continuation of {len(answer)} tokens does not fit the model's "
+                                f"context of {self.max_length} tokens after <bos>")
+            prompt = self._fit(self._prompt_ids(context), self.max_length - len(answer))
             pairs.append((prompt, answer))
         return [(value, False) for value in self._chunked(pairs, disable_tqdm, "loglikelihood")]
 
@@ -217,7 +225,8 @@ class MinidiffLM(LM):
             config, until = self._generation_config(kwargs)
             for start in range(0, len(index), self.batch_size):
                 chunk = index[start:start + self.batch_size]
-                prompts = [self._prompt_ids(requests[i].args[0]) for i in chunk]
+                room = max(1, self.max_length - config.max_new_tokens)
+                prompts = [self._fit(self._prompt_ids(requests[i].args[0]), room) for i in chunk]
                 result = generate(self.model, prompts, config, mask_id=self.tok.mask_id,
                                   eos_id=self.tok.eos_id, tokenizer=self.tok, pad_id=self.tok.pad_id)
                 for i, answer in zip(chunk, result.answers()):

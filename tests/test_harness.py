@@ -172,6 +172,12 @@ def test_accuracy_equals_evaluate_py_on_the_same_rows(mc_and_rolling, model_dir,
     assert ours["acc"] == hand / len(MC_ROWS) and ours["acc_norm"] == hand_norm / len(MC_ROWS)
 
 
+def test_a_long_context_loses_its_left_part_after_bos():
+    fit = harness.MinidiffLM._fit
+    assert fit([BOS, 10, 11, 12, 13], 3) == [BOS, 12, 13]
+    assert fit([BOS, 10, 11], 3) == [BOS, 10, 11]
+
+
 # ----------------------------------------------------------------------------- rolling
 
 
