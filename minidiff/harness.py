@@ -137,6 +137,19 @@ class MinidiffLM(LM):
         limit = self.model.config.max_position_embeddings
         self.max_length = min(settings["max_length"] or limit, limit)
 
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
+        from lm_eval.utils import simple_parse_args_string
+
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None):
+        """lm-eval's flags (--batch_size, whose default is 1, --device) under --model_args: a
+        model argument wins (lm-eval's own version raises when both name batch_size)."""
+        flags = {k: v for k, v in (additional_config or {}).items() if v is not None}
+        return cls(**{**flags, **arg_dict})
+
     @property
     def tokenizer_name(self) -> str:
         return self.pretrained

@@ -172,6 +172,17 @@ def test_accuracy_equals_evaluate_py_on_the_same_rows(mc_and_rolling, model_dir,
     assert ours["acc"] == hand / len(MC_ROWS) and ours["acc_norm"] == hand_norm / len(MC_ROWS)
 
 
+def test_model_arguments_win_over_lm_evals_flags(model_dir):
+    lm = harness.MinidiffLM.create_from_arg_string(
+        f"pretrained={model_dir},batch_size=2,mc_samples=4,steps=16,preset=diffutron-short",
+        {"batch_size": "1", "max_batch_size": None, "device": "cuda:0"})
+    assert (lm.batch_size, lm.mc_samples) == (2, 4)
+    assert lm.sampler == SamplerConfig.preset("diffutron-short", steps=16, seed=0)
+    assert lm.device == (torch.device("cuda:0") if torch.cuda.is_available() else torch.device("cpu"))
+    lm = harness.MinidiffLM.create_from_arg_string(f"pretrained={model_dir}", {"batch_size": "auto:4"})
+    assert lm.batch_size == 32
+
+
 def test_a_long_context_loses_its_left_part_after_bos():
     fit = harness.MinidiffLM._fit
     assert fit([BOS, 10, 11, 12, 13], 3) == [BOS, 12, 13]
