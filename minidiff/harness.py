@@ -382,6 +382,11 @@ def main(argv: list[str] | None = None) -> int:
     if not HAVE_LM_EVAL:
         raise UserError(INSTALL_HINT)
     argv, data = _take_cetvel_data(argv)
+    if "-h" in argv or "--help" in argv:
+        print("python -m minidiff.harness: lm-eval with --model minidiff and the CETVEL tasks "
+              f"({', '.join(f'cetvel_{n}' for n in CETVEL_TASKS)}, group cetvel_diffutron) on the "
+              "include path; one flag of its own: --cetvel_data NAME=FILE [NAME=FILE ...] (local "
+              "files for those tasks). lm-eval's flags:\n")
     subcommand = argv[0] if argv and argv[0] in ("run", "ls", "validate") else None
     if subcommand in (None, "run"):
         if "--model" not in argv and "-M" not in argv:
