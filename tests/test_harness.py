@@ -16,9 +16,6 @@ import torch
 from helpers import BOS, EOS, MASK, PAD, make_model_dir
 from tokenizers import Tokenizer
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-
 import lm_eval  # noqa: E402  the harness extra (setup.sh installs it): these tests run lm-eval itself
 import minidiff  # noqa: E402
 from minidiff import diffusion, evaluation, harness  # noqa: E402
