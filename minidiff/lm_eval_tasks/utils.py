@@ -1,4 +1,4 @@
-"""Helpers the CETVEL task files call with `!function utils.NAME` (lm-evaluation-harness).
+"""Functions the CETVEL task files call with `!function utils.NAME` (lm-evaluation-harness).
 
 Self-contained (no minidiff import), so this folder also works as a plain lm-eval include
 path. minidiff/tasks.py renders the same rows for evaluate.py; the tests check both agree.
