@@ -44,7 +44,7 @@ def parse_args(argv=None):
     p.add_argument("--mlm-replace", action="store_true",
                    help="perplexity: BERT 80/10/10 replacement (mask/random/keep) instead of all <mask>")
     p.add_argument("--no-nelbo", action="store_true", help="perplexity: skip the NELBO bound column")
-    p.add_argument("--metric", choices=("acc", "acc_norm", "macro_f1"), default="acc",
+    p.add_argument("--metric", choices=("acc", "acc_norm", "f1", "macro_f1"), default="acc",
                    help="multiple-choice metric shown in the table (the JSON has all)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",

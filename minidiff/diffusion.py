@@ -315,7 +315,7 @@ def _as_ids(ids, what: str):
 
 @torch.no_grad()
 def mc_loglik_many(model, pairs, mask_id: int, *, pad_id: int, num_samples: int = 32,
-                   batch_size: int = 32, generator=None) -> list[float]:
+                   batch_size: int = 32, generator=None, pair_seed: int | None = None) -> list[float]:
     """LLaDA's Monte-Carlo estimate of log p(answer | prompt) for each (prompt, answer) pair.
 
     Per pair (answer length L) and sample j: l_j in 1..L, exactly l_j answer positions masked
@@ -327,20 +327,25 @@ def mc_loglik_many(model, pairs, mask_id: int, *, pad_id: int, num_samples: int 
 
     Samples of all pairs are packed into forwards of batch_size rows, right-padded with pad_id
     under an attention mask. The random draws for pair p are made before those for pair p + 1,
-    so scoring pairs one by one with the same generator gives the same numbers.
+    so scoring pairs one by one with the same generator gives the same numbers. With
+    `pair_seed`, every pair draws from a fresh CPU generator seeded with it instead (common
+    random numbers: a pair's estimate is then `mc_loglik(..., generator=
+    torch.Generator().manual_seed(pair_seed))`, whatever the order or grouping of the pairs).
     """
     if num_samples < 1 or batch_size < 1:
         raise UserError(f"num_samples={num_samples} and batch_size={batch_size} must both be >= 1")
     if len(pairs) == 0:
         return []
     device = _model_device(model)
-    draw_device = generator.device if generator is not None else torch.device("cpu")
+    draw_device = generator.device if generator is not None and pair_seed is None else torch.device("cpu")
 
     # --- the draws, pair by pair ---------------------------------------------------------
     sequences, answer_masks, sample_weights = [], [], []
     for prompt, answer in pairs:
         prompt, answer = _as_ids(prompt, "prompt"), _as_ids(answer, "answer")
         L = answer.numel()
+        if pair_seed is not None:
+            generator = torch.Generator().manual_seed(pair_seed)
         # l_j = ((k + floor(j L / n)) mod L) + 1
         k = torch.randint(L, (1,), generator=generator, device=draw_device)
         j = torch.arange(num_samples, device=draw_device)

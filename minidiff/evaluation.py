@@ -17,227 +17,32 @@ masked (specials never), chosen with a fixed seed; 80/10/10 replacement is off u
 over the whole vocabulary, `<mask>` logit included (run_mlm does not remove it). The second
 column is the NELBO bound: exp(NELBO per non-special token), one t per block (linear schedule).
 
-Multiple choice (lm-eval-harness style; docs/evaluation.md). A task is data: a row -> (prompt, choices,
-label). Prompt and `" " + choice` are tokenised separately WITHOUT special tokens and joined as
+Multiple choice (lm-eval-harness style; the task table is minidiff/tasks.py). Prompt and
+`" " + choice` are tokenised separately WITHOUT special tokens and joined as
 `<bos> prompt | choice` (only the choice is scored; no `<eos>`, since it would be scored too);
     loglik(choice) = log p(choice | prompt)   (diffusion.mc_loglik_many; exact for 1 token)
     acc = mean[argmax_c loglik(c) == label],  acc_norm = same with loglik(c) / len(c) (chars)
-plus macro-F1 of the acc prediction for the classification tasks.
+Every choice's Monte-Carlo draws come from a generator seeded with `seed` (common random
+numbers), so a score does not depend on which rows are scored with it; minidiff.harness scores
+lm-eval's requests the same way. CETVEL's extra metrics: IronyTR's f1 (binary, label 1) and
+News_Cat's macro_f1, both of the acc prediction.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from .errors import UserError
 from .progress import bar as progress_bar
-
-# ----------------------------------------------------------------------------- task definitions
-
-
-@dataclass(frozen=True)
-class Example:
-    """One multiple-choice item: the prompt, the choice strings and the index of the right one."""
-
-    prompt: str
-    choices: tuple[str, ...]
-    label: int
-
-
-@dataclass(frozen=True)
-class TaskDef:
-    """A multiple-choice benchmark as data (docs/evaluation.md)."""
-
-    name: str                       # --task name
-    title: str                      # row name in the table (the paper's spelling)
-    hub: str                        # hub dataset id, config, split (for the record)
-    hub_uri: str                    # what data.read_rows is given when no file is passed
-    required: tuple[str, ...]       # columns every row must have
-    render: Callable[[dict], Example]
-    metrics: tuple[str, ...] = ("acc", "acc_norm")
-    paper: tuple[float, float] | None = None  # (Diffutron 2nd stage, best baseline), acc x 100
-
-
-def _text(row: dict, key: str) -> str:
-    value = row[key]
-    if not isinstance(value, str):
-        raise UserError(f"column {key!r} should hold text, got {type(value).__name__} {value!r}")
-    return value
-
-
-def _index(value, choices: Sequence[str], key: str) -> int:
-    """A label as a choice index: an int, a digit string (CSV), or the choice's own text."""
-    if isinstance(value, bool):
-        value = int(value)
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if isinstance(value, str):
-        text = value.strip()
-        if text.lstrip("-").isdigit():
-            value = int(text)
-        else:
-            names = [c.casefold() for c in choices]
-            if text.casefold() in names:
-                return names.index(text.casefold())
-    if isinstance(value, int) and 0 <= value < len(choices):
-        return value
-    raise UserError(f"label {key!r} = {value!r} is not one of the {len(choices)} choices "
-                    f"(expected an index 0..{len(choices) - 1} or one of {list(choices)})")
-
-
-def render_belebele(row: dict) -> Example:
-    """`P: {passage}\\nQ: {question}\\nA: ..\\nD: {a4}\\nAnswer:`; correct_answer_num is "1".."4"."""
-    answers = [_text(row, f"mc_answer{i}") for i in (1, 2, 3, 4)]
-    prompt = (f"P: {_text(row, 'flores_passage')}\nQ: {_text(row, 'question').strip()}\n"
-              + "".join(f"{letter}: {a}\n" for letter, a in zip("ABCD", answers)) + "Answer:")
-    raw = row["correct_answer_num"]
-    number = str(raw).strip()
-    if number not in ("1", "2", "3", "4"):
-        raise UserError(f"label 'correct_answer_num' = {raw!r} is not one of 1, 2, 3, 4")
-    return Example(prompt, ("A", "B", "C", "D"), int(number) - 1)
-
-
-def render_belebele_cetvel(row: dict) -> Example:
-    """The Turkish template of CETVEL's own belebele_tr.yaml (lm-eval's own belebele_tr has the English
-    one): `Paragraf: {passage}\nSoru: {question}\nA: ..\nD: {a4}\nCevap:`."""
-    example = render_belebele(row)
-    head, _, rest = example.prompt.partition("\nQ: ")
-    question, _, answers = rest.partition("\n")
-    prompt = f"Paragraf: {head[3:]}\nSoru: {question}\n{answers[:-len('Answer:')]}Cevap:"
-    return Example(prompt, example.choices, example.label)
-
-
-def render_exams(row: dict) -> Example:
-    """Prompt = question.stem, choices = question.choices.text; answerKey names a choice label.
-    CETVEL's rule for a key missing from the labels (corrupted rows) is kept: index 3."""
-    question = row["question"]
-    if not isinstance(question, dict) or "stem" not in question or "choices" not in question:
-        raise UserError("column 'question' should be an object with 'stem' and 'choices' "
-                        "({'text': [...], 'label': [...]}) as in the exams dataset")
-    choices = question["choices"]
-    texts, labels = choices.get("text"), choices.get("label")
-    if not isinstance(texts, list) or not isinstance(labels, list) or len(texts) != len(labels) or not texts:
-        raise UserError("column 'question.choices' should hold equal-length lists 'text' and 'label'")
-    key = str(row["answerKey"]).lstrip()
-    label = labels.index(key) if key in labels else 3
-    if label >= len(texts):
-        raise UserError(f"label 'answerKey' = {row['answerKey']!r} is not one of {labels}")
-    return Example(str(question["stem"]), tuple(str(t) for t in texts), label)
-
-
-IRONY_CHOICES = ("Hayır", "Evet")
-
-
-def render_irony(row: dict) -> Example:
-    """`Cümle: {text}\\nSoru: Bu cümlede ironi var mı?\\n`; label 0 non-ironic (Hayır), 1 ironic."""
-    prompt = f"Cümle: {_text(row, 'text')}\nSoru: Bu cümlede ironi var mı?\n"
-    return Example(prompt, IRONY_CHOICES, _index(row["label"], IRONY_CHOICES, "label"))
-
-
-NEWS_CHOICES = ("spor", "magazin", "siyaset", "sağlık", "ekonomi")
-
-
-def render_news(row: dict) -> Example:
-    """`Cümle: {text}\\nSoru: Bu cümlenin konusu nedir?\\n Cevap:`; label an index or a name."""
-    prompt = f"Cümle: {_text(row, 'text')}\nSoru: Bu cümlenin konusu nedir?\n Cevap:"
-    return Example(prompt, NEWS_CHOICES, _index(row["label"], NEWS_CHOICES, "label"))
-
-
-NLI_CHOICES = ("TUTARLI", "ALAKASIZ", "ÇELİŞKİLİ")  # entailment 0, neutral 1, contradiction 2
-
-
-def render_mnli(row: dict) -> Example:
-    prompt = ("Aşağıda iki cümle verilmektedir:\n\n"
-              f"Cümle 1: \"{_text(row, 'premise')}\"\nCümle 2: \"{_text(row, 'hypothesis')}\"\n\n"
-              "Bu iki cümle arasındaki ilişki nedir:")
-    return Example(prompt, NLI_CHOICES, _index(row["label"], NLI_CHOICES, "label"))
-
-
-STS_CHOICES = ("Benzerlik Yok", "Düşük Benzerlik", "Orta Benzerlik", "Yüksek Benzerlik",
-               "Çok Yüksek Benzerlik", "Mantıksal Olarak Aynı")
-
-
-def sts_bin(score: float) -> int:
-    """The 0-5 similarity score in six bins: [0, .5) [.5, 1.5) [1.5, 2.5) [2.5, 3.5) [3.5, 4.5) [4.5, 5]."""
-    return min(5, max(0, math.floor(score + 0.5)))
-
-
-def render_sts(row: dict) -> Example:
-    prompt = ("Aşağıda iki cümle verilmektedir:\n\n"
-              f"Cümle 1: \"{_text(row, 'sentence1')}\"\nCümle 2: \"{_text(row, 'sentence2')}\"\n\n"
-              "Bu iki cümle arasında ne kadar benzerlik vardır:")
-    try:
-        score = float(row["score"])
-    except (TypeError, ValueError):
-        raise UserError(f"column 'score' should be a number in 0..5, got {row['score']!r}") from None
-    if not 0.0 <= score <= 5.0:
-        raise UserError(f"column 'score' = {score} is outside the 0..5 similarity range")
-    return Example(prompt, STS_CHOICES, sts_bin(score))
-
-
-XCOPA_CONNECTORS = {"cause": "çünkü", "effect": "bu yüzden"}
-
-
-def render_xcopa(row: dict) -> Example:
-    """premise without its final period + " çünkü" (cause) / " bu yüzden" (effect); the two
-    alternatives with their first letter lower-cased (lm-eval's xcopa_tr)."""
-    question = _text(row, "question")
-    if question not in XCOPA_CONNECTORS:
-        raise UserError(f"column 'question' = {question!r} should be 'cause' or 'effect'")
-    premise = _text(row, "premise").strip()
-    premise = premise[:-1] if premise.endswith(".") else premise
-    choices = tuple(c[:1].lower() + c[1:] for c in (_text(row, "choice1"), _text(row, "choice2")))
-    return Example(f"{premise} {XCOPA_CONNECTORS[question]}", choices,
-                   _index(row["label"], choices, "label"))
-
-
-def render_generic(row: dict) -> Example:
-    """A user task: {"prompt": str, "choices": [str, ...], "label": int}."""
-    choices = row["choices"]
-    if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
-        raise UserError("column 'choices' should be a list of at least two strings")
-    label = row["label"]
-    if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < len(choices):
-        raise UserError(f"label {label!r} is not an index into the {len(choices)} choices")
-    return Example(_text(row, "prompt"), tuple(choices), label)
-
-
-F1 = ("acc", "acc_norm", "macro_f1")
-TASKS: dict[str, TaskDef] = {t.name: t for t in [
-    TaskDef("belebele_tr", "Belebele_TR", "facebook/belebele tur_Latn, test",
-            "hf://datasets/facebook/belebele/data/tur_Latn.jsonl",
-            ("flores_passage", "question", "mc_answer1", "mc_answer2", "mc_answer3", "mc_answer4",
-             "correct_answer_num"), render_belebele, paper=(27.00, 55.78)),
-    TaskDef("belebele_tr_cetvel", "Belebele_TR (CETVEL prompt)", "facebook/belebele tur_Latn, test",
-            "hf://datasets/facebook/belebele/data/tur_Latn.jsonl",
-            ("flores_passage", "question", "mc_answer1", "mc_answer2", "mc_answer3", "mc_answer4",
-             "correct_answer_num"), render_belebele_cetvel),
-    TaskDef("exams_tr", "EXAMS_TR", "exams (mhardalov/exams) crosslingual_tr, validation",
-            "hf://datasets/mhardalov/exams/crosslingual_tr/validation-00000-of-00001.parquet",
-            ("question", "answerKey"), render_exams, paper=(27.74, 30.03)),
-    TaskDef("ironytr", "IronyTR", "mcemilg/IronyTR, validation",
-            "hf://datasets/mcemilg/IronyTR/val.csv", ("text", "label"), render_irony, F1,
-            paper=(52.00, 52.17)),
-    TaskDef("news_cat", "News_Cat", "mcemilg/news-cat, test",
-            "hf://datasets/mcemilg/news-cat/test.jsonl", ("text", "label"), render_news, F1,
-            paper=(32.40, 81.20)),
-    TaskDef("mnli_tr", "MNLI_TR", "nli_tr (boun-tabi/nli_tr) multinli_tr, validation_matched",
-            "hf://datasets/boun-tabi/nli_tr/multinli_tr/validation_matched-00000-of-00001.parquet",
-            ("premise", "hypothesis", "label"), render_mnli, F1, paper=(32.81, 36.42)),
-    TaskDef("sts_tr", "STS_TR", "emrecan/stsb-mt-turkish, test",
-            "hf://datasets/emrecan/stsb-mt-turkish/test.csv",
-            ("sentence1", "sentence2", "score"), render_sts, F1, paper=(18.78, 18.78)),
-    TaskDef("xcopa_tr", "XCOPA_TR", "xcopa (cambridgeltl/xcopa) tr, test",
-            "hf://datasets/cambridgeltl/xcopa/tr/test-00000-of-00001.parquet",
-            ("premise", "choice1", "choice2", "question", "label"), render_xcopa,
-            paper=(52.00, 64.20)),
-]}
-GENERIC = TaskDef("mc", "mc", "user file", "", ("prompt", "choices", "label"), render_generic)
+from .tasks import (  # noqa: F401  (re-exported: the task table lives in tasks.py)
+    F1, GENERIC, TASKS, Example, TaskDef, render_belebele, render_belebele_cetvel, render_exams,
+    render_generic, render_irony, render_mnli, render_news, render_sts, render_xcopa, sts_bin,
+)
 
 
 @dataclass(frozen=True)
@@ -332,8 +137,6 @@ def score_examples(model, tok, examples: Sequence[Example], *, mc_samples: int =
     and rows. One-token answers use one sample (it is exact); longer ones `mc_samples`."""
     from . import diffusion
 
-    device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(seed)
     scores: list[list[float]] = []
     bar = progress_bar(total=len(examples), desc=desc, disable=not progress, unit="row")
     for start in range(0, len(examples), rows_per_step):
@@ -346,7 +149,7 @@ def score_examples(model, tok, examples: Sequence[Example], *, mc_samples: int =
                 continue
             got = diffusion.mc_loglik_many(
                 model, [pairs[i] for i in index], tok.mask_id, pad_id=tok.pad_id,
-                num_samples=1 if single else mc_samples, batch_size=batch_size, generator=generator)
+                num_samples=1 if single else mc_samples, batch_size=batch_size, pair_seed=seed)
             for i, value in zip(index, got):
                 values[i] = float(value)
         offset = 0
@@ -356,6 +159,15 @@ def score_examples(model, tok, examples: Sequence[Example], *, mc_samples: int =
         bar.update(len(chunk))
     bar.close()
     return scores
+
+
+def binary_f1(gold: Sequence[int], pred: Sequence[int], positive: int = 1) -> float:
+    """F1 of one class: 2 tp / (2 tp + fp + fn), 0 when it never occurs (sklearn's f1_score
+    default, which lm-eval's `f1` aggregation calls)."""
+    tp = sum(g == positive and p == positive for g, p in zip(gold, pred))
+    fp = sum(g != positive and p == positive for g, p in zip(gold, pred))
+    fn = sum(g == positive and p != positive for g, p in zip(gold, pred))
+    return 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
 
 
 def macro_f1(gold: Sequence[int], pred: Sequence[int]) -> float:
@@ -372,7 +184,8 @@ def macro_f1(gold: Sequence[int], pred: Sequence[int]) -> float:
 
 def mc_metrics(examples: Sequence[Example], scores: Sequence[Sequence[float]],
                metrics: Sequence[str] = F1) -> dict[str, float]:
-    """acc (argmax of loglik), acc_norm (argmax of loglik / characters of the choice), macro_f1."""
+    """acc (argmax of loglik), acc_norm (argmax of loglik / characters of the choice), and as
+    asked: f1 (binary, label 1) and macro_f1, both of the acc prediction."""
     def argmax(values):
         return max(range(len(values)), key=lambda i: (values[i], -i))  # first of ties
 
@@ -381,6 +194,8 @@ def mc_metrics(examples: Sequence[Example], scores: Sequence[Sequence[float]],
     pred_norm = [argmax([v / len(c) for v, c in zip(s, ex.choices)]) for s, ex in zip(scores, examples)]
     out = {"acc": sum(p == g for p, g in zip(pred, gold)) / len(gold),
            "acc_norm": sum(p == g for p, g in zip(pred_norm, gold)) / len(gold)}
+    if "f1" in metrics:
+        out["f1"] = binary_f1(gold, pred)
     if "macro_f1" in metrics:
         out["macro_f1"] = macro_f1(gold, pred)
     return out
@@ -482,7 +297,8 @@ def run_task(model, tok, spec: TaskSpec, *, examples: Sequence[Example] | None =
     return {"kind": "mc", "title": title, "source": spec.source or spec.task.hub_uri,
             "n": len(examples), "metrics": mc_metrics(examples, scores, spec.task.metrics),
             "settings": {"mc_samples": mc_samples, "one_token_samples": 1, "batch_size": batch_size,
-                         "seed": seed, "framing": "<bos> prompt | ' ' + choice (no <eos>)"}}
+                         "seed": seed, "draws": "per choice, from a generator seeded with seed",
+                         "framing": "<bos> prompt | ' ' + choice (no <eos>)"}}
 
 
 # ----------------------------------------------------------------------------- tables

@@ -53,7 +53,7 @@ def test_run_writes_results_and_table_then_compares(tmp_path, model_dir):
     assert tasks[f"mc:{mc}"]["n"] == 3 and tasks["ironytr"]["n"] == 2
     for result in tasks.values():
         assert result["seed"] == 7 and result["model"] == str(model_dir) and result["settings"]
-    assert set(tasks["ironytr"]["metrics"]) == {"acc", "acc_norm", "macro_f1"}
+    assert set(tasks["ironytr"]["metrics"]) == {"acc", "acc_norm", "f1"}  # CETVEL: binary F1 of "Evet"
     assert set(tasks[f"mc:{mc}"]["metrics"]) == {"acc", "acc_norm"}
     ppl = tasks[f"perplexity:{text}"]
     assert ppl["metrics"]["perplexity"] > 1 and ppl["metrics"]["nelbo_perplexity"] > 1

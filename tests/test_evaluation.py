@@ -389,3 +389,18 @@ def test_markdown_table_shape():
         "| IronyTR | 52.00 | - |",
         "| **Average** | 39.50 | 50.00 (1/2) |",
     ]
+
+
+def test_a_choice_score_does_not_depend_on_the_other_rows(task_files, model, tok):
+    """Every choice draws from a generator seeded with `seed`: scoring a row alone or with
+    others gives the same numbers, each equal to diffusion.mc_loglik with that seed."""
+    from minidiff import diffusion
+
+    examples = load("mnli_tr", task_files["mnli_tr"])
+    together = evaluation.score_examples(model, tok, examples, mc_samples=4, seed=9, progress=False)
+    alone = evaluation.score_examples(model, tok, examples[2:], mc_samples=4, seed=9, progress=False)
+    assert alone[0] == pytest.approx(together[2], abs=1e-4)
+    for (prompt, answer), value in zip(evaluation.choice_pairs(tok, examples[2]), together[2]):
+        reference = diffusion.mc_loglik(model, prompt, answer, MASK, num_samples=1 if len(answer) == 1 else 4,
+                                        generator=torch.Generator().manual_seed(9))
+        assert value == pytest.approx(reference, abs=1e-4)

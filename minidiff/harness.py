@@ -1,0 +1,419 @@
+"""minidiff as a model of EleutherAI's lm-evaluation-harness (lm-eval 0.4.13), and its launcher.
+
+    python -m minidiff.harness --model_args pretrained=runs/sft2,mc_samples=32 \\
+        --tasks cetvel_diffutron --batch_size 32 --output_path results/
+    # every lm-eval flag works; the launcher adds --model minidiff and the CETVEL task folder
+
+    import lm_eval, minidiff.harness
+    lm_eval.simple_evaluate(model="minidiff", model_args="pretrained=DIR", tasks=[...],
+                            task_manager=lm_eval.tasks.TaskManager(include_path=minidiff.harness.task_path()))
+
+The three request types (lm-eval's `LM` interface), each on minidiff's own machinery:
+    loglikelihood(context, continuation)   <bos> + context and the continuation tokenised apart,
+        log p(continuation | context) by LLaDA's Monte-Carlo estimator (arXiv 2502.09992;
+        diffusion.mc_loglik_many): exact for a one-token continuation, `mc_samples` samples for
+        longer ones, each request's draws seeded with `seed` -- the same numbers evaluate.py
+        gives for the same prompt and choice. is_greedy is always False (greedy decoding is not
+        defined for an order-free sampler), so lm-eval's exact_match from loglikelihood is 0.
+    loglikelihood_rolling(text)             -NELBO (MDLM, arXiv 2406.07524): a lower bound on
+        log p(text), not log p itself. The text is cut into lm-eval's rolling windows within
+        the model's context; each window's new tokens are scored given its context tokens.
+    generate_until(context, gen_kwargs)     the block sampler (sampler.generate) after <bos> +
+        context, max_gen_toks new tokens, the answer cut at eos and at the first `until` string.
+
+LLaDA's and dllm's lm-eval classes tokenise context + continuation together and cut after
+len(tokenizer(context)) tokens with special tokens on; with mmBERT's `<bos> .. <eos>` framing
+that scores `<eos>` instead of the first answer token. minidiff never joins the two strings.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+from .sampler import SamplerConfig
+from .tasks import LM_EVAL_TASK_DIR
+
+INSTALL_HINT = 'lm-evaluation-harness is not installed; install it with: pip install "minidiff[harness]"'
+
+try:  # lm-eval is an optional extra; without it this module imports, the class refuses to build
+    import lm_eval.models  # noqa: F401  lm-eval's own models first: registering ours keeps them
+    from lm_eval.api.model import LM
+    from lm_eval.api.registry import model_registry
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+    HAVE_LM_EVAL = True
+except ImportError:
+    LM, HAVE_LM_EVAL = object, False
+
+
+def _register(cls):
+    """Register as "minidiff" once (under `python -m` this file runs as __main__, and a second
+    import must not collide with the first registration)."""
+    if HAVE_LM_EVAL and "minidiff" not in model_registry:
+        model_registry.register("minidiff")(cls)
+    return cls
+
+log = logging.getLogger(__name__)
+CETVEL_TASKS = ("belebele_tr", "exams_tr", "ironytr", "news_cat", "mnli_tr", "sts_tr", "xcopa_tr")
+LOCAL_FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+def _positive_int(name: str, value) -> int:
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        number = 0
+    if isinstance(value, bool) or number < 1 or str(number) != str(value).strip():
+        raise UserError(f"model argument {name}={value!r}: expected a positive integer")
+    return number
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MODEL_ARGS = ("pretrained", "mc_samples", "batch_size", "device", "dtype", "seed", "max_length", "preset")
+
+
+def parse_model_args(pretrained=None, mc_samples=32, batch_size=32, max_batch_size=None, device=None,
+                     dtype="float32", seed=0, max_length=None, preset=None, **sampler_args) -> dict:
+    """Check --model_args (plus lm-eval's batch_size/max_batch_size/device) and return the
+    settings; every mistake is one UserError sentence. Sampler fields are SamplerConfig's."""
+    fields = {f.name for f in dataclasses.fields(SamplerConfig)}
+    unknown = sorted(set(sampler_args) - fields)
+    if unknown:
+        raise UserError(f"unknown model argument {unknown[0]!r}; expected one of "
+                        f"{', '.join([*MODEL_ARGS, *sorted(fields - {'seed'})])}")
+    if not pretrained:
+        raise UserError("--model_args needs pretrained=DIR_OR_HUB_ID (a minidiff/mmBERT model)")
+    if dtype not in DTYPES:
+        raise UserError(f"model argument dtype={dtype!r}: expected one of {', '.join(DTYPES)}")
+    # lm-eval passes --batch_size as a string; "auto"/"auto:N" (no memory probing here) means 32
+    auto = isinstance(batch_size, str) and batch_size.startswith("auto")
+    if preset is not None:
+        sampler = SamplerConfig.preset(str(preset), **sampler_args)
+    else:
+        try:
+            sampler = SamplerConfig(**sampler_args)
+        except TypeError as err:
+            raise UserError(f"sampler model arguments {sampler_args}: {err}") from None
+    # without --device lm-eval says "cuda:0": use the CPU when there is no GPU
+    wanted = str(device) if device else "cuda"
+    if wanted.startswith("cuda") and not torch.cuda.is_available():
+        if device and wanted != "cuda:0":  # lm-eval's own default is "cuda:0"
+            log.warning("device %s asked for, but there is no GPU: running on the CPU", wanted)
+        wanted = "cpu"
+    try:
+        seed = int(seed)
+    except (TypeError, ValueError):
+        raise UserError(f"model argument seed={seed!r}: expected an integer") from None
+    sampler = sampler.replace(seed=seed)  # one seed: the MC draws and the sampler's
+    return {"pretrained": str(pretrained), "mc_samples": _positive_int("mc_samples", mc_samples),
+            "batch_size": 32 if auto else _positive_int("batch_size", batch_size),
+            "device": torch.device(wanted), "dtype": DTYPES[dtype], "seed": seed,
+            "max_length": None if max_length is None else max(2, _positive_int("max_length", max_length)),
+            "sampler": sampler}
+
+
+@_register
+class MinidiffLM(LM):
+    """An lm-eval model backed by a minidiff checkpoint (a directory or a hub id)."""
+
+    def __init__(self, **model_args):
+        if not HAVE_LM_EVAL:
+            raise UserError(INSTALL_HINT)
+        super().__init__()
+        settings = parse_model_args(**model_args)
+        import minidiff
+
+        self.pretrained = settings["pretrained"]
+        self.mc_samples, self.batch_size = settings["mc_samples"], settings["batch_size"]
+        self.seed, self.sampler = settings["seed"], settings["sampler"]
+        self._device = settings["device"]  # LM.device is a read-only property since 0.4.12
+        self.model = minidiff.load_model(self.pretrained, dtype=settings["dtype"], device=self._device).eval()
+        self.tok = minidiff.load_tokenizer(self.pretrained)
+        limit = self.model.config.max_position_embeddings
+        self.max_length = min(settings["max_length"] or limit, limit)
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
+        from lm_eval.utils import simple_parse_args_string
+
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None):
+        """lm-eval's flags (--batch_size, whose default is 1, --device) under --model_args: a
+        model argument wins (lm-eval's own version raises when both name batch_size)."""
+        flags = {k: v for k, v in (additional_config or {}).items() if v is not None}
+        return cls(**{**flags, **arg_dict})
+
+    @property
+    def tokenizer_name(self) -> str:
+        return self.pretrained
+
+    # ----------------------------------------------------------------------- token boundaries
+
+    def _prompt_ids(self, text: str) -> list[int]:
+        """<bos> + the text's own tokens (no <eos>: it would sit between prompt and answer)."""
+        ids = self.tok.encode(text, add_special_tokens=False)
+        return ([self.tok.bos_id] if self.tok.bos_id is not None else []) + ids
+
+    @staticmethod
+    def _fit(prompt: list[int], room: int) -> list[int]:
+        """The prompt cut to `room` tokens from the left, keeping its first token (<bos>)."""
+        return prompt if len(prompt) <= room else prompt[:1] + prompt[len(prompt) - room + 1:]
+
+    def _score(self, pairs: list[tuple[list[int], list[int]]]) -> list[float]:
+        """log p(answer | prompt) per pair: one sample for one-token answers (exact), else
+        mc_samples; every pair's draws seeded with `seed`, so grouping never changes a value."""
+        from . import diffusion
+
+        values = [0.0] * len(pairs)  # an empty answer has log-probability 0
+        for single in (True, False):
+            index = [i for i, (_, a) in enumerate(pairs) if a and (len(a) == 1) == single]
+            if not index:
+                continue
+            got = diffusion.mc_loglik_many(
+                self.model, [pairs[i] for i in index], self.tok.mask_id, pad_id=self.tok.pad_id,
+                num_samples=1 if single else self.mc_samples, batch_size=self.batch_size,
+                pair_seed=self.seed)
+            for i, value in zip(index, got):
+                values[i] = value
+        return values
+
+    # ----------------------------------------------------------------------- the three requests
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        pairs = []
+        for request in requests:
+            context, continuation = request.args
+            answer = self.tok.encode(continuation, add_special_tokens=False)
+            if len(answer) >= self.max_length:
+                raise UserError(f"a continuation of {len(answer)} tokens does not fit the model's "
+                                f"context of {self.max_length} tokens after <bos>")
+            prompt = self._fit(self._prompt_ids(context), self.max_length - len(answer))
+            pairs.append((prompt, answer))
+        return [(value, False) for value in self._chunked(pairs, disable_tqdm, "loglikelihood")]
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        pairs, owner = [], []
+        prefix = self.tok.bos_id if self.tok.bos_id is not None else self.tok.eos_id
+        for r, request in enumerate(requests):
+            (text,) = request.args
+            tokens = self.tok.encode(text, add_special_tokens=False)
+            # lm-eval's windows: every token predicted once; context + new tokens <= max_length
+            for window in get_rolling_token_windows(tokens, prefix, self.max_length - 1, 1):
+                context, new = make_disjoint_window(window)
+                pairs.append((list(context), list(new)))
+                owner.append(r)
+        values = self._chunked(pairs, disable_tqdm, "loglikelihood_rolling")
+        totals = [0.0] * len(requests)
+        for r, value in zip(owner, values):
+            totals[r] += value  # -NELBO of the text = sum over windows
+        return totals
+
+    def _chunked(self, pairs, disable_tqdm: bool, desc: str) -> list[float]:
+        from tqdm.auto import tqdm
+
+        out, step = [], 64
+        for start in tqdm(range(0, len(pairs), step), desc=desc, disable=disable_tqdm):
+            out += self._score(pairs[start:start + step])
+        return out
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        from tqdm.auto import tqdm
+
+        from .sampler import generate
+
+        out = [""] * len(requests)
+        groups: dict[str, list[int]] = {}
+        for i, request in enumerate(requests):  # requests with the same settings share batches
+            groups.setdefault(repr(sorted(request.args[1].items())), []).append(i)
+        bar = tqdm(total=len(requests), desc="generate_until", disable=disable_tqdm)
+        for index in groups.values():
+            kwargs = dict(requests[index[0]].args[1])
+            config, until = self._generation_config(kwargs)
+            for start in range(0, len(index), self.batch_size):
+                chunk = index[start:start + self.batch_size]
+                room = max(1, self.max_length - config.max_new_tokens)
+                prompts = [self._fit(self._prompt_ids(requests[i].args[0]), room) for i in chunk]
+                result = generate(self.model, prompts, config, mask_id=self.tok.mask_id,
+                                  eos_id=self.tok.eos_id, tokenizer=self.tok, pad_id=self.tok.pad_id)
+                for i, answer in zip(chunk, result.answers()):
+                    out[i] = self._cut(answer, until)
+                    self.cache_hook.add_partial("generate_until", requests[i].args, out[i])
+                bar.update(len(chunk))
+        bar.close()
+        return out
+
+    def _generation_config(self, kwargs: dict):
+        """The sampler settings with the task's max_gen_toks and temperature laid over them."""
+        until = kwargs.pop("until", None) or []
+        until = [until] if isinstance(until, str) else list(until)
+        changes = {}
+        if "max_gen_toks" in kwargs:
+            changes["max_new_tokens"] = _positive_int("max_gen_toks", kwargs.pop("max_gen_toks"))
+        if kwargs.pop("do_sample", None) is False:
+            changes["temperature"] = 0.0
+        if "temperature" in kwargs:
+            changes["temperature"] = float(kwargs.pop("temperature"))
+        if kwargs:
+            log.warning("minidiff ignores these generation settings: %s", sorted(kwargs))
+        return self.sampler.replace(**changes), until
+
+    def _cut(self, answer: list[int], until: list[str]) -> str:
+        """The answer up to its first eos/pad, decoded, then cut before the first `until` string."""
+        ends = [answer.index(t) for t in (self.tok.eos_id, self.tok.pad_id) if t in answer]
+        text = self.tok.decode(answer[:min(ends)] if ends else answer, skip_special_tokens=True)
+        for stop in until:
+            if stop and stop in text:
+                text = text[:text.index(stop)]
+        return text
+
+
+# ----------------------------------------------------------------------------- task folders
+
+
+def local_task_dir(files: dict[str, str], directory) -> Path:
+    """A complete CETVEL task folder in `directory`: for each NAME -> FILE a `cetvel_NAME.yaml`
+    that includes the shipped file and swaps its dataset for FILE (csv, json, jsonl or parquet,
+    in the hub dataset's own columns) as the test split; the other tasks and the group include
+    the shipped files unchanged. lm-eval's command line takes one --include_path, hence one
+    folder."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    unknown = sorted(set(files) - set(CETVEL_TASKS))
+    if unknown:
+        raise UserError(f"--cetvel_data {unknown[0]}=...: {unknown[0]!r} is not a CETVEL task; "
+                        f"expected one of {', '.join(CETVEL_TASKS)}")
+    for name in CETVEL_TASKS:
+        text = f"include: {LM_EVAL_TASK_DIR / f'cetvel_{name}.yaml'}\n"
+        if name in files:
+            text += _local_dataset(name, files[name])
+        (directory / f"cetvel_{name}.yaml").write_text(text, encoding="utf-8")
+    group = (LM_EVAL_TASK_DIR / "cetvel_diffutron.yaml").read_text(encoding="utf-8")
+    (directory / "cetvel_diffutron.yaml").write_text(group, encoding="utf-8")
+    return directory
+
+
+def _local_dataset(name: str, file: str) -> str:
+    """The YAML lines that make task `name` read the local `file` as its test split."""
+    path = Path(file).expanduser().resolve()
+    if not path.is_file():
+        raise UserError(f"--cetvel_data {name}={file}: the file does not exist")
+    builder = LOCAL_FORMATS.get(path.suffix.lower())
+    if builder is None:
+        raise UserError(f"--cetvel_data {name}={file}: expected a .csv, .json, .jsonl or .parquet file")
+    # zero-shot: no training/validation/few-shot split may be named, or lm-eval looks for it
+    return (f"dataset_path: {builder}\ndataset_name: null\n"
+            f"dataset_kwargs:\n  data_files:\n    test: {str(path)!r}\n"
+            "test_split: test\nvalidation_split: null\ntraining_split: null\nfewshot_split: null\n")
+
+
+def task_path(data: dict[str, str] | None = None, directory=None) -> str:
+    """The include path for lm-eval: the shipped CETVEL folder, or (when `data` maps task names
+    to local files) a folder written to `directory` (a new temporary one if None)."""
+    if not data:
+        return str(LM_EVAL_TASK_DIR)
+    directory = directory or tempfile.mkdtemp(prefix="minidiff-cetvel-")
+    return str(local_task_dir(data, directory))
+
+
+# ----------------------------------------------------------------------------- launcher
+
+
+def _take_cetvel_data(argv: list[str]) -> tuple[list[str], dict[str, str]]:
+    """Remove `--cetvel_data NAME=FILE [NAME=FILE ...]` (ours, not lm-eval's) from argv."""
+    rest, data, taking = [], {}, False
+    for arg in argv:
+        if arg == "--cetvel_data":
+            taking = True
+        elif taking and not arg.startswith("-"):
+            name, sep, file = arg.partition("=")
+            if not sep or not file:
+                raise UserError(f"--cetvel_data {arg}: expected NAME=FILE, e.g. ironytr=val.csv")
+            data[name.strip()] = file
+        else:
+            taking = False
+            rest.append(arg)
+    return rest, data
+
+
+def _model_args_in(argv: list[str]) -> dict:
+    """The --model_args/-a values of argv ("k=v,k2=v2" or several "k=v" words), parsed as
+    lm-eval parses them."""
+    from lm_eval.utils import simple_parse_args_string
+
+    words, taking = [], False
+    for arg in argv:
+        if arg in ("--model_args", "-a"):
+            taking = True
+        elif arg.startswith("--model_args="):
+            words.append(arg.partition("=")[2])
+        elif taking and not arg.startswith("-"):
+            words.append(arg)
+        else:
+            taking = False
+    return simple_parse_args_string(",".join(words))
+
+
+def check_model_args(args: dict) -> None:
+    """Fail before lm-eval indexes its thousands of tasks: the arguments, and for a local
+    pretrained= that it is a model directory (config.json + weights)."""
+    from . import checkpoint
+
+    settings = parse_model_args(**args)
+    name = settings["pretrained"]
+    if Path(name).expanduser().exists() or checkpoint._looks_like_path(name):
+        directory = checkpoint.resolve_model_dir(name)
+        checkpoint.read_config(directory)
+        if not any((directory / f).exists() for f in (checkpoint.WEIGHTS_FILE, checkpoint.WEIGHTS_INDEX_FILE)):
+            raise UserError(f"pretrained={name}: {directory} has no {checkpoint.WEIGHTS_FILE}; "
+                            "expected a model directory")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`lm_eval --model minidiff ...` with the CETVEL tasks as the include path (unless the
+    user gives an --include_path of their own)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not HAVE_LM_EVAL:
+        raise UserError(INSTALL_HINT)
+    argv, data = _take_cetvel_data(argv)
+    if "-h" in argv or "--help" in argv:
+        print("python -m minidiff.harness: lm-eval with --model minidiff and the CETVEL tasks "
+              f"({', '.join(f'cetvel_{n}' for n in CETVEL_TASKS)}, group cetvel_diffutron) on the "
+              "include path; one flag of its own: --cetvel_data NAME=FILE [NAME=FILE ...] (local "
+              "files for those tasks). lm-eval's flags:\n")
+    subcommand = argv[0] if argv and argv[0] in ("run", "ls", "validate") else None
+    if subcommand in (None, "run"):
+        if "--model" not in argv and "-M" not in argv:
+            argv = argv[:1] + ["--model", "minidiff"] + argv[1:] if subcommand else ["--model", "minidiff", *argv]
+        if "--model" in argv and argv[argv.index("--model") + 1] == "minidiff" and "-h" not in argv \
+                and "--help" not in argv:
+            check_model_args(_model_args_in(argv))
+    if "--include_path" in argv:
+        if data:
+            raise UserError("--cetvel_data and --include_path cannot be combined; lm-eval takes "
+                            "one include path (give your own folder, or the CETVEL data)")
+    else:
+        argv += ["--include_path", task_path(data)]
+    from lm_eval.__main__ import cli_evaluate
+
+    sys.argv = ["lm-eval", *argv]
+    try:
+        cli_evaluate()
+    except ValueError as err:  # lm-eval's word for a task name it has not found
+        if str(err).startswith("Tasks not found"):
+            raise UserError(f"{err}; the CETVEL tasks are cetvel_NAME (or the group "
+                            "cetvel_diffutron), see `python -m minidiff.harness ls tasks`") from None
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    from minidiff.errors import run_cli
+
+    run_cli(main)
