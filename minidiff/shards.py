@@ -153,12 +153,13 @@ def describe(source, kind: str, options: dict, tokenizer) -> dict:
 # ============================================================================ writing an entry
 
 
-def _batches(items, max_items: int = BATCH_DOCUMENTS, max_chars: int = BATCH_CHARACTERS, size=len):
+def _batches(items, size=len):
+    """Lists of up to BATCH_DOCUMENTS items or BATCH_CHARACTERS characters."""
     batch, chars = [], 0
     for item in items:
         batch.append(item)
         chars += size(item)
-        if len(batch) >= max_items or chars >= max_chars:
+        if len(batch) >= BATCH_DOCUMENTS or chars >= BATCH_CHARACTERS:
             yield batch
             batch, chars = [], 0
     if batch:
