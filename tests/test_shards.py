@@ -384,3 +384,51 @@ def test_losing_the_rename_race_keeps_the_winner(corpus, tmp_path):
     second = shards.write_entry(identity, corpus["tok"], target)
     assert second.path == first.path and (target / shards.MANIFEST).stat().st_mtime_ns == stamp
     assert [p.name for p in tmp_path.iterdir()] == [target.name]
+
+
+# ----------------------------------------------------------------------------- training from shards
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_from_prepared_shards_is_bitwise_exact(corpus, tmp_path):
+    from helpers import make_model_dir
+    from safetensors.torch import load_file
+    from test_train_scripts import KILL_HARNESS
+
+    model = make_model_dir(tmp_path / "model", seed=0)
+    prepared = []
+    for name in ("a", "b"):
+        prepared.append(tmp_path / f"shards-{name}")
+        assert shards.main(["prepare", "--tokenizer", str(model), "--data", str(corpus[name]),
+                            "--out", str(prepared[-1]), "--no-progress"]) == 0
+    common = ["--model", str(model), "--data", *map(str, prepared), "--mix-ratios", "2", "1", "--pack",
+              "--max-len", "24", "--lr", "3e-3", "--no-progress", "--lora-r", "4", "--lora-alpha", "8",
+              "--batch-size", "2", "--grad-accum", "2", "--max-steps", "6", "--save-every", "2", "--keep-last", "5",
+              "--eval-fraction", "0.1"]
+    full_out, killed_out = tmp_path / "full", tmp_path / "killed"
+    harness = tmp_path / "harness.py"
+    harness.write_text(KILL_HARNESS.format(hang_after=10, argv=[*common, "--out", str(killed_out)]))
+    full = subprocess.Popen([sys.executable, "train_cpt.py", *common, "--out", str(full_out)], cwd=ROOT, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    victim = subprocess.Popen([sys.executable, str(harness)], cwd=ROOT, env=ENV,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while not (killed_out / "checkpoints" / "step-000004").is_dir():
+            assert victim.poll() is None, "the run ended before it could be killed"
+            assert time.time() < deadline, "no checkpoint appeared"
+            time.sleep(0.2)
+        time.sleep(0.5)
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(timeout=30)
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+    assert victim.returncode == -signal.SIGKILL
+    assert full.wait(timeout=240) == 0, full.stderr.read()
+    resumed = subprocess.run([sys.executable, "train_cpt.py", *common, "--out", str(killed_out), "--resume"],
+                             cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=240)
+    assert resumed.returncode == 0, resumed.stderr
+    for name in ("model.safetensors", "adapter/adapter_model.safetensors"):
+        a, b = load_file(str(full_out / name)), load_file(str(killed_out / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
