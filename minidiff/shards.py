@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import fcntl
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -178,7 +179,7 @@ class _Writer:
 
     def add(self, id_lists: list[list[int]], prompt_lengths: list[int] | None = None) -> None:
         lengths = np.fromiter(map(len, id_lists), dtype=np.int64, count=len(id_lists))  # [n]
-        flat = np.fromiter((t for ids in id_lists for t in ids), dtype=self.dtype, count=int(lengths.sum()))
+        flat = np.fromiter(itertools.chain.from_iterable(id_lists), dtype=self.dtype, count=int(lengths.sum()))
         self.tokens.write(flat.tobytes())
         # offsets[d + 1] = offsets[d] + len(doc d)
         self.offsets.write((self.total + np.cumsum(lengths)).tobytes())
