@@ -245,7 +245,7 @@ def write_entry(identity: dict, tokenizer, target: Path, *, progress: bool = Fal
     files = [Path(s["path"]) for s in identity["sources"]]
     target.parent.mkdir(parents=True, exist_ok=True)
     _remove_dead_temporaries(target.parent)
-    tmp = target.parent / f".tmp-{target.name}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = target.parent / f".tmp-{target.name}-{_host()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         started, problems = time.perf_counter(), []
@@ -308,9 +308,13 @@ def _write_json_atomic(path: Path, value: dict) -> None:
     os.replace(tmp, path)
 
 
+def _host() -> str:
+    return socket.gethostname().replace("-", "_")  # no "-": temporary names are split on it
+
+
 def _remove_dead_temporaries(folder: Path) -> None:
     """Delete temporary directories of killed preparations on this host (their pid is gone)."""
-    host = socket.gethostname()
+    host = _host()
     for tmp in folder.glob(".tmp-*"):
         parts = tmp.name.rsplit("-", 3)
         if len(parts) != 4 or parts[1] != host or not parts[2].isdigit():
@@ -343,7 +347,7 @@ def prepare(source, kind: str, options: dict, tokenizer, *, out=None, cache_dir=
         if entry is not None and entry.manifest.get("key") == identity["key"]:
             return entry
         if folder.exists():  # stale: other sources, tokenizer or format; set aside, then delete
-            aside = folder.parent / f".tmp-{folder.name}-{socket.gethostname()}-{os.getpid()}-old"
+            aside = folder.parent / f".tmp-{folder.name}-{_host()}-{os.getpid()}-old"
             os.rename(folder, aside)
             shutil.rmtree(aside, ignore_errors=True)
         entry = write_entry(identity, tokenizer, folder, progress=progress, label=data._name(source))
