@@ -345,6 +345,8 @@ def prepare(source, kind: str, options: dict, tokenizer, *, out=None, cache_dir=
         fcntl.flock(lock, fcntl.LOCK_EX)
         entry = read_entry(folder)
         if entry is not None and entry.manifest.get("key") == identity["key"]:
+            if say is not None:
+                say(f"{data._name(source)}: token shards found in the cache, {folder}")
             return entry
         if folder.exists():  # stale: other sources, tokenizer or format; set aside, then delete
             aside = folder.parent / f".tmp-{folder.name}-{_host()}-{os.getpid()}-old"

