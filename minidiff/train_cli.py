@@ -170,9 +170,7 @@ def start(cls, prog: str, description: str, helps: dict[str, str], presets: dict
 def split_held_out(examples: list, config, read_eval) -> tuple[list, list]:
     """(training, evaluation) examples: --eval-data read with read_eval(sources), else a
     --eval-fraction split of the training examples, else no evaluation set."""
-    from . import data
-
-    from . import shard_examples
+    from . import data, shard_examples
 
     if config.eval_data:
         return examples, read_eval(config.eval_data)
