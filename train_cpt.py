@@ -13,14 +13,16 @@ Each document is framed `<bos> doc <eos>` and dropped when longer than --max-len
 with --pack concatenated and cut into full --max-len blocks (dllm). The loss is one Monte-Carlo
 draw of the NELBO per sequence with every real token maskable. The run is written to --out
 (checkpoints/, metrics.jsonl, run.json, and at the end config.json + model.safetensors +
-tokenizer.json, plus adapter/ for LoRA runs).
+tokenizer.json, plus adapter/ for LoRA runs). Sources are tokenised once into memory-mapped token
+shards (minidiff.shards; cached, or prepared ahead with `python -m minidiff.shards prepare`), so
+memory does not grow with the corpus.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
 
-from minidiff import data, train_cli
+from minidiff import data, shard_examples, shards, train_cli
 from minidiff.errors import UserError, run_cli
 
 
@@ -33,6 +35,7 @@ class CPTConfig(train_cli.ScriptConfig):
     mix_counts: list[int] | None = None
     mix_ratios: list[float] | None = None
     full: bool = False
+    shard_cache: str | None = None
 
 
 HELP = {
@@ -41,7 +44,10 @@ HELP = {
     "model": "base model: a local directory or a hub id (config.json + model.safetensors + tokenizer.json)",
     "from_scratch": "train a freshly initialised model with this config.json instead of loading --model",
     "tokenizer": "tokenizer directory (default: --model, or the directory of --from-scratch)",
-    "data": "training sources: .txt (one document per line), .jsonl/.json/.csv/.parquet, directories, hf://datasets/ORG/NAME",
+    "data": "training sources: .txt (one document per line), .jsonl/.json/.csv/.parquet, directories, "
+            "hf://datasets/ORG/NAME, or shard directories from `python -m minidiff.shards prepare`",
+    "shard_cache": "where raw sources are tokenised to on first use (default: $MINIDIFF_SHARD_CACHE, "
+                   "else $MINIDIFF_CACHE/shards, else ~/.cache/minidiff/shards)",
     "text_field": "column holding the text in .jsonl/.json/.csv/.parquet sources",
     "per_file": "a whole .txt file is one document (instead of one per line)",
     "max_len": "sequence length in tokens, <bos> and <eos> included",
@@ -83,23 +89,27 @@ def check(config: CPTConfig, given: set[str]) -> None:
     train_cli.check_common(config, given)
 
 
-def cpt_examples_from(sources, config: CPTConfig, tok, rank: int) -> list[list[list[int]]]:
-    """One list of training sequences per source."""
-    per = "file" if config.per_file else "line"
+def cpt_examples_from(sources, config: CPTConfig, tok, ctx) -> list[shard_examples.Examples]:
+    """One view of training sequences per source, over its token shard (prepared into the cache
+    on first use, or a directory written by `python -m minidiff.shards prepare`)."""
+    options = shards.cpt_options(config.text_field, config.per_file)
     out = []
     for source in sources:
-        docs = data.read_documents(source, field=config.text_field, per=per)
-        train_cli.say(rank, f"{source}: {docs.summary()}")
-        ids = data.tokenize_documents(docs.texts, tok)
-        examples = data.cpt_examples(ids, config.max_len, "pack" if config.pack else "drop",
-                                     eos_id=tok.eos_id, bos_id=None if config.pack else tok.bos_id)
-        if not examples:
+        shard = shards.open_source(source, "cpt", options, tok, cache_dir=config.shard_cache,
+                                   progress=config.progress, distributed=ctx,
+                                   say=lambda text: train_cli.say(ctx.rank, text))
+        train_cli.say(ctx.rank, f"{source}: {shard.manifest['read_summary']}")
+        if config.pack:
+            examples = shard_examples.PackExamples(shard, config.max_len, eos_id=tok.eos_id)
+        else:
+            examples = shard_examples.DropExamples(shard, config.max_len, eos_id=tok.eos_id, bos_id=tok.bos_id)
+        if not len(examples):
             raise UserError(
                 f"{source}: no training sequence left: every document is longer than --max-len {config.max_len} "
                 "(use --pack or a larger --max-len)" if not config.pack else
                 f"{source}: fewer than --max-len {config.max_len} tokens in total, not one packed block")
-        train_cli.say(rank, f"{source}: {len(examples):,} sequences of <= {config.max_len} tokens "
-                            f"({'packed' if config.pack else 'longer documents dropped'})")
+        train_cli.say(ctx.rank, f"{source}: {len(examples):,} sequences of <= {config.max_len} tokens "
+                                f"({'packed' if config.pack else 'longer documents dropped'})")
         out.append(examples)
     return out
 
@@ -111,10 +121,10 @@ def main(argv=None) -> int:
 
     tok_source = config.tokenizer or config.model or str(Path(config.from_scratch).parent)
     tok = load_tokenizer(tok_source)
-    lists = cpt_examples_from(config.data, config, tok, ctx.rank)
-    examples = data.mix_sources(lists, counts=config.mix_counts, ratios=config.mix_ratios, seed=config.seed)
+    views = cpt_examples_from(config.data, config, tok, ctx)
+    examples = shard_examples.mix(views, counts=config.mix_counts, ratios=config.mix_ratios, seed=config.seed)
     examples, held_out = train_cli.split_held_out(
-        examples, config, lambda sources: [x for xs in cpt_examples_from(sources, config, tok, ctx.rank) for x in xs])
+        examples, config, lambda sources: shard_examples.Concat(cpt_examples_from(sources, config, tok, ctx)))
     train_cli.say(ctx.rank, f"{len(examples):,} training sequences, {len(held_out):,} evaluation sequences")
 
     model = train_cli.build_model(config.model, config.from_scratch, tok, config.seed)

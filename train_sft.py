@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from minidiff import data, train_cli
+from minidiff import data, shard_examples, shards, train_cli
 from minidiff.errors import UserError, run_cli
 
 
@@ -28,6 +28,7 @@ class SFTConfig(train_cli.ScriptConfig):
     max_len: int = 256
     pad_fill: str = "pad"
     lora: bool = False
+    shard_cache: str | None = None
 
 
 HELP = {
@@ -35,7 +36,10 @@ HELP = {
     **train_cli.SCRIPT_HELP,
     "model": "model to tune: a directory (e.g. the --out of train_cpt.py or of stage 1) or a hub id",
     "tokenizer": "tokenizer directory (default: --model)",
-    "data": "SFT rows: .jsonl/.json/.csv/.parquet files, directories, hf://datasets/ORG/NAME",
+    "data": "SFT rows: .jsonl/.json/.csv/.parquet files, directories, hf://datasets/ORG/NAME, or shard "
+            "directories from `python -m minidiff.shards prepare --kind sft`",
+    "shard_cache": "where raw sources are tokenised to on first use (default: $MINIDIFF_SHARD_CACHE, "
+                   "else $MINIDIFF_CACHE/shards, else ~/.cache/minidiff/shards)",
     "format": "row format: alpaca (instruction/input/output), instructurca (Input/Output), messages (role/content list)",
     "max_len": "sequence length in tokens (prompt + answer + padding)",
     "pad_fill": "token the answers are padded (and trained) with: pad (dllm) or eos",
@@ -72,16 +76,19 @@ def check(config: SFTConfig, given: set[str]) -> None:
     train_cli.check_common(config, given)
 
 
-def sft_examples_from(sources, config: SFTConfig, tok, rank: int):
-    rows = data.Rows()
+def sft_examples_from(sources, config: SFTConfig, tok, ctx) -> shard_examples.Examples:
+    """(input_ids, labels) of every source's rows, one source after another, over token shards
+    (prepared into the cache on first use, or directories written by `python -m minidiff.shards
+    prepare --kind sft`)."""
+    views = []
     for source in sources:
-        part = data.read_rows(source)
-        train_cli.say(rank, f"{source}: {part.summary()}")
-        rows.extend(part)
-        rows.where.extend(part.where)
-    examples, report = data.build_sft_examples(rows, config.format, tok, config.max_len)
-    train_cli.say(rank, report.summary())
-    return examples
+        shard = shards.open_source(source, "sft", shards.sft_options(config.format), tok,
+                                   cache_dir=config.shard_cache, progress=config.progress, distributed=ctx,
+                                   say=lambda text: train_cli.say(ctx.rank, text))
+        train_cli.say(ctx.rank, f"{source}: {shard.manifest['read_summary']}")
+        views.append(shard_examples.SFTExamples(shard, config.max_len))
+    train_cli.say(ctx.rank, shard_examples.sft_report(views).summary())
+    return shard_examples.Concat(views)
 
 
 def main(argv=None) -> int:
@@ -90,9 +97,9 @@ def main(argv=None) -> int:
     config, ctx = train_cli.start(SFTConfig, "train_sft.py", __doc__, HELP, PRESETS, check, argv)
 
     tok = load_tokenizer(config.tokenizer or config.model)
-    examples = sft_examples_from(config.data, config, tok, ctx.rank)
+    examples = sft_examples_from(config.data, config, tok, ctx)
     examples, held_out = train_cli.split_held_out(
-        examples, config, lambda sources: sft_examples_from(sources, config, tok, ctx.rank))
+        examples, config, lambda sources: sft_examples_from(sources, config, tok, ctx))
     train_cli.say(ctx.rank, f"{len(examples):,} training examples, {len(held_out):,} evaluation examples")
 
     model = train_cli.build_model(config.model, None, tok, config.seed)

@@ -206,6 +206,58 @@ def _lines(path: Path) -> list[str]:
     return path.read_bytes().decode("utf-8", errors="surrogateescape").split("\n")
 
 
+def _iter_lines(path: Path):
+    """The same strings as _lines(path), read one line at a time (memory independent of the
+    file size): split on "\n" only, a final "" when the file is empty or ends with "\n"."""
+    last_ended = True
+    with open(path, "rb") as handle:
+        for raw in handle:  # binary iteration splits on b"\n" only, keeping it
+            last_ended = raw.endswith(b"\n")
+            yield (raw[:-1] if last_ended else raw).decode("utf-8", errors="surrogateescape")
+    if last_ended:
+        yield ""
+
+
+def iter_documents(paths: Sequence[Path], problems: list[str], *, field: str = "text", per: str = "line"):
+    """Yield the documents read_documents would keep from these files, in the same order,
+    streaming .txt (one per line) and .jsonl files line by line; the skipped lines/rows are
+    appended to `problems` with the same "FILE:LINE: what" text. No "nothing left" check."""
+    for path in paths:
+        if path.suffix.lower() in TEXT_EXTENSIONS and per != "file":
+            pending = None  # one line of lookahead: the final "" after the last newline is no line
+            for number, line in enumerate(_iter_lines(path), start=1):
+                if pending is not None:
+                    yield from _txt_line(path, number - 1, pending, problems)
+                pending = line
+            if pending not in (None, ""):
+                yield from _txt_line(path, number, pending, problems)
+        elif path.suffix.lower() in TEXT_EXTENSIONS:
+            texts, found = _read_txt(path, whole_file=True)
+            problems.extend(found)
+            yield from texts
+        else:
+            for where, row in _iter_rows(path, problems):
+                value = row.get(field)
+                if value is None:
+                    problems.append(f"{where}: no field '{field}'")
+                elif not isinstance(value, str):
+                    problems.append(f"{where}: field '{field}' is not a string")
+                elif not value.strip():
+                    problems.append(f"{where}: empty document")
+                else:
+                    yield value
+
+
+def _txt_line(path: Path, number: int, line: str, problems: list[str]):
+    line = line.rstrip("\r")
+    if _BAD_BYTES.search(line):
+        problems.append(f"{path}:{number}: invalid UTF-8")
+    elif not line.strip():
+        problems.append(f"{path}:{number}: empty document")
+    else:
+        yield line
+
+
 def _read_txt(path: Path, whole_file: bool) -> tuple[list[str], list[str]]:
     texts, problems, kept = [], [], []
     lines = _lines(path)
@@ -235,7 +287,7 @@ def _iter_rows(path: Path, problems: list[str]):
     "FILE:LINE: what" to `problems` for lines that are skipped."""
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        for number, line in enumerate(_lines(path), start=1):
+        for number, line in enumerate(_iter_lines(path), start=1):
             where = f"{path}:{number}"
             if _BAD_BYTES.search(line):
                 problems.append(f"{where}: invalid UTF-8")
@@ -520,7 +572,7 @@ def collate_cpt(batch: Sequence[Sequence[int]], pad_id: int, pad_to: int | None 
     input_ids = torch.full((len(batch), length), pad_id, dtype=torch.long)  # [B, S]
     attention_mask = torch.zeros((len(batch), length), dtype=torch.long)  # [B, S]
     for i, seq in enumerate(batch):
-        input_ids[i, :len(seq)] = torch.as_tensor(list(seq), dtype=torch.long)
+        input_ids[i, :len(seq)] = torch.as_tensor(np.asarray(seq, dtype=np.int64))
         attention_mask[i, :len(seq)] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask, "maskable": attention_mask.bool()}
 
@@ -539,8 +591,8 @@ def collate_sft(batch: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: in
     input_ids = torch.full((len(batch), length), fill_id, dtype=torch.long)  # [B, S]
     labels = torch.full((len(batch), length), fill_id, dtype=torch.long)  # [B, S]
     for i, (ids, lab) in enumerate(batch):
-        input_ids[i, :len(ids)] = torch.as_tensor(list(ids), dtype=torch.long)
-        labels[i, :len(lab)] = torch.as_tensor(list(lab), dtype=torch.long)
+        input_ids[i, :len(ids)] = torch.as_tensor(np.asarray(ids, dtype=np.int64))
+        labels[i, :len(lab)] = torch.as_tensor(np.asarray(lab, dtype=np.int64))
     return {"input_ids": input_ids, "labels": labels, "maskable": labels != IGNORE, "attention_mask": None}
 
 

@@ -173,11 +173,13 @@ def start(cls, prog: str, description: str, helps: dict[str, str], presets: dict
 def split_held_out(examples: list, config, read_eval) -> tuple[list, list]:
     """(training, evaluation) examples: --eval-data read with read_eval(sources), else a
     --eval-fraction split of the training examples, else no evaluation set."""
-    from . import data
+    from . import data, shard_examples
 
     if config.eval_data:
         return examples, read_eval(config.eval_data)
     if config.eval_fraction > 0:
+        if isinstance(examples, shard_examples.Examples):  # views over token shards: split the indices
+            return shard_examples.split(examples, config.eval_fraction, seed=config.seed)
         return data.train_eval_split(examples, config.eval_fraction, seed=config.seed)
     return examples, []
 

@@ -1,8 +1,19 @@
 """Suite-wide settings. The tests run thousands of forwards of tiny models; on a 2-core machine
 two intra-op threads only contend (measured 4-30x slower than one when the machine is busy), so
-the whole suite runs on one thread. Subprocess tests (scripts, torchrun) are not affected."""
+the whole suite runs on one thread. Subprocess tests (scripts, torchrun) are not affected.
+
+The token-shard cache of the training scripts goes to a temporary directory of this session
+(set before any test module copies os.environ for its subprocesses), never to ~/.cache."""
+import atexit
+import os
+import shutil
+import tempfile
+
 import pytest
 import torch
+
+os.environ["MINIDIFF_SHARD_CACHE"] = tempfile.mkdtemp(prefix="minidiff-shards-")
+atexit.register(shutil.rmtree, os.environ["MINIDIFF_SHARD_CACHE"], True)
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -1,0 +1,220 @@
+"""Training examples as index arrays over token shards: CPT drop and pack, source mixing, the
+held-out split and SFT rows, computed with numpy on the document offsets; an example's ids are
+gathered from the memory map only when a batch asks for it.
+
+The rules are those of minidiff.data (cpt_examples, mix_sources, train_eval_split,
+build_sft_examples), and for the same data and seed these views hold the same examples in the
+same order, so `data.Batches` over a view yields the batches it yields over the lists:
+- drop (the Diffutron paper, 2603.20466): `<bos> doc <eos>`, kept when it fits in max_len;
+- pack (dllm's tokenize_and_group with insert_eos): `doc <eos> doc <eos> ...` cut into full
+  max_len blocks, the last partial block left out;
+- mixing and the held-out split draw from Python's random.Random(seed) exactly as the list
+  functions do, on example indices instead of examples.
+
+    views = [PackExamples(shard, 512, eos_id=1) for shard in shards]
+    train = mix(views, ratios=[0.7, 0.3], seed=0)        # a Take over a Concat
+    batches = data.Batches(train, 16, seed=0, collate=...)  # train[i]: int64 ids [L]
+"""
+from __future__ import annotations
+
+import math
+import random
+from typing import Sequence
+
+import numpy as np
+
+from . import data
+from .errors import UserError
+
+
+class Examples:
+    """A read-only sequence of examples (len, [i], iteration); subclasses define _get."""
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def _get(self, i: int):
+        raise NotImplementedError
+
+    def __getitem__(self, i):
+        i = int(i)
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"example {i} of {n}")
+        return self._get(i % n)
+
+    def __iter__(self):
+        return (self._get(i) for i in range(len(self)))
+
+    def take(self, indices) -> "Take":
+        return Take(self, indices)
+
+
+def _doc(shard, d: int) -> np.ndarray:
+    return np.asarray(shard.tokens[shard.offsets[d]:shard.offsets[d + 1]], dtype=np.int64)  # [len_d]
+
+
+class DropExamples(Examples):
+    """`<bos> doc <eos>` (no bos when bos_id is None) of every non-empty document whose framed
+    length is <= max_len."""
+
+    def __init__(self, shard, max_len: int, *, eos_id: int, bos_id: int | None = None):
+        if max_len < 2:
+            raise UserError(f"max_len={max_len} is too small; expected at least 2 tokens")
+        self.shard, self.eos_id, self.bos_id = shard, eos_id, bos_id
+        self.head = np.asarray([] if bos_id is None else [bos_id], dtype=np.int64)
+        lengths = shard.lengths  # [D]
+        # framed length = len + 1 (eos) + 1 (bos, when given)
+        framed = lengths + 1 + len(self.head)
+        self.documents = np.flatnonzero((lengths > 0) & (framed <= max_len))  # [N]
+        self.left_out = int(((lengths > 0) & (framed > max_len)).sum())
+
+    def __len__(self) -> int:
+        return len(self.documents)
+
+    def _get(self, i: int) -> np.ndarray:
+        return np.concatenate([self.head, _doc(self.shard, self.documents[i]), [self.eos_id]])
+
+
+class PackExamples(Examples):
+    """Block b = positions [b * max_len, (b + 1) * max_len) of the stream `doc <eos> doc <eos>
+    ...` over the non-empty documents; only full blocks."""
+
+    def __init__(self, shard, max_len: int, *, eos_id: int):
+        if max_len < 2:
+            raise UserError(f"max_len={max_len} is too small; expected at least 2 tokens")
+        self.shard, self.max_len, self.eos_id = shard, max_len, eos_id
+        lengths = shard.lengths
+        kept = np.flatnonzero(lengths > 0)  # [K] documents in the stream
+        self.lengths = lengths[kept]  # [K]
+        self.token_start = np.asarray(shard.offsets[kept], dtype=np.int64)  # [K] where doc k starts in tokens.bin
+        # stream_start[k] = sum_{j<k} (len_j + 1): each document is followed by one eos
+        self.stream_start = np.concatenate([[0], np.cumsum(self.lengths + 1)[:-1]]).astype(np.int64)  # [K]
+        self.blocks = int((self.lengths + 1).sum()) // max_len
+
+    def __len__(self) -> int:
+        return self.blocks
+
+    def _get(self, b: int) -> np.ndarray:
+        positions = np.arange(b * self.max_len, (b + 1) * self.max_len, dtype=np.int64)  # [L] stream positions
+        k = np.searchsorted(self.stream_start, positions, side="right") - 1  # [L] document of each position
+        within = positions - self.stream_start[k]  # [L] 0..len_k, len_k being the eos after it
+        is_eos = within == self.lengths[k]
+        gather = self.token_start[k] + np.minimum(within, self.lengths[k] - 1)  # [L] (eos positions: any valid)
+        ids = np.asarray(self.shard.tokens[gather], dtype=np.int64)
+        ids[is_eos] = self.eos_id
+        return ids
+
+
+class SFTExamples(Examples):
+    """(input_ids, labels) of every row whose prompt is shorter than max_len: prompt ids then
+    answer ids right-truncated to max_len, labels IGNORE on the prompt."""
+
+    def __init__(self, shard, max_len: int):
+        self.shard, self.max_len = shard, max_len
+        prompt = np.asarray(shard.prompt_lengths, dtype=np.int64)  # [D]
+        self.rows = np.flatnonzero(prompt < max_len)  # [N]
+        self.report = data.SFTReport(rows=len(prompt), kept=len(self.rows), max_len=max_len,
+                                     dropped_prompt_too_long=int((prompt >= max_len).sum()),
+                                     truncated=int(((prompt < max_len) & (shard.lengths > max_len)).sum()))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def _get(self, i: int):
+        row = self.rows[i]
+        ids = _doc(self.shard, row)[:self.max_len]  # [L <= max_len]
+        labels = ids.copy()
+        labels[:self.shard.prompt_lengths[row]] = data.IGNORE
+        return ids, labels
+
+
+def sft_report(views: Sequence[SFTExamples]) -> data.SFTReport:
+    """The combined report of several SFT sources (build_sft_examples over all their rows);
+    UserError when every row is dropped."""
+    report = data.SFTReport(max_len=views[0].max_len)
+    for view in views:
+        for name in ("rows", "kept", "dropped_prompt_too_long", "truncated"):
+            setattr(report, name, getattr(report, name) + getattr(view.report, name))
+    if not report.kept:
+        raise UserError(f"all {report.rows:,} SFT rows were dropped: every prompt is >= max_len={report.max_len} tokens")
+    return report
+
+
+class Concat(Examples):
+    """The examples of several views one after another."""
+
+    def __init__(self, parts: Sequence[Examples]):
+        self.parts = list(parts)
+        self.starts = np.cumsum([0] + [len(p) for p in self.parts])  # [P + 1]
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def _get(self, i: int):
+        part = int(np.searchsorted(self.starts, i, side="right")) - 1
+        return self.parts[part][i - int(self.starts[part])]
+
+
+class Take(Examples):
+    """base[indices[0]], base[indices[1]], ...; a Take of a Take composes the indices."""
+
+    def __init__(self, base: Examples, indices):
+        indices = np.asarray(indices, dtype=np.int64)
+        if isinstance(base, Take):
+            base, indices = base.base, base.indices[indices]
+        self.base, self.indices = base, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def _get(self, i: int):
+        return self.base[self.indices[i]]
+
+
+def mix_indices(sizes: Sequence[int], counts: Sequence[int] | None = None,
+                ratios: Sequence[float] | None = None, seed: int = 0) -> np.ndarray:
+    """Indices into the concatenation of sources of these sizes, in the order data.mix_sources
+    returns their items (the same random.Random draws: sample per source, then one shuffle)."""
+    if counts is not None and ratios is not None:
+        raise UserError("give either counts or ratios for mixing sources, not both")
+    if counts is None and ratios is not None:
+        if len(ratios) != len(sizes) or any(r < 0 for r in ratios) or sum(ratios) <= 0:
+            raise UserError(f"mixing ratios {list(ratios)} must be {len(sizes)} non-negative numbers, not all zero")
+        shares = [r / sum(ratios) for r in ratios]
+        # N = min_i len_i / r_i, count_i = floor(N * r_i)
+        total = min(size / share for size, share in zip(sizes, shares) if share > 0)
+        counts = [math.floor(total * share + 1e-9) for share in shares]
+    if counts is None:
+        counts = list(sizes)
+    if len(counts) != len(sizes) or any(c < 0 for c in counts):
+        raise UserError(f"mixing counts {list(counts)} must be {len(sizes)} non-negative integers")
+    rng = random.Random(seed)
+    parts, start = [], 0
+    for size, count in zip(sizes, counts):
+        if count and not size:
+            raise UserError(f"a source asked for {count} examples is empty")
+        repeats, remainder = divmod(count, size) if size else (0, 0)
+        parts.append(np.tile(np.arange(start, start + size, dtype=np.int64), repeats))
+        parts.append(start + np.asarray(sorted(rng.sample(range(size), remainder)), dtype=np.int64))
+        start += size
+    mixed = np.concatenate(parts)  # [sum(counts)]
+    rng.shuffle(mixed)  # the same swaps random.shuffle makes on the list of examples
+    return mixed
+
+
+def mix(views: Sequence[Examples], counts=None, ratios=None, seed: int = 0) -> Take:
+    """data.mix_sources over views: a Take of their Concat."""
+    return Take(Concat(views), mix_indices([len(v) for v in views], counts, ratios, seed))
+
+
+def split(view: Examples, eval_size: int | float, seed: int = 0) -> tuple[Take, Take]:
+    """data.train_eval_split over a view: (the rest in order, the held-out ones in order)."""
+    n = len(view)
+    k = int(round(eval_size * n)) if isinstance(eval_size, float) and eval_size < 1 else int(eval_size)
+    if not 0 <= k < n:
+        raise UserError(f"eval size {eval_size} leaves no training data out of {n} examples")
+    held = np.asarray(sorted(random.Random(seed).sample(range(n), k)), dtype=np.int64)
+    keep = np.ones(n, dtype=bool)
+    keep[held] = False
+    return Take(view, np.flatnonzero(keep)), Take(view, held)
