@@ -18,10 +18,10 @@ import sys
 from dataclasses import asdict, fields
 from pathlib import Path
 
-import torch
 
 import minidiff
 from minidiff.data import chat_prompt_ids
+from minidiff.device import check_available, enable_tf32, inference_precision, resolve_device
 from minidiff.errors import UserError, run_cli
 from minidiff.sampler import END_OF_TURN, SamplerConfig, generate, infill
 
@@ -57,8 +57,10 @@ def parse_args(argv=None):
     g.add_argument("--seed", type=int)
     p.add_argument("--json", action="store_true", help="print JSON: ids, text, steps used")
     p.add_argument("--trace-html", type=Path, help="write a self-contained HTML page replaying the denoising")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--dtype", default="auto", help="auto (CUDA: fp32 weights + bf16 autocast; CPU: fp32) | "
+                   "float32 | bfloat16 (bf16 weights, fp32 LayerNorms and residual stream, bf16 autocast); "
+                   "float16 is refused")
     return p.parse_args(argv)
 
 
@@ -217,8 +219,9 @@ def write_trace_html(path: Path, tok, out, prompts_text: list[str]) -> None:
 def run_once(model, tok, ids_list, config, args, *, mode: str, live: bool, texts: list[str]):
     view = LiveView(tok, tok.mask_id) if live else None
     fn = infill if mode == "infill" else generate
-    out = fn(model, ids_list, config, mask_id=tok.mask_id, eos_id=tok.eos_id, tokenizer=tok,
-             pad_id=tok.pad_id, callback=view)
+    with args.precision.autocast():
+        out = fn(model, ids_list, config, mask_id=tok.mask_id, eos_id=tok.eos_id, tokenizer=tok,
+                 pad_id=tok.pad_id, callback=view)
     if view is not None:
         view.clear()
     if args.trace_html:
@@ -233,8 +236,13 @@ def main(argv=None) -> int:
         raise UserError("--trace-html replays one generation; use it with --prompt or --infill, not --chat.")
     if args.trace_html is not None and not args.trace_html.parent.is_dir():
         raise UserError(f"--trace-html: the directory {args.trace_html.parent} does not exist.")
+    device = resolve_device(args.device)
+    precision = inference_precision(args.dtype, device)
+    check_available(device)
+    enable_tf32(device)
     tok = minidiff.load_tokenizer(args.model)
-    model = minidiff.load_model(args.model, dtype=args.dtype, device=args.device)
+    model = precision.prepare(minidiff.load_model(args.model))
+    args.precision = precision
     if tok.mask_id >= model.config.vocab_size:
         raise UserError(f"the tokenizer's mask id {tok.mask_id} is outside the model's vocabulary "
                         f"of {model.config.vocab_size}; tokenizer and model do not match.")
