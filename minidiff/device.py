@@ -13,9 +13,10 @@ Inference precision (evaluate.py, sample.py):
                     softmax and the residual additions in fp32).  CPU: plain fp32.
     float32         fp32 weights, no autocast (on CUDA the matmuls still use TF32).
     bfloat16        bf16 weights for the linear layers and embeddings (half the memory), the
-                    LayerNorms kept fp32, run under bf16 autocast: autocast computes each
-                    LayerNorm in fp32 and returns fp32, so the residual stream x + f(x) stays
-                    fp32 and only the matmul inputs are rounded to bf16.
+                    LayerNorms kept fp32 with their input cast to fp32 (so they return fp32 on
+                    every device; CPU autocast would leave them in bf16), run under bf16
+                    autocast: the residual stream x + f(x) stays fp32 and only the matmul
+                    inputs and outputs are bf16.
     float16         refused: fp16 has no autocast-free safe path here (activations of the
                     vocabulary head and the residual stream can exceed its range of 65504).
 
@@ -85,6 +86,10 @@ def training_autocast(device: torch.device, bf16: bool):
     return autocast(device, enabled=bf16 and device.type == "cuda")
 
 
+def _inputs_to_fp32(module, args):
+    return tuple(a.float() if torch.is_tensor(a) else a for a in args)
+
+
 @dataclass(frozen=True)
 class Precision:
     """How an inference run holds its weights and computes (see the module docstring)."""
@@ -100,6 +105,7 @@ class Precision:
             for module in model.modules():
                 if isinstance(module, torch.nn.LayerNorm):
                     module.float()
+                    module.register_forward_pre_hook(_inputs_to_fp32)
         return model
 
     def autocast(self):
