@@ -216,10 +216,10 @@ def write_trace_html(path: Path, tok, out, prompts_text: list[str]) -> None:
 # ----------------------------------------------------------------------------- main
 
 
-def run_once(model, tok, ids_list, config, args, *, mode: str, live: bool, texts: list[str]):
+def run_once(model, tok, ids_list, config, args, *, mode: str, live: bool, texts: list[str], precision):
     view = LiveView(tok, tok.mask_id) if live else None
     fn = infill if mode == "infill" else generate
-    with args.precision.autocast():
+    with precision.autocast():
         out = fn(model, ids_list, config, mask_id=tok.mask_id, eos_id=tok.eos_id, tokenizer=tok,
                  pad_id=tok.pad_id, callback=view)
     if view is not None:
@@ -242,7 +242,6 @@ def main(argv=None) -> int:
     enable_tf32(device)
     tok = minidiff.load_tokenizer(args.model)
     model = precision.prepare(minidiff.load_model(args.model))
-    args.precision = precision
     if tok.mask_id >= model.config.vocab_size:
         raise UserError(f"the tokenizer's mask id {tok.mask_id} is outside the model's vocabulary "
                         f"of {model.config.vocab_size}; tokenizer and model do not match.")
@@ -257,7 +256,7 @@ def main(argv=None) -> int:
             ids += tok.encode(piece, add_special_tokens=False) if piece else []
             if i < len(pieces) - 1:
                 ids.append(tok.mask_id)
-        out = run_once(model, tok, [ids], config, args, mode="infill", live=live, texts=[""])
+        out = run_once(model, tok, [ids], config, args, mode="infill", live=live, texts=[""], precision=precision)
         filled = out.sequences[0].tolist()
         text = tok.decode(filled, skip_special_tokens=True)
         if args.json:
@@ -277,7 +276,8 @@ def main(argv=None) -> int:
             if line.strip() in ("", "/exit", "/quit"):
                 break
             ids = prompt_ids(tok, line, raw=False, system=args.system, history=history)
-            out = run_once(model, tok, [ids], config, args, mode="generate", live=live, texts=[line])
+            out = run_once(model, tok, [ids], config, args, mode="generate", live=live, texts=[line],
+                           precision=precision)
             answer = answer_text(tok, out.answers()[0])
             history += [{"role": "user", "content": line}, {"role": "assistant", "content": answer}]
             if args.json:
@@ -288,7 +288,8 @@ def main(argv=None) -> int:
         return 0
 
     ids_list = [prompt_ids(tok, p, raw=args.raw, system=args.system) for p in args.prompt]
-    out = run_once(model, tok, ids_list, config, args, mode="generate", live=live, texts=args.prompt)
+    out = run_once(model, tok, ids_list, config, args, mode="generate", live=live, texts=args.prompt,
+                   precision=precision)
     answers = out.answers()
     texts = [answer_text(tok, a) for a in answers]
     if args.json:

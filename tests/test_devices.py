@@ -201,3 +201,26 @@ def test_cpu_rng_state_with_a_cuda_generator_reseeds():
         train_state.set_rng_state(state, generator, fallback_seed=3)
     want = torch.rand(4, device="cuda", generator=torch.Generator(device="cuda").manual_seed(3))
     assert torch.equal(torch.rand(4, device="cuda", generator=generator), want)
+
+
+def test_scripts_refuse_float16_and_run_bfloat16(tmp_path, capsys):
+    sys.path.insert(0, str(ROOT))
+    import evaluate
+    import sample
+
+    model = make_model_dir(tmp_path / "model")
+    text = tmp_path / "ppl.txt"
+    text.write_text("\n".join(TURKISH_TEXT) + "\n", encoding="utf-8")
+    with pytest.raises(UserError, match="float16 is not supported"):
+        evaluate.main(["--model", str(model), "--task", f"perplexity:{text}", "--out", str(tmp_path / "r.json"),
+                       "--dtype", "float16"])
+    assert not (tmp_path / "r.json").exists()
+    with pytest.raises(UserError, match="float16 is not supported"):
+        sample.main(["--model", str(model), "--prompt", "merhaba", "--dtype", "float16"])
+    out = tmp_path / "bf16.json"
+    assert evaluate.main(["--model", str(model), "--task", f"perplexity:{text}", "--out", str(out), "--max-len", "32",
+                          "--dtype", "bfloat16", "--device", "cpu", "--no-progress"]) == 0
+    results = json.loads(out.read_text())
+    assert results["precision"] == "bfloat16 weights, bfloat16 autocast" and results["device"] == "cpu"
+    metrics = results["tasks"][f"perplexity:{text}"]
+    assert all(np.isfinite(v) for v in metrics["metrics"].values() if isinstance(v, float))
