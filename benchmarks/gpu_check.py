@@ -13,7 +13,9 @@ record the device it was given in run.json / results.json.
 In-process checks: a padded batch gives the real tokens what the unpadded rows give, on every
 SDPA backend torch offers for it (math, memory-efficient, cuDNN; flash takes no mask); one
 sampler step (sampler.denoise_step) makes no host-device synchronisation
-(torch.cuda.set_sync_debug_mode("error")), and its time per step at mmBERT-base shape; the peak
+(torch.cuda.set_sync_debug_mode("error")), and its time per step at mmBERT-base shape; the
+number of host synchronisations in one CPT micro-batch (reported: the loop adds none, the loss
+function's internals may); the peak
 memory (torch.cuda.max_memory_allocated) of one LoRA CPT micro-batch at mmBERT-base shape
 (22 layers, hidden 768, vocabulary 256,000, r = 256) with the paper's 64 x 512 tokens (and
 16 x 512 if 64 does not fit). With --quick the model-shape measurements use a tiny model.
@@ -336,6 +338,40 @@ def check_sampler(report: Report, device: torch.device, quick: bool) -> None:
     report.add("INFO", "sampler ms/step", f"{ms:.2f} ms ({shape}, batch {B}, canvas {T}, block {L}, {precision.describe()})")
 
 
+def check_training_syncs(report: Report, inputs: dict, device: torch.device) -> None:
+    """How many host synchronisations one CPT micro-batch (loss forward + backward) makes; the
+    loop itself adds none. Reported, not asserted: the loss internals may still index rows."""
+    import warnings
+
+    import minidiff
+    from minidiff import trainer
+    from minidiff.device import training_autocast
+
+    if device.type != "cuda":
+        report.add("INFO", "host syncs in one CPT micro-batch", "needs CUDA")
+        return
+    model = minidiff.load_model(inputs["base"]).to(device).train()
+    ids = torch.randint(5, inputs["tok"].vocab_size, (4, 64), device=device)
+    attention = torch.ones_like(ids)
+    attention[1:, 40:] = 0
+    batch = {"input_ids": ids, "maskable": attention.bool(), "attention_mask": attention}
+    loss_fn = trainer.nelbo_objective(inputs["tok"].mask_id)
+    generator = torch.Generator(device=device).manual_seed(0)
+    for _ in range(2):  # the first pass may initialise lazily
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                with training_autocast(device, True):
+                    loss, weight = loss_fn(model, batch, generator)
+                (loss.float() * weight).backward()
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+    syncs = [str(w.message).splitlines()[0][:80] for w in seen if "synchroniz" in str(w.message).lower()]
+    report.add("INFO", "host syncs in one CPT micro-batch", f"{len(syncs)}" + (f" (first: {syncs[0]})" if syncs else ""))
+
+
 def cpt_micro_batch_peak(device: torch.device, quick: bool, batch: int, seq: int, checkpointing: bool) -> float | None:
     """Peak GiB of one LoRA CPT micro-batch (forward + backward of the NELBO at iid t, bf16
     autocast, fp32 weights included, no optimizer state); None: out of memory."""
@@ -398,7 +434,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda", help="cuda (default) or cpu (with --quick: a smoke run)")
     p.add_argument("--quick", action="store_true", help="tiny shapes and few steps (the CPU smoke mode)")
     p.add_argument("--out", default=None, help="keep the work directory here (default: a temporary one)")
-    p.add_argument("--skip", nargs="*", default=[], choices=("scripts", "padding", "sampler", "memory"),
+    p.add_argument("--skip", nargs="*", default=[], choices=("scripts", "padding", "sampler", "training-syncs", "memory"),
                    help="parts to leave out")
     args = p.parse_args(argv)
     from minidiff.device import check_available, enable_tf32, resolve_device
@@ -417,6 +453,7 @@ def main(argv=None) -> int:
     parts = [("scripts", lambda: check_scripts(report, inputs, work, str(device), args.quick)),
              ("padding", lambda: check_padding(report, inputs, device)),
              ("sampler", lambda: check_sampler(report, device, args.quick)),
+             ("training-syncs", lambda: check_training_syncs(report, inputs, device)),
              ("memory", lambda: check_memory(report, device, args.quick))]
     try:
         inputs = build_inputs(work)
