@@ -46,9 +46,11 @@ def parse_args(argv=None):
     p.add_argument("--no-nelbo", action="store_true", help="perplexity: skip the NELBO bound column")
     p.add_argument("--metric", choices=("acc", "acc_norm", "f1", "macro_f1"), default="acc",
                    help="multiple-choice metric shown in the table (the JSON has all)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
-                   help="weights dtype")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available; "
+                   "a bare cuda is cuda:LOCAL_RANK)")
+    p.add_argument("--dtype", default="auto", help="auto (CUDA: fp32 weights + bf16 autocast; CPU: fp32) | "
+                   "float32 | bfloat16 (bf16 weights, fp32 LayerNorms and residual stream, bf16 autocast); "
+                   "float16 is refused")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p.parse_args(argv)
 
@@ -62,6 +64,9 @@ def check_args(args) -> None:
         raise UserError(f"--batch-size {args.batch_size}: expected at least 1")
     if args.max_len < 2:
         raise UserError(f"--max-len {args.max_len}: expected at least 2 tokens")
+    from minidiff.device import inference_precision, resolve_device
+
+    inference_precision(args.dtype, resolve_device(args.device))  # a bad --dtype/--device fails here
     if not 0.0 < args.mask_prob < 1.0:
         raise UserError(f"--mask-prob {args.mask_prob}: expected a fraction between 0 and 1")
     out = Path(args.out)
@@ -112,21 +117,27 @@ def main(argv=None) -> int:
     import torch
 
     import minidiff
+    from minidiff.device import check_available, enable_tf32, inference_precision, resolve_device
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = minidiff.load_model(args.model, dtype=getattr(torch, args.dtype), device=device)
+    device = resolve_device(args.device)
+    check_available(device)
+    enable_tf32(device)
+    precision = inference_precision(args.dtype, device)
+    model = precision.prepare(minidiff.load_model(args.model))
     tok = minidiff.load_tokenizer(args.model)
     model.eval()
     tasks = {}
     for spec in specs:
-        result = evaluation.run_task(
-            model, tok, spec, **inputs[spec.key], mc_samples=args.mc_samples,
-            batch_size=args.batch_size, seed=args.seed, max_len=args.max_len,
-            mask_prob=args.mask_prob, mlm_replace=args.mlm_replace, nelbo=not args.no_nelbo,
-            progress=not args.no_progress)
+        with precision.autocast():
+            result = evaluation.run_task(
+                model, tok, spec, **inputs[spec.key], mc_samples=args.mc_samples,
+                batch_size=args.batch_size, seed=args.seed, max_len=args.max_len,
+                mask_prob=args.mask_prob, mlm_replace=args.mlm_replace, nelbo=not args.no_nelbo,
+                progress=not args.no_progress)
         result.update({"model": args.model, "seed": args.seed, "limit": args.limit})
         tasks[spec.key] = result
-    results = {"model": args.model, "seed": args.seed, "device": device, "dtype": args.dtype,
+    results = {"model": args.model, "seed": args.seed, "device": str(device), "dtype": args.dtype,
+               "precision": precision.describe(),
                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                "torch": torch.__version__, "minidiff": minidiff.__version__, "tasks": tasks}
     write_json_atomic(Path(args.out), results)

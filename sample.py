@@ -21,10 +21,10 @@ import sys
 from dataclasses import asdict, fields
 from pathlib import Path
 
-import torch
 
 import minidiff
 from minidiff.data import chat_prompt_ids
+from minidiff.device import check_available, enable_tf32, inference_precision, resolve_device
 from minidiff.errors import UserError, run_cli
 from minidiff.sampler import END_OF_TURN, SamplerConfig, generate, infill
 
@@ -60,8 +60,10 @@ def parse_args(argv=None):
     g.add_argument("--seed", type=int)
     p.add_argument("--json", action="store_true", help="print JSON: ids, text, steps used")
     p.add_argument("--trace-html", type=Path, help="write a self-contained HTML page replaying the denoising")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--dtype", default="auto", help="auto (CUDA: fp32 weights + bf16 autocast; CPU: fp32) | "
+                   "float32 | bfloat16 (bf16 weights, fp32 LayerNorms and residual stream, bf16 autocast); "
+                   "float16 is refused")
     return p.parse_args(argv)
 
 
@@ -217,11 +219,12 @@ def write_trace_html(path: Path, tok, out, prompts_text: list[str]) -> None:
 # ----------------------------------------------------------------------------- main
 
 
-def run_once(model, tok, ids_list, config, args, *, mode: str, live: bool, texts: list[str]):
+def run_once(model, tok, ids_list, config, args, *, mode: str, live: bool, texts: list[str], precision):
     view = LiveView(tok, tok.mask_id) if live else None
     fn = infill if mode == "infill" else generate
-    out = fn(model, ids_list, config, mask_id=tok.mask_id, eos_id=tok.eos_id, tokenizer=tok,
-             pad_id=tok.pad_id, callback=view)
+    with precision.autocast():
+        out = fn(model, ids_list, config, mask_id=tok.mask_id, eos_id=tok.eos_id, tokenizer=tok,
+                 pad_id=tok.pad_id, callback=view)
     if view is not None:
         view.clear()
     if args.trace_html:
@@ -236,8 +239,12 @@ def main(argv=None) -> int:
         raise UserError("--trace-html replays one generation; use it with --prompt or --infill, not --chat.")
     if args.trace_html is not None and not args.trace_html.parent.is_dir():
         raise UserError(f"--trace-html: the directory {args.trace_html.parent} does not exist.")
+    device = resolve_device(args.device)
+    precision = inference_precision(args.dtype, device)
+    check_available(device)
+    enable_tf32(device)
     tok = minidiff.load_tokenizer(args.model)
-    model = minidiff.load_model(args.model, dtype=args.dtype, device=args.device)
+    model = precision.prepare(minidiff.load_model(args.model))
     if tok.mask_id >= model.config.vocab_size:
         raise UserError(f"the tokenizer's mask id {tok.mask_id} is outside the model's vocabulary "
                         f"of {model.config.vocab_size}; tokenizer and model do not match.")
@@ -252,7 +259,7 @@ def main(argv=None) -> int:
             ids += tok.encode(piece, add_special_tokens=False) if piece else []
             if i < len(pieces) - 1:
                 ids.append(tok.mask_id)
-        out = run_once(model, tok, [ids], config, args, mode="infill", live=live, texts=[""])
+        out = run_once(model, tok, [ids], config, args, mode="infill", live=live, texts=[""], precision=precision)
         filled = out.sequences[0].tolist()
         text = tok.decode(filled, skip_special_tokens=True)
         if args.json:
@@ -272,7 +279,8 @@ def main(argv=None) -> int:
             if line.strip() in ("", "/exit", "/quit"):
                 break
             ids = prompt_ids(tok, line, raw=False, system=args.system, history=history)
-            out = run_once(model, tok, [ids], config, args, mode="generate", live=live, texts=[line])
+            out = run_once(model, tok, [ids], config, args, mode="generate", live=live, texts=[line],
+                           precision=precision)
             answer = answer_text(tok, out.answers()[0])
             history += [{"role": "user", "content": line}, {"role": "assistant", "content": answer}]
             if args.json:
@@ -283,7 +291,8 @@ def main(argv=None) -> int:
         return 0
 
     ids_list = [prompt_ids(tok, p, raw=args.raw, system=args.system) for p in args.prompt]
-    out = run_once(model, tok, ids_list, config, args, mode="generate", live=live, texts=args.prompt)
+    out = run_once(model, tok, ids_list, config, args, mode="generate", live=live, texts=args.prompt,
+                   precision=precision)
     answers = out.answers()
     texts = [answer_text(tok, a) for a in answers]
     if args.json:

@@ -250,17 +250,30 @@ class Encoder(nn.Module):
         self.gradient_checkpointing = False
 
     def attention_masks(self, attention_mask, seq_len: int, device):
-        """Boolean masks for SDPA (True = may attend): global [B,1,1,S] and local [B?,1,S,S]."""
+        """Boolean masks for SDPA (True = may attend): global [B?, 1, 1, S] and local [B?, 1, S?, S].
+
+        A query attends to the real keys (attention_mask) within its window (local layers:
+        |i - j| <= local_attention // 2), as in transformers. A query left with no key at all
+        (a padding query more than half a window past its row's end; every query of an
+        all-padding row) attends to itself instead (a whole all-padding row: to every position).
+        Fused SDPA kernels of torch < 2.5 return NaN for empty rows, and the next layer's values
+        carry it into the real tokens. Real queries are unaffected: their own key is real.
+        """
         key_ok = None
         if attention_mask is not None:
             key_ok = attention_mask.bool()[:, None, None, :]  # [B, 1, 1, S]
+            key_ok = key_ok | ~key_ok.any(dim=-1, keepdim=True)  # an all-padding row sees everything
         half_window = self.config.local_attention // 2
         if seq_len <= half_window + 1:  # the band covers every pair: local == global
             return key_ok, key_ok
         pos = torch.arange(seq_len, device=device)
         band = (pos[:, None] - pos[None, :]).abs() <= half_window  # [S, S]
-        local = band[None, None] if key_ok is None else band[None, None] & key_ok
-        return key_ok, local
+        if key_ok is None:
+            return None, band[None, None]
+        local = band[None, None] & key_ok  # [B, 1, S, S]
+        itself = pos[:, None] == pos[None, :]  # [S, S]
+        # an empty row keeps only its diagonal
+        return key_ok, local | (itself & ~local.any(dim=-1, keepdim=True))
 
     def forward(self, input_ids, attention_mask=None):
         B, S = input_ids.shape

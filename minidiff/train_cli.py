@@ -38,6 +38,7 @@ TRAIN_HELP = {  # help texts of the TrainConfig fields, shared by both scripts
     "save_every": "steps between checkpoints (0: none)", "keep_last": "checkpoints kept",
     "bf16": "bf16 autocast on CUDA", "gradient_checkpointing": "recompute activations in backward (less memory)",
     "resume": "continue from the newest complete checkpoint in --out", "progress": "show a progress bar",
+    "device": "cpu, cuda, cuda:1 ... (default: cuda when available; a bare cuda under torchrun: cuda:LOCAL_RANK)",
 }
 
 
@@ -65,7 +66,6 @@ class ScriptConfig(TrainConfig):
     lora_alpha: float = 256.0
     lora_dropout: float = 0.05
     lora_targets: list[str] = field(default_factory=lambda: ["Wqkv", "Wo", "Wi"])
-    device: str | None = None
 
 
 SCRIPT_HELP = {  # help texts of the ScriptConfig fields the scripts do not word differently
@@ -74,7 +74,6 @@ SCRIPT_HELP = {  # help texts of the ScriptConfig fields the scripts do not word
     "eval_fraction": "hold out this fraction of the training examples for evaluation",
     "lora_r": "LoRA rank", "lora_alpha": "LoRA alpha (scale alpha / r)", "lora_dropout": "LoRA dropout",
     "lora_targets": "linear layers adapted (the name Wo matches attention and MLP output)",
-    "device": "cpu, cuda, cuda:1 ... (default: cuda when available; torchrun: cuda:LOCAL_RANK)",
 }
 
 

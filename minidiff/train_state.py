@@ -17,9 +17,17 @@ A checkpoint directory holds
     optimizer.pt             optimizer + scheduler state dicts (torch.save; read back with
                              torch.load(weights_only=True), never plain unpickling)
     rng-rank-R.pt            every random state of rank R: torch CPU, CUDA, the masking generator
-                             (tensors), python and numpy (as plain lists)
+                             (tensors, with the device type it lives on), python and numpy
+                             (as plain lists)
     state.json               step, data position (Batches.state_dict), config, world size,
                              total steps, eval losses so far
+
+Resuming on another device type or number of GPUs: python, numpy and torch's CPU state are
+restored everywhere; CUDA states only for the GPUs present; the masking generator's state only
+when it was saved from the same device type (a CPU and a CUDA generator have different state
+formats). Otherwise that generator is reseeded from the run seed with a warning. The training
+loop reseeds the generator and torch's RNG from (seed, step, micro-batch) before every
+micro-batch anyway, so the masks and dropout of the resumed run are the same either way.
 
 It is first written to `.tmp-step-XXXXXX` and then renamed to `step-XXXXXX`: a rename is atomic,
 so every `step-*` directory is complete and the previous one stays valid until the new one is.
@@ -28,6 +36,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 import random
 import re
 import shutil
@@ -62,21 +71,35 @@ def rng_state(generator: torch.Generator | None) -> dict:
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         "generator": generator.get_state() if generator is not None else None,
+        "generator_device": generator.device.type if generator is not None else None,
     }
     return state
 
 
-def set_rng_state(state: dict, generator: torch.Generator | None) -> None:
-    """Restore what rng_state returned."""
+def set_rng_state(state: dict, generator: torch.Generator | None, fallback_seed: int = 0) -> None:
+    """Restore what rng_state returned, mapped onto this machine (module docstring): CUDA states
+    for the GPUs present, the generator's state only from the same device type, else the
+    generator is reseeded with `fallback_seed` and a warning says so."""
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    if generator is not None and state["generator"] is not None:
+    cuda_states = list(state.get("cuda") or [])
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for index, cuda_state in enumerate(cuda_states[:gpus]):
+        torch.cuda.set_rng_state(cuda_state, index)
+    if generator is None or state.get("generator") is None:
+        return
+    # checkpoints written before the device type was recorded: infer it from the CUDA states
+    saved_type = state.get("generator_device") or ("cuda" if cuda_states else "cpu")
+    if saved_type == generator.device.type:
         generator.set_state(state["generator"])
+        return
+    generator.manual_seed(fallback_seed)
+    warnings.warn(f"the checkpoint's masking generator was on {saved_type} and this run's is on "
+                  f"{generator.device.type}; it is reseeded from the run seed (the loop reseeds it "
+                  f"before every micro-batch, so the masks are unchanged)", stacklevel=2)
 
 
 def step_dir_name(step: int) -> str:
@@ -150,9 +173,10 @@ def finish_checkpoint(tmp: Path, step: int, model, optimizer, scheduler, state: 
 
 
 def load_training_state(path: str | Path, model, optimizer, scheduler, rank: int,
-                        generator: torch.Generator | None) -> dict:
-    """Load weights, optimizer, scheduler and this rank's random states from a checkpoint;
-    returns state.json (step, data position, ...)."""
+                        generator: torch.Generator | None, fallback_seed: int = 0) -> dict:
+    """Load weights, optimizer, scheduler and this rank's random states from a checkpoint
+    (onto the model's device, whatever device wrote it); returns state.json (step, data
+    position, ...). fallback_seed: see set_rng_state."""
     path = Path(path)
     weights = load_file(str(path / "trainable.safetensors"))
     params = dict(model.named_parameters())
@@ -172,5 +196,5 @@ def load_training_state(path: str | Path, model, optimizer, scheduler, rank: int
         scheduler.load_state_dict(opt["scheduler"])
     rng_file = path / f"rng-rank-{rank}.pt"
     if rng_file.is_file():
-        set_rng_state(torch.load(rng_file, weights_only=True), generator)
+        set_rng_state(torch.load(rng_file, weights_only=True, map_location="cpu"), generator, fallback_seed)
     return json.loads((path / "state.json").read_text(encoding="utf-8"))

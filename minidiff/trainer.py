@@ -47,6 +47,7 @@ import torch
 import torch.distributed as dist
 
 from . import progress, train_state
+from .device import Prefetcher, check_available, enable_tf32, resolve_device, to_device, training_autocast
 from .errors import UserError
 
 EVAL_SEED_TAG = 0xE7A1  # separates evaluation seeds from training seeds
@@ -82,6 +83,7 @@ class TrainConfig:
     save_every: int = 0              # steps between checkpoints (0: none)
     keep_last: int = 2               # checkpoints kept (older ones deleted)
     bf16: bool = True                # bf16 autocast on CUDA (CPU always runs fp32)
+    device: str | None = None        # cpu | cuda | cuda:N (None: cuda:LOCAL_RANK if available, else cpu)
     gradient_checkpointing: bool = False
     resume: bool = False             # continue from the newest complete checkpoint in DIR
     progress: bool = True            # progress bar, rank 0 (minidiff.progress: tqdm in a terminal, else lines)
@@ -123,7 +125,7 @@ def nelbo_objective(mask_id: int, *, schedule: str = "linear", loss_norm: str = 
         if loss_norm == "token":
             weight = maskable.sum().clamp(min=1).to(torch.float32)
         else:
-            weight = torch.tensor(float(maskable.shape[0]), device=maskable.device)
+            weight = maskable.new_full((), maskable.shape[0], dtype=torch.float32)  # no host copy
         return loss, weight
 
     return loss_fn
@@ -150,15 +152,15 @@ class DistContext:
 
 def distributed_context(device: str | None = None) -> DistContext:
     """Join the process group when started by torchrun (WORLD_SIZE > 1; nccl on GPU, gloo on
-    CPU) and pick the device; a single process just gets cuda:0 or cpu. Idempotent."""
+    CPU) and pick the device (device.resolve_device: None -> cuda:LOCAL_RANK or cpu, a bare
+    "cuda" -> cuda:LOCAL_RANK). Idempotent."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device is None:
-        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
+    device = resolve_device(device, local_rank)
+    check_available(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank = dist.get_rank() if dist.is_initialized() else 0
     return DistContext(rank, world, local_rank, device)
@@ -263,15 +265,6 @@ def plot_losses(metrics_path: Path, png_path: Path) -> bool:
 # ----------------------------------------------------------------------------- evaluation
 
 
-def _to_device(batch: dict, device: torch.device) -> dict:
-    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
-
-
-def _autocast(config: TrainConfig, device: torch.device):
-    enabled = config.bf16 and device.type == "cuda"
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
-
-
 @torch.no_grad()
 def evaluate(model, eval_batches: Iterable[dict], loss_fn, config: TrainConfig, ctx: DistContext) -> float | None:
     """Weighted mean loss over this rank's eval batches, summed over ranks; batch i always uses
@@ -282,8 +275,8 @@ def evaluate(model, eval_batches: Iterable[dict], loss_fn, config: TrainConfig, 
     generator = torch.Generator(device=ctx.device)
     for i, batch in enumerate(eval_batches):
         generator.manual_seed(derived_seed(config.seed, EVAL_SEED_TAG, ctx.rank, i))
-        with _autocast(config, ctx.device):
-            loss, weight = loss_fn(model, _to_device(batch, ctx.device), generator)
+        with training_autocast(ctx.device, config.bf16):
+            loss, weight = loss_fn(model, to_device(batch, ctx.device), generator)
         sums += torch.stack([loss.float() * weight, weight])
     if ctx.enabled:
         dist.all_reduce(sums)
@@ -307,7 +300,7 @@ def train(model, train_batches, eval_batches, loss_fn, config: TrainConfig, out_
     """
     from . import optim
 
-    ctx = distributed_context()
+    ctx = distributed_context(config.device)
     out = Path(out_dir)
     resume_from = check_out_dir(out, config.resume)
     _barrier(ctx)  # every rank has looked at DIR before rank 0 writes into it
@@ -316,6 +309,7 @@ def train(model, train_batches, eval_batches, loss_fn, config: TrainConfig, out_
     if warmup >= steps:
         raise UserError(f"warmup ({warmup} steps) must be shorter than the run ({steps} steps)")
 
+    enable_tf32(ctx.device)
     model.to(ctx.device)
     model.train()
     model.model.gradient_checkpointing = config.gradient_checkpointing
@@ -330,7 +324,8 @@ def train(model, train_batches, eval_batches, loss_fn, config: TrainConfig, out_
 
     step, eval_losses = 0, []
     if resume_from is not None:
-        state = train_state.load_training_state(resume_from, model, optimizer, scheduler, ctx.rank, generator)
+        state = train_state.load_training_state(resume_from, model, optimizer, scheduler, ctx.rank, generator,
+                                                fallback_seed=config.seed)
         saved = state.get("config", {})
         for name in RESUME_MUST_MATCH:
             if name in saved and saved[name] != getattr(config, name):
@@ -405,7 +400,7 @@ def train(model, train_batches, eval_batches, loss_fn, config: TrainConfig, out_
         if ctx.is_main:
             train_state.finish_checkpoint(
                 tmp, step, model, optimizer, scheduler,
-                {"data": train_batches.state_dict(), "config": asdict(config), "world_size": ctx.world_size,
+                {"data": batches.state_dict(), "config": asdict(config), "world_size": ctx.world_size,
                  "eval_losses": eval_losses, "total_steps": steps},
                 config.keep_last)
         _barrier(ctx)
@@ -416,14 +411,18 @@ def train(model, train_batches, eval_batches, loss_fn, config: TrainConfig, out_
 
     if step == 0:
         run_eval()
-    interval_loss = torch.zeros((), device=ctx.device)  # sum of step losses since the last log
-    interval_tokens = torch.zeros((), device=ctx.device)
+    # from here on the data position is the prefetcher's (one batch is held in advance)
+    batches = Prefetcher(train_batches, ctx.device)
+    # constants of the step, made once on the device: no host->device copy per micro-batch
+    zero = torch.zeros((), device=ctx.device)
+    interval_loss = zero.clone()  # sum of step losses since the last log
+    interval_tokens = zero.clone()
     interval_steps, interval_start = 0, time.perf_counter()
     last_loss = None
     while step < steps:
         totals = torch.zeros(3, device=ctx.device)  # [sum loss * weight, sum weight, tokens]
         for a in range(config.grad_accum):
-            batch = _to_device(next(train_batches), ctx.device)
+            batch = next(batches)  # already on the device (asynchronous copy from pinned memory)
             # the same seeds a single process would use for this slice of the global batch
             seed = derived_seed(config.seed, step, a * ctx.world_size + ctx.rank)
             generator.manual_seed(seed)
@@ -431,14 +430,14 @@ def train(model, train_batches, eval_batches, loss_fn, config: TrainConfig, out_
             last_micro = a == config.grad_accum - 1
             sync = nullcontext() if (last_micro or not ctx.enabled) else ddp_model.no_sync()
             with sync:
-                with _autocast(config, ctx.device):
+                with training_autocast(ctx.device, config.bf16):
                     loss, weight = loss_fn(ddp_model, batch, generator)
                 # backprop loss_m * weight_m; divided by the global weight below
                 (loss.float() * weight).backward()
             mask = batch.get("attention_mask")
-            tokens = mask.sum() if mask is not None else batch["input_ids"].numel()
-            totals += torch.stack([loss.detach().float() * weight, weight.float(),
-                                   torch.as_tensor(tokens, device=ctx.device, dtype=torch.float32)])
+            tokens = mask.sum() if mask is not None else zero + batch["input_ids"].numel()
+            # totals += [loss_m weight_m, weight_m, tokens_m], all on the device (no sync)
+            totals += torch.stack([loss.detach().float() * weight, weight.float(), tokens.float()])
         if ctx.enabled:
             dist.all_reduce(totals)  # DDP averaged the gradients over ranks: undo that below
         # grad = sum_m d(loss_m weight_m) / sum_m weight_m   (over all ranks)
@@ -450,7 +449,7 @@ def train(model, train_batches, eval_batches, loss_fn, config: TrainConfig, out_
         optimizer.zero_grad(set_to_none=True)
         step_loss = totals[0] / totals[1]
         bad_now = ~torch.isfinite(step_loss) & (first_bad_step < 0)
-        first_bad_step = torch.where(bad_now, torch.tensor(step + 1, device=ctx.device), first_bad_step)
+        first_bad_step = torch.where(bad_now, first_bad_step.new_full((), step + 1), first_bad_step)
         step += 1
         interval_loss += step_loss
         interval_tokens += totals[2]
@@ -464,7 +463,7 @@ def train(model, train_batches, eval_batches, loss_fn, config: TrainConfig, out_
             last_loss = float(interval_loss) / interval_steps
             record = {"step": step, "loss": last_loss, "lr": scheduler.get_last_lr()[0],
                       "tokens_per_s": float(interval_tokens) / max(elapsed, 1e-9),
-                      "epoch": train_batches.state_dict().get("epoch")}
+                      "epoch": batches.state_dict().get("epoch")}
             if grad_norm is not None:
                 record["grad_norm"] = float(grad_norm)
             log(record)

@@ -132,3 +132,11 @@ def make_model_dir(path, seed: int = 0, **overrides) -> Path:
     model = tiny_model(seed, vocab_size=vocab, **overrides)
     model.save_pretrained(path)
     return path
+
+
+def assert_close_rel(got: torch.Tensor, want: torch.Tensor, rel: float, what: str = "") -> None:
+    """max |got - want| <= rel * max |want|: a tolerance scaled to the magnitudes compared, so
+    the same bound holds for logits of size 10 and gradients of size 100 on any CPU."""
+    scale = want.detach().abs().max().item()
+    err = (got.detach() - want.detach()).abs().max().item()
+    assert err <= rel * scale, f"{what}: max difference {err:.3g} > {rel:g} x max |value| {scale:.3g}"

@@ -1,0 +1,176 @@
+"""Where tensors live and in what precision: the one place the trainer and every script pick
+their device, autocast context and matmul settings, and move batches to the device.
+
+    device = resolve_device(args.device)                # "cuda" -> cuda:LOCAL_RANK under torchrun
+    enable_tf32(device)                                  # TF32 matmuls / convolutions on CUDA
+    precision = inference_precision(args.dtype, device)  # weights dtype + autocast for inference
+    model = precision.prepare(model)
+    with precision.autocast():
+        logits = model(ids)
+
+Inference precision (evaluate.py, sample.py):
+    auto (default)  CUDA: fp32 weights, bf16 autocast (matmuls and attention in bf16, LayerNorm,
+                    softmax and the residual additions in fp32).  CPU: plain fp32.
+    float32         fp32 weights, no autocast (on CUDA the matmuls still use TF32).
+    bfloat16        bf16 weights for the linear layers and embeddings (half the memory), the
+                    LayerNorms kept fp32 with their input cast to fp32 (so they return fp32 on
+                    every device; CPU autocast would leave them in bf16), run under bf16
+                    autocast: the residual stream x + f(x) stays fp32 and only the matmul
+                    inputs and outputs are bf16.
+    float16         refused: fp16 has no autocast-free safe path here (activations of the
+                    vocabulary head and the residual stream can exceed its range of 65504).
+
+Training uses fp32 weights and bf16 autocast on CUDA (TrainConfig.bf16), fp32 on the CPU.
+"""
+from __future__ import annotations
+
+import os
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+
+from .errors import UserError
+
+INFERENCE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def resolve_device(name: str | None = None, local_rank: int | None = None) -> torch.device:
+    """The torch.device a `--device` value means.
+
+    None: cuda:LOCAL_RANK when CUDA is available, else cpu. A bare "cuda" is the local rank's
+    GPU (LOCAL_RANK, set by torchrun; 0 in a single process); "cuda:N" and "cpu" are taken as
+    given. An unknown name raises a UserError.
+    """
+    if local_rank is None:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if name is None:
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device {name!r} is not a device name; expected cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
+    return device
+
+
+def check_available(device: torch.device) -> None:
+    """One sentence when the device cannot be used on this machine."""
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {device} was asked for but this machine has no usable CUDA GPU; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {device} does not exist: this machine has {torch.cuda.device_count()} GPU(s) "
+                            f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
+    elif device.type not in ("cpu", "mps"):
+        raise UserError(f"--device {device} is not supported; expected cpu or cuda[:N]")
+
+
+def enable_tf32(device: torch.device) -> None:
+    """TF32 tensor-core matmuls and convolutions on CUDA (fp32 range, 10-bit mantissa inputs)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def autocast(device: torch.device, enabled: bool = True, dtype: torch.dtype = torch.bfloat16):
+    """torch.autocast on `device` in `dtype` when enabled, else a no-op context."""
+    if not enabled:
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def training_autocast(device: torch.device, bf16: bool):
+    """Training: bf16 autocast on CUDA when asked; the CPU always trains in fp32."""
+    return autocast(device, enabled=bf16 and device.type == "cuda")
+
+
+def _inputs_to_fp32(module, args):
+    return tuple(a.float() if torch.is_tensor(a) else a for a in args)
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How an inference run holds its weights and computes (see the module docstring)."""
+
+    device: torch.device
+    weights: torch.dtype           # dtype of the linear layers and embeddings
+    autocast_dtype: torch.dtype | None  # None: no autocast
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Cast the weights (LayerNorms stay fp32) and move the model to the device."""
+        model = model.to(device=self.device, dtype=self.weights)
+        if self.weights != torch.float32:
+            for module in model.modules():
+                if isinstance(module, torch.nn.LayerNorm):
+                    module.float()
+                    module.register_forward_pre_hook(_inputs_to_fp32)
+        return model
+
+    def autocast(self):
+        return autocast(self.device, enabled=self.autocast_dtype is not None,
+                        dtype=self.autocast_dtype or torch.bfloat16)
+
+    def describe(self) -> str:
+        mode = f"{str(self.autocast_dtype).replace('torch.', '')} autocast" if self.autocast_dtype else "no autocast"
+        return f"{str(self.weights).replace('torch.', '')} weights, {mode}"
+
+
+def inference_precision(dtype: str | None, device: torch.device) -> Precision:
+    """The Precision a `--dtype` value means on `device` (None = "auto")."""
+    dtype = dtype or "auto"
+    if dtype not in INFERENCE_DTYPES:
+        raise UserError(f"--dtype {dtype!r} is unknown; expected auto, float32 or bfloat16")
+    if dtype == "float16":
+        raise UserError("--dtype float16 is not supported (activations can exceed fp16's range); "
+                        "use bfloat16 or float32")
+    if dtype == "bfloat16":
+        return Precision(device, torch.bfloat16, torch.bfloat16)
+    if dtype == "auto" and device.type == "cuda":
+        return Precision(device, torch.float32, torch.bfloat16)
+    return Precision(device, torch.float32, None)
+
+
+# ----------------------------------------------------------------------------- host -> device
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """Every tensor of a batch on `device` (asynchronous from pinned memory on CUDA)."""
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def pin(batch: dict) -> dict:
+    """The batch's tensors in page-locked host memory, so a non_blocking copy is truly async."""
+    return {k: (v.pin_memory() if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+class Prefetcher:
+    """Iterates a data.Batches-like source with the next batch already on its way to the device.
+
+    On CUDA each batch is pinned and copied with non_blocking=True one step ahead, so the copy
+    overlaps the previous micro-batch's compute. state_dict() is the source's position before
+    the batch held in advance, so a checkpoint resumes at the first batch not yet trained on.
+    """
+
+    def __init__(self, source, device: torch.device):
+        self.source, self.device = source, device
+        self._pinned = device.type == "cuda"
+        self._state, self._next = None, None
+        self._fetch()
+
+    def _fetch(self) -> None:
+        self._state = self.source.state_dict()
+        batch = next(self.source)
+        self._next = to_device(pin(batch) if self._pinned else batch, self.device)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        batch = self._next
+        self._fetch()
+        return batch
+
+    def state_dict(self) -> dict:
+        return self._state

@@ -1,0 +1,226 @@
+"""Device logic on a CPU: --device resolution, the device reaching the trainer and run.json,
+inference precision, and resuming a checkpoint written on another device type.
+
+References: torch.device semantics written out by hand (cuda -> cuda:LOCAL_RANK), an
+uninterrupted run (resume), and torch.Generator seeded directly (the reseed fallback).
+"""
+from __future__ import annotations
+
+import json
+import random
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers import MASK, TURKISH_TEXT, make_model_dir, make_tokenizer_dir, tiny_model
+from minidiff import data, device, train_state, trainer
+from minidiff.errors import UserError
+from minidiff.tokenizer import load_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ----------------------------------------------------------------------------- resolution
+
+
+def test_bare_cuda_is_the_local_ranks_gpu(monkeypatch):
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert device.resolve_device("cuda") == torch.device("cuda", 3)
+    assert device.resolve_device("cuda:1") == torch.device("cuda", 1)  # an explicit index wins
+    assert device.resolve_device("cpu") == torch.device("cpu")
+    assert device.resolve_device("cuda", local_rank=5) == torch.device("cuda", 5)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert device.resolve_device(None) == torch.device("cuda", 3)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert device.resolve_device(None) == torch.device("cpu")
+    monkeypatch.delenv("LOCAL_RANK")
+    assert device.resolve_device("cuda") == torch.device("cuda", 0)
+    with pytest.raises(UserError, match="not a device name"):
+        device.resolve_device("gpu0")
+
+
+def test_cuda_on_a_machine_without_one_is_one_sentence(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(UserError, match="no usable CUDA GPU"):
+        trainer.distributed_context("cuda")
+
+
+def test_inference_precision_table():
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    auto_gpu = device.inference_precision(None, gpu)
+    assert (auto_gpu.weights, auto_gpu.autocast_dtype) == (torch.float32, torch.bfloat16)
+    auto_cpu = device.inference_precision("auto", cpu)
+    assert (auto_cpu.weights, auto_cpu.autocast_dtype) == (torch.float32, None)
+    fp32 = device.inference_precision("float32", gpu)
+    assert (fp32.weights, fp32.autocast_dtype) == (torch.float32, None)
+    with pytest.raises(UserError, match="float16 is not supported"):
+        device.inference_precision("float16", gpu)
+    with pytest.raises(UserError, match="unknown"):
+        device.inference_precision("int8", cpu)
+
+
+def test_bfloat16_keeps_layernorms_and_the_residual_stream_fp32():
+    model = tiny_model(0)
+    precision = device.inference_precision("bfloat16", torch.device("cpu"))
+    model = precision.prepare(model)
+    for name, p in model.named_parameters():
+        want = torch.float32 if "norm" in name else torch.bfloat16
+        assert p.dtype == want, name
+    seen = []
+    hook = model.model.layers[1].register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
+    ids = torch.randint(5, 64, (2, 9))
+    with torch.no_grad(), precision.autocast():
+        logits = model(ids)
+    hook.remove()
+    assert seen == [torch.float32]  # the residual stream x + f(x) stays fp32
+    with torch.no_grad():
+        reference = tiny_model(0)(ids)  # fp32 weights, fp32 compute
+    # bf16 matmul inputs: relative error of a few 2^-8 on logits of size ~1..10
+    assert (logits.float() - reference).abs().max() <= 0.05 * reference.abs().max()
+
+
+# ----------------------------------------------------------------------------- the trainer
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    return load_tokenizer(make_tokenizer_dir(tmp_path_factory.mktemp("tok")))
+
+
+def batches(tok):
+    ids = data.tokenize_documents(TURKISH_TEXT, tok)
+    examples = data.cpt_examples(ids, 48, "drop", eos_id=tok.eos_id, bos_id=tok.bos_id)
+    return data.Batches(examples, 3, seed=0, collate=lambda b: data.collate_cpt(b, tok.pad_id))
+
+
+def test_config_device_reaches_the_trainer_on_a_gpu_machine(tok, tmp_path, monkeypatch):
+    # pretend CUDA is there: before, train() ignored the setting and would pick cuda:0
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    asked = []
+    real = trainer.distributed_context
+    monkeypatch.setattr(trainer, "distributed_context", lambda d=None: asked.append(d) or real(d))
+    model = tiny_model(0, vocab_size=tok.vocab_size)
+    cfg = trainer.TrainConfig(max_steps=1, batch_size=3, progress=False, device="cpu")
+    trainer.train(model, batches(tok), None, trainer.nelbo_objective(MASK), cfg, tmp_path / "run")
+    assert asked == ["cpu"]
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["device"] == "cpu" and run["config"]["device"] == "cpu"
+    assert all(p.device.type == "cpu" for p in model.parameters())
+
+
+def test_device_flag_of_train_cpt_reaches_run_json(tmp_path):
+    sys.path.insert(0, str(ROOT))
+    import train_cpt
+
+    model = make_model_dir(tmp_path / "model")
+    text = tmp_path / "train.txt"
+    text.write_text("\n".join(TURKISH_TEXT) + "\n", encoding="utf-8")
+    common = ["--model", str(model), "--data", str(text), "--max-len", "48", "--batch-size", "3",
+              "--max-steps", "1", "--full", "--no-progress"]
+    assert train_cpt.main([*common, "--out", str(tmp_path / "run"), "--device", "cpu"]) == 0
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run["device"] == "cpu" and run["config"]["device"] == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="cuda:7"):
+            train_cpt.main([*common, "--out", str(tmp_path / "gpu"), "--device", "cuda:7"])
+        assert not (tmp_path / "gpu").exists()
+
+
+# ----------------------------------------------------------------------------- resume across devices
+
+
+def cuda_style_rng_file(path: Path, generator: torch.Generator) -> None:
+    """What a rank on a 2-GPU machine writes: CUDA states for both GPUs, the masking generator's
+    CUDA (Philox: seed + offset, 16 bytes) state; python, numpy, torch CPU as usual."""
+    state = train_state.rng_state(generator)
+    philox = torch.tensor([123, 0, 0, 0, 0, 0, 0, 0, 64, 0, 0, 0, 0, 0, 0, 0], dtype=torch.uint8)
+    state.update(cuda=[philox.clone(), philox.clone()], generator=philox, generator_device="cuda")
+    torch.save(state, path)
+
+
+def test_cuda_rng_states_on_a_cpu_machine_reseed_with_a_warning(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    generator = torch.Generator().manual_seed(1)
+    random.seed(5)
+    np.random.seed(5)
+    torch.manual_seed(5)
+    cuda_style_rng_file(tmp_path / "rng.pt", generator)
+    after = (random.random(), np.random.rand(), torch.rand(3))
+    random.seed(9)
+    np.random.seed(9)
+    torch.manual_seed(9)
+    state = torch.load(tmp_path / "rng.pt", weights_only=True)
+    with pytest.warns(UserWarning, match="reseeded from the run seed"):
+        train_state.set_rng_state(state, generator, fallback_seed=77)
+    assert random.random() == after[0] and np.random.rand() == after[1]
+    assert torch.equal(torch.rand(3), after[2])
+    assert torch.equal(torch.rand(5, generator=generator), torch.rand(5, generator=torch.Generator().manual_seed(77)))
+    # an older file without the generator's device type: CUDA states present means a CUDA generator
+    del state["generator_device"]
+    with pytest.warns(UserWarning, match="was on cuda"):
+        train_state.set_rng_state(state, torch.Generator(), fallback_seed=77)
+
+
+def test_resume_a_gpu_checkpoint_on_the_cpu_equals_an_uninterrupted_run(tok, tmp_path):
+    cfg = trainer.TrainConfig(max_steps=4, batch_size=3, grad_accum=2, save_every=2, keep_last=3,
+                              lr=3e-3, progress=False, log_every=1)
+    loss_fn = trainer.nelbo_objective(MASK)
+    trainer.train(tiny_model(0, vocab_size=tok.vocab_size), batches(tok), None, loss_fn, cfg, tmp_path / "a")
+
+    calls = {"n": 0}
+
+    def dying(model, batch, generator):  # the run dies during step 3, after the step-2 checkpoint
+        calls["n"] += 1
+        if calls["n"] > 2 * cfg.grad_accum:
+            raise RuntimeError("killed")
+        return loss_fn(model, batch, generator)
+
+    with pytest.raises(RuntimeError, match="killed"):
+        trainer.train(tiny_model(0, vocab_size=tok.vocab_size), batches(tok), None, dying, cfg, tmp_path / "b")
+    ckpt = train_state.latest_checkpoint(tmp_path / "b" / "checkpoints")
+    cuda_style_rng_file(ckpt / "rng-rank-0.pt", torch.Generator())  # as if a GPU had written it
+    with pytest.warns(UserWarning, match="reseeded"):
+        trainer.train(tiny_model(0, vocab_size=tok.vocab_size), batches(tok), None, loss_fn,
+                      replace(cfg, resume=True), tmp_path / "b")
+    a = load_file(str(tmp_path / "a" / "model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "model.safetensors"))
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cpu_rng_state_with_a_cuda_generator_reseeds():
+    state = train_state.rng_state(torch.Generator())
+    generator = torch.Generator(device="cuda")
+    with pytest.warns(UserWarning, match="was on cpu"):
+        train_state.set_rng_state(state, generator, fallback_seed=3)
+    want = torch.rand(4, device="cuda", generator=torch.Generator(device="cuda").manual_seed(3))
+    assert torch.equal(torch.rand(4, device="cuda", generator=generator), want)
+
+
+def test_scripts_refuse_float16_and_run_bfloat16(tmp_path, capsys):
+    sys.path.insert(0, str(ROOT))
+    import evaluate
+    import sample
+
+    model = make_model_dir(tmp_path / "model")
+    text = tmp_path / "ppl.txt"
+    text.write_text("\n".join(TURKISH_TEXT) + "\n", encoding="utf-8")
+    with pytest.raises(UserError, match="float16 is not supported"):
+        evaluate.main(["--model", str(model), "--task", f"perplexity:{text}", "--out", str(tmp_path / "r.json"),
+                       "--dtype", "float16"])
+    assert not (tmp_path / "r.json").exists()
+    with pytest.raises(UserError, match="float16 is not supported"):
+        sample.main(["--model", str(model), "--prompt", "merhaba", "--dtype", "float16"])
+    out = tmp_path / "bf16.json"
+    assert evaluate.main(["--model", str(model), "--task", f"perplexity:{text}", "--out", str(out), "--max-len", "32",
+                          "--dtype", "bfloat16", "--device", "cpu", "--no-progress"]) == 0
+    results = json.loads(out.read_text())
+    assert results["precision"] == "bfloat16 weights, bfloat16 autocast" and results["device"] == "cpu"
+    metrics = results["tasks"][f"perplexity:{text}"]
+    assert all(np.isfinite(v) for v in metrics["metrics"].values() if isinstance(v, float))
