@@ -96,10 +96,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_logits.mul_(weights[rows, None])
             if need_features:
                 # d loss / d f = g W   [c, H]
-                grad_features[rows] = (grad_logits @ weight).to(features.dtype)
+                grad_features[rows] = (grad_logits.to(weight.dtype) @ weight).to(features.dtype)
             if need_weight:
                 # d loss / d W += g^T f   [V, H]
-                grad_weight += grad_logits.t() @ f
+                grad_weight += grad_logits.t().to(f.dtype) @ f
             if need_bias:
                 # d loss / d b += sum_rows g   [V]
                 grad_bias += grad_logits.sum(0)
