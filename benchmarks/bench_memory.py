@@ -11,10 +11,11 @@ One micro-batch of B x S random ids at t = 0.5 (half the tokens masked), forward
   logits [N, V] at the N masked rows, <mask> column removed, F.cross_entropy, the NELBO weight;
 - chunked: diffusion.nelbo_loss, which asks the model for the head features [N, H] and sweeps
   the vocabulary chunk by chunk without ever holding [N, V].
-Each (path, batch) runs in its own process: peak memory = ru_maxrss after the steps minus the
-resident size after the model and data were built. Growth per masked token is the slope
-between the two batch sizes, so the model and the allocator's fixed costs cancel. Both paths
-see the same masks; the script checks that their losses agree.
+Each (path, batch) runs in its own process: after the model and data are built, the peak RSS
+is reset to the resident size (/proc/self/clear_refs), and the growth is ru_maxrss after one
+step minus that size. Growth per masked token is the slope between the two batch sizes, so
+fixed costs cancel. Both paths see the same masks; the script checks that their losses agree.
+The step time is measured in one more process, dense and chunked steps alternating.
 """
 from __future__ import annotations
 
@@ -41,6 +42,16 @@ def rss_mib() -> float:
 
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def reset_peak_rss() -> bool:
+    """Set the peak to the current resident size (Linux >= 4.0: clear_refs 5), so the model's
+    construction (temporary [V, H] tensors) does not hide the step's peak. False if refused."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return peak_rss_mib() <= rss_mib() + 16
 
 
 def build(args):
@@ -83,8 +94,20 @@ def chunked_loss(model, x0, t, generator):
     return diffusion.nelbo_loss(model, x0, MASK_ID, t=t, generator=generator)
 
 
+def step(model, loss_fn, x0, t):
+    """One forward + backward: (seconds, loss, masked tokens)."""
+    import torch
+
+    model.zero_grad(set_to_none=True)
+    start = time.perf_counter()
+    loss, masked = loss_fn(model, x0, t, torch.Generator().manual_seed(3))
+    loss.backward()
+    return time.perf_counter() - start, loss.item(), int(masked)
+
+
 def worker(args) -> None:
-    """One (path, batch) measurement; prints one JSON line."""
+    """--worker dense|chunked: the peak memory of one step; --worker time: both paths' step times,
+    alternating so that machine load affects both alike. Prints one JSON line."""
     import torch
 
     from minidiff import chunked_loss as chunked_module
@@ -94,25 +117,25 @@ def worker(args) -> None:
     model = build(args)
     x0 = torch.randint(5, args.vocab, (args.worker_batch, args.seq), generator=torch.Generator().manual_seed(2))
     t = torch.full((args.worker_batch,), args.t)
-    loss_fn = dense_loss if args.worker == "dense" else chunked_loss
-    base_rss, build_peak = rss_mib(), peak_rss_mib()
-    times, losses = [], []
-    for _ in range(args.steps):
-        model.zero_grad(set_to_none=True)
-        start = time.perf_counter()
-        loss, masked = loss_fn(model, x0, t, torch.Generator().manual_seed(3))
-        loss.backward()
-        times.append(time.perf_counter() - start)
-        losses.append(loss.item())
-    peak = peak_rss_mib()
-    print(json.dumps({"path": args.worker, "batch": args.worker_batch, "masked": int(masked),
-                      "growth_mib": peak - base_rss, "peak_above_build": peak > build_peak,
-                      "step_s": statistics.median(times), "loss": losses[0]}))
+    if args.worker == "time":
+        times = {"dense": [], "chunked": []}
+        for i in range(args.repeats + 1):  # round 0 is a warm-up
+            for name, loss_fn in (("dense", dense_loss), ("chunked", chunked_loss)):
+                seconds = step(model, loss_fn, x0, t)[0]
+                if i > 0:
+                    times[name].append(seconds)
+        print(json.dumps({name: statistics.median(v) for name, v in times.items()}))
+        return
+    reset = reset_peak_rss()
+    base_rss = rss_mib()
+    _, loss, masked = step(model, dense_loss if args.worker == "dense" else chunked_loss, x0, t)
+    print(json.dumps({"path": args.worker, "batch": args.worker_batch, "masked": masked,
+                      "growth_mib": peak_rss_mib() - base_rss, "peak_reset": reset, "loss": loss}))
 
 
 def measure(args, path: str, batch: int) -> dict:
     argv = [sys.executable, str(Path(__file__).resolve()), "--worker", path, "--worker-batch", str(batch)]
-    for name in ("vocab", "hidden", "intermediate", "heads", "layers", "rank", "seq", "t", "steps", "threads",
+    for name in ("vocab", "hidden", "intermediate", "heads", "layers", "rank", "seq", "t", "repeats", "threads",
                  "budget_mib"):
         argv += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT)}
@@ -133,11 +156,12 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--batches", type=int, nargs=2, default=[4, 8], help="the two batch sizes of the slope")
     p.add_argument("--t", type=float, default=0.5, help="diffusion time: the fraction of tokens masked")
-    p.add_argument("--steps", type=int, default=2, help="forward+backward steps per process (median time)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timed rounds (dense then chunked) at the larger batch after a warm-up; 0: no timing")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--budget-mib", type=float, default=256.0, help="chunked loss: logits memory per chunk")
     p.add_argument("--paths", nargs="+", choices=["dense", "chunked"], default=["dense", "chunked"])
-    p.add_argument("--worker", choices=["dense", "chunked"], help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=["dense", "chunked", "time"], help=argparse.SUPPRESS)
     p.add_argument("--worker-batch", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
     if not 0.0 < args.t <= 1.0 or args.batches[0] >= args.batches[1]:
@@ -152,22 +176,26 @@ def main() -> None:
         for a, b in zip(results["dense"], results["chunked"]):
             rel = abs(a["loss"] - b["loss"]) / abs(a["loss"])
             assert a["masked"] == b["masked"] and rel < 1e-4, f"the two paths disagree: {a} vs {b}"
+    timed = measure(args, "time", args.batches[1]) if args.repeats > 0 and len(args.paths) == 2 else None
     print(f"LoRA CPT micro-batch, hidden {args.hidden}, {args.layers} layers, vocab {args.vocab:,}, r={args.rank}, "
           f"batches {args.batches[0]} and {args.batches[1]} x {args.seq} at t = {args.t}, fp32 CPU, "
           f"{args.threads} thread(s), chunk budget {args.budget_mib:g} MiB; {platform.machine()}, "
-          f"torch {torch.__version__}; median of {args.steps} step(s) per process\n")
-    print("| loss | masked tokens | peak growth (MiB) | MiB per masked token | s / step (fwd+bwd) | speed vs dense |")
-    print("|---|---|---|---|---|---|")
-    dense_time = {r["batch"]: r["step_s"] for r in results.get("dense", [])}
+          f"torch {torch.__version__}\n")
+    print("| loss | masked tokens | peak growth (MiB) | MiB per masked token (slope) |")
+    print("|---|---:|---:|---:|")
     for path in args.paths:
         small, large = results[path]
         slope = (large["growth_mib"] - small["growth_mib"]) / (large["masked"] - small["masked"])
         for r in (small, large):
-            speed = f"{dense_time[r['batch']] / r['step_s']:.2f}x" if dense_time else "-"
-            flag = "" if r["peak_above_build"] else " (peak set while building)"
-            print(f"| {path} | {r['masked']:,} | {r['growth_mib']:,.0f}{flag} | "
-                  f"{slope:.3f} | {r['step_s']:.2f} | {speed} |")
-
+            flag = "" if r["peak_reset"] else " (peak not resettable: includes model construction)"
+            print(f"| {path} | {r['masked']:,} | {r['growth_mib']:,.0f}{flag} | {slope:.3f} |")
+    if timed:
+        print(f"\nstep time (forward + backward), batch {args.batches[1]}, median of {args.repeats} "
+              f"alternating rounds in one process after a warm-up:\n")
+        print("| loss | s / step | speed vs dense |")
+        print("|---|---:|---:|")
+        for path in ("dense", "chunked"):
+            print(f"| {path} | {timed[path]:.2f} | {timed['dense'] / timed[path]:.2f}x |")
 
 if __name__ == "__main__":
     main()

@@ -58,21 +58,24 @@ def test_bench_sample_bad_chat_data(model_dir, tmp_path):
     assert done.stderr.strip().startswith("error:") and str(missing.name) in done.stderr
 
 
-@pytest.mark.slow  # four python + torch start-ups
+@pytest.mark.slow  # five python + torch start-ups
 def test_bench_memory_tiny():
     bench = ROOT / "benchmarks" / "bench_memory.py"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, str(bench), "--vocab", "300", "--hidden", "32", "--intermediate", "48",
                            "--heads", "2", "--layers", "1", "--rank", "4", "--seq", "16", "--batches", "2", "3",
-                           "--steps", "1", "--budget-mib", "0.01"],
+                           "--repeats", "1", "--budget-mib", "0.01"],
                           capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
     assert done.returncode == 0, done.stderr
-    rows = [line.split(" | ") for line in done.stdout.splitlines() if line.startswith("| dense") or
-            line.startswith("| chunked")]
+    rows = [line.strip("| ").split(" | ") for line in done.stdout.splitlines()
+            if line.startswith("| dense") or line.startswith("| chunked")]
+    memory, timing = rows[:4], rows[4:]
     # both paths at both batch sizes, the same masks (the script checks that the losses agree)
-    assert [r[0] for r in rows] == ["| dense", "| dense", "| chunked", "| chunked"]
-    assert rows[0][1] == rows[2][1] and rows[1][1] == rows[3][1]
-    assert int(rows[1][1].replace(",", "")) > int(rows[0][1].replace(",", ""))
+    assert [r[0] for r in memory] == ["dense", "dense", "chunked", "chunked"]
+    assert memory[0][1] == memory[2][1] and memory[1][1] == memory[3][1]
+    assert int(memory[1][1].replace(",", "")) > int(memory[0][1].replace(",", ""))
+    assert "not resettable" not in done.stdout
+    assert [r[0] for r in timing] == ["dense", "chunked"] and timing[0][2] == "1.00x"
 
 
 def test_bench_memory_bad_flags():
