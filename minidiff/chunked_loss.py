@@ -38,6 +38,26 @@ def rows_per_chunk(vocab_size: int, dtype: torch.dtype, budget_bytes: int | None
     return max(1, budget // (vocab_size * itemsize))
 
 
+def _autocast_dtype(device_type: str):
+    """The dtype autocast runs matmuls in on this device type now, or None when it is off."""
+    try:  # torch >= 2.4
+        enabled, dtype = torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+    except TypeError:  # older torch: one function per device type
+        cuda = device_type == "cuda"
+        enabled = torch.is_autocast_enabled() if cuda else torch.is_autocast_cpu_enabled()
+        dtype = torch.get_autocast_gpu_dtype() if cuda else torch.get_autocast_cpu_dtype()
+    return dtype if enabled else None
+
+
+def _decoder_for_matmuls(weight, bias):
+    """The decoder cast once to the autocast dtype (autocast does not cache casts of frozen
+    weights, so each chunk would recast all of [V, H]); unchanged without autocast."""
+    dtype = _autocast_dtype(weight.device.type)
+    if dtype is None or weight.dtype == dtype:
+        return weight, bias
+    return weight.to(dtype), None if bias is None else bias.to(dtype)
+
+
 def _chunk_logits(features, weight, bias, excluded_column):
     """z = f W^T + b for one chunk, in >= fp32, the excluded column at -inf.  [c, H] -> [c, V]"""
     if bias is None:
@@ -62,6 +82,7 @@ def _loss_only(features, weight, bias, targets, row_weights, excluded_column, bu
     dtype = torch.promote_types(features.dtype, torch.float32)
     token_ce = torch.empty(n, dtype=dtype, device=features.device)  # [N]
     step = rows_per_chunk(weight.shape[0], features.dtype, budget_bytes)
+    weight, bias = _decoder_for_matmuls(weight, bias)
     for start in range(0, n, step):
         rows = slice(start, start + step)
         logits = _chunk_logits(features[rows], weight, bias, excluded_column)  # [c, V]
@@ -85,10 +106,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_weight = torch.zeros_like(weight, dtype=torch.promote_types(weight.dtype, dtype)) if need_weight else None
         grad_bias = torch.zeros(vocab, dtype=dtype, device=weight.device) if need_bias else None  # [V]
         step = rows_per_chunk(vocab, features.dtype, budget_bytes)
+        matmul_weight, matmul_bias = _decoder_for_matmuls(weight, bias)
         for start in range(0, n, step):
             rows = slice(start, start + step)
             f, y = features[rows], targets[rows]  # [c, H], [c]
-            logits = _chunk_logits(f, weight, bias, excluded_column)  # [c, V]
+            logits = _chunk_logits(f, matmul_weight, matmul_bias, excluded_column)  # [c, V]
             token_ce[rows], log_norm = _chunk_ce(logits, y)
             # g = w (softmax(z) - onehot(y)), in place over the logits   [c, V]
             grad_logits = logits.sub_(log_norm[:, None]).exp_()
@@ -96,7 +118,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_logits.mul_(weights[rows, None])
             if need_features:
                 # d loss / d f = g W   [c, H]
-                grad_features[rows] = (grad_logits.to(weight.dtype) @ weight).to(features.dtype)
+                grad_features[rows] = (grad_logits.to(matmul_weight.dtype) @ matmul_weight).to(features.dtype)
             if need_weight:
                 # d loss / d W += g^T f   [V, H]
                 grad_weight += grad_logits.t().to(f.dtype) @ f
