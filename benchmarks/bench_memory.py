@@ -133,6 +133,47 @@ def worker(args) -> None:
                       "growth_mib": peak_rss_mib() - base_rss, "peak_reset": reset, "loss": loss}))
 
 
+def saved_activations_kib(args, layers: int, batch: int, autocast: bool, checkpointing: bool) -> float:
+    """KiB of activations autograd saves for backward in the encoder (parameters excluded),
+    counted by storage through saved_tensors_hooks, for a [batch, seq] input."""
+    import torch
+
+    model = build(argparse.Namespace(**{**vars(args), "layers": layers, "vocab": 1000}))
+    model.model.gradient_checkpointing = checkpointing
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    ids = torch.randint(5, 1000, (batch, args.seq), generator=torch.Generator().manual_seed(0))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            model.hidden(ids)
+    return sum(saved.values()) / 1024
+
+
+def activations_table(args) -> None:
+    """Saved activations per token per layer: the slope over layers (1 -> 4) and batch (1 -> 3),
+    so weight casts and [S, S] masks, which do not grow with the tokens, cancel."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    print(f"encoder activations saved for backward, hidden {args.hidden}, LoRA r={args.rank}, "
+          f"sequence {args.seq} (autograd saved_tensors_hooks)\n")
+    print("| precision | gradient checkpointing | KiB per token per layer |")
+    print("|---|---|---:|")
+    tokens = 2 * args.seq
+    for autocast, checkpointing in ((False, False), (True, False), (True, True)):
+        grow = [saved_activations_kib(args, layers, 3, autocast, checkpointing)
+                - saved_activations_kib(args, layers, 1, autocast, checkpointing) for layers in (1, 4)]
+        per = (grow[1] - grow[0]) / 3 / tokens
+        print(f"| {'bf16 autocast' if autocast else 'fp32'} | {'yes' if checkpointing else 'no'} | {per:.3f} |")
+
+
 def measure(args, path: str, batch: int) -> dict:
     argv = [sys.executable, str(Path(__file__).resolve()), "--worker", path, "--worker-batch", str(batch)]
     for name in ("vocab", "hidden", "intermediate", "heads", "layers", "rank", "seq", "t", "repeats", "threads",
@@ -161,6 +202,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--budget-mib", type=float, default=256.0, help="chunked loss: logits memory per chunk")
     p.add_argument("--paths", nargs="+", choices=["dense", "chunked"], default=["dense", "chunked"])
+    p.add_argument("--activations", action="store_true",
+                   help="only count the encoder's saved activations per token per layer (seconds)")
     p.add_argument("--worker", choices=["dense", "chunked", "time"], help=argparse.SUPPRESS)
     p.add_argument("--worker-batch", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -168,6 +211,8 @@ def main() -> None:
         p.error(f"--t must lie in (0, 1] and --batches must be increasing; got {args.t} and {args.batches}")
     if args.worker:
         return worker(args)
+    if args.activations:
+        return activations_table(args)
 
     import torch
 

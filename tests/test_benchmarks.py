@@ -78,6 +78,19 @@ def test_bench_memory_tiny():
     assert [r[0] for r in timing] == ["dense", "chunked"] and timing[0][2] == "1.00x"
 
 
+def test_bench_memory_saved_activations_tiny():
+    bench = ROOT / "benchmarks" / "bench_memory.py"
+    done = subprocess.run([sys.executable, str(bench), "--activations", "--hidden", "32", "--intermediate", "48",
+                           "--heads", "2", "--rank", "4", "--seq", "16"], capture_output=True, text=True,
+                          timeout=300, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr
+    kib = [float(line.rsplit("|", 2)[1]) for line in done.stdout.splitlines()
+           if line.startswith("| fp32") or line.startswith("| bf16")]
+    # fp32 > bf16 autocast > bf16 with checkpointing, which keeps only each layer's fp32 input: 32 x 4 bytes
+    assert len(kib) == 3 and kib[0] > kib[1] > kib[2] > 0
+    assert abs(kib[2] - 32 * 4 / 1024) < 1e-3
+
+
 def test_bench_memory_bad_flags():
     bench = ROOT / "benchmarks" / "bench_memory.py"
     done = subprocess.run([sys.executable, str(bench), "--t", "1.5"], capture_output=True, text=True,
