@@ -12,7 +12,7 @@ LoRA r=256/alpha=256/dropout 0.05 on Wqkv, Wo, Wi, the same batch and the same m
 the corruption drawn from identically seeded generators), fp32 on the CPU.
 - reference: peft model on transformers' ModernBertForMaskedLM, dense logits [B, S, V], then
   the NELBO cross-entropy at the masked positions, torch.optim.AdamW;
-- minidiff: diffusion.nelbo_loss (logits only at the masked positions via logits_at),
+- minidiff: diffusion.nelbo_loss (head features at the masked positions, chunked vocabulary loss),
   minidiff.optim.AdamW (multi-tensor).
 Steps alternate between the two so machine load affects both alike; the median is reported.
 """

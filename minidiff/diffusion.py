@@ -32,7 +32,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .chunked_loss import linear_cross_entropy
 from .errors import UserError
+from .model import ModernBertMLM
 
 # ---------------------------------------------------------------------------------------------
 # Schedules: alpha(t) = P(token still itself at time t), decreasing from ~1 at t=0 to ~0 at t=1.
@@ -172,19 +174,41 @@ def corrupt(x0, t, mask_id: int, maskable=None, generator=None, schedule="linear
     return xt, is_masked
 
 
-def _masked_ce(logits, targets, mask_id: int):
-    """-log p(target) with the <mask> logit removed from the softmax. logits [N, V] -> [N] (>= fp32)."""
+def _masked_ce(logits, targets, mask_id: int | None):
+    """-log p(target), the <mask> logit removed from the softmax unless mask_id is None.
+    logits [N, V] -> [N] (>= fp32). The dense form, for models that only give logits."""
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    is_mask_column = torch.arange(logits.shape[-1], device=logits.device) == mask_id  # [V]
-    logits = logits.masked_fill(is_mask_column, float("-inf"))
+    if mask_id is not None:
+        is_mask_column = torch.arange(logits.shape[-1], device=logits.device) == mask_id  # [V]
+        logits = logits.masked_fill(is_mask_column, float("-inf"))
     return F.cross_entropy(logits, targets, reduction="none")
 
 
-def _selected_rows_and_ids(selected, ids):
-    """For every True entry of a bool [B, S] in row-major order (the order of the model's
-    `logits_at` rows): its row index [N] and the id of `ids` [B, S] there [N]."""
+def selected_positions(selected, ids):
+    """For every True entry of a bool [B, S] in row-major order: its index in the flattened
+    batch [N], its row [N] and the id of `ids` [B, S] there [N]. The one nonzero of a loss."""
     flat_index = selected.flatten().nonzero().squeeze(1)  # [N]
-    return flat_index // selected.shape[1], ids.flatten()[flat_index]
+    return flat_index, flat_index // selected.shape[1], ids.flatten()[flat_index]
+
+
+def decoder_cross_entropy(model, xt, selected, flat_index, targets, row_weights, *,
+                          attention_mask=None, excluded_id: int | None = None):
+    """(sum_i w_i CE_i, CE [N]) at the selected positions of the model's input xt [B, S].
+
+    CE_i = -log softmax(decoder(head(h_i)))[target_i], with the column excluded_id removed
+    from the softmax when given; flat_index [N] / targets [N] from selected_positions.
+    A ModernBertMLM (possibly inside DistributedDataParallel) gives its head features and the
+    vocabulary is swept chunk by chunk (chunked_loss: the [N, V] logits never exist); any
+    other model is asked for logits [N, V] at `selected`. Only the sum carries a gradient.
+    """
+    inner = getattr(model, "module", model)  # DistributedDataParallel keeps the model in .module
+    if isinstance(inner, ModernBertMLM):
+        features = model(xt, attention_mask, features_at=flat_index)  # [N, H]
+        return linear_cross_entropy(features, inner.decoder.weight, inner.decoder.bias, targets,
+                                    row_weights, excluded_column=excluded_id)
+    logits = model(xt, attention_mask, logits_at=selected)  # [N, V]
+    token_ce = _masked_ce(logits, targets, excluded_id)  # [N]
+    return (row_weights.to(token_ce) * token_ce).sum(), token_ce
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,20 +247,18 @@ def nelbo_loss(
     t = torch.as_tensor(t, dtype=torch.float32, device=x0.device).expand(x0.shape[0])  # [B]
     xt, is_masked = corrupt(x0, t, mask_id, maskable, generator, schedule)
 
-    logits = model(xt, attention_mask, logits_at=is_masked)  # [N, V], N = is_masked.sum()
-    # -log p(x0_i | x_t) at every masked position, <mask> excluded from the softmax
-    rows, targets = _selected_rows_and_ids(is_masked, x0)  # [N], [N]
-    token_ce = _masked_ce(logits, targets, mask_id)  # [N]
-    # w(t_b) * CE_i for token i of row b
-    weighted = schedule.weight(t).to(token_ce)[rows] * token_ce  # [N]
-    # sum_{i masked in row b} w(t_b) CE_i   (an empty batch gives zeros that still backprop)
-    per_row = token_ce.new_zeros(x0.shape[0]).index_add_(0, rows, weighted)  # [B]
+    flat_index, rows, targets = selected_positions(is_masked, x0)  # [N] each
+    weight = schedule.weight(t).double()  # [B]
     if normalize == "sequence":
-        # mean_b [ per_row_b / |maskable_b| ]
-        loss = (per_row / maskable.sum(1).clamp(min=1).to(per_row)).mean()
+        # loss = mean_b [ sum_{i masked in row b} w(t_b) CE_i / |maskable_b| ]
+        row_weight = weight / maskable.sum(1).clamp(min=1) / x0.shape[0]  # [B]
     else:
-        # sum_b per_row_b / sum_b |maskable_b|
-        loss = per_row.sum() / maskable.sum().clamp(min=1).to(per_row)
+        # loss = sum_b sum_{i masked in row b} w(t_b) CE_i / sum_b |maskable_b|
+        row_weight = weight / maskable.sum().clamp(min=1)  # [B]
+    # CE_i = -log p(x0_i | x_t) at every masked position, <mask> excluded from the softmax;
+    # an empty batch gives a zero that still backpropagates
+    loss, _ = decoder_cross_entropy(model, xt, is_masked, flat_index, targets, row_weight[rows],
+                                    attention_mask=attention_mask, excluded_id=mask_id)
     return loss, is_masked.sum()
 
 
@@ -286,14 +308,13 @@ def mlm_loss(model, ids, mask_id: int, *, maskable, attention_mask=None, mask_pr
     maskable = _maskable_or_all(ids, maskable, attention_mask)
     corrupted, is_target = mlm_corrupt(ids, mask_id, maskable, mask_prob=mask_prob,
                                        replace=replace, vocab_size=vocab_size, generator=generator)
-    logits = model(corrupted, attention_mask, logits_at=is_target).float()  # [N, V]
-    if exclude_mask_logit:
-        token_ce = _masked_ce(logits, ids[is_target], mask_id)  # [N]
-    else:
-        token_ce = F.cross_entropy(logits, ids[is_target], reduction="none")  # [N]
-    num_targets = is_target.sum()
-    # mean over targets: sum CE / N
-    return token_ce.sum() / num_targets.clamp(min=1), num_targets
+    flat_index, _, targets = selected_positions(is_target, ids)  # [N] each
+    # mean over targets: sum_i CE_i / N
+    row_weights = torch.full_like(targets, 1.0 / max(targets.numel(), 1), dtype=torch.float64)  # [N]
+    loss, _ = decoder_cross_entropy(model, corrupted, is_target, flat_index, targets, row_weights,
+                                    attention_mask=attention_mask,
+                                    excluded_id=mask_id if exclude_mask_logit else None)
+    return loss, is_target.sum()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -381,9 +402,12 @@ def mc_loglik_many(model, pairs, mask_id: int, *, pad_id: int, num_samples: int 
             is_masked[r0:r1, seq.numel() - answer_len:seq.numel()] = answer_masks[p][j0:j1]
         xt = torch.where(is_masked, torch.full_like(x0, mask_id), x0)
         padded = min(lengths) != width
-        logits = model(xt, attention if padded else None, logits_at=is_masked)  # [N, V]
-        rows, targets = _selected_rows_and_ids(is_masked, x0)  # [N], [N]
-        token_ce = _masked_ce(logits, targets, mask_id).double()  # [N]
+        flat_index, rows, targets = selected_positions(is_masked, x0)  # [N] each
+        _, token_ce = decoder_cross_entropy(model, xt, is_masked, flat_index, targets,
+                                            torch.zeros_like(targets, dtype=torch.float64),
+                                            attention_mask=attention if padded else None,
+                                            excluded_id=mask_id)
+        token_ce = token_ce.double()  # [N]
         # per row: (L / l) * sum_masked CE
         per_row = token_ce.new_zeros(end - start).index_add_(0, rows, token_ce)
         per_row = per_row * row_weights[start:end]  # [b]
@@ -440,9 +464,11 @@ def exact_nelbo(model, x0, mask_id: int, maskable=None, *, batch_size: int = 256
         is_masked[:, position_index] = chunk  # [b, S]
         x0_rows = x0.expand(chunk.shape[0], -1)
         xt = torch.where(is_masked, torch.full_like(x0_rows, mask_id), x0_rows)
-        logits = model(xt, None, logits_at=is_masked)  # [N, V]
-        rows, targets = _selected_rows_and_ids(is_masked, x0_rows)  # [N], [N]
-        token_ce = _masked_ce(logits, targets, mask_id).double()  # [N]
+        flat_index, rows, targets = selected_positions(is_masked, x0_rows)  # [N] each
+        _, token_ce = decoder_cross_entropy(model, xt, is_masked, flat_index, targets,
+                                            torch.zeros_like(targets, dtype=torch.float64),
+                                            excluded_id=mask_id)
+        token_ce = token_ce.double()  # [N]
         # sum_{i in M} CE_i for each subset M of the chunk
         per_subset = token_ce.new_zeros(chunk.shape[0]).index_add_(0, rows, token_ce)
         total += (subset_weight[start:start + batch_size] * per_subset).sum()

@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from .errors import UserError
 from .progress import bar as progress_bar
@@ -248,9 +247,11 @@ def mlm_perplexity(model, tok, texts: Sequence[str], *, max_len: int = 512, mask
         x0 = blocks[start:start + batch_size].to(device)
         xt = corrupted[start:start + batch_size].to(device)
         target = is_target[start:start + batch_size].to(device)
-        # CE_i = -log softmax(logits_i)[x0_i] at the masked positions, summed   (logits [N, V])
-        logits = model(xt, logits_at=target).float()
-        ce_sum += F.cross_entropy(logits, x0[target], reduction="sum").double()
+        # sum_i CE_i, CE_i = -log softmax(logits_i)[x0_i] at the masked positions (full vocabulary)
+        flat_index, _, targets = diffusion.selected_positions(target, x0)  # [N] each
+        ones = torch.ones_like(targets, dtype=torch.float64)  # [N]
+        batch_ce, _ = diffusion.decoder_cross_entropy(model, xt, target, flat_index, targets, ones)
+        ce_sum += batch_ce.double()
         if nelbo:
             keep = maskable[start:start + batch_size].to(device)
             loss, _ = diffusion.nelbo_loss(model, x0, tok.mask_id, maskable=keep, schedule="linear",

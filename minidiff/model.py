@@ -310,6 +310,9 @@ class ModernBertMLM(nn.Module):
       None                 -> [B, S, V]
       bool [B, S]          -> [N, V], the selected rows in row-major order (N = sel.sum())
       long [B, K] indices  -> [B, K, V], positions gathered per row (no host sync)
+    features_at (instead of logits_at) returns the head's output before the decoder, [N, H]
+    (see head_features): the input of chunked_loss. Asking through forward keeps wrappers
+    such as DistributedDataParallel in the loop.
     """
 
     def __init__(self, config: ModelConfig):
@@ -351,12 +354,24 @@ class ModernBertMLM(nn.Module):
         """Final-normed encoder states [B, S, H]."""
         return self.model(input_ids, attention_mask)
 
+    def head_features(self, h, at):
+        """head(h) at selected positions, the decoder's input: [B, S, H] -> [N, H].
+
+        at: bool [B, S] (the True entries in row-major order) or long [N], indices into the
+        flattened [B * S] positions (e.g. `selected.flatten().nonzero().squeeze(1)`, no host
+        sync here). Losses that apply the decoder chunk by chunk use this (chunked_loss).
+        """
+        rows = h[at] if at.dtype == torch.bool else h.flatten(0, 1).index_select(0, at)  # [N, H]
+        return self.head(rows)
+
     def logits_from_hidden(self, h):
         """[..., H] -> [..., V]: decoder(head(h))."""
         return self.decoder(self.head(h))
 
-    def forward(self, input_ids, attention_mask=None, logits_at=None):
+    def forward(self, input_ids, attention_mask=None, logits_at=None, features_at=None):
         h = self.hidden(input_ids, attention_mask)  # [B, S, H]
+        if features_at is not None:
+            return self.head_features(h, features_at)  # [N, H]
         if logits_at is None:
             return self.logits_from_hidden(h)  # [B, S, V]
         if logits_at.dtype == torch.bool:

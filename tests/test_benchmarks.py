@@ -56,3 +56,43 @@ def test_bench_sample_bad_chat_data(model_dir, tmp_path):
     assert done.returncode == 2
     assert "Traceback" not in done.stderr
     assert done.stderr.strip().startswith("error:") and str(missing.name) in done.stderr
+
+
+@pytest.mark.slow  # five python + torch start-ups
+def test_bench_memory_tiny():
+    bench = ROOT / "benchmarks" / "bench_memory.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(bench), "--vocab", "300", "--hidden", "32", "--intermediate", "48",
+                           "--heads", "2", "--layers", "1", "--rank", "4", "--seq", "16", "--batches", "2", "3",
+                           "--repeats", "1", "--budget-mib", "0.01"],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert done.returncode == 0, done.stderr
+    rows = [line.strip("| ").split(" | ") for line in done.stdout.splitlines()
+            if line.startswith("| dense") or line.startswith("| chunked")]
+    memory, timing = rows[:4], rows[4:]
+    # both paths at both batch sizes, the same masks (the script checks that the losses agree)
+    assert [r[0] for r in memory] == ["dense", "dense", "chunked", "chunked"]
+    assert memory[0][1] == memory[2][1] and memory[1][1] == memory[3][1]
+    assert int(memory[1][1].replace(",", "")) > int(memory[0][1].replace(",", ""))
+    assert "not resettable" not in done.stdout
+    assert [r[0] for r in timing] == ["dense", "chunked"] and timing[0][2] == "1.00x"
+
+
+def test_bench_memory_saved_activations_tiny():
+    bench = ROOT / "benchmarks" / "bench_memory.py"
+    done = subprocess.run([sys.executable, str(bench), "--activations", "--hidden", "32", "--intermediate", "48",
+                           "--heads", "2", "--rank", "4", "--seq", "16"], capture_output=True, text=True,
+                          timeout=300, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr
+    kib = [float(line.rsplit("|", 2)[1]) for line in done.stdout.splitlines()
+           if line.startswith("| fp32") or line.startswith("| bf16")]
+    # fp32 > bf16 autocast > bf16 with checkpointing, which keeps only each layer's fp32 input: 32 x 4 bytes
+    assert len(kib) == 3 and kib[0] > kib[1] > kib[2] > 0
+    assert abs(kib[2] - 32 * 4 / 1024) < 1e-3
+
+
+def test_bench_memory_bad_flags():
+    bench = ROOT / "benchmarks" / "bench_memory.py"
+    done = subprocess.run([sys.executable, str(bench), "--t", "1.5"], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT)
+    assert done.returncode == 2 and "Traceback" not in done.stderr and "--t must lie in (0, 1]" in done.stderr

@@ -1,0 +1,246 @@
+"""Peak memory and step time of one LoRA CPT micro-batch: dense vocabulary logits vs the
+chunked linear + cross-entropy (minidiff.chunked_loss), each measured in a fresh process.
+
+    python benchmarks/bench_memory.py                      # hidden 768, vocab 256000, 2 layers, r=256
+    python benchmarks/bench_memory.py --layers 4 --paths chunked
+
+Model: mmBERT-base's shape (hidden 768, 12 heads, intermediate 1152, the 256,000-token
+vocabulary) with few layers, LoRA r=alpha=256, dropout 0.05 on Wqkv, Wo, Wi, fp32 on the CPU.
+One micro-batch of B x S random ids at t = 0.5 (half the tokens masked), forward + backward:
+- dense (the reference, written here; minidiff's loss before the chunked one): the model's
+  logits [N, V] at the N masked rows, <mask> column removed, F.cross_entropy, the NELBO weight;
+- chunked: diffusion.nelbo_loss, which asks the model for the head features [N, H] and sweeps
+  the vocabulary chunk by chunk without ever holding [N, V].
+Each (path, batch) runs in its own process: after the model and data are built, the peak RSS
+is reset to the resident size (/proc/self/clear_refs), and the growth is ru_maxrss after one
+step minus that size. Growth per masked token is the slope between the two batch sizes, so
+fixed costs cancel. Both paths see the same masks; the script checks that their losses agree.
+The step time is measured in one more process, dense and chunked steps alternating.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MASK_ID = 4
+
+
+def rss_mib() -> float:
+    """Resident memory now (Linux /proc/self/statm), MiB."""
+    pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def reset_peak_rss() -> bool:
+    """Set the peak to the current resident size (Linux >= 4.0: clear_refs 5), so the model's
+    construction (temporary [V, H] tensors) does not hide the step's peak. False if refused."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return peak_rss_mib() <= rss_mib() + 16
+
+
+def build(args):
+    import torch
+
+    from minidiff import lora
+    from minidiff.model import ModelConfig, ModernBertMLM
+
+    config = ModelConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+                         num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                         global_attn_every_n_layers=3, local_attention=128, pad_token_id=0, eos_token_id=1,
+                         bos_token_id=2, cls_token_id=1, sep_token_id=1, mask_token_id=MASK_ID)
+    torch.manual_seed(0)
+    model = ModernBertMLM(config)
+    lora.apply_lora(model, r=args.rank, alpha=args.rank, dropout=0.05, targets=("Wqkv", "Wo", "Wi"))
+    return model.train()
+
+
+def dense_loss(model, x0, t, generator):
+    """The unchunked NELBO (normalize="sequence", linear schedule): logits [N, V] at the masked rows."""
+    import torch
+    import torch.nn.functional as F
+
+    from minidiff import diffusion
+
+    maskable = torch.ones_like(x0, dtype=torch.bool)
+    xt, is_masked = diffusion.corrupt(x0, t, MASK_ID, maskable, generator, diffusion.get_schedule("linear"))
+    logits = model(xt, logits_at=is_masked)  # [N, V]
+    logits = logits.masked_fill(torch.arange(logits.shape[-1]) == MASK_ID, float("-inf"))
+    ce = F.cross_entropy(logits, x0[is_masked], reduction="none")  # [N]
+    rows = is_masked.nonzero()[:, 0]
+    # mean_b [ sum_{i masked in row b} CE_i / t_b / S ]
+    per_row = torch.zeros(x0.shape[0]).index_add_(0, rows, ce / t[rows])
+    return (per_row / x0.shape[1]).mean(), is_masked.sum()
+
+
+def chunked_loss(model, x0, t, generator):
+    from minidiff import diffusion
+
+    return diffusion.nelbo_loss(model, x0, MASK_ID, t=t, generator=generator)
+
+
+def step(model, loss_fn, x0, t):
+    """One forward + backward: (seconds, loss, masked tokens)."""
+    import torch
+
+    model.zero_grad(set_to_none=True)
+    start = time.perf_counter()
+    loss, masked = loss_fn(model, x0, t, torch.Generator().manual_seed(3))
+    loss.backward()
+    return time.perf_counter() - start, loss.item(), int(masked)
+
+
+def worker(args) -> None:
+    """--worker dense|chunked: the peak memory of one step; --worker time: both paths' step times,
+    alternating so that machine load affects both alike. Prints one JSON line."""
+    import torch
+
+    from minidiff import chunked_loss as chunked_module
+
+    torch.set_num_threads(args.threads)
+    chunked_module.LOGITS_BUDGET_BYTES = int(args.budget_mib * 2**20)
+    model = build(args)
+    x0 = torch.randint(5, args.vocab, (args.worker_batch, args.seq), generator=torch.Generator().manual_seed(2))
+    t = torch.full((args.worker_batch,), args.t)
+    if args.worker == "time":
+        times = {"dense": [], "chunked": []}
+        for i in range(args.repeats + 1):  # round 0 is a warm-up
+            for name, loss_fn in (("dense", dense_loss), ("chunked", chunked_loss)):
+                seconds = step(model, loss_fn, x0, t)[0]
+                if i > 0:
+                    times[name].append(seconds)
+        print(json.dumps({name: statistics.median(v) for name, v in times.items()}))
+        return
+    reset = reset_peak_rss()
+    base_rss = rss_mib()
+    _, loss, masked = step(model, dense_loss if args.worker == "dense" else chunked_loss, x0, t)
+    print(json.dumps({"path": args.worker, "batch": args.worker_batch, "masked": masked,
+                      "growth_mib": peak_rss_mib() - base_rss, "peak_reset": reset, "loss": loss}))
+
+
+def saved_activations_kib(args, layers: int, batch: int, autocast: bool, checkpointing: bool) -> float:
+    """KiB of activations autograd saves for backward in the encoder (parameters excluded),
+    counted by storage through saved_tensors_hooks, for a [batch, seq] input."""
+    import torch
+
+    model = build(argparse.Namespace(**{**vars(args), "layers": layers, "vocab": 1000}))
+    model.model.gradient_checkpointing = checkpointing
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    ids = torch.randint(5, 1000, (batch, args.seq), generator=torch.Generator().manual_seed(0))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            model.hidden(ids)
+    return sum(saved.values()) / 1024
+
+
+def activations_table(args) -> None:
+    """Saved activations per token per layer: the slope over layers (1 -> 4) and batch (1 -> 3),
+    so weight casts and [S, S] masks, which do not grow with the tokens, cancel."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    print(f"encoder activations saved for backward, hidden {args.hidden}, LoRA r={args.rank}, "
+          f"sequence {args.seq} (autograd saved_tensors_hooks)\n")
+    print("| precision | gradient checkpointing | KiB per token per layer |")
+    print("|---|---|---:|")
+    tokens = 2 * args.seq
+    for autocast, checkpointing in ((False, False), (True, False), (True, True)):
+        grow = [saved_activations_kib(args, layers, 3, autocast, checkpointing)
+                - saved_activations_kib(args, layers, 1, autocast, checkpointing) for layers in (1, 4)]
+        per = (grow[1] - grow[0]) / 3 / tokens
+        print(f"| {'bf16 autocast' if autocast else 'fp32'} | {'yes' if checkpointing else 'no'} | {per:.3f} |")
+
+
+def measure(args, path: str, batch: int) -> dict:
+    argv = [sys.executable, str(Path(__file__).resolve()), "--worker", path, "--worker-batch", str(batch)]
+    for name in ("vocab", "hidden", "intermediate", "heads", "layers", "rank", "seq", "t", "repeats", "threads",
+                 "budget_mib"):
+        argv += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(argv, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        sys.exit(f"error: the {path} measurement at batch {batch} failed:\n{done.stderr.strip()}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--vocab", type=int, default=256000)
+    p.add_argument("--hidden", type=int, default=768)
+    p.add_argument("--intermediate", type=int, default=1152)
+    p.add_argument("--heads", type=int, default=12)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--rank", type=int, default=256)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--batches", type=int, nargs=2, default=[4, 8], help="the two batch sizes of the slope")
+    p.add_argument("--t", type=float, default=0.5, help="diffusion time: the fraction of tokens masked")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timed rounds (dense then chunked) at the larger batch after a warm-up; 0: no timing")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--budget-mib", type=float, default=256.0, help="chunked loss: logits memory per chunk")
+    p.add_argument("--paths", nargs="+", choices=["dense", "chunked"], default=["dense", "chunked"])
+    p.add_argument("--activations", action="store_true",
+                   help="only count the encoder's saved activations per token per layer (seconds)")
+    p.add_argument("--worker", choices=["dense", "chunked", "time"], help=argparse.SUPPRESS)
+    p.add_argument("--worker-batch", type=int, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if not 0.0 < args.t <= 1.0 or args.batches[0] >= args.batches[1]:
+        p.error(f"--t must lie in (0, 1] and --batches must be increasing; got {args.t} and {args.batches}")
+    if args.worker:
+        return worker(args)
+    if args.activations:
+        return activations_table(args)
+
+    import torch
+
+    results = {path: [measure(args, path, b) for b in args.batches] for path in args.paths}
+    if len(args.paths) == 2:
+        for a, b in zip(results["dense"], results["chunked"]):
+            rel = abs(a["loss"] - b["loss"]) / abs(a["loss"])
+            assert a["masked"] == b["masked"] and rel < 1e-4, f"the two paths disagree: {a} vs {b}"
+    timed = measure(args, "time", args.batches[1]) if args.repeats > 0 and len(args.paths) == 2 else None
+    print(f"LoRA CPT micro-batch, hidden {args.hidden}, {args.layers} layers, vocab {args.vocab:,}, r={args.rank}, "
+          f"batches {args.batches[0]} and {args.batches[1]} x {args.seq} at t = {args.t}, fp32 CPU, "
+          f"{args.threads} thread(s), chunk budget {args.budget_mib:g} MiB; {platform.machine()}, "
+          f"torch {torch.__version__}\n")
+    print("| loss | masked tokens | peak growth (MiB) | MiB per masked token (slope) |")
+    print("|---|---:|---:|---:|")
+    for path in args.paths:
+        small, large = results[path]
+        slope = (large["growth_mib"] - small["growth_mib"]) / (large["masked"] - small["masked"])
+        for r in (small, large):
+            flag = "" if r["peak_reset"] else " (peak not resettable: includes model construction)"
+            print(f"| {path} | {r['masked']:,} | {r['growth_mib']:,.0f}{flag} | {slope:.3f} |")
+    if timed:
+        print(f"\nstep time (forward + backward), batch {args.batches[1]}, median of {args.repeats} "
+              f"alternating rounds in one process after a warm-up:\n")
+        print("| loss | s / step | speed vs dense |")
+        print("|---|---:|---:|")
+        for path in ("dense", "chunked"):
+            print(f"| {path} | {timed[path]:.2f} | {timed['dense'] / timed[path]:.2f}x |")
+
+if __name__ == "__main__":
+    main()

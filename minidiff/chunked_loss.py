@@ -1,0 +1,154 @@
+"""Linear + cross-entropy over the vocabulary, one chunk of rows at a time (constant memory).
+
+References: Liger-Kernel's fused linear cross-entropy (Hsu et al., arXiv 2410.10989) and Cut
+Cross-Entropy (Wijmans et al., arXiv 2411.09009) compute the same loss without materialising
+the [N, V] logits; this module does it in plain PyTorch, with no custom kernel.
+
+For head features f_i [H] at N selected rows, the decoder (W [V, H], b [V]), target ids y_i,
+per-row weights w_i and an optional excluded column m (the `<mask>` id, removed from the
+softmax):
+    z_i = W f_i + b,  z_im = -inf;    loss = sum_i w_i (logsumexp(z_i) - z_i[y_i])
+    d loss / d z_i = w_i (softmax(z_i) - onehot(y_i))  =: g_i
+    d loss / d f_i = g_i W,   d loss / d W = sum_i g_i^T f_i,   d loss / d b = sum_i g_i
+The forward pass computes the loss and, in the same sweep over chunks of rows, these
+gradients, so at most one chunk of logits [rows_per_chunk, V] exists at a time; the backward
+pass only scales the saved gradients by the incoming scalar. A chunk holds as many rows as
+fit in `LOGITS_BUDGET_BYTES` of logits (fp32, or fp64 when the inputs are fp64).
+
+Under autocast (bf16 on a GPU) the matmuls run in the autocast dtype, as the decoder's
+nn.Linear would, while each chunk's logsumexp/softmax runs in fp32. With LoRA the decoder is
+frozen, so no [V, H] gradient is computed at all; without grad (evaluation) nothing but the
+loss is computed.
+
+    loss, token_ce = linear_cross_entropy(features, decoder.weight, decoder.bias, targets,
+                                          row_weights, excluded_column=mask_id)
+"""
+from __future__ import annotations
+
+import torch
+
+# Bytes of logits one chunk may hold: 256 MiB = 262 rows of a 256,000-token fp32 vocabulary.
+LOGITS_BUDGET_BYTES = 256 * 2**20
+
+
+def rows_per_chunk(vocab_size: int, dtype: torch.dtype, budget_bytes: int | None = None) -> int:
+    """How many rows of [*, vocab_size] logits in `dtype` (at least fp32) fit in the budget."""
+    budget = LOGITS_BUDGET_BYTES if budget_bytes is None else budget_bytes
+    itemsize = torch.promote_types(dtype, torch.float32).itemsize
+    return max(1, budget // (vocab_size * itemsize))
+
+
+def _autocast_dtype(device_type: str):
+    """The dtype autocast runs matmuls in on this device type now, or None when it is off."""
+    try:  # torch >= 2.4
+        enabled, dtype = torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+    except TypeError:  # older torch: one function per device type
+        cuda = device_type == "cuda"
+        enabled = torch.is_autocast_enabled() if cuda else torch.is_autocast_cpu_enabled()
+        dtype = torch.get_autocast_gpu_dtype() if cuda else torch.get_autocast_cpu_dtype()
+    return dtype if enabled else None
+
+
+def _decoder_for_matmuls(weight, bias):
+    """The decoder cast once to the autocast dtype (autocast does not cache casts of frozen
+    weights, so each chunk would recast all of [V, H]); unchanged without autocast."""
+    dtype = _autocast_dtype(weight.device.type)
+    if dtype is None or weight.dtype == dtype:
+        return weight, bias
+    return weight.to(dtype), None if bias is None else bias.to(dtype)
+
+
+def _chunk_logits(features, weight, bias, excluded_column):
+    """z = f W^T + b for one chunk, in >= fp32, the excluded column at -inf.  [c, H] -> [c, V]"""
+    if bias is None:
+        logits = features @ weight.t()  # [c, V], in the autocast dtype under autocast
+    else:
+        logits = torch.addmm(bias, features, weight.t())  # [c, V]
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # softmax in >= fp32
+    if excluded_column is not None:
+        logits[:, excluded_column] = float("-inf")
+    return logits
+
+
+def _chunk_ce(logits, targets):
+    """CE_i = logsumexp(z_i) - z_i[y_i] and the log-normaliser.  [c, V] -> [c], [c]"""
+    log_norm = torch.logsumexp(logits, dim=1)  # [c]
+    return log_norm - logits.gather(1, targets[:, None]).squeeze(1), log_norm
+
+
+def _loss_only(features, weight, bias, targets, row_weights, excluded_column, budget_bytes):
+    """sum_i w_i CE_i and CE [N], chunk by chunk, no gradient work (evaluation)."""
+    n = features.shape[0]
+    dtype = torch.promote_types(features.dtype, torch.float32)
+    token_ce = torch.empty(n, dtype=dtype, device=features.device)  # [N]
+    step = rows_per_chunk(weight.shape[0], features.dtype, budget_bytes)
+    weight, bias = _decoder_for_matmuls(weight, bias)
+    for start in range(0, n, step):
+        rows = slice(start, start + step)
+        logits = _chunk_logits(features[rows], weight, bias, excluded_column)  # [c, V]
+        token_ce[rows] = _chunk_ce(logits, targets[rows])[0]
+    loss = (row_weights.to(dtype) * token_ce).sum()
+    return loss, token_ce
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """loss = sum_i w_i CE(W f_i + b, y_i); gradients computed in forward, chunk by chunk."""
+
+    @staticmethod
+    def forward(ctx, features, weight, bias, targets, row_weights, excluded_column, budget_bytes):
+        n, vocab = features.shape[0], weight.shape[0]
+        need_features, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_bias = bias is not None and ctx.needs_input_grad[2]
+        dtype = torch.promote_types(features.dtype, torch.float32)
+        weights = row_weights.to(dtype)  # [N]
+        token_ce = torch.empty(n, dtype=dtype, device=features.device)  # [N]
+        grad_features = torch.zeros_like(features) if need_features else None  # [N, H]
+        grad_weight = torch.zeros_like(weight, dtype=torch.promote_types(weight.dtype, dtype)) if need_weight else None
+        grad_bias = torch.zeros(vocab, dtype=dtype, device=weight.device) if need_bias else None  # [V]
+        step = rows_per_chunk(vocab, features.dtype, budget_bytes)
+        matmul_weight, matmul_bias = _decoder_for_matmuls(weight, bias)
+        for start in range(0, n, step):
+            rows = slice(start, start + step)
+            f, y = features[rows], targets[rows]  # [c, H], [c]
+            logits = _chunk_logits(f, matmul_weight, matmul_bias, excluded_column)  # [c, V]
+            token_ce[rows], log_norm = _chunk_ce(logits, y)
+            # g = w (softmax(z) - onehot(y)), in place over the logits   [c, V]
+            grad_logits = logits.sub_(log_norm[:, None]).exp_()
+            grad_logits[torch.arange(f.shape[0], device=f.device), y] -= 1.0
+            grad_logits.mul_(weights[rows, None])
+            if need_features:
+                # d loss / d f = g W   [c, H]
+                grad_features[rows] = (grad_logits.to(matmul_weight.dtype) @ matmul_weight).to(features.dtype)
+            if need_weight:
+                # d loss / d W += g^T f   [V, H]
+                grad_weight += grad_logits.t().to(f.dtype) @ f
+            if need_bias:
+                # d loss / d b += sum_rows g   [V]
+                grad_bias += grad_logits.sum(0)
+        ctx.save_for_backward(grad_features, grad_weight, grad_bias)
+        ctx.mark_non_differentiable(token_ce)
+        return (weights * token_ce).sum(), token_ce
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_token_ce):
+        # d out / d x = (d out / d loss) * (d loss / d x), the latter saved by forward
+        scaled = [None if g is None else g * grad_loss.to(g.dtype) for g in ctx.saved_tensors]
+        return (*scaled, None, None, None, None)
+
+
+def linear_cross_entropy(features, weight, bias, targets, row_weights, *, excluded_column=None,
+                         budget_bytes: int | None = None):
+    """(sum_i w_i CE_i, CE [N]) for logits z_i = W f_i + b that never exist all at once.
+
+    features [N, H] (the head's output at the selected rows), weight [V, H] and bias [V] or
+    None (the decoder; a tied weight gets its gradient like any other), targets [N] ids,
+    row_weights [N], excluded_column: an id removed from the softmax (or None). The loss is
+    differentiable in features, weight and bias; CE [N] is returned without a gradient.
+    budget_bytes: logits memory per chunk (default LOGITS_BUDGET_BYTES).
+    """
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (features, weight, bias))
+    if not needs_grad:
+        return _loss_only(features, weight, bias, targets, row_weights, excluded_column, budget_bytes)
+    return _LinearCrossEntropy.apply(features, weight, bias, targets, row_weights, excluded_column,
+                                     budget_bytes)
