@@ -24,6 +24,10 @@ left is known on the host from the schedule), and a step makes no host-device sy
 (the schedule is computed on the host once per block), so the step can be captured by CUDA
 graphs / torch.compile. Threshold decoding reads one number per step (its step count depends on
 the data).
+
+`cache="prefix"|"dual"` (approximate key/value caches, Fast-dLLM arXiv 2505.22618) and
+`compile=True` run the blocks with the fixed-shape step of `cached.py` instead; `cache="none"`
+without compile is the exact loop here, unchanged.
 """
 from __future__ import annotations
 
