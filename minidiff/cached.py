@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 
 from .model import KVCache
-from .sampler import TraceStep, denoise_step
+from .sampler import TraceStep, _masked_first, denoise_step
 
 
 class CachedLogits:
@@ -39,38 +39,44 @@ class CachedLogits:
     served from a KVCache: `fill=True` runs the full canvas and fills the cache; otherwise only
     the block ("dual") or the block and what follows it ("prefix", `width` positions) run."""
 
-    def __init__(self, model, cache: KVCache, mode: str, fill: bool, width: int = 0):
+    def __init__(self, model, cache: KVCache, mode: str, fill: bool, width: int, block):
         self.model, self.cache, self.mode, self.fill, self.width = model, cache, mode, fill, width
+        self.block = block  # [B, K] the block's canvas positions (consecutive per row)
 
     def __call__(self, canvas, attention_mask, logits_at):
-        B, K = logits_at.shape
         if self.fill:
             h = self.model.hidden(canvas, attention_mask, cache=self.cache)  # [B, T, H]
             h = h.gather(1, logits_at[..., None].expand(-1, -1, h.shape[-1]))  # [B, K, H]
             return self.model.logits_from_hidden(h)
+        block = self.block.repeat(logits_at.shape[0] // self.block.shape[0], 1)  # cfg: [2B, K]
+        start = block[:, :1]  # [B, 1]
         if self.mode == "dual":
-            positions = logits_at  # [B, K]
+            positions = block  # [B, K]
         else:  # the block's first position onwards; past the canvas end = unused slots
-            offsets = torch.arange(self.width, device=logits_at.device)
-            positions = logits_at[:, :1] + offsets[None, :]  # [B, W]
+            positions = start + torch.arange(self.width, device=start.device)[None, :]  # [B, W]
         ids = canvas.gather(1, positions.clamp(max=canvas.shape[1] - 1))  # [B, Q]
         h = self.model.hidden(ids, attention_mask, cache=self.cache.at(positions))  # [B, Q, H]
-        return self.model.logits_from_hidden(h[:, :K])  # [B, K, V]
+        h = h.gather(1, (logits_at - start)[..., None].expand(-1, -1, h.shape[-1]))  # [B, N, H]
+        return self.model.logits_from_hidden(h)  # [B, N, V]
 
 
 def static_step(model, cache: KVCache | None, fill: bool, width: int, canvas, attention_mask,
-                positions, counts, given, config, mask_id: int, eos_id: int, generator=None):
-    """One denoising step at fixed shapes: logits over the whole block positions [B, K].
+                positions, counts, given, config, mask_id: int, eos_id: int, generator=None,
+                logit_width: int | None = None):
+    """One denoising step at fixed shapes on the block positions [B, K].
 
-    cache None: the full-canvas model; else CachedLogits(fill, width). Returns new tensors
-    (canvas [B, T], committed [B, K], masks left in the block of the fullest row (0-d)); no host
+    Logits over the whole block (logit_width None), or over each row's first `logit_width`
+    still-masked block positions (padded with committed ones). cache None: the full-canvas
+    model; else CachedLogits(fill, width). Returns new tensors (canvas [B, T], the positions
+    with logits [B, N], committed [B, N], masks left in the fullest row's block (0-d)); no host
     read, no write into an input."""
-    logits_fn = model if cache is None else CachedLogits(model, cache, config.cache, fill, width)
+    where = positions if logit_width is None else _masked_first(canvas, positions, logit_width, mask_id)
+    logits_fn = model if cache is None else CachedLogits(model, cache, config.cache, fill, width, positions)
     canvas = canvas.clone()
-    committed = denoise_step(logits_fn, canvas, attention_mask, positions, counts, given, config,
+    committed = denoise_step(logits_fn, canvas, attention_mask, where, counts, given, config,
                              mask_id, eos_id, generator)
     left = (canvas.gather(1, positions) == mask_id).sum(1).amax()
-    return canvas, committed, left
+    return canvas, where, committed, left
 
 
 class LateCount:
@@ -121,10 +127,14 @@ class StaticSteps:
         self.step = compiled_static_step(device) if config.compile else static_step
         self.device = device
 
-    def run_block(self, out, b, canvas, attention_mask, positions, schedule, num_steps, given,
-                  generator, callback):
-        """Block b's steps; returns the new canvas. One host read per block (the prefix width)."""
+    def run_block(self, out, b, canvas, attention_mask, positions, masked, plan, schedule, num_steps,
+                  given, generator, callback):
+        """Block b's steps; returns the new canvas. One host read per block (the prefix width).
+
+        Compiled: logits over the whole block (one shape per block). Eager: over as many
+        positions as the host knows may still be masked (from the schedule, or the late count)."""
         config, cache = self.config, self.cache
+        bound = max(masked)  # masks left in the fullest row, or an upper bound of it
         width = 0
         if config.cache == "prefix":  # the block and what follows, for the row that starts first
             width = canvas.shape[1] - int(positions[:, 0].min())
@@ -133,20 +143,27 @@ class StaticSteps:
             refresh = cache is not None and (i == 0 or (config.cache_refresh is not None
                                                          and i % config.cache_refresh == 0))
             counts = None if schedule is None else schedule[:, i]
+            if plan is not None:
+                bound = max(m - sum(row[:i]) for m, row in zip(masked, plan))
+            if bound == 0:
+                break
+            logit_width = None if config.compile else bound
             # the fill writes the cache (a side effect), so it always runs eagerly
             step = static_step if refresh else self.step
-            canvas, committed, left = step(self.model, cache, refresh, width, canvas, attention_mask,
-                                           positions, counts, given, config, self.mask_id,
-                                           self.eos_id, generator)
+            canvas, where, committed, left = step(self.model, cache, refresh, width, canvas,
+                                                  attention_mask, positions, counts, given, config,
+                                                  self.mask_id, self.eos_id, generator, logit_width)
             # copies: a CUDA graph reuses its output buffers at the next replay
-            canvas, committed, left = canvas.clone(), committed.clone(), left.clone()
+            canvas, where, committed, left = canvas.clone(), where.clone(), committed.clone(), left.clone()
             out.sequences = canvas
             out.num_forward += 1
-            out.trace.append(TraceStep(b, positions, canvas.gather(1, positions), committed))
+            out.trace.append(TraceStep(b, where, canvas.gather(1, where), committed))
             if callback is not None:
                 callback(out)
             if masks_left is not None:  # threshold: the count after step i - 1, read now
-                if masks_left.read() == 0:
+                bound = masks_left.read()  # None before the first push
+                if bound == 0:
                     break  # step i found a finished block and committed nothing
+                bound = max(masked) if bound is None else bound
                 masks_left.push(left)
         return canvas

@@ -401,8 +401,8 @@ def _denoise(model, canvas, attention_mask, given, blocks, steps_per_block, conf
         else:
             plan, schedule, num_steps = None, None, max(masked)  # at least one commit per step
         if static is not None:
-            canvas = static.run_block(out, b, canvas, attention_mask, positions, schedule, num_steps,
-                                      given, generator, callback)
+            canvas = static.run_block(out, b, canvas, attention_mask, positions, masked, plan, schedule,
+                                      num_steps, given, generator, callback)
         else:
             _run_block(model, out, b, canvas, attention_mask, positions, masked, plan, schedule,
                        num_steps, given, config, mask_id, eos_id, generator, callback)

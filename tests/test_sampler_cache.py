@@ -174,9 +174,11 @@ def test_step_makes_no_host_read(model, monkeypatch):
         cache = None if mode == "none" else KVCache()
         width = x.shape[1] - min(lengths)
         for fill in ((True, False) if cache is not None else (False,)):
-            canvas, committed, left = static_step(model, cache, fill, width, x, mask, positions, counts,
-                                                  given, config, MASK, EOS)
-            assert canvas.shape == x.shape and committed.shape == positions.shape and left.dim() == 0
+            for logit_width in (None, 2):  # the whole block, or the first 2 still-masked positions
+                canvas, where, committed, left = static_step(model, cache, fill, width, x, mask, positions,
+                                                             counts, given, config, MASK, EOS, None, logit_width)
+                assert canvas.shape == x.shape and left.dim() == 0
+                assert where.shape == committed.shape == (3, 4 if logit_width is None else 2)
 
 
 @pytest.mark.slow  # inductor compiles the step once (C++ on the CPU): tens of seconds
