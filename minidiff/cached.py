@@ -14,11 +14,13 @@ Per block of K positions (canvas T, per-row block positions [B, K]):
                                  block comes from the cache
     (cache_refresh = n refills the cache every n steps; n = 1 is the exact sampler again)
 
-Every step has the same shapes: logits over the whole block (committed positions simply cannot
-be chosen: their confidence is -inf), the transfer counts come from the schedule tensor on the
-device, and the step returns new tensors instead of writing into reused ones, so
+Compiled, every step has the same shapes: logits over the whole block (committed positions
+simply cannot be chosen: their confidence is -inf), the transfer counts come from the schedule
+tensor on the device, and the step returns new tensors instead of writing into reused ones, so
 `torch.compile(fullgraph=True)` (mode "reduce-overhead" on CUDA: CUDA graphs) traces it once per
-block shape. The step reads nothing on the host. Threshold decoding needs one host number per
+block shape. Eager, the same step takes logits only at as many still-masked positions as the
+host knows may remain (from the schedule, or the late count), since with a 256k vocabulary the
+logits of one position cost more than all encoder layers for one token. The step reads nothing on the host. Threshold decoding needs one host number per
 step (masks left); it is copied without blocking and read one step late, so a block that is
 already finished may get one extra step, which commits nothing (every confidence is -inf).
 
