@@ -7,6 +7,7 @@ sampler matches dllm's LLaDA generator and the Diffutron fork. Reader's page: do
     python sample.py --model DIR --chat
     python sample.py --model DIR --infill "İstanbul <mask> <mask> Asya'yı ayırır." --raw
     python sample.py --model DIR --prompt "..." --json --trace-html denoise.html
+    python sample.py --model DIR --prompt "..." --cache dual --threshold 0.9 --compile
 
 Prompts go through dllm's chat template (`[Question]...[/Question]` then `[Answer]`)
 unless --raw. In a terminal the canvas is redrawn after every step (masks as dim blocks);
@@ -58,6 +59,13 @@ def parse_args(argv=None):
     g.add_argument("--stop-at-eos", action=argparse.BooleanOptionalAction,
                    help="stop once every answer has eos or [/Answer] in a finished block")
     g.add_argument("--seed", type=int)
+    g.add_argument("--cache", choices=["none", "prefix", "dual"],
+                   help="key/value cache across a block's steps (Fast-dLLM, approximate): none = exact "
+                        "(default), prefix = reuse what precedes the block, dual = run only the block")
+    g.add_argument("--cache-refresh", type=int,
+                   help="with --cache: refill the cache every N steps of a block (default: block start only)")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                   help="torch.compile the fixed-shape step (CUDA graphs on a GPU); the first call compiles")
     p.add_argument("--json", action="store_true", help="print JSON: ids, text, steps used")
     p.add_argument("--trace-html", type=Path, help="write a self-contained HTML page replaying the denoising")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")

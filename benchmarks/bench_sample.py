@@ -1,10 +1,12 @@
-"""Sampling speed: minidiff.sampler.generate vs a reference with full-canvas logits, and threshold decoding.
+"""Sampling speed: minidiff.sampler.generate vs a reference with full-canvas logits, threshold decoding, key/value caches.
 
 References: LLaDA (arXiv 2502.09992), Fast-dLLM (2505.22618); the reference is dllm's
 LLaDA sampler and the Diffutron fork's step, written plainly here.
 
     python benchmarks/bench_sample.py                    # random mmBERT-shaped model (768 hidden, 256k vocab, 2 layers)
     python benchmarks/bench_sample.py --layers 4 --max-new-tokens 64
+    python benchmarks/bench_sample.py --layers 22 --cache none prefix dual --threads 1   # mmBERT-base depth
+    python benchmarks/bench_sample.py --model DIR --text-data speeches.jsonl --cache none prefix dual
     python benchmarks/bench_sample.py --model DIR        # a trained model (e.g. the demo's) and its tokenizer
     python benchmarks/bench_sample.py --model runs/demo/sft --chat-data runs/demo/data/sft_train.jsonl
 
@@ -13,6 +15,12 @@ vocabulary projection run on every canvas position every step, the repetition pe
 rows, top-k per row. Both use the diffutron-long settings (128 tokens, 128 steps, block 32,
 penalty 1.2) at temperature 0, so they must commit identical tokens (asserted). Threshold decoding
 (0.9) is reported with its agreement with the reference. Prints a markdown table.
+
+--cache adds `generate` with each key/value cache (Fast-dLLM, arXiv 2505.22618; approximate,
+so their agreement with the reference is reported, not asserted), each also with every threshold.
+
+With --text-data (rows with a "text" field, e.g. held-out speeches) the prompts are
+--prompt-length-token windows spread over the texts, continued as plain text (no chat template).
 
 With --chat-data (rows in the messages format, e.g. the demo's SFT split) the prompts are the
 first --num-prompts questions rendered with the chat template exactly as SFT saw them, each
@@ -80,7 +88,10 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--chat-data", help="with --model: a messages-format .jsonl whose questions are the prompts")
-    p.add_argument("--num-prompts", type=int, default=8, help="with --chat-data: how many rows (default 8)")
+    p.add_argument("--text-data", help="with --model: a .jsonl of {\"text\": ...} rows to continue as plain text")
+    p.add_argument("--num-prompts", type=int, default=8, help="with --chat-data / --text-data: how many prompts (default 8)")
+    p.add_argument("--cache", nargs="+", default=["none"], choices=["none", "prefix", "dual"],
+                   help="generate with each of these key/value caches (default: none only)")
     p.add_argument("--show", action="store_true", help="print each sampler's answers (with --model)")
     p.add_argument("--repeats", type=int, default=1,
                    help="run the three samplers this many times, interleaved, and keep each one's fastest")
@@ -94,7 +105,12 @@ def main() -> None:
         model = minidiff.load_model(args.model)
         tok = minidiff.load_tokenizer(args.model)
         mask_id, eos_id = tok.mask_id, tok.eos_id
-        prompts = chat_prompts(tok, args) if args.chat_data else [generic_prompt(tok, args.prompt_length)]
+        if args.chat_data:
+            prompts = chat_prompts(tok, args)
+        elif args.text_data:
+            prompts = text_prompts(tok, args)
+        else:
+            prompts = [generic_prompt(tok, args.prompt_length)]
         what = f"{args.model} ({model.num_parameters():,} parameters)"
     else:
         torch.manual_seed(args.seed)
@@ -122,10 +138,15 @@ def main() -> None:
             return out.sequences, out.num_forward
         return run
 
-    samplers = {"reference (full-canvas logits)": lambda prompt: reference_generate(model, prompt, config, mask_id, eos_id),
-                "generate (block logits only)": run_generate(config)}
-    for threshold in args.threshold:
-        samplers[f"generate, threshold {threshold}"] = run_generate(config.replace(threshold=threshold))
+    samplers = {"reference (full-canvas logits)": lambda prompt: reference_generate(model, prompt, config, mask_id, eos_id)}
+    for cache in dict.fromkeys(args.cache):
+        name = "generate (block logits only)" if cache == "none" else f"generate, cache {cache}"
+        cached = config.replace(cache=cache)
+        samplers[name] = run_generate(cached)
+        if cache != "none":
+            generate(model, [prompts[0]], cached.replace(max_new_tokens=4, steps=4), mask_id=mask_id, eos_id=eos_id)
+        for threshold in args.threshold:
+            samplers[f"{name.split(' (')[0]}, threshold {threshold}"] = run_generate(cached.replace(threshold=threshold))
     names = list(samplers)
     best = dict.fromkeys(names, math.inf)  # fastest time over the repeats, summed over prompts
     calls = dict.fromkeys(names, 0)
@@ -140,14 +161,20 @@ def main() -> None:
                 if repeat == 0:
                     calls[name] += num_calls
                     answers[name].append(sequences[0, answer])
-            if repeat == 0 and not torch.equal(answers[names[1]][-1], answers[names[0]][-1]):
+            exact = "generate (block logits only)"
+            if repeat == 0 and exact in names and not torch.equal(answers[exact][-1], answers[names[0]][-1]):
                 raise AssertionError("generate and the reference committed different tokens")
         best = {name: min(best[name], total[name]) for name in names}
 
     tokens = n * len(prompts)
     reference = answers[names[0]]
     equal = {name: sum(int((a == r).sum()) for a, r in zip(answers[name], reference)) for name in names}
-    source = f"{len(prompts)} chat prompts from {args.chat_data}" if args.chat_data else f"prompt {len(prompts[0])} tokens"
+    if args.chat_data:
+        source = f"{len(prompts)} chat prompts from {args.chat_data}"
+    elif args.text_data:
+        source = f"{len(prompts)} plain-text prompts of {args.prompt_length} tokens from {args.text_data}"
+    else:
+        source = f"prompt {len(prompts[0])} tokens"
     print(f"\nSampling, {what}; {source}, {n} new tokens each, diffutron-long (block 32, penalty 1.2), "
           f"temperature 0, batch 1, fastest of {args.repeats} run(s)")
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
@@ -182,6 +209,26 @@ def chat_prompts(tok, args) -> list[list[int]]:
 
     rows = data.read_rows(args.chat_data)[: args.num_prompts]  # UserError (one sentence) when empty
     return [data.chat_prompt_ids(data.sft_messages(row, "messages")[:-1], tok) for row in rows]
+
+
+def text_prompts(tok, args) -> list[list[int]]:
+    """--num-prompts windows of --prompt-length tokens (after <bos>), evenly spread over the
+    concatenated texts of --text-data."""
+    from minidiff import data
+    from minidiff.errors import UserError
+
+    ids = []
+    for row in data.read_rows(args.text_data):
+        if not isinstance(row.get("text"), str):
+            raise UserError(f"--text-data {args.text_data}: every row needs a \"text\" string.")
+        ids += tok.encode(row["text"], add_special_tokens=False)
+    n = args.prompt_length - 1
+    if len(ids) < n * args.num_prompts:
+        raise UserError(f"--text-data {args.text_data} has {len(ids)} tokens, fewer than "
+                        f"{args.num_prompts} prompts of {n}; lower --num-prompts or --prompt-length.")
+    stride = (len(ids) - n) // max(args.num_prompts - 1, 1)
+    return [[tok.bos_id] + ids[i * stride: i * stride + n] for i in range(args.num_prompts)]
+
 
 if __name__ == "__main__":
     run_cli(main)

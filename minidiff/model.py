@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -183,13 +183,22 @@ class Attention(nn.Module):
         self.Wo = nn.Linear(config.hidden_size, config.hidden_size, bias=config.attention_bias)
 
     def forward(self, x, cos, sin, mask):
+        q, k, v = self.project(x, cos, sin)
+        return self.attend(q, k, v, mask)
+
+    def project(self, x, cos, sin):
+        """x [B, S, H] -> q, k, v, each [B, heads, S, d], q and k rotated."""
         B, S, H = x.shape
         qkv = self.Wqkv(x).view(B, S, 3, self.num_heads, self.head_dim)  # q, k, v outermost
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, heads, S, d]
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+    def attend(self, q, k, v, mask):
+        """q [B, heads, S, d] over keys/values [B, heads, S', d] -> [B, S, H]."""
+        B, _, S, _ = q.shape
         # softmax(q k^T / sqrt(d) + mask) v
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.head_dim**-0.5)
-        return self.Wo(out.transpose(1, 2).reshape(B, S, H))
+        return self.Wo(out.transpose(1, 2).reshape(B, S, -1))
 
 
 class MLP(nn.Module):
@@ -236,6 +245,39 @@ class Embeddings(nn.Module):
         return self.norm(self.tok_embeddings(input_ids))
 
 
+@dataclass
+class KVCache:
+    """Every layer's keys and values (after rotary) at every canvas position, for cached sampling.
+
+    Fast-dLLM (arXiv 2505.22618): a denoising step that changes only a few tokens of the canvas
+    reuses the keys/values of the positions it does not recompute. Two uses of the encoder:
+
+        encoder(canvas [B, T], mask, cache=KVCache())                 # fill: a full forward that
+                                                                       # stores keys/values [B, heads, T, d]
+        encoder(ids [B, Q], mask, cache=cache.at(positions [B, Q]))   # the ids sit at these canvas
+                                                                       # positions (>= T: unused slot)
+
+    In the second call the inputs' queries attend to the cached keys/values of every canvas
+    position they do not recompute and to their own fresh ones (at their absolute rotary
+    positions); local layers keep their band, `mask` [B, T] is the canvas' attention mask.
+    The fresh keys/values are not written back: they stand in for the stale cached ones, so the
+    cache itself only changes at a fill. Memory per canvas token: 2 x layers x hidden x bytes
+    (mmBERT-base in fp32: 2 x 22 x 768 x 4 = 135 KB).
+    """
+
+    keys: list = field(default_factory=list)  # per layer [B, heads, T, d]
+    values: list = field(default_factory=list)  # per layer [B, heads, T, d]
+    positions: torch.Tensor | None = None  # [B, Q] canvas positions of the inputs; None = fill
+
+    def at(self, positions: torch.Tensor) -> "KVCache":
+        """The same cache, read by inputs at canvas positions [B, Q]."""
+        return KVCache(self.keys, self.values, positions)
+
+    @property
+    def canvas_length(self) -> int:
+        return self.keys[0].shape[2]
+
+
 class Encoder(nn.Module):
     """The headless ModernBertModel: ids -> final-normed hidden states [B, S, H]."""
 
@@ -275,7 +317,9 @@ class Encoder(nn.Module):
         # an empty row keeps only its diagonal
         return key_ok, local | (itself & ~local.any(dim=-1, keepdim=True))
 
-    def forward(self, input_ids, attention_mask=None):
+    def forward(self, input_ids, attention_mask=None, cache: KVCache | None = None):
+        if cache is not None:
+            return self._forward_with_cache(input_ids, attention_mask, cache)
         B, S = input_ids.shape
         x = self.embeddings(input_ids)  # [B, S, H]
         global_mask, local_mask = self.attention_masks(attention_mask, S, input_ids.device)
@@ -289,6 +333,63 @@ class Encoder(nn.Module):
             else:
                 x = layer(x, cos, sin, mask)
         return self.final_norm(x)
+
+    def _forward_with_cache(self, input_ids, attention_mask, cache: KVCache):
+        """See KVCache: fill it (positions None) or read it; final-normed states [B, S or Q, H]."""
+        x = self.embeddings(input_ids)  # [B, S, H]
+        if cache.positions is None:  # fill: the full forward, keeping each layer's keys/values
+            S = input_ids.shape[1]
+            global_mask, local_mask = self.attention_masks(attention_mask, S, input_ids.device)
+            rope_global = self.rotary_global.cos_sin(S, x.device, x.dtype)
+            rope_local = self.rotary_local.cos_sin(S, x.device, x.dtype)
+            cache.keys, cache.values = [], []
+        else:
+            T = cache.canvas_length
+            global_mask, local_mask = self.cached_attention_masks(cache.positions, attention_mask, T)
+            slot = cache.positions.clamp(max=T - 1)  # [B, Q]
+            rope_global = [t[slot][:, None] for t in self.rotary_global.cos_sin(T, x.device, x.dtype)]
+            rope_local = [t[slot][:, None] for t in self.rotary_local.cos_sin(T, x.device, x.dtype)]
+        for i, layer in enumerate(self.layers):
+            cos, sin = rope_global if layer.is_global else rope_local
+            mask = global_mask if layer.is_global else local_mask
+            q, k, v = layer.attn.project(layer.attn_norm(x), cos, sin)  # [B, heads, Q, d]
+            if cache.positions is None:
+                cache.keys.append(k)
+                cache.values.append(v)
+            else:  # keys = [the cached canvas | the fresh inputs]
+                k = torch.cat([cache.keys[i], k], dim=2)  # [B, heads, T + Q, d]
+                v = torch.cat([cache.values[i], v], dim=2)
+            x = x + layer.attn.attend(q, k, v, mask)
+            x = x + layer.mlp(layer.mlp_norm(x))
+        return self.final_norm(x)
+
+    def cached_attention_masks(self, positions, attention_mask, canvas_length: int):
+        """Boolean SDPA masks [B, 1, Q, T + Q] (global, local) for inputs at canvas positions
+        [B, Q] over the keys [cached canvas (T) | fresh inputs (Q)].
+
+        A cached key is hidden where an input recomputes that position; positions >= T are
+        unused slots (hidden as keys); every input always sees its own fresh key, so no row is
+        empty. Local layers: |i - j| <= local_attention // 2 by canvas position.
+        """
+        B, Q = positions.shape
+        T, device = canvas_length, positions.device
+        valid = positions < T  # [B, Q]
+        slot = positions.clamp(max=T - 1)
+        canvas = torch.arange(T, device=device)
+        recomputed = ((positions[:, :, None] == canvas) & valid[:, :, None]).any(1)  # [B, T]
+        cached_ok, fresh_ok = ~recomputed, valid
+        if attention_mask is not None:
+            canvas_ok = attention_mask.bool()
+            cached_ok = cached_ok & canvas_ok
+            fresh_ok = fresh_ok & canvas_ok.gather(1, slot)
+        key_ok = torch.cat([cached_ok, fresh_ok], 1)[:, None, :]  # [B, 1, T + Q]
+        key_position = torch.cat([canvas.expand(B, T), slot], 1)  # [B, T + Q]
+        itself = torch.cat([torch.zeros(Q, T, dtype=torch.bool, device=device),
+                            torch.eye(Q, dtype=torch.bool, device=device)], 1)  # [Q, T + Q]
+        band = (slot[:, :, None] - key_position[:, None, :]).abs() <= self.config.local_attention // 2
+        global_mask = key_ok | itself  # [B, Q, T + Q]
+        local_mask = (key_ok & band) | itself
+        return global_mask[:, None], local_mask[:, None]
 
 
 class PredictionHead(nn.Module):
@@ -350,9 +451,9 @@ class ModernBertMLM(nn.Module):
         elif self.decoder.bias is not None:
             nn.init.zeros_(self.decoder.bias)
 
-    def hidden(self, input_ids, attention_mask=None):
-        """Final-normed encoder states [B, S, H]."""
-        return self.model(input_ids, attention_mask)
+    def hidden(self, input_ids, attention_mask=None, cache: KVCache | None = None):
+        """Final-normed encoder states [B, S, H] (cache: see KVCache)."""
+        return self.model(input_ids, attention_mask, cache)
 
     def head_features(self, h, at):
         """head(h) at selected positions, the decoder's input: [B, S, H] -> [N, H].

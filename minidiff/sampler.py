@@ -29,6 +29,10 @@ left is known on the host from the schedule), and a step makes no host-device sy
 (the schedule is computed on the host once per block), so the step can be captured by CUDA
 graphs / torch.compile. Threshold decoding reads one number per step (its step count depends on
 the data).
+
+`cache="prefix"|"dual"` (approximate key/value caches, Fast-dLLM arXiv 2505.22618) and
+`compile=True` run the blocks with the fixed-shape step of `cached.py` instead; `cache="none"`
+without compile is the exact loop here, unchanged.
 """
 from __future__ import annotations
 
@@ -42,6 +46,7 @@ from .errors import UserError
 
 REMASKING = ("low_confidence", "random")
 SCHEDULES = ("dllm", "llada")
+CACHES = ("none", "prefix", "dual")
 FORK_STOP_STRINGS = ("<s>", "</s>", "<|USER|>", "|USER|>")
 END_OF_TURN = "[/Answer]"
 FORK_STOP_REPLACEMENT = "\n[/Answer]\n"
@@ -64,6 +69,9 @@ class SamplerConfig:
     stop_strings: tuple[str, ...] = ()  # the fork's rule; needs a tokenizer
     stop_at_eos: bool = True  # stop once every row has eos / [/Answer] in a finished block
     seed: int | None = None  # for temperature > 0, random remasking and stochastic schedules
+    cache: str = "none"  # "none" (exact) | "prefix" | "dual": approximate key/value cache (cached.py)
+    cache_refresh: int | None = None  # refill the cache every n steps of a block (None: block start only)
+    compile: bool = False  # torch.compile the fixed-shape step (cached.py)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop_strings, str):
@@ -92,6 +100,14 @@ class SamplerConfig:
              f"threshold must be None or a confidence in (0, 1], got {self.threshold!r}"),
             (all(isinstance(s, str) and s for s in self.stop_strings),
              f"stop_strings must be non-empty strings, got {self.stop_strings!r}"),
+            (self.cache in CACHES,
+             f"cache must be one of {', '.join(CACHES)}, got {self.cache!r}"),
+            (self.cache_refresh is None or (isinstance(self.cache_refresh, int) and self.cache_refresh >= 1),
+             f"cache_refresh must be None or an integer >= 1, got {self.cache_refresh!r}"),
+            (not (self.compile and self.seed is not None and
+                  (self.temperature > 0 or self.remasking == "random")),
+             "compile draws its random numbers inside the compiled step, so it cannot follow a seed; "
+             "drop the seed, or compile, or use temperature 0 with low_confidence remasking"),
         ]
         for ok, message in checks:
             if not ok:
@@ -336,6 +352,30 @@ def _ended(tokenizer, ids: list[int], eos_id: int, pad_id: int) -> bool:
     return tokenizer is not None and END_OF_TURN in tokenizer.decode(ids, skip_special_tokens=False)
 
 
+def _run_block(model, out, b, canvas, attention_mask, positions, masked, plan, schedule, num_steps,
+               given, config, mask_id, eos_id, generator, callback) -> None:
+    """The exact steps of block b, in place on canvas, with logits only at still-masked positions."""
+    left = list(masked)  # per row, masks left in the block (known on the host)
+    for i in range(num_steps):
+        # logits only where they can be used: the block's still-masked positions, as many
+        # as the row with the most masks left (the others are padded with committed ones)
+        width = max(left)
+        if width == 0:
+            break
+        where = _masked_first(canvas, positions, width, mask_id)  # [B, width]
+        counts = None if schedule is None else schedule[:, i]
+        commit = denoise_step(model, canvas, attention_mask, where, counts, given, config,
+                              mask_id, eos_id, generator)
+        out.num_forward += 1
+        out.trace.append(TraceStep(b, where, canvas.gather(1, where), commit))
+        if callback is not None:
+            callback(out)
+        if schedule is not None:
+            left = [m - c[i] for m, c in zip(left, plan)]
+        else:  # threshold decoding: the count is data-dependent, one host read per step
+            left = (canvas.gather(1, positions) == mask_id).sum(1).tolist()
+
+
 @torch.no_grad()
 def _denoise(model, canvas, attention_mask, given, blocks, steps_per_block, config, *, mask_id,
              eos_id, pad_id, tokenizer, answer_start, answer_end, callback) -> GenerateOutput:
@@ -351,6 +391,11 @@ def _denoise(model, canvas, attention_mask, given, blocks, steps_per_block, conf
     if config.stop_strings and tokenizer is not None:
         replacement = tokenizer.encode(FORK_STOP_REPLACEMENT, add_special_tokens=False)
 
+    static = None
+    if config.cache != "none" or config.compile:
+        from .cached import StaticSteps  # the cached / compiled fixed-shape step
+
+        static = StaticSteps(model, config, mask_id, eos_id)
     for b, positions in enumerate(blocks):
         # once per block (host): masks left in this block per row -> the transfer schedule
         masked = (canvas.gather(1, positions) == mask_id).sum(1).tolist()
@@ -359,26 +404,13 @@ def _denoise(model, canvas, attention_mask, given, blocks, steps_per_block, conf
             schedule = _schedule_tensor(plan, device)  # [B, n]
             num_steps = schedule.shape[1]
         else:
-            schedule, num_steps = None, max(masked)  # at least one commit per step
-        left = list(masked)  # per row, masks left in the block (known on the host)
-        for i in range(num_steps):
-            # logits only where they can be used: the block's still-masked positions, as many
-            # as the row with the most masks left (the others are padded with committed ones)
-            width = max(left)
-            if width == 0:
-                break
-            where = _masked_first(canvas, positions, width, mask_id)  # [B, width]
-            counts = None if schedule is None else schedule[:, i]
-            commit = denoise_step(model, canvas, attention_mask, where, counts, given, config,
-                                  mask_id, eos_id, generator)
-            out.num_forward += 1
-            out.trace.append(TraceStep(b, where, canvas.gather(1, where), commit))
-            if callback is not None:
-                callback(out)
-            if schedule is not None:
-                left = [m - c[i] for m, c in zip(left, plan)]
-            else:  # threshold decoding: the count is data-dependent, one host read per step
-                left = (canvas.gather(1, positions) == mask_id).sum(1).tolist()
+            plan, schedule, num_steps = None, None, max(masked)  # at least one commit per step
+        if static is not None:
+            canvas = static.run_block(out, b, canvas, attention_mask, positions, masked, plan, schedule,
+                                      num_steps, given, generator, callback)
+        else:
+            _run_block(model, out, b, canvas, attention_mask, positions, masked, plan, schedule,
+                       num_steps, given, config, mask_id, eos_id, generator, callback)
 
         # once per block (host): the fork's stop strings, then the early stop
         if not (replacement is not None or config.stop_at_eos):

@@ -96,3 +96,27 @@ def test_bench_memory_bad_flags():
     done = subprocess.run([sys.executable, str(bench), "--t", "1.5"], capture_output=True, text=True,
                           timeout=120, cwd=ROOT)
     assert done.returncode == 2 and "Traceback" not in done.stderr and "--t must lie in (0, 1]" in done.stderr
+
+
+@pytest.mark.slow  # one python + torch start-up
+def test_bench_sample_caches_on_text(model_dir, tmp_path):
+    """--cache none prefix dual with --text-data: a row per cache and per cache + threshold; the
+    exact sampler still equals the reference; a cache's agreement is a count out of the total."""
+    rows = tmp_path / "speeches.jsonl"
+    rows.write_text("".join(json.dumps({"text": t}) + "\n" for t in
+                            ["Türkiye Cumhuriyeti 1923 yılında kuruldu ve başkenti Ankara oldu. " * 3,
+                             "İstanbul Boğazı Avrupa ile Asya'yı birbirinden ayırır. " * 3]), encoding="utf-8")
+    done = run("--model", model_dir, "--text-data", rows, "--num-prompts", 2, "--prompt-length", 9,
+               "--max-new-tokens", 8, "--cache", "none", "prefix", "dual", "--threshold", 0.5)
+    assert done.returncode == 0, done.stderr
+    table = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in done.stdout.splitlines()
+             if line.startswith("| ") and not line.startswith("| sampler")}
+    assert list(table) == ["reference (full-canvas logits)", "generate (block logits only)",
+                           "generate, threshold 0.5", "generate, cache prefix",
+                           "generate, cache prefix, threshold 0.5", "generate, cache dual",
+                           "generate, cache dual, threshold 0.5"]
+    assert table["generate (block logits only)"][5] == "16/16"
+    assert table["generate, cache dual"][1] == "16"  # one call per token (2 prompts x 8)
+    assert "2 plain-text prompts of 9 tokens" in done.stdout
+    bad = run("--model", model_dir, "--text-data", rows, "--num-prompts", 500)
+    assert bad.returncode == 2 and "fewer than 500 prompts" in bad.stderr

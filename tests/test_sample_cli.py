@@ -139,3 +139,18 @@ def test_bad_inputs_in_process(sample_module, model_dir, args, words):
         args = ["--prompt", "Merhaba"] + args
     with pytest.raises(UserError, match=words):
         sample_module.main(["--model", str(model_dir), *args])
+
+
+def test_cache_flags(sample_module, model_dir, capsys):
+    """--cache dual --cache-refresh 1 (a cache refilled at every step) writes the exact answer;
+    the flags reach SamplerConfig; a bad refresh interval is one sentence."""
+    base = ["--model", str(model_dir), "--prompt", "Merhaba", "--temperature", "0", "--max-new-tokens",
+            "8", "--steps", "8", "--block-length", "4", "--json"]
+    answers = []
+    for extra in ([], ["--cache", "dual", "--cache-refresh", "1"]):
+        assert sample_module.main(base + extra) == 0
+        answers.append(json.loads(capsys.readouterr().out))
+    assert answers[1]["config"]["cache"] == "dual" and answers[1]["config"]["cache_refresh"] == 1
+    assert answers[1]["results"][0]["ids"] == answers[0]["results"][0]["ids"]
+    with pytest.raises(UserError, match="cache_refresh"):
+        sample_module.main(base + ["--cache", "prefix", "--cache-refresh", "0"])
