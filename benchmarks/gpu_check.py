@@ -14,6 +14,8 @@ In-process checks: a padded batch gives the real tokens what the unpadded rows g
 SDPA backend torch offers for it (math, memory-efficient, cuDNN; flash takes no mask); one
 sampler step (sampler.denoise_step) makes no host-device synchronisation
 (torch.cuda.set_sync_debug_mode("error")), and its time per step at mmBERT-base shape; the
+sampler's ms/step through `generate` at batch 1 and 8 for each key/value cache mode (none,
+prefix, dual), eager and (on CUDA) compiled; the
 number of host synchronisations in one CPT micro-batch (reported: the loop adds none, the loss
 function's internals may); the peak
 memory (torch.cuda.max_memory_allocated) of one LoRA CPT micro-batch at mmBERT-base shape
@@ -338,6 +340,43 @@ def check_sampler(report: Report, device: torch.device, quick: bool) -> None:
     report.add("INFO", "sampler ms/step", f"{ms:.2f} ms ({shape}, batch {B}, canvas {T}, block {L}, {precision.describe()})")
 
 
+def check_sampler_caches(report: Report, device: torch.device, quick: bool) -> None:
+    """ms per sampler step of `generate` at batch 1 and 8 for each cache mode, eager and compiled
+    (compiled on CUDA only: on the CPU, compiling the full shape would take minutes)."""
+    from minidiff.device import inference_precision
+    from minidiff.model import ModernBertMLM
+    from minidiff.sampler import SamplerConfig, generate
+
+    config = base_shape_config(quick)
+    torch.manual_seed(0)
+    precision = inference_precision("auto", device)
+    with torch.device(device):
+        model = precision.prepare(ModernBertMLM(config)).eval()
+    new_tokens = 32 if quick else 128  # diffutron-long: one token per step, blocks of 32
+    settings = dict(max_new_tokens=new_tokens, steps=new_tokens, block_length=32, repetition_penalty=1.2)
+    compiled = [False, True] if device.type == "cuda" else [False]
+    for batch in (1, 8):
+        prompts = [torch.randint(5, config.vocab_size, (64 - 3 * r,)).tolist() for r in range(batch)]
+        for cache in ("none", "prefix", "dual"):
+            for compile_step in compiled:
+                sampler_config = SamplerConfig(cache=cache, compile=compile_step, **settings)
+                run = lambda: generate(model, prompts, sampler_config, mask_id=config.mask_token_id,  # noqa: E731
+                                       eos_id=config.eos_token_id)
+                with torch.no_grad(), precision.autocast():
+                    run()  # warm-up (and compilation)
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                    started = time.perf_counter()
+                    out = run()
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                ms = 1000 * (time.perf_counter() - started) / max(out.num_forward, 1)
+                mode = "compiled" if compile_step else "eager"
+                report.add("INFO", f"sampler ms/step, cache {cache}, {mode}, batch {batch}",
+                           f"{ms:.2f} ms ({out.num_forward} steps, {new_tokens} new tokens, "
+                           f"{precision.describe()})")
+
+
 def check_training_syncs(report: Report, inputs: dict, device: torch.device) -> None:
     """How many host synchronisations one CPT micro-batch (loss forward + backward) makes; the
     loop itself adds none. Reported, not asserted: the loss internals may still index rows."""
@@ -434,7 +473,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda", help="cuda (default) or cpu (with --quick: a smoke run)")
     p.add_argument("--quick", action="store_true", help="tiny shapes and few steps (the CPU smoke mode)")
     p.add_argument("--out", default=None, help="keep the work directory here (default: a temporary one)")
-    p.add_argument("--skip", nargs="*", default=[], choices=("scripts", "padding", "sampler", "training-syncs", "memory"),
+    p.add_argument("--skip", nargs="*", default=[], choices=("scripts", "padding", "sampler", "sampler-caches", "training-syncs", "memory"),
                    help="parts to leave out")
     args = p.parse_args(argv)
     from minidiff.device import check_available, enable_tf32, resolve_device
@@ -453,6 +492,7 @@ def main(argv=None) -> int:
     parts = [("scripts", lambda: check_scripts(report, inputs, work, str(device), args.quick)),
              ("padding", lambda: check_padding(report, inputs, device)),
              ("sampler", lambda: check_sampler(report, device, args.quick)),
+             ("sampler-caches", lambda: check_sampler_caches(report, device, args.quick)),
              ("training-syncs", lambda: check_training_syncs(report, inputs, device)),
              ("memory", lambda: check_memory(report, device, args.quick))]
     try:

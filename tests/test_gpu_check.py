@@ -26,13 +26,16 @@ def test_in_process_parts_on_cpu():
     assert done.returncode == 0, done.stdout + done.stderr
     assert "[PASS] padded == unpadded, SDPA math" in done.stdout
     assert "[INFO] sampler ms/step" in done.stdout
+    for cache in ("none", "prefix", "dual"):
+        for batch in (1, 8):
+            assert f"[INFO] sampler ms/step, cache {cache}, eager, batch {batch}" in done.stdout
     assert "[INFO] CPT micro-batch 2 x 64" in done.stdout
     assert "0 failed" in done.stdout
 
 
 @pytest.mark.slow  # eleven script runs (python + torch start-up each)
 def test_every_script_on_cpu(tmp_path):
-    done = run("--device", "cpu", "--quick", "--skip", "padding", "sampler", "training-syncs", "memory", "--out", tmp_path)
+    done = run("--device", "cpu", "--quick", "--skip", "padding", "sampler", "sampler-caches", "training-syncs", "memory", "--out", tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
     for name in ("train_cpt.py LoRA exits 0", "resume equals the uninterrupted run", "torchrun 1 process(es)",
                  "train_sft.py exits 0", "evaluate.py device and precision", "sample.py infill", "sample.py cfg"):
@@ -52,14 +55,14 @@ def load_gpu_check():
 def test_a_failed_or_crashed_check_gives_exit_status_1(monkeypatch, capsys):
     gpu_check = load_gpu_check()
     monkeypatch.setattr(gpu_check, "check_padding", lambda report, *_: report.check("made up", False, "x"))
-    assert gpu_check.main(["--device", "cpu", "--quick", "--skip", "scripts", "sampler", "training-syncs", "memory"]) == 1
+    assert gpu_check.main(["--device", "cpu", "--quick", "--skip", "scripts", "sampler", "sampler-caches", "training-syncs", "memory"]) == 1
     assert "FAILED: made up" in capsys.readouterr().out
 
     def crash(*_):
         raise ValueError("boom")
 
     monkeypatch.setattr(gpu_check, "check_padding", crash)
-    assert gpu_check.main(["--device", "cpu", "--quick", "--skip", "scripts", "sampler", "training-syncs", "memory"]) == 1
+    assert gpu_check.main(["--device", "cpu", "--quick", "--skip", "scripts", "sampler", "sampler-caches", "training-syncs", "memory"]) == 1
     assert "FAILED: padding part ran" in capsys.readouterr().out
 
 
