@@ -24,6 +24,7 @@ import torch
 
 from .chat import render_chat
 from .errors import UserError
+from .files import write_json, write_text
 
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json")
@@ -155,19 +156,12 @@ class Tokenizer:
     def save(self, directory) -> Path:
         """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json to `directory`."""
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
         special = {f"{role}_token": token for role, token in
                    [("pad", self.pad_token), ("eos", self.eos_token), ("bos", self.bos_token),
                     ("unk", self.unk_token), ("mask", self.mask_token)] if token is not None}
-        files = {
-            TOKENIZER_FILE: self.backend.to_str(),
-            "tokenizer_config.json": json.dumps({**self.config, **special}, indent=2, ensure_ascii=False),
-            "special_tokens_map.json": json.dumps(special, indent=2, ensure_ascii=False),
-        }
-        for name, text in files.items():  # temporary name, then rename: never a half-written file
-            tmp = directory / (name + ".tmp")
-            tmp.write_text(text + "\n", encoding="utf-8")
-            os.replace(tmp, directory / name)
+        write_text(directory / TOKENIZER_FILE, self.backend.to_str() + "\n")  # each file atomically
+        write_json(directory / "tokenizer_config.json", {**self.config, **special})
+        write_json(directory / "special_tokens_map.json", special)
         return directory
 
 

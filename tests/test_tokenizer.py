@@ -125,6 +125,8 @@ def test_save_and_reload(tok, tmp_path):
     assert again.backend.to_str() == tok.backend.to_str()
     assert (again.pad_id, again.eos_id, again.bos_id, again.mask_id) == (PAD, EOS, BOS, MASK)
     assert json.loads((tmp_path / "special_tokens_map.json").read_text())["mask_token"] == "<mask>"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json"]  # no temporaries left
 
 
 def test_train_tokenizer_matches_helper_layout(tmp_path):
