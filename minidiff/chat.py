@@ -24,7 +24,7 @@ from .errors import UserError
 
 END_OF_TURN = "[/Answer]"  # closes every assistant turn; a sampled answer ends here
 FORK_STOP_STRINGS = ("<s>", "</s>", "<|USER|>", "|USER|>")  # the Diffutron fork's stop strings
-FORK_STOP_REPLACEMENT = "\n[/Answer]\n"  # what the fork writes where a stop string began
+FORK_STOP_REPLACEMENT = f"\n{END_OF_TURN}\n"  # what the fork writes where a stop string began
 SFT_FORMATS = ("alpaca", "instructurca", "messages")
 
 
