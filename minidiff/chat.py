@@ -4,14 +4,14 @@ References: dllm's plain-text chat template for BERT-style models (what Diffutro
 Diffutron (arXiv 2603.20466: SFT on this template, and its dllm fork's stop strings). The
 markers are ordinary text, not special tokens, and a rendering holds no <bos>/<eos>:
 
-    [SYS]\n{system}\n[/SYS]\n\n          (only when the first message is a system one)
-    [Question]\n{user}\n[/Question]\n\n  (each user turn)
-    [Answer]\n{assistant}\n[/Answer]\n\n (each assistant turn)
-    [Answer]\n                            (generation prompt, unless the last turn is the assistant's)
+    [SYS]\\n{system}\\n[/SYS]\\n\\n          (only when the first message is a system one)
+    [Question]\\n{user}\\n[/Question]\\n\\n  (each user turn)
+    [Answer]\\n{assistant}\\n[/Answer]\\n\\n (each assistant turn)
+    [Answer]\\n                            (generation prompt, unless the last turn is the assistant's)
 
     render_chat(messages)                          # the text above; Tokenizer.apply_chat_template
     sft_messages(row, "alpaca")                    # an SFT row -> [{"role", "content"}, ...]
-    prompt, answer = render_sft(row, "alpaca", tok)  # prompt ends "[Answer]\n"; answer ends "[/Answer]\n\n"
+    prompt, answer = render_sft(row, "alpaca", tok)  # prompt ends "[Answer]\\n"; answer ends "[/Answer]\\n\\n"
     chat_prompt_ids(messages, tok)                 # the prompt's ids exactly as SFT training saw them
 
 The sampler ends an answer at END_OF_TURN, and with the fork's settings cuts it at the first of
