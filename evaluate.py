@@ -18,10 +18,10 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 from pathlib import Path
 
 from minidiff.errors import UserError, run_cli
+from minidiff.files import write_json
 
 
 def parse_args(argv=None):
@@ -86,13 +86,6 @@ def read_compare(path: str) -> dict:
     return results
 
 
-def write_json_atomic(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     check_args(args)
@@ -140,7 +133,7 @@ def main(argv=None) -> int:
                "precision": precision.describe(),
                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                "torch": torch.__version__, "minidiff": minidiff.__version__, "tasks": tasks}
-    write_json_atomic(Path(args.out), results)
+    write_json(args.out, results)
     header = Path(args.model).name or args.model
     print(evaluation.markdown_tables([(header, tasks)] + compare, metric=args.metric))
     return 0

@@ -24,10 +24,10 @@ from pathlib import Path
 
 
 import minidiff
-from minidiff.data import chat_prompt_ids
+from minidiff.chat import END_OF_TURN, chat_prompt_ids
 from minidiff.device import check_available, enable_tf32, inference_precision, resolve_device
 from minidiff.errors import UserError, run_cli
-from minidiff.sampler import END_OF_TURN, SamplerConfig, generate, infill
+from minidiff.sampler import SamplerConfig, generate, infill
 
 MASK_CHAR = "░"
 DIM, RESET = "\x1b[2m", "\x1b[0m"

@@ -205,10 +205,10 @@ def generic_prompt(tok, length: int) -> list[int]:
 def chat_prompts(tok, args) -> list[list[int]]:
     """The first --num-prompts rows of --chat-data (messages format), without their last
     (assistant) turn, as the SFT prompt ids."""
-    from minidiff import data
+    from minidiff import chat, data
 
     rows = data.read_rows(args.chat_data)[: args.num_prompts]  # UserError (one sentence) when empty
-    return [data.chat_prompt_ids(data.sft_messages(row, "messages")[:-1], tok) for row in rows]
+    return [chat.chat_prompt_ids(chat.sft_messages(row, "messages")[:-1], tok) for row in rows]
 
 
 def text_prompts(tok, args) -> list[list[int]]:

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from .errors import UserError, run_cli
+from .files import atomic_path
 from .model import ModelConfig, ModernBertMLM
 
 CONFIG_FILE = "config.json"
@@ -271,12 +272,11 @@ def load_model(name_or_path, *, dtype=None, device=None, revision=None, allow_mi
 
 
 def _atomic_save_safetensors(state: dict, file: Path) -> None:
-    """Write `file` via a temporary name, verify it reads back equal, then rename."""
+    """Write `file` under atomic_path's temporary name, verify it reads back equal, then publish."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    tmp = file.with_name(file.name + ".tmp")
-    try:
+    with atomic_path(file) as tmp:
         save_file(state, str(tmp), metadata={"format": "pt"})
         with safe_open(str(tmp), framework="pt") as f:
             if set(f.keys()) != set(state):
@@ -284,10 +284,6 @@ def _atomic_save_safetensors(state: dict, file: Path) -> None:
             for key in f.keys():
                 if not torch.equal(f.get_tensor(key), state[key]):
                     raise RuntimeError(f"round trip of {file.name} changed tensor {key}")
-        os.replace(tmp, file)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _torch_load(file: Path) -> dict:

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UserError
+from .files import write_text
 
 DEFAULT_CACHE = Path(os.environ.get("MINIDIFF_CACHE", Path.home() / ".cache" / "minidiff")) / "demo"
 
@@ -87,7 +88,7 @@ def fetch_demo_corpora(cache_dir=None) -> DemoCorpora:
         instructions = read_chatterbot(chatterbot) + read_food_safety(food_safety)
         _write_jsonl(speeches_path, speeches)
         _write_jsonl(instructions_path, instructions)
-        _write_atomic(sources_path, SOURCES_TEXT)
+        write_text(sources_path, SOURCES_TEXT)
     speech_rows = [json.loads(line) for line in speeches_path.read_text(encoding="utf-8").splitlines() if line]
     instructions = [json.loads(line) for line in instructions_path.read_text(encoding="utf-8").splitlines() if line]
     return DemoCorpora(
@@ -220,11 +221,5 @@ def _scalar(text: str, name: str, number: int) -> str:
     return text.split(" #", 1)[0].rstrip()
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    _write_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))

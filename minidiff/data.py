@@ -19,6 +19,8 @@ Conventions (dllm; docs/training.md):
   IGNORE: never masked, no loss); answer = the last assistant turn's content + "\\n[/Answer]\\n\\n".
   No special tokens (dllm's template has none); the prompt is tokenised alone, as a sampler
   sees it. The batch is right-padded with the pad token and the padding IS in the labels.
+  The chat format itself (template, `sft_messages`, `render_sft`, `chat_prompt_ids`,
+  `SFT_FORMATS`) lives in minidiff/chat.py; those names are re-exported here for old imports.
 - One global step takes batch_size * world_size examples; rank r takes the r-th contiguous slice.
 """
 from __future__ import annotations
@@ -37,13 +39,13 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from .chat import SFT_FORMATS, chat_prompt_ids, render_sft, sft_messages  # noqa: F401 (also re-exported)
 from .errors import UserError
 
 IGNORE = -100  # label of positions that carry no loss and are never masked (the SFT prompt)
 TEXT_EXTENSIONS = (".txt",)
 ROW_EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
 SUPPORTED_EXTENSIONS = TEXT_EXTENSIONS + ROW_EXTENSIONS
-SFT_FORMATS = ("alpaca", "instructurca", "messages")
 HF_PREFIX = "hf://"
 
 _BAD_BYTES = re.compile("[\udc80-\udcff]")  # what surrogateescape makes of invalid UTF-8 bytes
@@ -430,68 +432,6 @@ def train_eval_split(items: Sequence, eval_size: int | float, seed: int = 0) -> 
 
 
 # ============================================================================ SFT examples
-
-
-def sft_messages(row: dict, fmt: str, where: str = "row") -> list[dict]:
-    """The conversation of one SFT row as [{"role", "content"}], ending with the assistant turn.
-
-    alpaca (LlamaTurk): user = instruction (+ "\\n\\n" + input when input is not empty),
-    assistant = output. instructurca: user = Input, assistant = Output (column names matched
-    case-insensitively). messages: row["messages"] as is (system/user/assistant)."""
-    if fmt not in SFT_FORMATS:
-        raise UserError(f"SFT format {fmt!r} is unknown; expected one of {', '.join(SFT_FORMATS)}")
-    if fmt == "alpaca":
-        instruction = _text_field(row, "instruction", where)
-        extra = row.get("input")
-        if extra is not None and not isinstance(extra, str):
-            raise UserError(f"{where}: field 'input' is not a string")
-        user = instruction.strip() + ("\n\n" + extra.strip() if extra and extra.strip() else "")
-        return [{"role": "user", "content": user}, {"role": "assistant", "content": _text_field(row, "output", where)}]
-    if fmt == "instructurca":
-        lower = {str(k).lower(): k for k in row}
-        for name in ("input", "output"):
-            if name not in lower:
-                raise UserError(f"{where}: no field 'Input'/'Output' for format instructurca (has {sorted(row)})")
-        return [{"role": "user", "content": _text_field(row, lower["input"], where)},
-                {"role": "assistant", "content": _text_field(row, lower["output"], where)}]
-    messages = row.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise UserError(f"{where}: no field 'messages' (a non-empty list of {{role, content}}) for format messages")
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant") \
-                or not isinstance(message.get("content"), str):
-            raise UserError(f"{where}: messages[{i}] is not a {{role: system|user|assistant, content: str}} object")
-    if messages[-1]["role"] != "assistant":
-        raise UserError(f"{where}: the last message has role {messages[-1]['role']!r}; expected the assistant answer")
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
-
-
-def _text_field(row: dict, name: str, where: str) -> str:
-    value = row.get(name)
-    if value is None:
-        raise UserError(f"{where}: no field '{name}'")
-    if not isinstance(value, str):
-        raise UserError(f"{where}: field '{name}' is not a string")
-    return value
-
-
-def render_sft(row: dict, fmt: str, tokenizer, where: str = "row") -> tuple[str, str]:
-    """(prompt_text, answer_text) of one SFT row in dllm's chat template (docs/training.md): prompt is the
-    conversation before the last assistant turn plus the generation prompt "[Answer]\\n"; the
-    answer is the rest of the full rendering, i.e. that turn's content + "\\n[/Answer]\\n\\n"."""
-    messages = sft_messages(row, fmt, where)
-    prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True)
-    full = tokenizer.apply_chat_template(messages, add_generation_prompt=False)
-    if not full.startswith(prompt):  # the template must render the answer after the generation prompt
-        raise ValueError(f"chat template: the generation prompt {prompt[-20:]!r} is not a prefix of the answer turn")
-    return prompt, full[len(prompt):]
-
-
-def chat_prompt_ids(messages: list[dict], tokenizer) -> list[int]:
-    """Token ids of a chat prompt exactly as SFT training saw it (template + generation prompt,
-    no special tokens): what a sampler or scorer should feed the model."""
-    return list(tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True),
-                                 add_special_tokens=False))
 
 
 def sft_example(row: dict, fmt: str, tokenizer, max_len: int, where: str = "row"

@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
+from .files import write_text
 from .sampler import SamplerConfig
 from .tasks import LM_EVAL_TASK_DIR
 
@@ -293,9 +294,9 @@ def local_task_dir(files: dict[str, str], directory) -> Path:
         text = f"include: {LM_EVAL_TASK_DIR / f'cetvel_{name}.yaml'}\n"
         if name in files:
             text += _local_dataset(name, files[name])
-        (directory / f"cetvel_{name}.yaml").write_text(text, encoding="utf-8")
+        write_text(directory / f"cetvel_{name}.yaml", text)
     group = (LM_EVAL_TASK_DIR / "cetvel_diffutron.yaml").read_text(encoding="utf-8")
-    (directory / "cetvel_diffutron.yaml").write_text(group, encoding="utf-8")
+    write_text(directory / "cetvel_diffutron.yaml", group)
     return directory
 
 

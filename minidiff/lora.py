@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from .errors import UserError
+from .files import atomic_path, write_json
 
 DEFAULT_TARGETS = ("Wqkv", "Wo", "Wi")
 PEFT_PREFIX = "base_model.model."  # peft's key prefix for a model wrapped without a task type
@@ -264,12 +265,9 @@ def save_adapter(model: nn.Module, directory, base_model: str | None = None) -> 
         "alpha_pattern": {},
     }
     tensors = {PEFT_PREFIX + k: v.contiguous().cpu() for k, v in adapter_state_dict(model).items()}
-    tmp = directory / (ADAPTER_WEIGHTS + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    tmp.replace(directory / ADAPTER_WEIGHTS)
-    tmp = directory / (ADAPTER_CONFIG + ".tmp")
-    tmp.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(directory / ADAPTER_CONFIG)
+    with atomic_path(directory / ADAPTER_WEIGHTS) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    write_json(directory / ADAPTER_CONFIG, config)
     return directory
 
 

@@ -42,14 +42,12 @@ from typing import Callable, Sequence
 
 import torch
 
+from .chat import END_OF_TURN, FORK_STOP_REPLACEMENT, FORK_STOP_STRINGS
 from .errors import UserError
 
 REMASKING = ("low_confidence", "random")
 SCHEDULES = ("dllm", "llada")
 CACHES = ("none", "prefix", "dual")
-FORK_STOP_STRINGS = ("<s>", "</s>", "<|USER|>", "|USER|>")
-END_OF_TURN = "[/Answer]"
-FORK_STOP_REPLACEMENT = "\n[/Answer]\n"
 
 
 @dataclass

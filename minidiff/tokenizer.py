@@ -1,7 +1,8 @@
 """A thin wrapper over a `tokenizers.Tokenizer` (tokenizer.json): special ids, batching, chat text.
 
 References: mmBERT (arXiv 2509.06888: Gemma vocabulary, special ids). Wraps HF `tokenizers`;
-the chat template is dllm's plain-text template for BERT-style models (docs/training.md).
+`apply_chat_template` renders dllm's plain-text template for BERT-style models, which lives in
+minidiff/chat.py.
 
     tok = load_tokenizer("jhu-clsp/mmBERT-base")     # or a directory holding tokenizer.json
     tok.mask_id, tok.pad_id, tok.eos_id, tok.bos_id  # 4, 0, 1, 2 for mmBERT
@@ -21,7 +22,9 @@ from pathlib import Path
 
 import torch
 
+from .chat import render_chat
 from .errors import UserError
+from .files import write_json, write_text
 
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json")
@@ -43,8 +46,6 @@ CONFIG_KEYS = {
     "unk": ["unk_token"],
     "mask": ["mask_token"],
 }
-# dllm's plain-text chat template for BERT-style models (markers are ordinary text)
-END_OF_TURN = "[/Answer]"
 
 
 def _token_string(value) -> str | None:
@@ -147,52 +148,20 @@ class Tokenizer:
     # ------------------------------------------------------------------ chat
 
     def apply_chat_template(self, messages, add_generation_prompt: bool = True) -> str:
-        """dllm's plain-text template (docs/training.md); contents stripped of surrounding whitespace:
-
-            [SYS]\\n{system}\\n[/SYS]\\n\\n          (only when the first message is a system one)
-            [Question]\\n{user}\\n[/Question]\\n\\n  (each user turn)
-            [Answer]\\n{assistant}\\n[/Answer]\\n\\n (each assistant turn)
-            [Answer]\\n                            (generation prompt, unless the last turn is the assistant's)
-        """
-        if not isinstance(messages, (list, tuple)):
-            raise UserError("chat messages must be a list of {'role': ..., 'content': ...} dicts")
-        parts = []
-        for i, message in enumerate(messages):
-            if not isinstance(message, dict) or not isinstance(message.get("content"), str):
-                raise UserError(f"chat message {i} must be a dict with a str 'content'; got {message!r}")
-            role, content = message.get("role"), message["content"].strip()
-            if role == "system" and i == 0:
-                parts.append(f"[SYS]\n{content}\n[/SYS]\n\n")
-            elif role == "user":
-                parts.append(f"[Question]\n{content}\n[/Question]\n\n")
-            elif role == "assistant":
-                parts.append(f"[Answer]\n{content}\n{END_OF_TURN}\n\n")
-            else:
-                where = "only as the first message" if role == "system" else "user, assistant or a first system"
-                raise UserError(f"chat message {i} has role {role!r}; expected {where}")
-        turns = [m for m in messages if m["role"] != "system"]
-        if add_generation_prompt and (not turns or turns[-1]["role"] != "assistant"):
-            parts.append("[Answer]\n")
-        return "".join(parts)
+        """dllm's plain-text template, as transformers' method of the same name: see chat.render_chat."""
+        return render_chat(messages, add_generation_prompt)
 
     # ------------------------------------------------------------------ files
 
     def save(self, directory) -> Path:
         """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json to `directory`."""
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
         special = {f"{role}_token": token for role, token in
                    [("pad", self.pad_token), ("eos", self.eos_token), ("bos", self.bos_token),
                     ("unk", self.unk_token), ("mask", self.mask_token)] if token is not None}
-        files = {
-            TOKENIZER_FILE: self.backend.to_str(),
-            "tokenizer_config.json": json.dumps({**self.config, **special}, indent=2, ensure_ascii=False),
-            "special_tokens_map.json": json.dumps(special, indent=2, ensure_ascii=False),
-        }
-        for name, text in files.items():  # temporary name, then rename: never a half-written file
-            tmp = directory / (name + ".tmp")
-            tmp.write_text(text + "\n", encoding="utf-8")
-            os.replace(tmp, directory / name)
+        write_text(directory / TOKENIZER_FILE, self.backend.to_str() + "\n")  # each file atomically
+        write_json(directory / "tokenizer_config.json", {**self.config, **special})
+        write_json(directory / "special_tokens_map.json", special)
         return directory
 
 

@@ -162,6 +162,7 @@ def test_converter_round_trip(tmp_path, capsys):
     for key, value in written.items():
         assert torch.equal(value, state[key]), key
     assert not list(tmp_path.glob("*.tmp"))
+    assert not list(tmp_path.glob("*.tmp*"))  # nor atomic_path's *.tmp-PID
     with torch.no_grad():
         want = hf(input_ids=IDS, attention_mask=MASK_2D).logits
     assert close(our_logits(load_model(tmp_path)), want)
@@ -206,6 +207,21 @@ def test_converter_bad_inputs(tmp_path, case, pattern):
         checkpoint.main(["convert", str(directory)])
     assert one_sentence(str(err.value))
     assert not (directory / "model.safetensors").exists() and not list(directory.glob("*.tmp"))
+    assert not list(directory.glob("*.tmp*"))  # nor atomic_path's *.tmp-PID
+
+
+def test_converter_round_trip_check_refuses_a_changed_file(tmp_path, monkeypatch):
+    # a writer that silently changes a tensor: the read-back check must refuse to publish
+    import safetensors.torch
+
+    def corrupting_save(state, filename, metadata=None):
+        save_file({k: v + 1 for k, v in state.items()}, filename, metadata=metadata)
+
+    torch.save({"w": torch.zeros(3)}, tmp_path / "pytorch_model.bin")
+    monkeypatch.setattr(safetensors.torch, "save_file", corrupting_save)
+    with pytest.raises(RuntimeError, match="round trip of model.safetensors changed tensor w"):
+        checkpoint.convert(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pytorch_model.bin"]
 
 
 def test_converter_cli_exits_2_without_traceback(tmp_path):

@@ -59,6 +59,7 @@ def test_run_writes_results_and_table_then_compares(tmp_path, model_dir):
     assert ppl["metrics"]["perplexity"] > 1 and ppl["metrics"]["nelbo_perplexity"] > 1
     assert ppl["settings"]["mask_prob"] == 0.15 and ppl["settings"]["mlm_replace_80_10_10"] is False
     assert not list(tmp_path.glob("*.partial"))
+    assert not list(tmp_path.glob("*.tmp*"))  # atomic_path's temporary is gone
     # the table: multiple-choice tasks as rows, the average of their acc last
     accs = [tasks[k]["metrics"]["acc"] for k in (f"mc:{mc}", "ironytr")]
     lines = first.stdout.splitlines()
@@ -119,6 +120,7 @@ def test_bad_input_is_one_sentence_and_exit_2(case, tmp_path, model_dir, capsys)
     assert err.startswith("error: ") and err.count("\n") == 1, err
     assert words in err and "Traceback" not in err
     assert not out.exists() and not list(tmp_path.glob("*.partial"))
+    assert not list(tmp_path.glob("*.tmp*"))
 
 
 @pytest.mark.parametrize("case", ["dataset label outside"])  # one: a process start costs seconds

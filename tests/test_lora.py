@@ -150,6 +150,8 @@ def test_adapter_saved_by_minidiff_loads_into_peft(tmp_path):
     config = json.loads((tmp_path / "named" / "adapter_config.json").read_text())
     assert (config["r"], config["lora_alpha"], config["lora_dropout"]) == (R, ALPHA, 0.05)
     assert config["base_model_name_or_path"] == "jhu-clsp/mmBERT-base"
+    assert sorted(p.name for p in (tmp_path / "named").iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors"]  # no temporaries left
     save_adapter(model, tmp_path)  # no base name: peft would try the hub to look it up
     LoraConfig.from_pretrained(tmp_path)  # peft accepts every field
     peft = PeftModel.from_pretrained(hf_twin(tiny_model(0)), tmp_path).eval()

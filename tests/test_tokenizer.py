@@ -102,42 +102,6 @@ def test_mask_from_tokenizer_config(tmp_path, raw):
     assert load_tokenizer(tmp_path).mask_id == MASK
 
 
-def test_chat_template(tok):
-    user = {"role": "user", "content": "  Türkiye'nin başkenti neresidir?\n"}
-    assert tok.apply_chat_template([user]) == (
-        "[Question]\nTürkiye'nin başkenti neresidir?\n[/Question]\n\n[Answer]\n"
-    )
-    assert tok.apply_chat_template([user], add_generation_prompt=False) == (
-        "[Question]\nTürkiye'nin başkenti neresidir?\n[/Question]\n\n"
-    )
-    system = {"role": "system", "content": "Kısa cevap ver. "}
-    turns = [system, user, {"role": "assistant", "content": " Ankara."}, {"role": "user", "content": "Ya İzmir?"}]
-    assert tok.apply_chat_template(turns) == (
-        "[SYS]\nKısa cevap ver.\n[/SYS]\n\n"
-        "[Question]\nTürkiye'nin başkenti neresidir?\n[/Question]\n\n"
-        "[Answer]\nAnkara.\n[/Answer]\n\n"
-        "[Question]\nYa İzmir?\n[/Question]\n\n"
-        "[Answer]\n"
-    )
-    # a conversation ending with the assistant gets no new generation prompt (dllm's template)
-    assert tok.apply_chat_template(turns[:3]) == (
-        "[SYS]\nKısa cevap ver.\n[/SYS]\n\n"
-        "[Question]\nTürkiye'nin başkenti neresidir?\n[/Question]\n\n"
-        "[Answer]\nAnkara.\n[/Answer]\n\n"
-    )
-
-
-def test_chat_template_bad_messages(tok):
-    with pytest.raises(UserError, match=r"chat message 1 has role 'bot'"):
-        tok.apply_chat_template([{"role": "user", "content": "a"}, {"role": "bot", "content": "b"}])
-    with pytest.raises(UserError, match=r"chat message 1 has role 'system'; expected only as the first message"):
-        tok.apply_chat_template([{"role": "user", "content": "a"}, {"role": "system", "content": "b"}])
-    with pytest.raises(UserError, match=r"chat message 0 must be a dict with a str 'content'"):
-        tok.apply_chat_template([{"role": "user", "content": None}])
-    with pytest.raises(UserError, match=r"must be a list"):
-        tok.apply_chat_template("hello")
-
-
 def test_bad_files(tmp_path):
     with pytest.raises(UserError, match=rf"{tmp_path / 'tokenizer.json'} is missing"):
         load_tokenizer(tmp_path)
@@ -161,6 +125,8 @@ def test_save_and_reload(tok, tmp_path):
     assert again.backend.to_str() == tok.backend.to_str()
     assert (again.pad_id, again.eos_id, again.bos_id, again.mask_id) == (PAD, EOS, BOS, MASK)
     assert json.loads((tmp_path / "special_tokens_map.json").read_text())["mask_token"] == "<mask>"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json"]  # no temporaries left
 
 
 def test_train_tokenizer_matches_helper_layout(tmp_path):

@@ -1,0 +1,115 @@
+"""The chat format: template, SFT rendering, prompt ids, end of turn and stop strings.
+
+References: dllm's plain-text chat template for BERT-style models (what Diffutron's SFT used);
+Diffutron (arXiv 2603.20466: SFT on this template, and its dllm fork's stop strings). The
+markers are ordinary text, not special tokens, and a rendering holds no <bos>/<eos>:
+
+    [SYS]\\n{system}\\n[/SYS]\\n\\n          (only when the first message is a system one)
+    [Question]\\n{user}\\n[/Question]\\n\\n  (each user turn)
+    [Answer]\\n{assistant}\\n[/Answer]\\n\\n (each assistant turn)
+    [Answer]\\n                            (generation prompt, unless the last turn is the assistant's)
+
+    render_chat(messages)                          # the text above; Tokenizer.apply_chat_template
+    sft_messages(row, "alpaca")                    # an SFT row -> [{"role", "content"}, ...]
+    prompt, answer = render_sft(row, "alpaca", tok)  # prompt ends "[Answer]\\n"; answer ends "[/Answer]\\n\\n"
+    chat_prompt_ids(messages, tok)                 # the prompt's ids exactly as SFT training saw them
+
+The sampler ends an answer at END_OF_TURN, and with the fork's settings cuts it at the first of
+FORK_STOP_STRINGS, writing FORK_STOP_REPLACEMENT in its place (docs/sampler.md). The reader's
+page for the SFT side is docs/training.md.
+"""
+from __future__ import annotations
+
+from .errors import UserError
+
+END_OF_TURN = "[/Answer]"  # closes every assistant turn; a sampled answer ends here
+FORK_STOP_STRINGS = ("<s>", "</s>", "<|USER|>", "|USER|>")  # the Diffutron fork's stop strings
+FORK_STOP_REPLACEMENT = f"\n{END_OF_TURN}\n"  # what the fork writes where a stop string began
+SFT_FORMATS = ("alpaca", "instructurca", "messages")
+
+
+def render_chat(messages, add_generation_prompt: bool = True) -> str:
+    """The template above; contents stripped of surrounding whitespace. UserError for a message
+    that is not a {role, content: str} dict or has an unknown or misplaced role."""
+    if not isinstance(messages, (list, tuple)):
+        raise UserError("chat messages must be a list of {'role': ..., 'content': ...} dicts")
+    parts = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
+            raise UserError(f"chat message {i} must be a dict with a str 'content'; got {message!r}")
+        role, content = message.get("role"), message["content"].strip()
+        if role == "system" and i == 0:
+            parts.append(f"[SYS]\n{content}\n[/SYS]\n\n")
+        elif role == "user":
+            parts.append(f"[Question]\n{content}\n[/Question]\n\n")
+        elif role == "assistant":
+            parts.append(f"[Answer]\n{content}\n{END_OF_TURN}\n\n")
+        else:
+            where = "only as the first message" if role == "system" else "user, assistant or a first system"
+            raise UserError(f"chat message {i} has role {role!r}; expected {where}")
+    turns = [m for m in messages if m["role"] != "system"]
+    if add_generation_prompt and (not turns or turns[-1]["role"] != "assistant"):
+        parts.append("[Answer]\n")
+    return "".join(parts)
+
+
+def sft_messages(row: dict, fmt: str, where: str = "row") -> list[dict]:
+    """The conversation of one SFT row as [{"role", "content"}], ending with the assistant turn.
+
+    alpaca (LlamaTurk): user = instruction (+ "\\n\\n" + input when input is not empty),
+    assistant = output. instructurca: user = Input, assistant = Output (column names matched
+    case-insensitively). messages: row["messages"] as is (system/user/assistant)."""
+    if fmt not in SFT_FORMATS:
+        raise UserError(f"SFT format {fmt!r} is unknown; expected one of {', '.join(SFT_FORMATS)}")
+    if fmt == "alpaca":
+        instruction = _text_field(row, "instruction", where)
+        extra = row.get("input")
+        if extra is not None and not isinstance(extra, str):
+            raise UserError(f"{where}: field 'input' is not a string")
+        user = instruction.strip() + ("\n\n" + extra.strip() if extra and extra.strip() else "")
+        return [{"role": "user", "content": user}, {"role": "assistant", "content": _text_field(row, "output", where)}]
+    if fmt == "instructurca":
+        lower = {str(k).lower(): k for k in row}
+        for name in ("input", "output"):
+            if name not in lower:
+                raise UserError(f"{where}: no field 'Input'/'Output' for format instructurca (has {sorted(row)})")
+        return [{"role": "user", "content": _text_field(row, lower["input"], where)},
+                {"role": "assistant", "content": _text_field(row, lower["output"], where)}]
+    messages = row.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise UserError(f"{where}: no field 'messages' (a non-empty list of {{role, content}}) for format messages")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant") \
+                or not isinstance(message.get("content"), str):
+            raise UserError(f"{where}: messages[{i}] is not a {{role: system|user|assistant, content: str}} object")
+    if messages[-1]["role"] != "assistant":
+        raise UserError(f"{where}: the last message has role {messages[-1]['role']!r}; expected the assistant answer")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def _text_field(row: dict, name: str, where: str) -> str:
+    value = row.get(name)
+    if value is None:
+        raise UserError(f"{where}: no field '{name}'")
+    if not isinstance(value, str):
+        raise UserError(f"{where}: field '{name}' is not a string")
+    return value
+
+
+def render_sft(row: dict, fmt: str, tokenizer, where: str = "row") -> tuple[str, str]:
+    """(prompt_text, answer_text) of one SFT row in dllm's chat template (docs/training.md): prompt is the
+    conversation before the last assistant turn plus the generation prompt "[Answer]\\n"; the
+    answer is the rest of the full rendering, i.e. that turn's content + "\\n[/Answer]\\n\\n"."""
+    messages = sft_messages(row, fmt, where)
+    prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(messages, add_generation_prompt=False)
+    if not full.startswith(prompt):  # the template must render the answer after the generation prompt
+        raise ValueError(f"chat template: the generation prompt {prompt[-20:]!r} is not a prefix of the answer turn")
+    return prompt, full[len(prompt):]
+
+
+def chat_prompt_ids(messages: list[dict], tokenizer) -> list[int]:
+    """Token ids of a chat prompt exactly as SFT training saw it (template + generation prompt,
+    no special tokens): what a sampler or scorer should feed the model."""
+    return list(tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True),
+                                 add_special_tokens=False))
