@@ -32,7 +32,7 @@ import torch
 
 import train_cpt
 import train_sft
-from minidiff import data
+from minidiff import data, files
 from minidiff.errors import UserError, run_cli
 
 
@@ -75,13 +75,8 @@ def parse_args(argv) -> DemoConfig:
 
 
 def write_jsonl(path: Path, rows) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-    tmp.replace(path)
-    return path
+    """One JSON object per line, written atomically (minidiff.files)."""
+    return files.write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def split_speeches(speeches: list[str], held_out_chars: int, seed: int) -> tuple[list[str], list[str]]:
@@ -222,8 +217,8 @@ def main(argv=None) -> int:
         "samples": samples, "seconds": timings, "total_seconds": round(time.perf_counter() - started, 1),
     }
     markdown = render_summary(summary)
-    (out / "summary.md").write_text(markdown, encoding="utf-8")
-    (out / "summary.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    files.write_text(out / "summary.md", markdown)
+    files.write_json(out / "summary.json", summary, indent=1)  # last: its presence means the demo finished
     print(markdown)
     return 0
 

@@ -46,6 +46,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from . import files
 from .errors import UserError
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -157,7 +158,7 @@ def finish_checkpoint(tmp: Path, step: int, model, optimizer, scheduler, state: 
     torch.save({"optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict() if scheduler is not None else None},
                tmp / "optimizer.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=1) + "\n", encoding="utf-8")
+    files.write_json(tmp / "state.json", {"step": step, **state}, indent=1)
     for f in tmp.iterdir():  # make the contents durable before the rename publishes them
         with open(f, "rb") as handle:
             os.fsync(handle.fileno())

@@ -46,7 +46,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import progress, train_state
+from . import files, progress, train_state
 from .device import Prefetcher, check_available, enable_tf32, resolve_device, to_device, training_autocast
 from .errors import UserError
 
@@ -222,19 +222,13 @@ def versions() -> dict:
             "numpy": np.__version__}
 
 
-def _write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str) + "\n", encoding="utf-8")
-    tmp.replace(path)
-
-
 def _trim_metrics(path: Path, last_step: int) -> None:
     """On resume, drop the lines logged after the checkpoint (they are logged again)."""
     if not path.exists():
         return
     kept = [line for line in path.read_text(encoding="utf-8").splitlines()
             if line.strip() and json.loads(line)["step"] <= last_step]
-    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    files.write_text(path, "".join(line + "\n" for line in kept))
 
 
 def plot_losses(metrics_path: Path, png_path: Path) -> bool:
@@ -349,7 +343,7 @@ def train(model, train_batches, eval_batches, loss_fn, config: TrainConfig, out_
             _trim_metrics(metrics_path, step)
         elif metrics_path.exists():
             metrics_path.unlink()
-        _write_json_atomic(out / "run.json", {
+        files.write_json(out / "run.json", indent=1, obj={
             "config": asdict(config), "total_steps": steps, "warmup_steps": warmup,
             "world_size": ctx.world_size, "device": str(ctx.device), "argv": sys.argv,
             "versions": versions(), "resumed_from": str(resume_from) if resume_from else None,
