@@ -32,7 +32,7 @@ import torch
 
 import train_cpt
 import train_sft
-from minidiff import data, files
+from minidiff import data, files, flags
 from minidiff.errors import UserError, run_cli
 
 
@@ -61,17 +61,21 @@ class DemoConfig:
     progress: bool = True
 
 
+HELP = {
+    "out": "output directory of the demo", "cache_dir": "where the corpora are cached (default ~/.cache/minidiff/demo)",
+    "vocab_size": "tokenizer vocabulary (364: the text's alphabet + 256 bytes + 5 specials, a character-level model)",
+    "max_len": "pre-training block length in tokens", "sft_max_len": "prompt + answer + padding in instruction tuning",
+    "held_out_chars": "held-out speeches (whole speeches, about this many characters)",
+    "sft_held_out": "instruction pairs kept out of SFT (eval loss + sample prompts)",
+    "samples": "answers sampled at the end", "new_tokens": "tokens per sampled answer",
+    "block_length": "block length of the sampler", "progress": "show progress bars",
+}
+
+
 def parse_args(argv) -> DemoConfig:
-    parser = argparse.ArgumentParser(prog="demo.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    for name, value in asdict(DemoConfig()).items():
-        flag = "--" + name.replace("_", "-")
-        if isinstance(value, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=value)
-        else:
-            kind = type(value) if value is not None else str
-            parser.add_argument(flag, type=kind, default=value, help=f"(default: {value})")
-    return DemoConfig(**vars(parser.parse_args(argv)))
+    parser = flags.Parser(prog="demo.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    flags.add_fields(parser, DemoConfig, helps=HELP)
+    return DemoConfig(**flags.parse_given(parser, argv, DemoConfig))
 
 
 def write_jsonl(path: Path, rows) -> Path:
