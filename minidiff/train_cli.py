@@ -23,13 +23,15 @@ from .trainer import TrainConfig
 
 
 TRAIN_HELP = {  # help texts of the TrainConfig fields, shared by both scripts
-    "lr": "peak learning rate", "min_lr": "final learning rate of the cosine decay",
-    "warmup": "linear warmup steps", "warmup_ratio": "warmup as a fraction of the total steps",
+    "lr": "peak learning rate of the lr schedule (linear warmup, then cosine decay)",
+    "min_lr": "final learning rate of the lr schedule's cosine decay",
+    "warmup": "linear warmup steps of the lr schedule", "warmup_ratio": "warmup as a fraction of the total steps",
     "max_steps": "optimizer steps (instead of --epochs)", "epochs": "passes over the data (default 1)",
     "batch_size": "sequences per micro-batch per process", "grad_accum": "micro-batches per optimizer step",
     "weight_decay": "AdamW weight decay", "beta1": "AdamW beta1", "beta2": "AdamW beta2", "adam_eps": "AdamW eps",
     "clip": "max gradient norm (0: no clipping)",
-    "schedule": "noise schedule: linear | cosine | loglinear",
+    "noise_schedule": "noise (masking) schedule of the diffusion loss: linear | cosine | loglinear "
+                      "(--schedule is the old spelling)",
     "loss_norm": "sequence: per-sequence mean then batch mean (dllm); token: sum / real tokens (MDLM)",
     "stratified_t": "stratified diffusion times over the micro-batch (MDLM) instead of iid",
     "time_eps": "t = eps + (1 - eps) u", "seed": "seed of the data order, masks and init",
@@ -69,6 +71,9 @@ SCRIPT_HELP = {  # help texts of the ScriptConfig fields the scripts do not word
 }
 
 
+OLD_SPELLINGS = {"noise_schedule": ["--schedule"]}  # flags renamed since; the old spelling still works
+
+
 def config_parser(cls, prog: str, description: str, helps: dict[str, str], presets: dict[str, dict]):
     """One flag per field of a script's config (minidiff.flags): the script's own fields first,
     then the loop's (TrainConfig); --preset NAME chooses among `presets`, listed in the help."""
@@ -79,7 +84,7 @@ def config_parser(cls, prog: str, description: str, helps: dict[str, str], prese
     flags.add_fields(parser.add_argument_group("model, data and output"), cls, helps=helps, names=script_names,
                      choices={"preset": sorted(presets)})
     flags.add_fields(parser.add_argument_group("training loop (minidiff.trainer.TrainConfig)"), cls,
-                     helps=helps, names=loop_names)
+                     helps=helps, names=loop_names, aliases=OLD_SPELLINGS)
     return parser
 
 
@@ -140,8 +145,9 @@ def check_common(config, given: set[str]) -> None:
             raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(config, name)}")
     if not 0.0 <= config.warmup_ratio < 1.0:
         raise UserError(f"--warmup-ratio must lie in [0, 1), got {config.warmup_ratio}")
-    if config.schedule not in ("linear", "cosine", "loglinear"):
-        raise UserError(f"--schedule {config.schedule!r} is unknown; expected linear, cosine or loglinear")
+    if config.noise_schedule not in ("linear", "cosine", "loglinear"):
+        raise UserError(f"--noise-schedule (old spelling --schedule) {config.noise_schedule!r} is unknown; "
+                        "expected linear, cosine or loglinear")
     if config.loss_norm not in ("sequence", "token"):
         raise UserError(f"--loss-norm {config.loss_norm!r} is unknown; expected sequence or token")
     if getattr(config, "eval_data", None) and "eval_fraction" in given:
@@ -224,7 +230,7 @@ def run_training(config, ctx, model, tok, examples, held_out, collate, *, lora: 
     batches = data.Batches(examples, config.batch_size, seed=config.seed, rank=ctx.rank,
                            world_size=ctx.world_size, drop_last=True, collate=collate)
     evals = eval_batches(held_out, config.batch_size, ctx.rank, ctx.world_size, collate) if held_out else None
-    loss_fn = trainer.nelbo_objective(tok.mask_id, schedule=config.schedule, loss_norm=config.loss_norm,
+    loss_fn = trainer.nelbo_objective(tok.mask_id, schedule=config.noise_schedule, loss_norm=config.loss_norm,
                                       stratified=config.stratified_t, eps=config.time_eps)
     result = trainer.train(model, batches, evals, loss_fn, config, config.out, tokenizer=tok,
                            lora=lora, base_model=config.model,

@@ -5,7 +5,7 @@ Diffutron (2603.20466) for the recipe. Loss normalisation as dllm's trainer (seq
 (token); data parallelism with `torch.nn.parallel.DistributedDataParallel`. docs/training.md.
 
     config = TrainConfig(lr=1e-4, batch_size=16, grad_accum=2, max_steps=1000, save_every=200)
-    loss_fn = nelbo_objective(tok.mask_id, schedule="linear", loss_norm="sequence")
+    loss_fn = nelbo_objective(tok.mask_id, schedule=config.noise_schedule, loss_norm="sequence")
     result = train(model, train_batches, eval_batches, loss_fn, config, "runs/cpt",
                    tokenizer=tok, lora=True, base_model="jhu-clsp/mmBERT-base")
 
@@ -63,7 +63,7 @@ EVAL_SEED_TAG = 0xE7A1  # separates evaluation seeds from training seeds
 class TrainConfig:
     """Every knob of the loop. Scripts map their flags one-to-one onto these fields."""
 
-    # optimisation
+    # optimisation; the lr schedule is linear warmup then cosine decay (optim.WarmupCosine)
     lr: float = 1e-4                 # peak learning rate
     min_lr: float = 0.0              # learning rate at the end of the cosine decay
     warmup: int = 0                  # warmup steps (linear 0 -> lr); see warmup_ratio
@@ -78,7 +78,7 @@ class TrainConfig:
     adam_eps: float = 1e-8
     clip: float = 1.0                # max global gradient norm; 0 disables clipping
     # objective (used by nelbo_objective and recorded in run.json)
-    schedule: str = "linear"         # diffusion schedule: linear | cosine | loglinear
+    noise_schedule: str = "linear"   # masking (noise) schedule alpha_t: linear | cosine | loglinear
     loss_norm: str = "sequence"      # sequence (dllm) | token (MDLM)
     stratified_t: bool = False       # stratified times over the micro-batch (MDLM) instead of iid
     time_eps: float = 1e-3           # t = eps + (1 - eps) u
@@ -97,7 +97,7 @@ class TrainConfig:
 
 # Fields that must equal the checkpoint's for --resume to continue the same run.
 RESUME_MUST_MATCH = ("batch_size", "grad_accum", "seed", "lr", "min_lr", "warmup", "warmup_ratio",
-                     "weight_decay", "beta1", "beta2", "adam_eps", "clip", "schedule", "loss_norm",
+                     "weight_decay", "beta1", "beta2", "adam_eps", "clip", "noise_schedule", "loss_norm",
                      "stratified_t", "time_eps")
 
 
@@ -421,7 +421,7 @@ class LossMeter:
 
 
 # Fields renamed since older checkpoints were written: old name -> new name.
-RENAMED_FIELDS: dict[str, str] = {}
+RENAMED_FIELDS = {"schedule": "noise_schedule"}
 
 
 def current_field_names(saved_config: dict) -> dict:
