@@ -32,7 +32,7 @@ import torch
 
 import train_cpt
 import train_sft
-from minidiff import data
+from minidiff import data, files, flags
 from minidiff.errors import UserError, run_cli
 
 
@@ -61,27 +61,26 @@ class DemoConfig:
     progress: bool = True
 
 
+HELP = {
+    "out": "output directory of the demo", "cache_dir": "where the corpora are cached (default ~/.cache/minidiff/demo)",
+    "vocab_size": "tokenizer vocabulary (364: the text's alphabet + 256 bytes + 5 specials, a character-level model)",
+    "max_len": "pre-training block length in tokens", "sft_max_len": "prompt + answer + padding in instruction tuning",
+    "held_out_chars": "held-out speeches (whole speeches, about this many characters)",
+    "sft_held_out": "instruction pairs kept out of SFT (eval loss + sample prompts)",
+    "samples": "answers sampled at the end", "new_tokens": "tokens per sampled answer",
+    "block_length": "block length of the sampler", "progress": "show progress bars",
+}
+
+
 def parse_args(argv) -> DemoConfig:
-    parser = argparse.ArgumentParser(prog="demo.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    for name, value in asdict(DemoConfig()).items():
-        flag = "--" + name.replace("_", "-")
-        if isinstance(value, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=value)
-        else:
-            kind = type(value) if value is not None else str
-            parser.add_argument(flag, type=kind, default=value, help=f"(default: {value})")
-    return DemoConfig(**vars(parser.parse_args(argv)))
+    parser = flags.Parser(prog="demo.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    flags.add_fields(parser, DemoConfig, helps=HELP)
+    return DemoConfig(**flags.parse_given(parser, argv, DemoConfig))
 
 
 def write_jsonl(path: Path, rows) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-    tmp.replace(path)
-    return path
+    """One JSON object per line, written atomically (minidiff.files)."""
+    return files.write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def split_speeches(speeches: list[str], held_out_chars: int, seed: int) -> tuple[list[str], list[str]]:
@@ -222,8 +221,8 @@ def main(argv=None) -> int:
         "samples": samples, "seconds": timings, "total_seconds": round(time.perf_counter() - started, 1),
     }
     markdown = render_summary(summary)
-    (out / "summary.md").write_text(markdown, encoding="utf-8")
-    (out / "summary.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    files.write_text(out / "summary.md", markdown)
+    files.write_json(out / "summary.json", summary, indent=1)  # last: its presence means the demo finished
     print(markdown)
     return 0
 

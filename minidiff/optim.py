@@ -157,7 +157,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def _check_schedule(warmup: int, total: int, peak_lr: float, min_lr: float) -> None:
+def _check_lr_schedule(warmup: int, total: int, peak_lr: float, min_lr: float) -> None:
     if warmup < 0:
         raise UserError(f"warmup steps must be >= 0, got {warmup}")
     if total <= warmup:
@@ -169,14 +169,14 @@ def _check_schedule(warmup: int, total: int, peak_lr: float, min_lr: float) -> N
 
 
 def warmup_cosine(step: int, *, warmup: int, total: int, peak_lr: float, min_lr: float = 0.0) -> float:
-    """The learning rate used for optimizer step `step` (0-based).
+    """The lr schedule: the learning rate used for optimizer step `step` (0-based).
 
     step < warmup:          peak * step / warmup                             (0 -> peak)
     warmup <= step <= total: min + (peak - min) * (1 + cos(pi * progress)) / 2,
                             progress = (step - warmup) / (total - warmup)    (peak -> min)
     step > total:           min
     """
-    _check_schedule(warmup, total, peak_lr, min_lr)
+    _check_lr_schedule(warmup, total, peak_lr, min_lr)
     if step < warmup:
         return peak_lr * step / warmup
     progress = min(1.0, (step - warmup) / (total - warmup))
@@ -184,15 +184,16 @@ def warmup_cosine(step: int, *, warmup: int, total: int, peak_lr: float, min_lr:
 
 
 class WarmupCosine(torch.optim.lr_scheduler.LRScheduler):
-    """warmup_cosine applied to every parameter group, with that group's initial lr as peak.
+    """The lr schedule object: warmup_cosine applied to every parameter group, with that
+    group's initial lr as peak.
 
-    Call `scheduler.step()` after each `optimizer.step()`; the k-th optimizer step (k = 0, 1,
+    Call `lr_schedule.step()` after each `optimizer.step()`; the k-th optimizer step (k = 0, 1,
     ...) then runs with warmup_cosine(k). `state_dict()` / `load_state_dict()` resume it.
     """
 
     def __init__(self, optimizer, *, warmup: int, total: int, min_lr: float = 0.0, last_epoch: int = -1):
         for group in optimizer.param_groups:
-            _check_schedule(warmup, total, group.get("initial_lr", group["lr"]), min_lr)
+            _check_lr_schedule(warmup, total, group.get("initial_lr", group["lr"]), min_lr)
         self.warmup, self.total, self.min_lr = warmup, total, min_lr
         super().__init__(optimizer, last_epoch)
 

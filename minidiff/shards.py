@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from . import data
+from .files import write_json
 from .errors import UserError, run_cli
 
 FORMAT_VERSION = 1
@@ -263,7 +264,7 @@ def write_entry(identity: dict, tokenizer, target: Path, *, progress: bool = Fal
                     "documents": writer.documents, "tokens": writer.total, "skipped": len(problems),
                     "read_summary": _read_summary(identity, writer.documents, problems),
                     "seconds": round(time.perf_counter() - started, 3)}
-        _write_json_atomic(tmp / MANIFEST, manifest)
+        write_json(tmp / MANIFEST, manifest, indent=1, fsync=True)
         try:
             os.rename(tmp, target)  # atomic; fails when target exists (another process won)
         except OSError:
@@ -297,15 +298,6 @@ def _read_summary(identity: dict, documents: int, problems: list[str]) -> str:
         return data.Rows(problems=problems, files=files).summary().replace(
             "read 0 rows", f"read {documents:,} rows", 1)
     return data.ReadResult(texts=range(documents), problems=problems, files=files).summary()
-
-
-def _write_json_atomic(path: Path, value: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(value, handle, indent=1)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def _host() -> str:

@@ -1,6 +1,6 @@
-"""What train_cpt.py and train_sft.py share: flags generated from their config dataclass (one
-flag per field, `--help` listing every default and the presets), model building (load, from
-scratch, LoRA) and evaluation batches.
+"""What train_cpt.py and train_sft.py share: flags generated from their config dataclass
+(minidiff.flags: one flag per field, `--help` listing every default and the presets), model
+building (load, from scratch, LoRA) and evaluation batches.
 
 References: Diffutron (arXiv 2603.20466) for the presets' values; otherwise plumbing
 (docs/training.md).
@@ -12,25 +12,26 @@ from __future__ import annotations
 
 import argparse
 import sys
-import types
-import typing
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
 
+from . import flags
 from .errors import UserError
 from .trainer import TrainConfig
 
 
 TRAIN_HELP = {  # help texts of the TrainConfig fields, shared by both scripts
-    "lr": "peak learning rate", "min_lr": "final learning rate of the cosine decay",
-    "warmup": "linear warmup steps", "warmup_ratio": "warmup as a fraction of the total steps",
+    "lr": "peak learning rate of the lr schedule (linear warmup, then cosine decay)",
+    "min_lr": "final learning rate of the lr schedule's cosine decay",
+    "warmup": "linear warmup steps of the lr schedule", "warmup_ratio": "warmup as a fraction of the total steps",
     "max_steps": "optimizer steps (instead of --epochs)", "epochs": "passes over the data (default 1)",
     "batch_size": "sequences per micro-batch per process", "grad_accum": "micro-batches per optimizer step",
     "weight_decay": "AdamW weight decay", "beta1": "AdamW beta1", "beta2": "AdamW beta2", "adam_eps": "AdamW eps",
     "clip": "max gradient norm (0: no clipping)",
-    "schedule": "noise schedule: linear | cosine | loglinear",
+    "noise_schedule": "noise (masking) schedule of the diffusion loss: linear | cosine | loglinear "
+                      "(--schedule is the old spelling)",
     "loss_norm": "sequence: per-sequence mean then batch mean (dllm); token: sum / real tokens (MDLM)",
     "stratified_t": "stratified diffusion times over the micro-batch (MDLM) instead of iid",
     "time_eps": "t = eps + (1 - eps) u", "seed": "seed of the data order, masks and init",
@@ -40,13 +41,6 @@ TRAIN_HELP = {  # help texts of the TrainConfig fields, shared by both scripts
     "resume": "continue from the newest complete checkpoint in --out", "progress": "show a progress bar",
     "device": "cpu, cuda, cuda:1 ... (default: cuda when available; a bare cuda under torchrun: cuda:LOCAL_RANK)",
 }
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse whose errors are UserErrors: one sentence, exit status 2, no usage dump."""
-
-    def error(self, message):  # noqa: D401 - argparse API
-        raise UserError(f"{message} (see --help)")
 
 
 @dataclass
@@ -77,81 +71,28 @@ SCRIPT_HELP = {  # help texts of the ScriptConfig fields the scripts do not word
 }
 
 
-def _field_default(f):
-    if f.default is not MISSING:
-        return f.default
-    if f.default_factory is not MISSING:
-        return f.default_factory()
-    return None
-
-
-def _base_type(annotation):
-    """(python type, is_list) of a field annotation such as `int | None` or `list[str] | None`."""
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
-        return _base_type(args[0])
-    if typing.get_origin(annotation) is list:
-        return (args[0] if args else str), True
-    return annotation, False
-
-
-def _as_flag(name: str, value) -> str:
-    flag = "--" + name.replace("_", "-")
-    if isinstance(value, bool):
-        return flag if value else "--no-" + name.replace("_", "-")
-    if isinstance(value, list):
-        return f"{flag} {' '.join(map(str, value))}"
-    return f"{flag} {value}"
-
-
-def format_presets(presets: dict[str, dict]) -> str:
-    lines = ["presets (--preset NAME sets these fields; flags given explicitly still win):"]
-    for name, values in presets.items():
-        lines.append(f"  {name}:")
-        lines.extend(f"    {_as_flag(k, v)}" for k, v in values.items() if not k.startswith("_"))
-        if "_note" in values:
-            lines.append(f"    ({values['_note']})")
-    return "\n".join(lines)
+OLD_SPELLINGS = {"noise_schedule": ["--schedule"]}  # flags renamed since; the old spelling still works
 
 
 def config_parser(cls, prog: str, description: str, helps: dict[str, str], presets: dict[str, dict]):
-    """One flag per dataclass field (`max_len` -> `--max-len`), defaults shown in the help."""
-    hints = typing.get_type_hints(cls)
-    parser = _Parser(prog=prog, description=description, epilog=format_presets(presets),
-                     formatter_class=argparse.RawDescriptionHelpFormatter, argument_default=argparse.SUPPRESS)
-    from .trainer import TrainConfig
-
-    loop_names = {f.name for f in fields(TrainConfig)}
-    script_group = parser.add_argument_group("model, data and output")
-    loop_group = parser.add_argument_group("training loop (minidiff.trainer.TrainConfig)")
-    ordered = [f for f in fields(cls) if f.name not in loop_names] + [f for f in fields(cls) if f.name in loop_names]
-    for f in ordered:
-        group = loop_group if f.name in loop_names else script_group
-        flag = "--" + f.name.replace("_", "-")
-        kind, is_list = _base_type(hints[f.name])
-        default = _field_default(f)
-        text = helps.get(f.name, "")
-        text = f"{text} (default: {default})" if text else f"(default: {default})"
-        if f.name == "preset":
-            group.add_argument(flag, choices=sorted(presets), help=text)
-        elif kind is bool:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, help=text)
-        elif is_list:
-            group.add_argument(flag, nargs="+", type=kind, metavar=f.name.upper(), help=text)
-        else:
-            group.add_argument(flag, type=kind, metavar=f.name.upper(), help=text)
+    """One flag per field of a script's config (minidiff.flags): the script's own fields first,
+    then the loop's (TrainConfig); --preset NAME chooses among `presets`, listed in the help."""
+    parser = flags.Parser(prog=prog, description=description, epilog=flags.format_presets(presets),
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    loop_names = [f.name for f in fields(TrainConfig)]
+    script_names = [f.name for f in fields(cls) if f.name not in loop_names]
+    flags.add_fields(parser.add_argument_group("model, data and output"), cls, helps=helps, names=script_names,
+                     choices={"preset": sorted(presets)})
+    flags.add_fields(parser.add_argument_group("training loop (minidiff.trainer.TrainConfig)"), cls,
+                     helps=helps, names=loop_names, aliases=OLD_SPELLINGS)
     return parser
 
 
 def parse_config(cls, parser, argv, presets: dict[str, dict]):
     """(config, set of field names given on the command line); a preset fills the fields it
     names, explicit flags override it."""
-    given = vars(parser.parse_args(argv))
-    values = {}
-    if given.get("preset"):
-        values.update({k: v for k, v in presets[given["preset"]].items() if not k.startswith("_")})
-    values.update(given)
-    return cls(**values), set(given)
+    given = flags.parse_given(parser, argv, cls)
+    return cls(**flags.with_preset(given, presets, given.get("preset"))), set(given)
 
 
 def start(cls, prog: str, description: str, helps: dict[str, str], presets: dict[str, dict], check,
@@ -204,8 +145,9 @@ def check_common(config, given: set[str]) -> None:
             raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(config, name)}")
     if not 0.0 <= config.warmup_ratio < 1.0:
         raise UserError(f"--warmup-ratio must lie in [0, 1), got {config.warmup_ratio}")
-    if config.schedule not in ("linear", "cosine", "loglinear"):
-        raise UserError(f"--schedule {config.schedule!r} is unknown; expected linear, cosine or loglinear")
+    if config.noise_schedule not in ("linear", "cosine", "loglinear"):
+        raise UserError(f"--noise-schedule (old spelling --schedule) {config.noise_schedule!r} is unknown; "
+                        "expected linear, cosine or loglinear")
     if config.loss_norm not in ("sequence", "token"):
         raise UserError(f"--loss-norm {config.loss_norm!r} is unknown; expected sequence or token")
     if getattr(config, "eval_data", None) and "eval_fraction" in given:
@@ -288,7 +230,7 @@ def run_training(config, ctx, model, tok, examples, held_out, collate, *, lora: 
     batches = data.Batches(examples, config.batch_size, seed=config.seed, rank=ctx.rank,
                            world_size=ctx.world_size, drop_last=True, collate=collate)
     evals = eval_batches(held_out, config.batch_size, ctx.rank, ctx.world_size, collate) if held_out else None
-    loss_fn = trainer.nelbo_objective(tok.mask_id, schedule=config.schedule, loss_norm=config.loss_norm,
+    loss_fn = trainer.nelbo_objective(tok.mask_id, schedule=config.noise_schedule, loss_norm=config.loss_norm,
                                       stratified=config.stratified_t, eps=config.time_eps)
     result = trainer.train(model, batches, evals, loss_fn, config, config.out, tokenizer=tok,
                            lora=lora, base_model=config.model,

@@ -4,9 +4,9 @@ References: none (plumbing); exact resume is explained in docs/training.md ("Res
 
     tmp = begin_checkpoint(ckpt_root, step)     # fresh .tmp-step-XXXXXX (rank 0)
     write_rng(tmp, rank, generator)             # every rank: its own rng-rank-R.pt
-    finish_checkpoint(tmp, step, model, optimizer, scheduler, state, keep_last)   # rank 0: rename
+    finish_checkpoint(tmp, step, model, optimizer, lr_schedule, state, keep_last)   # rank 0: rename
     path = latest_checkpoint(ckpt_root)         # newest complete DIR/checkpoints/step-XXXXXX or None
-    state = load_training_state(path, model, optimizer, scheduler, rank, generator)  # -> state.json
+    state = load_training_state(path, model, optimizer, lr_schedule, rank, generator)  # -> state.json
 
 Saving is split in three because under data parallelism every rank writes its own random
 states between rank 0 creating the directory and rank 0 publishing it (the trainer puts a
@@ -14,13 +14,15 @@ barrier between the calls).
 
 A checkpoint directory holds
     trainable.safetensors    the parameters that train (LoRA: the adapter tensors only)
-    optimizer.pt             optimizer + scheduler state dicts (torch.save; read back with
+    optimizer.pt             optimizer and lr-schedule state dicts, under the keys "optimizer"
+                             and "scheduler" (torch.save; read back with
                              torch.load(weights_only=True), never plain unpickling)
     rng-rank-R.pt            every random state of rank R: torch CPU, CUDA, the masking generator
                              (tensors, with the device type it lives on), python and numpy
                              (as plain lists)
-    state.json               step, data position (Batches.state_dict), config, world size,
-                             total steps, eval losses so far
+    state.json               step, data position (Batches.state_dict), config (TrainConfig's
+                             fields; trainer.RENAMED_FIELDS maps the names older checkpoints
+                             used), world size, total steps, eval losses so far
 
 Resuming on another device type or number of GPUs: python, numpy and torch's CPU state are
 restored everywhere; CUDA states only for the GPUs present; the masking generator's state only
@@ -46,6 +48,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from . import files
 from .errors import UserError
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -150,14 +153,14 @@ def write_rng(tmp: Path, rank: int, generator: torch.Generator | None) -> None:
     torch.save(rng_state(generator), tmp / f"rng-rank-{rank}.pt")
 
 
-def finish_checkpoint(tmp: Path, step: int, model, optimizer, scheduler, state: dict,
+def finish_checkpoint(tmp: Path, step: int, model, optimizer, lr_schedule, state: dict,
                       keep_last: int | None) -> Path:
     """Write weights, optimizer and state.json into `tmp`, rename it to step-XXXXXX, prune old ones."""
     save_file(trainable_state_dict(model), str(tmp / "trainable.safetensors"), metadata={"format": "pt"})
     torch.save({"optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict() if scheduler is not None else None},
+                "scheduler": lr_schedule.state_dict() if lr_schedule is not None else None},
                tmp / "optimizer.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=1) + "\n", encoding="utf-8")
+    files.write_json(tmp / "state.json", {"step": step, **state}, indent=1)
     for f in tmp.iterdir():  # make the contents durable before the rename publishes them
         with open(f, "rb") as handle:
             os.fsync(handle.fileno())
@@ -172,9 +175,9 @@ def finish_checkpoint(tmp: Path, step: int, model, optimizer, scheduler, state: 
     return final
 
 
-def load_training_state(path: str | Path, model, optimizer, scheduler, rank: int,
+def load_training_state(path: str | Path, model, optimizer, lr_schedule, rank: int,
                         generator: torch.Generator | None, fallback_seed: int = 0) -> dict:
-    """Load weights, optimizer, scheduler and this rank's random states from a checkpoint
+    """Load weights, optimizer, lr schedule and this rank's random states from a checkpoint
     (onto the model's device, whatever device wrote it); returns state.json (step, data
     position, ...). fallback_seed: see set_rng_state."""
     path = Path(path)
@@ -192,8 +195,8 @@ def load_training_state(path: str | Path, model, optimizer, scheduler, rank: int
             params[name].copy_(tensor)
     opt = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
     optimizer.load_state_dict(opt["optimizer"])
-    if scheduler is not None and opt["scheduler"] is not None:
-        scheduler.load_state_dict(opt["scheduler"])
+    if lr_schedule is not None and opt["scheduler"] is not None:
+        lr_schedule.load_state_dict(opt["scheduler"])
     rng_file = path / f"rng-rank-{rank}.pt"
     if rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=True, map_location="cpu"), generator, fallback_seed)

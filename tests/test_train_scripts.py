@@ -198,6 +198,16 @@ def test_preset_fills_fields_and_flags_override():
     assert given == {"preset", "batch_size"}
 
 
+def test_noise_schedule_flag_and_its_old_spelling():
+    parser = train_cpt.train_cli.config_parser(train_cpt.CPTConfig, "x", "", {}, train_cpt.PRESETS)
+    for flag in ("--noise-schedule", "--schedule"):  # the old spelling stays an alias
+        config, given = train_cpt.train_cli.parse_config(train_cpt.CPTConfig, parser, [flag, "cosine"], {})
+        assert config.noise_schedule == "cosine" and given == {"noise_schedule"}
+    config, _ = train_cpt.train_cli.parse_config(train_cpt.CPTConfig, parser, ["--preset", "diffutron-cpt"],
+                                                 train_cpt.PRESETS)
+    assert config.noise_schedule == "linear"
+
+
 # ----------------------------------------------------------------------------- bad inputs
 
 

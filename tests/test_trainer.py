@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -257,3 +258,37 @@ def test_output_dir_rules(tok, tmp_path):
     with pytest.raises(UserError, match="unfinished run"):
         trainer.check_out_dir(out, resume=False)
     assert trainer.check_out_dir(out, resume=True).name == "step-000001"
+
+
+def test_checkpoint_with_the_old_schedule_field_name_resumes(tok, tmp_path):
+    """state.json written before `schedule` became `noise_schedule` still resumes, bitwise like an
+    uninterrupted run, and a different old value is refused naming the new flag."""
+    from dataclasses import replace
+
+    cfg = config(max_steps=4, save_every=2, keep_last=5, noise_schedule="cosine")
+    loss_fn = trainer.nelbo_objective(MASK, schedule="cosine")
+    trainer.train(model_for(tok), cpt_batches(tok), None, loss_fn, cfg, tmp_path / "a")
+    run = json.loads((tmp_path / "a" / "run.json").read_text())
+    assert run["config"]["noise_schedule"] == "cosine" and "schedule" not in run["config"]
+
+    # the same run again, its export removed: as if it stopped after its only checkpoint (step 2),
+    # whose state.json is rewritten with the old field name
+    trainer.train(model_for(tok), cpt_batches(tok), None, loss_fn, cfg, tmp_path / "b")
+    (tmp_path / "b" / "model.safetensors").unlink()
+    ckpt = train_state.latest_checkpoint(tmp_path / "b" / "checkpoints")
+    assert ckpt.name == "step-000002"
+    state = json.loads((ckpt / "state.json").read_text())
+    state["config"]["schedule"] = state["config"].pop("noise_schedule")
+    (ckpt / "state.json").write_text(json.dumps(state))
+
+    # a copy whose old field says another noise schedule is refused
+    other = tmp_path / "c" / "checkpoints" / ckpt.name
+    shutil.copytree(ckpt, other)
+    state["config"]["schedule"] = "linear"
+    (other / "state.json").write_text(json.dumps(state))
+    with pytest.raises(UserError, match="--noise-schedule is 'cosine' but .* 'linear'"):
+        trainer.train(model_for(tok), cpt_batches(tok), None, loss_fn, replace(cfg, resume=True), tmp_path / "c")
+
+    trainer.train(model_for(tok), cpt_batches(tok), None, loss_fn, replace(cfg, resume=True), tmp_path / "b")
+    a, b = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
