@@ -32,7 +32,7 @@ import torch
 
 import train_cpt
 import train_sft
-from minidiff import data, files, flags
+from minidiff import chat, data, files, flags
 from minidiff.errors import UserError, run_cli
 
 
@@ -118,7 +118,7 @@ def sample_answers(model_dir: Path, tok, rows: list[dict], config: DemoConfig) -
         out = generate(model, prompts, sampler, mask_id=tok.mask_id, eos_id=tok.eos_id, tokenizer=tok)
     results = []
     for row, answer in zip(rows, out.answers()):
-        text = tok.decode(answer).split("[/Answer]")[0].strip()
+        text = tok.decode(answer).split(chat.END_OF_TURN)[0].strip()
         results.append({"question": row["messages"][-2]["content"], "reference": row["messages"][-1]["content"],
                         "answer": text, "held_out": row.get("_held_out", False)})
     return results
