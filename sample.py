@@ -27,6 +27,7 @@ import minidiff
 from minidiff.data import chat_prompt_ids
 from minidiff.device import check_available, enable_tf32, inference_precision, resolve_device
 from minidiff.errors import UserError, run_cli
+from minidiff.files import write_text
 from minidiff.sampler import END_OF_TURN, SamplerConfig, generate, infill
 
 MASK_CHAR = "░"
@@ -219,9 +220,7 @@ def write_trace_html(path: Path, tok, out, prompts_text: list[str]) -> None:
                 for p in range(s, e)]
         rows.append({"prompt": prompts_text[r], "pieces": token_pieces(tok, row[s:e]), "reveal": when})
     data = json.dumps({"steps": steps, "rows": rows}, ensure_ascii=False).replace("</", "<\\/")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(PAGE.replace("__DATA__", data), encoding="utf-8")
-    tmp.replace(path)
+    write_text(path, PAGE.replace("__DATA__", data))
 
 
 # ----------------------------------------------------------------------------- main
