@@ -216,6 +216,22 @@ def decoder_cross_entropy(model, xt, selected, flat_index, targets, row_weights,
 # ---------------------------------------------------------------------------------------------
 
 
+def nelbo_normalizer(maskable, normalize: str = "sequence", attention_mask=None) -> torch.Tensor:
+    """What `nelbo_loss` divides the batch's weighted CE sum by (0-d float32, no host copy).
+
+    "token": the maskable-token count of the batch; "sequence": the number of rows (each row's
+    sum is first divided by its own maskable count). A trainer that accumulates micro-batches
+    weights micro-batch m by this number, so that sum_m loss_m * n_m / sum_m n_m is the loss
+    of the whole batch.
+    """
+    if normalize not in ("sequence", "token"):
+        raise UserError(f"normalize={normalize!r} is not known; expected 'sequence' or 'token'")
+    maskable = _maskable_or_all(maskable, maskable, attention_mask)  # [B, S]
+    if normalize == "token":
+        return maskable.sum().clamp(min=1).to(torch.float32)
+    return maskable.new_full((), maskable.shape[0], dtype=torch.float32)
+
+
 def nelbo_loss(
     model,
     x0,
@@ -238,10 +254,9 @@ def nelbo_loss(
                                  then the mean over rows.
     normalize="token" (MDLM):    sum over the batch of w(t) * CE / (total maskable count).
     """
-    if normalize not in ("sequence", "token"):
-        raise UserError(f"normalize={normalize!r} is not known; expected 'sequence' or 'token'")
     schedule = get_schedule(schedule)
     maskable = _maskable_or_all(x0, maskable, attention_mask)  # [B, S]
+    denominator = nelbo_normalizer(maskable, normalize).double()  # rows, or maskable tokens
     if t is None:
         t = sample_t(x0.shape[0], eps, stratified, generator, device=x0.device)  # [B]
     t = torch.as_tensor(t, dtype=torch.float32, device=x0.device).expand(x0.shape[0])  # [B]
@@ -251,10 +266,10 @@ def nelbo_loss(
     weight = schedule.weight(t).double()  # [B]
     if normalize == "sequence":
         # loss = mean_b [ sum_{i masked in row b} w(t_b) CE_i / |maskable_b| ]
-        row_weight = weight / maskable.sum(1).clamp(min=1) / x0.shape[0]  # [B]
+        row_weight = weight / maskable.sum(1).clamp(min=1) / denominator  # [B]
     else:
         # loss = sum_b sum_{i masked in row b} w(t_b) CE_i / sum_b |maskable_b|
-        row_weight = weight / maskable.sum().clamp(min=1)  # [B]
+        row_weight = weight / denominator  # [B]
     # CE_i = -log p(x0_i | x_t) at every masked position, <mask> excluded from the softmax;
     # an empty batch gives a zero that still backpropagates
     loss, _ = decoder_cross_entropy(model, xt, is_masked, flat_index, targets, row_weight[rows],
