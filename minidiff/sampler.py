@@ -17,7 +17,7 @@ every block gets ceil(steps / num_blocks) steps. One step (docs/sampler.md):
                                           (= a sample of softmax(l / T), the Gumbel-max trick)
     4. confidence                         softmax(l)[candidate] ("low_confidence") or U(0, 1)
     5. only still-masked positions of the current block compete
-    6. commit the k most confident       k from the transfer schedule; never re-masked
+    6. commit the k most confident       k from the unmasking schedule; never re-masked
                                           (threshold decoding: every candidate with
                                           confidence >= threshold, at least one)
 After each block: the fork's stop strings end the answer, and the loop stops early once every
@@ -45,7 +45,7 @@ import torch
 from .errors import UserError
 
 REMASKING = ("low_confidence", "random")
-SCHEDULES = ("dllm", "llada")
+UNMASKING = ("dllm", "llada")  # unmasking schedules: how many tokens each step commits
 CACHES = ("none", "prefix", "dual")
 FORK_STOP_STRINGS = ("<s>", "</s>", "<|USER|>", "|USER|>")
 END_OF_TURN = "[/Answer]"
@@ -64,11 +64,11 @@ class SamplerConfig:
     stochastic: bool = False  # Binomial draw of the per-step count instead of rounding (dllm)
     cfg_scale: float = 0.0
     repetition_penalty: float = 1.0
-    schedule: str = "dllm"  # "dllm": round(m_left / (N - j)) | "llada": m // N, first m % N get +1
+    unmasking: str = "dllm"  # unmasking schedule. "dllm": round(m_left / (N - j)) | "llada": m // N, first m % N get +1
     threshold: float | None = None  # parallel decoding: commit all candidates with conf >= threshold
     stop_strings: tuple[str, ...] = ()  # the fork's rule; needs a tokenizer
     stop_at_eos: bool = True  # stop once every row has eos / [/Answer] in a finished block
-    seed: int | None = None  # for temperature > 0, random remasking and stochastic schedules
+    seed: int | None = None  # for temperature > 0, random remasking and stochastic unmasking
     cache: str = "none"  # "none" (exact) | "prefix" | "dual": approximate key/value cache (cached.py)
     cache_refresh: int | None = None  # refill the cache every n steps of a block (None: block start only)
     compile: bool = False  # torch.compile the fixed-shape step (cached.py)
@@ -88,10 +88,11 @@ class SamplerConfig:
              f"temperature must be a finite number >= 0, got {self.temperature!r}"),
             (self.remasking in REMASKING,
              f"remasking must be one of {', '.join(REMASKING)}, got {self.remasking!r}"),
-            (self.schedule in SCHEDULES,
-             f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}"),
-            (not (self.stochastic and self.schedule == "llada"),
-             "stochastic transfer draws Binomial counts and only exists for schedule 'dllm'"),
+            (self.unmasking in UNMASKING,
+             f"unmasking (the unmasking schedule) must be one of {', '.join(UNMASKING)}, "
+             f"got {self.unmasking!r}"),
+            (not (self.stochastic and self.unmasking == "llada"),
+             "stochastic unmasking draws Binomial counts and only exists for the unmasking schedule 'dllm'"),
             (self.cfg_scale >= 0 and math.isfinite(self.cfg_scale),
              f"cfg_scale must be a finite number >= 0, got {self.cfg_scale!r}"),
             (self.repetition_penalty > 0 and math.isfinite(self.repetition_penalty),
@@ -167,7 +168,7 @@ class GenerateOutput:
         return out
 
 
-# ----------------------------------------------------------------------------- schedules
+# ----------------------------------------------------------------------------- unmasking schedules
 
 
 def _dllm_reverse_keep(s: float, t: float) -> float:
@@ -177,7 +178,7 @@ def _dllm_reverse_keep(s: float, t: float) -> float:
     return float((1 - (1 - s32)) / (1 - (1 - t32)))
 
 
-def transfer_counts(masked: int, steps: int, schedule: str = "dllm", *, stochastic: bool = False,
+def transfer_counts(masked: int, steps: int, unmasking: str = "dllm", *, stochastic: bool = False,
                     generator: torch.Generator | None = None) -> list[int]:
     """How many of `masked` tokens each step reveals; steps that would reveal 0 are dropped.
 
@@ -186,7 +187,7 @@ def transfer_counts(masked: int, steps: int, schedule: str = "dllm", *, stochast
     exact .5 ties downwards, e.g. m=4, N=3 -> [1, 1, 2]); stochastic: Binomial(m_left, 1 - s/t).
     llada: m // N each step, the first m % N steps one more.
     """
-    if schedule == "llada":
+    if unmasking == "llada":
         base, extra = divmod(masked, steps)
         counts = [base + (1 if j < extra else 0) for j in range(steps)]
         return [c for c in counts if c > 0]
@@ -211,7 +212,7 @@ def transfer_counts(masked: int, steps: int, schedule: str = "dllm", *, stochast
 def _schedule_rows(masked_per_row: Sequence[int], steps: int, config: SamplerConfig,
                    generator) -> list[list[int]]:
     """Per-row counts, each row compacted and right-padded with zeros (dllm's layout)."""
-    rows = [transfer_counts(m, steps, config.schedule, stochastic=config.stochastic,
+    rows = [transfer_counts(m, steps, config.unmasking, stochastic=config.stochastic,
                             generator=generator) for m in masked_per_row]
     width = max((len(r) for r in rows), default=0)
     return [r + [0] * (width - len(r)) for r in rows]

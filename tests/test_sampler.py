@@ -128,7 +128,7 @@ def test_generate_equals_reference(model, name):
     prompts = [prompt(1, 6), prompt(2, 6)]
     expected, calls = ref_generate(model, prompts, n_new, steps, L, **case)
     config = SamplerConfig(max_new_tokens=n_new, steps=steps, block_length=L, stop_at_eos=False,
-                           schedule=case.get("schedule", "dllm"), cfg_scale=case.get("cfg", 0.0),
+                           unmasking=case.get("schedule", "dllm"), cfg_scale=case.get("cfg", 0.0),
                            repetition_penalty=case.get("penalty", 1.0))
     out = generate(model, prompts, config, mask_id=MASK, eos_id=EOS)
     assert torch.equal(out.sequences, expected)
@@ -374,9 +374,9 @@ def test_trace_frames_replay(model):
 @pytest.mark.parametrize("kwargs, words", [
     (dict(steps=0), "steps"), (dict(block_length=0), "block_length"),
     (dict(temperature=-0.1), "temperature"), (dict(remasking="lowest"), "remasking"),
-    (dict(schedule="cosine"), "schedule"), (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(unmasking="cosine"), "schedule"), (dict(max_new_tokens=0), "max_new_tokens"),
     (dict(threshold=1.5), "threshold"), (dict(repetition_penalty=0.0), "repetition_penalty"),
-    (dict(stochastic=True, schedule="llada"), "stochastic"), (dict(cfg_scale=-1.0), "cfg_scale"),
+    (dict(stochastic=True, unmasking="llada"), "stochastic"), (dict(cfg_scale=-1.0), "cfg_scale"),
 ])
 def test_bad_config(kwargs, words):
     with pytest.raises(UserError, match=words):
