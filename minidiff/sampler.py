@@ -68,7 +68,8 @@ class SamplerConfig:
     stochastic: bool = False  # Binomial draw of the per-step count instead of rounding (dllm)
     cfg_scale: float = 0.0
     repetition_penalty: float = 1.0
-    unmasking: str = "dllm"  # unmasking schedule. "dllm": round(m_left / (N - j)) | "llada": m // N, first m % N get +1
+    # the unmasking schedule: "dllm": round(m_left / (N - j)) | "llada": m // N, first m % N get +1
+    unmasking: str = "dllm"
     threshold: float | None = None  # parallel decoding: commit all candidates with conf >= threshold
     stop_strings: tuple[str, ...] = ()  # the fork's rule; needs a tokenizer
     stop_at_eos: bool = True  # stop once every row has eos / [/Answer] in a finished block
