@@ -27,6 +27,7 @@ import minidiff
 from minidiff.chat import END_OF_TURN, chat_prompt_ids
 from minidiff.device import check_available, enable_tf32, inference_precision, resolve_device
 from minidiff.errors import UserError, run_cli
+from minidiff.files import write_text
 from minidiff.sampler import SamplerConfig, generate, infill
 
 MASK_CHAR = "░"
@@ -53,7 +54,8 @@ def parse_args(argv=None):
     g.add_argument("--stochastic", action=argparse.BooleanOptionalAction, help="Binomial transfer counts")
     g.add_argument("--cfg-scale", type=float)
     g.add_argument("--repetition-penalty", type=float)
-    g.add_argument("--schedule", help="dllm | llada")
+    g.add_argument("--unmasking", help="unmasking schedule (how many tokens each step commits): dllm | llada")
+    g.add_argument("--schedule", dest="old_schedule", help=argparse.SUPPRESS)  # renamed: --unmasking
     g.add_argument("--threshold", type=float, help="parallel decoding: commit every candidate this confident")
     g.add_argument("--stop-strings", nargs="*", help="strings that end the answer (none: give the flag alone)")
     g.add_argument("--stop-at-eos", action=argparse.BooleanOptionalAction,
@@ -77,6 +79,9 @@ def parse_args(argv=None):
 
 def sampler_config(args) -> SamplerConfig:
     """The preset (or the defaults) with every flag that was given laid over it."""
+    if getattr(args, "old_schedule", None) is not None:
+        raise UserError(f"--schedule is now --unmasking (the unmasking schedule: dllm | llada); "
+                        f"use --unmasking {args.old_schedule}.")
     chosen = {f.name: getattr(args, f.name) for f in fields(SamplerConfig)
               if getattr(args, f.name, None) is not None}
     if "stop_strings" in chosen:
@@ -219,9 +224,7 @@ def write_trace_html(path: Path, tok, out, prompts_text: list[str]) -> None:
                 for p in range(s, e)]
         rows.append({"prompt": prompts_text[r], "pieces": token_pieces(tok, row[s:e]), "reveal": when})
     data = json.dumps({"steps": steps, "rows": rows}, ensure_ascii=False).replace("</", "<\\/")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(PAGE.replace("__DATA__", data), encoding="utf-8")
-    tmp.replace(path)
+    write_text(path, PAGE.replace("__DATA__", data))
 
 
 # ----------------------------------------------------------------------------- main

@@ -55,7 +55,7 @@ def reference_generate(model, prompt: list[int], config: SamplerConfig, mask_id:
     calls = 0
     for b in range(num_blocks):
         m = int((x[0, n + b * L: n + (b + 1) * L] == mask_id).sum())
-        for k in transfer_counts(m, steps, config.schedule):
+        for k in transfer_counts(m, steps, config.unmasking):
             logits = model(x)  # [1, T, V]: head + vocabulary projection everywhere
             ids = torch.unique(x[0])
             ids = ids[(ids != mask_id) & (ids != eos_id)]

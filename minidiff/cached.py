@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 
 from .model import KVCache
-from .sampler import TraceStep, _masked_first, denoise_step
+from .sampler import _masked_first, denoise_step, record_step
 
 
 class CachedLogits:
@@ -118,7 +118,7 @@ def compiled_static_step(device: torch.device):
 
 
 class StaticSteps:
-    """Runs the blocks of `sampler._denoise` with static_step (cached and/or compiled)."""
+    """Runs the step loop of `sampler._denoise`'s blocks with static_step (cached and/or compiled)."""
 
     def __init__(self, model, config, mask_id: int, eos_id: int):
         if config.cache != "none" and not hasattr(model, "logits_from_hidden"):
@@ -129,43 +129,39 @@ class StaticSteps:
         self.step = compiled_static_step(device) if config.compile else static_step
         self.device = device
 
-    def run_block(self, out, b, canvas, attention_mask, positions, masked, plan, schedule, num_steps,
-                  given, generator, callback):
-        """Block b's steps; returns the new canvas. One host read per block (the prefix width).
+    def run_block(self, out, b, ids, canvas, positions, plan, generator, callback):
+        """Block b's steps (canvas: sampler.Canvas, plan: sampler.BlockPlan); returns the new ids.
+        One host read per block (the prefix width).
 
         Compiled: logits over the whole block (one shape per block). Eager: over as many
-        positions as the host knows may still be masked (from the schedule, or the late count)."""
+        positions as the host knows may still be masked (from the plan, or the late count)."""
         config, cache = self.config, self.cache
-        bound = max(masked)  # masks left in the fullest row, or an upper bound of it
         width = 0
         if config.cache == "prefix":  # the block and what follows, for the row that starts first
-            width = canvas.shape[1] - int(positions[:, 0].min())
-        masks_left = LateCount(self.device) if schedule is None else None
-        for i in range(num_steps):
+            width = ids.shape[1] - int(positions[:, 0].min())
+        masks_left = LateCount(self.device) if plan.counts is None else None
+        bound = plan.most_left(0)  # masks left in the fullest row, or an upper bound of it
+        for i in range(plan.num_steps):
             refresh = cache is not None and (i == 0 or (config.cache_refresh is not None
                                                          and i % config.cache_refresh == 0))
-            counts = None if schedule is None else schedule[:, i]
-            if plan is not None:
-                bound = max(m - sum(row[:i]) for m, row in zip(masked, plan))
+            counts = None if plan.counts_on_device is None else plan.counts_on_device[:, i]  # [B]
+            if plan.counts is not None:
+                bound = plan.most_left(i)
             if bound == 0:
                 break
             logit_width = None if config.compile else bound
             # the fill writes the cache (a side effect), so it always runs eagerly
             step = static_step if refresh else self.step
-            canvas, where, committed, left = step(self.model, cache, refresh, width, canvas,
-                                                  attention_mask, positions, counts, given, config,
-                                                  self.mask_id, self.eos_id, generator, logit_width)
+            ids, where, committed, left = step(self.model, cache, refresh, width, ids,
+                                               canvas.attention_mask, positions, counts, canvas.given,
+                                               config, self.mask_id, self.eos_id, generator, logit_width)
             # copies: a CUDA graph reuses its output buffers at the next replay
-            canvas, where, committed, left = canvas.clone(), where.clone(), committed.clone(), left.clone()
-            out.sequences = canvas
-            out.num_forward += 1
-            out.trace.append(TraceStep(b, where, canvas.gather(1, where), committed))
-            if callback is not None:
-                callback(out)
+            ids, where, committed, left = ids.clone(), where.clone(), committed.clone(), left.clone()
+            record_step(out, b, ids, where, committed, callback)
             if masks_left is not None:  # threshold: the count after step i - 1, read now
                 bound = masks_left.read()  # None before the first push
                 if bound == 0:
                     break  # step i found a finished block and committed nothing
-                bound = max(masked) if bound is None else bound
+                bound = max(plan.masked) if bound is None else bound
                 masks_left.push(left)
-        return canvas
+        return ids

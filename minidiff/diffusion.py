@@ -216,6 +216,22 @@ def decoder_cross_entropy(model, xt, selected, flat_index, targets, row_weights,
 # ---------------------------------------------------------------------------------------------
 
 
+def nelbo_normalizer(maskable, normalize: str = "sequence", attention_mask=None) -> torch.Tensor:
+    """What `nelbo_loss` divides the batch's weighted CE sum by (0-d float32, no host copy).
+
+    "token": the maskable-token count of the batch; "sequence": the number of rows (each row's
+    sum is first divided by its own maskable count). A trainer that accumulates micro-batches
+    weights micro-batch m by this number, so that sum_m loss_m * n_m / sum_m n_m is the loss
+    of the whole batch.
+    """
+    if normalize not in ("sequence", "token"):
+        raise UserError(f"normalize={normalize!r} is not known; expected 'sequence' or 'token'")
+    maskable = _maskable_or_all(maskable, maskable, attention_mask)  # [B, S]
+    if normalize == "token":
+        return maskable.sum().clamp(min=1).to(torch.float32)
+    return maskable.new_full((), maskable.shape[0], dtype=torch.float32)
+
+
 def nelbo_loss(
     model,
     x0,
@@ -238,10 +254,9 @@ def nelbo_loss(
                                  then the mean over rows.
     normalize="token" (MDLM):    sum over the batch of w(t) * CE / (total maskable count).
     """
-    if normalize not in ("sequence", "token"):
-        raise UserError(f"normalize={normalize!r} is not known; expected 'sequence' or 'token'")
     schedule = get_schedule(schedule)
     maskable = _maskable_or_all(x0, maskable, attention_mask)  # [B, S]
+    denominator = nelbo_normalizer(maskable, normalize).double()  # rows, or maskable tokens
     if t is None:
         t = sample_t(x0.shape[0], eps, stratified, generator, device=x0.device)  # [B]
     t = torch.as_tensor(t, dtype=torch.float32, device=x0.device).expand(x0.shape[0])  # [B]
@@ -251,10 +266,10 @@ def nelbo_loss(
     weight = schedule.weight(t).double()  # [B]
     if normalize == "sequence":
         # loss = mean_b [ sum_{i masked in row b} w(t_b) CE_i / |maskable_b| ]
-        row_weight = weight / maskable.sum(1).clamp(min=1) / x0.shape[0]  # [B]
+        row_weight = weight / maskable.sum(1).clamp(min=1) / denominator  # [B]
     else:
         # loss = sum_b sum_{i masked in row b} w(t_b) CE_i / sum_b |maskable_b|
-        row_weight = weight / maskable.sum().clamp(min=1)  # [B]
+        row_weight = weight / denominator  # [B]
     # CE_i = -log p(x0_i | x_t) at every masked position, <mask> excluded from the softmax;
     # an empty batch gives a zero that still backpropagates
     loss, _ = decoder_cross_entropy(model, xt, is_masked, flat_index, targets, row_weight[rows],
@@ -334,94 +349,131 @@ def _as_ids(ids, what: str):
     return ids
 
 
+def masked_ce_per_row(model, x0, is_masked, mask_id: int, attention_mask=None):
+    """sum_{i masked in row b} -log p(x0_i | x_t) for each row b: [B] float64, where x_t is x0
+    [B, S] with the positions of is_masked [B, S] replaced by <mask> (<mask> out of the softmax)."""
+    xt = torch.where(is_masked, torch.full_like(x0, mask_id), x0)  # [B, S]
+    flat_index, rows, targets = selected_positions(is_masked, x0)  # [N] each
+    _, token_ce = decoder_cross_entropy(model, xt, is_masked, flat_index, targets,
+                                        torch.zeros_like(targets, dtype=torch.float64),
+                                        attention_mask=attention_mask, excluded_id=mask_id)
+    return token_ce.double().new_zeros(x0.shape[0]).index_add_(0, rows, token_ce.double())  # [B]
+
+
+def draw_answer_masks(L: int, num_samples: int, generator=None, device=None):
+    """LLaDA's draws for an answer of L tokens: (masked [n, L] bool, weight L / l [n] float64).
+
+    Sample j masks exactly l_j answer positions, a uniform l_j-subset; the l_j are stratified,
+    l_j = ((k + floor(j L / n)) mod L) + 1 with one k uniform in 0..L-1, so each l_j is uniform
+    on 1..L and together they cover 1..L evenly."""
+    # l_j = ((k + floor(j L / n)) mod L) + 1
+    k = torch.randint(L, (1,), generator=generator, device=device)
+    j = torch.arange(num_samples, device=device)
+    num_masked = (k + (j * L) // num_samples) % L + 1  # [n]
+    # a uniform l-subset: the answer positions holding the l smallest uniform scores
+    scores = torch.rand(num_samples, L, generator=generator, device=device)  # [n, L]
+    ranks = scores.argsort(dim=1).argsort(dim=1)
+    return ranks < num_masked[:, None], L / num_masked.double()
+
+
+def _check_sample_counts(num_samples: int, batch_size: int) -> None:
+    if num_samples < 1 or batch_size < 1:
+        raise UserError(f"num_samples={num_samples} and batch_size={batch_size} must both be >= 1")
+
+
+@torch.no_grad()
+def mc_loglik(model, prompt_ids, answer_ids, mask_id: int, *, num_samples: int = 32,
+              batch_size: int = 32, generator=None) -> float:
+    """LLaDA's Monte-Carlo estimate of log p(answer | prompt) (`get_log_likelihood.py`; docs/math.md).
+
+    Sample j: l_j ~ U{1..L} (stratified over the samples), exactly l_j answer tokens masked,
+    the prompt never; it scores (L / l_j) * sum_masked CE. The estimate is -(mean over
+    samples); its expectation is -exact_nelbo over the answer positions, a lower bound on
+    log p(answer | prompt). L = 1 is exact for any num_samples.
+    """
+    _check_sample_counts(num_samples, batch_size)
+    device = _model_device(model)
+    prompt, answer = _as_ids(prompt_ids, "prompt").to(device), _as_ids(answer_ids, "answer").to(device)
+    answer_masked, weights = draw_answer_masks(answer.numel(), num_samples, generator,
+                                               _draw_device(generator, None))  # [n, L], [n]
+    x0 = torch.cat([prompt, answer]).expand(num_samples, -1)  # [n, S]
+    prompt_masked = torch.zeros(num_samples, prompt.numel(), dtype=torch.bool, device=device)
+    is_masked = torch.cat([prompt_masked, answer_masked.to(device)], dim=1)  # [n, S]
+    weights = weights.to(device)
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for start in range(0, num_samples, batch_size):
+        rows = slice(start, start + batch_size)
+        # sum over the samples of (L / l_j) * sum_masked CE
+        total += (weights[rows] * masked_ce_per_row(model, x0[rows], is_masked[rows], mask_id)).sum()
+    # log p(answer | prompt) ~= -(mean over samples)
+    return float(-total / num_samples)
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring many pairs at once (throughput): the samples of all pairs packed into batches.
+# ---------------------------------------------------------------------------------------------
+
+
+def _pack_rows(sequences, answer_masks, start: int, end: int, num_samples: int, pad_id: int, device):
+    """Rows start:end of the packed layout, where row r is sample r % n of pair r // n:
+    (x0 [b, W] right-padded with pad_id, is_masked [b, W], attention [b, W], padded?)."""
+    n, b = num_samples, end - start
+    pairs = range(start // n, (end - 1) // n + 1)
+    lengths = [sequences[p].numel() for p in pairs]
+    width = max(lengths)
+    x0 = torch.full((b, width), pad_id, dtype=torch.long, device=device)  # [b, W]
+    is_masked = torch.zeros(b, width, dtype=torch.bool, device=device)  # [b, W]
+    attention = torch.zeros(b, width, dtype=torch.long, device=device)  # [b, W]
+    for p in pairs:
+        # rows r0:r1 of this chunk hold samples j0:j1 of pair p
+        j0, j1 = max(start, p * n) - p * n, min(end, (p + 1) * n) - p * n
+        r0, r1 = p * n + j0 - start, p * n + j1 - start
+        seq, answer_len = sequences[p], answer_masks[p].shape[1]
+        x0[r0:r1, :seq.numel()] = seq
+        attention[r0:r1, :seq.numel()] = 1
+        is_masked[r0:r1, seq.numel() - answer_len:seq.numel()] = answer_masks[p][j0:j1]
+    return x0, is_masked, attention, min(lengths) != width
+
+
 @torch.no_grad()
 def mc_loglik_many(model, pairs, mask_id: int, *, pad_id: int, num_samples: int = 32,
                    batch_size: int = 32, generator=None, pair_seed: int | None = None) -> list[float]:
-    """LLaDA's Monte-Carlo estimate of log p(answer | prompt) for each (prompt, answer) pair.
+    """`mc_loglik` for each (prompt, answer) pair, the samples of all pairs packed into forwards
+    of batch_size rows (right-padded with pad_id under an attention mask).
 
-    Per pair (answer length L) and sample j: l_j in 1..L, exactly l_j answer positions masked
-    (a uniform subset), the prompt never; the sample scores (L / l_j) * sum_masked CE. The l_j
-    are stratified over the samples: l_j = ((k + floor(j L / n)) mod L) + 1 with one k uniform
-    in 0..L-1, so each l_j is uniform on 1..L and together they cover 1..L evenly. The estimate
-    is -(mean over samples); its expectation is -exact_nelbo over the answer positions, a lower
-    bound on log p(answer | prompt). L = 1 is exact for any num_samples.
-
-    Samples of all pairs are packed into forwards of batch_size rows, right-padded with pad_id
-    under an attention mask. The random draws for pair p are made before those for pair p + 1,
-    so scoring pairs one by one with the same generator gives the same numbers. With
-    `pair_seed`, every pair draws from a fresh CPU generator seeded with it instead (common
-    random numbers: a pair's estimate is then `mc_loglik(..., generator=
-    torch.Generator().manual_seed(pair_seed))`, whatever the order or grouping of the pairs).
+    The random draws for pair p are made before those for pair p + 1, so scoring pairs one by
+    one with the same generator gives the same numbers. With `pair_seed`, every pair draws from
+    a fresh CPU generator seeded with it instead (common random numbers: a pair's estimate is
+    then `mc_loglik(..., generator=torch.Generator().manual_seed(pair_seed))`, whatever the
+    order or grouping of the pairs).
     """
-    if num_samples < 1 or batch_size < 1:
-        raise UserError(f"num_samples={num_samples} and batch_size={batch_size} must both be >= 1")
+    _check_sample_counts(num_samples, batch_size)
     if len(pairs) == 0:
         return []
     device = _model_device(model)
-    draw_device = generator.device if generator is not None and pair_seed is None else torch.device("cpu")
-
-    # --- the draws, pair by pair ---------------------------------------------------------
+    draw_device = _draw_device(None if pair_seed is not None else generator, None)
     sequences, answer_masks, sample_weights = [], [], []
-    for prompt, answer in pairs:
+    for prompt, answer in pairs:  # the draws, pair by pair
         prompt, answer = _as_ids(prompt, "prompt"), _as_ids(answer, "answer")
-        L = answer.numel()
         if pair_seed is not None:
             generator = torch.Generator().manual_seed(pair_seed)
-        # l_j = ((k + floor(j L / n)) mod L) + 1
-        k = torch.randint(L, (1,), generator=generator, device=draw_device)
-        j = torch.arange(num_samples, device=draw_device)
-        num_masked = (k + (j * L) // num_samples) % L + 1  # [n]
-        # a uniform l-subset: the answer positions holding the l smallest uniform scores
-        scores = torch.rand(num_samples, L, generator=generator, device=draw_device)  # [n, L]
-        ranks = scores.argsort(dim=1).argsort(dim=1)
-        answer_masks.append((ranks < num_masked[:, None]).to(device))  # [n, L]
-        # weight L / l
-        sample_weights.append((L / num_masked.double()).to(device))  # [n]
+        masked, weights = draw_answer_masks(answer.numel(), num_samples, generator, draw_device)
+        answer_masks.append(masked.to(device))  # [n, L]
+        sample_weights.append(weights.to(device))  # [n]
         sequences.append(torch.cat([prompt.to(device), answer.to(device)]))
 
-    # --- forwards over packed rows: row r is sample r % n of pair r // n -------------------
     n, num_rows = num_samples, len(sequences) * num_samples
     row_weights = torch.cat(sample_weights)  # [P n]
     row_owners = torch.arange(len(sequences), device=device).repeat_interleave(n)  # [P n]
     totals = torch.zeros(len(sequences), dtype=torch.float64, device=device)  # [P]
     for start in range(0, num_rows, batch_size):
         end = min(start + batch_size, num_rows)
-        chunk_pairs = range(start // n, (end - 1) // n + 1)
-        lengths = [sequences[p].numel() for p in chunk_pairs]
-        width = max(lengths)
-        x0 = torch.full((end - start, width), pad_id, dtype=torch.long, device=device)  # [b, W]
-        is_masked = torch.zeros(end - start, width, dtype=torch.bool, device=device)  # [b, W]
-        attention = torch.zeros(end - start, width, dtype=torch.long, device=device)  # [b, W]
-        for p in chunk_pairs:
-            # rows r0:r1 of this chunk hold samples j0:j1 of pair p
-            j0, j1 = max(start, p * n) - p * n, min(end, (p + 1) * n) - p * n
-            r0, r1 = p * n + j0 - start, p * n + j1 - start
-            seq, answer_len = sequences[p], answer_masks[p].shape[1]
-            x0[r0:r1, :seq.numel()] = seq
-            attention[r0:r1, :seq.numel()] = 1
-            is_masked[r0:r1, seq.numel() - answer_len:seq.numel()] = answer_masks[p][j0:j1]
-        xt = torch.where(is_masked, torch.full_like(x0, mask_id), x0)
-        padded = min(lengths) != width
-        flat_index, rows, targets = selected_positions(is_masked, x0)  # [N] each
-        _, token_ce = decoder_cross_entropy(model, xt, is_masked, flat_index, targets,
-                                            torch.zeros_like(targets, dtype=torch.float64),
-                                            attention_mask=attention if padded else None,
-                                            excluded_id=mask_id)
-        token_ce = token_ce.double()  # [N]
-        # per row: (L / l) * sum_masked CE
-        per_row = token_ce.new_zeros(end - start).index_add_(0, rows, token_ce)
-        per_row = per_row * row_weights[start:end]  # [b]
-        totals.index_add_(0, row_owners[start:end], per_row)
+        x0, is_masked, attention, padded = _pack_rows(sequences, answer_masks, start, end, n, pad_id, device)
+        per_row = masked_ce_per_row(model, x0, is_masked, mask_id, attention if padded else None)
+        # per row: (L / l) * sum_masked CE, added to its pair's total
+        totals.index_add_(0, row_owners[start:end], per_row * row_weights[start:end])
     # log p(answer | prompt) ~= -(mean over samples)
     return (-totals / num_samples).tolist()
-
-
-def mc_loglik(model, prompt_ids, answer_ids, mask_id: int, *, num_samples: int = 32,
-              batch_size: int = 32, generator=None) -> float:
-    """LLaDA's Monte-Carlo estimate of log p(answer | prompt) (docs/math.md; see mc_loglik_many)."""
-    # one pair: every row has the same length, so no padding (pad_id is never written)
-    return mc_loglik_many(model, [(prompt_ids, answer_ids)], mask_id, pad_id=mask_id,
-                          num_samples=num_samples, batch_size=batch_size, generator=generator)[0]
 
 
 MAX_EXACT_LENGTH = 16
@@ -462,14 +514,7 @@ def exact_nelbo(model, x0, mask_id: int, maskable=None, *, batch_size: int = 256
         chunk = bits[start:start + batch_size].bool()  # [b, L]
         is_masked = torch.zeros(chunk.shape[0], x0.numel(), dtype=torch.bool, device=device)
         is_masked[:, position_index] = chunk  # [b, S]
-        x0_rows = x0.expand(chunk.shape[0], -1)
-        xt = torch.where(is_masked, torch.full_like(x0_rows, mask_id), x0_rows)
-        flat_index, rows, targets = selected_positions(is_masked, x0_rows)  # [N] each
-        _, token_ce = decoder_cross_entropy(model, xt, is_masked, flat_index, targets,
-                                            torch.zeros_like(targets, dtype=torch.float64),
-                                            excluded_id=mask_id)
-        token_ce = token_ce.double()  # [N]
         # sum_{i in M} CE_i for each subset M of the chunk
-        per_subset = token_ce.new_zeros(chunk.shape[0]).index_add_(0, rows, token_ce)
+        per_subset = masked_ce_per_row(model, x0.expand(chunk.shape[0], -1), is_masked, mask_id)  # [b]
         total += (subset_weight[start:start + batch_size] * per_subset).sum()
     return float(total)

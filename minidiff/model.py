@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
+from .files import atomic_path, write_json
+
 
 @dataclass
 class ModelConfig:
@@ -500,9 +502,7 @@ class ModernBertMLM(nn.Module):
         state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
         if self.config.tie_word_embeddings:
             state.pop("decoder.weight", None)
-        tmp_weights = directory / "model.safetensors.tmp"
-        save_file(state, str(tmp_weights), metadata={"format": "pt"})
-        tmp_config = directory / "config.json.tmp"
-        tmp_config.write_text(json.dumps(self.config.to_dict(), indent=2) + "\n", encoding="utf-8")
-        tmp_config.replace(directory / "config.json")
-        tmp_weights.replace(directory / "model.safetensors")
+        # config first, the weights last: a directory with model.safetensors is complete
+        write_json(directory / "config.json", self.config.to_dict())
+        with atomic_path(directory / "model.safetensors") as tmp:
+            save_file(state, str(tmp), metadata={"format": "pt"})

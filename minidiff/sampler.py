@@ -17,16 +17,20 @@ every block gets ceil(steps / num_blocks) steps. One step (docs/sampler.md):
                                           (= a sample of softmax(l / T), the Gumbel-max trick)
     4. confidence                         softmax(l)[candidate] ("low_confidence") or U(0, 1)
     5. only still-masked positions of the current block compete
-    6. commit the k most confident       k from the transfer schedule; never re-masked
+    6. commit the k most confident       k from the unmasking schedule; never re-masked
                                           (threshold decoding: every candidate with
                                           confidence >= threshold, at least one)
 After each block: the fork's stop strings end the answer, and the loop stops early once every
 row has emitted eos or "[/Answer]" (nothing after a finished block can change the answer).
 
+The code in reading order: `build_canvas` (generate and infill differ only in the rows and the
+block starts they give it), then `_denoise`, which per block calls `plan_block` (the unmasking
+schedule's counts), `_step_loop` (`denoise_step` until the block is filled) and `_end_of_block`.
+
 Speed: the encoder runs on the whole canvas (attention is bidirectional) but the MLM head and
 the vocabulary projection only at the block's still-masked positions (`logits_at`; how many are
-left is known on the host from the schedule), and a step makes no host-device synchronisation
-(the schedule is computed on the host once per block), so the step can be captured by CUDA
+left is known on the host from the block's plan), and a step makes no host-device
+synchronisation (the plan is computed on the host once per block), so the step can be captured by CUDA
 graphs / torch.compile. Threshold decoding reads one number per step (its step count depends on
 the data).
 
@@ -46,7 +50,7 @@ from .chat import END_OF_TURN, FORK_STOP_REPLACEMENT, FORK_STOP_STRINGS
 from .errors import UserError
 
 REMASKING = ("low_confidence", "random")
-SCHEDULES = ("dllm", "llada")
+UNMASKING = ("dllm", "llada")  # unmasking schedules: how many tokens each step commits
 CACHES = ("none", "prefix", "dual")
 
 
@@ -62,11 +66,12 @@ class SamplerConfig:
     stochastic: bool = False  # Binomial draw of the per-step count instead of rounding (dllm)
     cfg_scale: float = 0.0
     repetition_penalty: float = 1.0
-    schedule: str = "dllm"  # "dllm": round(m_left / (N - j)) | "llada": m // N, first m % N get +1
+    # the unmasking schedule: "dllm": round(m_left / (N - j)) | "llada": m // N, first m % N get +1
+    unmasking: str = "dllm"
     threshold: float | None = None  # parallel decoding: commit all candidates with conf >= threshold
     stop_strings: tuple[str, ...] = ()  # the fork's rule; needs a tokenizer
     stop_at_eos: bool = True  # stop once every row has eos / [/Answer] in a finished block
-    seed: int | None = None  # for temperature > 0, random remasking and stochastic schedules
+    seed: int | None = None  # for temperature > 0, random remasking and stochastic unmasking
     cache: str = "none"  # "none" (exact) | "prefix" | "dual": approximate key/value cache (cached.py)
     cache_refresh: int | None = None  # refill the cache every n steps of a block (None: block start only)
     compile: bool = False  # torch.compile the fixed-shape step (cached.py)
@@ -86,10 +91,11 @@ class SamplerConfig:
              f"temperature must be a finite number >= 0, got {self.temperature!r}"),
             (self.remasking in REMASKING,
              f"remasking must be one of {', '.join(REMASKING)}, got {self.remasking!r}"),
-            (self.schedule in SCHEDULES,
-             f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}"),
-            (not (self.stochastic and self.schedule == "llada"),
-             "stochastic transfer draws Binomial counts and only exists for schedule 'dllm'"),
+            (self.unmasking in UNMASKING,
+             f"unmasking (the unmasking schedule) must be one of {', '.join(UNMASKING)}, "
+             f"got {self.unmasking!r}"),
+            (not (self.stochastic and self.unmasking == "llada"),
+             "stochastic unmasking draws Binomial counts and only exists for the unmasking schedule 'dllm'"),
             (self.cfg_scale >= 0 and math.isfinite(self.cfg_scale),
              f"cfg_scale must be a finite number >= 0, got {self.cfg_scale!r}"),
             (self.repetition_penalty > 0 and math.isfinite(self.repetition_penalty),
@@ -165,7 +171,7 @@ class GenerateOutput:
         return out
 
 
-# ----------------------------------------------------------------------------- schedules
+# ----------------------------------------------------------------------------- unmasking schedules
 
 
 def _dllm_reverse_keep(s: float, t: float) -> float:
@@ -175,7 +181,7 @@ def _dllm_reverse_keep(s: float, t: float) -> float:
     return float((1 - (1 - s32)) / (1 - (1 - t32)))
 
 
-def transfer_counts(masked: int, steps: int, schedule: str = "dllm", *, stochastic: bool = False,
+def transfer_counts(masked: int, steps: int, unmasking: str = "dllm", *, stochastic: bool = False,
                     generator: torch.Generator | None = None) -> list[int]:
     """How many of `masked` tokens each step reveals; steps that would reveal 0 are dropped.
 
@@ -184,7 +190,7 @@ def transfer_counts(masked: int, steps: int, schedule: str = "dllm", *, stochast
     exact .5 ties downwards, e.g. m=4, N=3 -> [1, 1, 2]); stochastic: Binomial(m_left, 1 - s/t).
     llada: m // N each step, the first m % N steps one more.
     """
-    if schedule == "llada":
+    if unmasking == "llada":
         base, extra = divmod(masked, steps)
         counts = [base + (1 if j < extra else 0) for j in range(steps)]
         return [c for c in counts if c > 0]
@@ -206,18 +212,36 @@ def transfer_counts(masked: int, steps: int, schedule: str = "dllm", *, stochast
     return [c for c in counts if c > 0]
 
 
-def _schedule_rows(masked_per_row: Sequence[int], steps: int, config: SamplerConfig,
-                   generator) -> list[list[int]]:
-    """Per-row counts, each row compacted and right-padded with zeros (dllm's layout)."""
-    rows = [transfer_counts(m, steps, config.schedule, stochastic=config.stochastic,
-                            generator=generator) for m in masked_per_row]
+@dataclass
+class BlockPlan:
+    """One block's unmasking plan, made on the host once at the block's start."""
+
+    masked: list[int]  # per row: masks in the block
+    counts: list[list[int]] | None  # per row: tokens each step commits (None: threshold decoding)
+    counts_on_device: torch.Tensor | None  # [B, num_steps] the same counts, on the canvas's device
+    num_steps: int
+
+    def most_left(self, i: int) -> int:
+        """Masks left after i steps in the row with the most (threshold decoding: an upper bound)."""
+        if self.counts is None:
+            return max(self.masked)
+        return max(m - sum(row[:i]) for m, row in zip(self.masked, self.counts))
+
+
+def plan_block(ids: torch.Tensor, positions: torch.Tensor, steps: int, config: SamplerConfig,
+               mask_id: int, host_generator=None) -> BlockPlan:
+    """Masks left in the block per row -> how many each of its steps commits (host, no step reads).
+
+    Each row's counts are compacted and right-padded with zeros (dllm's layout)."""
+    masked = (ids.gather(1, positions) == mask_id).sum(1).tolist()
+    if config.threshold is not None:
+        return BlockPlan(masked, None, None, max(masked))  # at least one commit per step
+    rows = [transfer_counts(m, steps, config.unmasking, stochastic=config.stochastic,
+                            generator=host_generator) for m in masked]
     width = max((len(r) for r in rows), default=0)
-    return [r + [0] * (width - len(r)) for r in rows]
-
-
-def _schedule_tensor(rows: list[list[int]], device) -> torch.Tensor:
-    width = len(rows[0]) if rows else 0
-    return torch.tensor(rows, dtype=torch.long, device=device).reshape(len(rows), width)
+    counts = [r + [0] * (width - len(r)) for r in rows]
+    on_device = torch.tensor(counts, dtype=torch.long, device=ids.device).reshape(len(counts), width)
+    return BlockPlan(masked, counts, on_device, width)
 
 
 def _masked_first(canvas: torch.Tensor, positions: torch.Tensor, width: int, mask_id: int) -> torch.Tensor:
@@ -297,7 +321,7 @@ def denoise_step(model, canvas: torch.Tensor, attention_mask: torch.Tensor | Non
     return commit
 
 
-# ----------------------------------------------------------------------------- the loop
+# ----------------------------------------------------------------------------- inputs and stop rules
 
 
 def _check_model_inputs(model, rows: list[list[int]], total_length: int, mask_id, eos_id, what: str):
@@ -350,98 +374,166 @@ def _ended(tokenizer, ids: list[int], eos_id: int, pad_id: int) -> bool:
     return tokenizer is not None and END_OF_TURN in tokenizer.decode(ids, skip_special_tokens=False)
 
 
-def _run_block(model, out, b, canvas, attention_mask, positions, masked, plan, schedule, num_steps,
-               given, config, mask_id, eos_id, generator, callback) -> None:
-    """The exact steps of block b, in place on canvas, with logits only at still-masked positions."""
-    left = list(masked)  # per row, masks left in the block (known on the host)
-    for i in range(num_steps):
+# ----------------------------------------------------------------------------- the canvas
+
+
+@dataclass
+class Canvas:
+    """What the block loop denoises, built once by `build_canvas` for generate and infill."""
+
+    ids: torch.Tensor  # [B, T] long: each row's tokens (masks to fill), right-padded with eos
+    attention_mask: torch.Tensor | None  # [B, T] each row's own positions; None: every row fills T
+    given: torch.Tensor  # [B, T] bool: the given tokens, which cfg's unconditional pass masks
+    blocks: list[torch.Tensor]  # one [B, K] tensor of canvas positions per block, left to right
+    steps_per_block: int  # ceil(steps / number of blocks)
+    answer_start: list[int]  # per row: where its answer (what the sampler fills) begins
+    answer_end: list[int]  # per row: the end of the canvas it owns
+
+
+def build_canvas(rows: list[list[int]], block_starts: list[int], span: int, answer_start: list[int],
+                 config: SamplerConfig, *, mask_id: int, eos_id: int, device) -> Canvas:
+    """The canvas of `rows` (token ids, <mask> where the sampler fills) and its blocks: block b
+    covers block_starts[r] + [b L, min((b + 1) L, span)) in row r (L = block_length)."""
+    lengths = [len(r) for r in rows]
+    B, T, L = len(rows), max(lengths), config.block_length
+    ids = torch.full((B, T), eos_id, dtype=torch.long)
+    for r, row in enumerate(rows):
+        ids[r, : lengths[r]] = torch.tensor(row, dtype=torch.long)
+    ids = ids.to(device)  # [B, T]
+    # attention over each row's own positions, never its padding
+    attention_mask = None
+    if len(set(lengths)) > 1:
+        attention_mask = (torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]).long().to(device)
+    # cfg's unconditional pass masks the given tokens (the fork: those that are not eos)
+    given = (ids != mask_id) & (ids != eos_id)  # [B, T]
+    num_blocks = math.ceil(span / L)
+    starts = torch.tensor(block_starts, dtype=torch.long, device=device)[:, None]  # [B, 1]
+    blocks = [starts + torch.arange(b * L, min((b + 1) * L, span), device=device)[None, :]
+              for b in range(num_blocks)]  # each [B, K]
+    return Canvas(ids, attention_mask, given, blocks, math.ceil(config.steps / num_blocks),
+                  list(answer_start), lengths)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def record_step(out: GenerateOutput, b: int, ids: torch.Tensor, where: torch.Tensor,
+                committed: torch.Tensor, callback) -> None:
+    """Count one model call of block b, add it to the trace, show it to the callback."""
+    out.sequences = ids
+    out.num_forward += 1
+    out.trace.append(TraceStep(b, where, ids.gather(1, where), committed))
+    if callback is not None:
+        callback(out)
+
+
+def _step_loop(model, out, b, ids, canvas: Canvas, positions, plan: BlockPlan, config, mask_id,
+               eos_id, generator, callback) -> torch.Tensor:
+    """The exact steps of block b, in place on ids, with logits only at still-masked positions."""
+    left = plan.most_left(0)
+    for i in range(plan.num_steps):
+        if plan.counts is not None:
+            left = plan.most_left(i)  # known on the host from the plan
+        if left == 0:
+            break
         # logits only where they can be used: the block's still-masked positions, as many
         # as the row with the most masks left (the others are padded with committed ones)
-        width = max(left)
-        if width == 0:
-            break
-        where = _masked_first(canvas, positions, width, mask_id)  # [B, width]
-        counts = None if schedule is None else schedule[:, i]
-        commit = denoise_step(model, canvas, attention_mask, where, counts, given, config,
-                              mask_id, eos_id, generator)
-        out.num_forward += 1
-        out.trace.append(TraceStep(b, where, canvas.gather(1, where), commit))
-        if callback is not None:
-            callback(out)
-        if schedule is not None:
-            left = [m - c[i] for m, c in zip(left, plan)]
-        else:  # threshold decoding: the count is data-dependent, one host read per step
-            left = (canvas.gather(1, positions) == mask_id).sum(1).tolist()
+        where = _masked_first(ids, positions, left, mask_id)  # [B, left]
+        counts = None if plan.counts_on_device is None else plan.counts_on_device[:, i]  # [B]
+        committed = denoise_step(model, ids, canvas.attention_mask, where, counts, canvas.given,
+                                 config, mask_id, eos_id, generator)
+        record_step(out, b, ids, where, committed, callback)
+        if plan.counts is None:  # threshold decoding: the count is data-dependent, one host read
+            left = int((ids.gather(1, positions) == mask_id).sum(1).max())
+    return ids
+
+
+def _cut_at_stop_string(ids, r: int, row: list[int], start: int, end: int, answer_end: int,
+                        replacement, config, tokenizer, pad_id: int) -> bool:
+    """The fork's rule, in place on row r (whose ids are `row`): from the first stop string in
+    row[start:end] to the row's answer end, write the end-of-turn replacement, then pad."""
+    cut = _find_stop(tokenizer, row[start:end], config.stop_strings)
+    if cut is None:
+        return False
+    first = start + cut
+    fill = (replacement + [pad_id] * answer_end)[: answer_end - first]
+    ids[r, first:answer_end] = torch.tensor(fill, dtype=ids.dtype, device=ids.device)
+    return True
+
+
+def _end_of_block(out, ids, canvas: Canvas, positions, last: bool, config, replacement, *,
+                  mask_id, eos_id, pad_id, tokenizer, callback) -> bool:
+    """Once per block (host): the fork's stop strings, then the early stop. True: stop now."""
+    if not (replacement is not None or config.stop_at_eos):
+        return False
+    block_end, rows = positions[:, -1].tolist(), ids.tolist()
+    finished = []
+    for r, (row, start, answer_end) in enumerate(zip(rows, canvas.answer_start, canvas.answer_end)):
+        end = min(block_end[r] + 1, answer_end)
+        if replacement is not None and _cut_at_stop_string(ids, r, row, start, end, answer_end,
+                                                           replacement, config, tokenizer, pad_id):
+            row = ids[r].tolist()
+        finished.append(_ended(tokenizer, row[start:end], eos_id, pad_id) or
+                        (replacement is not None and mask_id not in row[start:answer_end]))
+    if not (config.stop_at_eos and all(finished) and not last):
+        return False
+    # the rest of every answer is padding (masks a prompt may hold stay as they are)
+    span = torch.arange(ids.shape[1], device=ids.device)[None, :]  # [1, T]
+    answers = ((span >= torch.tensor(canvas.answer_start, device=ids.device)[:, None]) &
+               (span < torch.tensor(canvas.answer_end, device=ids.device)[:, None]))  # [B, T]
+    ids.masked_fill_(answers & (ids == mask_id), eos_id)
+    if callback is not None:
+        callback(out)
+    return True
+
+
+def _generators(seed: int | None, device):
+    """(generator of the step's draws on the device, host generator of stochastic counts)."""
+    if seed is None:
+        return None, None
+    return torch.Generator(device=device).manual_seed(seed), torch.Generator().manual_seed(seed + 1)
 
 
 @torch.no_grad()
-def _denoise(model, canvas, attention_mask, given, blocks, steps_per_block, config, *, mask_id,
-             eos_id, pad_id, tokenizer, answer_start, answer_end, callback) -> GenerateOutput:
-    """Run the blocks. blocks: list of [B, K] position tensors (one per block)."""
-    device = canvas.device
-    generator = None
-    host_generator = None
-    if config.seed is not None:
-        generator = torch.Generator(device=device).manual_seed(config.seed)
-        host_generator = torch.Generator().manual_seed(config.seed + 1)
-    out = GenerateOutput(canvas, 0, [], canvas.clone(), list(answer_start), list(answer_end), mask_id)
+def _denoise(model, canvas: Canvas, config, *, mask_id, eos_id, pad_id, tokenizer,
+             callback) -> GenerateOutput:
+    """The blocks, left to right: plan the block, run its steps, end the block."""
+    ids = canvas.ids
+    generator, host_generator = _generators(config.seed, ids.device)
+    out = GenerateOutput(ids, 0, [], ids.clone(), list(canvas.answer_start), list(canvas.answer_end),
+                         mask_id)
     replacement = None
     if config.stop_strings and tokenizer is not None:
         replacement = tokenizer.encode(FORK_STOP_REPLACEMENT, add_special_tokens=False)
-
     static = None
     if config.cache != "none" or config.compile:
         from .cached import StaticSteps  # the cached / compiled fixed-shape step
 
         static = StaticSteps(model, config, mask_id, eos_id)
-    for b, positions in enumerate(blocks):
-        # once per block (host): masks left in this block per row -> the transfer schedule
-        masked = (canvas.gather(1, positions) == mask_id).sum(1).tolist()
-        if config.threshold is None:
-            plan = _schedule_rows(masked, steps_per_block, config, host_generator)
-            schedule = _schedule_tensor(plan, device)  # [B, n]
-            num_steps = schedule.shape[1]
-        else:
-            plan, schedule, num_steps = None, None, max(masked)  # at least one commit per step
+    for b, positions in enumerate(canvas.blocks):
+        plan = plan_block(ids, positions, canvas.steps_per_block, config, mask_id, host_generator)
         if static is not None:
-            canvas = static.run_block(out, b, canvas, attention_mask, positions, masked, plan, schedule,
-                                      num_steps, given, generator, callback)
+            ids = static.run_block(out, b, ids, canvas, positions, plan, generator, callback)
         else:
-            _run_block(model, out, b, canvas, attention_mask, positions, masked, plan, schedule,
-                       num_steps, given, config, mask_id, eos_id, generator, callback)
-
-        # once per block (host): the fork's stop strings, then the early stop
-        if not (replacement is not None or config.stop_at_eos):
-            continue
-        block_end = positions[:, -1].tolist()
-        rows = canvas.tolist()
-        finished = []
-        for r, row in enumerate(rows):
-            start, end = answer_start[r], min(block_end[r] + 1, answer_end[r])
-            if replacement is not None:
-                cut = _find_stop(tokenizer, row[start:end], config.stop_strings)
-                if cut is not None:
-                    first = start + cut
-                    fill = (replacement + [pad_id] * answer_end[r])[: answer_end[r] - first]
-                    canvas[r, first:answer_end[r]] = torch.tensor(fill, dtype=canvas.dtype, device=device)
-                    row = canvas[r].tolist()
-            finished.append(_ended(tokenizer, row[start:end], eos_id, pad_id) or
-                            (replacement is not None and mask_id not in row[start:answer_end[r]]))
-        if config.stop_at_eos and all(finished) and b + 1 < len(blocks):
-            # the rest of every answer is padding (masks a prompt may hold stay as they are)
-            span = torch.arange(canvas.shape[1], device=device)[None, :]
-            answers = (span >= torch.tensor(answer_start, device=device)[:, None]) & (
-                span < torch.tensor(answer_end, device=device)[:, None])
-            canvas.masked_fill_(answers & (canvas == mask_id), eos_id)
-            if callback is not None:
-                callback(out)
+            ids = _step_loop(model, out, b, ids, canvas, positions, plan, config, mask_id, eos_id,
+                             generator, callback)
+        if _end_of_block(out, ids, canvas, positions, b + 1 == len(canvas.blocks), config,
+                         replacement, mask_id=mask_id, eos_id=eos_id, pad_id=pad_id,
+                         tokenizer=tokenizer, callback=callback):
             break
-    out.sequences = canvas
+    out.sequences = ids
     return out
 
 
 def _model_device(model) -> torch.device:
     return next(model.parameters()).device
+
+
+def _resolve_pad_id(pad_id: int | None, tokenizer, eos_id: int) -> int:
+    """The id SFT pads answers with: given, else the tokenizer's pad id, else eos."""
+    if pad_id is None:
+        pad_id = getattr(tokenizer, "pad_id", None)
+    return eos_id if pad_id is None else pad_id
 
 
 def generate(model, prompts, config: SamplerConfig | None = None, *, mask_id: int, eos_id: int,
@@ -455,38 +547,14 @@ def generate(model, prompts, config: SamplerConfig | None = None, *, mask_id: in
     """
     config = config or SamplerConfig()
     rows = _as_rows(prompts, "prompt")
-    lengths = [len(r) for r in rows]
-    T = max(lengths) + config.max_new_tokens
-    _check_model_inputs(model, rows, T, mask_id, eos_id, "prompt")
-    device = _model_device(model)
-    B, L, n_new = len(rows), config.block_length, config.max_new_tokens
-
-    # canvas = [prompt | max_new_tokens x mask | eos padding]
-    canvas = torch.full((B, T), eos_id, dtype=torch.long)
-    for r, row in enumerate(rows):
-        canvas[r, : lengths[r]] = torch.tensor(row, dtype=torch.long)
-        canvas[r, lengths[r]: lengths[r] + n_new] = mask_id
-    canvas = canvas.to(device)
-    ends = [n + n_new for n in lengths]
-    # attention over each row's own positions (prompt + answer), never its padding
-    attention_mask = None
-    if len(set(lengths)) > 1:
-        attention_mask = (torch.arange(T)[None, :] < torch.tensor(ends)[:, None]).long().to(device)
-    # cfg's unconditional pass masks the given prompt tokens (the fork: those that are not eos)
-    given = (torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]).to(device) & (canvas != eos_id)
-
-    # blocks aligned to each row's prompt end: block b covers prompt_len + [b L, min((b+1) L, n))
-    num_blocks = math.ceil(n_new / L)
-    steps_per_block = math.ceil(config.steps / num_blocks)
-    starts = torch.tensor(lengths, device=device)[:, None]
-    blocks = [starts + torch.arange(b * L, min((b + 1) * L, n_new), device=device)[None, :]
-              for b in range(num_blocks)]  # each [B, K]
-    if pad_id is None:
-        pad_id = getattr(tokenizer, "pad_id", None)
-        pad_id = eos_id if pad_id is None else pad_id
-    return _denoise(model, canvas, attention_mask, given, blocks, steps_per_block, config,
-                    mask_id=mask_id, eos_id=eos_id, pad_id=pad_id, tokenizer=tokenizer,
-                    answer_start=lengths, answer_end=ends, callback=callback)
+    lengths, n_new = [len(r) for r in rows], config.max_new_tokens
+    _check_model_inputs(model, rows, max(lengths) + n_new, mask_id, eos_id, "prompt")
+    # canvas = [prompt | max_new_tokens x mask | eos padding], blocks aligned to each prompt's end
+    canvas = build_canvas([row + [mask_id] * n_new for row in rows], lengths, n_new, lengths, config,
+                          mask_id=mask_id, eos_id=eos_id, device=_model_device(model))
+    return _denoise(model, canvas, config, mask_id=mask_id, eos_id=eos_id,
+                    pad_id=_resolve_pad_id(pad_id, tokenizer, eos_id), tokenizer=tokenizer,
+                    callback=callback)
 
 
 def infill(model, ids_with_masks, config: SamplerConfig | None = None, *, mask_id: int, eos_id: int,
@@ -504,30 +572,16 @@ def infill(model, ids_with_masks, config: SamplerConfig | None = None, *, mask_i
     _check_model_inputs(model, rows, T, mask_id, eos_id, "sequence")
     if T == 0:
         raise UserError("infill needs at least one token in a sequence.")
-    device = _model_device(model)
-    B, L = len(rows), config.block_length
-    canvas = torch.full((B, T), eos_id, dtype=torch.long)
-    for r, row in enumerate(rows):
-        canvas[r, : lengths[r]] = torch.tensor(row, dtype=torch.long)
-    canvas = canvas.to(device)
-    attention_mask = None
-    if len(set(lengths)) > 1:
-        attention_mask = (torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]).long().to(device)
-    given = (canvas != mask_id) & (canvas != eos_id)
-    num_blocks = math.ceil(T / L)
-    steps_per_block = math.ceil(config.steps / num_blocks)
-    blocks = [torch.arange(b * L, min((b + 1) * L, T), device=device)[None, :].expand(B, -1).contiguous()
-              for b in range(num_blocks)]
-    if pad_id is None:
-        pad_id = getattr(tokenizer, "pad_id", None)
-        pad_id = eos_id if pad_id is None else pad_id
+    first_mask = [row.index(mask_id) if mask_id in row else n for row, n in zip(rows, lengths)]
+    canvas = build_canvas(rows, [0] * len(rows), T, first_mask, config, mask_id=mask_id,
+                          eos_id=eos_id, device=_model_device(model))
     # no early stop and no stop strings: the given text is the user's, eos in it ends nothing
     config = replace(config, stop_at_eos=False, stop_strings=())
-    first_mask = [row.index(mask_id) if mask_id in row else n for row, n in zip(rows, lengths)]
-    return _denoise(model, canvas, attention_mask, given, blocks, steps_per_block, config,
-                    mask_id=mask_id, eos_id=eos_id, pad_id=pad_id, tokenizer=tokenizer,
-                    answer_start=first_mask, answer_end=lengths, callback=callback)
+    return _denoise(model, canvas, config, mask_id=mask_id, eos_id=eos_id,
+                    pad_id=_resolve_pad_id(pad_id, tokenizer, eos_id), tokenizer=tokenizer,
+                    callback=callback)
 
 
 __all__ = ["SamplerConfig", "GenerateOutput", "TraceStep", "generate", "infill", "denoise_step",
-           "transfer_counts", "apply_repetition_penalty", "FORK_STOP_STRINGS"]
+           "transfer_counts", "apply_repetition_penalty", "FORK_STOP_STRINGS", "build_canvas",
+           "plan_block"]

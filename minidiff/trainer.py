@@ -123,16 +123,12 @@ def nelbo_objective(mask_id: int, *, schedule: str = "linear", loss_norm: str = 
     from . import diffusion
 
     def loss_fn(model, batch, generator):
-        maskable = batch["maskable"]
+        maskable, attention_mask = batch["maskable"], batch.get("attention_mask")
         loss, _ = diffusion.nelbo_loss(
-            model, batch["input_ids"], mask_id, maskable=maskable,
-            attention_mask=batch.get("attention_mask"), schedule=schedule, normalize=loss_norm,
-            stratified=stratified, eps=eps, generator=generator)
-        if loss_norm == "token":
-            weight = maskable.sum().clamp(min=1).to(torch.float32)
-        else:
-            weight = maskable.new_full((), maskable.shape[0], dtype=torch.float32)  # no host copy
-        return loss, weight
+            model, batch["input_ids"], mask_id, maskable=maskable, attention_mask=attention_mask,
+            schedule=schedule, normalize=loss_norm, stratified=stratified, eps=eps,
+            generator=generator)
+        return loss, diffusion.nelbo_normalizer(maskable, loss_norm, attention_mask)
 
     return loss_fn
 

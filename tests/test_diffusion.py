@@ -469,3 +469,23 @@ def test_nelbo_under_bf16_autocast_is_close_to_fp32(model):
             half, _ = D.nelbo_loss(model, x0, MASK, generator=torch.Generator().manual_seed(16))
     assert half.dtype == torch.float32
     assert half.item() == pytest.approx(full.item(), rel=0.05)
+
+
+@pytest.mark.parametrize("normalize", ["sequence", "token"])
+def test_nelbo_normalizer_recombines_micro_batches(model, normalize):
+    """At t = 1 every maskable position is masked (no randomness), so two micro-batches weighted
+    by nelbo_normalizer recombine into the loss of the whole batch:
+    sum_m loss_m n_m / sum_m n_m = loss(batch)."""
+    g = torch.Generator().manual_seed(3)
+    x0 = torch.randint(5, V, (4, 7), generator=g)
+    maskable = torch.ones_like(x0, dtype=torch.bool)
+    maskable[0, 5:] = False  # rows with different maskable counts
+    maskable[2, :4] = False
+    whole, _ = D.nelbo_loss(model, x0, MASK, maskable=maskable, normalize=normalize, t=1.0)
+    parts, weights = [], []
+    for rows in (slice(0, 1), slice(1, 4)):
+        loss, _ = D.nelbo_loss(model, x0[rows], MASK, maskable=maskable[rows], normalize=normalize, t=1.0)
+        parts.append(loss.double())
+        weights.append(D.nelbo_normalizer(maskable[rows], normalize).double())
+    recombined = sum(p * w for p, w in zip(parts, weights)) / sum(weights)
+    torch.testing.assert_close(recombined, whole.double(), rtol=1e-6, atol=1e-8)

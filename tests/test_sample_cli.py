@@ -130,6 +130,8 @@ def test_tokenizer_without_mask(sample_module, tmp_path):
     (["--temperature", "-1"], "temperature"),
     (["--remasking", "lowest"], "remasking"),
     (["--schedule", "cosine"], "schedule"),
+    (["--schedule", "llada"], "--unmasking llada"),
+    (["--unmasking", "cosine"], "unmasking"),
     (["--prompt", "ev " * 600], "max_position_embeddings"),
     (["--infill", "no markers here"], "<mask>"),
     (["--chat", "--trace-html", "x.html"], "--trace-html"),
@@ -154,3 +156,14 @@ def test_cache_flags(sample_module, model_dir, capsys):
     assert answers[1]["results"][0]["ids"] == answers[0]["results"][0]["ids"]
     with pytest.raises(UserError, match="cache_refresh"):
         sample_module.main(base + ["--cache", "prefix", "--cache-refresh", "0"])
+
+
+def test_unmasking_flag_reaches_the_config(sample_module):
+    """--unmasking sets SamplerConfig.unmasking, over a preset too; without it the default stays."""
+    args = sample_module.parse_args(["--model", "m", "--prompt", "x", "--unmasking", "llada"])
+    assert sample_module.sampler_config(args).unmasking == "llada"
+    args = sample_module.parse_args(["--model", "m", "--prompt", "x", "--preset", "diffutron-short",
+                                     "--unmasking", "llada"])
+    assert sample_module.sampler_config(args).unmasking == "llada"
+    args = sample_module.parse_args(["--model", "m", "--prompt", "x"])
+    assert sample_module.sampler_config(args).unmasking == "dllm"

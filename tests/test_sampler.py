@@ -128,7 +128,7 @@ def test_generate_equals_reference(model, name):
     prompts = [prompt(1, 6), prompt(2, 6)]
     expected, calls = ref_generate(model, prompts, n_new, steps, L, **case)
     config = SamplerConfig(max_new_tokens=n_new, steps=steps, block_length=L, stop_at_eos=False,
-                           schedule=case.get("schedule", "dllm"), cfg_scale=case.get("cfg", 0.0),
+                           unmasking=case.get("schedule", "dllm"), cfg_scale=case.get("cfg", 0.0),
                            repetition_penalty=case.get("penalty", 1.0))
     out = generate(model, prompts, config, mask_id=MASK, eos_id=EOS)
     assert torch.equal(out.sequences, expected)
@@ -374,9 +374,9 @@ def test_trace_frames_replay(model):
 @pytest.mark.parametrize("kwargs, words", [
     (dict(steps=0), "steps"), (dict(block_length=0), "block_length"),
     (dict(temperature=-0.1), "temperature"), (dict(remasking="lowest"), "remasking"),
-    (dict(schedule="cosine"), "schedule"), (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(unmasking="cosine"), "schedule"), (dict(max_new_tokens=0), "max_new_tokens"),
     (dict(threshold=1.5), "threshold"), (dict(repetition_penalty=0.0), "repetition_penalty"),
-    (dict(stochastic=True, schedule="llada"), "stochastic"), (dict(cfg_scale=-1.0), "cfg_scale"),
+    (dict(stochastic=True, unmasking="llada"), "stochastic"), (dict(cfg_scale=-1.0), "cfg_scale"),
 ])
 def test_bad_config(kwargs, words):
     with pytest.raises(UserError, match=words):
@@ -405,3 +405,37 @@ def test_bad_inputs(model):
         generate(model, [[5, 600]], config, mask_id=MASK, eos_id=EOS)
     with pytest.raises(UserError, match="at least one"):
         generate(model, [], config, mask_id=MASK, eos_id=EOS)
+
+
+# ----------------------------------------------------------------------------- canvas and plan
+
+
+def test_build_canvas_by_hand():
+    """Two prompts of lengths 2 and 1, three new tokens in blocks of 2: the canvas, attention,
+    cfg's given tokens and the prompt-aligned blocks written out by hand."""
+    from minidiff.sampler import build_canvas
+
+    config = SamplerConfig(max_new_tokens=3, steps=4, block_length=2)
+    rows = [[7, 8, MASK, MASK, MASK], [9, MASK, MASK, MASK]]
+    canvas = build_canvas(rows, [2, 1], 3, [2, 1], config, mask_id=MASK, eos_id=EOS, device="cpu")
+    assert canvas.ids.tolist() == [[7, 8, MASK, MASK, MASK], [9, MASK, MASK, MASK, EOS]]
+    assert canvas.attention_mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
+    assert canvas.given.tolist() == [[True, True, False, False, False], [True, False, False, False, False]]
+    assert [b.tolist() for b in canvas.blocks] == [[[2, 3], [1, 2]], [[4], [3]]]
+    assert canvas.steps_per_block == 2  # ceil(4 / 2 blocks)
+    assert (canvas.answer_start, canvas.answer_end) == ([2, 1], [5, 4])
+
+
+def test_plan_block_by_hand():
+    """Masks left per row 3 and 1 over 2 steps: dllm's counts [2, 1] (round(3 / 2) half-to-even
+    is 2) and [1] padded with a zero; the fullest row has 3, then 1, then 0 masks left."""
+    from minidiff.sampler import plan_block
+
+    ids = torch.tensor([[5, MASK, MASK, MASK], [5, 6, MASK, 7]])
+    positions = torch.tensor([[1, 2, 3], [1, 2, 3]])
+    plan = plan_block(ids, positions, 2, SamplerConfig(), MASK)
+    assert plan.masked == [3, 1] and plan.counts == [[2, 1], [1, 0]] and plan.num_steps == 2
+    assert plan.counts_on_device.tolist() == [[2, 1], [1, 0]]
+    assert [plan.most_left(i) for i in range(3)] == [3, 1, 0]
+    threshold = plan_block(ids, positions, 2, SamplerConfig(threshold=0.9), MASK)
+    assert threshold.counts is None and threshold.num_steps == 3 and threshold.most_left(1) == 3
