@@ -24,19 +24,33 @@ from pathlib import Path
 
 
 import minidiff
+from minidiff import flags
 from minidiff.chat import END_OF_TURN, chat_prompt_ids
 from minidiff.device import check_available, enable_tf32, inference_precision, resolve_device
 from minidiff.errors import UserError, run_cli
 from minidiff.files import write_text
-from minidiff.sampler import SamplerConfig, generate, infill
+from minidiff.sampler import CACHES, SamplerConfig, generate, infill
 
 MASK_CHAR = "░"
 DIM, RESET = "\x1b[2m", "\x1b[0m"
 
 
+SAMPLER_HELP = {  # help texts of the SamplerConfig fields (the flags override the preset)
+    "remasking": "low_confidence | random",
+    "stochastic": "Binomial transfer counts",
+    "unmasking": "unmasking schedule (how many tokens each step commits): dllm | llada",
+    "threshold": "parallel decoding: commit every candidate this confident",
+    "stop_strings": "strings that end the answer (none: give the flag alone)",
+    "stop_at_eos": "stop once every answer has eos or [/Answer] in a finished block",
+    "cache": "key/value cache across a block's steps (Fast-dLLM, approximate): none = exact, "
+             "prefix = reuse what precedes the block, dual = run only the block",
+    "cache_refresh": "with --cache: refill the cache every N steps of a block (default: block start only)",
+    "compile": "torch.compile the fixed-shape step (CUDA graphs on a GPU); the first call compiles",
+}
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = flags.Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="model directory (config.json, model.safetensors, tokenizer.json) or hub id")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
@@ -46,28 +60,9 @@ def parse_args(argv=None):
     p.add_argument("--system", help="system message for the chat template")
     p.add_argument("--preset", choices=sorted(SamplerConfig.PRESETS), help="start from these sampler settings")
     g = p.add_argument_group("sampler (SamplerConfig fields; override the preset)")
-    g.add_argument("--max-new-tokens", type=int)
-    g.add_argument("--steps", type=int)
-    g.add_argument("--block-length", type=int)
-    g.add_argument("--temperature", type=float)
-    g.add_argument("--remasking", help="low_confidence | random")
-    g.add_argument("--stochastic", action=argparse.BooleanOptionalAction, help="Binomial transfer counts")
-    g.add_argument("--cfg-scale", type=float)
-    g.add_argument("--repetition-penalty", type=float)
-    g.add_argument("--unmasking", help="unmasking schedule (how many tokens each step commits): dllm | llada")
+    flags.add_fields(g, SamplerConfig, helps=SAMPLER_HELP, choices={"cache": list(CACHES)},
+                     nargs={"stop_strings": "*"})
     g.add_argument("--schedule", dest="old_schedule", help=argparse.SUPPRESS)  # renamed: --unmasking
-    g.add_argument("--threshold", type=float, help="parallel decoding: commit every candidate this confident")
-    g.add_argument("--stop-strings", nargs="*", help="strings that end the answer (none: give the flag alone)")
-    g.add_argument("--stop-at-eos", action=argparse.BooleanOptionalAction,
-                   help="stop once every answer has eos or [/Answer] in a finished block")
-    g.add_argument("--seed", type=int)
-    g.add_argument("--cache", choices=["none", "prefix", "dual"],
-                   help="key/value cache across a block's steps (Fast-dLLM, approximate): none = exact "
-                        "(default), prefix = reuse what precedes the block, dual = run only the block")
-    g.add_argument("--cache-refresh", type=int,
-                   help="with --cache: refill the cache every N steps of a block (default: block start only)")
-    g.add_argument("--compile", action=argparse.BooleanOptionalAction,
-                   help="torch.compile the fixed-shape step (CUDA graphs on a GPU); the first call compiles")
     p.add_argument("--json", action="store_true", help="print JSON: ids, text, steps used")
     p.add_argument("--trace-html", type=Path, help="write a self-contained HTML page replaying the denoising")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import torch
 
+from .device import model_device
 from .model import KVCache
 from .sampler import _masked_first, denoise_step, record_step
 
@@ -125,7 +126,7 @@ class StaticSteps:
             raise TypeError("cached sampling needs a minidiff ModernBertMLM (hidden + logits_from_hidden)")
         self.model, self.config, self.mask_id, self.eos_id = model, config, mask_id, eos_id
         self.cache = KVCache() if config.cache != "none" else None
-        device = next(model.parameters()).device
+        device = model_device(model)
         self.step = compiled_static_step(device) if config.compile else static_step
         self.device = device
 

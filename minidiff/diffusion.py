@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from .chunked_loss import linear_cross_entropy
+from .device import model_device
 from .errors import UserError
 from .model import ModernBertMLM
 
@@ -337,11 +338,6 @@ def mlm_loss(model, ids, mask_id: int, *, maskable, attention_mask=None, mask_pr
 # ---------------------------------------------------------------------------------------------
 
 
-def _model_device(model):
-    param = next(iter(model.parameters()), None)
-    return param.device if param is not None else torch.device("cpu")
-
-
 def _as_ids(ids, what: str):
     ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
     if ids.numel() == 0 and what == "answer":
@@ -392,7 +388,7 @@ def mc_loglik(model, prompt_ids, answer_ids, mask_id: int, *, num_samples: int =
     log p(answer | prompt). L = 1 is exact for any num_samples.
     """
     _check_sample_counts(num_samples, batch_size)
-    device = _model_device(model)
+    device = model_device(model)
     prompt, answer = _as_ids(prompt_ids, "prompt").to(device), _as_ids(answer_ids, "answer").to(device)
     answer_masked, weights = draw_answer_masks(answer.numel(), num_samples, generator,
                                                _draw_device(generator, None))  # [n, L], [n]
@@ -450,7 +446,7 @@ def mc_loglik_many(model, pairs, mask_id: int, *, pad_id: int, num_samples: int 
     _check_sample_counts(num_samples, batch_size)
     if len(pairs) == 0:
         return []
-    device = _model_device(model)
+    device = model_device(model)
     draw_device = _draw_device(None if pair_seed is not None else generator, None)
     sequences, answer_masks, sample_weights = [], [], []
     for prompt, answer in pairs:  # the draws, pair by pair
@@ -498,7 +494,7 @@ def exact_nelbo(model, x0, mask_id: int, maskable=None, *, batch_size: int = 256
                         f"maskable positions; this sequence has {L}")
     if L == 0:
         return 0.0
-    device = _model_device(model)
+    device = model_device(model)
     x0 = x0.to(device)
     # subset s (1 .. 2^L - 1) as bits over the maskable positions
     codes = torch.arange(1, 2**L, device=device)[:, None]  # [K, 1]

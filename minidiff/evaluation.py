@@ -36,6 +36,7 @@ from typing import Sequence
 
 import torch
 
+from .device import model_device
 from .errors import UserError
 from .progress import bar as progress_bar
 from .tasks import (  # noqa: F401  (re-exported: the task table lives in tasks.py)
@@ -237,7 +238,7 @@ def mlm_perplexity(model, tok, texts: Sequence[str], *, max_len: int = 512, mask
     exp(NELBO / non-special tokens), the diffusion bound, with one t per block."""
     from . import diffusion
 
-    device = next(model.parameters()).device
+    device = model_device(model)
     blocks = perplexity_blocks(texts, tok, max_len)
     corrupted, is_target, maskable = mask_blocks(blocks, tok, mask_prob=mask_prob, replace=replace, seed=seed)
     nelbo_gen = torch.Generator(device=device).manual_seed(seed + 1)

@@ -47,6 +47,7 @@ from typing import Callable, Sequence
 import torch
 
 from .chat import END_OF_TURN, FORK_STOP_REPLACEMENT, FORK_STOP_STRINGS
+from .device import model_device
 from .errors import UserError
 
 REMASKING = ("low_confidence", "random")
@@ -525,10 +526,6 @@ def _denoise(model, canvas: Canvas, config, *, mask_id, eos_id, pad_id, tokenize
     return out
 
 
-def _model_device(model) -> torch.device:
-    return next(model.parameters()).device
-
-
 def _resolve_pad_id(pad_id: int | None, tokenizer, eos_id: int) -> int:
     """The id SFT pads answers with: given, else the tokenizer's pad id, else eos."""
     if pad_id is None:
@@ -551,7 +548,7 @@ def generate(model, prompts, config: SamplerConfig | None = None, *, mask_id: in
     _check_model_inputs(model, rows, max(lengths) + n_new, mask_id, eos_id, "prompt")
     # canvas = [prompt | max_new_tokens x mask | eos padding], blocks aligned to each prompt's end
     canvas = build_canvas([row + [mask_id] * n_new for row in rows], lengths, n_new, lengths, config,
-                          mask_id=mask_id, eos_id=eos_id, device=_model_device(model))
+                          mask_id=mask_id, eos_id=eos_id, device=model_device(model))
     return _denoise(model, canvas, config, mask_id=mask_id, eos_id=eos_id,
                     pad_id=_resolve_pad_id(pad_id, tokenizer, eos_id), tokenizer=tokenizer,
                     callback=callback)
@@ -574,7 +571,7 @@ def infill(model, ids_with_masks, config: SamplerConfig | None = None, *, mask_i
         raise UserError("infill needs at least one token in a sequence.")
     first_mask = [row.index(mask_id) if mask_id in row else n for row, n in zip(rows, lengths)]
     canvas = build_canvas(rows, [0] * len(rows), T, first_mask, config, mask_id=mask_id,
-                          eos_id=eos_id, device=_model_device(model))
+                          eos_id=eos_id, device=model_device(model))
     # no early stop and no stop strings: the given text is the user's, eos in it ends nothing
     config = replace(config, stop_at_eos=False, stop_strings=())
     return _denoise(model, canvas, config, mask_id=mask_id, eos_id=eos_id,

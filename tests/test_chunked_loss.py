@@ -11,7 +11,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from helpers import MASK, PAD, tiny_model
 
 from minidiff import chunked_loss, diffusion

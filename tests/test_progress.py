@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 
-import pytest
 from tqdm import tqdm as tqdm_class
 
 from helpers import MASK, TURKISH_TEXT, make_tokenizer_dir, tiny_model

@@ -167,3 +167,16 @@ def test_unmasking_flag_reaches_the_config(sample_module):
     assert sample_module.sampler_config(args).unmasking == "llada"
     args = sample_module.parse_args(["--model", "m", "--prompt", "x"])
     assert sample_module.sampler_config(args).unmasking == "dllm"
+
+
+def test_bad_flags_are_one_sentence(tmp_path):
+    """Flags come from SamplerConfig through minidiff.flags: a bad value or a missing choice is one
+    `error:` sentence with exit status 2, not argparse's usage dump."""
+    for argv in (["--model", "m", "--prompt", "x", "--steps", "many"],
+                 ["--model", "m", "--prompt", "x", "--cache", "triple"],
+                 ["--model", "m"]):
+        res = subprocess.run([sys.executable, str(SCRIPT), *argv], capture_output=True, text=True,
+                             cwd=tmp_path, timeout=120)
+        assert res.returncode == 2, res.stderr
+        assert res.stderr.startswith("error: ") and len(res.stderr.strip().splitlines()) == 1, res.stderr
+        assert "usage:" not in res.stderr
