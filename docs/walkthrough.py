@@ -58,7 +58,7 @@ Yarın sabah erkenden kalkacağız, köye gidip dedemin bahçesinde ona yardım 
 Güneş batarken gökyüzü kızıla boyanır, ezan okunur, sokak lambaları birer birer yanar.
 """
 
-SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]  # mmBERT's first five ids
+RESERVED_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]  # mmBERT's first five ids
 PAD, EOS, BOS, UNK, MASK = range(5)
 
 
@@ -106,7 +106,7 @@ def main(argv=None) -> None:
 
     # 1. A character-level vocabulary after mmBERT's five special tokens.
     chars = sorted(set(text))
-    itos = SPECIALS + chars
+    itos = RESERVED_TOKENS + chars
     stoi = {c: i for i, c in enumerate(itos)}
     ids = torch.tensor([stoi[c] for c in text])
     split = int(0.9 * len(ids))
@@ -120,7 +120,7 @@ def main(argv=None) -> None:
                          bos_token_id=BOS, cls_token_id=BOS, sep_token_id=EOS, mask_token_id=MASK)
     model = ModernBertMLM(config).train()
     print(f"model: {model.num_parameters():,} parameters, vocabulary {len(itos)} "
-          f"(uniform guess: {math.log(len(itos) - len(SPECIALS)):.3f} nats/char)")
+          f"(uniform guess: {math.log(len(itos) - len(RESERVED_TOKENS)):.3f} nats/char)")
 
     # 3. AdamW (decay on matrices only) with warmup then cosine decay of the learning rate.
     opt = optim.AdamW(optim.param_groups(model, weight_decay=0.01), lr=args.lr, betas=(0.9, 0.98))
@@ -151,7 +151,7 @@ def main(argv=None) -> None:
                             block_length=16, repetition_penalty=1.2)
     out = generate(model, [prompt_ids], sampler, mask_id=MASK, eos_id=EOS)
     answer = out.answers()[0]
-    written = "".join(itos[i] for i in answer if i >= len(SPECIALS))
+    written = "".join(itos[i] for i in answer if i >= len(RESERVED_TOKENS))
     print(f"sampled {len(answer)} tokens ({len(written)} characters) in {out.num_forward} model calls:")
     print(prompt + written)
 
