@@ -28,8 +28,8 @@ from .files import write_json, write_text
 
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json")
-# mmBERT's layout: <pad> 0, <eos> 1, <bos> 2, <unk> 3, <mask> 4
-MMBERT_SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]
+# mmBERT's special tokens and their ids: <pad> 0, <eos> 1, <bos> 2, <unk> 3, <mask> 4
+MMBERT_RESERVED_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]
 # token strings tried for each role, in order, before the names the config files give
 CONVENTIONAL = {
     "pad": ["<pad>", "[PAD]"],
@@ -221,8 +221,8 @@ def train_tokenizer(texts, vocab_size: int, out_dir=None) -> Tokenizer:
     backend.decoder = decoders.Sequence(
         [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
     )
-    trainer = trainers.BpeTrainer(vocab_size=max(vocab_size - 256, len(MMBERT_SPECIALS)),
-                                  special_tokens=MMBERT_SPECIALS, show_progress=False)
+    trainer = trainers.BpeTrainer(vocab_size=max(vocab_size - 256, len(MMBERT_RESERVED_TOKENS)),
+                                  special_tokens=MMBERT_RESERVED_TOKENS, show_progress=False)
     backend.train_from_iterator(texts, trainer)
     # byte-fallback pieces <0x00>..<0xFF> as ordinary vocabulary entries, after the learned ones
     spec = json.loads(backend.to_str())
@@ -230,7 +230,7 @@ def train_tokenizer(texts, vocab_size: int, out_dir=None) -> Tokenizer:
     for byte in range(256):
         vocab.setdefault(f"<0x{byte:02X}>", len(vocab))
     backend = Backend.from_str(json.dumps(spec))
-    bos, eos = MMBERT_SPECIALS.index("<bos>"), MMBERT_SPECIALS.index("<eos>")
+    bos, eos = MMBERT_RESERVED_TOKENS.index("<bos>"), MMBERT_RESERVED_TOKENS.index("<eos>")
     backend.post_processor = processors.TemplateProcessing(
         single="<bos> $A <eos>", pair="<bos> $A <eos> $B <eos>",
         special_tokens=[("<bos>", bos), ("<eos>", eos)],

@@ -16,7 +16,7 @@ import torch
 from minidiff.model import ModelConfig, ModernBertMLM
 
 # mmBERT's special-token layout (mmBERT 2509.06888; tokenizer of jhu-clsp/mmBERT-base).
-SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]
+RESERVED_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]
 PAD, EOS, BOS, UNK, MASK = range(5)
 
 TURKISH_TEXT = [
@@ -100,7 +100,7 @@ def make_tokenizer_dir(path, vocab_size: int = 300, texts=None) -> Path:
     tok.decoder = decoders.Sequence(
         [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
     )
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=RESERVED_TOKENS, show_progress=False)
     tok.train_from_iterator(texts or TURKISH_TEXT * 4, trainer)
     # byte-fallback pieces <0x00>..<0xFF> are ordinary vocabulary entries (as in Gemma's file)
     spec = json.loads(tok.to_str())
