@@ -89,6 +89,21 @@ class Rows(list):
         return "\n  ".join([text] + self.problems[:show] + (["..."] if len(self.problems) > show else []))
 
 
+def _row_documents(path: Path, field: str, problems: list[str]):
+    """The string `field` of each row of a jsonl/json/csv/parquet file; rows without it, with a
+    non-string or an empty value are reported in `problems` (FILE:ROW: what is wrong)."""
+    for where, row in _iter_rows(path, problems):
+        value = row.get(field)
+        if value is None:
+            problems.append(f"{where}: no field '{field}'")
+        elif not isinstance(value, str):
+            problems.append(f"{where}: field '{field}' is not a string")
+        elif not value.strip():
+            problems.append(f"{where}: empty document")
+        else:
+            yield value
+
+
 def read_documents(source, *, field: str = "text", per: str = "line") -> ReadResult:
     """Read text documents from `source`: a path, a list of paths, a directory (its supported
     files, recursively, in sorted order) or `hf://datasets/ORG/NAME[/path]`.
@@ -106,17 +121,8 @@ def read_documents(source, *, field: str = "text", per: str = "line") -> ReadRes
         if path.suffix.lower() in TEXT_EXTENSIONS:
             texts, problems = _read_txt(path, whole_file=(per == "file"))
         else:
-            texts, problems = [], []
-            for where, row in _iter_rows(path, problems):
-                value = row.get(field)
-                if value is None:
-                    problems.append(f"{where}: no field '{field}'")
-                elif not isinstance(value, str):
-                    problems.append(f"{where}: field '{field}' is not a string")
-                elif not value.strip():
-                    problems.append(f"{where}: empty document")
-                else:
-                    texts.append(value)
+            problems = []
+            texts = list(_row_documents(path, field, problems))
         result.texts.extend(texts)
         result.problems.extend(problems)
     if not result.texts:
@@ -238,16 +244,7 @@ def iter_documents(paths: Sequence[Path], problems: list[str], *, field: str = "
             problems.extend(found)
             yield from texts
         else:
-            for where, row in _iter_rows(path, problems):
-                value = row.get(field)
-                if value is None:
-                    problems.append(f"{where}: no field '{field}'")
-                elif not isinstance(value, str):
-                    problems.append(f"{where}: field '{field}' is not a string")
-                elif not value.strip():
-                    problems.append(f"{where}: empty document")
-                else:
-                    yield value
+            yield from _row_documents(path, field, problems)
 
 
 def _txt_line(path: Path, number: int, line: str, problems: list[str]):
