@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -140,3 +141,55 @@ def assert_close_rel(got: torch.Tensor, want: torch.Tensor, rel: float, what: st
     scale = want.detach().abs().max().item()
     err = (got.detach() - want.detach()).abs().max().item()
     assert err <= rel * scale, f"{what}: max difference {err:.3g} > {rel:g} x max |value| {scale:.3g}"
+
+
+# a train_cpt.py run that hangs when it fetches micro-batch hang_after + 1 (a test SIGKILLs it there)
+KILL_HARNESS = """
+import sys, time
+from minidiff import data
+original = data.Batches.__next__
+fetched = [0]
+def next_then_hang(self):
+    fetched[0] += 1
+    if fetched[0] > {hang_after}:
+        time.sleep(3600)  # the test SIGKILLs the process here
+    return original(self)
+data.Batches.__next__ = next_then_hang
+import train_cpt
+from minidiff.errors import run_cli
+sys.argv = ["train_cpt.py"] + {argv!r}
+run_cli(train_cpt.main)
+"""
+
+
+def train_cpt_killed_and_full(common: list[str], full_out: Path, killed_out: Path, workdir: Path, *, env: dict,
+                              hang_after: int = 10, checkpoint: str = "step-000004") -> None:
+    """Run `train_cpt.py *common` twice at once: to the end into `full_out`, and into `killed_out`
+    SIGKILLed once its `checkpoint` exists (it hangs fetching micro-batch hang_after + 1). Returns
+    when the full run has ended; the killed run left no final model."""
+    import signal
+    import subprocess
+    import time
+
+    root = Path(__file__).resolve().parents[1]
+    harness = workdir / "harness.py"
+    harness.write_text(KILL_HARNESS.format(hang_after=hang_after, argv=[*common, "--out", str(killed_out)]))
+    full = subprocess.Popen([sys.executable, "train_cpt.py", *common, "--out", str(full_out)], cwd=root, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    victim = subprocess.Popen([sys.executable, str(harness)], cwd=root, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while not (killed_out / "checkpoints" / checkpoint).is_dir():
+            assert victim.poll() is None, "the run ended before it could be killed"
+            assert time.time() < deadline, "no checkpoint appeared"
+            time.sleep(0.2)
+        time.sleep(0.5)
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(timeout=30)
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+    assert victim.returncode == -signal.SIGKILL
+    assert not (killed_out / "model.safetensors").exists()
+    assert full.wait(timeout=240) == 0, full.stderr.read()

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import TURKISH_TEXT, make_tokenizer_dir
+from helpers import TURKISH_TEXT, make_tokenizer_dir, train_cpt_killed_and_full
 from minidiff import data, shard_examples, shards
 from minidiff.errors import UserError
 from minidiff.tokenizer import load_tokenizer
@@ -393,7 +393,6 @@ def test_losing_the_rename_race_keeps_the_winner(corpus, tmp_path):
 def test_sigkill_then_resume_from_prepared_shards_is_bitwise_exact(corpus, tmp_path):
     from helpers import make_model_dir
     from safetensors.torch import load_file
-    from test_train_scripts import KILL_HARNESS
 
     model = make_model_dir(tmp_path / "model", seed=0)
     prepared = []
@@ -406,26 +405,7 @@ def test_sigkill_then_resume_from_prepared_shards_is_bitwise_exact(corpus, tmp_p
               "--batch-size", "2", "--grad-accum", "2", "--max-steps", "6", "--save-every", "2", "--keep-last", "5",
               "--eval-fraction", "0.1"]
     full_out, killed_out = tmp_path / "full", tmp_path / "killed"
-    harness = tmp_path / "harness.py"
-    harness.write_text(KILL_HARNESS.format(hang_after=10, argv=[*common, "--out", str(killed_out)]))
-    full = subprocess.Popen([sys.executable, "train_cpt.py", *common, "--out", str(full_out)], cwd=ROOT, env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    victim = subprocess.Popen([sys.executable, str(harness)], cwd=ROOT, env=ENV,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 240
-        while not (killed_out / "checkpoints" / "step-000004").is_dir():
-            assert victim.poll() is None, "the run ended before it could be killed"
-            assert time.time() < deadline, "no checkpoint appeared"
-            time.sleep(0.2)
-        time.sleep(0.5)
-        victim.send_signal(signal.SIGKILL)
-        victim.wait(timeout=30)
-    finally:
-        if victim.poll() is None:
-            victim.kill()
-    assert victim.returncode == -signal.SIGKILL
-    assert full.wait(timeout=240) == 0, full.stderr.read()
+    train_cpt_killed_and_full(common, full_out, killed_out, tmp_path, env=ENV, hang_after=10)
     resumed = subprocess.run([sys.executable, "train_cpt.py", *common, "--out", str(killed_out), "--resume"],
                              cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=240)
     assert resumed.returncode == 0, resumed.stderr

@@ -8,17 +8,15 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import TURKISH_TEXT, make_model_dir
+from helpers import TURKISH_TEXT, make_model_dir, train_cpt_killed_and_full
 from minidiff.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,52 +59,14 @@ def assert_same_weights(a: Path, b: Path, atol: float = 0.0):
 
 # ----------------------------------------------------------------------------- resume after SIGKILL
 
-KILL_HARNESS = """
-import sys, time
-from minidiff import data
-original = data.Batches.__next__
-fetched = [0]
-def next_then_hang(self):
-    fetched[0] += 1
-    if fetched[0] > {hang_after}:
-        time.sleep(3600)  # the test SIGKILLs the process here
-    return original(self)
-data.Batches.__next__ = next_then_hang
-import train_cpt
-from minidiff.errors import run_cli
-sys.argv = ["train_cpt.py"] + {argv!r}
-run_cli(train_cpt.main)
-"""
-
-
 @pytest.mark.slow
 def test_sigkill_then_resume_equals_uninterrupted_run(setup, tmp_path):
     common = ["--model", str(setup["model"]), "--data", str(setup["train"]), *SMALL, *LORA_SMALL,
               "--batch-size", "3", "--grad-accum", "2", "--max-steps", "6", "--save-every", "2",
               "--keep-last", "5", "--loss-norm", "token", "--warmup", "2", "--eval-fraction", "0.25"]
     full_out, killed_out = tmp_path / "full", tmp_path / "killed"
-    harness = tmp_path / "harness.py"
     # 2 micro-batches per step: hang while fetching step 6's first batch, after checkpoint 4
-    harness.write_text(KILL_HARNESS.format(hang_after=10, argv=[*common, "--out", str(killed_out)]))
-    full = subprocess.Popen([sys.executable, "train_cpt.py", *common, "--out", str(full_out)], cwd=ROOT, env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    victim = subprocess.Popen([sys.executable, str(harness)], cwd=ROOT, env=ENV,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 240
-        while not (killed_out / "checkpoints" / "step-000004").is_dir():
-            assert victim.poll() is None, "the run ended before it could be killed"
-            assert time.time() < deadline, "no checkpoint appeared"
-            time.sleep(0.2)
-        time.sleep(0.5)
-        victim.send_signal(signal.SIGKILL)
-        victim.wait(timeout=30)
-    finally:
-        if victim.poll() is None:
-            victim.kill()
-    assert victim.returncode == -signal.SIGKILL
-    assert not (killed_out / "model.safetensors").exists()
-    assert full.wait(timeout=240) == 0, full.stderr.read()
+    train_cpt_killed_and_full(common, full_out, killed_out, tmp_path, env=ENV, hang_after=10)
 
     resumed = run_script(["train_cpt.py", *common, "--out", str(killed_out), "--resume"], timeout=240)
     assert resumed.returncode == 0, resumed.stderr
