@@ -40,12 +40,7 @@ def rows_per_chunk(vocab_size: int, dtype: torch.dtype, budget_bytes: int | None
 
 def _autocast_dtype(device_type: str):
     """The dtype autocast runs matmuls in on this device type now, or None when it is off."""
-    try:  # torch >= 2.4
-        enabled, dtype = torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
-    except TypeError:  # older torch: one function per device type
-        cuda = device_type == "cuda"
-        enabled = torch.is_autocast_enabled() if cuda else torch.is_autocast_cpu_enabled()
-        dtype = torch.get_autocast_gpu_dtype() if cuda else torch.get_autocast_cpu_dtype()
+    enabled, dtype = torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
     return dtype if enabled else None
 
 
