@@ -1,5 +1,8 @@
 """Memory and speed of the CPT data path: token shards against the list-based pipeline.
 
+References: nanoGPT's tokenise-once, memory-map-everywhere data path, which minidiff.shards
+follows.
+
     python benchmarks/bench_data.py                              # 2M and 20M tokens, --pack, one step
     python benchmarks/bench_data.py --sizes 20000 60000          # smoke size
 

@@ -1,6 +1,9 @@
 """Peak memory and step time of one LoRA CPT micro-batch: dense vocabulary logits vs the
 chunked linear + cross-entropy (minidiff.chunked_loss), each measured in a fresh process.
 
+References: Liger-Kernel's fused linear cross-entropy (arXiv 2410.10989) and Cut
+Cross-Entropy (arXiv 2411.09009), the prior art for a loss without [N, V] logits.
+
     python benchmarks/bench_memory.py                      # hidden 768, vocab 256000, 2 layers, r=256
     python benchmarks/bench_memory.py --layers 4 --paths chunked
 

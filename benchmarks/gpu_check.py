@@ -1,6 +1,9 @@
 """GPU check: every script on CUDA in bf16 on small models built on the spot, and the checks
 only a GPU can make. One command, a few minutes on one GPU:
 
+References: PyTorch's CUDA sync debug mode and SDPA backends (torch.nn.attention); the
+Diffutron recipe (arXiv 2603.20466) for the micro-batch shape (64 x 512, LoRA r = 256).
+
     bash benchmarks/gpu_check.sh                       # python benchmarks/gpu_check.py --device cuda
     python benchmarks/gpu_check.py --device cpu --quick   # the parts a CPU can run (smoke test)
 

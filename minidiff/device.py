@@ -1,6 +1,9 @@
 """Where tensors live and in what precision: the one place the trainer and every script pick
 their device, autocast context and matmul settings, and move batches to the device.
 
+References: PyTorch's automatic mixed precision (torch.autocast) and TF32 notes; the
+bf16 training recipe of Diffutron (arXiv 2603.20466); torchrun's LOCAL_RANK convention.
+
     device = resolve_device(args.device)                # "cuda" -> cuda:LOCAL_RANK under torchrun
     enable_tf32(device)                                  # TF32 matmuls / convolutions on CUDA
     precision = inference_precision(args.dtype, device)  # weights dtype + autocast for inference

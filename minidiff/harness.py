@@ -1,5 +1,10 @@
 """minidiff as a model of EleutherAI's lm-evaluation-harness (lm-eval 0.4.13), and its launcher.
 
+References: EleutherAI's lm-evaluation-harness (the `LM` interface, `register_model`,
+`TaskManager`); CETVEL's task files (the Turkish benchmark Diffutron, arXiv 2603.20466,
+reports); LLaDA (arXiv 2502.09992) and dllm, whose lm-eval model classes score answers with the
+same Monte-Carlo estimator (minidiff tokenises context and answer separately instead).
+
     python -m minidiff.harness --model_args pretrained=runs/sft2,mc_samples=32 \\
         --tasks cetvel_diffutron --batch_size 32 --output_path results/
     # every lm-eval flag works; the launcher adds --model minidiff and the CETVEL task folder

@@ -2,6 +2,9 @@
 held-out split and SFT rows, computed with numpy on the document offsets; an example's ids are
 gathered from the memory map only when a batch asks for it.
 
+References: nanoGPT's memory-mapped token files (train.bin / np.memmap); the Diffutron
+paper (arXiv 2603.20466) for the drop rule and dllm's SFT collator for the labels.
+
 The rules are those of minidiff.data (cpt_examples, mix_sources, train_eval_split,
 build_sft_examples), and for the same data and seed these views hold the same examples in the
 same order, so `data.Batches` over a view yields the batches it yields over the lists:
