@@ -384,6 +384,28 @@ def cpt_examples(token_lists: Sequence[Sequence[int]], max_len: int, mode: str =
     raise UserError(f"CPT mode {mode!r} is unknown; expected 'drop' or 'pack'")
 
 
+def mix_counts(sizes: Sequence[int], counts: Sequence[int] | None = None,
+               ratios: Sequence[float] | None = None) -> list[int]:
+    """How many items of each source a mixture takes (see mix_sources), checked."""
+    if counts is not None and ratios is not None:
+        raise UserError("give either counts or ratios for mixing sources, not both")
+    if counts is None and ratios is not None:
+        if len(ratios) != len(sizes) or any(r < 0 for r in ratios) or sum(ratios) <= 0:
+            raise UserError(f"mixing ratios {list(ratios)} must be {len(sizes)} non-negative numbers, not all zero")
+        shares = [r / sum(ratios) for r in ratios]
+        # N = min_i len_i / r_i, count_i = floor(N * r_i)
+        total = min(size / share for size, share in zip(sizes, shares) if share > 0)
+        counts = [math.floor(total * share + 1e-9) for share in shares]
+    if counts is None:
+        counts = list(sizes)
+    if len(counts) != len(sizes) or any(c < 0 for c in counts):
+        raise UserError(f"mixing counts {list(counts)} must be {len(sizes)} non-negative integers")
+    for size, count in zip(sizes, counts):
+        if count and not size:
+            raise UserError(f"a source asked for {count} examples is empty")
+    return list(counts)
+
+
 def mix_sources(lists: Sequence[Sequence], counts: Sequence[int] | None = None,
                 ratios: Sequence[float] | None = None, seed: int = 0) -> list:
     """Mix several example lists into one shuffled list.
@@ -392,24 +414,10 @@ def mix_sources(lists: Sequence[Sequence], counts: Sequence[int] | None = None,
     list repeated, then a random subset for the remainder, when more). ratios: the largest
     mixture with these proportions that needs no repetition, i.e. total N = min_i len_i / r_i
     and floor(N * r_i) items of list i. Neither: everything. Shuffled with `seed`."""
-    if counts is not None and ratios is not None:
-        raise UserError("give either counts or ratios for mixing sources, not both")
-    sizes = [len(items) for items in lists]
-    if counts is None and ratios is not None:
-        if len(ratios) != len(lists) or any(r < 0 for r in ratios) or sum(ratios) <= 0:
-            raise UserError(f"mixing ratios {list(ratios)} must be {len(lists)} non-negative numbers, not all zero")
-        shares = [r / sum(ratios) for r in ratios]
-        total = min(size / share for size, share in zip(sizes, shares) if share > 0)
-        counts = [math.floor(total * share + 1e-9) for share in shares]
-    if counts is None:
-        counts = sizes
-    if len(counts) != len(lists) or any(c < 0 for c in counts):
-        raise UserError(f"mixing counts {list(counts)} must be {len(lists)} non-negative integers")
+    counts = mix_counts([len(items) for items in lists], counts, ratios)
     rng = random.Random(seed)
     mixed = []
     for items, count in zip(lists, counts):
-        if count and not items:
-            raise UserError(f"a source asked for {count} examples is empty")
         repeats, remainder = divmod(count, len(items)) if items else (0, 0)
         mixed.extend(list(items) * repeats)
         mixed.extend(items[i] for i in sorted(rng.sample(range(len(items)), remainder)))

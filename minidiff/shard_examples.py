@@ -20,7 +20,6 @@ same order, so `data.Batches` over a view yields the batches it yields over the 
 """
 from __future__ import annotations
 
-import math
 import random
 from typing import Sequence
 
@@ -179,24 +178,10 @@ def mix_indices(sizes: Sequence[int], counts: Sequence[int] | None = None,
                 ratios: Sequence[float] | None = None, seed: int = 0) -> np.ndarray:
     """Indices into the concatenation of sources of these sizes, in the order data.mix_sources
     returns their items (the same random.Random draws: sample per source, then one shuffle)."""
-    if counts is not None and ratios is not None:
-        raise UserError("give either counts or ratios for mixing sources, not both")
-    if counts is None and ratios is not None:
-        if len(ratios) != len(sizes) or any(r < 0 for r in ratios) or sum(ratios) <= 0:
-            raise UserError(f"mixing ratios {list(ratios)} must be {len(sizes)} non-negative numbers, not all zero")
-        shares = [r / sum(ratios) for r in ratios]
-        # N = min_i len_i / r_i, count_i = floor(N * r_i)
-        total = min(size / share for size, share in zip(sizes, shares) if share > 0)
-        counts = [math.floor(total * share + 1e-9) for share in shares]
-    if counts is None:
-        counts = list(sizes)
-    if len(counts) != len(sizes) or any(c < 0 for c in counts):
-        raise UserError(f"mixing counts {list(counts)} must be {len(sizes)} non-negative integers")
+    counts = data.mix_counts(sizes, counts, ratios)
     rng = random.Random(seed)
     parts, start = [], 0
     for size, count in zip(sizes, counts):
-        if count and not size:
-            raise UserError(f"a source asked for {count} examples is empty")
         repeats, remainder = divmod(count, size) if size else (0, 0)
         parts.append(np.tile(np.arange(start, start + size, dtype=np.int64), repeats))
         parts.append(start + np.asarray(sorted(rng.sample(range(size), remainder)), dtype=np.int64))
