@@ -45,19 +45,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+from helpers import TURKISH_TEXT  # noqa: E402  (the test suite's sample sentences)
 
-TEXTS = [
-    "Türkiye Cumhuriyeti 1923 yılında kuruldu ve başkenti Ankara oldu.",
-    "İstanbul Boğazı Avrupa ile Asya'yı birbirinden ayırır.",
-    "Çocuklar okul bahçesinde neşeyle oyun oynuyorlardı.",
-    "Güneşli bir günde ağaçların gölgesinde kitap okumak çok güzeldir.",
-    "Öğretmenimiz bize ışığın hızını ve ses dalgalarını anlattı.",
-    "Şehrin sokaklarında yürürken eski dostumla karşılaştım.",
-    "Ilık bir rüzgâr denizden esiyor, martılar gökyüzünde süzülüyordu.",
-    "Yarın sabah erkenden kalkıp köye gideceğiz.",
-    "Bu kitabı okuduktan sonra düşüncelerim tamamen değişti.",
-    "Ekonomi, sağlık, spor ve siyaset haberleri her gün gazetede yer alır.",
-]
+TEXTS = TURKISH_TEXT[:10]
 
 
 class Report:
