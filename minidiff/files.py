@@ -9,13 +9,26 @@ one, never a prefix; a process killed half-way leaves only a `*.tmp-PID` file be
     write_json(path, obj)                      # JSON with a trailing newline
     with atomic_path(path) as tmp:             # anything that writes to a path: safetensors,
         save_file(tensors, str(tmp))           # torch.save, a page ...
+    fsync_dir(folder)                          # make a rename inside `folder` durable
+    file_hash(path)                            # BLAKE2b of a file's bytes (checkpoints, shards)
+    remove_temporaries(folder)                 # *.tmp-PID files left by killed writers
+    with lock_directory(folder, what): ...     # one writer at a time (fcntl.flock)
+
+A rename is durable only once the directory holding it is flushed too (`fsync_dir`), so every
+publishing rename here is followed by one.
 """
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import os
 from contextlib import contextmanager
 from pathlib import Path
+
+from .errors import UserError
+
+TEMPORARY_MARK = ".tmp-"  # atomic_path's temporary files are named NAME.tmp-PID
 
 
 @contextmanager
@@ -24,13 +37,15 @@ def atomic_path(path: str | Path, *, fsync: bool = True):
     `path` by one rename. On error the temporary file is removed and `path` is left untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f"{path.name}{TEMPORARY_MARK}{os.getpid()}")
     try:
         yield tmp
         if fsync:
             with open(tmp, "rb") as handle:
                 os.fsync(handle.fileno())
         os.replace(tmp, path)
+        if fsync:
+            fsync_dir(path.parent)
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -47,3 +62,76 @@ def write_json(path: str | Path, obj, *, indent: int | None = 2, fsync: bool = T
     """Write `obj` as JSON (UTF-8, non-ASCII kept, values JSON does not know as str) atomically."""
     text = json.dumps(obj, indent=indent, ensure_ascii=False, default=str) + "\n"
     return write_text(path, text, fsync=fsync)
+
+
+def fsync_dir(folder: str | Path) -> None:
+    """Flush a directory's entries (a rename into it) to disk; a no-op where directories
+    cannot be opened for that (some file systems)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def file_hash(path: str | Path, chunk: int = 1 << 20) -> str:
+    """BLAKE2b (160-bit) of the file's bytes, read in 1 MiB chunks."""
+    digest = hashlib.blake2b(digest_size=20)
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def remove_temporaries(folder: str | Path) -> list[Path]:
+    """Delete the `NAME.tmp-PID` files of writers that were killed (their pid is gone) in
+    `folder`; returns what was deleted."""
+    removed = []
+    for tmp in Path(folder).glob(f"*{TEMPORARY_MARK}*"):
+        pid = tmp.name.rsplit(TEMPORARY_MARK, 1)[1]
+        if tmp.is_file() and pid.isdigit() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+@contextmanager
+def lock_directory(folder: str | Path, what: str):
+    """Hold an exclusive lock on `folder` (its `.lock` file, fcntl.flock) for the block; a
+    second holder gets a UserError at once instead of waiting. The lock dies with its process,
+    so a crashed run never leaves the folder locked. `what` names the folder in the message."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{what} {folder} exists and is not a directory; expected a directory")
+    folder.mkdir(parents=True, exist_ok=True)
+    handle = open(folder / ".lock", "a+", encoding="utf-8")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise UserError(f"{what} {folder} is in use by another run ({holder}); wait for it to end "
+                            "or choose another directory") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}\n")
+        handle.flush()
+        yield folder
+    finally:
+        handle.close()

@@ -42,14 +42,14 @@ class AdamW(torch.optim.Optimizer):
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.01):
-        if not lr >= 0.0:
-            raise UserError(f"learning rate must be >= 0, got {lr!r}")
+        if not 0.0 <= lr < math.inf:
+            raise UserError(f"learning rate must be finite and >= 0, got {lr!r}")
         if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
             raise UserError(f"AdamW betas must lie in [0, 1), got {tuple(betas)!r}")
-        if not eps >= 0.0:
-            raise UserError(f"AdamW eps must be >= 0, got {eps!r}")
-        if not weight_decay >= 0.0:
-            raise UserError(f"weight decay must be >= 0, got {weight_decay!r}")
+        if not 0.0 <= eps < math.inf:
+            raise UserError(f"AdamW eps must be finite and >= 0, got {eps!r}")
+        if not 0.0 <= weight_decay < math.inf:
+            raise UserError(f"weight decay must be finite and >= 0, got {weight_decay!r}")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
 
     def _init_state(self, p: torch.Tensor) -> dict:
@@ -205,6 +205,20 @@ class WarmupCosine(torch.optim.lr_scheduler.LRScheduler):
 
 
 @torch.no_grad()
+def grad_norm(params) -> torch.Tensor:
+    """total = ||(g_1, ..., g_n)||_2 over every gradient, as a device tensor (no host sync)."""
+    params = [params] if torch.is_tensor(params) else list(params)
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.tensor(0.0)
+    # per-tensor norms (in fp32 at least, even for bf16 grads), then the norm of those norms
+    wide = torch.promote_types(grads[0].dtype, torch.float32)
+    norms = torch._foreach_norm(grads, 2, dtype=wide)
+    device = grads[0].device
+    return torch.linalg.vector_norm(torch.stack([n.to(device, wide) for n in norms]), 2)
+
+
+@torch.no_grad()
 def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
     """Scale all gradients together so their global 2-norm is at most max_norm.
 
@@ -214,12 +228,9 @@ def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
     """
     params = [params] if torch.is_tensor(params) else list(params)
     grads = [p.grad for p in params if p.grad is not None]
+    total = grad_norm(params)
     if not grads:
-        return torch.tensor(0.0)
-    # per-tensor norms (in fp32 even for bf16 grads), then the norm of those norms
-    norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
-    device = grads[0].device
-    total = torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]), 2)
+        return total
     # scale = min(1, max_norm / (total + 1e-6))
     scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
     for dev_dtype, group in _by_device_and_dtype(grads).items():

@@ -11,14 +11,19 @@ References: Diffutron (arXiv 2603.20466) for the presets' values; otherwise plum
 from __future__ import annotations
 
 import argparse
+import math
+import random
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from . import flags
+from . import data, flags, lora, shard_examples, shards, train_state, trainer
+from .checkpoint import load_model
 from .errors import UserError
+from .model import ModelConfig, ModernBertMLM
 from .trainer import TrainConfig
 
 
@@ -36,9 +41,12 @@ TRAIN_HELP = {  # help texts of the TrainConfig fields, shared by both scripts
     "stratified_t": "stratified diffusion times over the micro-batch (MDLM) instead of iid",
     "time_eps": "t = eps + (1 - eps) u", "seed": "seed of the data order, masks and init",
     "log_every": "steps between metrics lines", "eval_every": "steps between evaluations (0: start and end)",
-    "save_every": "steps between checkpoints (0: none)", "keep_last": "checkpoints kept",
+    "save_every": "steps between checkpoints, plus one at the end (0: none)", "keep_last": "checkpoints kept",
+    "max_skipped_steps": "optimizer steps in a row with a non-finite loss or gradient (each skipped) before "
+                         "the run stops",
+    "allow_data_change": "with --resume: continue on other data (or other data settings) than the checkpoint's",
     "bf16": "bf16 autocast on CUDA", "gradient_checkpointing": "recompute activations in backward (less memory)",
-    "resume": "continue from the newest complete checkpoint in --out", "progress": "show a progress bar",
+    "resume": "continue from the newest checkpoint in --out that verifies", "progress": "show a progress bar",
     "device": "cpu, cuda, cuda:1 ... (default: cuda when available; a bare cuda under torchrun: cuda:LOCAL_RANK)",
 }
 
@@ -100,8 +108,6 @@ def start(cls, prog: str, description: str, helps: dict[str, str], presets: dict
     """What both scripts do first: parse the flags (preset, then explicit flags), validate them
     with check(config, given), join the process group and refuse an --out that a run would
     overwrite. Returns (config, distributed context)."""
-    from . import trainer
-
     parser = config_parser(cls, prog, description, helps, presets)
     config, given = parse_config(cls, parser, argv, presets)
     check(config, given)
@@ -113,8 +119,6 @@ def start(cls, prog: str, description: str, helps: dict[str, str], presets: dict
 def split_held_out(examples: list, config, read_eval) -> tuple[list, list]:
     """(training, evaluation) examples: --eval-data read with read_eval(sources), else a
     --eval-fraction split of the training examples, else no evaluation set."""
-    from . import data, shard_examples
-
     if config.eval_data:
         return examples, read_eval(config.eval_data)
     if config.eval_fraction > 0:
@@ -139,7 +143,9 @@ def check_common(config, given: set[str]) -> None:
         config.epochs = None  # a preset's epochs give way to an explicit --max-steps
     if "warmup" in given and "warmup_ratio" in given:
         raise UserError("--warmup and --warmup-ratio both given; choose one")
-    positive(config, "batch_size", "grad_accum", "max_steps", "epochs", "lr", "max_len", "log_every", "keep_last")
+    positive(config, "batch_size", "grad_accum", "max_steps", "epochs", "lr", "max_len", "log_every", "keep_last",
+             "max_skipped_steps")
+    check_optimizer_settings(config)
     for name in ("eval_every", "save_every", "warmup"):
         if getattr(config, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(config, name)}")
@@ -156,6 +162,24 @@ def check_common(config, given: set[str]) -> None:
         raise UserError(f"--eval-fraction must lie in [0, 1), got {config.eval_fraction}")
 
 
+def check_optimizer_settings(config) -> None:
+    """Learning rates, betas, eps, weight decay and clipping are finite and in range."""
+    ranges = {"lr": (0.0, False), "min_lr": (0.0, True), "adam_eps": (0.0, False), "weight_decay": (0.0, True),
+              "clip": (0.0, True), "time_eps": (0.0, False)}  # name: (lower bound, bound allowed)
+    for name, (low, inclusive) in ranges.items():
+        value = getattr(config, name)
+        if not (math.isfinite(value) and (value >= low if inclusive else value > low)):
+            raise UserError(f"--{name.replace('_', '-')} must be a finite number {'>=' if inclusive else '>'} {low:g}, "
+                            f"got {value!r}")
+    if config.min_lr > config.lr:
+        raise UserError(f"--min-lr {config.min_lr!r} is above --lr {config.lr!r}; the cosine decays from lr to min-lr")
+    for name in ("beta1", "beta2"):
+        if not 0.0 <= getattr(config, name) < 1.0:
+            raise UserError(f"--{name} must lie in [0, 1), got {getattr(config, name)!r}")
+    if not config.time_eps < 1.0:
+        raise UserError(f"--time-eps must lie in (0, 1), got {config.time_eps!r}")
+
+
 def check_lora_flags(lora_on: bool, given: set[str], switch: str) -> None:
     """LoRA hyper-parameters make no sense when LoRA is off."""
     if not lora_on:
@@ -166,8 +190,6 @@ def check_lora_flags(lora_on: bool, given: set[str], switch: str) -> None:
 
 def build_model(model_name: str | None, from_scratch: str | None, tokenizer, seed: int):
     """Load `model_name` (directory or hub id), or build a fresh model from a config.json."""
-    from .model import ModelConfig, ModernBertMLM
-
     if from_scratch:
         path = Path(from_scratch)
         if not path.is_file():
@@ -179,8 +201,6 @@ def build_model(model_name: str | None, from_scratch: str | None, tokenizer, see
         seed_everything(seed)
         model = ModernBertMLM(config)
     else:
-        from .checkpoint import load_model
-
         model = load_model(model_name)
     if model.config.vocab_size < tokenizer.vocab_size:
         raise UserError(f"the model's vocab_size {model.config.vocab_size} is smaller than the tokenizer's "
@@ -191,10 +211,6 @@ def build_model(model_name: str | None, from_scratch: str | None, tokenizer, see
 def seed_everything(seed: int) -> None:
     """python, numpy and torch (CPU and CUDA) seeded: a fresh model or LoRA init is reproducible
     (torch seeds itself randomly per process otherwise)."""
-    import random
-
-    import numpy as np
-
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -202,12 +218,29 @@ def seed_everything(seed: int) -> None:
 
 def apply_lora_from(config, model):
     """LoRA on `model` as the config says (A initialised from torch's RNG seeded with config.seed)."""
-    from . import lora
-
     seed_everything(config.seed)
     lora.apply_lora(model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
                     targets=tuple(config.lora_targets))
     return lora.lora_report(model)
+
+
+def run_identity(model, tok, examples, held_out) -> dict:
+    """What makes a run itself, recorded in run.json and every checkpoint and compared on
+    --resume: the base model's weights (hash of the non-LoRA tensors, before training), the
+    tokenizer's files, and the token shards the training and evaluation examples are read from."""
+    return {"base_model": train_state.weights_hash(model), "tokenizer": shards.tokenizer_hash(tok),
+            "data": {"train": shard_keys(examples), "eval": shard_keys(held_out)}}
+
+
+def shard_keys(view) -> list[str]:
+    """The keys of the token shards under a shard_examples view (mixes, splits and concatenations
+    are decided by the config, which --resume compares separately)."""
+    if isinstance(view, shard_examples.Take):
+        return shard_keys(view.base)
+    if isinstance(view, shard_examples.Concat):
+        return [key for part in view.parts for key in shard_keys(part)]
+    shard = getattr(view, "shard", None)
+    return [shard.manifest["key"]] if shard is not None else []
 
 
 def eval_batches(examples, batch_size: int, rank: int, world_size: int, collate) -> list[dict]:
@@ -225,8 +258,6 @@ def say(rank: int, message: str) -> None:
 def run_training(config, ctx, model, tok, examples, held_out, collate, *, lora: bool, script: str) -> int:
     """What both scripts do once examples and model exist: batches, the NELBO objective, the
     training loop, a one-line summary. Returns the exit status."""
-    from . import data, trainer
-
     batches = data.Batches(examples, config.batch_size, seed=config.seed, rank=ctx.rank,
                            world_size=ctx.world_size, drop_last=True, collate=collate)
     evals = eval_batches(held_out, config.batch_size, ctx.rank, ctx.world_size, collate) if held_out else None
@@ -234,7 +265,8 @@ def run_training(config, ctx, model, tok, examples, held_out, collate, *, lora: 
                                       stratified=config.stratified_t, eps=config.time_eps)
     result = trainer.train(model, batches, evals, loss_fn, config, config.out, tokenizer=tok,
                            lora=lora, base_model=config.model,
-                           run_info={"script": script, "num_train": len(examples), "num_eval": len(held_out)})
+                           run_info={"script": script, "num_train": len(examples), "num_eval": len(held_out)},
+                           identity=run_identity(model, tok, examples, held_out))
     if ctx.is_main:
         last_eval = f", eval loss {result.eval_losses[-1][1]:.4f}" if result.eval_losses else ""
         print(f"done: {result.step} steps, train loss {result.train_loss:.4f}{last_eval}; model in {config.out}")

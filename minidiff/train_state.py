@@ -1,11 +1,14 @@
-"""Training checkpoints: save and restore the complete state of a run, atomically.
+"""Training checkpoints: save and restore the complete state of a run, atomically and verified.
 
-References: none (plumbing); exact resume is explained in docs/training.md ("Resume").
+References: none (plumbing); exact resume is explained in docs/training.md ("Resume"). The
+walk back to the newest checkpoint that verifies is what PyTorch's and transformers' Trainer
+resume aim at; verifying by content hash is what content-addressed stores (git, Arrow) do.
 
     tmp = begin_checkpoint(ckpt_root, step)     # fresh .tmp-step-XXXXXX (rank 0)
     write_rng(tmp, rank, generator)             # every rank: its own rng-rank-R.pt
     finish_checkpoint(tmp, step, model, optimizer, lr_schedule, state, keep_last)   # rank 0: rename
-    path = latest_checkpoint(ckpt_root)         # newest complete DIR/checkpoints/step-XXXXXX or None
+    for path in candidates(ckpt_root): ...      # every step-XXXXXX directory, newest first
+    reason = verify_checkpoint(path)            # None, or why it cannot be trusted
     state = load_training_state(path, model, optimizer, lr_schedule, rank, generator)  # -> state.json
 
 Saving is split in three because under data parallelism every rank writes its own random
@@ -20,9 +23,14 @@ A checkpoint directory holds
     rng-rank-R.pt            every random state of rank R: torch CPU, CUDA, the masking generator
                              (tensors, with the device type it lives on), python and numpy
                              (as plain lists)
-    state.json               step, data position (Batches.state_dict), config (TrainConfig's
-                             fields; trainer.RENAMED_FIELDS maps the names older checkpoints
-                             used), world size, total steps, eval losses so far
+    state.json               step, data position (Batches.state_dict), config, the run's
+                             identity (base model, tokenizer, data), world size, total steps,
+                             eval losses so far, skipped (non-finite) steps
+    checkpoint.json          written last: the size and BLAKE2b hash of every other file
+
+A checkpoint is trusted only when checkpoint.json lists exactly the files present, with the
+sizes and hashes they have now (`verify_checkpoint`); a truncated, flipped or half-copied file
+makes the resume skip it, with one line saying why, and take the previous one.
 
 Resuming on another device type or number of GPUs: python, numpy and torch's CPU state are
 restored everywhere; CUDA states only for the GPUs present; the masking generator's state only
@@ -31,28 +39,36 @@ formats). Otherwise that generator is reseeded from the run seed with a warning.
 loop reseeds the generator and torch's RNG from (seed, step, micro-batch) before every
 micro-batch anyway, so the masks and dropout of the resumed run are the same either way.
 
-It is first written to `.tmp-step-XXXXXX` and then renamed to `step-XXXXXX`: a rename is atomic,
-so every `step-*` directory is complete and the previous one stays valid until the new one is.
+It is first written to `.tmp-step-XXXXXX` and then renamed to `step-XXXXXX` (and the directory
+flushed): a rename is atomic, so the previous checkpoint stays valid until the new one is.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import warnings
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from . import files
 from .errors import UserError
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
-REQUIRED_FILES = ("trainable.safetensors", "optimizer.pt", "state.json")
+MANIFEST = "checkpoint.json"
+REQUIRED_FILES = ("trainable.safetensors", "optimizer.pt", "state.json", MANIFEST)
+FORMAT_VERSION = 1
+
+
+class DamagedCheckpoint(Exception):
+    """A checkpoint whose files cannot be trusted or read; the resume skips it."""
 
 
 def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -109,17 +125,21 @@ def step_dir_name(step: int) -> str:
     return f"step-{step:06d}"
 
 
-def list_checkpoints(ckpt_root: str | Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints under ckpt_root as (step, path), oldest first."""
+def candidates(ckpt_root: str | Path) -> list[tuple[int, Path]]:
+    """Every published checkpoint directory (step-XXXXXX) under ckpt_root as (step, path),
+    oldest first, whatever its contents (`verify_checkpoint` says which to trust)."""
     root = Path(ckpt_root)
     if not root.is_dir():
         return []
-    found = []
-    for child in root.iterdir():
-        match = STEP_DIR.match(child.name)
-        if match and child.is_dir() and all((child / f).is_file() for f in REQUIRED_FILES):
-            found.append((int(match.group(1)), child))
+    found = [(int(m.group(1)), child) for child in root.iterdir()
+             if (m := STEP_DIR.match(child.name)) and child.is_dir()]
     return sorted(found)
+
+
+def list_checkpoints(ckpt_root: str | Path) -> list[tuple[int, Path]]:
+    """Checkpoints with every required file present, as (step, path), oldest first."""
+    return [(step, path) for step, path in candidates(ckpt_root)
+            if all((path / f).is_file() for f in REQUIRED_FILES)]
 
 
 def latest_checkpoint(ckpt_root: str | Path) -> Path | None:
@@ -127,17 +147,59 @@ def latest_checkpoint(ckpt_root: str | Path) -> Path | None:
     return found[-1][1] if found else None
 
 
-def _fsync_dir(path: Path) -> None:
+def write_manifest(folder: Path) -> None:
+    """checkpoint.json: size and BLAKE2b of every file in `folder`, written last."""
+    listed = {f.name: {"bytes": f.stat().st_size, "blake2b": files.file_hash(f)}
+              for f in sorted(folder.iterdir()) if f.is_file() and f.name != MANIFEST}
+    files.write_json(folder / MANIFEST, {"format_version": FORMAT_VERSION, "files": listed}, indent=1)
+
+
+def verify_checkpoint(path: str | Path) -> str | None:
+    """None when the checkpoint can be trusted: checkpoint.json lists exactly the files
+    present, every required one among them, each with the size and hash it has now.
+    Otherwise the reason, as a phrase."""
+    path = Path(path)
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
+        manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
+        listed = manifest["files"]
+        if manifest.get("format_version") != FORMAT_VERSION or not isinstance(listed, dict):
+            return f"{MANIFEST} is of another format"
+    except FileNotFoundError:
+        return f"it has no {MANIFEST} (an interrupted or older save)"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return f"its {MANIFEST} is unreadable"
+    present = {f.name for f in path.iterdir() if f.is_file() and f.name != MANIFEST}
+    missing = [name for name in REQUIRED_FILES if name != MANIFEST and name not in listed]
+    if missing or present != set(listed):
+        return f"its files {sorted(present)} differ from those {MANIFEST} lists ({sorted(listed)})"
+    for name, entry in sorted(listed.items()):
+        size = (path / name).stat().st_size
+        if size != entry.get("bytes"):
+            return f"{name} has {size} bytes where {entry.get('bytes')} were written"
+        if files.file_hash(path / name) != entry.get("blake2b"):
+            return f"{name} does not match the hash recorded when it was written"
+    return None
+
+
+def read_state(path: str | Path) -> dict:
+    """state.json of a verified checkpoint."""
     try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        state = json.loads((Path(path) / "state.json").read_text(encoding="utf-8"))
+        if not isinstance(state, dict) or "step" not in state:
+            raise ValueError("no step")
+        return state
+    except (OSError, ValueError) as err:
+        raise DamagedCheckpoint(f"its state.json cannot be read ({err})") from None
+
+
+def remove_unfinished(ckpt_root: str | Path) -> list[Path]:
+    """Delete the .tmp-step-XXXXXX directories of saves that were killed (call it while holding
+    the run's lock: then no save is in progress)."""
+    removed = []
+    for tmp in Path(ckpt_root).glob(".tmp-step-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+        removed.append(tmp)
+    return removed
 
 
 def begin_checkpoint(ckpt_root: str | Path, step: int) -> Path:
@@ -161,43 +223,78 @@ def finish_checkpoint(tmp: Path, step: int, model, optimizer, lr_schedule, state
                 "scheduler": lr_schedule.state_dict() if lr_schedule is not None else None},
                tmp / "optimizer.pt")
     files.write_json(tmp / "state.json", {"step": step, **state}, indent=1)
-    for f in tmp.iterdir():  # make the contents durable before the rename publishes them
+    for f in tmp.iterdir():  # make the contents durable before the manifest vouches for them
         with open(f, "rb") as handle:
             os.fsync(handle.fileno())
+    write_manifest(tmp)
+    files.fsync_dir(tmp)
     final = tmp.parent / step_dir_name(step)
     if final.exists():  # the same step written again (e.g. re-run after a crash): replace it
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _fsync_dir(tmp.parent)
+    files.fsync_dir(tmp.parent)
     if keep_last:
-        for _, old in list_checkpoints(tmp.parent)[:-keep_last]:
+        for _, old in candidates(tmp.parent)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     return final
 
 
+def check_shapes(path: Path, model) -> None:
+    """The checkpoint's trainable tensors have this model's names and shapes (read from the
+    safetensors header alone), else UserError: it was trained with other LoRA settings or
+    another model."""
+    try:
+        with safe_open(str(path / "trainable.safetensors"), framework="pt") as f:
+            saved = {name: list(f.get_slice(name).get_shape()) for name in f.keys()}
+    except Exception as err:  # safetensors raises its own error types for a damaged header
+        raise DamagedCheckpoint(f"trainable.safetensors cannot be read ({err})") from None
+    wanted = {n: list(p.shape) for n, p in model.named_parameters() if p.requires_grad}
+    if saved == wanted:
+        return
+    different = [n for n in wanted if n in saved and saved[n] != wanted[n]]
+    detail = (f"{different[0]} is {saved[different[0]]} there and {wanted[different[0]]} here" if different else
+              f"it holds {len(saved)} trainable tensors and this model {len(wanted)}")
+    raise UserError(f"the checkpoint {path} was trained with other LoRA settings or another model ({detail}); "
+                    "resume with the original --model, --lora-r, --lora-targets and --full/--lora")
+
+
 def load_training_state(path: str | Path, model, optimizer, lr_schedule, rank: int,
                         generator: torch.Generator | None, fallback_seed: int = 0) -> dict:
-    """Load weights, optimizer, lr schedule and this rank's random states from a checkpoint
-    (onto the model's device, whatever device wrote it); returns state.json (step, data
-    position, ...). fallback_seed: see set_rng_state."""
+    """Load weights, optimizer, lr schedule and this rank's random states from a verified
+    checkpoint (onto the model's device, whatever device wrote it); returns state.json (step,
+    data position, ...). A file that cannot be read raises DamagedCheckpoint; another model's
+    checkpoint raises UserError (check_shapes). fallback_seed: see set_rng_state."""
     path = Path(path)
-    weights = load_file(str(path / "trainable.safetensors"))
+    check_shapes(path, model)
+    try:
+        weights = load_file(str(path / "trainable.safetensors"))
+        opt = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
+        rng_file = path / f"rng-rank-{rank}.pt"
+        rng = torch.load(rng_file, weights_only=True, map_location="cpu") if rng_file.is_file() else None
+    except Exception as err:  # safetensors / torch.load errors on a damaged file
+        raise DamagedCheckpoint(f"a file cannot be read ({type(err).__name__}: {str(err)[:120]})") from None
+    state = read_state(path)
     params = dict(model.named_parameters())
-    missing = [n for n, p in params.items() if p.requires_grad and n not in weights]
-    unknown = [n for n in weights if n not in params]
-    if missing or unknown:
-        raise UserError(
-            f"checkpoint {path} does not match this model (missing {missing[:3]}, unexpected "
-            f"{unknown[:3]}); resume with the same --model and LoRA settings as the original run"
-        )
     with torch.no_grad():
         for name, tensor in weights.items():
             params[name].copy_(tensor)
-    opt = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
     optimizer.load_state_dict(opt["optimizer"])
     if lr_schedule is not None and opt["scheduler"] is not None:
         lr_schedule.load_state_dict(opt["scheduler"])
-    rng_file = path / f"rng-rank-{rank}.pt"
-    if rng_file.is_file():
-        set_rng_state(torch.load(rng_file, weights_only=True, map_location="cpu"), generator, fallback_seed)
-    return json.loads((path / "state.json").read_text(encoding="utf-8"))
+    if rng is not None:
+        set_rng_state(rng, generator, fallback_seed)
+    return state
+
+
+def weights_hash(model) -> str:
+    """BLAKE2b over every parameter and buffer of `model` except LoRA's (names, dtypes, shapes,
+    bytes, in name order): what a run records of its base model, so a resume on another base
+    model of the same shape is refused."""
+    digest = hashlib.blake2b(digest_size=20)
+    for name, tensor in sorted(model.state_dict().items()):
+        if "lora_" in name:
+            continue
+        t = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}:{t.dtype}:{list(t.shape)};".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()

@@ -52,7 +52,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import files, progress, train_state
+from . import __version__, diffusion, files, optim, progress, train_state
+from . import lora as lora_lib
 from .device import Prefetcher, check_available, enable_tf32, resolve_device, to_device, training_autocast
 from .errors import UserError
 
@@ -86,19 +87,27 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 10              # steps between metrics lines / progress-bar updates
     eval_every: int = 0              # steps between evaluations (0: only at the start and end)
-    save_every: int = 0              # steps between checkpoints (0: none)
+    save_every: int = 1000           # steps between checkpoints, and one at the end (0: none)
     keep_last: int = 2               # checkpoints kept (older ones deleted)
+    max_skipped_steps: int = 5       # non-finite steps in a row (each skipped) before the run stops
     bf16: bool = True                # bf16 autocast on CUDA (CPU always runs fp32)
     device: str | None = None        # cpu | cuda | cuda:N (None: cuda:LOCAL_RANK if available, else cpu)
     gradient_checkpointing: bool = False
-    resume: bool = False             # continue from the newest complete checkpoint in DIR
+    resume: bool = False             # continue from the newest checkpoint in DIR that verifies
+    allow_data_change: bool = False  # let --resume continue on other data than the run started with
     progress: bool = True            # progress bar, rank 0 (minidiff.progress: tqdm in a terminal, else lines)
 
 
-# Fields that must equal the checkpoint's for --resume to continue the same run.
-RESUME_MUST_MATCH = ("batch_size", "grad_accum", "seed", "lr", "min_lr", "warmup", "warmup_ratio",
-                     "weight_decay", "beta1", "beta2", "adam_eps", "clip", "noise_schedule", "loss_norm",
-                     "stratified_t", "time_eps")
+# Config fields --resume may change; every other field (of TrainConfig or a script's config)
+# must equal the checkpoint's. Paths may change because what they hold is compared by content
+# (the run's identity); the run length is compared as total steps.
+RESUME_MAY_DIFFER = {"resume", "progress", "log_every", "eval_every", "save_every", "keep_last", "device",
+                     "bf16", "gradient_checkpointing", "max_skipped_steps", "allow_data_change", "max_steps",
+                     "epochs", "out", "model", "tokenizer", "data", "eval_data", "shard_cache", "preset",
+                     "from_scratch"}
+# ... and these too under --allow-data-change: how the data is read, shaped and mixed
+DATA_FIELDS = {"max_len", "pack", "mix_counts", "mix_ratios", "text_field", "per_file", "format", "eval_fraction",
+               "pad_fill"}
 
 
 @dataclass
@@ -120,8 +129,6 @@ def nelbo_objective(mask_id: int, *, schedule: str = "linear", loss_norm: str = 
     optional attention_mask. weight is what nelbo_loss divided by: the maskable-token count
     ("token") or the number of sequences ("sequence").
     """
-    from . import diffusion
-
     def loss_fn(model, batch, generator):
         maskable, attention_mask = batch["maskable"], batch.get("attention_mask")
         loss, _ = diffusion.nelbo_loss(
@@ -188,19 +195,19 @@ def derived_seed(*keys: int) -> int:
 
 
 def check_out_dir(out_dir: str | Path, resume: bool) -> Path | None:
-    """Refuse to overwrite a finished model or an unfinished run; returns the checkpoint to
-    resume from (None for a fresh run)."""
+    """Refuse to overwrite a finished model or an unfinished run; returns the newest checkpoint
+    directory (None for a fresh run; `resume` verifies it and walks back when it is damaged)."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a directory; expected a directory for the run")
     if (out / "model.safetensors").exists():
         raise UserError(f"--out {out} already holds a finished model (model.safetensors); choose a new --out")
-    latest = train_state.latest_checkpoint(out / "checkpoints")
-    if resume and latest is None:
-        raise UserError(f"--resume was given but {out / 'checkpoints'} holds no complete checkpoint to continue from")
-    if not resume and latest is not None:
+    found = train_state.candidates(out / "checkpoints")
+    if resume and not found:
+        raise UserError(f"--resume was given but {out / 'checkpoints'} holds no checkpoint to continue from")
+    if not resume and found:
         raise UserError(f"--out {out} holds checkpoints of an unfinished run; pass --resume to continue it or choose a new --out")
-    return latest
+    return found[-1][1] if found else None
 
 
 def total_steps(config: TrainConfig, train_batches, world_size: int = 1) -> int:
@@ -218,8 +225,6 @@ def total_steps(config: TrainConfig, train_batches, world_size: int = 1) -> int:
 
 
 def versions() -> dict:
-    from . import __version__
-
     return {"python": platform.python_version(), "torch": torch.__version__, "minidiff": __version__,
             "numpy": np.__version__}
 
@@ -298,8 +303,6 @@ def warmup_steps(config: TrainConfig, steps: int) -> int:
 def make_learner(model, config: TrainConfig, ctx: DistContext, steps: int, warmup: int) -> Learner:
     """The model on its device in training mode, AdamW over its trainable parameters and the
     lr schedule (peak config.lr after `warmup` steps, cosine down to config.min_lr at `steps`)."""
-    from . import optim
-
     enable_tf32(ctx.device)
     model.to(ctx.device)
     model.train()
@@ -329,15 +332,22 @@ def _token_count(batch: dict) -> torch.Tensor:
     return batch["input_ids"].new_full((), batch["input_ids"].numel())
 
 
-def optimizer_step(learner: Learner, batches, loss_fn, step: int, config: TrainConfig, ctx: DistContext):
+@dataclass
+class StepResult:
+    loss: torch.Tensor         # the step's loss L (device scalar)
+    tokens: torch.Tensor       # real tokens trained on (device scalar)
+    grad_norm: torch.Tensor    # global gradient norm before clipping (device scalar)
+    finite: bool               # L and the gradient norm were finite, so the update was applied
+
+
+def optimizer_step(learner: Learner, batches, loss_fn, step: int, config: TrainConfig, ctx: DistContext) -> StepResult:
     """Optimiser step `step` (0-based): grad_accum micro-batches on each process, gradients
     normalised over all of them, clipped, one AdamW step and one lr-schedule step.
 
-    Returns (step loss, tokens, gradient norm before clipping or None) as device tensors: nothing
-    here waits for the device (the caller reads them once per logged step).
+    A step whose loss or gradient norm is not finite is skipped (no update, no lr-schedule
+    step, gradients dropped): the one host read of the step, as torch.amp.GradScaler makes, after
+    all micro-batches are queued. Loss, tokens and norm stay device tensors.
     """
-    from . import optim
-
     totals = torch.zeros(3, device=ctx.device)  # [sum loss * weight, sum weight, tokens]
     for a in range(config.grad_accum):
         batch = next(batches)  # already on the device (asynchronous copy from pinned memory)
@@ -359,44 +369,52 @@ def optimizer_step(learner: Learner, batches, loss_fn, step: int, config: TrainC
     # grad = sum_m d(loss_m weight_m) / sum_m weight_m   (over all ranks)
     grads = [p.grad for p in learner.params if p.grad is not None]
     torch._foreach_mul_(grads, ctx.world_size / totals[1])
-    grad_norm = optim.clip_grad_norm(learner.params, config.clip) if config.clip > 0 else None
-    learner.optimizer.step()
-    learner.lr_schedule.step()
-    learner.optimizer.zero_grad(set_to_none=True)
+    grad_norm = optim.clip_grad_norm(learner.params, config.clip) if config.clip > 0 else optim.grad_norm(learner.params)
     # L = sum_m loss_m weight_m / sum_m weight_m
-    return totals[0] / totals[1], totals[2], grad_norm
+    loss = totals[0] / totals[1]
+    finite = bool(torch.isfinite(loss) & torch.isfinite(grad_norm))  # the step's one host read
+    if finite:
+        learner.optimizer.step()
+        learner.lr_schedule.step()
+    learner.optimizer.zero_grad(set_to_none=True)
+    return StepResult(loss, totals[2], grad_norm, finite)
 
 
 class LossMeter:
-    """The training loss between two metrics lines, kept on the device: every step adds to
-    tensors, and the host reads them once per logged step (`read`, `check_finite`)."""
+    """The training loss between two metrics lines, kept on the device: every applied step adds
+    to tensors, and the host reads them once per logged step (`read`). Skipped (non-finite)
+    steps are counted here too, in total and in a row."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, skipped: int = 0, skipped_in_a_row: int = 0):
         self.loss = torch.zeros((), device=device)    # sum of step losses since the last read
         self.tokens = torch.zeros((), device=device)  # tokens trained on since the last read
         self.steps = 0
-        self.first_bad_step = torch.tensor(-1, device=device)  # first step with a non-finite loss (-1: none)
+        self.skipped, self.skipped_in_a_row = skipped, skipped_in_a_row
         self.start = time.perf_counter()
 
-    def add(self, step: int, step_loss: torch.Tensor, tokens: torch.Tensor) -> None:
-        """Step number `step` (1-based) had loss `step_loss` over `tokens` tokens."""
-        bad_now = ~torch.isfinite(step_loss) & (self.first_bad_step < 0)
-        self.first_bad_step = torch.where(bad_now, self.first_bad_step.new_full((), step), self.first_bad_step)
-        self.loss += step_loss
-        self.tokens += tokens
+    def add(self, result: StepResult) -> None:
+        """One optimiser step's result: its loss if it was applied, else one more skipped step."""
+        if not result.finite:
+            self.skipped += 1
+            self.skipped_in_a_row += 1
+            return
+        self.skipped_in_a_row = 0
+        self.loss += result.loss
+        self.tokens += result.tokens
         self.steps += 1
 
-    def check_finite(self, ckpt_root: Path) -> None:
-        """Stop the run (UserError) if any step so far had a nan/inf loss."""
-        bad = int(self.first_bad_step)
-        if bad >= 0:
-            raise UserError(f"the training loss became non-finite (nan/inf) at step {bad}; the run stopped and "
-                            f"the last good checkpoint in {ckpt_root} is kept (try a lower --lr)")
+    def check(self, step: int, config: TrainConfig, ckpt_root: Path) -> None:
+        """Stop the run (UserError) after max_skipped_steps non-finite steps in a row."""
+        if self.skipped_in_a_row >= config.max_skipped_steps:
+            first = step - self.skipped_in_a_row + 1
+            raise UserError(f"the loss or gradient was non-finite (nan/inf) at every step from {first} to {step}; "
+                            f"the run stopped and the last good checkpoint in {ckpt_root} is kept (try a lower --lr)")
 
-    def read(self) -> tuple[float, float]:
-        """(mean step loss, tokens per second of training time) since the last read; starts anew."""
+    def read(self) -> tuple[float | None, float]:
+        """(mean loss of the applied steps or None, tokens per second of training time) since
+        the last read; starts anew."""
         elapsed = time.perf_counter() - self.start
-        mean_loss = float(self.loss) / self.steps
+        mean_loss = float(self.loss) / self.steps if self.steps else None
         tokens_per_s = float(self.tokens) / max(elapsed, 1e-9)
         self.loss.zero_()
         self.tokens.zero_()
@@ -413,62 +431,120 @@ class LossMeter:
             self.start += time.perf_counter() - paused
 
 
+def check_finite_weights(model, step: int, ckpt_root: Path) -> None:
+    """Never save or export non-finite weights: UserError if any trainable parameter holds a
+    nan/inf (one host read)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if params and not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+        raise UserError(f"the weights became non-finite (nan/inf) by step {step}; nothing is saved or exported and "
+                        f"the last good checkpoint in {ckpt_root} is kept (try a lower --lr)")
+
+
 # ----------------------------------------------------------------------------- resume
-
-
-# Fields renamed since older checkpoints were written: old name -> new name.
-RENAMED_FIELDS = {"schedule": "noise_schedule"}
-
-
-def current_field_names(saved_config: dict) -> dict:
-    """A config dict from an older state.json/run.json with renamed fields under their new names."""
-    return {RENAMED_FIELDS.get(name, name): value for name, value in saved_config.items()}
 
 
 @dataclass
 class Resumed:
-    """Where a run continues: the first step to run, the eval losses so far, the checkpoint."""
+    """Where a run continues: the first step to run, the eval losses so far, the checkpoint,
+    the non-finite steps skipped so far (in total, and in a row at the checkpoint)."""
 
     step: int = 0
     eval_losses: list = field(default_factory=list)
     path: Path | None = None
+    skipped: int = 0
+    skipped_in_a_row: int = 0
 
 
-def resume(ckpt_root: Path, learner: Learner, train_batches, config: TrainConfig, ctx: DistContext,
-           steps: int) -> Resumed:
-    """Load the newest complete checkpoint under ckpt_root into `learner` (weights, AdamW, lr
-    schedule, this rank's random states) and `train_batches` (data position), after checking it
-    belongs to this run (same settings, processes and length)."""
-    path = train_state.latest_checkpoint(ckpt_root)
-    if path is None:
-        raise UserError(f"--resume was given but {ckpt_root} holds no complete checkpoint to continue from")
-    state = train_state.load_training_state(path, learner.model, learner.optimizer, learner.lr_schedule,
-                                            ctx.rank, learner.generator, fallback_seed=config.seed)
-    saved = current_field_names(state.get("config", {}))
-    for name in RESUME_MUST_MATCH:
-        if name in saved and saved[name] != getattr(config, name):
+def check_same_run(state: dict, path: Path, config: TrainConfig, identity: dict, ctx: DistContext,
+                   steps: int) -> None:
+    """UserError unless the checkpoint belongs to this run: the same settings (all but
+    RESUME_MAY_DIFFER), base model, tokenizer and data (unless allow_data_change), processes
+    and length."""
+    may_differ = RESUME_MAY_DIFFER | (DATA_FIELDS if config.allow_data_change else set())
+    saved, now = state.get("config", {}), asdict(config)
+    for name in sorted(set(saved) | set(now)):
+        if name not in may_differ and saved.get(name) != _jsonable(now.get(name)):
             raise UserError(
-                f"--{name.replace('_', '-')} is {getattr(config, name)!r} but the checkpoint {path} "
-                f"was trained with {saved[name]!r}; resume with the original settings")
+                f"--{name.replace('_', '-')} is {now.get(name)!r} but the checkpoint {path} was trained with "
+                f"{saved.get(name)!r}; resume with the original settings")
+    saved_identity = state.get("identity", {})
+    for part, what in (("base_model", "base model (--model)"), ("tokenizer", "tokenizer"), ("data", "data")):
+        if part == "data" and config.allow_data_change:
+            continue
+        if saved_identity.get(part) != identity.get(part):
+            hint = " (or pass --allow-data-change to continue on new data deliberately)" if part == "data" else ""
+            raise UserError(f"the checkpoint {path} was trained with another {what} than this run's; "
+                            f"resume with the original one{hint}")
     if state.get("world_size", 1) != ctx.world_size:
         raise UserError(f"the checkpoint {path} was written by {state['world_size']} process(es); "
                         f"resume with the same number, not {ctx.world_size}")
     if state.get("total_steps", steps) != steps:
         raise UserError(f"this run has {steps} steps but the checkpoint {path} belongs to a run of "
                         f"{state['total_steps']}; resume with the original --max-steps/--epochs")
-    train_batches.load_state_dict(state["data"])
-    return Resumed(state["step"], [tuple(e) for e in state.get("eval_losses", [])], path)
+
+
+def _jsonable(value):
+    """A config value as it reads back from JSON (tuples become lists)."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def resume(ckpt_root: Path, learner: Learner, train_batches, config: TrainConfig, ctx: DistContext,
+           steps: int, identity: dict) -> Resumed:
+    """Load the newest checkpoint under ckpt_root that verifies (train_state.verify_checkpoint)
+    into `learner` (weights, AdamW, lr schedule, this rank's random states) and `train_batches`
+    (data position), after checking it belongs to this run (check_same_run). Each damaged
+    checkpoint is skipped with one line saying why; none left is a UserError."""
+    skipped = []
+    for _, path in reversed(train_state.candidates(ckpt_root)):
+        try:
+            reason = train_state.verify_checkpoint(path)
+            if reason is not None:
+                raise train_state.DamagedCheckpoint(reason)
+            check_same_run(train_state.read_state(path), path, config, identity, ctx, steps)
+            state = train_state.load_training_state(path, learner.model, learner.optimizer, learner.lr_schedule,
+                                                    ctx.rank, learner.generator, fallback_seed=config.seed)
+        except train_state.DamagedCheckpoint as damage:
+            skipped.append(path.name)
+            if ctx.is_main:
+                print(f"resume: skipping {path}: {damage}", file=sys.stderr, flush=True)
+            continue
+        _same_on_every_rank(state["step"], ctx)
+        train_batches.load_state_dict(state["data"])
+        return Resumed(state["step"], [tuple(e) for e in state.get("eval_losses", [])], path,
+                       state.get("skipped_steps", 0), state.get("skipped_in_a_row", 0))
+    found = f"its checkpoints ({', '.join(skipped)}) are all damaged" if skipped else "it holds no checkpoint"
+    raise UserError(f"--resume was given but {ckpt_root} has nothing to continue from: {found}")
+
+
+def _same_on_every_rank(step: int, ctx: DistContext) -> None:
+    """Every process resumes from the same step (they read the same checkpoint directory)."""
+    if not ctx.enabled:
+        return
+    extremes = torch.tensor([step, -step], device=ctx.device)
+    dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
+    if int(extremes[0]) != -int(extremes[1]):
+        raise UserError(f"the processes found different newest valid checkpoints ({-int(extremes[1])} to "
+                        f"{int(extremes[0])}); they must share one --out directory")
 
 
 # ----------------------------------------------------------------------------- what the run writes
 
 
 def _trim_metrics(path: Path, last_step: int) -> None:
-    """On resume, drop the lines logged after the checkpoint (they are logged again)."""
+    """On resume, drop the lines logged after the checkpoint (they are logged again) and any
+    line that does not parse (what a crash during an append leaves), with a warning."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line)["step"] <= last_step]
+    kept, damaged = [], 0
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            if line.strip() and json.loads(line)["step"] <= last_step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            damaged += 1
+    if damaged:
+        print(f"resume: {path}: {damaged} unreadable line(s) dropped (a crash during an append)",
+              file=sys.stderr, flush=True)
     files.write_text(path, "".join(line + "\n" for line in kept))
 
 
@@ -477,8 +553,9 @@ class RunWriter:
     checkpoints (keep_last) and the final export. Rank 0 writes files; every rank takes part in
     a checkpoint (its random states). Also keeps the eval losses, which checkpoints store."""
 
-    def __init__(self, out: Path, config: TrainConfig, ctx: DistContext, steps: int, start: Resumed):
-        self.out, self.config, self.ctx, self.steps = out, config, ctx, steps
+    def __init__(self, out: Path, config: TrainConfig, ctx: DistContext, steps: int, start: Resumed,
+                 identity: dict):
+        self.out, self.config, self.ctx, self.steps, self.identity = out, config, ctx, steps, identity
         self.ckpt_root = out / "checkpoints"
         self.metrics_path = out / "metrics.jsonl"
         self.eval_losses = list(start.eval_losses)
@@ -495,31 +572,34 @@ class RunWriter:
             elif self.metrics_path.exists():
                 self.metrics_path.unlink()
             files.write_json(self.out / "run.json", {
-                "config": asdict(config), "total_steps": self.steps, "warmup_steps": warmup,
-                "world_size": ctx.world_size, "device": str(ctx.device), "argv": sys.argv, "versions": versions(),
-                "resumed_from": str(self.resumed_from) if self.resumed_from else None,
+                "config": asdict(config), "identity": self.identity, "total_steps": self.steps,
+                "warmup_steps": warmup, "world_size": ctx.world_size, "device": str(ctx.device), "argv": sys.argv,
+                "versions": versions(), "resumed_from": str(self.resumed_from) if self.resumed_from else None,
                 "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **(run_info or {})}, indent=1)
         _barrier(ctx)
         if ctx.is_main and config.progress:
             self.bar = progress.bar(total=self.steps, initial=self.start_step, desc="train", file=sys.stderr)
 
     def _append(self, record: dict) -> None:
+        """One line of metrics.jsonl, flushed to the OS as it is written."""
         if self.ctx.is_main:
             with open(self.metrics_path, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(record) + "\n")
+                handle.flush()
 
     def advance(self) -> None:
         """One optimiser step done."""
         if self.bar is not None:
             self.bar.update(1)
 
-    def log_train(self, step: int, loss: float, lr: float, tokens_per_s: float, epoch, grad_norm) -> None:
-        record = {"step": step, "loss": loss, "lr": lr, "tokens_per_s": tokens_per_s, "epoch": epoch}
-        if grad_norm is not None:
-            record["grad_norm"] = float(grad_norm)
+    def log_train(self, step: int, loss: float | None, lr: float, tokens_per_s: float, epoch, grad_norm,
+                  skipped: int) -> None:
+        record = {"step": step, "loss": loss, "lr": lr, "tokens_per_s": tokens_per_s, "epoch": epoch,
+                  "grad_norm": float(grad_norm), "skipped_steps": skipped}
         self._append(record)
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:.0f}")
+            self.bar.set_postfix(loss=f"{loss:.4f}" if loss is not None else "-", lr=f"{lr:.2e}",
+                                 tok_s=f"{tokens_per_s:.0f}")
 
     def log_eval(self, step: int, value: float | None) -> None:
         if value is None:
@@ -529,9 +609,11 @@ class RunWriter:
         if self.bar is not None:
             self.bar.write(f"step {step}: eval loss {value:.4f}")
 
-    def checkpoint(self, step: int, learner: Learner, data_state: dict) -> None:
-        """checkpoints/step-XXXXXX, atomically (minidiff.train_state); older ones beyond keep_last go."""
+    def checkpoint(self, step: int, learner: Learner, data_state: dict, meter: LossMeter) -> None:
+        """checkpoints/step-XXXXXX, atomically and with its manifest (minidiff.train_state);
+        older ones beyond keep_last go. Non-finite weights are never saved."""
         ctx, config = self.ctx, self.config
+        check_finite_weights(learner.model, step, self.ckpt_root)
         tmp = self.ckpt_root / f".tmp-{train_state.step_dir_name(step)}"
         if ctx.is_main:
             train_state.begin_checkpoint(self.ckpt_root, step)
@@ -541,8 +623,9 @@ class RunWriter:
         if ctx.is_main:
             train_state.finish_checkpoint(
                 tmp, step, learner.model, learner.optimizer, learner.lr_schedule,
-                {"data": data_state, "config": asdict(config), "world_size": ctx.world_size,
-                 "eval_losses": self.eval_losses, "total_steps": self.steps},
+                {"data": data_state, "config": asdict(config), "identity": self.identity,
+                 "world_size": ctx.world_size, "eval_losses": self.eval_losses, "total_steps": self.steps,
+                 "skipped_steps": meter.skipped, "skipped_in_a_row": meter.skipped_in_a_row},
                 config.keep_last)
         _barrier(ctx)
 
@@ -550,6 +633,7 @@ class RunWriter:
         """Close the bar; export the model (last file: model.safetensors) and plot loss.png."""
         if self.bar is not None:
             self.bar.close()
+        check_finite_weights(model, self.steps, self.ckpt_root)
         if self.ctx.is_main:
             export(model, self.out, tokenizer=tokenizer, lora=lora, base_model=base_model)
             plot_losses(self.metrics_path, self.out / "loss.png")
@@ -563,8 +647,6 @@ def export(model, out_dir: str | Path, *, tokenizer=None, lora: bool = False, ba
     if tokenizer is not None:
         tokenizer.save(out)
     if lora:
-        from . import lora as lora_lib
-
         lora_lib.save_adapter(model, out / "adapter", base_model=base_model)
         state = lora_lib.base_state_dict(model)
     else:
@@ -589,23 +671,38 @@ def evaluate_and_log(step: int, model, eval_batches, loss_fn, config: TrainConfi
 
 def train(model, train_batches, eval_batches, loss_fn, config: TrainConfig, out_dir, *,
           tokenizer=None, lora: bool = False, base_model: str | None = None,
-          run_info: dict | None = None) -> TrainResult:
+          run_info: dict | None = None, identity: dict | None = None) -> TrainResult:
     """Train `model` on `train_batches` (a data.Batches: endless, state_dict/load_state_dict,
     steps_per_epoch) and write the run to `out_dir` (layout in the module docstring).
 
     eval_batches: a list of collated batches (this rank's share) or None. lora: the model has
     LoRA adapters (checkpoints hold the adapter only; the export merges them and also writes
     DIR/adapter/). run_info: extra JSON recorded in run.json (e.g. the script's full config).
+    identity: what makes the run itself ({"base_model", "tokenizer", "data"}, see
+    train_cli.run_identity); default: the model's weights hash alone. --resume refuses a
+    checkpoint of another identity. Rank 0 holds DIR's lock for the whole run.
     """
     ctx = distributed_context(config.device)
     out = Path(out_dir)
-    check_out_dir(out, config.resume)
-    _barrier(ctx)  # every rank has looked at DIR before rank 0 writes into it
+    identity = identity if identity is not None else {"base_model": train_state.weights_hash(model)}
+    with (files.lock_directory(out, "--out") if ctx.is_main else nullcontext()):
+        check_out_dir(out, config.resume)
+        _barrier(ctx)  # every rank has looked at DIR before rank 0 writes into it
+        return _train_locked(model, train_batches, eval_batches, loss_fn, config, out, ctx, identity,
+                             dict(tokenizer=tokenizer, lora=lora, base_model=base_model), run_info)
+
+
+def _train_locked(model, train_batches, eval_batches, loss_fn, config: TrainConfig, out: Path, ctx: DistContext,
+                  identity: dict, export_args: dict, run_info: dict | None) -> TrainResult:
+    """The loop of `train`, run while DIR is locked."""
     steps = total_steps(config, train_batches, ctx.world_size)
     warmup = warmup_steps(config, steps)
     learner = make_learner(model, config, ctx, steps, warmup)
-    start = resume(out / "checkpoints", learner, train_batches, config, ctx, steps) if config.resume else Resumed()
-    writer = RunWriter(out, config, ctx, steps, start)
+    if ctx.is_main:  # under the lock no save is in progress: temporaries are from killed ones
+        train_state.remove_unfinished(out / "checkpoints")
+        files.remove_temporaries(out)
+    start = resume(out / "checkpoints", learner, train_batches, config, ctx, steps, identity) if config.resume else Resumed()
+    writer = RunWriter(out, config, ctx, steps, start, identity)
     writer.start(warmup, run_info)
     learner.ddp_model = data_parallel(model, ctx)
 
@@ -613,26 +710,24 @@ def train(model, train_batches, eval_batches, loss_fn, config: TrainConfig, out_
     if step == 0:
         evaluate_and_log(step, model, eval_batches, loss_fn, config, ctx, writer)
     batches = Prefetcher(train_batches, ctx.device)  # from here on the data position is the prefetcher's
-    meter = LossMeter(ctx.device)
+    meter = LossMeter(ctx.device, start.skipped, start.skipped_in_a_row)
     last_loss = None
     while step < steps:
-        step_loss, tokens, grad_norm = optimizer_step(learner, batches, loss_fn, step, config, ctx)
+        result = optimizer_step(learner, batches, loss_fn, step, config, ctx)
         step += 1
-        meter.add(step, step_loss, tokens)
+        meter.add(result)
+        meter.check(step, config, writer.ckpt_root)
         writer.advance()
         if step % config.log_every == 0 or step == steps:  # the one host read of the interval
-            meter.check_finite(writer.ckpt_root)
             last_loss, tokens_per_s = meter.read()
             writer.log_train(step, last_loss, learner.lr_schedule.get_last_lr()[0], tokens_per_s,
-                             batches.state_dict().get("epoch"), grad_norm)
+                             batches.state_dict().get("epoch"), result.grad_norm, meter.skipped)
         with meter.paused():  # tokens/s counts training time only
             if config.eval_every and step % config.eval_every == 0 and step != steps:
                 evaluate_and_log(step, model, eval_batches, loss_fn, config, ctx, writer)
-            if config.save_every and step % config.save_every == 0 and step != steps:
-                meter.check_finite(writer.ckpt_root)  # never checkpoint a diverged model
-                writer.checkpoint(step, learner, batches.state_dict())
+            if config.save_every and (step % config.save_every == 0 or step == steps):
+                writer.checkpoint(step, learner, batches.state_dict(), meter)
 
-    meter.check_finite(writer.ckpt_root)
     evaluate_and_log(step, model, eval_batches, loss_fn, config, ctx, writer)
-    writer.finish(model, tokenizer=tokenizer, lora=lora, base_model=base_model)
+    writer.finish(model, **export_args)
     return TrainResult(step=step, train_loss=last_loss, eval_losses=writer.eval_losses, out_dir=out)

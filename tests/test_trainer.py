@@ -6,12 +6,13 @@
 - resuming in-process from a checkpoint gives bitwise the weights of an uninterrupted run;
 - SFT batches: the prompt is never masked, the answer and its padding are, and "token"
   normalisation counts exactly the non-prompt positions;
-- a non-finite loss stops the run naming the step and keeps the last good checkpoint.
+- a non-finite step is skipped (the weights and lr schedule do not move) and counted; several
+  in a row stop the run naming the steps and keep the last good checkpoint.
 """
 from __future__ import annotations
 
 import json
-import shutil
+import math
 
 import pytest
 import torch
@@ -95,8 +96,8 @@ def test_loss_falls_and_run_layout(tok, tmp_path):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [5, 10, 15, 20, 25, 30, 35, 40]
     assert [r["step"] for r in rows if "eval_loss" in r] == [0, 20, 40]
-    # keep_last=2 of the checkpoints at 10, 20, 30 (none at the final step: the export is the result)
-    assert [s for s, _ in train_state.list_checkpoints(out / "checkpoints")] == [20, 30]
+    # keep_last=2 of the checkpoints at 10, 20, 30 and the final step 40
+    assert [s for s, _ in train_state.list_checkpoints(out / "checkpoints")] == [30, 40]
     run = json.loads((out / "run.json").read_text())
     assert run["config"]["lr"] == cfg.lr and run["versions"]["torch"] == torch.__version__
     # the export: transformers layout, loadable, equal to the trained weights
@@ -160,7 +161,15 @@ def test_checkpoint_contents_and_rng_roundtrip(tok, tmp_path):
     trainer.train(model_for(tok), cpt_batches(tok), None, trainer.nelbo_objective(MASK), cfg, tmp_path / "run")
     ckpt = tmp_path / "run" / "checkpoints" / "step-000002"
     names = sorted(p.name for p in ckpt.iterdir())
-    assert names == ["optimizer.pt", "rng-rank-0.pt", "state.json", "trainable.safetensors"]
+    assert names == ["checkpoint.json", "optimizer.pt", "rng-rank-0.pt", "state.json", "trainable.safetensors"]
+    # checkpoint.json: every other file's size and BLAKE2b, recomputed here with hashlib
+    import hashlib
+
+    listed = json.loads((ckpt / "checkpoint.json").read_text())["files"]
+    assert sorted(listed) == names[1:]
+    for name, entry in listed.items():
+        content = (ckpt / name).read_bytes()
+        assert entry == {"bytes": len(content), "blake2b": hashlib.blake2b(content, digest_size=20).hexdigest()}
     state = json.loads((ckpt / "state.json").read_text())
     assert state["step"] == 2 and state["data"]["step_in_epoch"] == 2
     opt = torch.load(ckpt / "optimizer.pt", weights_only=True)  # plain tensors and containers only
@@ -221,34 +230,54 @@ def test_sft_batch_masks_answer_and_padding_only(tok):
     assert pad_positions[0].any() and (ever_masked & pad_positions).any()  # the padding is trained
 
 
-def test_non_finite_loss_stops_naming_the_step(tok, tmp_path):
-    base = trainer.nelbo_objective(MASK)
+def nan_from(step_range, base=None):
+    """A loss that is nan at the optimizer steps in `step_range` (1-based, grad_accum 1)."""
+    base = base or trainer.nelbo_objective(MASK)
     calls = {"n": 0}
 
-    def exploding(model, batch, generator):
+    def loss_fn(model, batch, generator):
         loss, weight = base(model, batch, generator)
         if model.training:
             calls["n"] += 1
-            if calls["n"] == 5:
+            if calls["n"] in step_range:
                 loss = loss * float("nan")
         return loss, weight
 
-    cfg = config(max_steps=8, save_every=2, log_every=3)
-    with pytest.raises(UserError, match="non-finite .* at step 5"):
-        trainer.train(model_for(tok), cpt_batches(tok), None, exploding, cfg, tmp_path / "run")
+    return loss_fn
+
+
+def test_a_non_finite_step_is_skipped_and_counted(tok, tmp_path):
+    cfg = config(max_steps=6, save_every=1, keep_last=10, log_every=3)
+    trainer.train(model_for(tok), cpt_batches(tok), None, nan_from({5}), cfg, tmp_path / "run")
+    root = tmp_path / "run" / "checkpoints"
+    four, five = (load_file(str(root / f"step-00000{s}" / "trainable.safetensors")) for s in (4, 5))
+    assert all(torch.equal(four[k], five[k]) for k in four)  # step 5 changed nothing
+    assert not all(torch.equal(four[k], load_file(str(root / "step-000006" / "trainable.safetensors"))[k]) for k in four)
+    opt4, opt5 = (torch.load(root / f"step-00000{s}" / "optimizer.pt", weights_only=True) for s in (4, 5))
+    assert opt4["scheduler"]["last_epoch"] == opt5["scheduler"]["last_epoch"] == 4  # the lr schedule did not move
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["skipped_steps"]) for r in rows if "loss" in r] == [(3, 0), (6, 1)]
+    assert all(math.isfinite(r["loss"]) for r in rows if "loss" in r)
+
+
+def test_non_finite_steps_in_a_row_stop_the_run(tok, tmp_path):
+    cfg = config(max_steps=12, save_every=2, log_every=3, max_skipped_steps=3)
+    with pytest.raises(UserError, match="non-finite .* from 5 to 7"):
+        trainer.train(model_for(tok), cpt_batches(tok), None, nan_from(range(5, 100)), cfg, tmp_path / "run")
     kept = [s for s, _ in train_state.list_checkpoints(tmp_path / "run" / "checkpoints")]
-    assert kept == [2, 4]  # step 6 was never saved with the corrupted weights
-    ckpt = load_file(str(tmp_path / "run" / "checkpoints" / "step-000004" / "trainable.safetensors"))
-    assert all(torch.isfinite(t).all() for t in ckpt.values())
+    assert kept == [4, 6]  # step 6's weights are step 4's: the skipped steps changed nothing
+    for step in kept:
+        ckpt = load_file(str(tmp_path / "run" / "checkpoints" / f"step-00000{step}" / "trainable.safetensors"))
+        assert all(torch.isfinite(t).all() for t in ckpt.values())
     assert not (tmp_path / "run" / "model.safetensors").exists()
 
 
 def test_output_dir_rules(tok, tmp_path):
     out = tmp_path / "run"
-    with pytest.raises(UserError, match="no complete checkpoint"):
+    with pytest.raises(UserError, match="no checkpoint"):
         trainer.check_out_dir(out, resume=True)
     (out / "checkpoints" / ".tmp-step-000002").mkdir(parents=True)  # an interrupted write is not a checkpoint
-    with pytest.raises(UserError, match="no complete checkpoint"):
+    with pytest.raises(UserError, match="no checkpoint"):
         trainer.check_out_dir(out, resume=True)
     trainer.train(model_for(tok), cpt_batches(tok), None, trainer.nelbo_objective(MASK),
                   config(max_steps=2, save_every=1, keep_last=1), out)
@@ -257,38 +286,4 @@ def test_output_dir_rules(tok, tmp_path):
     (out / "model.safetensors").unlink()
     with pytest.raises(UserError, match="unfinished run"):
         trainer.check_out_dir(out, resume=False)
-    assert trainer.check_out_dir(out, resume=True).name == "step-000001"
-
-
-def test_checkpoint_with_the_old_schedule_field_name_resumes(tok, tmp_path):
-    """state.json written before `schedule` became `noise_schedule` still resumes, bitwise like an
-    uninterrupted run, and a different old value is refused naming the new flag."""
-    from dataclasses import replace
-
-    cfg = config(max_steps=4, save_every=2, keep_last=5, noise_schedule="cosine")
-    loss_fn = trainer.nelbo_objective(MASK, schedule="cosine")
-    trainer.train(model_for(tok), cpt_batches(tok), None, loss_fn, cfg, tmp_path / "a")
-    run = json.loads((tmp_path / "a" / "run.json").read_text())
-    assert run["config"]["noise_schedule"] == "cosine" and "schedule" not in run["config"]
-
-    # the same run again, its export removed: as if it stopped after its only checkpoint (step 2),
-    # whose state.json is rewritten with the old field name
-    trainer.train(model_for(tok), cpt_batches(tok), None, loss_fn, cfg, tmp_path / "b")
-    (tmp_path / "b" / "model.safetensors").unlink()
-    ckpt = train_state.latest_checkpoint(tmp_path / "b" / "checkpoints")
-    assert ckpt.name == "step-000002"
-    state = json.loads((ckpt / "state.json").read_text())
-    state["config"]["schedule"] = state["config"].pop("noise_schedule")
-    (ckpt / "state.json").write_text(json.dumps(state))
-
-    # a copy whose old field says another noise schedule is refused
-    other = tmp_path / "c" / "checkpoints" / ckpt.name
-    shutil.copytree(ckpt, other)
-    state["config"]["schedule"] = "linear"
-    (other / "state.json").write_text(json.dumps(state))
-    with pytest.raises(UserError, match="--noise-schedule is 'cosine' but .* 'linear'"):
-        trainer.train(model_for(tok), cpt_batches(tok), None, loss_fn, replace(cfg, resume=True), tmp_path / "c")
-
-    trainer.train(model_for(tok), cpt_batches(tok), None, loss_fn, replace(cfg, resume=True), tmp_path / "b")
-    a, b = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert trainer.check_out_dir(out, resume=True).name == "step-000002"  # the final step's
