@@ -204,7 +204,7 @@ def check_out_dir(out_dir: str | Path, resume: bool) -> Path | None:
         raise UserError(f"--out {out} already holds a finished model (model.safetensors); choose a new --out")
     found = train_state.candidates(out / "checkpoints")
     if resume and not found:
-        raise UserError(f"--resume was given but {out / 'checkpoints'} holds no checkpoint to continue from")
+        raise UserError(f"--resume was given but {out / 'checkpoints'} holds no complete checkpoint to continue from")
     if not resume and found:
         raise UserError(f"--out {out} holds checkpoints of an unfinished run; pass --resume to continue it or choose a new --out")
     return found[-1][1] if found else None

@@ -274,10 +274,10 @@ def test_non_finite_steps_in_a_row_stop_the_run(tok, tmp_path):
 
 def test_output_dir_rules(tok, tmp_path):
     out = tmp_path / "run"
-    with pytest.raises(UserError, match="no checkpoint"):
+    with pytest.raises(UserError, match="no complete checkpoint"):
         trainer.check_out_dir(out, resume=True)
     (out / "checkpoints" / ".tmp-step-000002").mkdir(parents=True)  # an interrupted write is not a checkpoint
-    with pytest.raises(UserError, match="no checkpoint"):
+    with pytest.raises(UserError, match="no complete checkpoint"):
         trainer.check_out_dir(out, resume=True)
     trainer.train(model_for(tok), cpt_batches(tok), None, trainer.nelbo_objective(MASK),
                   config(max_steps=2, save_every=1, keep_last=1), out)
