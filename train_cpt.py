@@ -62,7 +62,7 @@ PRESETS = {
     "diffutron-cpt": dict(
         epochs=4.0, batch_size=64, grad_accum=2, lr=1e-4, max_len=512, pack=False, full=False,
         lora_r=256, lora_alpha=256.0, lora_dropout=0.05, lora_targets=["Wqkv", "Wo", "Wi"],
-        noise_schedule="linear", loss_norm="sequence", bf16=True, weight_decay=0.0, warmup_ratio=0.0,
+        noise_schedule="linear", loss_norm="sequence", bf16=True, save_every=1000, keep_last=2, weight_decay=0.0, warmup_ratio=0.0,
         _note="Diffutron: 4 epochs of ~2.0M sequences = 62,680 steps at batch 64 x 2 on one GPU; "
               "lr and warmup are illegible in the paper (dllm's BERT scripts: 1e-4)"),
 }

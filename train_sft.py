@@ -51,11 +51,11 @@ HELP = {
 PRESETS = {
     "diffutron-sft1": dict(
         format="alpaca", epochs=20.0, batch_size=16, grad_accum=1, lr=1e-4, max_len=256, lora=False,
-        noise_schedule="linear", loss_norm="sequence", bf16=True,
+        noise_schedule="linear", loss_norm="sequence", bf16=True, save_every=1000, keep_last=2,
         _note="Diffutron stage 1: metunlp/LlamaTurk-Instruction-Set, full fine-tune, 20 epochs, batch 16, lr 1e-4"),
     "diffutron-sft2": dict(
         format="instructurca", epochs=8.0, batch_size=96, grad_accum=1, lr=1e-4, max_len=256, lora=False,
-        noise_schedule="linear", loss_norm="sequence", bf16=True,
+        noise_schedule="linear", loss_norm="sequence", bf16=True, save_every=1000, keep_last=2,
         _note="Diffutron stage 2: turkish-nlp-suite/InstrucTurca from stage 1, 8 epochs, batch 96 (the paper ran "
               "two A100s: with torchrun --nproc_per_node=2 use --batch-size 48 for the same global batch), lr 1e-4"),
 }

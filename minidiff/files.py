@@ -114,10 +114,12 @@ def _alive(pid: int) -> bool:
 def lock_directory(folder: str | Path, what: str):
     """Hold an exclusive lock on `folder` (its `.lock` file, fcntl.flock) for the block; a
     second holder gets a UserError at once instead of waiting. The lock dies with its process,
-    so a crashed run never leaves the folder locked. `what` names the folder in the message."""
+    so a crashed run never leaves the folder locked. `what` names the folder in the message.
+    A folder this call created is removed again when the block ends having written nothing."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise UserError(f"{what} {folder} exists and is not a directory; expected a directory")
+    created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     handle = open(folder / ".lock", "a+", encoding="utf-8")
     try:
@@ -133,5 +135,8 @@ def lock_directory(folder: str | Path, what: str):
         handle.write(f"pid {os.getpid()}\n")
         handle.flush()
         yield folder
+        if created and [f.name for f in folder.iterdir()] == [".lock"]:  # nothing was written: leave nothing
+            (folder / ".lock").unlink()
+            folder.rmdir()
     finally:
         handle.close()

@@ -184,6 +184,7 @@ def test_resume_a_gpu_checkpoint_on_the_cpu_equals_an_uninterrupted_run(tok, tmp
         trainer.train(tiny_model(0, vocab_size=tok.vocab_size), batches(tok), None, dying, cfg, tmp_path / "b")
     ckpt = train_state.latest_checkpoint(tmp_path / "b" / "checkpoints")
     cuda_style_rng_file(ckpt / "rng-rank-0.pt", torch.Generator())  # as if a GPU had written it
+    train_state.write_manifest(ckpt)  # ... and vouched for it
     with pytest.warns(UserWarning, match="reseeded"):
         trainer.train(tiny_model(0, vocab_size=tok.vocab_size), batches(tok), None, loss_fn,
                       replace(cfg, resume=True), tmp_path / "b")
