@@ -269,6 +269,7 @@ def run_training(config, ctx, model, tok, examples, held_out, collate, *, lora: 
                            identity=run_identity(model, tok, examples, held_out))
     if ctx.is_main:
         last_eval = f", eval loss {result.eval_losses[-1][1]:.4f}" if result.eval_losses else ""
-        print(f"done: {result.step} steps, train loss {result.train_loss:.4f}{last_eval}; model in {config.out}")
+        train_loss = f"{result.train_loss:.4f}" if result.train_loss is not None else "- (no step left to run)"
+        print(f"done: {result.step} steps, train loss {train_loss}{last_eval}; model in {config.out}")
     trainer.finish_distributed()
     return 0
