@@ -373,7 +373,8 @@ def check_sampler_caches(report: Report, device: torch.device, quick: bool) -> N
 
 def check_training_syncs(report: Report, inputs: dict, device: torch.device) -> None:
     """How many host synchronisations one CPT micro-batch (loss forward + backward) makes; the
-    loop itself adds none. Reported, not asserted: the loss internals may still index rows."""
+    loop adds none per micro-batch (one per optimizer step: is the step finite). Reported, not
+    asserted: the loss internals may still index rows."""
     import warnings
 
     import minidiff

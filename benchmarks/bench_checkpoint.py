@@ -1,0 +1,123 @@
+"""What a verified checkpoint costs: save and verification time per GB, beside the disk's bounds.
+
+References: none (plumbing); the checkpoint format is minidiff/train_state.py's.
+
+    python benchmarks/bench_checkpoint.py                  # 54.1M trainable parameters (mmBERT-base, LoRA r=256)
+    python benchmarks/bench_checkpoint.py --params 100000  # smoke size
+
+The trainable parameters are those of LoRA r=256 on mmBERT-base's 22 layers (A and B of Wqkv,
+Wo, Wi and the MLP's Wo), fp32, with AdamW's two moments filled by one step, so a checkpoint is
+what a Diffutron CPT run writes every --save-every steps. Measured in this process:
+- save: train_state.begin_checkpoint + write_rng + finish_checkpoint (safetensors, torch.save,
+  state.json, fsync of every file, hashing every file for checkpoint.json, rename);
+- verify: train_state.verify_checkpoint (reads and hashes every file; the resume's check);
+- bounds in the same run: writing the same number of bytes with one np.ndarray.tofile + fsync
+  (sequential write), and hashing them (hashlib.blake2b over the file, the verify's floor).
+Each time is the median of --repeats runs; the page cache is warm for the read-side figures.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from minidiff import files, optim, train_state  # noqa: E402
+
+# LoRA r=256 on one mmBERT-base layer: (in, out) of Wqkv, Wo, Wi, the MLP's Wo
+LAYER_SHAPES = [(768, 2304), (768, 768), (768, 2304), (1152, 768)]
+
+
+def lora_model(params: int, r: int = 256) -> torch.nn.Module:
+    """A module holding about `params` trainable fp32 parameters, in LoRA-shaped matrices."""
+    tensors, total = [], 0
+    while total < params:
+        for fan_in, fan_out in LAYER_SHAPES:
+            rank = min(r, max(1, (params - total) // (fan_in + fan_out)))
+            tensors += [torch.nn.Parameter(torch.randn(rank, fan_in)), torch.nn.Parameter(torch.zeros(fan_out, rank))]
+            total += rank * (fan_in + fan_out)
+            if total >= params:
+                break
+    return torch.nn.ParameterList(tensors)
+
+
+def timed(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--params", type=int, default=54_067_200, help="trainable parameters (default: LoRA r=256)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--dir", help="where to write (default: a temporary directory)")
+    args = p.parse_args(argv)
+
+    model = lora_model(args.params)
+    for q in model:
+        q.grad = torch.randn_like(q)
+    optimizer = optim.AdamW(list(model), lr=1e-4)
+    optimizer.step()  # fills both moments
+    lr_schedule = optim.WarmupCosine(optimizer, warmup=0, total=10)
+    generator = torch.Generator().manual_seed(0)
+    work = Path(tempfile.mkdtemp(dir=args.dir, prefix="bench-checkpoint-"))
+    try:
+        step = [0]
+
+        def save():
+            step[0] += 1
+            tmp = train_state.begin_checkpoint(work, step[0])
+            train_state.write_rng(tmp, 0, generator)
+            train_state.finish_checkpoint(tmp, step[0], model, optimizer, lr_schedule, {"data": {}}, keep_last=1)
+
+        save_s = timed(save, args.repeats)
+        path = train_state.latest_checkpoint(work)
+        nbytes = sum(f.stat().st_size for f in path.iterdir())
+        verify_s = timed(lambda: train_state.verify_checkpoint(path), args.repeats)
+        assert train_state.verify_checkpoint(path) is None
+        raw = np.random.default_rng(0).integers(0, 255, size=nbytes, dtype=np.uint8)
+        plain = work / "plain.bin"
+
+        def write_plain():
+            with open(plain, "wb") as handle:
+                raw.tofile(handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+
+        write_s = timed(write_plain, args.repeats)
+        hash_s = timed(lambda: files.file_hash(plain), args.repeats)
+        hashlib_s = timed(lambda: hashlib.blake2b(raw.data, digest_size=20).hexdigest(), args.repeats)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    gb = nbytes / 1e9
+    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+          f"{time.strftime('%Y-%m-%d')}; {args.params:,} trainable parameters, checkpoint {nbytes / 1e6:.1f} MB, "
+          f"median of {args.repeats}")
+    print("| what | s | s per GB | GB/s |")
+    print("|---|---:|---:|---:|")
+    for name, seconds in [("save a verified checkpoint", save_s), ("verify it (resume's check)", verify_s),
+                          ("bound: write the same bytes + fsync", write_s), ("bound: BLAKE2b of the file", hash_s),
+                          ("bound: BLAKE2b in memory", hashlib_s)]:
+        print(f"| {name} | {seconds:.3f} | {seconds / gb:.2f} | {gb / seconds:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
