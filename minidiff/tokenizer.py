@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from .chat import render_chat
+from .checkpoint import TOKENIZER_FILES, resolve_model_dir
 from .errors import UserError
 from .files import write_json, write_text
 
@@ -181,8 +182,6 @@ def load_tokenizer(name_or_path, revision: str | None = None) -> Tokenizer:
     if path.is_file():
         file, directory = path, path.parent
     else:
-        from .checkpoint import TOKENIZER_FILES, resolve_model_dir
-
         directory = resolve_model_dir(name_or_path, revision, allow_patterns=TOKENIZER_FILES)
         file = directory / TOKENIZER_FILE
     if not file.is_file():
