@@ -127,7 +127,7 @@ def main(argv=None) -> int:
         examples, config, lambda sources: shard_examples.Concat(cpt_examples_from(sources, config, tok, ctx)))
     train_cli.say(ctx.rank, f"{len(examples):,} training sequences, {len(held_out):,} evaluation sequences")
 
-    model = train_cli.build_model(config.model, config.from_scratch, tok, config.seed)
+    model = train_cli.build_model(config.model, config.from_scratch, tok, config.seed, config.max_len)
     if not config.full:
         train_cli.say(ctx.rank, "LoRA: " + train_cli.apply_lora_from(config, model))
 

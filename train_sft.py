@@ -102,7 +102,7 @@ def main(argv=None) -> int:
         examples, config, lambda sources: sft_examples_from(sources, config, tok, ctx))
     train_cli.say(ctx.rank, f"{len(examples):,} training examples, {len(held_out):,} evaluation examples")
 
-    model = train_cli.build_model(config.model, None, tok, config.seed)
+    model = train_cli.build_model(config.model, None, tok, config.seed, config.max_len)
     if config.lora:
         train_cli.say(ctx.rank, "LoRA: " + train_cli.apply_lora_from(config, model))
 

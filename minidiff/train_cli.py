@@ -188,8 +188,15 @@ def check_lora_flags(lora_on: bool, given: set[str], switch: str) -> None:
                 raise UserError(f"--{name.replace('_', '-')} was given but LoRA is off ({switch}); drop one of them")
 
 
-def build_model(model_name: str | None, from_scratch: str | None, tokenizer, seed: int):
-    """Load `model_name` (directory or hub id), or build a fresh model from a config.json."""
+def build_model(model_name: str | None, from_scratch: str | None, tokenizer, seed: int, max_len: int):
+    """Load `model_name` (directory or hub id), or build a fresh model from a config.json;
+    check it fits the tokenizer and --max-len (check_fits)."""
+    model = _model_from(model_name, from_scratch, seed)
+    check_fits(model, tokenizer, max_len)
+    return model
+
+
+def _model_from(model_name: str | None, from_scratch: str | None, seed: int):
     if from_scratch:
         path = Path(from_scratch)
         if not path.is_file():
@@ -199,13 +206,18 @@ def build_model(model_name: str | None, from_scratch: str | None, tokenizer, see
         except (ValueError, TypeError) as err:
             raise UserError(f"--from-scratch {path} is not a valid model config ({err})") from None
         seed_everything(seed)
-        model = ModernBertMLM(config)
-    else:
-        model = load_model(model_name)
+        return ModernBertMLM(config)
+    return load_model(model_name)
+
+
+def check_fits(model, tokenizer, max_len: int) -> None:
+    """The model covers the tokenizer's ids and --max-len positions, else one sentence."""
+    if max_len > model.config.max_position_embeddings:
+        raise UserError(f"--max-len {max_len} exceeds the model's context of {model.config.max_position_embeddings} "
+                        "positions (max_position_embeddings in its config.json); lower --max-len")
     if model.config.vocab_size < tokenizer.vocab_size:
         raise UserError(f"the model's vocab_size {model.config.vocab_size} is smaller than the tokenizer's "
                         f"{tokenizer.vocab_size}; use a matching --tokenizer")
-    return model
 
 
 def seed_everything(seed: int) -> None:

@@ -324,6 +324,13 @@ def test_bad_optimizer_settings_are_one_sentence(script_setup, tmp_path, flag, v
     assert not out.exists()
 
 
+def test_max_len_beyond_the_models_context_is_one_sentence(script_setup, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(UserError, match="--max-len 600 exceeds the model's context of 512 positions"):
+        train_cpt.main([*script_args(script_setup, out), "--max-len", "600"])  # the tiny model: 512
+    assert not out.exists()
+
+
 def test_lr_inf_from_the_command_line_exits_2(script_setup, tmp_path):
     result = subprocess.run([sys.executable, "train_cpt.py", *script_args(script_setup, tmp_path / "run"),
                              "--lr", "inf"], cwd=ROOT, env=ENV, capture_output=True, text=True)
