@@ -166,14 +166,19 @@ def _read_manifest(path: Path) -> dict:
 
 
 def _expected_sizes(manifest: dict) -> dict[str, int]:
-    """Each .bin file's size in bytes as the manifest's kind, dtype and counts make it."""
+    """Each .bin file's size in bytes as the manifest's kind, dtype and counts make it, once the
+    manifest is found to hold every field a reader uses (EntryProblem otherwise)."""
+    missing = [name for name in ("key", "entry_id", "kind", "dtype", "documents", "tokens", "files")
+               if name not in manifest]
+    if missing:
+        raise EntryProblem(f"{MANIFEST} lacks {', '.join(missing)}")
     try:
         kind, dtype = manifest["kind"], np.dtype(manifest["dtype"])
-        docs, total, _ = int(manifest["documents"]), int(manifest["tokens"]), str(manifest["entry_id"])
+        docs, total = int(manifest["documents"]), int(manifest["tokens"])
         stated = {name: (int(manifest["files"][name]["size"]), str(manifest["files"][name]["blake2b"]))
                   for name in _file_names(kind)}
     except (KeyError, TypeError, ValueError) as err:
-        raise EntryProblem(f"{MANIFEST} lacks a valid entry ({err})") from None
+        raise EntryProblem(f"{MANIFEST} holds a malformed field ({err!r})") from None
     if kind not in KINDS or dtype not in (np.uint16, np.uint32) or docs < 0 or total < 0:
         raise EntryProblem(f"{MANIFEST} states kind {kind!r}, dtype {dtype.name}, {docs} documents and "
                            f"{total} tokens; expected cpt/sft, uint16/uint32 and counts >= 0")
@@ -508,7 +513,7 @@ def _find_or_write(identity: dict, folder: Path, tokenizer, *, damaged: str | No
             entry = load_entry(folder)
         except EntryProblem as problem:
             entry = None
-            if folder.exists():
+            if folder.exists() and any(folder.iterdir()):  # not a new (or empty --out) directory
                 _warn(f"{folder}: {problem}; tokenising {label} again")
         if (entry is not None and entry.manifest.get("key") == identity["key"]
                 and (damaged is None or entry.manifest.get("entry_id") != damaged)):
