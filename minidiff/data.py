@@ -31,6 +31,7 @@ import json
 import math
 import random
 import re
+import sys
 from collections import Counter
 from dataclasses import dataclass, field as dc_field
 from pathlib import Path
@@ -326,6 +327,7 @@ def _iter_rows(path: Path, problems: list[str]):
             else:
                 problems.append(f"{where}: not a JSON object")
     elif suffix == ".csv":
+        _allow_csv_fields_of_any_size()
         text = path.read_bytes().decode("utf-8", errors="surrogateescape")
         reader = csv.DictReader(io.StringIO(text, newline=""))
         start = 2
@@ -349,6 +351,15 @@ def _iter_rows(path: Path, problems: list[str]):
             yield f"{path}:row {index}", row
     else:
         raise UserError(f"{path} has an unsupported extension; expected one of {', '.join(SUPPORTED_EXTENSIONS)}")
+
+
+def _allow_csv_fields_of_any_size() -> None:
+    """Raise the csv module's field limit (128 kB by default) to the largest the platform's C
+    long holds, so a long document in one CSV field reads like any other."""
+    try:
+        csv.field_size_limit(sys.maxsize)
+    except OverflowError:  # a 32-bit C long (Windows)
+        csv.field_size_limit(2**31 - 1)
 
 
 # ============================================================================ CPT examples

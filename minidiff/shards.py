@@ -1,5 +1,5 @@
 """Token shards on disk: a corpus tokenised once into flat memory-mapped token files, kept in a
-cache that is either complete and valid or ignored.
+cache that is either complete and verified or rebuilt.
 
 References: nanoGPT's data/*/prepare.py (one flat `train.bin` of uint16 token ids read back with
 `np.memmap`), Hugging Face datasets (an Arrow cache keyed by a fingerprint of the inputs).
@@ -7,6 +7,7 @@ References: nanoGPT's data/*/prepare.py (one flat `train.bin` of uint16 token id
     python -m minidiff.shards prepare --tokenizer DIR --data wiki.txt --out shards/wiki
     shard = shards.open_source("wiki.txt", "cpt", {"field": "text", "per": "line"}, tok)  # cached
     shard.tokens, shard.offsets     # memmaps: document d is tokens[offsets[d]:offsets[d + 1]]
+    shard.content_key               # what it was made from + what it holds: record it with a run
 
 An entry is one directory:
 - tokens.bin: every document's ids (no special tokens), one after another; uint16 when the
@@ -15,13 +16,24 @@ An entry is one directory:
 - prompt_lengths.bin (SFT entries only): int64 [rows], the prompt's share of each row's ids
   (a row is prompt ids then answer ids);
 - manifest.json, written last: format version, kind and reading options, every source file's
-  path, size and BLAKE2b hash, the tokenizer files' hash, counts, dtype, the reading summary.
+  path, size and BLAKE2b hash, the tokenizer files' hash, counts, dtype, the reading summary,
+  the size and BLAKE2b hash of each .bin file (`files`) and a random `entry_id`.
 A cache entry lives at CACHE/<key>, key = a hash of everything in the manifest that decides its
 contents. It is written into a private temporary directory and published with one rename of
 the directory; a killed preparation leaves only that temporary directory, which no reader
-trusts (and a later preparation deletes). A lock file (fcntl.flock) lets a second process
-wait for the first instead of tokenising twice; if the lock is not honoured (some network
-file systems), both write and the loser of the rename discards its copy.
+trusts (and the next preparation in that folder deletes). A lock file (fcntl.flock) lets a
+second process wait for the first instead of tokenising twice (under torchrun every process
+prepares and all but the first wait on it); if the lock is not honoured (some network file
+systems), both write and the loser of the rename discards its copy. Every source is hashed
+again after tokenising: one that changed while it was read publishes nothing (UserError).
+
+Before a process uses an entry it is verified (`verify_entry`, one read of each file): the
+hashes equal the manifest's, offsets run from 0 to the number of tokens without decreasing,
+every token id is below the tokenizer's vocabulary size, every prompt length lies within its
+row. A cache entry that fails is rebuilt (one line on stderr says why); a prepared directory
+that fails is refused (UserError). `Shard.content_key` = the manifest's key (the sources,
+options and tokenizer it was made from) + "-" + a hash of its files' hashes (what it holds):
+equal keys mean the same token ids, so a run can record it and refuse to resume on other data.
 """
 from __future__ import annotations
 
@@ -42,13 +54,16 @@ from pathlib import Path
 import numpy as np
 
 from . import data
-from .files import write_json
 from .errors import UserError, run_cli
+from .files import write_json
+from .progress import bar as progress_bar
+from .tokenizer import CONFIG_FILES, load_tokenizer
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2                  # 2: the manifest holds each .bin file's size and hash
 MANIFEST = "manifest.json"
 BATCH_DOCUMENTS = 2048             # documents per encode_batch call: the writer's memory bound
 BATCH_CHARACTERS = 8 * 1024 * 1024  # ... or this many characters, whichever comes first
+READ_CHUNK = 8 * 1024 * 1024       # bytes per read when hashing or verifying (a multiple of 8)
 KINDS = ("cpt", "sft")
 
 
@@ -65,7 +80,43 @@ def token_dtype(vocab_size: int):
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
 
 
+def _file_names(kind: str) -> tuple[str, ...]:
+    return ("tokens.bin", "offsets.bin") + (("prompt_lengths.bin",) if kind == "sft" else ())
+
+
+# ============================================================================ hashing
+
+
+def _digest():
+    return hashlib.blake2b(digest_size=20)
+
+
+def _blocks(path: Path, dtype, digest, chunk: int = READ_CHUNK):
+    """The file as arrays of `dtype`, `chunk` bytes at a time, every byte also fed to `digest`.
+    One buffer is reused (read into, never mapped: a verified file adds nothing to the process's
+    resident memory), so each array is valid until the next one is yielded."""
+    dtype = np.dtype(dtype)
+    buffer = bytearray(chunk)
+    view = memoryview(buffer)
+    with open(path, "rb") as handle:
+        while size := handle.readinto(view):  # full chunks until the last (BufferedReader)
+            digest.update(view[:size])
+            yield np.frombuffer(buffer, dtype=dtype, count=size // dtype.itemsize)
+
+
+def file_hash(path: Path) -> str:
+    """BLAKE2b (20-byte digest) of the file's bytes."""
+    digest = _digest()
+    for _ in _blocks(Path(path), np.uint8, digest):
+        pass
+    return digest.hexdigest()
+
+
 # ============================================================================ reading an entry
+
+
+class EntryProblem(Exception):
+    """Why an entry on disk cannot be used, as a phrase naming the file ("tokens.bin has ...")."""
 
 
 @dataclass
@@ -86,6 +137,15 @@ class Shard:
     def lengths(self) -> np.ndarray:
         return np.diff(self.offsets)  # [D]
 
+    @property
+    def content_key(self) -> str:
+        """`<key>-<hash of the files' hashes>`: what the entry was made from, then what it holds."""
+        files = self.manifest["files"]
+        # content = BLAKE2b("name:hash;name:hash..." over the entry's files, sorted by name)
+        listing = ";".join(f"{name}:{files[name]['blake2b']}" for name in sorted(files))
+        content = hashlib.blake2b(listing.encode(), digest_size=10).hexdigest()
+        return f"{self.manifest['key']}-{content}"
+
 
 def _map(path: Path, dtype, count: int) -> np.ndarray:
     if count == 0:  # np.memmap refuses an empty file
@@ -93,48 +153,140 @@ def _map(path: Path, dtype, count: int) -> np.ndarray:
     return np.memmap(path, dtype=dtype, mode="r", shape=(count,))
 
 
-def read_entry(path: Path) -> Shard | None:
-    """The entry at `path`, or None unless it is complete: a manifest of this format version and
-    files of exactly the sizes it states."""
+def _read_manifest(path: Path) -> dict:
     try:
         manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
-        if manifest.get("format_version") != FORMAT_VERSION or manifest.get("kind") not in KINDS:
-            return None
-        dtype = np.dtype(manifest["dtype"])
+    except FileNotFoundError:
+        raise EntryProblem(f"{MANIFEST} is missing") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise EntryProblem(f"{MANIFEST} is not readable JSON ({err})") from None
+    if not isinstance(manifest, dict):
+        raise EntryProblem(f"{MANIFEST} holds a JSON {type(manifest).__name__}, not an object")
+    return manifest
+
+
+def _expected_sizes(manifest: dict) -> dict[str, int]:
+    """Each .bin file's size in bytes as the manifest's kind, dtype and counts make it, once the
+    manifest is found to hold every field a reader uses (EntryProblem otherwise)."""
+    missing = [name for name in ("key", "entry_id", "kind", "dtype", "documents", "tokens", "files")
+               if name not in manifest]
+    if missing:
+        raise EntryProblem(f"{MANIFEST} lacks {', '.join(missing)}")
+    try:
+        kind, dtype = manifest["kind"], np.dtype(manifest["dtype"])
         docs, total = int(manifest["documents"]), int(manifest["tokens"])
-        sizes = {"tokens.bin": total * dtype.itemsize, "offsets.bin": (docs + 1) * 8}
-        if manifest["kind"] == "sft":
-            sizes["prompt_lengths.bin"] = docs * 8
-        if any((path / name).stat().st_size != size for name, size in sizes.items()):
-            return None
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+        stated = {name: (int(manifest["files"][name]["size"]), str(manifest["files"][name]["blake2b"]))
+                  for name in _file_names(kind)}
+    except (KeyError, TypeError, ValueError) as err:
+        raise EntryProblem(f"{MANIFEST} holds a malformed field ({err!r})") from None
+    if kind not in KINDS or dtype not in (np.uint16, np.uint32) or docs < 0 or total < 0:
+        raise EntryProblem(f"{MANIFEST} states kind {kind!r}, dtype {dtype.name}, {docs} documents and "
+                           f"{total} tokens; expected cpt/sft, uint16/uint32 and counts >= 0")
+    sizes = {"tokens.bin": total * dtype.itemsize, "offsets.bin": (docs + 1) * 8, "prompt_lengths.bin": docs * 8}
+    for name, (size, _) in stated.items():
+        if size != sizes[name]:
+            raise EntryProblem(f"{MANIFEST} states {size:,} bytes for {name}; its counts make {sizes[name]:,}")
+    return {name: sizes[name] for name in stated}
+
+
+def load_entry(path: Path) -> Shard:
+    """The entry at `path`, checked for shape only (no file is read): a manifest of this format
+    version and files of exactly the sizes it states. EntryProblem otherwise."""
+    path = Path(path)
+    manifest = _read_manifest(path)
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise EntryProblem(f"it has shard format {manifest.get('format_version')}; this minidiff reads "
+                           f"format {FORMAT_VERSION}")
+    sizes = _expected_sizes(manifest)
+    for name, size in sizes.items():
+        try:
+            actual = (path / name).stat().st_size
+        except OSError:
+            raise EntryProblem(f"{name} is missing") from None
+        if actual != size:
+            raise EntryProblem(f"{name} has {actual:,} bytes; the manifest states {size:,}")
+    dtype, docs, total = np.dtype(manifest["dtype"]), int(manifest["documents"]), int(manifest["tokens"])
     prompts = _map(path / "prompt_lengths.bin", np.int64, docs) if manifest["kind"] == "sft" else None
     return Shard(path, manifest, _map(path / "tokens.bin", dtype, total),
                  _map(path / "offsets.bin", np.int64, docs + 1), prompts)
 
 
+def read_entry(path: Path) -> Shard | None:
+    """load_entry, or None when the entry is missing or incomplete."""
+    try:
+        return load_entry(path)
+    except EntryProblem:
+        return None
+
+
+# ============================================================================ verifying an entry
+
+
+def _ids_problem(blocks, vocab_size: int) -> str | None:
+    top = -1
+    for ids in blocks:
+        top = max(top, int(ids.max()))
+    # every id < vocab_size (the embedding's rows)
+    if top >= vocab_size:
+        return f"tokens.bin holds token id {top}, not below the tokenizer's vocabulary size {vocab_size}"
+    return None
+
+
+def _offsets_problem(blocks, offsets: np.ndarray, total: int) -> str | None:
+    previous = 0
+    for block in blocks:
+        # offsets[d] >= offsets[d - 1], across the blocks' boundaries too
+        if (np.diff(block, prepend=previous) < 0).any():
+            return "offsets.bin decreases somewhere (a document would end before it starts)"
+        previous = int(block[-1])
+    # offsets[0] = 0 and offsets[D] = T
+    if offsets[0] != 0 or offsets[-1] != total:
+        return f"offsets.bin runs from {offsets[0]:,} to {offsets[-1]:,}; expected 0 to {total:,} (the tokens)"
+    return None
+
+
+def _prompts_problem(blocks, lengths: np.ndarray) -> str | None:
+    start = 0
+    for block in blocks:
+        # 0 <= prompt_length[d] <= len(row d)
+        if (block < 0).any() or (block > lengths[start:start + len(block)]).any():
+            return "prompt_lengths.bin holds a prompt length outside 0..its row's length"
+        start += len(block)
+    return None
+
+
+def verify_entry(entry: Shard, vocab_size: int) -> None:
+    """Read each file of `entry` once: its BLAKE2b must be the manifest's, offsets must run from 0
+    to the number of tokens without decreasing, every token id must be below `vocab_size` and
+    every prompt length within its row. EntryProblem names the first file that fails."""
+    m = entry.manifest
+    checks = [("tokens.bin", np.dtype(m["dtype"]), lambda blocks: _ids_problem(blocks, vocab_size)),
+              ("offsets.bin", np.int64, lambda blocks: _offsets_problem(blocks, entry.offsets, int(m["tokens"])))]
+    if m["kind"] == "sft":
+        checks.append(("prompt_lengths.bin", np.int64, lambda blocks: _prompts_problem(blocks, entry.lengths)))
+    for name, dtype, check in checks:
+        digest = _digest()
+        problem = check(_blocks(entry.path / name, dtype, digest))
+        if problem is None and digest.hexdigest() != m["files"][name]["blake2b"]:
+            problem = f"{name} does not match its hash in the manifest (it changed after it was written)"
+        if problem is not None:
+            raise EntryProblem(problem)
+
+
 # ============================================================================ the cache key
-
-
-def file_hash(path: Path, chunk: int = 1 << 20) -> str:
-    """BLAKE2b of the file's bytes, read in 1 MiB chunks."""
-    digest = hashlib.blake2b(digest_size=20)
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def tokenizer_hash(tokenizer) -> str:
     """Hash of tokenizer.json and the config files next to it (they decide ids and specials)."""
-    from .tokenizer import CONFIG_FILES
-
     file = Path(tokenizer.source)
-    digest = hashlib.blake2b(digest_size=20)
+    digest = _digest()
     for part in [file] + [file.parent / name for name in CONFIG_FILES]:
         digest.update(part.name.encode() + b"\0" + (file_hash(part).encode() if part.is_file() else b"-"))
     return digest.hexdigest()
+
+
+def _source_files(files) -> list[dict]:
+    return [{"path": str(p.resolve()), "size": p.stat().st_size, "blake2b": file_hash(p)} for p in files]
 
 
 def describe(source, kind: str, options: dict, tokenizer) -> dict:
@@ -142,14 +294,24 @@ def describe(source, kind: str, options: dict, tokenizer) -> dict:
     the tokenizer's hash; `key` is their hash."""
     if kind not in KINDS:
         raise UserError(f"shard kind {kind!r} is unknown; expected one of {', '.join(KINDS)}")
-    files = data.resolve_sources(source)
     identity = {
         "format_version": FORMAT_VERSION, "kind": kind, "options": dict(sorted(options.items())),
-        "sources": [{"path": str(p.resolve()), "size": p.stat().st_size, "blake2b": file_hash(p)} for p in files],
+        "sources": _source_files(data.resolve_sources(source)),
         "tokenizer": tokenizer_hash(tokenizer),
     }
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:32]
     return {**identity, "key": key}
+
+
+def _check_sources_unchanged(identity: dict) -> None:
+    """UserError when a source's size or hash is no longer the one `describe` read before
+    tokenising: it changed while it was read, and the ids may mix its old and new content."""
+    for source in identity["sources"]:
+        path = Path(source["path"])
+        current = _source_files([path])[0] if path.is_file() else None
+        if current != source:
+            raise UserError(f"{path} changed while it was being tokenised, so nothing was saved; "
+                            "run again once it no longer changes")
 
 
 # ============================================================================ writing an entry
@@ -169,45 +331,40 @@ def _batches(items, size=len):
 
 
 class _Writer:
-    """Appends documents (id lists) to tokens.bin / offsets.bin (and prompt lengths) in `folder`."""
+    """Appends documents (id lists) to tokens.bin / offsets.bin (and prompt lengths) in `folder`,
+    hashing every byte it writes."""
 
     def __init__(self, folder: Path, dtype, sft: bool):
         self.dtype, self.documents, self.total = dtype, 0, 0
-        self.tokens = open(folder / "tokens.bin", "wb")
-        self.offsets = open(folder / "offsets.bin", "wb")
-        self.prompts = open(folder / "prompt_lengths.bin", "wb") if sft else None
-        self.offsets.write(np.zeros(1, np.int64).tobytes())
+        self.handles = {name: open(folder / name, "wb") for name in _file_names("sft" if sft else "cpt")}
+        self.digests = {name: _digest() for name in self.handles}
+        self._write("offsets.bin", np.zeros(1, np.int64))
+
+    def _write(self, name: str, array: np.ndarray) -> None:
+        raw = array.tobytes()
+        self.handles[name].write(raw)
+        self.digests[name].update(raw)
 
     def add(self, id_lists: list[list[int]], prompt_lengths: list[int] | None = None) -> None:
         lengths = np.fromiter(map(len, id_lists), dtype=np.int64, count=len(id_lists))  # [n]
         flat = np.fromiter(itertools.chain.from_iterable(id_lists), dtype=self.dtype, count=int(lengths.sum()))
-        self.tokens.write(flat.tobytes())
+        self._write("tokens.bin", flat)
         # offsets[d + 1] = offsets[d] + len(doc d)
-        self.offsets.write((self.total + np.cumsum(lengths)).tobytes())
-        if self.prompts is not None:
-            self.prompts.write(np.asarray(prompt_lengths, dtype=np.int64).tobytes())
+        self._write("offsets.bin", self.total + np.cumsum(lengths))
+        if "prompt_lengths.bin" in self.handles:
+            self._write("prompt_lengths.bin", np.asarray(prompt_lengths, dtype=np.int64))
         self.documents += len(id_lists)
         self.total += int(lengths.sum())
 
-    def close(self) -> None:
-        for handle in (self.tokens, self.offsets, self.prompts):
-            if handle is not None:
-                handle.flush()
-                os.fsync(handle.fileno())
-                handle.close()
-
-
-def _progress(enabled: bool, what: str):
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # tqdm comes with huggingface-hub; without it, no bar
-        enabled = False
-    if not enabled:
-        class _Silent:
-            def update(self, n): ...
-            def close(self): ...
-        return _Silent()
-    return tqdm(desc=f"tokenising {what}", unit=" docs", file=sys.stderr, dynamic_ncols=True)
+    def close(self) -> dict:
+        """Flush and close every file; their sizes and hashes, the manifest's `files`."""
+        files = {}
+        for name, handle in self.handles.items():
+            handle.flush()
+            os.fsync(handle.fileno())
+            files[name] = {"size": handle.tell(), "blake2b": self.digests[name].hexdigest()}
+            handle.close()
+        return files
 
 
 def _write_cpt(files, options: dict, tokenizer, writer: _Writer, bar, problems: list[str]) -> None:
@@ -241,29 +398,31 @@ def _write_sft(files, options: dict, tokenizer, writer: _Writer, bar, problems: 
 
 def write_entry(identity: dict, tokenizer, target: Path, *, progress: bool = False, label: str = "") -> Shard:
     """Tokenise the sources `identity` names into `target` (which must not exist yet): a private
-    temporary directory next to it, manifest last, then one rename. If another process
-    published `target` first, this copy is discarded and theirs returned."""
+    temporary directory next to it, manifest last, then one rename. Nothing is published when a
+    source changed meanwhile (UserError). If another process published `target` first, this
+    copy is discarded and theirs returned."""
     files = [Path(s["path"]) for s in identity["sources"]]
     target.parent.mkdir(parents=True, exist_ok=True)
-    _remove_dead_temporaries(target.parent)
     tmp = target.parent / f".tmp-{target.name}-{_host()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         started, problems = time.perf_counter(), []
         dtype = token_dtype(tokenizer.vocab_size)
         writer = _Writer(tmp, dtype, identity["kind"] == "sft")
-        bar = _progress(progress, label or files[0].name)
+        bar = progress_bar(desc=f"tokenising {label or files[0].name}", unit="docs", disable=not progress)
         try:
             (_write_sft if identity["kind"] == "sft" else _write_cpt)(
                 files, identity["options"], tokenizer, writer, bar, problems)
         finally:
             bar.close()
-            writer.close()
+            written = writer.close()
+        _check_sources_unchanged(identity)
         _check_not_empty(identity, writer.documents, problems, label)
         manifest = {**identity, "dtype": dtype.name, "vocab_size": tokenizer.vocab_size,
                     "documents": writer.documents, "tokens": writer.total, "skipped": len(problems),
                     "read_summary": _read_summary(identity, writer.documents, problems),
-                    "seconds": round(time.perf_counter() - started, 3)}
+                    "seconds": round(time.perf_counter() - started, 3), "files": written,
+                    "entry_id": uuid.uuid4().hex}
         write_json(tmp / MANIFEST, manifest, indent=1, fsync=True)
         try:
             os.rename(tmp, target)  # atomic; fails when target exists (another process won)
@@ -273,10 +432,11 @@ def write_entry(identity: dict, tokenizer, target: Path, *, progress: bool = Fal
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    entry = read_entry(target)
-    if entry is None:
-        raise UserError(f"{target} exists but is not a complete shard directory; remove it and run again")
-    return entry
+    try:
+        return load_entry(target)
+    except EntryProblem as problem:
+        raise UserError(f"{target} exists but is not a complete shard directory ({problem}); "
+                        "remove it and run again") from None
 
 
 def _check_not_empty(identity: dict, documents: int, problems: list[str], label: str) -> None:
@@ -305,7 +465,8 @@ def _host() -> str:
 
 
 def _remove_dead_temporaries(folder: Path) -> None:
-    """Delete temporary directories of killed preparations on this host (their pid is gone)."""
+    """Delete temporary directories (.tmp-NAME-HOST-PID-SUFFIX) of killed preparations on this
+    host: those whose pid is gone."""
     host = _host()
     for tmp in folder.glob(".tmp-*"):
         parts = tmp.name.rsplit("-", 3)
@@ -319,35 +480,97 @@ def _remove_dead_temporaries(folder: Path) -> None:
             pass
 
 
+def _set_aside(folder: Path) -> None:
+    """Move `folder` out of the way under a temporary name (one rename), then delete it."""
+    aside = folder.parent / f".tmp-{folder.name}-{_host()}-{os.getpid()}-old{uuid.uuid4().hex[:8]}"
+    os.rename(folder, aside)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
 # ============================================================================ the cache
 
 
-def prepare(source, kind: str, options: dict, tokenizer, *, out=None, cache_dir=None,
-            progress: bool = False, say=None) -> Shard:
-    """The entry for `source` (a path, directory or list of them: one training source): reused
-    from `out` or the cache when it is complete and its key matches, else written now. Holding
-    an exclusive lock on <entry>.lock while checking and writing, so concurrent callers
-    tokenise once."""
-    identity = describe(source, kind, options, tokenizer)
-    folder = Path(out).expanduser() if out is not None else Path(cache_dir or default_cache_dir()) / identity["key"]
-    if out is not None and folder.exists() and read_entry(folder) is None and any(folder.iterdir()):
-        raise UserError(f"--out {folder} exists and is not a shard directory; choose a new or empty directory")
-    folder.parent.mkdir(parents=True, exist_ok=True)
+def _warn(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _verification_problem(entry: Shard, vocab_size: int) -> str | None:
+    try:
+        verify_entry(entry, vocab_size)
+    except EntryProblem as problem:
+        return str(problem)
+    return None
+
+
+def _find_or_write(identity: dict, folder: Path, tokenizer, *, damaged: str | None = None,
+                   progress: bool = False, label: str = "") -> tuple[Shard, bool]:
+    """Holding an exclusive lock on <folder>.lock: (the entry at `folder`, False) when it is
+    complete, made from `identity` and not the one found damaged (`damaged`: its entry_id);
+    else (a new entry written there, True), whatever was there set aside and deleted."""
     with open(folder.parent / f".{folder.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        entry = read_entry(folder)
-        if entry is not None and entry.manifest.get("key") == identity["key"]:
+        try:
+            entry = load_entry(folder)
+        except EntryProblem as problem:
+            entry = None
+            if folder.exists() and any(folder.iterdir()):  # not a new (or empty --out) directory
+                _warn(f"{folder}: {problem}; tokenising {label} again")
+        if (entry is not None and entry.manifest.get("key") == identity["key"]
+                and (damaged is None or entry.manifest.get("entry_id") != damaged)):
+            return entry, False
+        if folder.exists():
+            _set_aside(folder)
+        return write_entry(identity, tokenizer, folder, progress=progress, label=label), True
+
+
+def _check_out_folder(folder: Path, identity: dict, overwrite: bool) -> None:
+    """UserError unless `folder` (prepare's --out) is new, empty, or holds the shards of this very
+    data (same sources, options and tokenizer), or `overwrite` allows replacing other shards."""
+    if not folder.exists() or not any(folder.iterdir()):
+        return
+    if not (folder / MANIFEST).is_file():
+        raise UserError(f"--out {folder} exists and is not a shard directory; choose a new or empty directory")
+    if overwrite:
+        return
+    try:
+        theirs = _read_manifest(folder)
+    except EntryProblem as problem:
+        raise UserError(f"--out {folder} holds token shards that cannot be read ({problem}); pass "
+                        "--overwrite to replace them, or choose another directory") from None
+    differ = [name for name in ("sources", "kind", "options", "tokenizer") if theirs.get(name) != identity[name]]
+    if differ:
+        raise UserError(f"--out {folder} holds token shards of other data (their {', '.join(differ)} differ "
+                        "from this call's); pass --overwrite to replace them, or choose another directory")
+
+
+def prepare(source, kind: str, options: dict, tokenizer, *, out=None, cache_dir=None, overwrite: bool = False,
+            progress: bool = False, say=None) -> Shard:
+    """The entry for `source` (a path, directory or list of them: one training source): reused
+    from `out` or the cache when it is complete, its key matches and it passes verify_entry,
+    else written now (a damaged one is rebuilt, with a line on stderr). Concurrent callers take
+    a lock and tokenise once; each verifies the entry it finds outside the lock. Temporary
+    directories of dead preparations next to the entry are removed first. `out` refuses a
+    directory holding other shards unless `overwrite`."""
+    identity = describe(source, kind, options, tokenizer)
+    folder = Path(out).expanduser() if out is not None else Path(cache_dir or default_cache_dir()) / identity["key"]
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    _remove_dead_temporaries(folder.parent)
+    if out is not None:
+        _check_out_folder(folder, identity, overwrite)
+    label = data._name(source)
+    entry, written = _find_or_write(identity, folder, tokenizer, progress=progress, label=label)
+    while not written:  # found, not written by this call: verified before use
+        problem = _verification_problem(entry, tokenizer.vocab_size)
+        if problem is None:
             if say is not None:
-                say(f"{data._name(source)}: token shards found in the cache, {folder}")
+                say(f"{label}: token shards found and verified, {folder}")
             return entry
-        if folder.exists():  # stale: other sources, tokenizer or format; set aside, then delete
-            aside = folder.parent / f".tmp-{folder.name}-{_host()}-{os.getpid()}-old"
-            os.rename(folder, aside)
-            shutil.rmtree(aside, ignore_errors=True)
-        entry = write_entry(identity, tokenizer, folder, progress=progress, label=data._name(source))
+        _warn(f"{folder}: {problem}; tokenising {label} again")
+        entry, written = _find_or_write(identity, folder, tokenizer, damaged=entry.manifest["entry_id"],
+                                        progress=progress, label=label)
     if say is not None:
         m = entry.manifest
-        say(f"prepared {data._name(source)}: {m['documents']:,} documents, {m['tokens']:,} tokens, "
+        say(f"prepared {label}: {m['documents']:,} documents, {m['tokens']:,} tokens, "
             f"{m['skipped']:,} lines/rows skipped, {m['seconds']:.1f} s -> {folder}")
     return entry
 
@@ -357,12 +580,14 @@ def is_shard_dir(source) -> bool:
 
 
 def open_prepared(path, kind: str, options: dict, tokenizer) -> Shard:
-    """A directory written by `prepare --out`: complete, of this kind and options, and made with
-    this tokenizer, else UserError."""
+    """A directory written by `prepare --out`: complete, of this format, kind and options, made
+    with this tokenizer, and passing verify_entry; else UserError."""
     folder = Path(str(path)).expanduser()
-    entry = read_entry(folder)
-    if entry is None:
-        raise UserError(f"{folder} is not a complete shard directory (format {FORMAT_VERSION}); prepare it again")
+    try:
+        entry = load_entry(folder)
+    except EntryProblem as problem:
+        raise UserError(f"{folder} is not a complete shard directory ({problem}); prepare it again "
+                        "with python -m minidiff.shards prepare") from None
     m = entry.manifest
     if m["kind"] != kind:
         raise UserError(f"{folder} holds {m['kind']} shards; this run needs {kind} shards")
@@ -371,28 +596,24 @@ def open_prepared(path, kind: str, options: dict, tokenizer) -> Shard:
                         f"{dict(sorted(options.items()))}: prepare it again with the same options")
     if m["tokenizer"] != tokenizer_hash(tokenizer):
         raise UserError(f"{folder} was prepared with another tokenizer; prepare it again with {tokenizer.source}")
+    try:
+        verify_entry(entry, tokenizer.vocab_size)
+    except EntryProblem as problem:
+        raise UserError(f"{folder} failed verification: {problem}; prepare it again "
+                        "with python -m minidiff.shards prepare") from None
     return entry
 
 
 def open_source(source, kind: str, options: dict, tokenizer, *, cache_dir=None, progress: bool = False,
                 distributed=None, say=None) -> Shard:
-    """A training source as a Shard: a prepared shard directory as is, anything else through
-    the cache. Under torchrun (`distributed` a trainer.DistContext with world_size > 1) the
-    first process of each node prepares while the others wait at a barrier, then all map the
-    same files."""
+    """A training source as a verified Shard: a prepared shard directory as is, anything else
+    through the cache. Under torchrun every process calls this: the entry's lock lets the first
+    one tokenise while the others wait on the lock (no barrier, so no timeout however long the
+    tokenising takes), then each verifies and maps the same files. `distributed` is accepted
+    for the callers' sake and not needed."""
     if is_shard_dir(source):
         return open_prepared(source, kind, options, tokenizer)
-    if distributed is None or not distributed.enabled:
-        return prepare(source, kind, options, tokenizer, cache_dir=cache_dir, progress=progress, say=say)
-    import torch.distributed as dist
-
-    entry = None
-    if distributed.local_rank == 0:
-        entry = prepare(source, kind, options, tokenizer, cache_dir=cache_dir, progress=progress, say=say)
-    dist.barrier()  # a failed preparation ends rank 0's process; torchrun then stops the others
-    if entry is None:
-        entry = prepare(source, kind, options, tokenizer, cache_dir=cache_dir)  # finds the entry, no writing
-    return entry
+    return prepare(source, kind, options, tokenizer, cache_dir=cache_dir, progress=progress, say=say)
 
 
 # ============================================================================ command line
@@ -408,6 +629,7 @@ def main(argv=None) -> int:
     p.add_argument("--tokenizer", required=True, help="tokenizer directory (tokenizer.json), the model's")
     p.add_argument("--data", required=True, nargs="+", help="files/directories forming ONE source (run once per source to mix)")
     p.add_argument("--out", help="shard directory to write (default: the cache entry, printed)")
+    p.add_argument("--overwrite", action="store_true", help="replace the shards of other data in --out")
     p.add_argument("--cache-dir", help=f"cache directory when no --out (default: {default_cache_dir()})")
     p.add_argument("--kind", choices=KINDS, default="cpt", help="cpt documents or sft rows (default: cpt)")
     p.add_argument("--text-field", default="text", help="CPT: column holding the text in row files")
@@ -419,13 +641,11 @@ def main(argv=None) -> int:
         raise UserError(f"{message} (see --help)")
     parser.error = p.error = error
     args = parser.parse_args(argv)
-    from .tokenizer import load_tokenizer
-
     tok = load_tokenizer(args.tokenizer)
     options = cpt_options(args.text_field, args.per_file) if args.kind == "cpt" else sft_options(args.format)
     started = time.perf_counter()
     entry = prepare(args.data, args.kind, options, tok, out=args.out, cache_dir=args.cache_dir,
-                    progress=not args.no_progress)
+                    overwrite=args.overwrite, progress=not args.no_progress)
     m, seconds = entry.manifest, time.perf_counter() - started
     print(m["read_summary"], file=sys.stderr)
     print(f"{m['documents']:,} {'rows' if args.kind == 'sft' else 'documents'}, {m['tokens']:,} tokens "

@@ -93,6 +93,16 @@ def test_csv_multiline_bad_bytes_and_missing(tmp_path):
     assert result.problems == [f"{f}:4: empty document", f"{f}:5: invalid UTF-8", f"{f}:7: no field 'text'"]
 
 
+def test_csv_field_over_the_default_128_kb_limit_reads(tmp_path):
+    """csv's default field limit is 131072 characters; a 200 kB document and an SFT answer of
+    that size read whole, with the rows around them."""
+    long_text = "uzun " * 40_000  # 200,000 characters
+    f = write(tmp_path / "big.csv", f'text\nbaş\n"{long_text}"\nson\n')
+    assert data.read_documents(f).texts == ["baş", long_text, "son"]
+    rows = write(tmp_path / "rows.csv", f'instruction,output\nSoru?,"{long_text}"\n')
+    assert list(data.read_rows(rows)) == [{"instruction": "Soru?", "output": long_text}]
+
+
 def test_parquet_and_missing_pyarrow(tmp_path, monkeypatch):
     pa = pytest.importorskip("pyarrow", reason="parquet reading is the optional 'data' extra")
     import pyarrow.parquet as pq

@@ -441,3 +441,23 @@ def test_demo_corpus_examples_equal_the_lists(tmp_path_factory):
     assert len(drop_list) > 0 and report.kept > 100
     view = shard_examples.SFTExamples(sft, 192)
     assert [(a.tolist(), b.tolist()) for a, b in view] == expected and view.report == report
+
+
+# ----------------------------------------------------------------------------- benchmarks/bench_verify.py
+
+
+def test_bench_verify_tiny():
+    bench = ROOT / "benchmarks" / "bench_verify.py"
+    done = subprocess.run([sys.executable, str(bench), "--gb", "0.002", "--repeats", "1"], capture_output=True,
+                          text=True, timeout=120, cwd=ROOT, env=ENV)
+    assert done.returncode == 0, done.stderr
+    rows = [line.strip("| ").split(" | ") for line in done.stdout.splitlines() if line.startswith("| ") and
+            not line.startswith("| what")]
+    assert [r[0] for r in rows] == ["raw read of tokens.bin (readinto)", "shards.file_hash(tokens.bin)",
+                                    "shards.verify_entry (tokens + offsets)"]
+    # tokens.bin holds int(0.002e9) // 4 uint32 ids: 0.002 GB; verify also reads offsets.bin
+    assert rows[0][1] == rows[1][1] == "0.002" and float(rows[2][1]) > 0.002
+    assert all(float(r[3]) > 0 for r in rows)
+    bad = subprocess.run([sys.executable, str(bench), "--gb", "0"], capture_output=True, text=True, timeout=120,
+                         cwd=ROOT, env=ENV)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr and bad.stderr.startswith("error: --gb 0.0")
