@@ -96,7 +96,7 @@ def cpt_examples_from(sources, config: CPTConfig, tok, ctx) -> list[shard_exampl
     out = []
     for source in sources:
         shard = shards.open_source(source, "cpt", options, tok, cache_dir=config.shard_cache,
-                                   progress=config.progress, distributed=ctx,
+                                   progress=config.progress,
                                    say=lambda text: train_cli.say(ctx.rank, text))
         train_cli.say(ctx.rank, f"{source}: {shard.manifest['read_summary']}")
         if config.pack:

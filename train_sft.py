@@ -83,7 +83,7 @@ def sft_examples_from(sources, config: SFTConfig, tok, ctx) -> shard_examples.Ex
     views = []
     for source in sources:
         shard = shards.open_source(source, "sft", shards.sft_options(config.format), tok,
-                                   cache_dir=config.shard_cache, progress=config.progress, distributed=ctx,
+                                   cache_dir=config.shard_cache, progress=config.progress,
                                    say=lambda text: train_cli.say(ctx.rank, text))
         train_cli.say(ctx.rank, f"{source}: {shard.manifest['read_summary']}")
         views.append(shard_examples.SFTExamples(shard, config.max_len))

@@ -55,7 +55,7 @@ import numpy as np
 
 from . import data
 from .errors import UserError, run_cli
-from .files import write_json
+from .files import file_hash, fsync_dir, write_json
 from .progress import bar as progress_bar
 from .tokenizer import CONFIG_FILES, load_tokenizer
 
@@ -102,14 +102,6 @@ def _blocks(path: Path, dtype, digest, chunk: int = READ_CHUNK):
         while size := handle.readinto(view):  # full chunks until the last (BufferedReader)
             digest.update(view[:size])
             yield np.frombuffer(buffer, dtype=dtype, count=size // dtype.itemsize)
-
-
-def file_hash(path: Path) -> str:
-    """BLAKE2b (20-byte digest) of the file's bytes."""
-    digest = _digest()
-    for _ in _blocks(Path(path), np.uint8, digest):
-        pass
-    return digest.hexdigest()
 
 
 # ============================================================================ reading an entry
@@ -426,6 +418,7 @@ def write_entry(identity: dict, tokenizer, target: Path, *, progress: bool = Fal
         write_json(tmp / MANIFEST, manifest, indent=1, fsync=True)
         try:
             os.rename(tmp, target)  # atomic; fails when target exists (another process won)
+            fsync_dir(target.parent)
         except OSError:
             if read_entry(target) is None:
                 raise
@@ -605,12 +598,11 @@ def open_prepared(path, kind: str, options: dict, tokenizer) -> Shard:
 
 
 def open_source(source, kind: str, options: dict, tokenizer, *, cache_dir=None, progress: bool = False,
-                distributed=None, say=None) -> Shard:
+                say=None) -> Shard:
     """A training source as a verified Shard: a prepared shard directory as is, anything else
     through the cache. Under torchrun every process calls this: the entry's lock lets the first
     one tokenise while the others wait on the lock (no barrier, so no timeout however long the
-    tokenising takes), then each verifies and maps the same files. `distributed` is accepted
-    for the callers' sake and not needed."""
+    tokenising takes), then each verifies and maps the same files."""
     if is_shard_dir(source):
         return open_prepared(source, kind, options, tokenizer)
     return prepare(source, kind, options, tokenizer, cache_dir=cache_dir, progress=progress, say=say)

@@ -239,7 +239,8 @@ def apply_lora_from(config, model):
 def run_identity(model, tok, examples, held_out) -> dict:
     """What makes a run itself, recorded in run.json and every checkpoint and compared on
     --resume: the base model's weights (hash of the non-LoRA tensors, before training), the
-    tokenizer's files, and the token shards the training and evaluation examples are read from."""
+    tokenizer's files, and the content keys of the token shards the training and evaluation
+    examples are read from (shards.Shard.content_key: what they were made from and hold)."""
     return {"base_model": train_state.weights_hash(model), "tokenizer": shards.tokenizer_hash(tok),
             "data": {"train": shard_keys(examples), "eval": shard_keys(held_out)}}
 
@@ -252,7 +253,7 @@ def shard_keys(view) -> list[str]:
     if isinstance(view, shard_examples.Concat):
         return [key for part in view.parts for key in shard_keys(part)]
     shard = getattr(view, "shard", None)
-    return [shard.manifest["key"]] if shard is not None else []
+    return [shard.content_key] if shard is not None else []
 
 
 def eval_batches(examples, batch_size: int, rank: int, world_size: int, collate) -> list[dict]:

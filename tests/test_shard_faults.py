@@ -306,13 +306,10 @@ def test_progress_in_a_log_is_plain_lines(setup, tmp_path):
 
 OPEN_SOURCE = """
 import sys
-from types import SimpleNamespace
 from minidiff import shards
 from minidiff.tokenizer import load_tokenizer
-rank = int(sys.argv[4])
-ctx = SimpleNamespace(enabled=True, rank=rank, local_rank=rank, world_size=2)  # no process group exists
 entry = shards.open_source(sys.argv[1], "cpt", shards.cpt_options(), load_tokenizer(sys.argv[2]),
-                           cache_dir=sys.argv[3], progress=True, distributed=ctx)
+                           cache_dir=sys.argv[3], progress=True)
 print(entry.path, entry.content_key, flush=True)
 """
 
