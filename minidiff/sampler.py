@@ -7,7 +7,8 @@ penalty, stop strings) token for token at temperature 0. Reader's page: docs/sam
 
 Canvas: [prompt | max_new_tokens x <mask>], rows right-padded with eos. The answer is cut into
 blocks of `block_length`, aligned to each row's own prompt end, and denoised left to right;
-every block gets ceil(steps / num_blocks) steps. One step (docs/sampler.md):
+every block gets ceil(steps / num_blocks) steps, at most as many as it has positions
+(`steps_per_block`). One step (docs/sampler.md):
 
     1. logits at the block's positions   (cfg > 0: un + (cfg + 1) * (cond - un), with the
                                           unconditional canvas = prompt replaced by masks)
@@ -110,6 +111,8 @@ class SamplerConfig:
              f"threshold must be None or a confidence in (0, 1], got {self.threshold!r}"),
             (all(isinstance(s, str) and s for s in self.stop_strings),
              f"stop_strings must be non-empty strings, got {self.stop_strings!r}"),
+            (self.seed is None or (isinstance(self.seed, int) and 0 <= self.seed < 2**63),
+             f"seed must be None or an integer in [0, 2^63), got {self.seed!r}"),
             (self.cache in CACHES,
              f"cache must be one of {', '.join(CACHES)}, got {self.cache!r}"),
             (self.cache_refresh is None or (isinstance(self.cache_refresh, int) and self.cache_refresh >= 1),
@@ -449,11 +452,23 @@ class Canvas:
     attention_mask: torch.Tensor | None  # [B, T] each row's own positions; None: every row fills T
     given: torch.Tensor  # [B, T] bool: the given tokens, which cfg's unconditional pass masks
     blocks: list[torch.Tensor]  # one [B, K] tensor of canvas positions per block, left to right
-    steps_per_block: int  # ceil(steps / number of blocks)
+    steps_per_block: int  # ceil(steps / number of blocks), at most the widest block (steps_per_block)
     answer_start: list[int]  # per row: where its answer (what the sampler fills) begins
     answer_end: list[int]  # per row: the end of the canvas it owns
     mask_id: int  # the token the sampler fills
     eos_id: int  # the padding of shorter rows
+
+
+def steps_per_block(steps: int, span: int, block_length: int) -> tuple[int, int]:
+    """(asked, used): ceil(steps / number of blocks) for `span` positions in blocks of
+    `block_length`, and that capped at the widest block, min(block_length, span).
+
+    A block of m masks never needs more than m steps: for any number of steps >= m both
+    unmasking schedules commit one token per step (tests/test_sampler.py enumerates it), so the
+    cap changes no token, only how long the plan's loop runs (a billion steps ran for ever).
+    Stochastic counts are drawn over the capped number of steps."""
+    asked = math.ceil(steps / math.ceil(span / block_length))
+    return asked, min(asked, block_length, span)
 
 
 def build_canvas(rows: list[list[int]], block_starts: list[int], span: int, answer_start: list[int],
@@ -476,8 +491,8 @@ def build_canvas(rows: list[list[int]], block_starts: list[int], span: int, answ
     starts = torch.tensor(block_starts, dtype=torch.long, device=device)[:, None]  # [B, 1]
     blocks = [starts + torch.arange(b * L, min((b + 1) * L, span), device=device)[None, :]
               for b in range(num_blocks)]  # each [B, K]
-    return Canvas(ids, attention_mask, given, blocks, math.ceil(config.steps / num_blocks),
-                  list(answer_start), lengths, mask_id, eos_id)
+    _, steps = steps_per_block(config.steps, span, L)
+    return Canvas(ids, attention_mask, given, blocks, steps, list(answer_start), lengths, mask_id, eos_id)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -645,7 +660,7 @@ def infill(model, ids_with_masks, config: SamplerConfig | None = None, *, mask_i
     """Fill every mask of the given sequences (masks may sit anywhere).
 
     Blocks of `block_length` tile the whole (eos-padded) sequence from position 0; each gets
-    ceil(steps / num_blocks) steps. `config.max_new_tokens` is not used.
+    ceil(steps / num_blocks) steps (at most a block's width). `config.max_new_tokens` is not used.
     """
     config = config or SamplerConfig()
     rows = _as_rows(ids_with_masks, "sequence")
@@ -664,4 +679,4 @@ def infill(model, ids_with_masks, config: SamplerConfig | None = None, *, mask_i
 
 __all__ = ["SamplerConfig", "GenerateOutput", "TraceStep", "generate", "infill", "denoise_step",
            "transfer_counts", "apply_repetition_penalty", "FORK_STOP_STRINGS", "build_canvas",
-           "plan_block", "block_step"]
+           "plan_block", "block_step", "steps_per_block"]

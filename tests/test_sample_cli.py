@@ -180,3 +180,43 @@ def test_bad_flags_are_one_sentence(tmp_path):
         assert res.returncode == 2, res.stderr
         assert res.stderr.startswith("error: ") and len(res.stderr.strip().splitlines()) == 1, res.stderr
         assert "usage:" not in res.stderr
+
+
+def test_steps_beyond_a_block_are_capped_with_a_note(sample_module, model_dir, capsys):
+    """--steps 1000000000 (which ran for ever) writes the answer of --steps 16, a block's
+    width for 16 new tokens in blocks of 8 x 2 blocks, and says so on stderr."""
+    base = ["--model", str(model_dir), "--prompt", "Merhaba", "--temperature", "0", "--max-new-tokens",
+            "16", "--block-length", "8", "--json"]
+    assert sample_module.main(base + ["--steps", "16"]) == 0
+    capped = capsys.readouterr()
+    assert sample_module.main(base + ["--steps", "1000000000"]) == 0
+    huge = capsys.readouterr()
+    assert capped.err == ""
+    assert huge.err.startswith("note: --steps 1000000000 gives 500000000 steps per block")
+    assert "at most 8 steps" in huge.err and len(huge.err.splitlines()) == 1
+    capped, huge = json.loads(capped.out), json.loads(huge.out)
+    assert huge["results"] == capped["results"] and huge["steps"] == capped["steps"]
+
+
+def test_many_prompts_run_in_batches(sample_module, model_dir, capsys):
+    """Three prompts with --batch-size 2 (two batches) print the answers of one batch of three:
+    each row of a batch equals that prompt alone (tests/test_sampler.py)."""
+    base = ["--model", str(model_dir), "--prompt", "Merhaba", "--prompt", "Nasılsın?", "--prompt", "Ev",
+            "--temperature", "0", "--max-new-tokens", "8", "--steps", "8", "--block-length", "4", "--json"]
+    answers = []
+    for batch_size in ("3", "2"):
+        assert sample_module.main(base + ["--batch-size", batch_size]) == 0
+        answers.append(json.loads(capsys.readouterr().out))
+    assert answers[1]["results"] == answers[0]["results"]
+    assert answers[1]["steps"] > answers[0]["steps"]  # two batches: twice the model calls
+
+
+@pytest.mark.slow  # one python + torch start-up per run
+def test_bad_sizes_exit_2_in_one_line(model_dir, tmp_path):
+    page = tmp_path / "t.html"
+    for args, words in ((["--batch-size", "0"], "--batch-size"), (["--seed", str(2**64)], "seed"),
+                        (["--prompt", "y", "--batch-size", "1", "--trace-html", page], "--trace-html")):
+        res = run("--model", model_dir, "--prompt", "x", *args)
+        assert res.returncode == 2 and res.stdout == "", res.stderr
+        assert res.stderr.startswith("error: ") and len(res.stderr.strip().splitlines()) == 1, res.stderr
+        assert words in res.stderr and "Traceback" not in res.stderr

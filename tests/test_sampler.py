@@ -184,6 +184,26 @@ def test_transfer_counts():
                 assert got == ref_counts(m, n, schedule) and sum(got) == m and len(got) <= n
 
 
+def test_steps_beyond_a_block_are_capped(model):
+    """The reference's counts for m masks are one token per step for every number of steps >= m,
+    so capping a block's steps at its width changes no token: a billion steps (which ran for
+    ever, or ran out of memory with the llada schedule) give exactly the tokens and model calls
+    of the capped count, here 12 new tokens in blocks of 4 with 12 steps."""
+    for m in range(0, 25):
+        for schedule in ("dllm", "llada"):
+            for n in (m, m + 1, 2 * m + 3, 500):
+                assert ref_counts(m, max(n, 1), schedule) == [1] * m
+    assert sampler.steps_per_block(10**9, 12, 4) == (333333334, 4)
+    assert sampler.steps_per_block(5, 12, 4) == (2, 2) and sampler.steps_per_block(7, 3, 8) == (7, 3)
+    prompts = [prompt(22, 5), prompt(23, 8)]
+    for unmasking in ("dllm", "llada"):
+        config = SamplerConfig(max_new_tokens=12, steps=12, block_length=4, stop_at_eos=False,
+                               unmasking=unmasking)
+        capped = generate(model, prompts, config, mask_id=MASK, eos_id=EOS)
+        huge = generate(model, prompts, config.replace(steps=10**9), mask_id=MASK, eos_id=EOS)
+        assert torch.equal(huge.sequences, capped.sequences) and huge.num_forward == capped.num_forward == 12
+
+
 # ----------------------------------------------------------------------------- the extras
 
 
@@ -368,6 +388,7 @@ def test_trace_frames_replay(model):
     (dict(unmasking="cosine"), "schedule"), (dict(max_new_tokens=0), "max_new_tokens"),
     (dict(threshold=1.5), "threshold"), (dict(repetition_penalty=0.0), "repetition_penalty"),
     (dict(stochastic=True, unmasking="llada"), "stochastic"), (dict(cfg_scale=-1.0), "cfg_scale"),
+    (dict(seed=-1), "seed"), (dict(seed=2**64), "seed"),
 ])
 def test_bad_config(kwargs, words):
     with pytest.raises(UserError, match=words):
