@@ -149,9 +149,9 @@ class TraceStep:
     """One model call: the block positions it looked at and what was committed there."""
 
     block: int
-    positions: torch.Tensor  # [B, K] canvas positions of the current block
-    tokens: torch.Tensor  # [B, K] the canvas at those positions after the step
-    committed: torch.Tensor  # [B, K] bool, True where a token was committed in this step
+    positions: torch.Tensor  # [B, N] the canvas positions of the current block the step looked at
+    tokens: torch.Tensor  # [B, N] the ids at those positions after the step
+    committed: torch.Tensor  # [B, N] bool, True where a token was committed in this step
 
 
 @dataclass
@@ -171,12 +171,12 @@ class GenerateOutput:
 
     def frames(self) -> list[list[list[int]]]:
         """The canvas of every row after each step (frame 0 = before the first step)."""
-        canvas = self.initial.clone()
-        out = [canvas.tolist()]
+        ids = self.initial.clone()
+        out = [ids.tolist()]
         for step in self.trace:
-            current = canvas.gather(1, step.positions)
-            canvas.scatter_(1, step.positions, torch.where(step.committed, step.tokens, current))
-            out.append(canvas.tolist())
+            current = ids.gather(1, step.positions)
+            ids.scatter_(1, step.positions, torch.where(step.committed, step.tokens, current))
+            out.append(ids.tolist())
         return out
 
 

@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 
 from helpers import make_model_dir
+import minidiff
 from minidiff.errors import UserError
+from minidiff.sampler import SamplerConfig, generate
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "sample.py"
@@ -38,9 +40,6 @@ def sample_module():
 
 @pytest.mark.slow  # one python + torch start-up per run
 def test_prompts_json_match_generate(model_dir):
-    import minidiff
-    from minidiff.sampler import SamplerConfig, generate
-
     prompts = ["Merhaba, nasılsın?", "Türkiye'nin başkenti neresidir?"]
     res = run("--model", model_dir, "--prompt", prompts[0], "--prompt", prompts[1], "--preset",
               "diffutron-short", "--temperature", "0", "--max-new-tokens", "24", "--steps", "12",
@@ -69,9 +68,6 @@ def test_plain_output_is_only_the_answer_and_trace_html(model_dir, tmp_path):
     res = run(*args, "--trace-html", page)
     assert res.returncode == 0, res.stderr
     assert "\x1b[" not in res.stdout and "░" not in res.stdout  # not a terminal: no live view
-    import minidiff
-    from minidiff.sampler import SamplerConfig, generate
-
     tok, model = minidiff.load_tokenizer(model_dir), minidiff.load_model(model_dir)
     ids = [tok.bos_id] + tok.encode("Merhaba", add_special_tokens=False)
     out = generate(model, [ids], SamplerConfig(max_new_tokens=8, steps=8, block_length=4, seed=1),
@@ -92,8 +88,6 @@ def test_infill_and_chat(model_dir):
               "--steps", "2", "--block-length", "4")
     assert res.returncode == 0, res.stderr
     data = json.loads(res.stdout)
-    import minidiff
-
     tok = minidiff.load_tokenizer(model_dir)
     assert tok.mask_id not in data["ids"] and data["steps"] >= 1
     given = [tok.bos_id] + tok.encode("İstanbul ", add_special_tokens=False)
