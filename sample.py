@@ -10,7 +10,8 @@ sampler matches dllm's LLaDA generator and the Diffutron fork. Reader's page: do
     python sample.py --model DIR --prompt "..." --cache dual --threshold 0.9 --compile
 
 Prompts go through dllm's chat template (`[Question]...[/Question]` then `[Answer]`)
-unless --raw. In a terminal the canvas is redrawn after every step (masks as dim blocks);
+unless --raw. Many --prompt flags run in batches of --batch-size; steps beyond a block's
+positions are capped (a note on stderr says so). In a terminal the canvas is redrawn after every step (masks as dim blocks);
 when stdout is not a terminal only the answers are printed (or JSON with --json).
 """
 from __future__ import annotations
@@ -29,7 +30,7 @@ from minidiff.chat import END_OF_TURN, chat_prompt_ids
 from minidiff.device import check_available, enable_tf32, inference_precision, resolve_device
 from minidiff.errors import UserError, run_cli
 from minidiff.files import write_text
-from minidiff.sampler import CACHES, SamplerConfig, generate, infill
+from minidiff.sampler import CACHES, SamplerConfig, generate, infill, steps_per_block
 
 MASK_CHAR = "░"
 DIM, RESET = "\x1b[2m", "\x1b[0m"
@@ -63,6 +64,8 @@ def parse_args(argv=None):
     flags.add_fields(g, SamplerConfig, helps=SAMPLER_HELP, choices={"cache": list(CACHES)},
                      nargs={"stop_strings": "*"})
     g.add_argument("--schedule", dest="old_schedule", help=argparse.SUPPRESS)  # renamed: --unmasking
+    p.add_argument("--batch-size", type=int, default=8, help="prompts denoised together (more --prompt "
+                   "flags run in batches of this many: the memory of a step grows with it)")
     p.add_argument("--json", action="store_true", help="print JSON: ids, text, steps used")
     p.add_argument("--trace-html", type=Path, help="write a self-contained HTML page replaying the denoising")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
@@ -225,6 +228,23 @@ def write_trace_html(path: Path, tok, out, prompts_text: list[str]) -> None:
 # ----------------------------------------------------------------------------- main
 
 
+def note_capped_steps(config: SamplerConfig, span: int) -> None:
+    """Say on stderr when the steps per block exceed a block's positions (the sampler caps them)."""
+    asked, used = steps_per_block(config.steps, span, config.block_length)
+    if asked > used:
+        print(f"note: --steps {config.steps} gives {asked} steps per block, more than a block's {used} "
+              f"positions; each block takes at most {used} steps.", file=sys.stderr)
+
+
+def check_sizes(args) -> None:
+    """The batch size, and --trace-html's one batch."""
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be an integer >= 1, got {args.batch_size}.")
+    if args.trace_html is not None and args.prompt and len(args.prompt) > args.batch_size:
+        raise UserError(f"--trace-html replays one batch but {len(args.prompt)} prompts make several; "
+                        f"give at most --batch-size ({args.batch_size}) prompts or raise it.")
+
+
 def run_once(model, tok, ids_list, config, args, *, mode: str, live: bool, texts: list[str], precision):
     view = LiveView(tok, tok.mask_id) if live else None
     fn = infill if mode == "infill" else generate
@@ -245,6 +265,7 @@ def main(argv=None) -> int:
         raise UserError("--trace-html replays one generation; use it with --prompt or --infill, not --chat.")
     if args.trace_html is not None and not args.trace_html.parent.is_dir():
         raise UserError(f"--trace-html: the directory {args.trace_html.parent} does not exist.")
+    check_sizes(args)
     device = resolve_device(args.device)
     precision = inference_precision(args.dtype, device)
     check_available(device)
@@ -265,6 +286,7 @@ def main(argv=None) -> int:
             ids += tok.encode(piece, add_special_tokens=False) if piece else []
             if i < len(pieces) - 1:
                 ids.append(tok.mask_id)
+        note_capped_steps(config, len(ids))
         out = run_once(model, tok, [ids], config, args, mode="infill", live=live, texts=[""], precision=precision)
         filled = out.sequences[0].tolist()
         text = tok.decode(filled, skip_special_tokens=True)
@@ -274,6 +296,7 @@ def main(argv=None) -> int:
             print(text)
         return 0
 
+    note_capped_steps(config, config.max_new_tokens)
     if args.chat:
         history = []
         interactive = sys.stdin.isatty()
@@ -297,12 +320,13 @@ def main(argv=None) -> int:
         return 0
 
     ids_list = [prompt_ids(tok, p, raw=args.raw, system=args.system) for p in args.prompt]
-    out = run_once(model, tok, ids_list, config, args, mode="generate", live=live, texts=args.prompt,
-                   precision=precision)
-    answers = out.answers()
+    batches = range(0, len(ids_list), args.batch_size)
+    outs = [run_once(model, tok, ids_list[i:i + args.batch_size], config, args, mode="generate", live=live,
+                     texts=args.prompt[i:i + args.batch_size], precision=precision) for i in batches]
+    answers = [answer for out in outs for answer in out.answers()]
     texts = [answer_text(tok, a) for a in answers]
     if args.json:
-        print(json.dumps({"config": asdict(config), "steps": out.num_forward,
+        print(json.dumps({"config": asdict(config), "steps": sum(out.num_forward for out in outs),
                           "results": [{"prompt": p, "ids": a, "text": t}
                                       for p, a, t in zip(args.prompt, answers, texts)]},
                          ensure_ascii=False))

@@ -276,7 +276,7 @@ def check_sampler(report: Report, device: torch.device, quick: bool) -> None:
     """No host sync inside denoise_step (CUDA), and its time per step at the model shape."""
     from minidiff.device import inference_precision
     from minidiff.model import ModernBertMLM
-    from minidiff.sampler import SamplerConfig, denoise_step
+    from minidiff.sampler import SamplerConfig, build_canvas, denoise_step
 
     config = base_shape_config(quick)
     torch.manual_seed(0)
@@ -285,21 +285,19 @@ def check_sampler(report: Report, device: torch.device, quick: bool) -> None:
         model = precision.prepare(ModernBertMLM(config)).eval()
     B, prompt, L = 2, 32, 32
     T = prompt + 128
-    canvas = torch.randint(5, config.vocab_size, (B, T), device=device)
-    canvas[:, prompt:] = config.mask_token_id
-    attention = torch.ones(B, T, dtype=torch.long, device=device)
-    attention[1, T - 40:] = 0  # a padded row
-    positions = (prompt + torch.arange(L, device=device)).expand(B, L).contiguous()
+    rows = torch.randint(5, config.vocab_size, (B, prompt)).tolist()
+    rows = [rows[0] + [config.mask_token_id] * 128, rows[1] + [config.mask_token_id] * 88]  # a padded row
+    canvas = build_canvas(rows, [prompt] * B, 128, [prompt] * B, SamplerConfig(block_length=L),
+                          mask_id=config.mask_token_id, eos_id=config.eos_token_id, device=device)
+    positions = canvas.blocks[0]  # [B, L]
     counts = torch.full((B,), 2, dtype=torch.long, device=device)
-    given = torch.zeros(B, T, dtype=torch.bool, device=device)
-    given[:, :prompt] = True
     generator = torch.Generator(device=device).manual_seed(0)
     variants = {"greedy": SamplerConfig(), "threshold": SamplerConfig(threshold=0.9),
                 "temperature + penalty": SamplerConfig(temperature=0.5, repetition_penalty=1.2),
                 "cfg": SamplerConfig(cfg_scale=1.0), "random remasking": SamplerConfig(remasking="random")}
     for name, sampler_config in variants.items():
-        step = lambda: denoise_step(model, canvas.clone(), attention, positions, counts, given,  # noqa: E731
-                                    sampler_config, config.mask_token_id, config.eos_token_id, generator)
+        step = lambda: denoise_step(model.logits_at_positions, canvas.ids.clone(), canvas, positions,  # noqa: E731
+                                    counts, sampler_config, generator)
         with torch.no_grad(), precision.autocast():
             step()  # warm-up: lazy initialisation may synchronise once
             if device.type != "cuda":
@@ -319,14 +317,14 @@ def check_sampler(report: Report, device: torch.device, quick: bool) -> None:
     repeats = 3 if quick else 20
     with torch.no_grad(), precision.autocast():
         for _ in range(2):
-            denoise_step(model, canvas.clone(), attention, positions, counts, given, SamplerConfig(),
-                         config.mask_token_id, config.eos_token_id, generator)
+            denoise_step(model.logits_at_positions, canvas.ids.clone(), canvas, positions, counts,
+                         SamplerConfig(), generator)
         if device.type == "cuda":
             torch.cuda.synchronize()
         started = time.perf_counter()
         for _ in range(repeats):
-            denoise_step(model, canvas.clone(), attention, positions, counts, given, SamplerConfig(),
-                         config.mask_token_id, config.eos_token_id, generator)
+            denoise_step(model.logits_at_positions, canvas.ids.clone(), canvas, positions, counts,
+                         SamplerConfig(), generator)
         if device.type == "cuda":
             torch.cuda.synchronize()
     ms = 1000 * (time.perf_counter() - started) / repeats

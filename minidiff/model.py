@@ -13,7 +13,8 @@ Forward pass (ModernBERT 2412.13663; as transformers' modeling_modernbert):
                         x = x + Wo_mlp(gelu(u) * g),  [u, g] = Wi(mlp_norm(x))
     h = final_norm(x);  logits = decoder(head.norm(gelu(head.dense(h))))
 Layer l is global when l % global_attn_every_n_layers == 0, else local: query i sees key j
-only when |i - j| <= local_attention // 2. This module imports nothing else of minidiff.
+only when |i - j| <= local_attention // 2. Of minidiff this module imports only `files` (the
+atomic writes of `save_pretrained`).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
@@ -184,8 +186,10 @@ class Attention(nn.Module):
         self.Wqkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.attention_bias)
         self.Wo = nn.Linear(config.hidden_size, config.hidden_size, bias=config.attention_bias)
 
-    def forward(self, x, cos, sin, mask):
-        q, k, v = self.project(x, cos, sin)
+    def forward(self, x, cos, sin, mask, cache: KVCache | None = None, layer: int = 0):
+        q, k, v = self.project(x, cos, sin)  # each [B, heads, S, d]
+        if cache is not None:  # fill: keep k, v; read: the keys are [cached canvas | fresh inputs]
+            k, v = cache.keys_values(layer, k, v)  # [B, heads, S or T + S, d]
         return self.attend(q, k, v, mask)
 
     def project(self, x, cos, sin):
@@ -223,14 +227,15 @@ def layer_norm(config: ModelConfig) -> nn.LayerNorm:
 class EncoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, index: int):
         super().__init__()
+        self.index = index
         self.is_global = config.layer_types[index] == "full_attention"
         self.attn_norm = layer_norm(config) if index > 0 else nn.Identity()
         self.attn = Attention(config)
         self.mlp_norm = layer_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, mask):
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask)
+    def forward(self, x, cos, sin, mask, cache: KVCache | None = None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, self.index)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -274,6 +279,14 @@ class KVCache:
     def at(self, positions: torch.Tensor) -> "KVCache":
         """The same cache, read by inputs at canvas positions [B, Q]."""
         return KVCache(self.keys, self.values, positions)
+
+    def keys_values(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """What layer `layer`'s queries attend to. Fill: keep the fresh k, v [B, heads, T, d] (layer 0
+        starts the fill over) and return them; read: [cached canvas | fresh inputs], [B, heads, T + Q, d]."""
+        if self.positions is None:
+            self.keys[layer:], self.values[layer:] = [k], [v]
+            return k, v
+        return torch.cat([self.keys[layer], k], dim=2), torch.cat([self.values[layer], v], dim=2)
 
     @property
     def canvas_length(self) -> int:
@@ -320,50 +333,33 @@ class Encoder(nn.Module):
         return key_ok, local | (itself & ~local.any(dim=-1, keepdim=True))
 
     def forward(self, input_ids, attention_mask=None, cache: KVCache | None = None):
-        if cache is not None:
-            return self._forward_with_cache(input_ids, attention_mask, cache)
-        B, S = input_ids.shape
+        """ids [B, S] -> final-normed states [B, S, H]; with a cache, see KVCache (fill or read)."""
         x = self.embeddings(input_ids)  # [B, S, H]
-        global_mask, local_mask = self.attention_masks(attention_mask, S, input_ids.device)
-        rope_global = self.rotary_global.cos_sin(S, x.device, x.dtype)
-        rope_local = self.rotary_local.cos_sin(S, x.device, x.dtype)
+        (global_mask, local_mask), (rope_global, rope_local) = self.masks_and_rotary(x, attention_mask, cache)
         for layer in self.layers:
             cos, sin = rope_global if layer.is_global else rope_local
             mask = global_mask if layer.is_global else local_mask
             if self.gradient_checkpointing and self.training:
-                x = activation_checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+                x = activation_checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask)
+                x = layer(x, cos, sin, mask, cache)
         return self.final_norm(x)
 
-    def _forward_with_cache(self, input_ids, attention_mask, cache: KVCache):
-        """See KVCache: fill it (positions None) or read it; final-normed states [B, S or Q, H]."""
-        x = self.embeddings(input_ids)  # [B, S, H]
-        if cache.positions is None:  # fill: the full forward, keeping each layer's keys/values
-            S = input_ids.shape[1]
-            global_mask, local_mask = self.attention_masks(attention_mask, S, input_ids.device)
-            rope_global = self.rotary_global.cos_sin(S, x.device, x.dtype)
-            rope_local = self.rotary_local.cos_sin(S, x.device, x.dtype)
-            cache.keys, cache.values = [], []
-        else:
-            T = cache.canvas_length
-            global_mask, local_mask = self.cached_attention_masks(cache.positions, attention_mask, T)
-            slot = cache.positions.clamp(max=T - 1)  # [B, Q]
-            rope_global = [t[slot][:, None] for t in self.rotary_global.cos_sin(T, x.device, x.dtype)]
-            rope_local = [t[slot][:, None] for t in self.rotary_local.cos_sin(T, x.device, x.dtype)]
-        for i, layer in enumerate(self.layers):
-            cos, sin = rope_global if layer.is_global else rope_local
-            mask = global_mask if layer.is_global else local_mask
-            q, k, v = layer.attn.project(layer.attn_norm(x), cos, sin)  # [B, heads, Q, d]
-            if cache.positions is None:
-                cache.keys.append(k)
-                cache.values.append(v)
-            else:  # keys = [the cached canvas | the fresh inputs]
-                k = torch.cat([cache.keys[i], k], dim=2)  # [B, heads, T + Q, d]
-                v = torch.cat([cache.values[i], v], dim=2)
-            x = x + layer.attn.attend(q, k, v, mask)
-            x = x + layer.mlp(layer.mlp_norm(x))
-        return self.final_norm(x)
+    def masks_and_rotary(self, x, attention_mask, cache: KVCache | None):
+        """((global, local) attention masks, (global, local) rotary cos/sin) for the inputs x [B, S, H]:
+        positions 0 .. S-1 (no cache, or a fill), or the canvas positions cache.positions [B, S]
+        against a cache of the canvas."""
+        rotaries = (self.rotary_global, self.rotary_local)
+        if cache is None or cache.positions is None:
+            S = x.shape[1]
+            masks = self.attention_masks(attention_mask, S, x.device)
+            return masks, [rotary.cos_sin(S, x.device, x.dtype) for rotary in rotaries]  # each [S, d]
+        T = cache.canvas_length
+        masks = self.cached_attention_masks(cache.positions, attention_mask, T)
+        slot = cache.positions.clamp(max=T - 1)  # [B, S]
+        # each input's angles at its own canvas position: [B, 1, S, d]
+        rope = [[t[slot][:, None] for t in rotary.cos_sin(T, x.device, x.dtype)] for rotary in rotaries]
+        return masks, rope
 
     def cached_attention_masks(self, positions, attention_mask, canvas_length: int):
         """Boolean SDPA masks [B, 1, Q, T + Q] (global, local) for inputs at canvas positions
@@ -406,16 +402,20 @@ class PredictionHead(nn.Module):
 
 
 class ModernBertMLM(nn.Module):
-    """Encoder + MLM head. `model(ids, attention_mask, logits_at)` -> logits.
+    """Encoder + MLM head. One output per method:
 
-    logits_at selects where the head and the vocabulary-wide decoder run (docs/math.md: the decoder
-    costs more than all layers together):
-      None                 -> [B, S, V]
-      bool [B, S]          -> [N, V], the selected rows in row-major order (N = sel.sum())
-      long [B, K] indices  -> [B, K, V], positions gathered per row (no host sync)
-    features_at (instead of logits_at) returns the head's output before the decoder, [N, H]
-    (see head_features): the input of chunked_loss. Asking through forward keeps wrappers
-    such as DistributedDataParallel in the loop.
+      model(ids, attention_mask)                     -> logits [B, S, V]
+      model(ids, attention_mask, logits_at=sel)      -> logits [N, V] at a bool [B, S] selection, its
+                                                        True entries in row-major order (N = sel.sum())
+      logits_at_positions(ids, attention_mask, pos)  -> logits [B, K, V] at positions [B, K] per row
+      features(ids, attention_mask, at)              -> the head's output [N, H], the decoder's input
+                                                        (chunked_loss); `model(..., features_at=at)`
+                                                        is the same call made through forward
+      hidden(ids, attention_mask, cache)             -> final-normed encoder states [B, S, H]
+
+    The head and the vocabulary-wide decoder run only where asked (docs/math.md: the decoder costs
+    more than all layers together). `features_at` goes through forward for one reason: a wrapper
+    such as DistributedDataParallel synchronises the gradients of forward calls only.
     """
 
     def __init__(self, config: ModelConfig):
@@ -472,15 +472,23 @@ class ModernBertMLM(nn.Module):
         return self.decoder(self.head(h))
 
     def forward(self, input_ids, attention_mask=None, logits_at=None, features_at=None):
-        h = self.hidden(input_ids, attention_mask)  # [B, S, H]
+        """Logits [B, S, V], or [N, V] at the bool selection logits_at [B, S]; with features_at,
+        `features(input_ids, attention_mask, features_at)` [N, H] instead (see the class)."""
         if features_at is not None:
-            return self.head_features(h, features_at)  # [N, H]
-        if logits_at is None:
-            return self.logits_from_hidden(h)  # [B, S, V]
-        if logits_at.dtype == torch.bool:
-            return self.logits_from_hidden(h[logits_at])  # [N, V]
-        index = logits_at[..., None].expand(-1, -1, h.shape[-1])  # [B, K, H]
-        return self.logits_from_hidden(h.gather(1, index))  # [B, K, V]
+            return self.features(input_ids, attention_mask, features_at)  # [N, H]
+        if logits_at is not None and logits_at.dtype != torch.bool:
+            raise TypeError("logits_at is a bool [B, S] selection (positions per row: logits_at_positions)")
+        h = self.hidden(input_ids, attention_mask)  # [B, S, H]
+        return self.logits_from_hidden(h if logits_at is None else h[logits_at])  # [B, S, V] or [N, V]
+
+    def logits_at_positions(self, input_ids, attention_mask, positions):
+        """Logits [B, K, V] at canvas positions [B, K] of each row (gathered: no host sync)."""
+        h = self.hidden(input_ids, attention_mask)  # [B, S, H]
+        return self.logits_from_hidden(h.gather(1, positions[..., None].expand(-1, -1, h.shape[-1])))
+
+    def features(self, input_ids, attention_mask, at):
+        """The head's output at selected positions, the decoder's input: [N, H] (see head_features)."""
+        return self.head_features(self.hidden(input_ids, attention_mask), at)
 
     def num_parameters(self) -> int:
         """Distinct parameters (the tied decoder weight counted once)."""
@@ -494,8 +502,6 @@ class ModernBertMLM(nn.Module):
         written under temporary names and renamed, so a crash never leaves a complete-looking
         but truncated model behind.
         """
-        from safetensors.torch import save_file
-
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         state = self.state_dict() if state_dict is None else state_dict

@@ -7,7 +7,8 @@ penalty, stop strings) token for token at temperature 0. Reader's page: docs/sam
 
 Canvas: [prompt | max_new_tokens x <mask>], rows right-padded with eos. The answer is cut into
 blocks of `block_length`, aligned to each row's own prompt end, and denoised left to right;
-every block gets ceil(steps / num_blocks) steps. One step (docs/sampler.md):
+every block gets ceil(steps / num_blocks) steps, at most as many as it has positions
+(`steps_per_block`). One step (docs/sampler.md):
 
     1. logits at the block's positions   (cfg > 0: un + (cfg + 1) * (cond - un), with the
                                           unconditional canvas = prompt replaced by masks)
@@ -24,28 +25,33 @@ After each block: the fork's stop strings end the answer, and the loop stops ear
 row has emitted eos or "[/Answer]" (nothing after a finished block can change the answer).
 
 The code in reading order: `build_canvas` (generate and infill differ only in the rows and the
-block starts they give it), then `_denoise`, which per block calls `plan_block` (the unmasking
-schedule's counts), `_step_loop` (`denoise_step` until the block is filled) and `_end_of_block`.
+block starts they give it), then `Denoiser.run`, which per block calls `plan_block` (the
+unmasking schedule's counts), `Denoiser.run_block` (`block_step` until the block is filled) and
+`StopRules.end_of_block`.
 
 Speed: the encoder runs on the whole canvas (attention is bidirectional) but the MLM head and
-the vocabulary projection only at the block's still-masked positions (`logits_at`; how many are
-left is known on the host from the block's plan), and a step makes no host-device
-synchronisation (the plan is computed on the host once per block), so the step can be captured by CUDA
-graphs / torch.compile. Threshold decoding reads one number per step (its step count depends on
-the data).
+the vocabulary projection only at the block's still-masked positions (how many are left is known
+on the host from the block's plan), and a step makes no host-device synchronisation (the plan is
+computed on the host once per block), so the step can be captured by CUDA graphs /
+torch.compile. Threshold decoding reads one number per step (its step count depends on the
+data).
 
-`cache="prefix"|"dual"` (approximate key/value caches, Fast-dLLM arXiv 2505.22618) and
-`compile=True` run the blocks with the fixed-shape step of `cached.py` instead; `cache="none"`
-without compile is the exact loop here, unchanged.
+One step loop serves every sampler; what differs is where a step's logits come from
+(`cached.BlockLogits`: the model on the whole canvas, or the approximate key/value caches
+`cache="prefix"|"dual"` of Fast-dLLM, arXiv 2505.22618) and whether `block_step` runs compiled
+(`compile=True`: logits over the whole block, one shape per block). The cached or compiled loop
+reads threshold decoding's count one step late (`LateCount`); `cache="none"` without compile is
+the exact sampler.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 
+from .cached import BlockLogits
 from .chat import END_OF_TURN, FORK_STOP_REPLACEMENT, FORK_STOP_STRINGS
 from .device import model_device
 from .errors import UserError
@@ -105,6 +111,8 @@ class SamplerConfig:
              f"threshold must be None or a confidence in (0, 1], got {self.threshold!r}"),
             (all(isinstance(s, str) and s for s in self.stop_strings),
              f"stop_strings must be non-empty strings, got {self.stop_strings!r}"),
+            (self.seed is None or (isinstance(self.seed, int) and 0 <= self.seed < 2**63),
+             f"seed must be None or an integer in [0, 2^63), got {self.seed!r}"),
             (self.cache in CACHES,
              f"cache must be one of {', '.join(CACHES)}, got {self.cache!r}"),
             (self.cache_refresh is None or (isinstance(self.cache_refresh, int) and self.cache_refresh >= 1),
@@ -141,9 +149,9 @@ class TraceStep:
     """One model call: the block positions it looked at and what was committed there."""
 
     block: int
-    positions: torch.Tensor  # [B, K] canvas positions of the current block
-    tokens: torch.Tensor  # [B, K] the canvas at those positions after the step
-    committed: torch.Tensor  # [B, K] bool, True where a token was committed in this step
+    positions: torch.Tensor  # [B, N] the canvas positions of the current block the step looked at
+    tokens: torch.Tensor  # [B, N] the ids at those positions after the step
+    committed: torch.Tensor  # [B, N] bool, True where a token was committed in this step
 
 
 @dataclass
@@ -163,12 +171,12 @@ class GenerateOutput:
 
     def frames(self) -> list[list[list[int]]]:
         """The canvas of every row after each step (frame 0 = before the first step)."""
-        canvas = self.initial.clone()
-        out = [canvas.tolist()]
+        ids = self.initial.clone()
+        out = [ids.tolist()]
         for step in self.trace:
-            current = canvas.gather(1, step.positions)
-            canvas.scatter_(1, step.positions, torch.where(step.committed, step.tokens, current))
-            out.append(canvas.tolist())
+            current = ids.gather(1, step.positions)
+            ids.scatter_(1, step.positions, torch.where(step.committed, step.tokens, current))
+            out.append(ids.tolist())
         return out
 
 
@@ -229,12 +237,11 @@ class BlockPlan:
         return max(m - sum(row[:i]) for m, row in zip(self.masked, self.counts))
 
 
-def plan_block(ids: torch.Tensor, positions: torch.Tensor, steps: int, config: SamplerConfig,
+def plan_block(ids: torch.Tensor, block: torch.Tensor, steps: int, config: SamplerConfig,
                mask_id: int, host_generator=None) -> BlockPlan:
-    """Masks left in the block per row -> how many each of its steps commits (host, no step reads).
-
-    Each row's counts are compacted and right-padded with zeros (dllm's layout)."""
-    masked = (ids.gather(1, positions) == mask_id).sum(1).tolist()
+    """Masks left in the block [B, K] per row -> how many each of its steps commits (host, no
+    step reads). Each row's counts are compacted and right-padded with zeros (dllm's layout)."""
+    masked = (ids.gather(1, block) == mask_id).sum(1).tolist()
     if config.threshold is not None:
         return BlockPlan(masked, None, None, max(masked))  # at least one commit per step
     rows = [transfer_counts(m, steps, config.unmasking, stochastic=config.stochastic,
@@ -245,53 +252,55 @@ def plan_block(ids: torch.Tensor, positions: torch.Tensor, steps: int, config: S
     return BlockPlan(masked, counts, on_device, width)
 
 
-def _masked_first(canvas: torch.Tensor, positions: torch.Tensor, width: int, mask_id: int) -> torch.Tensor:
+def _masked_first(ids: torch.Tensor, block: torch.Tensor, width: int, mask_id: int) -> torch.Tensor:
     """[B, width]: each row's still-masked block positions first (in order), then committed ones."""
-    committed = (canvas.gather(1, positions) != mask_id).to(torch.uint8)  # [B, K]
+    committed = (ids.gather(1, block) != mask_id).to(torch.uint8)  # [B, K]
     order = committed.argsort(dim=1, stable=True)
-    return positions.gather(1, order[:, :width])
+    return block.gather(1, order[:, :width])
 
 
 # ----------------------------------------------------------------------------- one step
 
 
-def apply_repetition_penalty(logits: torch.Tensor, canvas: torch.Tensor, penalty: float,
+def apply_repetition_penalty(logits: torch.Tensor, ids: torch.Tensor, penalty: float,
                              mask_id: int, eos_id: int) -> torch.Tensor:
-    """logits [B, K, V]; every id present in a row's canvas [B, T] (except mask, eos) is penalised:
-    l / p where l > 0, l * p elsewhere, at every position of the row."""
+    """logits [B, K, V]; every id present in a row's canvas ids [B, T] (except mask, eos) is
+    penalised: l / p where l > 0, l * p elsewhere, at every position of the row."""
     # only the <= T ids on the canvas change: gather them, penalise, scatter back (duplicates of an
     # id write the same value), instead of a pass over all V logits
     B, K, V = logits.shape
-    ids = canvas[:, None, :].expand(B, K, canvas.shape[1])  # [B, K, T]
-    values = logits.gather(-1, ids)
-    exempt = (ids == mask_id) | (ids == eos_id)
+    present = ids[:, None, :].expand(B, K, ids.shape[1])  # [B, K, T]
+    values = logits.gather(-1, present)
+    exempt = (present == mask_id) | (present == eos_id)
     penalised = torch.where(values > 0, values / penalty, values * penalty)
-    return logits.scatter(-1, ids, torch.where(exempt, values, penalised))  # [B, K, V]
+    return logits.scatter(-1, present, torch.where(exempt, values, penalised))  # [B, K, V]
 
 
-def denoise_step(model, canvas: torch.Tensor, attention_mask: torch.Tensor | None,
-                 positions: torch.Tensor, counts: torch.Tensor | None, given: torch.Tensor | None,
-                 config: SamplerConfig, mask_id: int, eos_id: int,
+def denoise_step(logits_fn, ids: torch.Tensor, canvas: Canvas, positions: torch.Tensor,
+                 counts: torch.Tensor | None, config: SamplerConfig,
                  generator: torch.Generator | None = None) -> torch.Tensor:
-    """One denoising step, in place on `canvas` [B, T]; returns the committed mask [B, K].
+    """One denoising step, in place on `ids` [B, T]; returns the committed mask [B, K].
 
-    positions [B, K]: the current block's canvas positions per row; counts [B]: how many to
-    commit per row (ignored with a threshold); given [B, T]: positions the cfg unconditional
-    pass masks. Pure tensor work: no .item(), .tolist() or Python branch on tensor values.
+    logits_fn(ids, attention_mask, positions) -> [B, K, V]: the model (`logits_at_positions`) or a
+    cached view (cached.py). positions [B, K]: the block positions the step looks at; counts [B]:
+    how many to commit per row (ignored with a threshold); canvas: the attention mask, the given
+    tokens (cfg's unconditional pass masks them), mask and eos. Pure tensor work: no .item(),
+    .tolist() or Python branch on tensor values.
     """
     B, K = positions.shape
+    mask_id, eos_id = canvas.mask_id, canvas.eos_id
     if config.cfg_scale > 0:
-        unconditional = canvas.masked_fill(given, mask_id)
-        both_mask = None if attention_mask is None else attention_mask.repeat(2, 1)
-        logits = model(torch.cat([canvas, unconditional]), both_mask,
-                       logits_at=positions.repeat(2, 1)).float()  # [2B, K, V]
+        unconditional = ids.masked_fill(canvas.given, mask_id)
+        both_mask = None if canvas.attention_mask is None else canvas.attention_mask.repeat(2, 1)
+        both = torch.cat([ids, unconditional])  # [2B, T]
+        logits = logits_fn(both, both_mask, positions.repeat(2, 1)).float()  # [2B, K, V]
         cond, uncond = logits.chunk(2)
         # l = un + (cfg + 1) (cond - un)
         logits = uncond + (config.cfg_scale + 1) * (cond - uncond)  # [B, K, V]
     else:
-        logits = model(canvas, attention_mask, logits_at=positions).float()  # [B, K, V]
+        logits = logits_fn(ids, canvas.attention_mask, positions).float()  # [B, K, V]
     if config.repetition_penalty != 1.0:
-        logits = apply_repetition_penalty(logits, canvas, config.repetition_penalty, mask_id, eos_id)
+        logits = apply_repetition_penalty(logits, ids, config.repetition_penalty, mask_id, eos_id)
 
     if config.temperature > 0:
         # Gumbel-max in float64: argmax exp(l) / (-log u)^T  ==  a draw from softmax(l / T)
@@ -306,7 +315,7 @@ def denoise_step(model, canvas: torch.Tensor, attention_mask: torch.Tensor | Non
     else:
         confidence = torch.rand((B, K), device=logits.device, generator=generator)
 
-    current = canvas.gather(1, positions)  # [B, K]
+    current = ids.gather(1, positions)  # [B, K]
     masked = current == mask_id
     confidence = confidence.masked_fill(~masked, -math.inf)
 
@@ -318,7 +327,7 @@ def denoise_step(model, canvas: torch.Tensor, attention_mask: torch.Tensor | Non
         commit = masked & ((confidence >= config.threshold) | (rank == 0))
     else:
         commit = masked & (rank < counts[:, None])  # the k most confident
-    canvas.scatter_(1, positions, torch.where(commit, candidates, current))
+    ids.scatter_(1, positions, torch.where(commit, candidates, current))
     return commit
 
 
@@ -375,6 +384,62 @@ def _ended(tokenizer, ids: list[int], eos_id: int, pad_id: int) -> bool:
     return tokenizer is not None and END_OF_TURN in tokenizer.decode(ids, skip_special_tokens=False)
 
 
+@dataclass
+class StopRules:
+    """What ends the answers, checked once per block on the host: the fork's stop strings (cut,
+    replaced by the end-of-turn `replacement`, then padding) and the early stop once every row
+    has ended (`stop_at_eos`)."""
+
+    stop_strings: tuple[str, ...]
+    stop_at_eos: bool
+    tokenizer: object | None  # decodes the answers (stop strings, "[/Answer]"); None: eos and pad only
+    pad_id: int  # what SFT pads answers with
+    replacement: list[int] | None  # the ids of FORK_STOP_REPLACEMENT; None: no stop strings
+
+    @classmethod
+    def make(cls, config: SamplerConfig, tokenizer, pad_id: int | None, eos_id: int) -> "StopRules":
+        replacement = None
+        if config.stop_strings and tokenizer is not None:
+            replacement = tokenizer.encode(FORK_STOP_REPLACEMENT, add_special_tokens=False)
+        # the pad id: given, else the tokenizer's, else eos
+        pad_id = getattr(tokenizer, "pad_id", None) if pad_id is None else pad_id
+        return cls(config.stop_strings, config.stop_at_eos, tokenizer, eos_id if pad_id is None else pad_id,
+                   replacement)
+
+    def cut_at_stop_string(self, ids, r: int, row: list[int], start: int, end: int, answer_end: int) -> bool:
+        """The fork's rule, in place on row r (whose ids are `row`): from the first stop string in
+        row[start:end] to the row's answer end, write the end-of-turn replacement, then pad."""
+        cut = _find_stop(self.tokenizer, row[start:end], self.stop_strings)
+        if cut is None:
+            return False
+        first = start + cut
+        fill = (self.replacement + [self.pad_id] * answer_end)[: answer_end - first]
+        ids[r, first:answer_end] = torch.tensor(fill, dtype=ids.dtype, device=ids.device)
+        return True
+
+    def end_of_block(self, ids, canvas: Canvas, block, last: bool) -> bool:
+        """After the block [B, K], in place on ids [B, T]: cut at stop strings, then the early
+        stop (the rest of every answer padded with eos). True: stop now."""
+        if not (self.replacement is not None or self.stop_at_eos):
+            return False
+        block_end, rows = block[:, -1].tolist(), ids.tolist()
+        finished = []
+        for r, (row, start, answer_end) in enumerate(zip(rows, canvas.answer_start, canvas.answer_end)):
+            end = min(block_end[r] + 1, answer_end)
+            if self.replacement is not None and self.cut_at_stop_string(ids, r, row, start, end, answer_end):
+                row = ids[r].tolist()
+            finished.append(_ended(self.tokenizer, row[start:end], canvas.eos_id, self.pad_id) or
+                            (self.replacement is not None and canvas.mask_id not in row[start:answer_end]))
+        if not (self.stop_at_eos and all(finished) and not last):
+            return False
+        # the rest of every answer is padding (masks a prompt may hold stay as they are)
+        span = torch.arange(ids.shape[1], device=ids.device)[None, :]  # [1, T]
+        answers = ((span >= torch.tensor(canvas.answer_start, device=ids.device)[:, None]) &
+                   (span < torch.tensor(canvas.answer_end, device=ids.device)[:, None]))  # [B, T]
+        ids.masked_fill_(answers & (ids == canvas.mask_id), canvas.eos_id)
+        return True
+
+
 # ----------------------------------------------------------------------------- the canvas
 
 
@@ -382,13 +447,28 @@ def _ended(tokenizer, ids: list[int], eos_id: int, pad_id: int) -> bool:
 class Canvas:
     """What the block loop denoises, built once by `build_canvas` for generate and infill."""
 
-    ids: torch.Tensor  # [B, T] long: each row's tokens (masks to fill), right-padded with eos
+    ids: torch.Tensor  # [B, T] long, before the first step (never written): each row's tokens
+    #                    (masks to fill), right-padded with eos
     attention_mask: torch.Tensor | None  # [B, T] each row's own positions; None: every row fills T
     given: torch.Tensor  # [B, T] bool: the given tokens, which cfg's unconditional pass masks
     blocks: list[torch.Tensor]  # one [B, K] tensor of canvas positions per block, left to right
-    steps_per_block: int  # ceil(steps / number of blocks)
+    steps_per_block: int  # ceil(steps / number of blocks), at most the widest block (steps_per_block)
     answer_start: list[int]  # per row: where its answer (what the sampler fills) begins
     answer_end: list[int]  # per row: the end of the canvas it owns
+    mask_id: int  # the token the sampler fills
+    eos_id: int  # the padding of shorter rows
+
+
+def steps_per_block(steps: int, span: int, block_length: int) -> tuple[int, int]:
+    """(asked, used): ceil(steps / number of blocks) for `span` positions in blocks of
+    `block_length`, and that capped at the widest block, min(block_length, span).
+
+    A block of m masks never needs more than m steps: for any number of steps >= m both
+    unmasking schedules commit one token per step (tests/test_sampler.py enumerates it), so the
+    cap changes no token, only how long the plan's loop runs (a billion steps ran for ever).
+    Stochastic counts are drawn over the capped number of steps."""
+    asked = math.ceil(steps / math.ceil(span / block_length))
+    return asked, min(asked, block_length, span)
 
 
 def build_canvas(rows: list[list[int]], block_starts: list[int], span: int, answer_start: list[int],
@@ -411,81 +491,141 @@ def build_canvas(rows: list[list[int]], block_starts: list[int], span: int, answ
     starts = torch.tensor(block_starts, dtype=torch.long, device=device)[:, None]  # [B, 1]
     blocks = [starts + torch.arange(b * L, min((b + 1) * L, span), device=device)[None, :]
               for b in range(num_blocks)]  # each [B, K]
-    return Canvas(ids, attention_mask, given, blocks, math.ceil(config.steps / num_blocks),
-                  list(answer_start), lengths)
+    _, steps = steps_per_block(config.steps, span, L)
+    return Canvas(ids, attention_mask, given, blocks, steps, list(answer_start), lengths, mask_id, eos_id)
 
 
 # ----------------------------------------------------------------------------- the loop
 
 
-def record_step(out: GenerateOutput, b: int, ids: torch.Tensor, where: torch.Tensor,
-                committed: torch.Tensor, callback) -> None:
-    """Count one model call of block b, add it to the trace, show it to the callback."""
-    out.sequences = ids
-    out.num_forward += 1
-    out.trace.append(TraceStep(b, where, ids.gather(1, where), committed))
-    if callback is not None:
-        callback(out)
+def block_step(logits_fn, ids: torch.Tensor, canvas: Canvas, block: torch.Tensor,
+               counts: torch.Tensor | None, config: SamplerConfig, generator=None,
+               logit_width: int | None = None):
+    """`denoise_step` on the block [B, K], returning new tensors: (ids [B, T], the positions it
+    looked at [B, N], committed [B, N], masks left in the fullest row's block, 0-d).
+
+    logit_width None: logits over the whole block (fixed shapes: committed positions cannot be
+    chosen, their confidence is -inf); else over each row's first `logit_width` still-masked
+    block positions, padded with committed ones. No host read and no write into an input, so
+    torch.compile(fullgraph=True) captures it."""
+    positions = block if logit_width is None else _masked_first(ids, block, logit_width, canvas.mask_id)
+    ids = ids.clone()
+    committed = denoise_step(logits_fn, ids, canvas, positions, counts, config, generator)
+    left = (ids.gather(1, block) == canvas.mask_id).sum(1).amax()
+    return ids, positions, committed, left
 
 
-def _step_loop(model, out, b, ids, canvas: Canvas, positions, plan: BlockPlan, config, mask_id,
-               eos_id, generator, callback) -> torch.Tensor:
-    """The exact steps of block b, in place on ids, with logits only at still-masked positions."""
-    left = plan.most_left(0)
-    for i in range(plan.num_steps):
-        if plan.counts is not None:
-            left = plan.most_left(i)  # known on the host from the plan
-        if left == 0:
-            break
-        # logits only where they can be used: the block's still-masked positions, as many
-        # as the row with the most masks left (the others are padded with committed ones)
-        where = _masked_first(ids, positions, left, mask_id)  # [B, left]
-        counts = None if plan.counts_on_device is None else plan.counts_on_device[:, i]  # [B]
-        committed = denoise_step(model, ids, canvas.attention_mask, where, counts, canvas.given,
-                                 config, mask_id, eos_id, generator)
-        record_step(out, b, ids, where, committed, callback)
-        if plan.counts is None:  # threshold decoding: the count is data-dependent, one host read
-            left = int((ids.gather(1, positions) == mask_id).sum(1).max())
-    return ids
+_COMPILED = {}
 
 
-def _cut_at_stop_string(ids, r: int, row: list[int], start: int, end: int, answer_end: int,
-                        replacement, config, tokenizer, pad_id: int) -> bool:
-    """The fork's rule, in place on row r (whose ids are `row`): from the first stop string in
-    row[start:end] to the row's answer end, write the end-of-turn replacement, then pad."""
-    cut = _find_stop(tokenizer, row[start:end], config.stop_strings)
-    if cut is None:
-        return False
-    first = start + cut
-    fill = (replacement + [pad_id] * answer_end)[: answer_end - first]
-    ids[r, first:answer_end] = torch.tensor(fill, dtype=ids.dtype, device=ids.device)
-    return True
+def compiled_block_step(device: torch.device):
+    """block_step under torch.compile(fullgraph=True); CUDA graphs on CUDA ("reduce-overhead")."""
+    mode = "reduce-overhead" if device.type == "cuda" else None
+    if mode not in _COMPILED:
+        _COMPILED[mode] = torch.compile(block_step, fullgraph=True, mode=mode)
+    return _COMPILED[mode]
 
 
-def _end_of_block(out, ids, canvas: Canvas, positions, last: bool, config, replacement, *,
-                  mask_id, eos_id, pad_id, tokenizer, callback) -> bool:
-    """Once per block (host): the fork's stop strings, then the early stop. True: stop now."""
-    if not (replacement is not None or config.stop_at_eos):
-        return False
-    block_end, rows = positions[:, -1].tolist(), ids.tolist()
-    finished = []
-    for r, (row, start, answer_end) in enumerate(zip(rows, canvas.answer_start, canvas.answer_end)):
-        end = min(block_end[r] + 1, answer_end)
-        if replacement is not None and _cut_at_stop_string(ids, r, row, start, end, answer_end,
-                                                           replacement, config, tokenizer, pad_id):
-            row = ids[r].tolist()
-        finished.append(_ended(tokenizer, row[start:end], eos_id, pad_id) or
-                        (replacement is not None and mask_id not in row[start:answer_end]))
-    if not (config.stop_at_eos and all(finished) and not last):
-        return False
-    # the rest of every answer is padding (masks a prompt may hold stay as they are)
-    span = torch.arange(ids.shape[1], device=ids.device)[None, :]  # [1, T]
-    answers = ((span >= torch.tensor(canvas.answer_start, device=ids.device)[:, None]) &
-               (span < torch.tensor(canvas.answer_end, device=ids.device)[:, None]))  # [B, T]
-    ids.masked_fill_(answers & (ids == mask_id), eos_id)
-    if callback is not None:
-        callback(out)
-    return True
+class LateCount:
+    """A 0-d device count read on the host one step late: `push` starts a non-blocking copy,
+    `read` (after the next step is queued) waits for that copy only."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.host = torch.zeros((), dtype=torch.long, pin_memory=self.cuda)
+        self.event = torch.cuda.Event() if self.cuda else None
+        self.pending = False
+
+    def push(self, count: torch.Tensor) -> None:
+        self.host.copy_(count, non_blocking=True)
+        if self.cuda:
+            self.event.record()
+        self.pending = True
+
+    def read(self) -> int | None:
+        if not self.pending:
+            return None
+        if self.cuda:
+            self.event.synchronize()
+        self.pending = False
+        return int(self.host)
+
+
+def _masks_left(late: LateCount | None, left: torch.Tensor, plan: BlockPlan) -> int:
+    """Threshold decoding's host number after a step: the masks left in the fullest row. At once
+    (late None: one blocking read per step), or one step old from `late` (the device never waits;
+    a block that finished at step i gets a step i + 1, which commits nothing)."""
+    if late is None:
+        return int(left)
+    previous = late.read()  # None before the first push
+    if previous == 0:
+        return 0
+    late.push(left)
+    return max(plan.masked) if previous is None else previous
+
+
+class Denoiser:
+    """One generate/infill call: the blocks left to right (`run`), each one's steps
+    (`run_block`, the one step loop of the exact, the cached and the compiled sampler)."""
+
+    def __init__(self, model, canvas: Canvas, config: SamplerConfig, stops: StopRules, callback):
+        self.model, self.canvas, self.config = model, canvas, config
+        self.stops, self.callback = stops, callback
+        device = canvas.ids.device
+        self.generator, self.host_generator = _generators(config.seed, device)
+        self.compiled = compiled_block_step(device) if config.compile else None
+        # the cached / compiled loop reads threshold decoding's count one step late
+        self.reads_late = config.cache != "none" or config.compile
+        self.out = GenerateOutput(canvas.ids, 0, [], canvas.ids, list(canvas.answer_start),
+                                  list(canvas.answer_end), canvas.mask_id)
+
+    @torch.no_grad()
+    def run(self) -> GenerateOutput:
+        """Per block: plan it, run its steps, end it (stop strings, early stop)."""
+        canvas, ids = self.canvas, self.canvas.ids.clone()  # the stop rules write into ids
+        for b, block in enumerate(canvas.blocks):
+            plan = plan_block(ids, block, canvas.steps_per_block, self.config, canvas.mask_id,
+                              self.host_generator)
+            ids = self.run_block(ids, b, block, plan)
+            if self.stops.end_of_block(ids, canvas, block, last=b + 1 == len(canvas.blocks)):
+                if self.callback is not None:
+                    self.callback(self.out)
+                break
+        self.out.sequences = ids
+        return self.out
+
+    def run_block(self, ids: torch.Tensor, b: int, block: torch.Tensor, plan: BlockPlan) -> torch.Tensor:
+        """Block b's steps; returns the new ids [B, T]. Eager: logits only at as many positions as
+        the host knows may still be masked (from the plan, or threshold decoding's count);
+        compiled: over the whole block (one shape per block), a refresh eagerly."""
+        config = self.config
+        logits = BlockLogits(self.model, config, block, ids.shape[1])
+        late = LateCount(ids.device) if plan.counts is None and self.reads_late else None
+        bound = plan.most_left(0)  # masks left in the fullest row, or an upper bound of it
+        for i in range(plan.num_steps):
+            if plan.counts is not None:
+                bound = plan.most_left(i)  # known on the host from the plan
+            if bound == 0:
+                break
+            counts = None if plan.counts_on_device is None else plan.counts_on_device[:, i]  # [B]
+            step = block_step if self.compiled is None or logits.refreshes(i) else self.compiled
+            outputs = step(logits.at_step(i), ids, self.canvas, block, counts, config, self.generator,
+                           None if config.compile else bound)
+            if config.compile:  # copies: a CUDA graph reuses its output buffers at the next replay
+                outputs = [t.clone() for t in outputs]
+            ids, positions, committed, left = outputs
+            self.record(b, ids, positions, committed)
+            if plan.counts is None:  # threshold decoding: the count is data-dependent
+                bound = _masks_left(late, left, plan)
+        return ids
+
+    def record(self, b: int, ids: torch.Tensor, positions: torch.Tensor, committed: torch.Tensor) -> None:
+        """Count one model call of block b, add it to the trace, show it to the callback."""
+        self.out.sequences = ids
+        self.out.num_forward += 1
+        self.out.trace.append(TraceStep(b, positions, ids.gather(1, positions), committed))
+        if self.callback is not None:
+            self.callback(self.out)
 
 
 def _generators(seed: int | None, device):
@@ -493,44 +633,6 @@ def _generators(seed: int | None, device):
     if seed is None:
         return None, None
     return torch.Generator(device=device).manual_seed(seed), torch.Generator().manual_seed(seed + 1)
-
-
-@torch.no_grad()
-def _denoise(model, canvas: Canvas, config, *, mask_id, eos_id, pad_id, tokenizer,
-             callback) -> GenerateOutput:
-    """The blocks, left to right: plan the block, run its steps, end the block."""
-    ids = canvas.ids
-    generator, host_generator = _generators(config.seed, ids.device)
-    out = GenerateOutput(ids, 0, [], ids.clone(), list(canvas.answer_start), list(canvas.answer_end),
-                         mask_id)
-    replacement = None
-    if config.stop_strings and tokenizer is not None:
-        replacement = tokenizer.encode(FORK_STOP_REPLACEMENT, add_special_tokens=False)
-    static = None
-    if config.cache != "none" or config.compile:
-        from .cached import StaticSteps  # the cached / compiled fixed-shape step
-
-        static = StaticSteps(model, config, mask_id, eos_id)
-    for b, positions in enumerate(canvas.blocks):
-        plan = plan_block(ids, positions, canvas.steps_per_block, config, mask_id, host_generator)
-        if static is not None:
-            ids = static.run_block(out, b, ids, canvas, positions, plan, generator, callback)
-        else:
-            ids = _step_loop(model, out, b, ids, canvas, positions, plan, config, mask_id, eos_id,
-                             generator, callback)
-        if _end_of_block(out, ids, canvas, positions, b + 1 == len(canvas.blocks), config,
-                         replacement, mask_id=mask_id, eos_id=eos_id, pad_id=pad_id,
-                         tokenizer=tokenizer, callback=callback):
-            break
-    out.sequences = ids
-    return out
-
-
-def _resolve_pad_id(pad_id: int | None, tokenizer, eos_id: int) -> int:
-    """The id SFT pads answers with: given, else the tokenizer's pad id, else eos."""
-    if pad_id is None:
-        pad_id = getattr(tokenizer, "pad_id", None)
-    return eos_id if pad_id is None else pad_id
 
 
 def generate(model, prompts, config: SamplerConfig | None = None, *, mask_id: int, eos_id: int,
@@ -549,9 +651,7 @@ def generate(model, prompts, config: SamplerConfig | None = None, *, mask_id: in
     # canvas = [prompt | max_new_tokens x mask | eos padding], blocks aligned to each prompt's end
     canvas = build_canvas([row + [mask_id] * n_new for row in rows], lengths, n_new, lengths, config,
                           mask_id=mask_id, eos_id=eos_id, device=model_device(model))
-    return _denoise(model, canvas, config, mask_id=mask_id, eos_id=eos_id,
-                    pad_id=_resolve_pad_id(pad_id, tokenizer, eos_id), tokenizer=tokenizer,
-                    callback=callback)
+    return Denoiser(model, canvas, config, StopRules.make(config, tokenizer, pad_id, eos_id), callback).run()
 
 
 def infill(model, ids_with_masks, config: SamplerConfig | None = None, *, mask_id: int, eos_id: int,
@@ -560,7 +660,7 @@ def infill(model, ids_with_masks, config: SamplerConfig | None = None, *, mask_i
     """Fill every mask of the given sequences (masks may sit anywhere).
 
     Blocks of `block_length` tile the whole (eos-padded) sequence from position 0; each gets
-    ceil(steps / num_blocks) steps. `config.max_new_tokens` is not used.
+    ceil(steps / num_blocks) steps (at most a block's width). `config.max_new_tokens` is not used.
     """
     config = config or SamplerConfig()
     rows = _as_rows(ids_with_masks, "sequence")
@@ -574,11 +674,9 @@ def infill(model, ids_with_masks, config: SamplerConfig | None = None, *, mask_i
                           eos_id=eos_id, device=model_device(model))
     # no early stop and no stop strings: the given text is the user's, eos in it ends nothing
     config = replace(config, stop_at_eos=False, stop_strings=())
-    return _denoise(model, canvas, config, mask_id=mask_id, eos_id=eos_id,
-                    pad_id=_resolve_pad_id(pad_id, tokenizer, eos_id), tokenizer=tokenizer,
-                    callback=callback)
+    return Denoiser(model, canvas, config, StopRules.make(config, tokenizer, pad_id, eos_id), callback).run()
 
 
 __all__ = ["SamplerConfig", "GenerateOutput", "TraceStep", "generate", "infill", "denoise_step",
            "transfer_counts", "apply_repetition_penalty", "FORK_STOP_STRINGS", "build_canvas",
-           "plan_block"]
+           "plan_block", "block_step", "steps_per_block"]

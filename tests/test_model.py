@@ -100,7 +100,7 @@ def test_logits_at_equals_dense(tmp_path):
         assert rows.shape == expected.shape
         assert torch.allclose(rows, expected, atol=1e-5, rtol=0)
         index = torch.tensor([[0, 3, 3, 10], [20, 1, 0, 2], [4, 0, 1, 2]])  # [B, K] positions
-        gathered = model(ids, mask, logits_at=index)  # [B, K, V]
+        gathered = model.logits_at_positions(ids, mask, index)  # [B, K, V]
         for b in range(index.shape[0]):
             for k in range(index.shape[1]):
                 assert torch.allclose(gathered[b, k], dense[b, index[b, k]], atol=1e-5, rtol=0)

@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 
 from helpers import make_model_dir
+import minidiff
 from minidiff.errors import UserError
+from minidiff.sampler import SamplerConfig, generate
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "sample.py"
@@ -38,9 +40,6 @@ def sample_module():
 
 @pytest.mark.slow  # one python + torch start-up per run
 def test_prompts_json_match_generate(model_dir):
-    import minidiff
-    from minidiff.sampler import SamplerConfig, generate
-
     prompts = ["Merhaba, nasılsın?", "Türkiye'nin başkenti neresidir?"]
     res = run("--model", model_dir, "--prompt", prompts[0], "--prompt", prompts[1], "--preset",
               "diffutron-short", "--temperature", "0", "--max-new-tokens", "24", "--steps", "12",
@@ -69,9 +68,6 @@ def test_plain_output_is_only_the_answer_and_trace_html(model_dir, tmp_path):
     res = run(*args, "--trace-html", page)
     assert res.returncode == 0, res.stderr
     assert "\x1b[" not in res.stdout and "░" not in res.stdout  # not a terminal: no live view
-    import minidiff
-    from minidiff.sampler import SamplerConfig, generate
-
     tok, model = minidiff.load_tokenizer(model_dir), minidiff.load_model(model_dir)
     ids = [tok.bos_id] + tok.encode("Merhaba", add_special_tokens=False)
     out = generate(model, [ids], SamplerConfig(max_new_tokens=8, steps=8, block_length=4, seed=1),
@@ -92,8 +88,6 @@ def test_infill_and_chat(model_dir):
               "--steps", "2", "--block-length", "4")
     assert res.returncode == 0, res.stderr
     data = json.loads(res.stdout)
-    import minidiff
-
     tok = minidiff.load_tokenizer(model_dir)
     assert tok.mask_id not in data["ids"] and data["steps"] >= 1
     given = [tok.bos_id] + tok.encode("İstanbul ", add_special_tokens=False)
@@ -180,3 +174,43 @@ def test_bad_flags_are_one_sentence(tmp_path):
         assert res.returncode == 2, res.stderr
         assert res.stderr.startswith("error: ") and len(res.stderr.strip().splitlines()) == 1, res.stderr
         assert "usage:" not in res.stderr
+
+
+def test_steps_beyond_a_block_are_capped_with_a_note(sample_module, model_dir, capsys):
+    """--steps 1000000000 (which ran for ever) writes the answer of --steps 16, a block's
+    width for 16 new tokens in blocks of 8 x 2 blocks, and says so on stderr."""
+    base = ["--model", str(model_dir), "--prompt", "Merhaba", "--temperature", "0", "--max-new-tokens",
+            "16", "--block-length", "8", "--json"]
+    assert sample_module.main(base + ["--steps", "16"]) == 0
+    capped = capsys.readouterr()
+    assert sample_module.main(base + ["--steps", "1000000000"]) == 0
+    huge = capsys.readouterr()
+    assert capped.err == ""
+    assert huge.err.startswith("note: --steps 1000000000 gives 500000000 steps per block")
+    assert "at most 8 steps" in huge.err and len(huge.err.splitlines()) == 1
+    capped, huge = json.loads(capped.out), json.loads(huge.out)
+    assert huge["results"] == capped["results"] and huge["steps"] == capped["steps"]
+
+
+def test_many_prompts_run_in_batches(sample_module, model_dir, capsys):
+    """Three prompts with --batch-size 2 (two batches) print the answers of one batch of three:
+    each row of a batch equals that prompt alone (tests/test_sampler.py)."""
+    base = ["--model", str(model_dir), "--prompt", "Merhaba", "--prompt", "Nasılsın?", "--prompt", "Ev",
+            "--temperature", "0", "--max-new-tokens", "8", "--steps", "8", "--block-length", "4", "--json"]
+    answers = []
+    for batch_size in ("3", "2"):
+        assert sample_module.main(base + ["--batch-size", batch_size]) == 0
+        answers.append(json.loads(capsys.readouterr().out))
+    assert answers[1]["results"] == answers[0]["results"]
+    assert answers[1]["steps"] > answers[0]["steps"]  # two batches: twice the model calls
+
+
+@pytest.mark.slow  # one python + torch start-up per run
+def test_bad_sizes_exit_2_in_one_line(model_dir, tmp_path):
+    page = tmp_path / "t.html"
+    for args, words in ((["--batch-size", "0"], "--batch-size"), (["--seed", str(2**64)], "seed"),
+                        (["--prompt", "y", "--batch-size", "1", "--trace-html", page], "--trace-html")):
+        res = run("--model", model_dir, "--prompt", "x", *args)
+        assert res.returncode == 2 and res.stdout == "", res.stderr
+        assert res.stderr.startswith("error: ") and len(res.stderr.strip().splitlines()) == 1, res.stderr
+        assert words in res.stderr and "Traceback" not in res.stderr

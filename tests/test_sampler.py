@@ -15,9 +15,10 @@ import pytest
 import torch
 
 from helpers import EOS, MASK, PAD, tiny_model
+from minidiff import sampler
 from minidiff.errors import UserError
-from minidiff.sampler import (FORK_STOP_REPLACEMENT, SamplerConfig, denoise_step, generate, infill,
-                              transfer_counts)
+from minidiff.sampler import (FORK_STOP_REPLACEMENT, SamplerConfig, build_canvas, denoise_step, generate,
+                              infill, plan_block, transfer_counts)
 
 V = 64
 
@@ -183,6 +184,26 @@ def test_transfer_counts():
                 assert got == ref_counts(m, n, schedule) and sum(got) == m and len(got) <= n
 
 
+def test_steps_beyond_a_block_are_capped(model):
+    """The reference's counts for m masks are one token per step for every number of steps >= m,
+    so capping a block's steps at its width changes no token: a billion steps (which ran for
+    ever, or ran out of memory with the llada schedule) give exactly the tokens and model calls
+    of the capped count, here 12 new tokens in blocks of 4 with 12 steps."""
+    for m in range(0, 25):
+        for schedule in ("dllm", "llada"):
+            for n in (m, m + 1, 2 * m + 3, 500):
+                assert ref_counts(m, max(n, 1), schedule) == [1] * m
+    assert sampler.steps_per_block(10**9, 12, 4) == (333333334, 4)
+    assert sampler.steps_per_block(5, 12, 4) == (2, 2) and sampler.steps_per_block(7, 3, 8) == (7, 3)
+    prompts = [prompt(22, 5), prompt(23, 8)]
+    for unmasking in ("dllm", "llada"):
+        config = SamplerConfig(max_new_tokens=12, steps=12, block_length=4, stop_at_eos=False,
+                               unmasking=unmasking)
+        capped = generate(model, prompts, config, mask_id=MASK, eos_id=EOS)
+        huge = generate(model, prompts, config.replace(steps=10**9), mask_id=MASK, eos_id=EOS)
+        assert torch.equal(huge.sequences, capped.sequences) and huge.num_forward == capped.num_forward == 12
+
+
 # ----------------------------------------------------------------------------- the extras
 
 
@@ -204,19 +225,16 @@ def test_gumbel_max_samples_softmax_over_temperature():
     """Candidates at temperature T follow softmax(l / T): 4000 draws at one position."""
     logits = torch.tensor([2.0, 1.0, 0.0, -1.0, 0.5])
 
-    class Fixed(torch.nn.Module):
-        config = None
-
-        def forward(self, ids, attention_mask=None, logits_at=None):
-            return logits.expand(*logits_at.shape, -1).clone()
+    def fixed(ids, attention_mask, positions):
+        return logits.expand(*positions.shape, -1).clone()
 
     n, T = 4000, 0.7
-    canvas = torch.full((n, 1), MASK)
-    positions = torch.zeros(n, 1, dtype=torch.long)
     config = SamplerConfig(temperature=T, stop_at_eos=False)
-    denoise_step(Fixed(), canvas, None, positions, torch.ones(n, dtype=torch.long), None, config,
-                 MASK, EOS, torch.Generator().manual_seed(0))
-    freq = torch.bincount(canvas[:, 0], minlength=5).double() / n
+    canvas = build_canvas([[MASK]] * n, [0] * n, 1, [0] * n, config, mask_id=MASK, eos_id=EOS, device="cpu")
+    positions = torch.zeros(n, 1, dtype=torch.long)
+    denoise_step(fixed, canvas.ids, canvas, positions, torch.ones(n, dtype=torch.long), config,
+                 torch.Generator().manual_seed(0))
+    freq = torch.bincount(canvas.ids[:, 0], minlength=5).double() / n
     expected = torch.softmax(logits.double() / T, -1)
     assert (freq - expected).abs().max() < 0.03  # ~4 standard errors
 
@@ -236,11 +254,8 @@ def test_threshold_uses_fewer_calls(model):
 
 def test_step_makes_no_host_sync(model, monkeypatch):
     prompts = [prompt(12, 6), prompt(13, 4)]
-    canvas = torch.full((2, 14), EOS)
-    canvas[0, :6], canvas[0, 6:14] = torch.tensor(prompts[0]), MASK
-    canvas[1, :4], canvas[1, 4:12] = torch.tensor(prompts[1]), MASK
-    attention = (canvas != EOS).long()
-    given = attention.bool() & (canvas != MASK)
+    canvas = build_canvas([prompts[0] + [MASK] * 8, prompts[1] + [MASK] * 8], [6, 4], 8, [6, 4],
+                          SamplerConfig(block_length=4), mask_id=MASK, eos_id=EOS, device="cpu")
     positions = torch.tensor([[6, 7, 8, 9], [4, 5, 6, 7]])
     counts = torch.tensor([2, 1])
 
@@ -253,8 +268,8 @@ def test_step_makes_no_host_sync(model, monkeypatch):
         with monkeypatch.context() as m:
             for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero"):
                 m.setattr(torch.Tensor, name, forbidden)
-            commit = denoise_step(model, canvas, attention, positions, counts, given, config, MASK,
-                                  EOS, torch.Generator().manual_seed(0))
+            commit = denoise_step(model.logits_at_positions, canvas.ids, canvas, positions, counts,
+                                  config, torch.Generator().manual_seed(0))
         assert commit.sum() >= 2  # sanity: it did commit (checked after the patch is lifted)
     # the patch itself works: a Python `if` on a tensor trips it
     with monkeypatch.context() as m:
@@ -265,8 +280,6 @@ def test_step_makes_no_host_sync(model, monkeypatch):
 
 def test_host_reads_do_not_grow_with_steps(model, monkeypatch):
     """The whole loop: host reads happen per block, not per step (same count for 2 or 24 steps)."""
-    import minidiff.sampler as sampler
-
     monkeypatch.setattr(sampler, "transfer_counts", lambda m, n, schedule, **kw: ref_counts(m, n, schedule))
     reads = {"n": 0}
 
@@ -316,12 +329,10 @@ class ForceToken(torch.nn.Module):
         super().__init__()
         self.inner, self.token, self.position, self.config = inner, token, position, inner.config
 
-    def forward(self, ids, attention_mask=None, logits_at=None):
+    def logits_at_positions(self, ids, attention_mask, positions):
         logits = self.inner(ids, attention_mask).clone()  # [B, T, V]
         logits[:, self.position, self.token] += 100.0
-        if logits_at is None:
-            return logits
-        return logits.gather(1, logits_at[..., None].expand(-1, -1, logits.shape[-1]))
+        return logits.gather(1, positions[..., None].expand(-1, -1, logits.shape[-1]))
 
 
 def test_early_stop_at_eos(model):
@@ -377,6 +388,7 @@ def test_trace_frames_replay(model):
     (dict(unmasking="cosine"), "schedule"), (dict(max_new_tokens=0), "max_new_tokens"),
     (dict(threshold=1.5), "threshold"), (dict(repetition_penalty=0.0), "repetition_penalty"),
     (dict(stochastic=True, unmasking="llada"), "stochastic"), (dict(cfg_scale=-1.0), "cfg_scale"),
+    (dict(seed=-1), "seed"), (dict(seed=2**64), "seed"),
 ])
 def test_bad_config(kwargs, words):
     with pytest.raises(UserError, match=words):
@@ -413,8 +425,6 @@ def test_bad_inputs(model):
 def test_build_canvas_by_hand():
     """Two prompts of lengths 2 and 1, three new tokens in blocks of 2: the canvas, attention,
     cfg's given tokens and the prompt-aligned blocks written out by hand."""
-    from minidiff.sampler import build_canvas
-
     config = SamplerConfig(max_new_tokens=3, steps=4, block_length=2)
     rows = [[7, 8, MASK, MASK, MASK], [9, MASK, MASK, MASK]]
     canvas = build_canvas(rows, [2, 1], 3, [2, 1], config, mask_id=MASK, eos_id=EOS, device="cpu")
@@ -429,8 +439,6 @@ def test_build_canvas_by_hand():
 def test_plan_block_by_hand():
     """Masks left per row 3 and 1 over 2 steps: dllm's counts [2, 1] (round(3 / 2) half-to-even
     is 2) and [1] padded with a zero; the fullest row has 3, then 1, then 0 masks left."""
-    from minidiff.sampler import plan_block
-
     ids = torch.tensor([[5, MASK, MASK, MASK], [5, 6, MASK, 7]])
     positions = torch.tensor([[1, 2, 3], [1, 2, 3]])
     plan = plan_block(ids, positions, 2, SamplerConfig(), MASK)

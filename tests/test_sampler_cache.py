@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from helpers import EOS, MASK, tiny_model
-from minidiff.cached import static_step
+from minidiff.cached import BlockLogits
 from minidiff.errors import UserError
 from minidiff.model import KVCache
-from minidiff.sampler import SamplerConfig, generate
+from minidiff.sampler import SamplerConfig, block_step, build_canvas, generate
 
 V = 64
 
@@ -159,26 +159,29 @@ def test_cache_modes_fill_every_mask_and_validate(model):
 def test_step_makes_no_host_read(model, monkeypatch):
     """The fixed-shape step (fill and cached, with threshold, penalty and cfg) with every
     tensor-to-host conversion patched to fail."""
-    x, mask, lengths = canvas_of(BATCHES["three lengths, attention mask"], 8)
-    positions = torch.tensor(lengths)[:, None] + torch.arange(4)[None]
-    given = torch.arange(x.shape[1])[None] < torch.tensor(lengths)[:, None]
-    counts = torch.tensor([1, 2, 1])
+    prompts = BATCHES["three lengths, attention mask"]
+    canvas = build_canvas([p + [MASK] * 8 for p in prompts], [len(p) for p in prompts], 8,
+                          [len(p) for p in prompts], SamplerConfig(block_length=4), mask_id=MASK,
+                          eos_id=EOS, device="cpu")
+    block, counts = canvas.blocks[0], torch.tensor([1, 2, 1])
+    configs = [SamplerConfig(cache=mode, threshold=threshold, repetition_penalty=1.2, cfg_scale=0.5)
+               for mode, threshold in (("dual", None), ("prefix", 0.5), ("none", None))]
+    # made before the patch: prefix mode reads the block's start once per block
+    sources = [BlockLogits(model, config, block, canvas.ids.shape[1]) for config in configs]
 
     def fail(*args, **kwargs):
         raise AssertionError("host read in the step")
 
     for name in ("item", "tolist", "__bool__", "__int__", "__float__"):
         monkeypatch.setattr(torch.Tensor, name, fail)
-    for mode, threshold in (("dual", None), ("prefix", 0.5), ("none", None)):
-        config = SamplerConfig(cache=mode, threshold=threshold, repetition_penalty=1.2, cfg_scale=0.5)
-        cache = None if mode == "none" else KVCache()
-        width = x.shape[1] - min(lengths)
-        for fill in ((True, False) if cache is not None else (False,)):
+    for config, logits in zip(configs, sources):
+        for i in ((0, 1) if config.cache != "none" else (0,)):  # step 0 fills the cache, step 1 reads it
+            assert logits.refreshes(i) == (config.cache != "none" and i == 0)
             for logit_width in (None, 2):  # the whole block, or the first 2 still-masked positions
-                canvas, where, committed, left = static_step(model, cache, fill, width, x, mask, positions,
-                                                             counts, given, config, MASK, EOS, None, logit_width)
-                assert canvas.shape == x.shape and left.dim() == 0
-                assert where.shape == committed.shape == (3, 4 if logit_width is None else 2)
+                ids, positions, committed, left = block_step(logits.at_step(i), canvas.ids, canvas, block,
+                                                             counts, config, None, logit_width)
+                assert ids.shape == canvas.ids.shape and left.dim() == 0
+                assert positions.shape == committed.shape == (3, 4 if logit_width is None else 2)
 
 
 @pytest.mark.slow  # inductor compiles the step once (C++ on the CPU): tens of seconds
