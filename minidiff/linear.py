@@ -1,0 +1,54 @@
+"""Small-row products at their bound: y = x W^T + b through oneDNN's matmul on the CPU.
+
+References: oneDNN (the matmul primitive PyTorch ships as `torch.ops.mkldnn`); the roofline
+model (Williams, Waterman and Patterson, CACM 2009) for the bound. Measurements and the
+formulations tried: docs/benchmarks.md ("Roofline"), `python benchmarks/roofline.py --products`.
+
+    y = linear(x, weight, bias)     # = F.linear(x, weight, bias), up to fp32 rounding
+    Linear(768, 2304)               # an nn.Linear whose forward is `linear`
+
+A sampling step multiplies few rows (M <= 32: one block of one or a few sequences) by large
+weights, the 256k-token decoder [V, H] above all. Such a product should run at its bound,
+max(2 M K N / peak FLOP/s, bytes of W / read bandwidth). In fp32 on the CPU, PyTorch's F.linear
+calls MKL's sgemm, which on the AMD EPYC this was measured on takes 2-8x its bound at M <= 32
+(the same holds for (W @ x^T)^T, a pre-transposed weight or vocabulary chunks); oneDNN's matmul
+on the same plain [N, K] weight takes 1.4-2.2x, and at M up to 512 it is never slower.
+
+oneDNN's op has no autograd formula, so `linear` uses it only where no gradient can flow: fp32
+CPU tensors, no autocast, and grad mode off or no input requiring grad (sampling, evaluation,
+the inside of an autograd.Function's forward such as chunked_loss). Everything else is
+F.linear, unchanged. `torch.backends.mkldnn.enabled = False` turns the oneDNN path off.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _onednn_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """True where oneDNN's fp32 matmul may stand in for F.linear: CPU, fp32, no gradient."""
+    tensors = (x, weight) if bias is None else (x, weight, bias)
+    if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
+        return False
+    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
+        return False
+    if torch.is_autocast_enabled("cpu"):
+        return False  # F.linear would run in the autocast dtype
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x W^T + b for x [..., K], weight [N, K], bias [N] or None -> [..., N] (F.linear's
+    contract); oneDNN's matmul where `_onednn_applies`, else F.linear."""
+    if _onednn_applies(x, weight, bias):
+        # y = x W^T + b, oneDNN reading W [N, K] as it is stored (no repacking)   [..., N]
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters, same state-dict keys) whose product is `linear`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
