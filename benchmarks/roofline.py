@@ -48,7 +48,6 @@ from minidiff.device import check_available, inference_precision, resolve_device
 from minidiff.diffusion import mc_loglik, nelbo_loss  # noqa: E402
 from minidiff.errors import UserError, run_cli  # noqa: E402
 from minidiff.files import atomic_path, write_json  # noqa: E402
-from minidiff.linear import linear  # noqa: E402
 from minidiff.lora import apply_lora  # noqa: E402
 from minidiff.model import ModelConfig, ModernBertMLM  # noqa: E402
 from minidiff.sampler import SamplerConfig, generate  # noqa: E402
@@ -382,7 +381,8 @@ def product_candidates(rows: int) -> dict:
         "(W @ x^T)^T": (same, lambda x, w: (w @ x.t()).t(), torch.float32),
         "x @ W^T stored [K, N]": (lambda w: w.t().contiguous(), lambda x, wt: x @ wt, torch.float32),
         "(W_c @ x^T)^T, 8192-row chunks": (same, _vocabulary_chunks, torch.float32),
-        "oneDNN, plain W (minidiff.linear)": (same, linear, torch.float32),
+        "oneDNN, plain W (minidiff.linear at M > 1)": (
+            same, lambda x, w: mkldnn._linear_pointwise(x, w, None, "none", [], ""), torch.float32),
         "oneDNN, W prepacked for M": (lambda w: mkldnn._reorder_linear_weight(w, rows),
                                       lambda x, p: mkldnn._linear_pointwise(x, p, None, "none", [], ""),
                                       torch.float32),

@@ -10,9 +10,12 @@ formulations tried: docs/benchmarks.md ("Roofline"), `python benchmarks/roofline
 A sampling step multiplies few rows (M <= 32: one block of one or a few sequences) by large
 weights, the 256k-token decoder [V, H] above all. Such a product should run at its bound,
 max(2 M K N / peak FLOP/s, bytes of W / read bandwidth). In fp32 on the CPU, PyTorch's F.linear
-calls MKL's sgemm, which on the AMD EPYC this was measured on takes 2-8x its bound at M <= 32
-(the same holds for (W @ x^T)^T, a pre-transposed weight or vocabulary chunks); oneDNN's matmul
-on the same plain [N, K] weight takes 1.4-2.2x, and at M up to 512 it is never slower.
+calls MKL's sgemm, which on the AMD EPYC (Zen 4) this was measured on takes 3-5x its bound at
+M = 8 and 1.4-1.9x at M = 32 ((W @ x^T)^T, a pre-transposed weight and vocabulary chunks do no
+better); oneDNN's matmul on the same plain [N, K] weight takes 2.4-2.9x and 1.1-1.5x, and at M
+up to 512 it was never slower. A single row (M = 1) stays with F.linear: MKL's matrix-vector
+product runs on one thread, where oneDNN was no faster on one thread and, on a busy 2-core
+machine, up to 10x slower on two.
 
 oneDNN's op has no autograd formula, so `linear` uses it only where no gradient can flow: fp32
 CPU tensors, no autocast, and grad mode off or no input requiring grad (sampling, evaluation,
@@ -35,6 +38,8 @@ def _onednn_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
         return False
     if torch.is_autocast_enabled("cpu"):
         return False  # F.linear would run in the autocast dtype
+    if x.numel() <= x.shape[-1]:
+        return False  # one row: MKL's matrix-vector product, on one thread (see the module docstring)
     return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
 
