@@ -4,7 +4,7 @@ References: the roofline model (Williams, Waterman and Patterson, CACM 2009); Mo
 (arXiv 2412.13663) and mmBERT (2509.06888) for the default shape; LLaDA (2502.09992) and
 Fast-dLLM (2505.22618) for the sampler step. Findings: docs/benchmarks.md ("Roofline").
 
-    python benchmarks/roofline.py                       # mmBERT-base shape on the CPU (1-2 minutes)
+    python benchmarks/roofline.py --threads 1           # mmBERT-base shape on the CPU (3 minutes on 2 busy cores)
     python benchmarks/roofline.py --toy                 # a tiny shape (seconds)
     python benchmarks/roofline.py --json cpu.json --plot roofline.png
     python benchmarks/roofline.py --device cuda --json gpu.json     # what gpu_check.sh runs
@@ -23,7 +23,8 @@ Counting, in each path's first (untimed) run, every op it dispatches (TorchDispa
             cache kept anything between ops
     bound = max(FLOPs / peak FLOP/s, bytes / read bandwidth)   (C: compute, M: memory bound)
 with the peak of the dtype the path computes in; the H200 column applies the same counts to
-4.8 TB/s and 990 dense bf16 TFLOP/s. Times are medians of --repeats runs after the counted one.
+4.8 TB/s and 990 dense bf16 TFLOP/s. Times are medians of --repeats calls after the counted one.
+--products instead times each small-row product (decoder, layers) by several formulations.
 """
 from __future__ import annotations
 
@@ -182,14 +183,14 @@ class Shapes:
 
     decoder_rows: tuple = (1, 8, 32, 128, 512)
     layer_tokens: tuple = (32, 128, 512)
-    prompt: int = 32
-    block: int = 32
-    new_tokens: int = 64  # two blocks, in `sampler_steps` steps (half per block)
+    prompt: int = 16
+    block: int = 16
+    new_tokens: int = 32  # two blocks, in `sampler_steps` steps (half per block)
     sampler_steps: int = 4
     answer: int = 16
     mc_samples: int = 8
-    loss_rows: int = 256
-    train_batch: tuple = (2, 128)
+    loss_rows: int = 128
+    train_batch: tuple = (1, 128)
     lora_rank: int = 256  # Diffutron's r (arXiv 2603.20466)
 
 
@@ -461,7 +462,7 @@ def main(argv=None) -> int:
     p.add_argument("--config", default=None, help="a config.json to take the shape from (default: mmBERT-base)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N")
     p.add_argument("--dtype", default="auto", help="auto (cpu: fp32; cuda: bf16 autocast), float32, bfloat16")
-    p.add_argument("--repeats", type=int, default=3, help="timed calls per path after the counted one (median)")
+    p.add_argument("--repeats", type=int, default=1, help="timed calls per path after the counted one (median)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--json", default=None, help="write machine, counts and times here")
     p.add_argument("--plot", default=None, help="draw the roofline picture to this PNG (needs matplotlib)")
@@ -484,8 +485,11 @@ def main(argv=None) -> int:
     compute_dtype = precision.autocast_dtype or precision.weights
     machine = measure_machine(device, *machine_sizes(device, args.toy))
     shapes = TOY_SHAPES if args.toy else Shapes()
-    rows = [add_bounds(measure(path, device, args.repeats), machine, compute_dtype)
-            for path in hot_paths(config, shapes, device, precision)]
+    rows = []
+    for path in hot_paths(config, shapes, device, precision):
+        started = time.perf_counter()
+        rows.append(add_bounds(measure(path, device, args.repeats), machine, compute_dtype))
+        print(f"{path.name}: {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
     print(f"\nroofline: {machine['device']}, {machine['threads']} threads, torch {torch.__version__}, "
           f"{precision.describe()}; hidden {config.hidden_size}, {config.num_hidden_layers} layers, "
           f"vocabulary {config.vocab_size}; matmul {machine['matmul_flops_float32'] / 1e9:.0f} GFLOP/s fp32, "
