@@ -396,6 +396,25 @@ def product_candidates(rows: int) -> dict:
     return candidates
 
 
+def time_products(runs: dict, dtypes: dict, shape: tuple, repeats: int, toy: bool) -> tuple[dict, dict]:
+    """Seconds and time / bound of each run, in `repeats` interleaved rounds, each round's bound
+    from a fresh (quick) measure_machine; shape = (M, K, N, copies of W)."""
+    m, K, N, copies = shape
+    times, ratios = {name: [] for name in runs}, {name: [] for name in runs}
+    for _ in range(repeats):
+        machine = measure_machine(torch.device("cpu"), *((256, 2**25) if toy else (1024, 2**28)), repeats=2)
+        for name, run in runs.items():
+            dtype = dtypes[name]
+            peak = machine["matmul_flops_" + str(dtype).replace("torch.", "")]
+            # 2 M K N FLOPs; read W, x and write y, in the product's dtype
+            limit, _ = bound(2 * m * K * N * copies, copies * (N * K + m * N + m * K) * dtype.itemsize, peak,
+                             machine["read_bytes_per_s"])
+            t = seconds(run, torch.device("cpu"), 1)[0]
+            times[name].append(t)
+            ratios[name].append(t / limit)
+    return times, ratios
+
+
 def compare_products(config: ModelConfig, repeats: int, toy: bool) -> None:
     """Each small-row product of the model (the decoder; each layer's four, over all layers so
     the weights come from memory as in a forward) by every candidate formulation: median ms and
@@ -404,7 +423,6 @@ def compare_products(config: ModelConfig, repeats: int, toy: bool) -> None:
     products = {f"decoder [M, {H}] x [{H}, {V}]": (V, H, 1), f"Wqkv [M, {H}] x [{H}, {3 * H}], x{L}": (3 * H, H, L),
                 f"attention Wo [M, {H}] x [{H}, {H}], x{L}": (H, H, L),
                 f"Wi [M, {H}] x [{H}, {2 * I}], x{L}": (2 * I, H, L), f"MLP Wo [M, {I}] x [{I}, {H}], x{L}": (H, I, L)}
-    cpu = torch.device("cpu")
     print(f"\nsmall-row products, fp32 unless named, {torch.get_num_threads()} threads; "
           f"ms (time / bound), median of {repeats} interleaved rounds; error: max |y - y64| / max |y64|")
     for title, (N, K, copies) in products.items():
@@ -422,16 +440,8 @@ def compare_products(config: ModelConfig, repeats: int, toy: bool) -> None:
                     got = product(x, prepared[0]).double()
                     errors[name] = max(errors.get(name, 0.0), ((got - want).abs().max() / want.abs().max()).item())
                     runs[name] = lambda product=product, prepared=prepared: [product(x, p) for p in prepared]
-                times, ratios = {name: [] for name in runs}, {name: [] for name in runs}
-                for _ in range(repeats):
-                    machine = measure_machine(cpu, *((256, 2**25) if toy else (1024, 2**28)), repeats=2)
-                    for name, run in runs.items():
-                        peak = machine["matmul_flops_" + str(candidates[name][2]).replace("torch.", "")]
-                        limit, _ = bound(2 * m * K * N * copies, copies * (N * K + m * N + m * K) * 4, peak,
-                                         machine["read_bytes_per_s"])
-                        t = seconds(run, cpu, 1)[0]
-                        times[name].append(t)
-                        ratios[name].append(t / limit)
+                times, ratios = time_products(runs, {n: c[2] for n, c in candidates.items()}, (m, K, N, copies),
+                                              repeats, toy)
             for name in runs:
                 cells.setdefault(name, []).append(f"{1e3 * statistics.median(times[name]):.3g} "
                                                   f"({statistics.median(ratios[name]):.2f}x)")

@@ -10,12 +10,13 @@ formulations tried: docs/benchmarks.md ("Roofline"), `python benchmarks/roofline
 A sampling step multiplies few rows (M <= 32: one block of one or a few sequences) by large
 weights, the 256k-token decoder [V, H] above all. Such a product should run at its bound,
 max(2 M K N / peak FLOP/s, bytes of W / read bandwidth). In fp32 on the CPU, PyTorch's F.linear
-calls MKL's sgemm, which on the AMD EPYC (Zen 4) this was measured on takes 3-5x its bound at
-M = 8 and 1.4-1.9x at M = 32 ((W @ x^T)^T, a pre-transposed weight and vocabulary chunks do no
-better); oneDNN's matmul on the same plain [N, K] weight takes 2.4-2.9x and 1.1-1.5x, and at M
-up to 512 it was never slower. A single row (M = 1) stays with F.linear: MKL's matrix-vector
-product runs on one thread, where oneDNN was no faster on one thread and, on a busy 2-core
-machine, up to 10x slower on two.
+calls MKL's sgemm, which on the AMD EPYC (Zen 4) this was measured on takes 2.8-4.6x its bound
+at M = 8 and 1.5-2.1x at M = 32 ((W @ x^T)^T, a pre-transposed weight and vocabulary chunks do
+no better); oneDNN's matmul on the same plain [N, K] weight takes 2.6-3.7x and 1.2-1.6x (one
+product, the MLP's Wo at M = 8, was 8% slower than F.linear), and on the decoder from M = 32 to
+512 it was 1.1-1.6x faster. A single row (M = 1) stays with F.linear: MKL's
+matrix-vector product runs on one thread, while oneDNN spreads it over all of them, which on a
+busy 2-core machine made the layers' small products up to 10x slower.
 
 oneDNN's op has no autograd formula, so `linear` uses it only where no gradient can flow: fp32
 CPU tensors, no autocast, and grad mode off or no input requiring grad (sampling, evaluation,
