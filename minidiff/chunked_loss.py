@@ -18,7 +18,8 @@ fit in `LOGITS_BUDGET_BYTES` of logits (fp32, or fp64 when the inputs are fp64).
 Under autocast (bf16 on a GPU) the matmuls run in the autocast dtype, as the decoder's
 nn.Linear would, while each chunk's logsumexp/softmax runs in fp32. With LoRA the decoder is
 frozen, so no [V, H] gradient is computed at all; without grad (evaluation) nothing but the
-loss is computed.
+loss is computed. The logits' product is `linear.linear` (on the CPU in fp32 oneDNN's matmul,
+which reaches a chunk's compute bound more closely than F.linear; docs/benchmarks.md).
 
     loss, token_ce = linear_cross_entropy(features, decoder.weight, decoder.bias, targets,
                                           row_weights, excluded_column=mask_id)
@@ -26,6 +27,8 @@ loss is computed.
 from __future__ import annotations
 
 import torch
+
+from .linear import linear
 
 # Bytes of logits one chunk may hold: 256 MiB = 262 rows of a 256,000-token fp32 vocabulary.
 LOGITS_BUDGET_BYTES = 256 * 2**20
@@ -55,10 +58,8 @@ def _decoder_for_matmuls(weight, bias):
 
 def _chunk_logits(features, weight, bias, excluded_column):
     """z = f W^T + b for one chunk, in >= fp32, the excluded column at -inf.  [c, H] -> [c, V]"""
-    if bias is None:
-        logits = features @ weight.t()  # [c, V], in the autocast dtype under autocast
-    else:
-        logits = torch.addmm(bias, features, weight.t())  # [c, V]
+    # z = f W^T + b   [c, V], in the autocast dtype under autocast (linear.py: oneDNN in fp32 on the CPU)
+    logits = linear(features, weight, bias)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # softmax in >= fp32
     if excluded_column is not None:
         logits[:, excluded_column] = float("-inf")

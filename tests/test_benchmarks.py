@@ -120,3 +120,39 @@ def test_bench_sample_caches_on_text(model_dir, tmp_path):
     assert "2 plain-text prompts of 9 tokens" in done.stdout
     bad = run("--model", model_dir, "--text-data", rows, "--num-prompts", 500)
     assert bad.returncode == 2 and "fewer than 500 prompts" in bad.stderr
+
+
+@pytest.mark.slow  # one python + torch start-up, every hot path at the tiny shape
+def test_roofline_toy_counts_match_hand_counts(tmp_path):
+    """roofline.py --toy: the decoder's FLOPs (2 M K N) and bytes (W, b, x, y), and one encoder
+    layer's FLOPs (its four products + attention) equal counts written out by hand."""
+    out = tmp_path / "toy.json"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "roofline.py"), "--toy", "--repeats", "1",
+                           "--json", out], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr
+    report = json.loads(out.read_text(encoding="utf-8"))
+    rows = {row["name"]: row for row in report["paths"]}
+    H, I, V, heads = 64, 96, 1000, 2  # the toy shape (gpu_check's quick model)
+    M = 8
+    decoder = rows[f"decoder [{M}, {H}] x [{H}, {V}]"]
+    assert decoder["flops"] == 2 * M * H * V
+    assert decoder["bytes"] == 4 * (V * H + V + M * H + M * V)  # read W, b, x; write y (fp32)
+    S, d = 8, H // heads
+    products = H * 3 * H + H * H + H * 2 * I + I * H  # Wqkv, attention Wo, Wi, MLP Wo
+    attention = 2 * heads * S * S * d * 2  # q k^T and the weighted sum of v
+    assert rows[f"encoder layer, {S} tokens"]["flops"] == 2 * S * products + attention
+    assert {"sampler step, cache dual, batch 8", "LoRA micro-batch 2 x 16 (r=8), fwd + bwd"} <= set(rows)
+    for row in rows.values():
+        assert row["flops"] > 0 and row["bytes"] > 0 and row["seconds"] > 0 and row["bound_seconds"] > 0
+    table = [line for line in done.stdout.splitlines() if line.startswith(f"| decoder [{M}, ")]
+    assert len(table) == 1 and table[0].split(" | ")[1] == f"{2 * M * H * V / 1e9:.3g}"
+
+
+def test_roofline_bad_compare_file(tmp_path):
+    bad = tmp_path / "gpu.json"
+    bad.write_text("{}", encoding="utf-8")
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "roofline.py"), "--toy", "--compare", bad],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.startswith(f"error: --compare {bad}") and done.stderr.count("\n") == 1

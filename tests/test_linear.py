@@ -1,0 +1,104 @@
+"""minidiff.linear: the oneDNN product equals F.linear computed in float64 (fp32 tolerances) for
+every layout a model hands it, runs only where no gradient can flow, and Linear is an nn.Linear."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from minidiff.linear import Linear, linear
+
+
+class OpNames(TorchDispatchMode):
+    """Records the name of every aten/mkldnn op that runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+def reference(x, weight, bias):
+    return F.linear(x.double(), weight.double(), None if bias is None else bias.double()).float()
+
+
+@pytest.mark.parametrize("rows", [1, 8, 32])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_small_row_products_match_float64(rows, with_bias):
+    g = torch.Generator().manual_seed(rows)
+    weight = torch.randn(2304, 768, generator=g) * 0.02  # a layer's Wqkv
+    bias = torch.randn(2304, generator=g) if with_bias else None
+    x = torch.randn(rows, 768, generator=g)
+    with torch.no_grad(), OpNames() as ops:
+        got = linear(x, weight, bias)
+    assert ("mkldnn._linear_pointwise" in ops.names) == (rows > 1)  # one row: F.linear
+    torch.testing.assert_close(got, reference(x, weight, bias))  # fp32 tolerances
+
+
+def test_every_layout_matches_float64():
+    g = torch.Generator().manual_seed(0)
+    weight, bias = torch.randn(300, 40, generator=g), torch.randn(300, generator=g)
+    inputs = {"vector": torch.randn(40, generator=g), "no rows": torch.randn(0, 40, generator=g),
+              "transposed": torch.randn(40, 5, generator=g).t(), "batch": torch.randn(2, 3, 40, generator=g),
+              "strided": torch.randn(2, 3, 80, generator=g)[..., ::2], "every other row": torch.randn(8, 40, generator=g)[::2]}
+    weights = {"contiguous": weight, "transposed": weight.t().contiguous().t()}
+    with torch.no_grad():
+        for (x_name, x), (w_name, w) in [(a, b) for a in inputs.items() for b in weights.items()]:
+            got = linear(x, w, bias)
+            assert got.shape == (*x.shape[:-1], 300), (x_name, w_name)
+            torch.testing.assert_close(got, reference(x, w, bias), msg=f"{x_name} x, {w_name} weight")
+
+
+def test_gradients_use_f_linear_and_are_exact():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(4, 16, generator=g, requires_grad=True)
+    weight = torch.randn(24, 16, generator=g, requires_grad=True)
+    bias = torch.randn(24, generator=g, requires_grad=True)
+    with OpNames() as ops:
+        out = linear(x, weight, bias)
+    assert "mkldnn._linear_pointwise" not in ops.names
+    (out ** 2).sum().backward()
+    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, weight, bias))
+    (F.linear(x64, w64, b64) ** 2).sum().backward()
+    for got, want in [(x.grad, x64.grad), (weight.grad, w64.grad), (bias.grad, b64.grad)]:
+        torch.testing.assert_close(got, want.float())
+
+
+def test_frozen_weight_with_grad_input_still_backpropagates():
+    # a LoRA base layer: the weight is frozen, the input carries the gradient
+    weight = torch.randn(8, 6)
+    x = torch.randn(3, 6, requires_grad=True)
+    linear(x, weight).sum().backward()
+    torch.testing.assert_close(x.grad, weight.sum(0).expand(3, 6))
+
+
+def test_autocast_and_other_dtypes_are_f_linears():
+    weight, x = torch.randn(8, 6), torch.randn(3, 6)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert linear(x, weight).dtype == torch.bfloat16  # as F.linear under autocast
+    with torch.no_grad(), OpNames() as ops:
+        got = linear(x.double(), weight.double())
+    assert "mkldnn._linear_pointwise" not in ops.names and got.dtype == torch.float64
+
+
+def test_mkldnn_switch_turns_it_off(monkeypatch):
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
+    with torch.no_grad(), OpNames() as ops:
+        linear(torch.randn(2, 6), torch.randn(8, 6))
+    assert "mkldnn._linear_pointwise" not in ops.names
+
+
+def test_linear_module_is_an_nn_linear():
+    torch.manual_seed(0)
+    plain = nn.Linear(12, 20)
+    ours = Linear(12, 20)
+    ours.load_state_dict(plain.state_dict())
+    assert isinstance(ours, nn.Linear) and list(ours.state_dict()) == ["weight", "bias"]
+    x = torch.randn(5, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), reference(x, plain.weight, plain.bias))
