@@ -14,7 +14,8 @@ Forward pass (ModernBERT 2412.13663; as transformers' modeling_modernbert):
     h = final_norm(x);  logits = decoder(head.norm(gelu(head.dense(h))))
 Layer l is global when l % global_attn_every_n_layers == 0, else local: query i sees key j
 only when |i - j| <= local_attention // 2. Of minidiff this module imports only `files` (the
-atomic writes of `save_pretrained`).
+atomic writes of `save_pretrained`) and `linear` (nn.Linear whose small-row fp32 CPU products
+run through oneDNN, at their bound; docs/benchmarks.md, "Roofline").
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 from .files import atomic_path, write_json
+from .linear import Linear
 
 
 @dataclass
@@ -183,8 +185,8 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.head_dim = config.head_dim
-        self.Wqkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.attention_bias)
-        self.Wo = nn.Linear(config.hidden_size, config.hidden_size, bias=config.attention_bias)
+        self.Wqkv = Linear(config.hidden_size, 3 * config.hidden_size, bias=config.attention_bias)
+        self.Wo = Linear(config.hidden_size, config.hidden_size, bias=config.attention_bias)
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None = None, layer: int = 0):
         q, k, v = self.project(x, cos, sin)  # each [B, heads, S, d]
@@ -210,8 +212,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.Wi = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias)
-        self.Wo = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.Wi = Linear(config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias)
+        self.Wo = Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
         self.act = activation(config.hidden_activation)
 
     def forward(self, x):
@@ -393,7 +395,7 @@ class Encoder(nn.Module):
 class PredictionHead(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size, bias=config.classifier_bias)
+        self.dense = Linear(config.hidden_size, config.hidden_size, bias=config.classifier_bias)
         self.act = activation(config.classifier_activation)
         self.norm = layer_norm(config)
 
@@ -423,7 +425,7 @@ class ModernBertMLM(nn.Module):
         self.config = config
         self.model = Encoder(config)
         self.head = PredictionHead(config)
-        self.decoder = nn.Linear(config.hidden_size, config.vocab_size, bias=config.decoder_bias)
+        self.decoder = Linear(config.hidden_size, config.vocab_size, bias=config.decoder_bias)
         self.reset_parameters()
         if config.tie_word_embeddings:
             self.decoder.weight = self.model.embeddings.tok_embeddings.weight
