@@ -33,6 +33,8 @@ from torch import nn
 def _onednn_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """True where oneDNN's fp32 matmul may stand in for F.linear: CPU, fp32, no gradient."""
     tensors = (x, weight) if bias is None else (x, weight, bias)
+    if torch.compiler.is_compiling():
+        return False  # torch.compile chooses its own kernels for F.linear
     if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
         return False
     if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
