@@ -45,7 +45,7 @@ def stand_in_corpora(tmp_path: Path):
 TINY = ["--vocab-size", "300", "--hidden-size", "32", "--num-layers", "2", "--intermediate-size", "48",
         "--max-len", "32", "--sft-max-len", "64", "--block-length", "4", "--held-out-chars", "300", "--cpt-steps", "6", "--cpt-batch-size", "4",
         "--sft-epochs", "1", "--sft-batch-size", "4", "--sft-held-out", "2", "--samples", "3",
-        "--new-tokens", "8", "--no-progress"]
+        "--new-tokens", "8", "--infill-snippets", "8", "--no-progress"]
 
 
 def check_infill(infill: dict, out: Path, printed: str) -> None:
