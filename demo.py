@@ -177,6 +177,11 @@ def character_ids(tok) -> dict[str, int]:
     return {(" " if piece == "▁" else piece): i for piece, i in vocab.items() if len(piece) == 1}
 
 
+def id_characters(tok) -> dict[int, str]:
+    """id -> character, the inverse of `character_ids`."""
+    return {i: c for c, i in character_ids(tok).items()}
+
+
 def as_snippet(tok, text: str, char_ids: dict[str, int]) -> Snippet | None:
     """The snippet if one character is exactly one token (after an optional leading "▁"), else None."""
     ids = tok.encode(text, add_special_tokens=False)
@@ -321,7 +326,7 @@ def held_out_snippets(tok, held_speeches: list[str], config: DemoConfig) -> tupl
 def infill_table(model, tok, snippets: list[Snippet], train_texts: list[str], config: DemoConfig) -> dict:
     """Character accuracy on the masked positions, per masking: the model (one character per
     step, and all at once) against the most frequent character and the two-sided bigram."""
-    id_chars = {i: c for c, i in character_ids(tok).items()}
+    id_chars = id_characters(tok)
     truths = [s.text for s in snippets]
     bigram = CharBigram(train_texts, alphabet="".join(truths))
     frequent = most_frequent_character(train_texts)
@@ -351,7 +356,7 @@ def denoising_example(model, tok, snippets: list[Snippet], masks: list[list[int]
     words = [len(_runs(m)) for m in masks]
     pick = next((i for i, w in enumerate(words) if w >= 3), max(range(len(words)), key=words.__getitem__))
     snippet, masked = snippets[pick], masks[pick]
-    id_chars = {i: c for c, i in character_ids(tok).items()}
+    id_chars = id_characters(tok)
     filled, out = fill_by_model(model, tok, [snippet], [masked], id_chars, one_step=False)
     frames = []
     for canvas in out.frames():  # the canvas after each step, frame 0 = before the first
