@@ -140,6 +140,7 @@ MASKINGS = (  # (name, kind, rate): the rows of the infilling table
     ("random characters, 30%", "characters", 0.30),
     ("whole words, 20% of the words", "words", 0.20),
 )
+EXAMPLE_MASKING = 1  # the row of MASKINGS whose masks the step-by-step example shows
 MASK_SHOWN = "▒"  # a masked character on the page
 NOT_A_CHARACTER = "\ufffd"  # what a fill that is no single character (a byte, a special) reads as
 MIN_SNIPPET = 24  # characters; shorter pieces (a speech's last words) are left out
@@ -330,7 +331,7 @@ def infill_table(model, tok, snippets: list[Snippet], train_texts: list[str], co
     truths = [s.text for s in snippets]
     bigram = CharBigram(train_texts, alphabet="".join(truths))
     frequent = most_frequent_character(train_texts)
-    rows, drawn = [], {}
+    rows, drawn = [], []
     for n, (name, kind, rate) in enumerate(MASKINGS):
         rng = random.Random(config.seed * 1000 + n)
         draw = mask_characters if kind == "characters" else mask_words
@@ -345,17 +346,14 @@ def infill_table(model, tok, snippets: list[Snippet], train_texts: list[str], co
         }
         rows.append({"masking": name, "masked_chars": sum(map(len, masks)),
                      **{k: masked_accuracy(truths, g, masks) for k, g in guesses.items()}})
-        drawn[kind] = masks
+        drawn.append(masks)
     return {"rows": rows, "snippets": len(snippets), "chars": sum(map(len, truths)),
             "most_frequent_char": frequent, "masks": drawn}
 
 
-def denoising_example(model, tok, snippets: list[Snippet], masks: list[list[int]], html_path: Path) -> dict:
+def denoising_example(model, tok, snippet: Snippet, masked: list[int], html_path: Path) -> dict:
     """One snippet filled step by step: its canvas after every step (masks as MASK_SHOWN), also
-    written as the sampler's HTML replay. The snippet: the first with three or more masked words."""
-    words = [len(_runs(m)) for m in masks]
-    pick = next((i for i, w in enumerate(words) if w >= 3), max(range(len(words)), key=words.__getitem__))
-    snippet, masked = snippets[pick], masks[pick]
+    written as the sampler's HTML replay."""
     id_chars = id_characters(tok)
     filled, out = fill_by_model(model, tok, [snippet], [masked], id_chars, one_step=False)
     frames = []
@@ -514,7 +512,8 @@ def infill_report(model, tok, split: Split, html_path: Path, config: DemoConfig)
                         f"raise --held-out-chars (now {config.held_out_chars}) or --max-len")
     train_texts = [" ".join(s.split()) for s in split.train_speeches]
     table = infill_table(model, tok, snippets, train_texts, config)
-    example = denoising_example(model, tok, snippets, table.pop("masks")["words"], html_path)
+    # the example: the first snippet (no choosing), masked as in EXAMPLE_MASKING's row of the table
+    example = denoising_example(model, tok, snippets[0], table.pop("masks")[EXAMPLE_MASKING][0], html_path)
     return {**table, "skipped_snippets": skipped, "example": example}
 
 
@@ -575,6 +574,8 @@ def render_infill(infill: dict) -> list[str]:
     for row in infill["rows"]:
         lines.append(f"| {row['masking']} | {row['masked_chars']:,} | {row['most_frequent']:.1%} | {row['bigram']:.1%} "
                      f"| {row['model_one_step']:.1%} | {row['model']:.1%} |")
+    gaps = ", ".join(f"{100 * (row['model'] - row['bigram']):+.1f}" for row in infill["rows"])
+    lines += ["", f"Model (one character per step) minus bigram, percentage points, row by row: {gaps}."]
     example = infill["example"]
     frames = example["frames"]
     shown = sorted({round(k * (len(frames) - 1) / 4) for k in range(5)})
@@ -649,11 +650,12 @@ def draw_denoising(ax, example: dict, rows: int = 8) -> None:
                 right = char == text[x] or label == "original"
                 style.update(color="#222222" if label == "original" else "#2e7d32" if right else "#c62828",
                              fontweight="bold")
-            ax.text(x, y, char, ha="center", va="center", family="DejaVu Sans Mono", fontsize=13, **style)
+            shown = "␣" if char == " " and x in masked and label != "original" else char  # a filled space
+            ax.text(x, y, shown, ha="center", va="center", family="DejaVu Sans Mono", fontsize=13, **style)
     ax.set_xlim(-8, len(text))
     ax.set_ylim(len(lines) + 0.5, -0.5)
     ax.axis("off")
-    ax.set_title("held-out text, masked words filled one character per step, most confident first\n"
+    ax.set_title("held-out text, masked characters filled one per step, most confident first\n"
                  "(yellow: filled since the line above; last step green / red: right / wrong)", fontsize=11)
 
 
