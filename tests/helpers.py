@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from minidiff import data
 from minidiff.model import ModelConfig, ModernBertMLM
 
 # mmBERT's special-token layout (mmBERT 2509.06888; tokenizer of jhu-clsp/mmBERT-base).
@@ -193,3 +194,10 @@ def train_cpt_killed_and_full(common: list[str], full_out: Path, killed_out: Pat
     assert victim.returncode == -signal.SIGKILL
     assert not (killed_out / "model.safetensors").exists()
     assert full.wait(timeout=240) == 0, full.stderr.read()
+
+
+def cpt_batches(tok, batch_size: int = 3, max_len: int = 48):
+    """A resumable stream of CPT batches of TURKISH_TEXT (documents over max_len dropped)."""
+    ids = data.tokenize_documents(TURKISH_TEXT, tok)
+    examples = data.cpt_examples(ids, max_len, "drop", eos_id=tok.eos_id, bos_id=tok.bos_id)
+    return data.Batches(examples, batch_size, seed=0, collate=lambda b: data.collate_cpt(b, tok.pad_id))

@@ -17,8 +17,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import MASK, TURKISH_TEXT, make_model_dir, make_tokenizer_dir, tiny_model
-from minidiff import data, device, train_state, trainer
+from helpers import MASK, TURKISH_TEXT, cpt_batches, make_model_dir, make_tokenizer_dir, tiny_model
+from minidiff import device, train_state, trainer
 from minidiff.errors import UserError
 from minidiff.tokenizer import load_tokenizer
 
@@ -93,9 +93,7 @@ def tok(tmp_path_factory):
 
 
 def batches(tok):
-    ids = data.tokenize_documents(TURKISH_TEXT, tok)
-    examples = data.cpt_examples(ids, 48, "drop", eos_id=tok.eos_id, bos_id=tok.bos_id)
-    return data.Batches(examples, 3, seed=0, collate=lambda b: data.collate_cpt(b, tok.pad_id))
+    return cpt_batches(tok)
 
 
 def test_config_device_reaches_the_trainer_on_a_gpu_machine(tok, tmp_path, monkeypatch):

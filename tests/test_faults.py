@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -23,8 +22,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import MASK, TURKISH_TEXT, make_model_dir, make_tokenizer_dir, tiny_model
-from minidiff import data, files, train_state, trainer
+from helpers import MASK, TURKISH_TEXT, cpt_batches, make_model_dir, make_tokenizer_dir, tiny_model
+from minidiff import files, train_state, trainer
 from minidiff.errors import UserError
 from minidiff.tokenizer import load_tokenizer
 
@@ -46,9 +45,7 @@ def tok(tmp_path_factory):
 
 
 def batches(tok):
-    ids = data.tokenize_documents(TURKISH_TEXT, tok)
-    examples = data.cpt_examples(ids, 48, "drop", eos_id=tok.eos_id, bos_id=tok.bos_id)
-    return data.Batches(examples, 3, seed=0, collate=lambda b: data.collate_cpt(b, tok.pad_id))
+    return cpt_batches(tok)
 
 
 def config(**kw):
