@@ -60,11 +60,13 @@ def test_run_writes_results_and_table_then_compares(tmp_path, model_dir):
     assert ppl["settings"]["mask_prob"] == 0.15 and ppl["settings"]["mlm_replace_80_10_10"] is False
     assert not list(tmp_path.glob("*.partial"))
     assert not list(tmp_path.glob("*.tmp*"))  # atomic_path's temporary is gone
-    # the table: multiple-choice tasks as rows, the average of their acc last
+    # the table: multiple-choice tasks as rows, `acc ± se`, the average of their acc last
     accs = [tasks[k]["metrics"]["acc"] for k in (f"mc:{mc}", "ironytr")]
+    errors = [tasks[k]["errors"]["acc"]["se"] for k in (f"mc:{mc}", "ironytr")]
     lines = first.stdout.splitlines()
-    assert f"| IronyTR | {100 * accs[1]:.2f} |" in lines
-    assert lines[-1] == f"| **Average** | {100 * sum(accs) / 2:.2f} |"
+    assert f"| IronyTR | {100 * accs[1]:.2f} ± {100 * errors[1]:.2f} |" in lines
+    average_se = 100 * (errors[0] ** 2 + errors[1] ** 2) ** 0.5 / 2  # independent tasks
+    assert lines[-1] == f"| **Average** | {100 * sum(accs) / 2:.2f} ± {average_se:.2f} |"
     assert any(line.startswith("| essays.txt | ") for line in lines)  # perplexity table
 
     again = tmp_path / "again.json"
@@ -74,7 +76,10 @@ def test_run_writes_results_and_table_then_compares(tmp_path, model_dir):
     assert json.loads(again.read_text())["tasks"]["ironytr"]["metrics"] == tasks["ironytr"]["metrics"]
     header = [line for line in second.stdout.splitlines() if line.startswith("| task")][0]
     assert header == f"| task (acc x 100) | {model_dir.name} | results |"
-    assert second.stdout.splitlines()[-1].startswith(f"| **Average** | {100 * accs[1]:.2f} | ")
+    assert second.stdout.splitlines()[-1].startswith(f"| **Average** | {100 * accs[1]:.2f} ± ")
+    # equal numbers differ by less than their combined error: the old column is flagged
+    assert f"| IronyTR | {100 * accs[1]:.2f} ± {100 * errors[1]:.2f} | {100 * accs[1]:.2f} ± " \
+        f"{100 * errors[1]:.2f} ≈ |" in second.stdout.splitlines()
 
 
 def mc_task(directory, name, rows, kind="mc"):
