@@ -40,7 +40,9 @@ from pathlib import Path
 
 import torch
 
+from . import diffusion
 from .errors import UserError
+from .evaluation import MAX_BATCH_SIZE, fit_prompt
 from .files import write_text
 from .sampler import SamplerConfig
 from .tasks import LM_EVAL_TASK_DIR
@@ -80,11 +82,12 @@ def _positive_int(name: str, value) -> int:
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-MODEL_ARGS = ("pretrained", "mc_samples", "batch_size", "device", "dtype", "seed", "max_length", "preset")
+MODEL_ARGS = ("pretrained", "scoring", "mc_samples", "batch_size", "device", "dtype", "seed",
+              "max_length", "preset")
 
 
-def parse_model_args(pretrained=None, mc_samples=32, batch_size=32, max_batch_size=None, device=None,
-                     dtype="float32", seed=0, max_length=None, preset=None, **sampler_args) -> dict:
+def parse_model_args(pretrained=None, scoring="auto", mc_samples=32, batch_size=32, max_batch_size=None,
+                     device=None, dtype="float32", seed=0, max_length=None, preset=None, **sampler_args) -> dict:
     """Check --model_args (plus lm-eval's batch_size/max_batch_size/device) and return the
     settings; every mistake is one UserError sentence. Sampler fields are SamplerConfig's."""
     fields = {f.name for f in dataclasses.fields(SamplerConfig)}
@@ -94,6 +97,8 @@ def parse_model_args(pretrained=None, mc_samples=32, batch_size=32, max_batch_si
                         f"{', '.join([*MODEL_ARGS, *sorted(fields - {'seed'})])}")
     if not pretrained:
         raise UserError("--model_args needs pretrained=DIR_OR_HUB_ID (a minidiff/mmBERT model)")
+    if scoring not in diffusion.SCORINGS:
+        raise UserError(f"model argument scoring={scoring!r}: expected one of {', '.join(diffusion.SCORINGS)}")
     if dtype not in DTYPES:
         raise UserError(f"model argument dtype={dtype!r}: expected one of {', '.join(DTYPES)}")
     # lm-eval passes --batch_size as a string; "auto"/"auto:N" (no memory probing here) means 32
@@ -116,8 +121,12 @@ def parse_model_args(pretrained=None, mc_samples=32, batch_size=32, max_batch_si
     except (TypeError, ValueError):
         raise UserError(f"model argument seed={seed!r}: expected an integer") from None
     sampler = sampler.replace(seed=seed)  # one seed: the MC draws and the sampler's
-    return {"pretrained": str(pretrained), "mc_samples": _positive_int("mc_samples", mc_samples),
-            "batch_size": 32 if auto else _positive_int("batch_size", batch_size),
+    batch_size = 32 if auto else _positive_int("batch_size", batch_size)
+    if batch_size > MAX_BATCH_SIZE:
+        raise UserError(f"model argument batch_size={batch_size}: expected at most {MAX_BATCH_SIZE} "
+                        "sequences per forward (Monte-Carlo samples beyond it run in further forwards)")
+    return {"pretrained": str(pretrained), "scoring": scoring,
+            "mc_samples": _positive_int("mc_samples", mc_samples), "batch_size": batch_size,
             "device": torch.device(wanted), "dtype": DTYPES[dtype], "seed": seed,
             "max_length": None if max_length is None else max(2, _positive_int("max_length", max_length)),
             "sampler": sampler}
@@ -135,7 +144,8 @@ class MinidiffLM(LM):
         import minidiff
 
         self.pretrained = settings["pretrained"]
-        self.mc_samples, self.batch_size = settings["mc_samples"], settings["batch_size"]
+        self.scoring, self.mc_samples = settings["scoring"], settings["mc_samples"]
+        self.batch_size = settings["batch_size"]
         self.seed, self.sampler = settings["seed"], settings["sampler"]
         self._device = settings["device"]  # LM.device is a read-only property since 0.4.12
         self.model = minidiff.load_model(self.pretrained, dtype=settings["dtype"], device=self._device).eval()
@@ -167,27 +177,18 @@ class MinidiffLM(LM):
         ids = self.tok.encode(text, add_special_tokens=False)
         return ([self.tok.bos_id] if self.tok.bos_id is not None else []) + ids
 
-    @staticmethod
-    def _fit(prompt: list[int], room: int) -> list[int]:
-        """The prompt cut to `room` tokens from the left, keeping its first token (<bos>)."""
-        return prompt if len(prompt) <= room else prompt[:1] + prompt[len(prompt) - room + 1:]
-
     def _score(self, pairs: list[tuple[list[int], list[int]]]) -> list[float]:
-        """log p(answer | prompt) per pair: one sample for one-token answers (exact), else
-        mc_samples; every pair's draws seeded with `seed`, so grouping never changes a value."""
-        from . import diffusion
-
+        """log p(answer | prompt) per pair (diffusion.score_answers: `scoring` auto | exact | mc,
+        one-token answers exact); every pair's draws seeded with `seed`, so grouping never
+        changes a value. Monte-Carlo samples run batch_size rows per forward, whatever their number."""
+        index = [i for i, (_, answer) in enumerate(pairs) if answer]
         values = [0.0] * len(pairs)  # an empty answer has log-probability 0
-        for single in (True, False):
-            index = [i for i, (_, a) in enumerate(pairs) if a and (len(a) == 1) == single]
-            if not index:
-                continue
-            got = diffusion.mc_loglik_many(
-                self.model, [pairs[i] for i in index], self.tok.mask_id, pad_id=self.tok.pad_id,
-                num_samples=1 if single else self.mc_samples, batch_size=self.batch_size,
-                pair_seed=self.seed)
-            for i, value in zip(index, got):
-                values[i] = value
+        got = diffusion.score_answers(
+            self.model, [pairs[i] for i in index], self.tok.mask_id, pad_id=self.tok.pad_id,
+            num_samples=self.mc_samples, batch_size=self.batch_size, scoring=self.scoring,
+            pair_seed=self.seed)
+        for i, answer in zip(index, got):
+            values[i] = answer.loglik
         return values
 
     # ----------------------------------------------------------------------- the three requests
@@ -200,7 +201,7 @@ class MinidiffLM(LM):
             if len(answer) >= self.max_length:
                 raise UserError(f"a continuation of {len(answer)} tokens does not fit the model's "
                                 f"context of {self.max_length} tokens after <bos>")
-            prompt = self._fit(self._prompt_ids(context), self.max_length - len(answer))
+            prompt = fit_prompt(self._prompt_ids(context), self.max_length - len(answer))
             pairs.append((prompt, answer))
         return [(value, False) for value in self._chunked(pairs, disable_tqdm, "loglikelihood")]
 
@@ -245,7 +246,7 @@ class MinidiffLM(LM):
             for start in range(0, len(index), self.batch_size):
                 chunk = index[start:start + self.batch_size]
                 room = max(1, self.max_length - config.max_new_tokens)
-                prompts = [self._fit(self._prompt_ids(requests[i].args[0]), room) for i in chunk]
+                prompts = [fit_prompt(self._prompt_ids(requests[i].args[0]), room) for i in chunk]
                 result = generate(self.model, prompts, config, mask_id=self.tok.mask_id,
                                   eos_id=self.tok.eos_id, tokenizer=self.tok, pad_id=self.tok.pad_id)
                 for i, answer in zip(chunk, result.answers()):
