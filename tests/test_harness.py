@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import BOS, EOS, MASK, PAD, make_model_dir
+from test_evaluate_cli import run_in_process as run_evaluate
 from tokenizers import Tokenizer
 
 import lm_eval  # noqa: E402  the harness extra (setup.sh installs it): these tests run lm-eval itself
@@ -391,17 +392,6 @@ def test_mnli_rows_without_gold_count_wrong_as_in_lm_eval(model_dir, tmp_path, c
         assert (task["n"], task["unlabeled"]) == (n, 2 if n == 5 else 0)
         assert task["metrics"]["acc"] == pytest.approx(want)
         assert "2 of 5 items have no gold label" in err
-
-
-def run_evaluate(argv, capsys):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("evaluate_script", ROOT / "evaluate.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(lambda: script.main([str(a) for a in argv]))
-    return exit_info.value.code, capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- CETVEL's metrics
