@@ -6,7 +6,8 @@ perplexity probe), lm-evaluation-harness (multiple choice, acc / acc_norm) and C
 files (prompts). Reader's page: docs/evaluation.md.
 
     tasks = [parse_task("belebele_tr:belebele_tur.jsonl"), parse_task("perplexity:essays.txt")]
-    result = run_task(model, tok, tasks[0], mc_samples=32, seed=0)   # {"metrics": {"acc": ...}, ...}
+    result = run_task(model, tok, tasks[0], examples=load_examples(tasks[0]), scoring="auto")
+    result["metrics"]["acc"], result["errors"]["acc"]["se"]
 
 Perplexity (HF `run_mlm` style; docs/evaluation.md). Every document is encoded with the tokenizer's own
 framing (`<bos> doc <eos>` for mmBERT), the documents are concatenated and cut into blocks of
@@ -19,13 +20,18 @@ column is the NELBO bound: exp(NELBO per non-special token), one t per block (li
 
 Multiple choice (lm-eval-harness style; the task table is minidiff/tasks.py). Prompt and
 `" " + choice` are tokenised separately WITHOUT special tokens and joined as
-`<bos> prompt | choice` (only the choice is scored; no `<eos>`, since it would be scored too);
-    loglik(choice) = log p(choice | prompt)   (diffusion.mc_loglik_many; exact for 1 token)
+`<bos> prompt | choice` (only the choice is scored; no `<eos>`, since it would be scored too;
+the prompt loses its left part after `<bos>` when the row exceeds the model's context);
+    loglik(choice) = log p(choice | prompt)   (diffusion.score_answers: exact or Monte Carlo)
     acc = mean[argmax_c loglik(c) == label],  acc_norm = same with loglik(c) / len(c) (chars)
 Every choice's Monte-Carlo draws come from a generator seeded with `seed` (common random
 numbers), so a score does not depend on which rows are scored with it; minidiff.harness scores
 lm-eval's requests the same way. CETVEL's extra metrics: IronyTR's f1 (binary, label 1) and
-News_Cat's macro_f1, both of the acc prediction.
+News_Cat's macro_f1, both of the acc prediction. A label -1 (no gold) matches no prediction.
+
+Error bars (`metric_errors`, docs/evaluation.md): each metric's standard deviation over 1000
+resampled runs, items drawn with replacement and every choice's score redrawn from
+N(loglik, se^2): `se`; the same with the items fixed: `mc_se` (the Monte-Carlo part).
 """
 from __future__ import annotations
 
