@@ -437,7 +437,8 @@ def use_exact(L: int, scoring: str, num_samples: int) -> bool:
 @dataclass(frozen=True)
 class AnswerScore:
     """One scored answer: loglik ~ log p(answer | prompt) (-NELBO over the answer positions),
-    se its Monte-Carlo standard error (0 when exact), exact whether it was enumerated."""
+    se its Monte-Carlo standard error (0 when exact, nan from a single sample), exact whether it
+    was enumerated."""
 
     loglik: float
     se: float
@@ -563,7 +564,8 @@ def _finish(sums, rows, exact) -> list[AnswerScore]:
     # sample variance of v: (sum v^2 - n mean^2) / (n - 1); se = sqrt(var / n)
     mean = sums[0] / n
     var = ((sums[1] - n * mean * mean) / (n - 1).clamp(min=1)).clamp(min=0)
-    se = torch.where(is_exact | (n < 2), torch.zeros_like(var), (var / n).sqrt())
+    # exact: 0; a single sample: unknown (nan)
+    se = torch.where(is_exact, torch.zeros_like(var), torch.where(n < 2, math.nan, (var / n).sqrt()))
     return [AnswerScore(value, error, flag)
             for value, error, flag in zip(loglik.tolist(), se.tolist(), exact)]
 

@@ -291,8 +291,12 @@ def metric_errors(examples: Sequence[Example], scored: ScoredItems, metrics: Seq
 
     mc_se: each choice's score redrawn from N(loglik, se^2), the items kept.
     se:    the items resampled with replacement (the finite test set), then the same redraw.
-    Each is the standard deviation of the metric over the resampled runs (0 when all exact)."""
+    Each is the standard deviation of the metric over the resampled runs (0 when all exact;
+    None when an answer's error is unknown, i.e. it was scored from a single sample)."""
     mean, se, chars = _padded(examples, scored)
+    if np.isnan(se).any():
+        names = ["acc", "acc_norm"] + [k for k in ("f1", "macro_f1") if k in metrics]
+        return {k: {"mc_se": None, "se": None} for k in names}
     gold = np.array([ex.label for ex in examples])
     rng = np.random.default_rng(seed)
     runs = {"mc_se": [], "se": []}
@@ -409,9 +413,11 @@ def run_task(model, tok, spec: TaskSpec, *, examples: Sequence[Example] | None =
 
 
 def item_rows(key: str, examples: Sequence[Example], scored: ScoredItems) -> list[dict]:
-    """One JSON-ready dict per item: its choices' scores, errors and how each was scored."""
+    """One JSON-ready dict per item: its choices' scores, errors (None: unknown, one sample)
+    and how each was scored."""
     return [{"task": key, "item": i, "label": ex.label, "choices": list(ex.choices),
-             "loglik": scored.scores[i], "se": scored.errors[i], "exact": scored.exact[i]}
+             "loglik": scored.scores[i], "se": [None if math.isnan(e) else e for e in scored.errors[i]],
+             "exact": scored.exact[i]}
             for i, ex in enumerate(examples)]
 
 

@@ -474,3 +474,14 @@ def test_resampled_metrics_are_mc_metrics_of_each_draw():
         want = evaluation.mc_metrics(examples, scores[b].tolist(), ("acc", "acc_norm", "f1", "macro_f1"))
         for key, value in want.items():
             assert got[key][b] == pytest.approx(value), key
+
+
+def test_one_sample_gives_no_error_bar(model, tok):
+    """A Monte-Carlo answer from a single sample has an unknown error: nan per answer, None per
+    metric (no `±` in the table), never a made-up 0."""
+    scored = evaluation.score_items(model, tok, SUFFIX_ITEMS[:3], mc_samples=1, scoring="mc", progress=False)
+    assert all(math.isnan(e) for item in scored.errors for e in item)
+    errors = evaluation.metric_errors(SUFFIX_ITEMS[:3], scored, ("acc", "acc_norm"))
+    assert errors == {"acc": {"mc_se": None, "se": None}, "acc_norm": {"mc_se": None, "se": None}}
+    result = {"kind": "mc", "title": "t", "metrics": {"acc": 0.5}, "errors": errors}
+    assert "| t | 50.00 |" in evaluation.markdown_tables([("run", {"t": result})])
