@@ -460,7 +460,7 @@ def mc_loglik(model, prompt_ids, answer_ids, mask_id: int, *, num_samples: int =
     samples); its expectation is -exact_nelbo over the answer positions, a lower bound on
     log p(answer | prompt). L = 1 is exact for any num_samples.
     """
-    pair = (prompt_ids, answer_ids)
+    pair = (prompt_ids, answer_ids)  # one pair: its rows are never padded, so any pad_id does
     return score_answers(model, [pair], mask_id, pad_id=mask_id, num_samples=num_samples,
                          batch_size=batch_size, generator=generator, scoring="mc")[0].loglik
 
