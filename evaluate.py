@@ -25,7 +25,7 @@ from pathlib import Path
 
 from minidiff.diffusion import SCORINGS
 from minidiff.errors import UserError, run_cli
-from minidiff.evaluation import MAX_BATCH_SIZE
+from minidiff.evaluation import DEFAULT_MC_SAMPLES, DEFAULT_SCORING, MAX_BATCH_SIZE
 from minidiff.files import write_json, write_text
 
 
@@ -41,11 +41,11 @@ def parse_args(argv=None):
                    "'≈' differs from this run's by less than their combined standard error)")
     p.add_argument("--limit", type=int, default=None,
                    help="use only the first N rows (multiple choice) / documents (perplexity)")
-    p.add_argument("--scoring", choices=SCORINGS, default="auto",
+    p.add_argument("--scoring", choices=SCORINGS, default=DEFAULT_SCORING,
                    help="answer log-likelihoods: exact (all 2^L - 1 masks of an answer of L tokens), "
                    "mc (Monte Carlo, --mc-samples draws; one-token answers exact), auto (exact when "
                    "2^L - 1 <= --mc-samples, Monte Carlo beyond)")
-    p.add_argument("--mc-samples", type=int, default=32,
+    p.add_argument("--mc-samples", type=int, default=DEFAULT_MC_SAMPLES,
                    help="Monte-Carlo samples per multi-token answer that is not scored exactly")
     p.add_argument("--batch-size", type=int, default=32,
                    help=f"sequences per forward pass (at most {MAX_BATCH_SIZE})")

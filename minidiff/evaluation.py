@@ -123,6 +123,9 @@ def load_examples(spec: TaskSpec, limit: int | None = None) -> list[Example]:
 # rows per forward at most (--batch-size, the harness's batch_size): far beyond what a forward
 # needs to keep a GPU busy, short of a single allocation that exhausts its memory
 MAX_BATCH_SIZE = 1024
+# evaluate.py's and the harness's defaults (docs/evaluation.md, "How many samples"): every
+# answer of up to 7 tokens exact (2^7 - 1 = 127 rows), longer ones 128 Monte-Carlo samples
+DEFAULT_SCORING, DEFAULT_MC_SAMPLES = "auto", 128
 
 
 def fit_prompt(prompt: list[int], room: int) -> list[int]:
@@ -381,8 +384,8 @@ def mlm_perplexity(model, tok, texts: Sequence[str], *, max_len: int = 512, mask
 
 
 def run_task(model, tok, spec: TaskSpec, *, examples: Sequence[Example] | None = None,
-             texts: Sequence[str] | None = None, mc_samples: int = 32, batch_size: int = 32,
-             seed: int = 0, scoring: str = "mc", max_len: int = 512, mask_prob: float = 0.15,
+             texts: Sequence[str] | None = None, mc_samples: int = DEFAULT_MC_SAMPLES,
+             batch_size: int = 32, seed: int = 0, scoring: str = DEFAULT_SCORING, max_len: int = 512, mask_prob: float = 0.15,
              mlm_replace: bool = False, nelbo: bool = True, progress: bool = True,
              items_out: list | None = None) -> dict:
     """Evaluate one parsed task; returns {"kind", "title", "n", "metrics", "errors", "settings",

@@ -5,7 +5,7 @@ References: EleutherAI's lm-evaluation-harness (the `LM` interface, `register_mo
 reports); LLaDA (arXiv 2502.09992) and dllm, whose lm-eval model classes score answers with the
 same Monte-Carlo estimator (minidiff tokenises context and answer separately instead).
 
-    python -m minidiff.harness --model_args pretrained=runs/sft2,scoring=auto,mc_samples=32 \\
+    python -m minidiff.harness --model_args pretrained=runs/sft2,scoring=auto,mc_samples=128 \\
         --tasks cetvel_diffutron --batch_size 32 --output_path results/
     # every lm-eval flag works; the launcher adds --model minidiff and the CETVEL task folder
 
@@ -43,7 +43,7 @@ import torch
 
 from . import diffusion
 from .errors import UserError
-from .evaluation import MAX_BATCH_SIZE, fit_prompt
+from .evaluation import DEFAULT_MC_SAMPLES, DEFAULT_SCORING, MAX_BATCH_SIZE, fit_prompt
 from .files import write_text
 from .sampler import SamplerConfig, generate
 from .tasks import LM_EVAL_TASK_DIR
@@ -87,8 +87,9 @@ MODEL_ARGS = ("pretrained", "scoring", "mc_samples", "batch_size", "device", "dt
               "max_length", "preset")
 
 
-def parse_model_args(pretrained=None, scoring="auto", mc_samples=32, batch_size=32, max_batch_size=None,
-                     device=None, dtype="float32", seed=0, max_length=None, preset=None, **sampler_args) -> dict:
+def parse_model_args(pretrained=None, scoring=DEFAULT_SCORING, mc_samples=DEFAULT_MC_SAMPLES, batch_size=32,
+                     max_batch_size=None, device=None, dtype="float32", seed=0, max_length=None,
+                     preset=None, **sampler_args) -> dict:
     """Check --model_args (plus lm-eval's batch_size/max_batch_size/device) and return the
     settings; every mistake is one UserError sentence. Sampler fields are SamplerConfig's."""
     fields = {f.name for f in dataclasses.fields(SamplerConfig)}
