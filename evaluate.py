@@ -11,17 +11,22 @@ Tasks: perplexity:SRC (any file/dir/hf:// source the data module reads), mc:FILE
 {"prompt", "choices", "label"}), or one of belebele_tr, exams_tr, ironytr, news_cat, mnli_tr,
 sts_tr, xcopa_tr, each as NAME:FILE (a local file in the hub dataset's own schema) or NAME alone
 (read from the hub; needs network). Writes results.json (per task: metrics, n, settings, seed,
-model) atomically and prints markdown tables shaped like the paper's Table 4.
+model, and for multiple choice each metric's standard error, how many answers were scored
+exactly and how many by Monte Carlo) atomically and prints markdown tables shaped like the
+paper's Table 4, multiple-choice cells as `value ± standard error` (docs/evaluation.md).
 """
 from __future__ import annotations
 
 import argparse
 import datetime
 import json
+import sys
 from pathlib import Path
 
+from minidiff.diffusion import SCORINGS
 from minidiff.errors import UserError, run_cli
-from minidiff.files import write_json
+from minidiff.evaluation import DEFAULT_MC_SAMPLES, DEFAULT_SCORING, MAX_BATCH_SIZE
+from minidiff.files import write_json, write_text
 
 
 def parse_args(argv=None):
@@ -32,14 +37,26 @@ def parse_args(argv=None):
                    help="perplexity:SRC | mc:FILE | NAME[:FILE]; repeat for several tasks")
     p.add_argument("--out", required=True, help="results JSON to write (atomically)")
     p.add_argument("--compare", action="append", default=[], metavar="OLD.json",
-                   help="earlier results files; each adds a column to the tables")
+                   help="earlier results files; each adds a column to the tables (a cell ending in "
+                   "'≈' differs from this run's by less than their combined standard error)")
     p.add_argument("--limit", type=int, default=None,
                    help="use only the first N rows (multiple choice) / documents (perplexity)")
-    p.add_argument("--mc-samples", type=int, default=32,
-                   help="Monte-Carlo samples per multi-token answer (one-token answers use 1: exact)")
-    p.add_argument("--batch-size", type=int, default=32, help="sequences per forward pass")
+    p.add_argument("--scoring", choices=SCORINGS, default=DEFAULT_SCORING,
+                   help="answer log-likelihoods: exact (all 2^L - 1 masks of an answer of L tokens), "
+                   "mc (Monte Carlo, --mc-samples draws; one-token answers exact), auto (exact when "
+                   "2^L - 1 <= --mc-samples, Monte Carlo beyond)")
+    p.add_argument("--mc-samples", type=int, default=DEFAULT_MC_SAMPLES,
+                   help="Monte-Carlo samples per multi-token answer that is not scored exactly")
+    p.add_argument("--batch-size", type=int, default=32,
+                   help=f"sequences per forward pass (at most {MAX_BATCH_SIZE})")
+    p.add_argument("--per-item", default=None, metavar="FILE.jsonl",
+                   help="also write every multiple-choice item's choice scores and errors (atomically)")
+    p.add_argument("--drop-unlabeled", action="store_true",
+                   help="leave out items without a gold label (MNLI_TR's label -1); by default they "
+                   "are kept and count as wrong, as in lm-eval")
     p.add_argument("--seed", type=int, default=0, help="seed of every random draw (masks, MC samples)")
-    p.add_argument("--max-len", type=int, default=512, help="perplexity block length in tokens")
+    p.add_argument("--max-len", type=int, default=512, help="perplexity block length in tokens "
+                   "(clamped to the model's context, max_position_embeddings, with a note)")
     p.add_argument("--mask-prob", type=float, default=0.15, help="perplexity: fraction of tokens masked")
     p.add_argument("--mlm-replace", action="store_true",
                    help="perplexity: BERT 80/10/10 replacement (mask/random/keep) instead of all <mask>")
@@ -60,8 +77,9 @@ def check_args(args) -> None:
         raise UserError(f"--limit {args.limit}: expected a positive number of rows")
     if args.mc_samples < 1:
         raise UserError(f"--mc-samples {args.mc_samples}: expected at least 1")
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size {args.batch_size}: expected at least 1")
+    if not 1 <= args.batch_size <= MAX_BATCH_SIZE:
+        raise UserError(f"--batch-size {args.batch_size}: expected 1 to {MAX_BATCH_SIZE} sequences "
+                        "per forward (Monte-Carlo samples beyond it run in further forwards)")
     if args.max_len < 2:
         raise UserError(f"--max-len {args.max_len}: expected at least 2 tokens")
     from minidiff.device import inference_precision, resolve_device
@@ -70,8 +88,9 @@ def check_args(args) -> None:
     if not 0.0 < args.mask_prob < 1.0:
         raise UserError(f"--mask-prob {args.mask_prob}: expected a fraction between 0 and 1")
     out = Path(args.out)
-    if out.exists() and out.is_dir():
-        raise UserError(f"--out {out} is a directory; expected a .json file path")
+    for flag, path in (("--out", out), ("--per-item", args.per_item)):
+        if path is not None and Path(path).is_dir():
+            raise UserError(f"{flag} {path} is a directory; expected a file path")
 
 
 def read_compare(path: str) -> dict:
@@ -84,6 +103,26 @@ def read_compare(path: str) -> dict:
     if not isinstance(results, dict) or not isinstance(results.get("tasks"), dict):
         raise UserError(f"--compare {path} has no 'tasks' object; expected a results file of evaluate.py")
     return results
+
+
+def note(text: str) -> None:
+    print(f"note: {text}", file=sys.stderr)
+
+
+def report(key: str, result: dict) -> None:
+    """One stderr line per task on what was scored how, and on cuts to the model's context."""
+    settings = result["settings"]
+    if result["kind"] == "perplexity":
+        if settings["clamped_to_context"]:
+            note(f"{key}: --max-len {settings['max_len']} exceeds the model's context; blocks of "
+                 f"{settings['block_len']} tokens instead")
+        return
+    counts = result["answers_scored"]
+    note(f"{key}: {counts['exact']} answers scored exactly, {counts['mc']} by Monte Carlo "
+         f"({settings['mc_samples']} samples)")
+    if result["truncated_prompts"]:
+        note(f"{key}: {result['truncated_prompts']} of {result['n']} prompts cut from the left to fit "
+             f"the model's context of {settings['context']} tokens")
 
 
 def main(argv=None) -> int:
@@ -105,7 +144,16 @@ def main(argv=None) -> int:
                 raise UserError(f"--task {spec.key}: no documents in {spec.source}")
             inputs[spec.key] = {"texts": texts}
         else:
-            inputs[spec.key] = {"examples": evaluation.load_examples(spec, args.limit)}
+            examples = evaluation.load_examples(spec, args.limit)
+            unlabeled = sum(ex.label < 0 for ex in examples)
+            if unlabeled:
+                action = "left out (--drop-unlabeled)" if args.drop_unlabeled else "counted wrong, as lm-eval does"
+                note(f"{spec.key}: {unlabeled} of {len(examples)} items have no gold label; {action}")
+            if args.drop_unlabeled:
+                examples = [ex for ex in examples if ex.label >= 0]
+                if not examples:
+                    raise UserError(f"--task {spec.key}: no labeled items left after --drop-unlabeled")
+            inputs[spec.key] = {"examples": examples, "dropped_unlabeled": unlabeled if args.drop_unlabeled else 0}
 
     import torch
 
@@ -119,20 +167,27 @@ def main(argv=None) -> int:
     model = precision.prepare(minidiff.load_model(args.model))
     tok = minidiff.load_tokenizer(args.model)
     model.eval()
-    tasks = {}
+    tasks, items = {}, []
     for spec in specs:
+        given = dict(inputs[spec.key])
+        dropped = given.pop("dropped_unlabeled", None)
         with precision.autocast():
             result = evaluation.run_task(
-                model, tok, spec, **inputs[spec.key], mc_samples=args.mc_samples,
+                model, tok, spec, **given, mc_samples=args.mc_samples, scoring=args.scoring,
                 batch_size=args.batch_size, seed=args.seed, max_len=args.max_len,
                 mask_prob=args.mask_prob, mlm_replace=args.mlm_replace, nelbo=not args.no_nelbo,
-                progress=not args.no_progress)
+                progress=not args.no_progress, items_out=items)
         result.update({"model": args.model, "seed": args.seed, "limit": args.limit})
+        if dropped is not None:
+            result["dropped_unlabeled"] = dropped
+        report(spec.key, result)
         tasks[spec.key] = result
     results = {"model": args.model, "seed": args.seed, "device": str(device), "dtype": args.dtype,
                "precision": precision.describe(),
                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                "torch": torch.__version__, "minidiff": minidiff.__version__, "tasks": tasks}
+    if args.per_item:
+        write_text(args.per_item, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in items))
     write_json(args.out, results)
     header = Path(args.model).name or args.model
     print(evaluation.markdown_tables([(header, tasks)] + compare, metric=args.metric))

@@ -356,20 +356,93 @@ def masked_ce_per_row(model, x0, is_masked, mask_id: int, attention_mask=None):
     return token_ce.double().new_zeros(x0.shape[0]).index_add_(0, rows, token_ce.double())  # [B]
 
 
-def draw_answer_masks(L: int, num_samples: int, generator=None, device=None):
-    """LLaDA's draws for an answer of L tokens: (masked [n, L] bool, weight L / l [n] float64).
+class AnswerDraws:
+    """LLaDA's draws for an answer of L tokens, handed out `take(count)` rows at a time: (masked
+    [count, L] bool, weight L / l [count] float64). Taking all n at once or in chunks consumes
+    the generator identically, so memory is set by the chunk, not by n.
 
     Sample j masks exactly l_j answer positions, a uniform l_j-subset; the l_j are stratified,
     l_j = ((k + floor(j L / n)) mod L) + 1 with one k uniform in 0..L-1, so each l_j is uniform
     on 1..L and together they cover 1..L evenly."""
-    # l_j = ((k + floor(j L / n)) mod L) + 1
-    k = torch.randint(L, (1,), generator=generator, device=device)
-    j = torch.arange(num_samples, device=device)
-    num_masked = (k + (j * L) // num_samples) % L + 1  # [n]
-    # a uniform l-subset: the answer positions holding the l smallest uniform scores
-    scores = torch.rand(num_samples, L, generator=generator, device=device)  # [n, L]
-    ranks = scores.argsort(dim=1).argsort(dim=1)
-    return ranks < num_masked[:, None], L / num_masked.double()
+
+    def __init__(self, L: int, num_samples: int, generator=None, device=None):
+        self.L, self.num_samples, self.generator, self.device = L, num_samples, generator, device
+        self.k = torch.randint(L, (1,), generator=generator, device=device)
+        self.taken = 0
+
+    def take(self, count: int):
+        # l_j = ((k + floor(j L / n)) mod L) + 1
+        j = torch.arange(self.taken, self.taken + count, device=self.device)
+        num_masked = (self.k + (j * self.L) // self.num_samples) % self.L + 1  # [c]
+        # a uniform l-subset: the answer positions holding the l smallest uniform scores
+        scores = torch.rand(count, self.L, generator=self.generator, device=self.device)  # [c, L]
+        ranks = scores.argsort(dim=1).argsort(dim=1)
+        self.taken += count
+        return ranks < num_masked[:, None], self.L / num_masked.double()
+
+
+def draw_answer_masks(L: int, num_samples: int, generator=None, device=None):
+    """All of `AnswerDraws(L, num_samples)` at once: (masked [n, L] bool, weight L / l [n])."""
+    return AnswerDraws(L, num_samples, generator, device).take(num_samples)
+
+
+MAX_EXACT_LENGTH = 16
+
+
+def all_masks(L: int, device=None):
+    """Every non-empty subset M of L positions with its weight in the exact NELBO:
+    (masked [2^L - 1, L] bool, (|M|-1)! (L-|M|)! / L! [2^L - 1] float64)."""
+    # subset s (1 .. 2^L - 1) as bits over the positions
+    codes = torch.arange(1, 2**L, device=device)[:, None]  # [K, 1]
+    bits = (codes >> torch.arange(L, device=device)) & 1  # [K, L]
+    # weight(m) = (m-1)! (L-m)! / L!, as exp of log-gammas in float64
+    m = bits.sum(1).double()  # [K]
+    return bits.bool(), torch.exp(torch.lgamma(m) + torch.lgamma(L - m + 1) - math.lgamma(L + 1))
+
+
+class AllMasks:
+    """`all_masks(L)` handed out like `AnswerDraws`: the exact sum as rows of a forward."""
+
+    def __init__(self, L: int, device=None):
+        self.masks, self.weights = all_masks(L, device)
+        self.taken = 0
+
+    def take(self, count: int):
+        rows = slice(self.taken, self.taken + count)
+        self.taken += count
+        return self.masks[rows], self.weights[rows]
+
+
+SCORINGS = ("auto", "exact", "mc")
+
+
+def exact_rows(L: int) -> int:
+    """Forwards the exact sum over the answer's masks costs: 2^L - 1."""
+    return 2**L - 1
+
+
+def use_exact(L: int, scoring: str, num_samples: int) -> bool:
+    """exact: always (L <= MAX_EXACT_LENGTH); mc: only L = 1 (one row, exact for any n);
+    auto: when the enumeration costs no more rows than the Monte-Carlo samples it replaces."""
+    if scoring not in SCORINGS:
+        raise UserError(f"scoring={scoring!r}: expected one of {', '.join(SCORINGS)}")
+    if scoring == "exact":
+        if L > MAX_EXACT_LENGTH:
+            raise UserError(f"exact scoring enumerates 2^L - 1 masks and accepts answers of at most "
+                            f"{MAX_EXACT_LENGTH} tokens; one has {L} (use scoring auto or mc)")
+        return True
+    return L == 1 or (scoring == "auto" and exact_rows(L) <= num_samples)
+
+
+@dataclass(frozen=True)
+class AnswerScore:
+    """One scored answer: loglik ~ log p(answer | prompt) (-NELBO over the answer positions),
+    se its Monte-Carlo standard error (0 when exact, nan from a single sample), exact whether it
+    was enumerated."""
+
+    loglik: float
+    se: float
+    exact: bool
 
 
 def _check_sample_counts(num_samples: int, batch_size: int) -> None:
@@ -387,55 +460,120 @@ def mc_loglik(model, prompt_ids, answer_ids, mask_id: int, *, num_samples: int =
     samples); its expectation is -exact_nelbo over the answer positions, a lower bound on
     log p(answer | prompt). L = 1 is exact for any num_samples.
     """
-    _check_sample_counts(num_samples, batch_size)
-    device = model_device(model)
-    prompt, answer = _as_ids(prompt_ids, "prompt").to(device), _as_ids(answer_ids, "answer").to(device)
-    answer_masked, weights = draw_answer_masks(answer.numel(), num_samples, generator,
-                                               _draw_device(generator, None))  # [n, L], [n]
-    x0 = torch.cat([prompt, answer]).expand(num_samples, -1)  # [n, S]
-    prompt_masked = torch.zeros(num_samples, prompt.numel(), dtype=torch.bool, device=device)
-    is_masked = torch.cat([prompt_masked, answer_masked.to(device)], dim=1)  # [n, S]
-    weights = weights.to(device)
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    for start in range(0, num_samples, batch_size):
-        rows = slice(start, start + batch_size)
-        # sum over the samples of (L / l_j) * sum_masked CE
-        total += (weights[rows] * masked_ce_per_row(model, x0[rows], is_masked[rows], mask_id)).sum()
-    # log p(answer | prompt) ~= -(mean over samples)
-    return float(-total / num_samples)
+    pair = (prompt_ids, answer_ids)  # one pair: its rows are never padded, so any pad_id does
+    return score_answers(model, [pair], mask_id, pad_id=mask_id, num_samples=num_samples,
+                         batch_size=batch_size, generator=generator, scoring="mc")[0].loglik
 
 
 # ---------------------------------------------------------------------------------------------
-# Scoring many pairs at once (throughput): the samples of all pairs packed into batches.
+# Scoring many pairs at once (throughput): the rows of all pairs packed into batches.
 # ---------------------------------------------------------------------------------------------
 
 
-def _pack_rows(sequences, answer_masks, start: int, end: int, num_samples: int, pad_id: int, device):
-    """Rows start:end of the packed layout, where row r is sample r % n of pair r // n:
+def _pack_rows(pieces, pad_id: int, device):
+    """One forward's rows from pieces (sequence [S_p], answer masks [c_p, L_p]), c_p rows each:
     (x0 [b, W] right-padded with pad_id, is_masked [b, W], attention [b, W], padded?)."""
-    n, b = num_samples, end - start
-    pairs = range(start // n, (end - 1) // n + 1)
-    lengths = [sequences[p].numel() for p in pairs]
-    width = max(lengths)
+    lengths = [seq.numel() for seq, _ in pieces]
+    width, b = max(lengths), sum(masks.shape[0] for _, masks in pieces)
     x0 = torch.full((b, width), pad_id, dtype=torch.long, device=device)  # [b, W]
     is_masked = torch.zeros(b, width, dtype=torch.bool, device=device)  # [b, W]
     attention = torch.zeros(b, width, dtype=torch.long, device=device)  # [b, W]
-    for p in pairs:
-        # rows r0:r1 of this chunk hold samples j0:j1 of pair p
-        j0, j1 = max(start, p * n) - p * n, min(end, (p + 1) * n) - p * n
-        r0, r1 = p * n + j0 - start, p * n + j1 - start
-        seq, answer_len = sequences[p], answer_masks[p].shape[1]
-        x0[r0:r1, :seq.numel()] = seq
-        attention[r0:r1, :seq.numel()] = 1
-        is_masked[r0:r1, seq.numel() - answer_len:seq.numel()] = answer_masks[p][j0:j1]
+    r0 = 0
+    for seq, masks in pieces:
+        r1, end = r0 + masks.shape[0], seq.numel()
+        x0[r0:r1, :end] = seq
+        attention[r0:r1, :end] = 1
+        is_masked[r0:r1, end - masks.shape[1]:end] = masks.to(device)
+        r0 = r1
     return x0, is_masked, attention, min(lengths) != width
+
+
+def _row_sources(pairs, exact, num_samples: int, generator, pair_seed, device):
+    """Per pair, lazily in pair order (the draws of pair p before those of p + 1):
+    (sequence [S], source of its rows with .take(count))."""
+    draw_device = _draw_device(None if pair_seed is not None else generator, None)
+    for (prompt, answer), enumerate_all in zip(pairs, exact):
+        prompt, answer = _as_ids(prompt, "prompt"), _as_ids(answer, "answer")
+        sequence = torch.cat([prompt, answer]).to(device)
+        if enumerate_all:
+            yield sequence, AllMasks(answer.numel())
+            continue
+        if pair_seed is not None:
+            generator = torch.Generator().manual_seed(pair_seed)
+        yield sequence, AnswerDraws(answer.numel(), num_samples, generator, draw_device)
+
+
+def _row_batches(sources, rows, batch_size: int):
+    """Forwards of at most batch_size rows, filled pair after pair: lists of pieces
+    (pair index, sequence [S], answer masks [c, L], weights [c])."""
+    batch, room = [], batch_size
+    for p, (sequence, source) in enumerate(sources):
+        left = rows[p]
+        while left:
+            masks, weights = source.take(min(room, left))
+            batch.append((p, sequence, masks, weights))
+            left, room = left - masks.shape[0], room - masks.shape[0]
+            if room == 0:
+                yield batch
+                batch, room = [], batch_size
+    if batch:
+        yield batch
+
+
+@torch.no_grad()
+def score_answers(model, pairs, mask_id: int, *, pad_id: int, num_samples: int = 32,
+                  batch_size: int = 32, scoring: str = "mc", generator=None,
+                  pair_seed: int | None = None) -> list[AnswerScore]:
+    """log p(answer | prompt) for each (prompt, answer) pair, with its standard error; the rows
+    of all pairs packed into forwards of batch_size rows (right-padded under an attention mask).
+
+    exact pairs: loglik = -sum_{M != {}} (|M|-1)!(L-|M|)!/L! sum_{i in M} CE_i over the masks of
+    the answer (exact_nelbo restricted to the answer), se = 0. Monte-Carlo pairs (`mc_loglik`):
+    v_j = (L / l_j) sum_{i in M_j} CE_i, loglik = -mean_j v_j, se = std_j(v_j) / sqrt(n).
+    `use_exact` picks per pair. Rows are drawn forward by forward, so memory is set by
+    batch_size whatever num_samples is. Random draws are made pair after pair from `generator`;
+    with `pair_seed` every pair draws from a fresh CPU generator seeded with it (common random
+    numbers: a value does not depend on the other pairs).
+    """
+    _check_sample_counts(num_samples, batch_size)
+    if len(pairs) == 0:
+        return []
+    device = model_device(model)
+    lengths = [_as_ids(answer, "answer").numel() for _, answer in pairs]
+    exact = [use_exact(L, scoring, num_samples) for L in lengths]
+    rows = [exact_rows(L) if flag else num_samples for L, flag in zip(lengths, exact)]
+    sources = _row_sources(pairs, exact, num_samples, generator, pair_seed, device)
+    sums = torch.zeros(2, len(pairs), dtype=torch.float64, device=device)  # [2, P]: sum v, sum v^2
+    for batch in _row_batches(sources, rows, batch_size):
+        x0, is_masked, attention, padded = _pack_rows([(seq, masks) for _, seq, masks, _ in batch],
+                                                      pad_id, device)
+        owners = torch.cat([torch.full((m.shape[0],), p, device=device) for p, _, m, _ in batch])  # [b]
+        weights = torch.cat([w for *_, w in batch]).to(device)  # [b]
+        # v = weight * sum_{i in M} CE_i per row
+        values = weights * masked_ce_per_row(model, x0, is_masked, mask_id, attention if padded else None)
+        sums.index_add_(1, owners, torch.stack([values, values * values]))
+    return _finish(sums, rows, exact)
+
+
+def _finish(sums, rows, exact) -> list[AnswerScore]:
+    """loglik and se per pair from sum v and sum v^2 (one host read for all pairs)."""
+    n = torch.tensor(rows, dtype=torch.float64, device=sums.device)  # [P]
+    is_exact = torch.tensor(exact, device=sums.device)  # [P]
+    # exact: -sum_M weight_M CE_M; Monte Carlo: -(1/n) sum_j v_j
+    loglik = -torch.where(is_exact, sums[0], sums[0] / n)
+    # sample variance of v: (sum v^2 - n mean^2) / (n - 1); se = sqrt(var / n)
+    mean = sums[0] / n
+    var = ((sums[1] - n * mean * mean) / (n - 1).clamp(min=1)).clamp(min=0)
+    # exact: 0; a single sample: unknown (nan)
+    se = torch.where(is_exact, torch.zeros_like(var), torch.where(n < 2, math.nan, (var / n).sqrt()))
+    return [AnswerScore(value, error, flag)
+            for value, error, flag in zip(loglik.tolist(), se.tolist(), exact)]
 
 
 @torch.no_grad()
 def mc_loglik_many(model, pairs, mask_id: int, *, pad_id: int, num_samples: int = 32,
                    batch_size: int = 32, generator=None, pair_seed: int | None = None) -> list[float]:
-    """`mc_loglik` for each (prompt, answer) pair, the samples of all pairs packed into forwards
-    of batch_size rows (right-padded with pad_id under an attention mask).
+    """`mc_loglik` for each (prompt, answer) pair (`score_answers` with scoring="mc", values only).
 
     The random draws for pair p are made before those for pair p + 1, so scoring pairs one by
     one with the same generator gives the same numbers. With `pair_seed`, every pair draws from
@@ -443,36 +581,10 @@ def mc_loglik_many(model, pairs, mask_id: int, *, pad_id: int, num_samples: int 
     then `mc_loglik(..., generator=torch.Generator().manual_seed(pair_seed))`, whatever the
     order or grouping of the pairs).
     """
-    _check_sample_counts(num_samples, batch_size)
-    if len(pairs) == 0:
-        return []
-    device = model_device(model)
-    draw_device = _draw_device(None if pair_seed is not None else generator, None)
-    sequences, answer_masks, sample_weights = [], [], []
-    for prompt, answer in pairs:  # the draws, pair by pair
-        prompt, answer = _as_ids(prompt, "prompt"), _as_ids(answer, "answer")
-        if pair_seed is not None:
-            generator = torch.Generator().manual_seed(pair_seed)
-        masked, weights = draw_answer_masks(answer.numel(), num_samples, generator, draw_device)
-        answer_masks.append(masked.to(device))  # [n, L]
-        sample_weights.append(weights.to(device))  # [n]
-        sequences.append(torch.cat([prompt.to(device), answer.to(device)]))
+    scores = score_answers(model, pairs, mask_id, pad_id=pad_id, num_samples=num_samples,
+                           batch_size=batch_size, scoring="mc", generator=generator, pair_seed=pair_seed)
+    return [score.loglik for score in scores]
 
-    n, num_rows = num_samples, len(sequences) * num_samples
-    row_weights = torch.cat(sample_weights)  # [P n]
-    row_owners = torch.arange(len(sequences), device=device).repeat_interleave(n)  # [P n]
-    totals = torch.zeros(len(sequences), dtype=torch.float64, device=device)  # [P]
-    for start in range(0, num_rows, batch_size):
-        end = min(start + batch_size, num_rows)
-        x0, is_masked, attention, padded = _pack_rows(sequences, answer_masks, start, end, n, pad_id, device)
-        per_row = masked_ce_per_row(model, x0, is_masked, mask_id, attention if padded else None)
-        # per row: (L / l) * sum_masked CE, added to its pair's total
-        totals.index_add_(0, row_owners[start:end], per_row * row_weights[start:end])
-    # log p(answer | prompt) ~= -(mean over samples)
-    return (-totals / num_samples).tolist()
-
-
-MAX_EXACT_LENGTH = 16
 
 
 @torch.no_grad()
@@ -496,18 +608,12 @@ def exact_nelbo(model, x0, mask_id: int, maskable=None, *, batch_size: int = 256
         return 0.0
     device = model_device(model)
     x0 = x0.to(device)
-    # subset s (1 .. 2^L - 1) as bits over the maskable positions
-    codes = torch.arange(1, 2**L, device=device)[:, None]  # [K, 1]
-    bits = (codes >> torch.arange(L, device=device)) & 1  # [K, L]
-    sizes = bits.sum(1)  # [K]
-    # weight(m) = (m-1)! (L-m)! / L!, as exp of log-gammas in float64
-    m = sizes.double()
-    subset_weight = torch.exp(torch.lgamma(m) + torch.lgamma(L - m + 1) - math.lgamma(L + 1))  # [K]
+    bits, subset_weight = all_masks(L, device)  # [K, L], [K]
 
     total = torch.zeros((), dtype=torch.float64, device=device)
     position_index = torch.tensor(positions, device=device)
     for start in range(0, bits.shape[0], batch_size):
-        chunk = bits[start:start + batch_size].bool()  # [b, L]
+        chunk = bits[start:start + batch_size]  # [b, L]
         is_masked = torch.zeros(chunk.shape[0], x0.numel(), dtype=torch.bool, device=device)
         is_masked[:, position_index] = chunk  # [b, S]
         # sum_{i in M} CE_i for each subset M of the chunk

@@ -6,7 +6,8 @@ perplexity probe), lm-evaluation-harness (multiple choice, acc / acc_norm) and C
 files (prompts). Reader's page: docs/evaluation.md.
 
     tasks = [parse_task("belebele_tr:belebele_tur.jsonl"), parse_task("perplexity:essays.txt")]
-    result = run_task(model, tok, tasks[0], mc_samples=32, seed=0)   # {"metrics": {"acc": ...}, ...}
+    result = run_task(model, tok, tasks[0], examples=load_examples(tasks[0]), scoring="auto")
+    result["metrics"]["acc"], result["errors"]["acc"]["se"]
 
 Perplexity (HF `run_mlm` style; docs/evaluation.md). Every document is encoded with the tokenizer's own
 framing (`<bos> doc <eos>` for mmBERT), the documents are concatenated and cut into blocks of
@@ -19,13 +20,18 @@ column is the NELBO bound: exp(NELBO per non-special token), one t per block (li
 
 Multiple choice (lm-eval-harness style; the task table is minidiff/tasks.py). Prompt and
 `" " + choice` are tokenised separately WITHOUT special tokens and joined as
-`<bos> prompt | choice` (only the choice is scored; no `<eos>`, since it would be scored too);
-    loglik(choice) = log p(choice | prompt)   (diffusion.mc_loglik_many; exact for 1 token)
+`<bos> prompt | choice` (only the choice is scored; no `<eos>`, since it would be scored too;
+the prompt loses its left part after `<bos>` when the row exceeds the model's context);
+    loglik(choice) = log p(choice | prompt)   (diffusion.score_answers: exact or Monte Carlo)
     acc = mean[argmax_c loglik(c) == label],  acc_norm = same with loglik(c) / len(c) (chars)
 Every choice's Monte-Carlo draws come from a generator seeded with `seed` (common random
 numbers), so a score does not depend on which rows are scored with it; minidiff.harness scores
 lm-eval's requests the same way. CETVEL's extra metrics: IronyTR's f1 (binary, label 1) and
-News_Cat's macro_f1, both of the acc prediction.
+News_Cat's macro_f1, both of the acc prediction. A label -1 (no gold) matches no prediction.
+
+Error bars (`metric_errors`, docs/evaluation.md): each metric's standard deviation over 1000
+resampled runs, items drawn with replacement and every choice's score redrawn from
+N(loglik, se^2): `se`; the same with the items fixed: `mc_se` (the Monte-Carlo part).
 """
 from __future__ import annotations
 
@@ -34,8 +40,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 
+from . import data, diffusion
 from .device import model_device
 from .errors import UserError
 from .progress import bar as progress_bar
@@ -76,8 +84,6 @@ def parse_task(text: str) -> TaskSpec:
 
 def load_examples(spec: TaskSpec, limit: int | None = None) -> list[Example]:
     """Read the task's rows (local file, or the hub when no file is given) and render them."""
-    from . import data
-
     task = spec.task
     source = spec.source or task.hub_uri
     if spec.source and not source.startswith("hf://") and not Path(source).exists():
@@ -114,10 +120,24 @@ def load_examples(spec: TaskSpec, limit: int | None = None) -> list[Example]:
 
 # ----------------------------------------------------------------------------- scoring
 
+# rows per forward at most (--batch-size, the harness's batch_size): far beyond what a forward
+# needs to keep a GPU busy, short of a single allocation that exhausts its memory
+MAX_BATCH_SIZE = 1024
+# evaluate.py's and the harness's defaults (docs/evaluation.md, "How many samples"): every
+# answer of up to 7 tokens exact (2^7 - 1 = 127 rows), longer ones 128 Monte-Carlo samples
+DEFAULT_SCORING, DEFAULT_MC_SAMPLES = "auto", 128
 
-def choice_pairs(tok, example: Example) -> list[tuple[list[int], list[int]]]:
+
+def fit_prompt(prompt: list[int], room: int) -> list[int]:
+    """The prompt cut to `room` tokens from the left, keeping its first token (<bos>)."""
+    return prompt if len(prompt) <= room else prompt[:1] + prompt[len(prompt) - room + 1:]
+
+
+def choice_pairs(tok, example: Example, context: int | None = None) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, answer ids) per choice: `<bos>` + prompt and `" " + choice`, each tokenised
-    alone without special tokens, so no special token ever sits inside the scored answer."""
+    alone without special tokens, so no special token ever sits inside the scored answer. With
+    `context` (the model's length limit) the prompt loses its left part after `<bos>` until
+    prompt + answer fit, as minidiff.harness does; an answer that cannot fit is refused."""
     prompt = tok.encode(example.prompt, add_special_tokens=False)
     if tok.bos_id is not None:
         prompt = [tok.bos_id] + prompt
@@ -126,39 +146,69 @@ def choice_pairs(tok, example: Example) -> list[tuple[list[int], list[int]]]:
         answer = tok.encode(" " + choice, add_special_tokens=False)
         if not answer:
             raise UserError(f"choice {choice!r} tokenises to nothing")
-        pairs.append((prompt, answer))
+        if context is not None and len(answer) >= context:
+            raise UserError(f"choice {choice[:40]!r} is {len(answer)} tokens long; it does not fit "
+                            f"the model's context of {context} tokens after <bos>")
+        room = len(prompt) + len(answer) if context is None else context - len(answer)
+        pairs.append((fit_prompt(prompt, room), answer))
     return pairs
 
 
-def score_examples(model, tok, examples: Sequence[Example], *, mc_samples: int = 32,
-                   batch_size: int = 32, seed: int = 0, rows_per_step: int = 64,
-                   progress: bool = True, desc: str = "mc") -> list[list[float]]:
-    """log p(" " + choice | prompt) for every choice of every example, batched across choices
-    and rows. One-token answers use one sample (it is exact); longer ones `mc_samples`."""
-    from . import diffusion
+@dataclass
+class ScoredItems:
+    """Per item and choice: loglik (log p(" " + choice | prompt)), se (its Monte-Carlo standard
+    error, 0 when exact), exact (enumerated or not); truncated: items whose prompt was cut."""
 
-    scores: list[list[float]] = []
+    scores: list[list[float]]
+    errors: list[list[float]]
+    exact: list[list[bool]]
+    truncated: int = 0
+
+    def counts(self) -> dict[str, int]:
+        """How many answers were scored each way."""
+        flags = [flag for item in self.exact for flag in item]
+        return {"exact": sum(flags), "mc": len(flags) - sum(flags)}
+
+
+def score_items(model, tok, examples: Sequence[Example], *, mc_samples: int = 32,
+                batch_size: int = 32, seed: int = 0, scoring: str = "mc", context: int | None = None,
+                rows_per_step: int = 64, progress: bool = True, desc: str = "mc") -> ScoredItems:
+    """log p(" " + choice | prompt) with its standard error for every choice of every example
+    (diffusion.score_answers, `scoring` auto | exact | mc), batched across choices and rows;
+    every answer's draws seeded with `seed`."""
+    scored = ScoredItems([], [], [])
     bar = progress_bar(total=len(examples), desc=desc, disable=not progress, unit="row")
     for start in range(0, len(examples), rows_per_step):
         chunk = examples[start:start + rows_per_step]
-        pairs = [pair for ex in chunk for pair in choice_pairs(tok, ex)]
-        values = [0.0] * len(pairs)
-        for single in (True, False):
-            index = [i for i, (_, answer) in enumerate(pairs) if (len(answer) == 1) == single]
-            if not index:
-                continue
-            got = diffusion.mc_loglik_many(
-                model, [pairs[i] for i in index], tok.mask_id, pad_id=tok.pad_id,
-                num_samples=1 if single else mc_samples, batch_size=batch_size, pair_seed=seed)
-            for i, value in zip(index, got):
-                values[i] = float(value)
+        per_item = [choice_pairs(tok, ex, context) for ex in chunk]
+        scored.truncated += sum(_was_cut(tok, ex, pairs) for ex, pairs in zip(chunk, per_item))
+        got = diffusion.score_answers(
+            model, [pair for pairs in per_item for pair in pairs], tok.mask_id, pad_id=tok.pad_id,
+            num_samples=mc_samples, batch_size=batch_size, scoring=scoring, pair_seed=seed)
         offset = 0
         for ex in chunk:
-            scores.append(values[offset:offset + len(ex.choices)])
+            item = got[offset:offset + len(ex.choices)]
+            scored.scores.append([a.loglik for a in item])
+            scored.errors.append([a.se for a in item])
+            scored.exact.append([a.exact for a in item])
             offset += len(ex.choices)
         bar.update(len(chunk))
     bar.close()
-    return scores
+    return scored
+
+
+def _was_cut(tok, example: Example, pairs) -> bool:
+    full = len(tok.encode(example.prompt, add_special_tokens=False)) + (tok.bos_id is not None)
+    return any(len(prompt) < full for prompt, _ in pairs)
+
+
+def score_examples(model, tok, examples: Sequence[Example], *, mc_samples: int = 32,
+                   batch_size: int = 32, seed: int = 0, scoring: str = "mc",
+                   progress: bool = True, desc: str = "mc") -> list[list[float]]:
+    """The log-likelihoods of `score_items` alone: one-token answers exact, longer ones
+    `mc_samples` Monte-Carlo samples (scoring="mc"), or as `scoring` says."""
+    return score_items(model, tok, examples, mc_samples=mc_samples, batch_size=batch_size, seed=seed,
+                       scoring=scoring, progress=progress, desc=desc).scores
 
 
 def binary_f1(gold: Sequence[int], pred: Sequence[int], positive: int = 1) -> float:
@@ -201,6 +251,69 @@ def mc_metrics(examples: Sequence[Example], scores: Sequence[Sequence[float]],
     return out
 
 
+# ----------------------------------------------------------------------------- error bars
+
+
+def _padded(examples: Sequence[Example], scored: ScoredItems):
+    """(loglik, se, characters) as [n, C] arrays, C the most choices; missing choices -inf."""
+    width = max(len(ex.choices) for ex in examples)
+    mean = np.full((len(examples), width), -np.inf)
+    se = np.zeros((len(examples), width))
+    chars = np.ones((len(examples), width))
+    for i, ex in enumerate(examples):
+        k = len(ex.choices)
+        mean[i, :k], se[i, :k], chars[i, :k] = scored.scores[i], scored.errors[i], [len(c) for c in ex.choices]
+    return mean, se, chars
+
+
+def _metric_draws(scores, chars, gold, metrics: Sequence[str]) -> dict[str, np.ndarray]:
+    """Every metric of mc_metrics for each of b resampled runs: scores [b, n, C], chars
+    [b, n, C], gold [b, n] -> {metric: [b]}."""
+    pred = scores.argmax(-1)  # [b, n]  (first of ties, as mc_metrics)
+    out = {"acc": (pred == gold).mean(1), "acc_norm": ((scores / chars).argmax(-1) == gold).mean(1)}
+    tp, fp, fn = [], [], []
+    for c in range(scores.shape[-1]):
+        tp.append(((gold == c) & (pred == c)).sum(1))
+        fp.append(((gold != c) & (pred == c)).sum(1))
+        fn.append(((gold == c) & (pred != c)).sum(1))
+    tp, fp, fn = np.stack(tp, 1), np.stack(fp, 1), np.stack(fn, 1)  # [b, C]
+    denominator = 2 * tp + fp + fn
+    # F1_c = 2 tp / (2 tp + fp + fn), 0 when class c never occurs
+    f1 = np.where(denominator > 0, 2 * tp / np.maximum(denominator, 1), 0.0)  # [b, C]
+    if "f1" in metrics:
+        out["f1"] = f1[:, 1]
+    if "macro_f1" in metrics:  # the mean over the classes seen in gold or pred
+        out["macro_f1"] = f1.sum(1) / np.maximum((denominator > 0).sum(1), 1)
+    return out
+
+
+def metric_errors(examples: Sequence[Example], scored: ScoredItems, metrics: Sequence[str] = F1, *,
+                  draws: int = 1000, seed: int = 0, chunk: int = 50) -> dict[str, dict[str, float]]:
+    """Standard errors of every metric (docs/evaluation.md, "Error bars"), from `draws` runs
+    resampled two ways: {metric: {"se": total, "mc_se": Monte-Carlo noise alone}}.
+
+    mc_se: each choice's score redrawn from N(loglik, se^2), the items kept.
+    se:    the items resampled with replacement (the finite test set), then the same redraw.
+    Each is the standard deviation of the metric over the resampled runs (0 when all exact;
+    None when an answer's error is unknown, i.e. it was scored from a single sample)."""
+    mean, se, chars = _padded(examples, scored)
+    if np.isnan(se).any():
+        names = ["acc", "acc_norm"] + [k for k in ("f1", "macro_f1") if k in metrics]
+        return {k: {"mc_se": None, "se": None} for k in names}
+    gold = np.array([ex.label for ex in examples])
+    rng = np.random.default_rng(seed)
+    runs = {"mc_se": [], "se": []}
+    for start in range(0, draws, chunk):  # [b, n, C] arrays, b <= chunk
+        b = min(chunk, draws - start)
+        every = np.broadcast_to(np.arange(len(examples)), (b, len(examples)))
+        for name, items in (("mc_se", every), ("se", rng.integers(len(examples), size=every.shape))):
+            noisy = mean[items] + se[items] * rng.standard_normal(items.shape + mean.shape[1:])
+            runs[name].append(_metric_draws(noisy, chars[items], gold[items], metrics))
+    keys = runs["se"][0].keys()
+    return {k: {name: float(np.concatenate([r[k] for r in runs[name]]).std(ddof=1)) for name in runs}
+            for k in keys}
+
+
 # ----------------------------------------------------------------------------- perplexity
 
 
@@ -219,8 +332,6 @@ def mask_blocks(blocks: torch.Tensor, tok, *, mask_prob: float = 0.15, replace: 
     """(corrupted, is_target, maskable): exactly floor(p n + 0.5) of each block's n non-special
     tokens become targets (diffusion.mlm_corrupt), all blocks drawn at once on the CPU so the
     choice depends only on the seed, not on the batch size or device."""
-    from . import diffusion
-
     special = torch.tensor(sorted(tok.special_ids), dtype=torch.long)
     maskable = ~torch.isin(blocks, special)                                         # [N, S]
     generator = torch.Generator().manual_seed(seed)
@@ -236,8 +347,6 @@ def mlm_perplexity(model, tok, texts: Sequence[str], *, max_len: int = 512, mask
                    progress: bool = True) -> dict:
     """The paper's probe: exp(token-weighted mean CE at the masked positions); plus
     exp(NELBO / non-special tokens), the diffusion bound, with one t per block."""
-    from . import diffusion
-
     device = model_device(model)
     blocks = perplexity_blocks(texts, tok, max_len)
     corrupted, is_target, maskable = mask_blocks(blocks, tok, mask_prob=mask_prob, replace=replace, seed=seed)
@@ -275,48 +384,108 @@ def mlm_perplexity(model, tok, texts: Sequence[str], *, max_len: int = 512, mask
 
 
 def run_task(model, tok, spec: TaskSpec, *, examples: Sequence[Example] | None = None,
-             texts: Sequence[str] | None = None, mc_samples: int = 32, batch_size: int = 32,
-             seed: int = 0, max_len: int = 512, mask_prob: float = 0.15, mlm_replace: bool = False,
-             nelbo: bool = True, progress: bool = True) -> dict:
-    """Evaluate one parsed task; returns {"kind", "title", "n", "metrics", "settings", ...}."""
+             texts: Sequence[str] | None = None, mc_samples: int = DEFAULT_MC_SAMPLES,
+             batch_size: int = 32, seed: int = 0, scoring: str = DEFAULT_SCORING, max_len: int = 512, mask_prob: float = 0.15,
+             mlm_replace: bool = False, nelbo: bool = True, progress: bool = True,
+             items_out: list | None = None) -> dict:
+    """Evaluate one parsed task; returns {"kind", "title", "n", "metrics", "errors", "settings",
+    ...}. The model's context (max_position_embeddings) bounds every sequence: perplexity
+    blocks are clamped to it, multiple-choice prompts lose their left part after <bos>.
+    `items_out`, if given, receives one dict per multiple-choice item (scores and errors)."""
+    context = model.config.max_position_embeddings
     if spec.kind == "perplexity":
-        probe = mlm_perplexity(model, tok, texts, max_len=max_len, mask_prob=mask_prob,
-                               replace=mlm_replace, seed=seed, batch_size=batch_size, nelbo=nelbo,
-                               progress=progress)
-        metrics = {k: probe[k] for k in ("perplexity", "nelbo_perplexity") if k in probe}
-        title = spec.source if spec.source.startswith("hf://") else Path(spec.source).name
-        return {"kind": "perplexity", "title": title,
-                "source": spec.source, "n": probe["n_masked"], "metrics": metrics,
-                "n_tokens": probe["n_tokens"], "n_blocks": probe["n_blocks"],
-                "settings": {"max_len": max_len, "block_len": probe["block_len"],
-                             "mask_prob": mask_prob, "mask_count": "floor(p*n + 0.5) per block",
-                             "mlm_replace_80_10_10": mlm_replace, "mask_logit": "kept (as HF run_mlm)",
-                             "framing": "tokenizer post-processor per document", "seed": seed,
-                             "nelbo": "linear schedule, one t per block, / non-special tokens"}}
-    scores = score_examples(model, tok, examples, mc_samples=mc_samples, batch_size=batch_size,
-                            seed=seed, progress=progress, desc=spec.key)
+        return _run_perplexity(model, tok, spec, texts, max_len=min(max_len, context), asked=max_len,
+                               mask_prob=mask_prob, replace=mlm_replace, seed=seed,
+                               batch_size=batch_size, nelbo=nelbo, progress=progress)
+    scored = score_items(model, tok, examples, mc_samples=mc_samples, batch_size=batch_size,
+                         seed=seed, scoring=scoring, context=context, progress=progress, desc=spec.key)
+    metrics = mc_metrics(examples, scored.scores, spec.task.metrics)
+    if items_out is not None:
+        items_out.extend(item_rows(spec.key, examples, scored))
     title = spec.task.title if spec.task is not GENERIC else Path(spec.source).name
     return {"kind": "mc", "title": title, "source": spec.source or spec.task.hub_uri,
-            "n": len(examples), "metrics": mc_metrics(examples, scores, spec.task.metrics),
-            "settings": {"mc_samples": mc_samples, "one_token_samples": 1, "batch_size": batch_size,
-                         "seed": seed, "draws": "per choice, from a generator seeded with seed",
+            "n": len(examples), "metrics": metrics,
+            "errors": metric_errors(examples, scored, spec.task.metrics, seed=seed),
+            "answers_scored": scored.counts(), "truncated_prompts": scored.truncated,
+            "unlabeled": sum(ex.label < 0 for ex in examples),
+            "settings": {"scoring": scoring, "mc_samples": mc_samples, "one_token_samples": 1,
+                         "batch_size": batch_size, "seed": seed, "context": context,
+                         "draws": "per choice, from a generator seeded with seed",
+                         "errors": "bootstrap over items x N(loglik, se^2) per choice, 1000 runs",
                          "framing": "<bos> prompt | ' ' + choice (no <eos>)"}}
+
+
+def item_rows(key: str, examples: Sequence[Example], scored: ScoredItems) -> list[dict]:
+    """One JSON-ready dict per item: its choices' scores, errors (None: unknown, one sample)
+    and how each was scored."""
+    return [{"task": key, "item": i, "label": ex.label, "choices": list(ex.choices),
+             "loglik": scored.scores[i], "se": [None if math.isnan(e) else e for e in scored.errors[i]],
+             "exact": scored.exact[i]}
+            for i, ex in enumerate(examples)]
+
+
+def _run_perplexity(model, tok, spec: TaskSpec, texts, *, max_len: int, asked: int, mask_prob: float,
+                    replace: bool, seed: int, batch_size: int, nelbo: bool, progress: bool) -> dict:
+    probe = mlm_perplexity(model, tok, texts, max_len=max_len, mask_prob=mask_prob, replace=replace,
+                           seed=seed, batch_size=batch_size, nelbo=nelbo, progress=progress)
+    metrics = {k: probe[k] for k in ("perplexity", "nelbo_perplexity") if k in probe}
+    title = spec.source if spec.source.startswith("hf://") else Path(spec.source).name
+    return {"kind": "perplexity", "title": title,
+            "source": spec.source, "n": probe["n_masked"], "metrics": metrics,
+            "n_tokens": probe["n_tokens"], "n_blocks": probe["n_blocks"],
+            "settings": {"max_len": asked, "block_len": probe["block_len"],
+                         "clamped_to_context": max_len < asked,
+                         "mask_prob": mask_prob, "mask_count": "floor(p*n + 0.5) per block",
+                         "mlm_replace_80_10_10": replace, "mask_logit": "kept (as HF run_mlm)",
+                         "framing": "tokenizer post-processor per document", "seed": seed,
+                         "nelbo": "linear schedule, one t per block, / non-special tokens"}}
 
 
 # ----------------------------------------------------------------------------- tables
 
 
-def _cell(result: dict | None, metric: str) -> str:
+def _error(result: dict | None, metric: str) -> float | None:
+    """The metric's total standard error, if the result has one (results before error bars do not)."""
+    return ((result or {}).get("errors") or {}).get(metric, {}).get("se")
+
+
+def _cell(result: dict | None, metric: str, first: dict | None = None) -> str:
+    """`value ± se` (x 100 unless a perplexity); with `first` (this run's result) a trailing
+    `≈` when |value - first| is smaller than sqrt(se^2 + se_first^2)."""
     if result is None or metric not in result.get("metrics", {}):
         return "-"
     value = result["metrics"][metric]
-    return f"{value:.2f}" if metric.endswith("perplexity") else f"{100 * value:.2f}"
+    if metric.endswith("perplexity"):
+        return f"{value:.2f}"
+    text, error = f"{100 * value:.2f}", _error(result, metric)
+    if error is not None:
+        text += f" ± {100 * error:.2f}"
+    if first is not None and first is not result and metric in first.get("metrics", {}):
+        other = _error(first, metric)
+        if error is not None and other is not None and \
+                abs(value - first["metrics"][metric]) < math.hypot(error, other):
+            text += " ≈"
+    return text
+
+
+def _average(tasks: dict, keys: Sequence[str], metric: str) -> str:
+    """mean over the tasks ± sqrt(sum se^2) / k (tasks independent); `(k/K)` if some miss."""
+    have = [k for k in keys if k in tasks and metric in tasks[k]["metrics"]]
+    if not have:
+        return "-"
+    text = f"{100 * sum(tasks[k]['metrics'][metric] for k in have) / len(have):.2f}"
+    errors = [_error(tasks[k], metric) for k in have]
+    if None not in errors:
+        text += f" ± {100 * math.sqrt(sum(e * e for e in errors)) / len(have):.2f}"
+    return text + ("" if len(have) == len(keys) else f" ({len(have)}/{len(keys)})")
 
 
 def markdown_tables(columns: Sequence[tuple[str, dict]], metric: str = "acc") -> str:
     """Table 4 shape: the first run's multiple-choice tasks as rows, one column per run, the
     average last (a column missing some rows says over how many); perplexity tasks in a table
-    of their own. `columns`: [(header, results["tasks"]), ...]."""
+    of their own. Multiple-choice cells read `value ± standard error`; a compared run's cell
+    ends in `≈` when it differs from this run's by less than their combined error.
+    `columns`: [(header, results["tasks"]), ...]."""
     lines: list[str] = []
     first = columns[0][1]  # rows: the tasks of the first column (this run)
     ppl_keys = [k for k, r in first.items() if r["kind"] == "perplexity"]
@@ -333,12 +502,7 @@ def markdown_tables(columns: Sequence[tuple[str, dict]], metric: str = "acc") ->
         lines += [f"| task ({metric} x 100) | " + " | ".join(h for h, _ in columns) + " |",
                   "|---|" + "---:|" * len(columns)]
         for key in mc_keys:
-            cells = [_cell(t.get(key), metric) for _, t in columns]
+            cells = [_cell(t.get(key), metric, first[key]) for _, t in columns]
             lines.append(f"| {first[key]['title']} | " + " | ".join(cells) + " |")
-        averages = []
-        for _, tasks in columns:
-            values = [tasks[k]["metrics"][metric] for k in mc_keys if k in tasks and metric in tasks[k]["metrics"]]
-            mark = "" if len(values) == len(mc_keys) else f" ({len(values)}/{len(mc_keys)})"
-            averages.append(f"{100 * sum(values) / len(values):.2f}{mark}" if values else "-")
-        lines.append("| **Average** | " + " | ".join(averages) + " |")
+        lines.append("| **Average** | " + " | ".join(_average(t, mc_keys, metric) for _, t in columns) + " |")
     return "\n".join(lines).strip()

@@ -5,7 +5,7 @@ References: EleutherAI's lm-evaluation-harness (the `LM` interface, `register_mo
 reports); LLaDA (arXiv 2502.09992) and dllm, whose lm-eval model classes score answers with the
 same Monte-Carlo estimator (minidiff tokenises context and answer separately instead).
 
-    python -m minidiff.harness --model_args pretrained=runs/sft2,mc_samples=32 \\
+    python -m minidiff.harness --model_args pretrained=runs/sft2,scoring=auto,mc_samples=128 \\
         --tasks cetvel_diffutron --batch_size 32 --output_path results/
     # every lm-eval flag works; the launcher adds --model minidiff and the CETVEL task folder
 
@@ -15,10 +15,11 @@ same Monte-Carlo estimator (minidiff tokenises context and answer separately ins
 
 The three request types (lm-eval's `LM` interface), each on minidiff's own machinery:
     loglikelihood(context, continuation)   <bos> + context and the continuation tokenised apart,
-        log p(continuation | context) by LLaDA's Monte-Carlo estimator (arXiv 2502.09992;
-        diffusion.mc_loglik_many): exact for a one-token continuation, `mc_samples` samples for
-        longer ones, each request's draws seeded with `seed` -- the same numbers evaluate.py
-        gives for the same prompt and choice. is_greedy is always False (greedy decoding is not
+        log p(continuation | context) by diffusion.score_answers: `scoring=auto` (default)
+        sums over all 2^L - 1 masks of a continuation of L tokens when that costs no more than
+        `mc_samples`, else LLaDA's Monte-Carlo estimator (arXiv 2502.09992) with `mc_samples`
+        samples, each request's draws seeded with `seed` -- the same numbers evaluate.py gives
+        for the same prompt and choice. is_greedy is always False (greedy decoding is not
         defined for an order-free sampler), so lm-eval's exact_match from loglikelihood is 0.
     loglikelihood_rolling(text)             -NELBO (MDLM, arXiv 2406.07524): a lower bound on
         log p(text), not log p itself. The text is cut into lm-eval's rolling windows within
@@ -40,9 +41,11 @@ from pathlib import Path
 
 import torch
 
+from . import diffusion
 from .errors import UserError
+from .evaluation import DEFAULT_MC_SAMPLES, DEFAULT_SCORING, MAX_BATCH_SIZE, fit_prompt
 from .files import write_text
-from .sampler import SamplerConfig
+from .sampler import SamplerConfig, generate
 from .tasks import LM_EVAL_TASK_DIR
 
 INSTALL_HINT = 'lm-evaluation-harness is not installed; install it with: pip install "minidiff[harness]"'
@@ -80,11 +83,13 @@ def _positive_int(name: str, value) -> int:
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-MODEL_ARGS = ("pretrained", "mc_samples", "batch_size", "device", "dtype", "seed", "max_length", "preset")
+MODEL_ARGS = ("pretrained", "scoring", "mc_samples", "batch_size", "device", "dtype", "seed",
+              "max_length", "preset")
 
 
-def parse_model_args(pretrained=None, mc_samples=32, batch_size=32, max_batch_size=None, device=None,
-                     dtype="float32", seed=0, max_length=None, preset=None, **sampler_args) -> dict:
+def parse_model_args(pretrained=None, scoring=DEFAULT_SCORING, mc_samples=DEFAULT_MC_SAMPLES, batch_size=32,
+                     max_batch_size=None, device=None, dtype="float32", seed=0, max_length=None,
+                     preset=None, **sampler_args) -> dict:
     """Check --model_args (plus lm-eval's batch_size/max_batch_size/device) and return the
     settings; every mistake is one UserError sentence. Sampler fields are SamplerConfig's."""
     fields = {f.name for f in dataclasses.fields(SamplerConfig)}
@@ -94,6 +99,8 @@ def parse_model_args(pretrained=None, mc_samples=32, batch_size=32, max_batch_si
                         f"{', '.join([*MODEL_ARGS, *sorted(fields - {'seed'})])}")
     if not pretrained:
         raise UserError("--model_args needs pretrained=DIR_OR_HUB_ID (a minidiff/mmBERT model)")
+    if scoring not in diffusion.SCORINGS:
+        raise UserError(f"model argument scoring={scoring!r}: expected one of {', '.join(diffusion.SCORINGS)}")
     if dtype not in DTYPES:
         raise UserError(f"model argument dtype={dtype!r}: expected one of {', '.join(DTYPES)}")
     # lm-eval passes --batch_size as a string; "auto"/"auto:N" (no memory probing here) means 32
@@ -116,8 +123,12 @@ def parse_model_args(pretrained=None, mc_samples=32, batch_size=32, max_batch_si
     except (TypeError, ValueError):
         raise UserError(f"model argument seed={seed!r}: expected an integer") from None
     sampler = sampler.replace(seed=seed)  # one seed: the MC draws and the sampler's
-    return {"pretrained": str(pretrained), "mc_samples": _positive_int("mc_samples", mc_samples),
-            "batch_size": 32 if auto else _positive_int("batch_size", batch_size),
+    batch_size = 32 if auto else _positive_int("batch_size", batch_size)
+    if batch_size > MAX_BATCH_SIZE:
+        raise UserError(f"model argument batch_size={batch_size}: expected at most {MAX_BATCH_SIZE} "
+                        "sequences per forward (Monte-Carlo samples beyond it run in further forwards)")
+    return {"pretrained": str(pretrained), "scoring": scoring,
+            "mc_samples": _positive_int("mc_samples", mc_samples), "batch_size": batch_size,
             "device": torch.device(wanted), "dtype": DTYPES[dtype], "seed": seed,
             "max_length": None if max_length is None else max(2, _positive_int("max_length", max_length)),
             "sampler": sampler}
@@ -135,7 +146,8 @@ class MinidiffLM(LM):
         import minidiff
 
         self.pretrained = settings["pretrained"]
-        self.mc_samples, self.batch_size = settings["mc_samples"], settings["batch_size"]
+        self.scoring, self.mc_samples = settings["scoring"], settings["mc_samples"]
+        self.batch_size = settings["batch_size"]
         self.seed, self.sampler = settings["seed"], settings["sampler"]
         self._device = settings["device"]  # LM.device is a read-only property since 0.4.12
         self.model = minidiff.load_model(self.pretrained, dtype=settings["dtype"], device=self._device).eval()
@@ -160,79 +172,22 @@ class MinidiffLM(LM):
     def tokenizer_name(self) -> str:
         return self.pretrained
 
-    # ----------------------------------------------------------------------- token boundaries
-
-    def _prompt_ids(self, text: str) -> list[int]:
-        """<bos> + the text's own tokens (no <eos>: it would sit between prompt and answer)."""
-        ids = self.tok.encode(text, add_special_tokens=False)
-        return ([self.tok.bos_id] if self.tok.bos_id is not None else []) + ids
-
-    @staticmethod
-    def _fit(prompt: list[int], room: int) -> list[int]:
-        """The prompt cut to `room` tokens from the left, keeping its first token (<bos>)."""
-        return prompt if len(prompt) <= room else prompt[:1] + prompt[len(prompt) - room + 1:]
-
-    def _score(self, pairs: list[tuple[list[int], list[int]]]) -> list[float]:
-        """log p(answer | prompt) per pair: one sample for one-token answers (exact), else
-        mc_samples; every pair's draws seeded with `seed`, so grouping never changes a value."""
-        from . import diffusion
-
-        values = [0.0] * len(pairs)  # an empty answer has log-probability 0
-        for single in (True, False):
-            index = [i for i, (_, a) in enumerate(pairs) if a and (len(a) == 1) == single]
-            if not index:
-                continue
-            got = diffusion.mc_loglik_many(
-                self.model, [pairs[i] for i in index], self.tok.mask_id, pad_id=self.tok.pad_id,
-                num_samples=1 if single else self.mc_samples, batch_size=self.batch_size,
-                pair_seed=self.seed)
-            for i, value in zip(index, got):
-                values[i] = value
-        return values
-
     # ----------------------------------------------------------------------- the three requests
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
-        pairs = []
-        for request in requests:
-            context, continuation = request.args
-            answer = self.tok.encode(continuation, add_special_tokens=False)
-            if len(answer) >= self.max_length:
-                raise UserError(f"a continuation of {len(answer)} tokens does not fit the model's "
-                                f"context of {self.max_length} tokens after <bos>")
-            prompt = self._fit(self._prompt_ids(context), self.max_length - len(answer))
-            pairs.append((prompt, answer))
-        return [(value, False) for value in self._chunked(pairs, disable_tqdm, "loglikelihood")]
+        pairs = [continuation_pair(self.tok, *request.args, self.max_length) for request in requests]
+        return [(value, False) for value in self._score(pairs, disable_tqdm, "loglikelihood")]
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
-        pairs, owner = [], []
-        prefix = self.tok.bos_id if self.tok.bos_id is not None else self.tok.eos_id
-        for r, request in enumerate(requests):
-            (text,) = request.args
-            tokens = self.tok.encode(text, add_special_tokens=False)
-            # lm-eval's windows: every token predicted once; context + new tokens <= max_length
-            for window in get_rolling_token_windows(tokens, prefix, self.max_length - 1, 1):
-                context, new = make_disjoint_window(window)
-                pairs.append((list(context), list(new)))
-                owner.append(r)
-        values = self._chunked(pairs, disable_tqdm, "loglikelihood_rolling")
+        pairs, owner = rolling_pairs(self.tok, [request.args[0] for request in requests], self.max_length)
+        values = self._score(pairs, disable_tqdm, "loglikelihood_rolling")
         totals = [0.0] * len(requests)
         for r, value in zip(owner, values):
             totals[r] += value  # -NELBO of the text = sum over windows
         return totals
 
-    def _chunked(self, pairs, disable_tqdm: bool, desc: str) -> list[float]:
-        from tqdm.auto import tqdm
-
-        out, step = [], 64
-        for start in tqdm(range(0, len(pairs), step), desc=desc, disable=disable_tqdm):
-            out += self._score(pairs[start:start + step])
-        return out
-
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         from tqdm.auto import tqdm
-
-        from .sampler import generate
 
         out = [""] * len(requests)
         groups: dict[str, list[int]] = {}
@@ -240,44 +195,101 @@ class MinidiffLM(LM):
             groups.setdefault(repr(sorted(request.args[1].items())), []).append(i)
         bar = tqdm(total=len(requests), desc="generate_until", disable=disable_tqdm)
         for index in groups.values():
-            kwargs = dict(requests[index[0]].args[1])
-            config, until = self._generation_config(kwargs)
+            config, until = generation_settings(self.sampler, dict(requests[index[0]].args[1]))
             for start in range(0, len(index), self.batch_size):
                 chunk = index[start:start + self.batch_size]
                 room = max(1, self.max_length - config.max_new_tokens)
-                prompts = [self._fit(self._prompt_ids(requests[i].args[0]), room) for i in chunk]
+                prompts = [fit_prompt(prompt_ids(self.tok, requests[i].args[0]), room) for i in chunk]
                 result = generate(self.model, prompts, config, mask_id=self.tok.mask_id,
                                   eos_id=self.tok.eos_id, tokenizer=self.tok, pad_id=self.tok.pad_id)
                 for i, answer in zip(chunk, result.answers()):
-                    out[i] = self._cut(answer, until)
+                    out[i] = cut_answer(self.tok, answer, until)
                     self.cache_hook.add_partial("generate_until", requests[i].args, out[i])
                 bar.update(len(chunk))
         bar.close()
         return out
 
-    def _generation_config(self, kwargs: dict):
-        """The sampler settings with the task's max_gen_toks and temperature laid over them."""
-        until = kwargs.pop("until", None) or []
-        until = [until] if isinstance(until, str) else list(until)
-        changes = {}
-        if "max_gen_toks" in kwargs:
-            changes["max_new_tokens"] = _positive_int("max_gen_toks", kwargs.pop("max_gen_toks"))
-        if kwargs.pop("do_sample", None) is False:
-            changes["temperature"] = 0.0
-        if "temperature" in kwargs:
-            changes["temperature"] = float(kwargs.pop("temperature"))
-        if kwargs:
-            log.warning("minidiff ignores these generation settings: %s", sorted(kwargs))
-        return self.sampler.replace(**changes), until
+    # ----------------------------------------------------------------------- scoring
 
-    def _cut(self, answer: list[int], until: list[str]) -> str:
-        """The answer up to its first eos/pad, decoded, then cut before the first `until` string."""
-        ends = [answer.index(t) for t in (self.tok.eos_id, self.tok.pad_id) if t in answer]
-        text = self.tok.decode(answer[:min(ends)] if ends else answer, skip_special_tokens=True)
-        for stop in until:
-            if stop and stop in text:
-                text = text[:text.index(stop)]
-        return text
+    def _score(self, pairs: list[tuple[list[int], list[int]]], disable_tqdm: bool, desc: str) -> list[float]:
+        """log p(answer | prompt) per pair, 64 pairs per call of diffusion.score_answers
+        (`scoring` auto | exact | mc, one-token answers exact); every pair's draws seeded with
+        `seed`, so grouping never changes a value. An empty answer has log-probability 0."""
+        from tqdm.auto import tqdm
+
+        values = [0.0] * len(pairs)
+        index = [i for i, (_, answer) in enumerate(pairs) if answer]
+        for start in tqdm(range(0, len(index), 64), desc=desc, disable=disable_tqdm):
+            chunk = index[start:start + 64]
+            got = diffusion.score_answers(
+                self.model, [pairs[i] for i in chunk], self.tok.mask_id, pad_id=self.tok.pad_id,
+                num_samples=self.mc_samples, batch_size=self.batch_size, scoring=self.scoring,
+                pair_seed=self.seed)
+            for i, answer in zip(chunk, got):
+                values[i] = answer.loglik
+        return values
+
+
+# ----------------------------------------------------------------------------- requests as token ids
+
+
+def prompt_ids(tok, text: str) -> list[int]:
+    """<bos> + the text's own tokens (no <eos>: it would sit between prompt and answer)."""
+    ids = tok.encode(text, add_special_tokens=False)
+    return ([tok.bos_id] if tok.bos_id is not None else []) + ids
+
+
+def continuation_pair(tok, context: str, continuation: str, max_length: int) -> tuple[list[int], list[int]]:
+    """A loglikelihood request as (prompt ids, answer ids), the prompt cut from the left to fit."""
+    answer = tok.encode(continuation, add_special_tokens=False)
+    if len(answer) >= max_length:
+        raise UserError(f"a continuation of {len(answer)} tokens does not fit the model's "
+                        f"context of {max_length} tokens after <bos>")
+    return fit_prompt(prompt_ids(tok, context), max_length - len(answer)), answer
+
+
+def rolling_pairs(tok, texts: list[str], max_length: int) -> tuple[list, list[int]]:
+    """lm-eval's rolling windows of every text as (context ids, new ids) pairs, and the text
+    each pair belongs to: every token predicted once; context + new tokens <= max_length."""
+    pairs, owner = [], []
+    prefix = tok.bos_id if tok.bos_id is not None else tok.eos_id
+    for r, text in enumerate(texts):
+        tokens = tok.encode(text, add_special_tokens=False)
+        for window in get_rolling_token_windows(tokens, prefix, max_length - 1, 1):
+            context, new = make_disjoint_window(window)
+            pairs.append((list(context), list(new)))
+            owner.append(r)
+    return pairs, owner
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+def generation_settings(sampler: SamplerConfig, kwargs: dict) -> tuple[SamplerConfig, list[str]]:
+    """The sampler settings with the task's max_gen_toks and temperature laid over them, and
+    the `until` strings."""
+    until = kwargs.pop("until", None) or []
+    until = [until] if isinstance(until, str) else list(until)
+    changes = {}
+    if "max_gen_toks" in kwargs:
+        changes["max_new_tokens"] = _positive_int("max_gen_toks", kwargs.pop("max_gen_toks"))
+    if kwargs.pop("do_sample", None) is False:
+        changes["temperature"] = 0.0
+    if "temperature" in kwargs:
+        changes["temperature"] = float(kwargs.pop("temperature"))
+    if kwargs:
+        log.warning("minidiff ignores these generation settings: %s", sorted(kwargs))
+    return sampler.replace(**changes), until
+
+
+def cut_answer(tok, answer: list[int], until: list[str]) -> str:
+    """The answer up to its first eos/pad, decoded, then cut before the first `until` string."""
+    ends = [answer.index(t) for t in (tok.eos_id, tok.pad_id) if t in answer]
+    text = tok.decode(answer[:min(ends)] if ends else answer, skip_special_tokens=True)
+    for stop in until:
+        if stop and stop in text:
+            text = text[:text.index(stop)]
+    return text
 
 
 # ----------------------------------------------------------------------------- task folders

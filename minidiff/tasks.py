@@ -28,7 +28,8 @@ LM_EVAL_TASK_DIR = Path(__file__).resolve().parent / "lm_eval_tasks"
 
 @dataclass(frozen=True)
 class Example:
-    """One multiple-choice item: the prompt, the choice strings and the index of the right one."""
+    """One multiple-choice item: the prompt, the choice strings and the index of the right one;
+    label -1 (NO_GOLD) when the dataset has no gold answer (MNLI_TR), wrong for every metric."""
 
     prompt: str
     choices: tuple[str, ...]
@@ -145,10 +146,17 @@ def render_news(row: dict) -> Example:
 NLI_CHOICES = ("TUTARLI", "ALAKASIZ", "ÇELİŞKİLİ")  # entailment 0, neutral 1, contradiction 2
 
 
+NO_GOLD = -1  # nli_tr's label of a pair its annotators did not agree on
+
+
 def render_mnli(row: dict) -> Example:
+    """Label 0..2, or -1 for the ~1.85% of pairs without a gold label: kept, as lm-eval keeps
+    them (`{{label | int}}` = -1 matches no choice, so the item counts wrong)."""
     prompt = ("Aşağıda iki cümle verilmektedir:\n\n"
               f"Cümle 1: \"{_text(row, 'premise')}\"\nCümle 2: \"{_text(row, 'hypothesis')}\"\n\n"
               "Bu iki cümle arasındaki ilişki nedir:")
+    if str(row["label"]).strip() == str(NO_GOLD):
+        return Example(prompt, NLI_CHOICES, NO_GOLD)
     return Example(prompt, NLI_CHOICES, _index(row["label"], NLI_CHOICES, "label"))
 
 

@@ -3,6 +3,7 @@ holding the exact conditionals of a known joint, hand-computed losses, finite di
 the formulas of MDLM / BERT written out again here."""
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 
@@ -489,3 +490,94 @@ def test_nelbo_normalizer_recombines_micro_batches(model, normalize):
         weights.append(D.nelbo_normalizer(maskable[rows], normalize).double())
     recombined = sum(p * w for p, w in zip(parts, weights)) / sum(weights)
     torch.testing.assert_close(recombined, whole.double(), rtol=1e-6, atol=1e-8)
+
+
+# ---------------------------------------------------------------------------------------------
+# score_answers: exact enumeration, standard errors, bounded memory
+# ---------------------------------------------------------------------------------------------
+
+
+def test_exact_score_is_the_any_order_average_over_the_answer(model):
+    """exact = -(mean over the L! orders of the answer's positions of -log p_sigma), float64;
+    prompt positions are never masked. Also equal to exact_nelbo with only the answer maskable."""
+    double = copy.deepcopy(model).double()
+    pairs = [([BOS, 5, 6], [9, 7, 11]), ([BOS, 8], [10, 5, 6, 7]), ([BOS, 6], [5])]
+    got = D.score_answers(double, pairs, MASK, pad_id=PAD, scoring="exact", batch_size=5)
+    for (prompt, answer), score in zip(pairs, got):
+        x0 = torch.tensor(prompt + answer)
+        positions = list(range(len(prompt), len(x0)))
+        reference = float(order_logprobs(double, x0, positions).mean())
+        assert score.exact and score.se == 0.0
+        assert score.loglik == pytest.approx(reference, rel=1e-12, abs=1e-12)
+        maskable = torch.tensor([0] * len(prompt) + [1] * len(answer), dtype=torch.bool)
+        assert -score.loglik == pytest.approx(D.exact_nelbo(double, x0, MASK, maskable), rel=1e-12)
+
+
+def test_exact_scores_do_not_depend_on_the_seed(model):
+    pairs = [([BOS, 5, 6], [9, 7, 11]), ([BOS], [7, 8])]
+    a = D.score_answers(model, pairs, MASK, pad_id=PAD, scoring="exact", pair_seed=0)
+    b = D.score_answers(model, pairs, MASK, pad_id=PAD, scoring="exact", pair_seed=1)
+    assert a == b
+
+
+def test_auto_is_exact_when_no_dearer_than_the_samples_it_replaces(model):
+    pairs = [([BOS, 5], [9]), ([BOS, 5], [9, 7]), ([BOS, 5], [9, 7, 11]), ([BOS, 5], [9, 7, 11, 6])]
+    got = D.score_answers(model, pairs, MASK, pad_id=PAD, num_samples=7, scoring="auto", pair_seed=2)
+    # 2^L - 1 = 1, 3, 7, 15 forwards against 7 samples
+    assert [s.exact for s in got] == [True, True, True, False]
+    assert got[3].se > 0
+    with pytest.raises(UserError, match="at most 16 tokens"):
+        D.score_answers(model, [([BOS], [5] * 17)], MASK, pad_id=PAD, scoring="exact")
+
+
+def test_mc_standard_error_is_the_spread_of_its_samples(model):
+    """se = std(v_j, ddof=1) / sqrt(n), v_j = (L / l_j) sum_masked CE recomputed here row by row."""
+    prompt, answer, n = [BOS, 5, 6], [9, 7, 11, 8], 10
+    got = D.score_answers(model, [(prompt, answer)], MASK, pad_id=PAD, num_samples=n, batch_size=3,
+                          scoring="mc", pair_seed=4)[0]
+    masks, weights = D.draw_answer_masks(len(answer), n, torch.Generator().manual_seed(4))
+    values = []
+    for mask, weight in zip(masks, weights):
+        x = torch.tensor(prompt + answer)
+        target = torch.tensor(prompt + answer)
+        x[len(prompt):][mask] = MASK
+        with torch.no_grad():
+            logits = model(x[None])[0].double()
+        logits[:, MASK] = -math.inf
+        ce = -logits.log_softmax(-1)[torch.arange(len(x)), target]
+        values.append(float(weight) * float(ce[len(prompt):][mask].sum()))
+    mean, se = mean_and_se(values)
+    assert got.loglik == pytest.approx(-mean, rel=1e-5) and got.se == pytest.approx(se, rel=1e-4)
+
+
+def test_draws_in_chunks_are_the_draws_at_once():
+    whole = D.draw_answer_masks(5, 23, torch.Generator().manual_seed(8))
+    draws = D.AnswerDraws(5, 23, torch.Generator().manual_seed(8))
+    parts = [draws.take(c) for c in (4, 1, 18)]
+    assert torch.equal(torch.cat([m for m, _ in parts]), whole[0])
+    assert torch.equal(torch.cat([w for _, w in parts]), whole[1])
+
+
+class RowLimit(nn.Module):
+    """Forwards to `model` while checking each forward's rows; stops after `forwards` forwards."""
+
+    def __init__(self, model, rows: int, forwards: int):
+        super().__init__()
+        self.model, self.rows, self.left = model, rows, forwards
+        self.config = model.config
+
+    def forward(self, input_ids, attention_mask=None, logits_at=None):
+        assert input_ids.shape[0] <= self.rows
+        self.left -= 1
+        if self.left < 0:
+            raise StopIteration("enough forwards")
+        return self.model(input_ids, attention_mask, logits_at=logits_at)
+
+
+def test_a_billion_samples_run_in_forwards_of_batch_size_rows(model):
+    """No allocation grows with num_samples: the first forwards start at once, each batch_size rows."""
+    guard = RowLimit(model, rows=8, forwards=3)
+    with pytest.raises(StopIteration):
+        D.score_answers(guard, [([BOS, 5], [9, 7, 11])], MASK, pad_id=PAD, num_samples=10**9,
+                        batch_size=8, scoring="mc", pair_seed=0)
+    assert guard.left < 0

@@ -60,11 +60,13 @@ def test_run_writes_results_and_table_then_compares(tmp_path, model_dir):
     assert ppl["settings"]["mask_prob"] == 0.15 and ppl["settings"]["mlm_replace_80_10_10"] is False
     assert not list(tmp_path.glob("*.partial"))
     assert not list(tmp_path.glob("*.tmp*"))  # atomic_path's temporary is gone
-    # the table: multiple-choice tasks as rows, the average of their acc last
+    # the table: multiple-choice tasks as rows, `acc ± se`, the average of their acc last
     accs = [tasks[k]["metrics"]["acc"] for k in (f"mc:{mc}", "ironytr")]
+    errors = [tasks[k]["errors"]["acc"]["se"] for k in (f"mc:{mc}", "ironytr")]
     lines = first.stdout.splitlines()
-    assert f"| IronyTR | {100 * accs[1]:.2f} |" in lines
-    assert lines[-1] == f"| **Average** | {100 * sum(accs) / 2:.2f} |"
+    assert f"| IronyTR | {100 * accs[1]:.2f} ± {100 * errors[1]:.2f} |" in lines
+    average_se = 100 * (errors[0] ** 2 + errors[1] ** 2) ** 0.5 / 2  # independent tasks
+    assert lines[-1] == f"| **Average** | {100 * sum(accs) / 2:.2f} ± {average_se:.2f} |"
     assert any(line.startswith("| essays.txt | ") for line in lines)  # perplexity table
 
     again = tmp_path / "again.json"
@@ -74,7 +76,10 @@ def test_run_writes_results_and_table_then_compares(tmp_path, model_dir):
     assert json.loads(again.read_text())["tasks"]["ironytr"]["metrics"] == tasks["ironytr"]["metrics"]
     header = [line for line in second.stdout.splitlines() if line.startswith("| task")][0]
     assert header == f"| task (acc x 100) | {model_dir.name} | results |"
-    assert second.stdout.splitlines()[-1].startswith(f"| **Average** | {100 * accs[1]:.2f} | ")
+    assert second.stdout.splitlines()[-1].startswith(f"| **Average** | {100 * accs[1]:.2f} ± ")
+    # equal numbers differ by less than their combined error: the old column is flagged
+    assert f"| IronyTR | {100 * accs[1]:.2f} ± {100 * errors[1]:.2f} | {100 * accs[1]:.2f} ± " \
+        f"{100 * errors[1]:.2f} ≈ |" in second.stdout.splitlines()
 
 
 def mc_task(directory, name, rows, kind="mc"):
@@ -132,3 +137,48 @@ def test_bad_input_as_a_real_process(case, tmp_path, model_dir):
     assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
     assert words in proc.stderr and "Traceback" not in proc.stderr
     assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def short_model_dir(tmp_path_factory):
+    """A model whose context is 16 positions."""
+    return make_model_dir(tmp_path_factory.mktemp("short"), seed=1, max_position_embeddings=16)
+
+
+def test_context_limit_cuts_prompts_and_clamps_blocks(tmp_path, short_model_dir, capsys):
+    """Rows longer than the model's context lose their prompt's left part (counted, said on
+    stderr), perplexity blocks are clamped to the context (said), an answer that cannot fit is
+    refused in one sentence; --per-item writes every item's scores and errors."""
+    long_prompt = "Türkiye Cumhuriyeti 1923 yılında kuruldu ve başkenti Ankara oldu ve"
+    mc = write_jsonl(tmp_path / "long.jsonl", [
+        {"prompt": long_prompt, "choices": ["evet", "hayır"], "label": 0},
+        {"prompt": "Kedi", "choices": ["ev", "yol"], "label": 1}])
+    text = tmp_path / "essays.txt"
+    text.write_text("\n".join(TURKISH_TEXT) + "\n", encoding="utf-8")
+    out, items = tmp_path / "results.json", tmp_path / "items.jsonl"
+    code, err = run_in_process(["--model", short_model_dir, "--task", f"mc:{mc}", "--task", f"perplexity:{text}",
+                                "--max-len", 64, "--scoring", "exact", "--per-item", items,
+                                "--no-progress", "--out", out], capsys)
+    assert code == 0, err
+    tasks = json.loads(out.read_text())["tasks"]
+    assert tasks[f"mc:{mc}"]["truncated_prompts"] == 1 and "1 of 2 prompts cut" in err
+    assert tasks[f"mc:{mc}"]["answers_scored"]["mc"] == 0
+    assert tasks[f"perplexity:{text}"]["settings"]["block_len"] == 16 and "blocks of 16 tokens" in err
+    rows = [json.loads(line) for line in items.read_text(encoding="utf-8").splitlines()]
+    assert [r["item"] for r in rows] == [0, 1] and all(r["se"] == [0.0, 0.0] for r in rows)
+    assert [r["exact"] for r in rows] == [[True, True]] * 2
+    too_long = write_jsonl(tmp_path / "answer.jsonl", [{"prompt": "p", "choices": [long_prompt, "a"], "label": 0}])
+    code, err = run_in_process(["--model", short_model_dir, "--task", f"mc:{too_long}", "--out", out], capsys)
+    assert code == 2 and "does not fit the model's context of 16 tokens" in err and err.count("\n") == 1
+
+
+def test_oversized_batch_is_refused_and_many_samples_run_chunked(tmp_path, model_dir, capsys):
+    mc = mc_task(tmp_path, "m.jsonl", [{"prompt": "Kedi", "choices": ["miyavlar", "havlar"], "label": 0}])
+    out = tmp_path / "r.json"
+    code, err = run_in_process(["--model", model_dir, *mc, "--batch-size", 10**6, "--out", out], capsys)
+    assert code == 2 and "--batch-size 1000000: expected 1 to 1024" in err and not out.exists()
+    code, err = run_in_process(["--model", model_dir, *mc, "--scoring", "mc", "--mc-samples", 3000,
+                                "--batch-size", 64, "--no-progress", "--out", out], capsys)
+    assert code == 0, err
+    task = json.loads(out.read_text())["tasks"][mc[1]]
+    assert task["answers_scored"] == {"exact": 0, "mc": 2} and task["settings"]["mc_samples"] == 3000

@@ -4,6 +4,7 @@ answer, metrics against hand-computed values, and the perplexity probe against a
 recomputation from full logits."""
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import math
@@ -404,3 +405,83 @@ def test_a_choice_score_does_not_depend_on_the_other_rows(task_files, model, tok
         reference = diffusion.mc_loglik(model, prompt, answer, MASK, num_samples=1 if len(answer) == 1 else 4,
                                         generator=torch.Generator().manual_seed(9))
         assert value == pytest.approx(reference, abs=1e-4)
+
+
+# ----------------------------------------------------------------------------- error bars
+
+SUFFIX_ITEMS = [Example(f"{stem} gördük ve", (f"{stem}ler", f"{stem}lar"), i % 2)
+                for i, stem in enumerate(["ev", "kitap", "göz", "yol", "kedi", "deniz", "ağaç", "kuş",
+                                          "okul", "dağ", "şehir", "masa", "gün", "yıl", "köy", "su",
+                                          "taş", "el", "baş", "iş", "kız", "bahçe", "kapı", "köprü"])]
+
+
+@pytest.fixture(scope="module")
+def sharp_model(model):
+    """The tiny model with its linears scaled 5x: predictions that depend on the context, so
+    Monte-Carlo estimates vary from draw to draw."""
+    sharp = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, param in sharp.named_parameters():
+            if any(key in name for key in ("Wqkv", "Wo", "Wi", "head.dense")):
+                param.mul_(5.0)
+    return sharp
+
+
+def test_reported_mc_error_covers_the_spread_over_seeds(sharp_model, tok):
+    """20 seeds of 2 Monte-Carlo samples each: a seed's acc lies within 2 of its own reported
+    mc_se of the across-seed mean for at least 16 of them (95% nominal), and the reported mc_se
+    is of the size of the spread (conservative, docs/evaluation.md, but not past 4x it)."""
+    model, runs = sharp_model, []
+    for seed in range(20):
+        scored = evaluation.score_items(model, tok, SUFFIX_ITEMS, mc_samples=2, seed=seed,
+                                        scoring="mc", progress=False)
+        metrics = evaluation.mc_metrics(SUFFIX_ITEMS, scored.scores, ("acc", "acc_norm"))
+        errors = evaluation.metric_errors(SUFFIX_ITEMS, scored, ("acc", "acc_norm"), draws=300, seed=seed)
+        runs.append((metrics, errors))
+    for metric in ("acc", "acc_norm"):
+        values = torch.tensor([m[metric] for m, _ in runs], dtype=torch.float64)
+        reported = torch.tensor([e[metric]["mc_se"] for _, e in runs], dtype=torch.float64)
+        spread = float(values.std())
+        assert spread > 0.01, metric  # the seeds do disagree: the test can fail
+        covered = int(((values - values.mean()).abs() <= 2 * reported).sum())
+        assert covered >= 16, (metric, covered, values.tolist(), reported.tolist())
+        assert float(reported.mean()) < 4 * spread, (metric, float(reported.mean()), spread)
+        assert all(e[metric]["se"] >= e[metric]["mc_se"] for _, e in runs)  # items add error
+
+
+def test_exact_scoring_has_no_mc_error_and_the_items_error_is_the_binomial_one(model, tok):
+    """All answers exact: mc_se = 0, and se is the bootstrap's sqrt(acc (1 - acc) / n)."""
+    scored = evaluation.score_items(model, tok, SUFFIX_ITEMS, scoring="exact", progress=False)
+    assert scored.counts() == {"exact": 2 * len(SUFFIX_ITEMS), "mc": 0}
+    again = evaluation.score_items(model, tok, SUFFIX_ITEMS, scoring="exact", seed=5, progress=False)
+    assert again.scores == scored.scores
+    acc = evaluation.mc_metrics(SUFFIX_ITEMS, scored.scores, ("acc",))["acc"]
+    errors = evaluation.metric_errors(SUFFIX_ITEMS, scored, ("acc",), draws=4000)
+    assert errors["acc"]["mc_se"] == 0.0
+    binomial = math.sqrt(acc * (1 - acc) / len(SUFFIX_ITEMS))
+    assert errors["acc"]["se"] == pytest.approx(binomial, rel=0.08)
+
+
+def test_resampled_metrics_are_mc_metrics_of_each_draw():
+    """_metric_draws on [b, n, C] arrays = mc_metrics row by row (f1, macro_f1 included)."""
+    generator = torch.Generator().manual_seed(0)
+    examples = [Example("p", ("a", "bb", "ccc"), int(g)) for g in torch.randint(3, (9,), generator=generator)]
+    scores = torch.randn(5, 9, 3, generator=generator, dtype=torch.float64).numpy()
+    chars = torch.tensor([1.0, 2.0, 3.0]).expand(5, 9, 3).numpy()
+    gold = torch.tensor([ex.label for ex in examples]).expand(5, 9).numpy()
+    got = evaluation._metric_draws(scores, chars, gold, ("acc", "acc_norm", "f1", "macro_f1"))
+    for b in range(5):
+        want = evaluation.mc_metrics(examples, scores[b].tolist(), ("acc", "acc_norm", "f1", "macro_f1"))
+        for key, value in want.items():
+            assert got[key][b] == pytest.approx(value), key
+
+
+def test_one_sample_gives_no_error_bar(model, tok):
+    """A Monte-Carlo answer from a single sample has an unknown error: nan per answer, None per
+    metric (no `±` in the table), never a made-up 0."""
+    scored = evaluation.score_items(model, tok, SUFFIX_ITEMS[:3], mc_samples=1, scoring="mc", progress=False)
+    assert all(math.isnan(e) for item in scored.errors for e in item)
+    errors = evaluation.metric_errors(SUFFIX_ITEMS[:3], scored, ("acc", "acc_norm"))
+    assert errors == {"acc": {"mc_se": None, "se": None}, "acc_norm": {"mc_se": None, "se": None}}
+    result = {"kind": "mc", "title": "t", "metrics": {"acc": 0.5}, "errors": errors}
+    assert "| t | 50.00 |" in evaluation.markdown_tables([("run", {"t": result})])

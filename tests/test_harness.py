@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import BOS, EOS, MASK, PAD, make_model_dir
+from test_evaluate_cli import run_in_process as run_evaluate
 from tokenizers import Tokenizer
 
 import lm_eval  # noqa: E402  the harness extra (setup.sh installs it): these tests run lm-eval itself
@@ -99,7 +100,8 @@ def evaluate(model_dir, task_dirs, tasks, **model_args):
     """lm-eval's simple_evaluate on local tasks only (lm-eval's own index takes ~20 s to build)."""
     from lm_eval.tasks import TaskManager
 
-    args = {"pretrained": str(model_dir), "mc_samples": MC_SAMPLES, "seed": SEED, **model_args}
+    args = {"pretrained": str(model_dir), "scoring": "mc", "mc_samples": MC_SAMPLES, "seed": SEED,
+            **model_args}
     manager = TaskManager(include_path=[str(d) for d in task_dirs], include_defaults=False)
     return lm_eval.simple_evaluate(model="minidiff", model_args=args, tasks=tasks, task_manager=manager,
                                    log_samples=True, bootstrap_iters=0, device="cpu")
@@ -143,17 +145,10 @@ def test_every_loglikelihood_is_minidiffs_scorer(mc_and_rolling, model, raw_tok)
 
 
 def test_accuracy_equals_evaluate_py_on_the_same_rows(mc_and_rolling, model_dir, task_dir, tmp_path, capsys):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("evaluate_script", ROOT / "evaluate.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
     out = tmp_path / "results.json"
-    with pytest.raises(SystemExit) as exit_info:
-        run_cli(lambda: script.main(["--model", str(model_dir), "--task", f"mc:{task_dir / 'mc.jsonl'}",
-                                     "--mc-samples", str(MC_SAMPLES), "--seed", str(SEED),
-                                     "--no-progress", "--out", str(out)]))
-    assert exit_info.value.code == 0, capsys.readouterr().err
+    code, err = run_evaluate(["--model", model_dir, "--task", f"mc:{task_dir / 'mc.jsonl'}", "--scoring", "mc",
+                              "--mc-samples", MC_SAMPLES, "--seed", SEED, "--no-progress", "--out", out], capsys)
+    assert code == 0, err
     ours = json.loads(out.read_text())["tasks"][f"mc:{task_dir / 'mc.jsonl'}"]["metrics"]
     theirs = mc_and_rolling["results"]["mini_mc"]
     assert theirs["acc,none"] == pytest.approx(ours["acc"])
@@ -181,7 +176,7 @@ def test_model_arguments_win_over_lm_evals_flags(model_dir):
 
 
 def test_a_long_context_loses_its_left_part_after_bos():
-    fit = harness.MinidiffLM._fit
+    fit = evaluation.fit_prompt  # the harness's and evaluate.py's cut
     assert fit([BOS, 10, 11, 12, 13], 3) == [BOS, 12, 13]
     assert fit([BOS, 10, 11], 3) == [BOS, 10, 11]
 
@@ -322,6 +317,23 @@ def test_shipped_cetvel_files_load_in_lm_evals_task_manager():
         assert "group" not in config and "training_split" not in config
 
 
+# CETVEL's task files at KUIS-AI/cetvel 8942619: the split lm-eval draws few-shot rows from
+# (training_split if named, else validation_split; Belebele names fewshot_split test, first_n)
+CETVEL_FEWSHOT = {"belebele_tr": ("test", "first_n"), "exams_tr": ("train", None),
+                  "news_cat": ("train", None), "sts_tr": ("train", None), "mnli_tr": ("train", None),
+                  "xcopa_tr": ("validation", None), "ironytr": ("validation", None)}
+
+
+def test_fewshot_rows_come_from_cetvels_splits():
+    import yaml
+
+    for name in harness.CETVEL_TASKS:
+        text = (LM_EVAL_TASK_DIR / f"cetvel_{name}.yaml").read_text(encoding="utf-8")
+        config = yaml.load(text.replace("!function", ""), Loader=yaml.SafeLoader)
+        sampler = (config.get("fewshot_config") or {}).get("sampler")
+        assert (config["fewshot_split"], sampler) == CETVEL_FEWSHOT[name], name
+
+
 @pytest.fixture(scope="module")
 def cetvel_run(model_dir, tmp_path_factory):
     directory = tmp_path_factory.mktemp("cetvel")
@@ -353,6 +365,33 @@ def test_cetvel_tasks_run_on_local_files_as_evaluate_py_renders_them(cetvel_run)
         if name in ("mnli_tr", "sts_tr"):
             assert set(ours) == {"acc", "acc_norm"} and "f1,none" not in theirs
     assert "acc,none" in result["results"]["cetvel_diffutron"]
+
+
+MNLI_ROWS = [{"premise": "Kedi uyuyor.", "hypothesis": h, "label": label}
+             for h, label in [("Bir hayvan uyuyor.", 0), ("Kedi koşuyor.", 2), ("Kedi siyah.", -1),
+                              ("Köpek havlıyor.", 1), ("Kedi dinleniyor.", -1)]]
+
+
+def test_mnli_rows_without_gold_count_wrong_as_in_lm_eval(model_dir, tmp_path, capsys):
+    """nli_tr's label -1 (no gold): lm-eval scores the row and counts it wrong; evaluate.py the
+    same by default (and says how many), or leaves the rows out with --drop-unlabeled."""
+    data = write_jsonl(tmp_path / "mnli.jsonl", MNLI_ROWS)
+    path = harness.task_path({"mnli_tr": str(data)}, tmp_path / "tasks")
+    result = evaluate(model_dir, [path], ["cetvel_mnli_tr"])
+    samples = sorted(result["samples"]["cetvel_mnli_tr"], key=lambda s: s["doc_id"])
+    labeled_hits = sum(max(range(3), key=lambda i: s["resps"][i][0][0]) == row["label"]
+                       for s, row in zip(samples, MNLI_ROWS) if row["label"] >= 0)
+    assert result["results"]["cetvel_mnli_tr"]["acc,none"] == pytest.approx(labeled_hits / 5)
+    for flags, n, want in (([], 5, labeled_hits / 5), (["--drop-unlabeled"], 3, labeled_hits / 3)):
+        out = tmp_path / f"results{len(flags)}.json"
+        code, err = run_evaluate(["--model", model_dir, "--task", f"mnli_tr:{data}", "--scoring", "mc",
+                                  "--mc-samples", MC_SAMPLES, "--seed", SEED, "--no-progress",
+                                  "--out", out, *flags], capsys)
+        assert code == 0, err
+        task = json.loads(out.read_text())["tasks"]["mnli_tr"]
+        assert (task["n"], task["unlabeled"]) == (n, 2 if n == 5 else 0)
+        assert task["metrics"]["acc"] == pytest.approx(want)
+        assert "2 of 5 items have no gold label" in err
 
 
 # ----------------------------------------------------------------------------- CETVEL's metrics
@@ -396,6 +435,8 @@ def run_launcher(argv, capsys):
     ("pretrained={empty}", "config.json is missing"),
     ("pretrained={model},bogus=1", "unknown model argument 'bogus'"),
     ("pretrained={model},mc_samples=0", "mc_samples=0: expected a positive integer"),
+    ("pretrained={model},batch_size=100000", "expected at most 1024"),
+    ("pretrained={model},scoring=best", "expected one of auto, exact, mc"),
     ("mc_samples=4", "needs pretrained="),
 ])
 def test_bad_model_arguments_are_one_sentence(model_args, words, model_dir, tmp_path, capsys):
