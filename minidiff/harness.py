@@ -41,12 +41,13 @@ from pathlib import Path
 
 import torch
 
-from . import diffusion
-from .errors import UserError
+from . import checkpoint, diffusion
+from .errors import UserError, run_cli
 from .evaluation import DEFAULT_MC_SAMPLES, DEFAULT_SCORING, MAX_BATCH_SIZE, fit_prompt
 from .files import write_text
 from .sampler import SamplerConfig, generate
 from .tasks import LM_EVAL_TASK_DIR
+from .tokenizer import load_tokenizer
 
 INSTALL_HINT = 'lm-evaluation-harness is not installed; install it with: pip install "minidiff[harness]"'
 
@@ -143,15 +144,13 @@ class MinidiffLM(LM):
             raise UserError(INSTALL_HINT)
         super().__init__()
         settings = parse_model_args(**model_args)
-        import minidiff
-
         self.pretrained = settings["pretrained"]
         self.scoring, self.mc_samples = settings["scoring"], settings["mc_samples"]
         self.batch_size = settings["batch_size"]
         self.seed, self.sampler = settings["seed"], settings["sampler"]
         self._device = settings["device"]  # LM.device is a read-only property since 0.4.12
-        self.model = minidiff.load_model(self.pretrained, dtype=settings["dtype"], device=self._device).eval()
-        self.tok = minidiff.load_tokenizer(self.pretrained)
+        self.model = checkpoint.load_model(self.pretrained, dtype=settings["dtype"], device=self._device).eval()
+        self.tok = load_tokenizer(self.pretrained)
         limit = self.model.config.max_position_embeddings
         self.max_length = min(settings["max_length"] or limit, limit)
 
@@ -381,8 +380,6 @@ def _model_args_in(argv: list[str]) -> dict:
 def check_model_args(args: dict) -> None:
     """Fail before lm-eval indexes its thousands of tasks: the arguments, and for a local
     pretrained= that it is a model directory (config.json + weights)."""
-    from . import checkpoint
-
     settings = parse_model_args(**args)
     name = settings["pretrained"]
     if Path(name).expanduser().exists() or checkpoint._looks_like_path(name):
@@ -432,6 +429,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from minidiff.errors import run_cli
-
     run_cli(main)
