@@ -1,0 +1,208 @@
+"""bf16 against fp32 inference on this machine: speed at mmBERT-base shape, agreement on a trained model.
+
+References: minidiff/device.py (what `--dtype bfloat16` means: bf16 weights, fp32 LayerNorms and
+residual stream, bf16 autocast); LLaDA (arXiv 2502.09992) for the sampler and the
+Monte-Carlo log-likelihood; mmBERT (2509.06888) for the shape. Findings: docs/benchmarks.md.
+
+    python benchmarks/bench_dtype.py --threads 1                 # speed, mmBERT-base shape (22 layers)
+    python benchmarks/bench_dtype.py --threads 1 --layers 4 --repeats 5
+    python benchmarks/bench_dtype.py --model runs/demo/cpt --mc-data morphology_tr.jsonl   # agreement only
+    python benchmarks/bench_dtype.py --toy --model DIR --mc-data FILE                     # seconds
+
+Speed (random weights, the same in both precisions): each workload runs once per precision per
+repeat, fp32 and bf16 interleaved, so a busy moment of the machine hits both; the median is
+reported with fp32 time / bf16 time (> 1: bf16 is faster). The workloads:
+    decoder product   the vocabulary projection of one block, [32, H] x [H, V]
+    sampler step      `sampler.generate`, prompt 64, one block of 32, 4 steps: time / num_forward
+    scoring batch     `diffusion.mc_loglik`, 32 samples of a 48-token prompt + 16-token answer in one forward
+
+Agreement (--model, a trained model directory): the model is loaded twice, once per precision.
+    greedy tokens     `generate` at temperature 0 (diffutron-short: 64 tokens, 64 steps, block 32,
+                      no stopping) on the first --num-prompts prompts of --mc-data; the fraction of
+                      committed tokens equal between the two runs, and of prompts equal throughout
+    log-likelihoods   `evaluation.score_examples` on every --mc-data row (common random numbers,
+                      seed 0) in both: mean and max |loglik_bf16 - loglik_fp32|, the fraction of
+                      rows whose argmax choice differs, and the accuracy of each
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from gpu_check import base_shape_config  # noqa: E402  (mmBERT-base and the tiny shape)
+
+import minidiff  # noqa: E402
+from minidiff.device import inference_precision  # noqa: E402
+from minidiff.diffusion import mc_loglik  # noqa: E402
+from minidiff.errors import UserError, run_cli  # noqa: E402
+from minidiff.evaluation import choice_pairs, load_examples, parse_task, score_examples  # noqa: E402
+from minidiff.model import ModernBertMLM  # noqa: E402
+from minidiff.sampler import SamplerConfig, generate  # noqa: E402
+
+CPU = torch.device("cpu")
+PRECISIONS = ("float32", "bfloat16")
+
+
+def machine_line() -> str:
+    """CPU model, its bf16 flags, threads, load average and torch version, for every table."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    except OSError:
+        pass
+    native = [f for f in ("avx512_bf16", "amx_bf16") if f in flags] or ["no native bf16"]
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    return (f"{model} ({', '.join(native)}), {torch.get_num_threads()} threads, load average {load}, "
+            f"torch {torch.__version__}")
+
+
+# ----------------------------------------------------------------------------- speed
+
+
+def both_precisions(model: torch.nn.Module) -> dict:
+    """name -> (model, Precision): fp32 as given and a bf16 copy prepared as `--dtype bfloat16`."""
+    models = {}
+    for name in PRECISIONS:
+        precision = inference_precision(name, CPU)
+        models[name] = (precision.prepare(copy.deepcopy(model) if name != "float32" else model), precision)
+    return models
+
+
+def workloads(model: ModernBertMLM, L: int = 32) -> dict:
+    """name -> function(model) -> seconds for one call; the same inputs for every model."""
+    config = model.config
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(L, config.hidden_size, generator=g)  # [32, H] one block's head outputs
+    prompt = [config.bos_token_id] + torch.randint(5, config.vocab_size, (63,), generator=g).tolist()
+    sampler = SamplerConfig.preset("diffutron-long", temperature=0.0, stop_strings=(), stop_at_eos=False,
+                                   max_new_tokens=L, steps=4, block_length=L)
+    mask, eos = config.mask_token_id, config.eos_token_id
+
+    def decoder(m):
+        return timed(lambda: m.decoder(x))[1]
+
+    def step(m):
+        out, seconds = timed(lambda: generate(m, [prompt], sampler, mask_id=mask, eos_id=eos))
+        return seconds / out.num_forward
+
+    def scoring(m):
+        return timed(lambda: mc_loglik(m, prompt[:48], prompt[48:], mask, num_samples=32, batch_size=32,
+                                       generator=torch.Generator().manual_seed(0)))[1]
+
+    return {f"decoder product [{L}, {config.hidden_size}] x [{config.hidden_size}, {config.vocab_size}]": decoder,
+            f"sampler step (batch 1, prompt 64, block {L}, cache none)": step,
+            "scoring batch (mc_loglik, 32 x 64 tokens)": scoring}
+
+
+def timed(fn):
+    """(fn(), seconds it took)."""
+    start = time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - start
+
+
+@torch.no_grad()
+def speed(args) -> None:
+    config = base_shape_config(args.toy)
+    if not args.toy:
+        config.num_hidden_layers = args.layers
+        config.layer_types = None
+        config.__post_init__()  # the layer pattern for the new depth
+    torch.manual_seed(0)
+    models = both_precisions(ModernBertMLM(config).eval())
+    jobs = workloads(models["float32"][0])
+    times = {(job, name): [] for job in jobs for name in PRECISIONS}
+    for repeat in range(args.repeats + 1):  # the first round warms up and is dropped
+        for job, run in jobs.items():
+            for name, (model, precision) in models.items():
+                with precision.autocast():
+                    seconds = run(model)
+                if repeat:
+                    times[job, name].append(seconds)
+    print(f"\nbf16 vs fp32 speed, random weights, hidden {config.hidden_size}, {config.num_hidden_layers} layers, "
+          f"vocabulary {config.vocab_size}; {machine_line()}; median of {args.repeats} interleaved repeats\n")
+    print("| workload | fp32 ms | bf16 ms | fp32 / bf16 |")
+    print("|---|---|---|---|")
+    for job in jobs:
+        fp32, bf16 = (statistics.median(times[job, name]) for name in PRECISIONS)
+        print(f"| {job} | {fp32 * 1e3:.1f} | {bf16 * 1e3:.1f} | {fp32 / bf16:.2f}x |")
+
+
+# ----------------------------------------------------------------------------- agreement
+
+
+@torch.no_grad()
+def agreement(args) -> None:
+    tok = minidiff.load_tokenizer(args.model)
+    examples = load_examples(parse_task(f"mc:{args.mc_data}"))
+    prompts = [choice_pairs(tok, ex)[0][0] for ex in examples[: args.num_prompts]]  # <bos> + prompt ids
+    sampler = SamplerConfig.preset("diffutron-short", temperature=0.0, stop_strings=(), stop_at_eos=False)
+    answers, scores = {}, {}
+    for name in PRECISIONS:
+        precision = inference_precision(name, CPU)
+        model = precision.prepare(minidiff.load_model(args.model)).eval()
+        with precision.autocast():
+            answers[name] = [generate(model, [p], sampler, mask_id=tok.mask_id, eos_id=tok.eos_id).answers()[0]
+                             for p in prompts]
+            scores[name] = score_examples(model, tok, examples, mc_samples=args.mc_samples, seed=0, progress=False)
+    pairs = list(zip(*(answers[name] for name in PRECISIONS)))
+    equal = sum(a == b for x, y in pairs for a, b in zip(x, y))
+    total = sum(len(x) for x, _ in pairs)
+    same_prompts = sum(x == y for x, y in pairs)
+    diffs = [abs(a - b) for x, y in zip(*(scores[name] for name in PRECISIONS)) for a, b in zip(x, y)]
+    picks = {name: [max(range(len(s)), key=s.__getitem__) for s in scores[name]] for name in PRECISIONS}
+    flips = sum(a != b for a, b in zip(*picks.values()))
+    accuracy = {name: sum(p == ex.label for p, ex in zip(picks[name], examples)) / len(examples) for name in PRECISIONS}
+    print(f"\nbf16 vs fp32 agreement, {args.model} ({model.num_parameters():,} parameters); {machine_line()}\n")
+    print("| measure | value |")
+    print("|---|---|")
+    print(f"| greedy tokens equal ({len(prompts)} prompts x {sampler.max_new_tokens} tokens, diffutron-short, "
+          f"temperature 0) | {equal}/{total} ({equal / total:.1%}) |")
+    print(f"| prompts with every token equal | {same_prompts}/{len(prompts)} |")
+    print(f"| mean / max abs loglik difference ({len(diffs)} choices, {args.mc_samples} samples, seed 0) | "
+          f"{statistics.fmean(diffs):.4f} / {max(diffs):.4f} |")
+    print(f"| rows whose argmax choice differs | {flips}/{len(examples)} ({flips / len(examples):.1%}) |")
+    print(f"| accuracy fp32 / bf16 | {accuracy['float32']:.3f} / {accuracy['bfloat16']:.3f} |")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--layers", type=int, default=22, help="layers of the random mmBERT-base-shaped model (default 22)")
+    p.add_argument("--toy", action="store_true", help="speed on a tiny shape (hidden 64, 2 layers, vocabulary 1000)")
+    p.add_argument("--repeats", type=int, default=3, help="timed, interleaved rounds after a warm-up (median)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--model", help="a trained model directory: measure agreement (and skip speed unless --speed)")
+    p.add_argument("--mc-data", help="with --model: rows {\"prompt\", \"choices\", \"label\"} to score and prompt from")
+    p.add_argument("--num-prompts", type=int, default=10, help="greedy generations per precision (default 10)")
+    p.add_argument("--mc-samples", type=int, default=32, help="Monte-Carlo samples per multi-token choice")
+    p.add_argument("--speed", action="store_true", help="with --model: measure speed too")
+    args = p.parse_args(argv)
+    if args.repeats < 1 or args.layers < 1 or args.num_prompts < 1 or args.mc_samples < 1:
+        raise UserError("--repeats, --layers, --num-prompts and --mc-samples must be at least 1.")
+    if args.model and not args.mc_data:
+        raise UserError("--model needs --mc-data FILE.jsonl (rows {\"prompt\", \"choices\", \"label\"}) to compare on.")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not args.model or args.speed:
+        speed(args)
+    if args.model:
+        agreement(args)
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
