@@ -16,13 +16,15 @@ reported with fp32 time / bf16 time (> 1: bf16 is faster). The workloads:
     sampler step      `sampler.generate`, prompt 64, one block of 32, 4 steps: time / num_forward
     scoring batch     `diffusion.mc_loglik`, 32 samples of a 48-token prompt + 16-token answer in one forward
 
-Agreement (--model, a trained model directory): the model is loaded twice, once per precision.
+Agreement (--model, a trained model directory), each run against fp32 with Monte-Carlo seed 0:
+bf16 (`--dtype bfloat16`), and two yardsticks for what a difference means: fp64 weights (how
+far fp32's own rounding moves the results) and fp32 with seed 1 (the Monte-Carlo noise).
     greedy tokens     `generate` at temperature 0 (diffutron-short: 64 tokens, 64 steps, block 32,
                       no stopping) on the first --num-prompts prompts of --mc-data; the fraction of
-                      committed tokens equal between the two runs, and of prompts equal throughout
-    log-likelihoods   `evaluation.score_examples` on every --mc-data row (common random numbers,
-                      seed 0) in both: mean and max |loglik_bf16 - loglik_fp32|, the fraction of
-                      rows whose argmax choice differs, and the accuracy of each
+                      committed tokens equal to fp32's, and of prompts equal throughout
+    log-likelihoods   `evaluation.score_examples` on the --mc-data rows (common random numbers):
+                      mean and max |loglik - loglik_fp32| over the choices, the fraction of rows
+                      whose argmax choice differs, and the accuracy
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ import platform
 import statistics
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -41,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gpu_check import base_shape_config  # noqa: E402  (mmBERT-base and the tiny shape)
 
 import minidiff  # noqa: E402
-from minidiff.device import inference_precision  # noqa: E402
+from minidiff.device import NATIVE_BF16_FLAGS, cpu_flags, inference_precision  # noqa: E402
 from minidiff.diffusion import mc_loglik  # noqa: E402
 from minidiff.errors import UserError, run_cli  # noqa: E402
 from minidiff.evaluation import choice_pairs, load_examples, parse_task, score_examples  # noqa: E402
@@ -54,17 +57,14 @@ PRECISIONS = ("float32", "bfloat16")
 
 def machine_line() -> str:
     """CPU model, its bf16 flags, threads, load average and torch version, for every table."""
-    model, flags = platform.processor() or platform.machine(), set()
+    model = platform.processor() or platform.machine()
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                model = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
+        names = [line.partition(":")[2].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")]
+        model = names[0] if names else model
     except OSError:
         pass
-    native = [f for f in ("avx512_bf16", "amx_bf16") if f in flags] or ["no native bf16"]
+    native = [flag for flag in NATIVE_BF16_FLAGS if flag in cpu_flags()] or ["no native bf16"]
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     return (f"{model} ({', '.join(native)}), {torch.get_num_threads()} threads, load average {load}, "
             f"torch {torch.__version__}")
@@ -145,38 +145,62 @@ def speed(args) -> None:
 # ----------------------------------------------------------------------------- agreement
 
 
+# each run: (label, --dtype value or "float64", Monte-Carlo seed); each later run is compared with the first
+RUNS = (("fp32", "float32", 0), ("bf16", "bfloat16", 0), ("fp64", "float64", 0), ("fp32, seed 1", "float32", 1))
+
+
+def load_in(model_dir: str, dtype: str):
+    """(model, autocast context) for one run: a `--dtype` Precision, or plain float64 weights."""
+    if dtype == "float64":
+        return minidiff.load_model(model_dir, dtype=torch.float64).eval(), nullcontext()
+    precision = inference_precision(dtype, CPU)
+    return precision.prepare(minidiff.load_model(model_dir)).eval(), precision.autocast()
+
+
 @torch.no_grad()
 def agreement(args) -> None:
     tok = minidiff.load_tokenizer(args.model)
-    examples = load_examples(parse_task(f"mc:{args.mc_data}"))
+    examples = load_examples(parse_task(f"mc:{args.mc_data}"), limit=args.rows)
     prompts = [choice_pairs(tok, ex)[0][0] for ex in examples[: args.num_prompts]]  # <bos> + prompt ids
     sampler = SamplerConfig.preset("diffutron-short", temperature=0.0, stop_strings=(), stop_at_eos=False)
     answers, scores = {}, {}
-    for name in PRECISIONS:
-        precision = inference_precision(name, CPU)
-        model = precision.prepare(minidiff.load_model(args.model)).eval()
-        with precision.autocast():
-            answers[name] = [generate(model, [p], sampler, mask_id=tok.mask_id, eos_id=tok.eos_id).answers()[0]
-                             for p in prompts]
-            scores[name] = score_examples(model, tok, examples, mc_samples=args.mc_samples, seed=0, progress=False)
-    pairs = list(zip(*(answers[name] for name in PRECISIONS)))
+    for label, dtype, seed in RUNS:
+        model, context = load_in(args.model, dtype)
+        with context:
+            if seed == 0:  # temperature 0: the seed changes no token
+                answers[label] = [generate(model, [p], sampler, mask_id=tok.mask_id, eos_id=tok.eos_id).answers()[0]
+                                  for p in prompts]
+            scores[label] = score_examples(model, tok, examples, mc_samples=args.mc_samples, seed=seed, progress=False)
+    print(f"\nbf16 vs fp32 agreement, {args.model} ({model.num_parameters():,} parameters), {len(prompts)} greedy "
+          f"prompts x {sampler.max_new_tokens} tokens (diffutron-short, temperature 0), {len(examples)} rows of "
+          f"{args.mc_data} ({args.mc_samples} samples per multi-token choice); {machine_line()}\n")
+    print("| compared with fp32, seed 0 | greedy tokens equal | prompts all equal | mean / max abs loglik diff | "
+          "rows whose argmax flips | accuracy |")
+    print("|---|---|---|---|---|---|")
+    reference = RUNS[0][0]
+    for label, _, _ in RUNS:
+        print(f"| {label} | {greedy_cells(answers, reference, label)} | "
+              f"{score_cells(scores[reference], scores[label], examples)} |")
+
+
+def greedy_cells(answers: dict, reference: str, label: str) -> str:
+    """Committed tokens equal to the reference run's (count and fraction), prompts equal throughout."""
+    if label not in answers:
+        return "(as fp32) | (as fp32)"
+    pairs = list(zip(answers[reference], answers[label]))
     equal = sum(a == b for x, y in pairs for a, b in zip(x, y))
     total = sum(len(x) for x, _ in pairs)
-    same_prompts = sum(x == y for x, y in pairs)
-    diffs = [abs(a - b) for x, y in zip(*(scores[name] for name in PRECISIONS)) for a, b in zip(x, y)]
-    picks = {name: [max(range(len(s)), key=s.__getitem__) for s in scores[name]] for name in PRECISIONS}
-    flips = sum(a != b for a, b in zip(*picks.values()))
-    accuracy = {name: sum(p == ex.label for p, ex in zip(picks[name], examples)) / len(examples) for name in PRECISIONS}
-    print(f"\nbf16 vs fp32 agreement, {args.model} ({model.num_parameters():,} parameters); {machine_line()}\n")
-    print("| measure | value |")
-    print("|---|---|")
-    print(f"| greedy tokens equal ({len(prompts)} prompts x {sampler.max_new_tokens} tokens, diffutron-short, "
-          f"temperature 0) | {equal}/{total} ({equal / total:.1%}) |")
-    print(f"| prompts with every token equal | {same_prompts}/{len(prompts)} |")
-    print(f"| mean / max abs loglik difference ({len(diffs)} choices, {args.mc_samples} samples, seed 0) | "
-          f"{statistics.fmean(diffs):.4f} / {max(diffs):.4f} |")
-    print(f"| rows whose argmax choice differs | {flips}/{len(examples)} ({flips / len(examples):.1%}) |")
-    print(f"| accuracy fp32 / bf16 | {accuracy['float32']:.3f} / {accuracy['bfloat16']:.3f} |")
+    return f"{equal}/{total} ({equal / total:.1%}) | {sum(x == y for x, y in pairs)}/{len(pairs)}"
+
+
+def score_cells(reference: list, scores: list, examples) -> str:
+    """mean / max |loglik - reference| over the choices, rows whose argmax differs, accuracy."""
+    diffs = [abs(a - b) for x, y in zip(reference, scores) for a, b in zip(x, y)]
+    picks = [max(range(len(s)), key=s.__getitem__) for s in scores]
+    flips = sum(a != max(range(len(r)), key=r.__getitem__) for a, r in zip(picks, reference))
+    accuracy = sum(p == ex.label for p, ex in zip(picks, examples)) / len(examples)
+    return (f"{statistics.fmean(diffs):.4f} / {max(diffs):.4f} ({len(diffs)} choices) | "
+            f"{flips}/{len(examples)} ({flips / len(examples):.1%}) | {accuracy:.3f}")
 
 
 def main(argv=None) -> int:
@@ -189,10 +213,11 @@ def main(argv=None) -> int:
     p.add_argument("--mc-data", help="with --model: rows {\"prompt\", \"choices\", \"label\"} to score and prompt from")
     p.add_argument("--num-prompts", type=int, default=10, help="greedy generations per precision (default 10)")
     p.add_argument("--mc-samples", type=int, default=32, help="Monte-Carlo samples per multi-token choice")
+    p.add_argument("--rows", type=int, default=None, help="score only the first ROWS rows of --mc-data")
     p.add_argument("--speed", action="store_true", help="with --model: measure speed too")
     args = p.parse_args(argv)
-    if args.repeats < 1 or args.layers < 1 or args.num_prompts < 1 or args.mc_samples < 1:
-        raise UserError("--repeats, --layers, --num-prompts and --mc-samples must be at least 1.")
+    if min(args.repeats, args.layers, args.num_prompts, args.mc_samples, args.rows or 1) < 1:
+        raise UserError("--repeats, --layers, --num-prompts, --mc-samples and --rows must be at least 1.")
     if args.model and not args.mc_data:
         raise UserError("--model needs --mc-data FILE.jsonl (rows {\"prompt\", \"choices\", \"label\"}) to compare on.")
     if args.threads:
