@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import platform
 import sys
 import time
@@ -183,7 +184,7 @@ def main() -> None:
     print(f"\nSampling, {what}; {source}, {n} new tokens each, diffutron-long (block 32, penalty 1.2), "
           f"temperature 0, batch 1, fastest of {args.repeats} run(s)")
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}\n")
+          f"load average {os.getloadavg()[0]:.1f}, torch {torch.__version__}\n")
     flop_header = " GFLOP (prompt 0) | FLOP ratio | speed-up / FLOP ratio |" if flops else ""
     print(f"| sampler | model calls | seconds | tokens/s | speed-up | tokens equal to reference | tokens differing |"
           f"{flop_header}")
