@@ -8,6 +8,7 @@ Monte-Carlo log-likelihood; mmBERT (2509.06888) for the shape. Findings: docs/be
     python benchmarks/bench_dtype.py --threads 1 --layers 4 --repeats 5
     python benchmarks/bench_dtype.py --model runs/demo/cpt --mc-data morphology_tr.jsonl   # agreement only
     python benchmarks/bench_dtype.py --toy --model DIR --mc-data FILE                     # seconds
+    python benchmarks/bench_dtype.py --tokens-per-second --threads 1 --batches 1 8        # what a user feels
 
 Speed (random weights, the same in both precisions): each workload runs once per precision per
 repeat, fp32 and bf16 interleaved, so a busy moment of the machine hits both; the median is
@@ -15,6 +16,11 @@ reported with fp32 time / bf16 time (> 1: bf16 is faster). The workloads:
     decoder product   the vocabulary projection of one block, [32, H] x [H, V]
     sampler step      `sampler.generate`, prompt 64, one block of 32, 4 steps: time / num_forward
     scoring batch     `diffusion.mc_loglik`, 32 samples of a 48-token prompt + 16-token answer in one forward
+
+Tokens per second (--tokens-per-second, random weights): `generate` at temperature 0 on prompts
+of mixed lengths (16 to 64 tokens), --new-tokens answer tokens in as many steps, for each
+--batches size x cache none / prefix / dual x fp32 / bf16 (one timed call each, after one
+short warm-up call per precision and cache).
 
 Agreement (--model, a trained model directory), each run against fp32 with Monte-Carlo seed 0:
 bf16 (`--dtype bfloat16`), and two yardsticks for what a difference means: fp64 weights (how
@@ -25,6 +31,8 @@ far fp32's own rounding moves the results) and fp32 with seed 1 (the Monte-Carlo
     log-likelihoods   `evaluation.score_examples` on the --mc-data rows (common random numbers):
                       mean and max |loglik - loglik_fp32| over the choices, the fraction of rows
                       whose argmax choice differs, and the accuracy
+    threshold         the same prompts with threshold decoding (--threshold, default 0.9): answer
+                      tokens committed per forward in each precision
 """
 from __future__ import annotations
 
@@ -142,6 +150,54 @@ def speed(args) -> None:
         print(f"| {job} | {fp32 * 1e3:.1f} | {bf16 * 1e3:.1f} | {fp32 / bf16:.2f}x |")
 
 
+# ----------------------------------------------------------------------------- tokens per second
+
+
+def mixed_prompts(config, batch: int, g: torch.Generator) -> list[list[int]]:
+    """`batch` random prompts of mixed lengths, 16 to 64 tokens (after <bos>)."""
+    lengths = [16 + (48 * i) // max(batch - 1, 1) for i in range(batch)]  # 16 .. 64, evenly spread
+    return [[config.bos_token_id] + torch.randint(5, config.vocab_size, (n - 1,), generator=g).tolist()
+            for n in lengths]
+
+
+@torch.no_grad()
+def tokens_per_second(args) -> None:
+    """Answer tokens per second of `generate` for each batch size x cache x precision, in one run."""
+    config = base_shape_config(args.toy)
+    if not args.toy:
+        config.num_hidden_layers, config.layer_types = args.layers, None
+        config.__post_init__()
+    torch.manual_seed(0)
+    models = both_precisions(ModernBertMLM(config).eval())
+    g = torch.Generator().manual_seed(2)
+    prompts = {batch: mixed_prompts(config, batch, g) for batch in args.batches}
+    sampler = SamplerConfig.preset(args.preset, temperature=0.0, stop_strings=(), stop_at_eos=False,
+                                   max_new_tokens=args.new_tokens, steps=args.new_tokens)
+    mask, eos = config.mask_token_id, config.eos_token_id
+    for model, precision in models.values():  # warm-up: one short call per precision and cache
+        for cache in ("none", "prefix", "dual"):
+            with precision.autocast():
+                generate(model, prompts[args.batches[0]][:1], sampler.replace(cache=cache, max_new_tokens=4, steps=4),
+                         mask_id=mask, eos_id=eos)
+    rows = []
+    for batch in args.batches:
+        for cache in ("none", "prefix", "dual"):
+            cells = []
+            for name, (model, precision) in models.items():  # fp32 then bf16, back to back
+                with precision.autocast():
+                    out, seconds = timed(lambda: generate(model, prompts[batch], sampler.replace(cache=cache),
+                                                          mask_id=mask, eos_id=eos))
+                cells.append(batch * args.new_tokens / seconds)
+            rows.append(f"| {batch} | {cache} | {out.num_forward} | {cells[0]:.1f} | {cells[1]:.1f} | "
+                        f"{cells[1] / cells[0]:.2f}x |")
+    print(f"\ntokens per second, `generate`, random weights, hidden {config.hidden_size}, "
+          f"{config.num_hidden_layers} layers, vocabulary {config.vocab_size}; {args.preset} at temperature 0 with "
+          f"{args.new_tokens} new tokens in {args.new_tokens} steps, prompts of 16-64 tokens; {machine_line()}\n")
+    print("| batch | cache | forwards | fp32 tokens/s | bf16 tokens/s | bf16 / fp32 |")
+    print("|---|---|---|---|---|---|")
+    print("\n".join(rows))
+
+
 # ----------------------------------------------------------------------------- agreement
 
 
@@ -163,13 +219,16 @@ def agreement(args) -> None:
     examples = load_examples(parse_task(f"mc:{args.mc_data}"), limit=args.rows)
     prompts = [choice_pairs(tok, ex)[0][0] for ex in examples[: args.num_prompts]]  # <bos> + prompt ids
     sampler = SamplerConfig.preset("diffutron-short", temperature=0.0, stop_strings=(), stop_at_eos=False)
-    answers, scores = {}, {}
+    answers, scores, per_forward = {}, {}, {}
     for label, dtype, seed in RUNS:
         model, context = load_in(args.model, dtype)
         with context:
             if seed == 0:  # temperature 0: the seed changes no token
                 answers[label] = [generate(model, [p], sampler, mask_id=tok.mask_id, eos_id=tok.eos_id).answers()[0]
                                   for p in prompts]
+                fast = [generate(model, [p], sampler.replace(threshold=args.threshold), mask_id=tok.mask_id,
+                                 eos_id=tok.eos_id).num_forward for p in prompts]
+                per_forward[label] = len(prompts) * sampler.max_new_tokens / sum(fast)
             scores[label] = score_examples(model, tok, examples, mc_samples=args.mc_samples, seed=seed, progress=False)
     print(f"\nbf16 vs fp32 agreement, {args.model} ({model.num_parameters():,} parameters), {len(prompts)} greedy "
           f"prompts x {sampler.max_new_tokens} tokens (diffutron-short, temperature 0), {len(examples)} rows of "
@@ -181,6 +240,8 @@ def agreement(args) -> None:
     for label, _, _ in RUNS:
         print(f"| {label} | {greedy_cells(answers, reference, label)} | "
               f"{score_cells(scores[reference], scores[label], examples)} |")
+    print(f"\nthreshold decoding ({args.threshold}), the same prompts: tokens committed per forward "
+          + ", ".join(f"{label} {value:.2f}" for label, value in per_forward.items()))
 
 
 def greedy_cells(answers: dict, reference: str, label: str) -> str:
@@ -213,15 +274,26 @@ def main(argv=None) -> int:
     p.add_argument("--mc-data", help="with --model: rows {\"prompt\", \"choices\", \"label\"} to score and prompt from")
     p.add_argument("--num-prompts", type=int, default=10, help="greedy generations per precision (default 10)")
     p.add_argument("--mc-samples", type=int, default=32, help="Monte-Carlo samples per multi-token choice")
+    p.add_argument("--threshold", type=float, default=0.9, help="with --model: threshold decoding's confidence")
     p.add_argument("--rows", type=int, default=None, help="score only the first ROWS rows of --mc-data")
     p.add_argument("--speed", action="store_true", help="with --model: measure speed too")
+    p.add_argument("--tokens-per-second", action="store_true",
+                   help="instead: answer tokens per second of generate, batch x cache x precision")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="with --tokens-per-second (default 1 8)")
+    p.add_argument("--new-tokens", type=int, default=32, help="with --tokens-per-second: tokens per answer")
+    p.add_argument("--preset", default="diffutron-short", help="with --tokens-per-second: the sampler preset")
     args = p.parse_args(argv)
-    if min(args.repeats, args.layers, args.num_prompts, args.mc_samples, args.rows or 1) < 1:
-        raise UserError("--repeats, --layers, --num-prompts, --mc-samples and --rows must be at least 1.")
+    if min(args.repeats, args.layers, args.num_prompts, args.mc_samples, args.rows or 1, args.new_tokens,
+           *args.batches) < 1:
+        raise UserError("--repeats, --layers, --num-prompts, --mc-samples, --rows, --new-tokens and --batches "
+                        "must be at least 1.")
     if args.model and not args.mc_data:
         raise UserError("--model needs --mc-data FILE.jsonl (rows {\"prompt\", \"choices\", \"label\"}) to compare on.")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.tokens_per_second:
+        tokens_per_second(args)
+        return 0
     if not args.model or args.speed:
         speed(args)
     if args.model:
