@@ -199,3 +199,16 @@ def test_bench_dtype_model_without_data(model_dir):
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.startswith("error: --model needs --mc-data") and done.stderr.count("\n") == 1
+
+
+@pytest.mark.slow  # one python + torch start-up, a tiny random model
+def test_bench_dtype_tokens_per_second_tiny():
+    """--tokens-per-second --toy: a row per batch x cache, each with one forward per step
+    (8 new tokens in 8 steps) and positive rates in both precisions."""
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_dtype.py"), "--toy", "--tokens-per-second",
+                           "--batches", "1", "3", "--new-tokens", "8"], capture_output=True, text=True, timeout=300,
+                          cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr
+    rows = [line.strip("| ").split(" | ") for line in done.stdout.splitlines() if line[:4] in ("| 1 ", "| 3 ")]
+    assert [(r[0], r[1]) for r in rows] == [(b, c) for b in ("1", "3") for c in ("none", "prefix", "dual")]
+    assert all(r[2] == "8" and float(r[3]) > 0 and float(r[4]) > 0 for r in rows)
