@@ -179,7 +179,11 @@ def tokens_per_second(args) -> None:
             with precision.autocast():
                 generate(model, prompts[args.batches[0]][:1], sampler.replace(cache=cache, max_new_tokens=4, steps=4),
                          mask_id=mask, eos_id=eos)
-    rows = []
+    print(f"\ntokens per second, `generate`, random weights, hidden {config.hidden_size}, "
+          f"{config.num_hidden_layers} layers, vocabulary {config.vocab_size}; {args.preset} at temperature 0 with "
+          f"{args.new_tokens} new tokens in {args.new_tokens} steps, prompts of 16-64 tokens; {machine_line()}\n")
+    print("| batch | cache | forwards | fp32 tokens/s | bf16 tokens/s | bf16 / fp32 |")
+    print("|---|---|---|---|---|---|", flush=True)
     for batch in args.batches:
         for cache in ("none", "prefix", "dual"):
             cells = []
@@ -188,14 +192,8 @@ def tokens_per_second(args) -> None:
                     out, seconds = timed(lambda: generate(model, prompts[batch], sampler.replace(cache=cache),
                                                           mask_id=mask, eos_id=eos))
                 cells.append(batch * args.new_tokens / seconds)
-            rows.append(f"| {batch} | {cache} | {out.num_forward} | {cells[0]:.1f} | {cells[1]:.1f} | "
-                        f"{cells[1] / cells[0]:.2f}x |")
-    print(f"\ntokens per second, `generate`, random weights, hidden {config.hidden_size}, "
-          f"{config.num_hidden_layers} layers, vocabulary {config.vocab_size}; {args.preset} at temperature 0 with "
-          f"{args.new_tokens} new tokens in {args.new_tokens} steps, prompts of 16-64 tokens; {machine_line()}\n")
-    print("| batch | cache | forwards | fp32 tokens/s | bf16 tokens/s | bf16 / fp32 |")
-    print("|---|---|---|---|---|---|")
-    print("\n".join(rows))
+            print(f"| {batch} | {cache} | {out.num_forward} | {cells[0]:.1f} | {cells[1]:.1f} | "
+                  f"{cells[1] / cells[0]:.2f}x |", flush=True)  # row by row: a long run shows its progress
 
 
 # ----------------------------------------------------------------------------- agreement
