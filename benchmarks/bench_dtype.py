@@ -214,8 +214,9 @@ def load_in(model_dir: str, dtype: str):
 @torch.no_grad()
 def agreement(args) -> None:
     tok = minidiff.load_tokenizer(args.model)
-    examples = load_examples(parse_task(f"mc:{args.mc_data}"), limit=args.rows)
-    prompts = [choice_pairs(tok, ex)[0][0] for ex in examples[: args.num_prompts]]  # <bos> + prompt ids
+    every = load_examples(parse_task(f"mc:{args.mc_data}"))
+    examples = every[: args.rows]  # scored; the greedy prompts come from the first rows whatever --rows says
+    prompts = [choice_pairs(tok, ex)[0][0] for ex in every[: args.num_prompts]]  # <bos> + prompt ids
     sampler = SamplerConfig.preset("diffutron-short", temperature=0.0, stop_strings=(), stop_at_eos=False)
     answers, scores, per_forward = {}, {}, {}
     for label, dtype, seed in RUNS:

@@ -127,8 +127,8 @@ def test_roofline_toy_counts_match_hand_counts(tmp_path):
     """roofline.py --toy: the decoder's FLOPs (2 M K N) and bytes (W, b, x, y), and one encoder
     layer's FLOPs (its four products + attention) equal counts written out by hand."""
     out = tmp_path / "toy.json"
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "roofline.py"), "--toy", "--repeats", "1",
-                           "--json", out], capture_output=True, text=True, timeout=300, cwd=ROOT,
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "roofline.py"), "--toy", "--dtype", "float32",
+                           "--repeats", "1", "--json", out], capture_output=True, text=True, timeout=300, cwd=ROOT,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr
     report = json.loads(out.read_text(encoding="utf-8"))
