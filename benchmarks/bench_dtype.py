@@ -81,6 +81,15 @@ def machine_line() -> str:
 # ----------------------------------------------------------------------------- speed
 
 
+def random_model_config(args):
+    """mmBERT-base's shape with --layers layers (or the tiny shape with --toy)."""
+    config = base_shape_config(args.toy)
+    if not args.toy:
+        config.num_hidden_layers, config.layer_types = args.layers, None
+        config.__post_init__()  # the layer pattern for the new depth
+    return config
+
+
 def both_precisions(model: torch.nn.Module) -> dict:
     """name -> (model, Precision): fp32 as given and a bf16 copy prepared as `--dtype bfloat16`."""
     models = {}
@@ -125,11 +134,7 @@ def timed(fn):
 
 @torch.no_grad()
 def speed(args) -> None:
-    config = base_shape_config(args.toy)
-    if not args.toy:
-        config.num_hidden_layers = args.layers
-        config.layer_types = None
-        config.__post_init__()  # the layer pattern for the new depth
+    config = random_model_config(args)
     torch.manual_seed(0)
     models = both_precisions(ModernBertMLM(config).eval())
     jobs = workloads(models["float32"][0])
@@ -163,10 +168,7 @@ def mixed_prompts(config, batch: int, g: torch.Generator) -> list[list[int]]:
 @torch.no_grad()
 def tokens_per_second(args) -> None:
     """Answer tokens per second of `generate` for each batch size x cache x precision, in one run."""
-    config = base_shape_config(args.toy)
-    if not args.toy:
-        config.num_hidden_layers, config.layer_types = args.layers, None
-        config.__post_init__()
+    config = random_model_config(args)
     torch.manual_seed(0)
     models = both_precisions(ModernBertMLM(config).eval())
     g = torch.Generator().manual_seed(2)
