@@ -65,7 +65,8 @@ def parse_args(argv=None):
                    help="multiple-choice metric shown in the table (the JSON has all)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available; "
                    "a bare cuda is cuda:LOCAL_RANK)")
-    p.add_argument("--dtype", default="auto", help="auto (CUDA: fp32 weights + bf16 autocast; CPU: fp32) | "
+    p.add_argument("--dtype", default="auto", help="auto (CUDA: fp32 weights + bf16 autocast; CPU: as bfloat16 where "
+                   "it has avx512_bf16 or amx_bf16, else fp32) | "
                    "float32 | bfloat16 (bf16 weights, fp32 LayerNorms and residual stream, bf16 autocast); "
                    "float16 is refused")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -69,7 +69,8 @@ def parse_args(argv=None):
     p.add_argument("--json", action="store_true", help="print JSON: ids, text, steps used")
     p.add_argument("--trace-html", type=Path, help="write a self-contained HTML page replaying the denoising")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--dtype", default="auto", help="auto (CUDA: fp32 weights + bf16 autocast; CPU: fp32) | "
+    p.add_argument("--dtype", default="auto", help="auto (CUDA: fp32 weights + bf16 autocast; CPU: as bfloat16 where "
+                   "it has avx512_bf16 or amx_bf16, else fp32) | "
                    "float32 | bfloat16 (bf16 weights, fp32 LayerNorms and residual stream, bf16 autocast); "
                    "float16 is refused")
     return p.parse_args(argv)

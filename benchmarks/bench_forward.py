@@ -5,9 +5,11 @@ References: ModernBERT (arXiv 2412.13663); the reference is transformers'
 
     python benchmarks/bench_forward.py                      # mmBERT-small depth/width, vocab 32k, 4 x 512
     python benchmarks/bench_forward.py --vocab 256000 --batch 1   # the real vocabulary width
+    python benchmarks/bench_forward.py --base --batch 1 --threads 1  # mmBERT-base: hidden 768, 12 heads, vocab 256k
 
 Both models get the same random weights (mmBERT-small shape: hidden 384, 6 heads, 22 layers,
-intermediate 1152, local window 128, a global layer every 3), transformers with
+intermediate 1152, local window 128, a global layer every 3; --base: mmBERT-base's hidden 768
+and 12 heads, vocabulary 256,000 unless --vocab says otherwise), transformers with
 attn_implementation="sdpa". Timings are interleaved (A, B, C, A, B, C, ...) after a warm-up and
 the median of the repeats is reported, so machine load drifts hit every variant alike.
 Printed: a markdown table of medians and ratios (transformers time / minidiff time; > 1 means
@@ -17,6 +19,7 @@ training and sampling use) against transformers' dense output.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import sys
@@ -30,8 +33,9 @@ from minidiff.model import ModelConfig, ModernBertMLM  # noqa: E402
 
 
 def build(args):
+    hidden, heads = (768, 12) if args.base else (384, 6)
     config = ModelConfig(
-        vocab_size=args.vocab, hidden_size=384, num_attention_heads=6, num_hidden_layers=22,
+        vocab_size=args.vocab, hidden_size=hidden, num_attention_heads=heads, num_hidden_layers=22,
         intermediate_size=1152, local_attention=128, global_attn_every_n_layers=3,
         global_rope_theta=160000.0, local_rope_theta=160000.0,
         pad_token_id=0, eos_token_id=1, bos_token_id=2, cls_token_id=1, sep_token_id=1,
@@ -52,7 +56,8 @@ def build(args):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--vocab", type=int, default=32000, help="vocabulary size (mmBERT: 256000)")
+    parser.add_argument("--vocab", type=int, default=None, help="vocabulary size (default 32000; --base: 256000)")
+    parser.add_argument("--base", action="store_true", help="mmBERT-base's width: hidden 768, 12 heads")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--frac", type=float, default=0.15, help="fraction of positions for logits_at")
@@ -61,6 +66,7 @@ def main():
     parser.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"], help="transformers attention")
     parser.add_argument("--padding", action="store_true", help="right-pad rows to 100%%, 90%%, 75%%, ... of seq")
     args = parser.parse_args()
+    args.vocab = args.vocab or (256000 if args.base else 32000)
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -95,8 +101,10 @@ def main():
                 del out
     med = {name: statistics.median(t) for name, t in times.items()}
     ref = med["transformers dense"]
-    print(f"\nforward, no grad, fp32: B={args.batch} S={args.seq} V={args.vocab}, mmBERT-small layers, "
+    shape = "mmBERT-base" if args.base else "mmBERT-small"
+    print(f"\nforward, no grad, fp32: B={args.batch} S={args.seq} V={args.vocab}, {shape} layers, "
           f"transformers attn={args.attn}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"load average {os.getloadavg()[0]:.1f}, "
           f"{platform.processor() or platform.machine()}, padding={'yes' if args.padding else 'no'}; "
           f"logits_at on {sel.sum().item()} of {ids.numel()} positions; max |diff| dense {diff:.1e}, "
           f"logits_at {diff_at:.1e}; median of {args.repeats} interleaved repeats\n")

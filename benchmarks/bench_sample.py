@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import platform
 import sys
 import time
@@ -41,6 +42,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from minidiff.errors import run_cli  # noqa: E402
+from roofline import Counter  # noqa: E402  (FLOPs counted from the dispatched ops)
 from minidiff.model import ModelConfig, ModernBertMLM  # noqa: E402
 from minidiff.sampler import SamplerConfig, generate, transfer_counts  # noqa: E402
 
@@ -83,8 +85,8 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=2, help="layers of the random model (mmBERT-base: 22)")
     p.add_argument("--prompt-length", type=int, default=64)
     p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--threshold", type=float, nargs="+", default=[0.9],
-                   help="confidence threshold(s) for the threshold-decoding rows (default 0.9)")
+    p.add_argument("--threshold", type=float, nargs="*", default=[0.9],
+                   help="confidence threshold(s) for the threshold-decoding rows (default 0.9; none: no such rows)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--chat-data", help="with --model: a messages-format .jsonl whose questions are the prompts")
@@ -93,6 +95,9 @@ def main() -> None:
     p.add_argument("--cache", nargs="+", default=["none"], choices=["none", "prefix", "dual"],
                    help="generate with each of these key/value caches (default: none only)")
     p.add_argument("--show", action="store_true", help="print each sampler's answers (with --model)")
+    p.add_argument("--flops", action="store_true",
+                   help="count each sampler's FLOPs on the first prompt (roofline.py's counter, one more untimed "
+                        "run each) and set its speed-up against its FLOP ratio to the reference")
     p.add_argument("--repeats", type=int, default=1,
                    help="run the three samplers this many times, interleaved, and keep each one's fastest")
     args = p.parse_args()
@@ -148,6 +153,7 @@ def main() -> None:
         for threshold in args.threshold:
             samplers[f"{name.split(' (')[0]}, threshold {threshold}"] = run_generate(cached.replace(threshold=threshold))
     names = list(samplers)
+    flops = {name: count_flops(lambda: samplers[name](prompts[0])) for name in names} if args.flops else {}
     best = dict.fromkeys(names, math.inf)  # fastest time over the repeats, summed over prompts
     calls = dict.fromkeys(names, 0)
     answers = {name: [] for name in names}
@@ -178,12 +184,19 @@ def main() -> None:
     print(f"\nSampling, {what}; {source}, {n} new tokens each, diffutron-long (block 32, penalty 1.2), "
           f"temperature 0, batch 1, fastest of {args.repeats} run(s)")
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}\n")
-    print("| sampler | model calls | seconds | tokens/s | speed-up | tokens equal to reference | tokens differing |")
-    print("|---|---|---|---|---|---|---|")
+          f"load average {os.getloadavg()[0]:.1f}, torch {torch.__version__}\n")
+    flop_header = " GFLOP (prompt 0) | FLOP ratio | speed-up / FLOP ratio |" if flops else ""
+    print(f"| sampler | model calls | seconds | tokens/s | speed-up | tokens equal to reference | tokens differing |"
+          f"{flop_header}")
+    print("|---|---|---|---|---|---|---|" + "---|" * (3 if flops else 0))
     for name in names:
-        print(f"| {name} | {calls[name]} | {best[name]:.1f} | {tokens / best[name]:.1f} | "
-              f"{best[names[0]] / best[name]:.2f}x | {equal[name]}/{tokens} | {tokens - equal[name]} |")
+        speedup = best[names[0]] / best[name]
+        row = (f"| {name} | {calls[name]} | {best[name]:.1f} | {tokens / best[name]:.1f} | "
+               f"{speedup:.2f}x | {equal[name]}/{tokens} | {tokens - equal[name]} |")
+        if flops:
+            ratio = flops[names[0]] / flops[name]  # reference FLOPs / this sampler's
+            row += f" {flops[name] / 1e9:.0f} | {ratio:.2f}x | {speedup / ratio:.0%} |"
+        print(row)
     if args.show and tok is not None:
         for i, prompt in enumerate(prompts):
             print(f"\nprompt {i}: {tok.decode(prompt)!r}")
@@ -192,6 +205,13 @@ def main() -> None:
     if not args.model:
         print("\nA random model is rarely confident, so threshold decoding commits about one token per "
               "step here; its speed-up shows on a trained model (--model DIR --chat-data FILE).")
+
+
+def count_flops(run) -> int:
+    """FLOPs of the products and attention one call of `run` dispatches (roofline.Counter)."""
+    with Counter() as counter:
+        run()
+    return counter.flops
 
 
 def generic_prompt(tok, length: int) -> list[int]:

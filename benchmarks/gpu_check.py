@@ -193,7 +193,11 @@ def check_scripts(report: Report, inputs: dict, work: Path, device: str, quick: 
                    if isinstance(v, (int, float))]
         report.check("evaluate.py metrics finite", bool(numbers) and all(math.isfinite(v) for v in numbers),
                      f"{len(numbers)} numbers")
-        want_precision = "float32 weights, no autocast" if device == "cpu" else "float32 weights, bfloat16 autocast"
+        from minidiff.device import cpu_has_native_bf16  # deferred like every minidiff import here
+
+        # --dtype auto: bf16 autocast on CUDA; bf16 weights on a CPU with native bf16, else fp32
+        want_precision = ("float32 weights, bfloat16 autocast" if device != "cpu" else
+                          "bfloat16 weights, bfloat16 autocast" if cpu_has_native_bf16() else "float32 weights, no autocast")
         report.check("evaluate.py device and precision", got["device"] == want and got["precision"] == want_precision,
                      f"{got['device']}, {got['precision']}")
 

@@ -471,7 +471,8 @@ def main(argv=None) -> int:
     p.add_argument("--toy", action="store_true", help="a tiny shape (hidden 64, 2 layers, vocabulary 1000)")
     p.add_argument("--config", default=None, help="a config.json to take the shape from (default: mmBERT-base)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N")
-    p.add_argument("--dtype", default="auto", help="auto (cpu: fp32; cuda: bf16 autocast), float32, bfloat16")
+    p.add_argument("--dtype", default="auto", help="auto (cuda: bf16 autocast; cpu: bf16 with avx512_bf16 "
+                   "or amx_bf16, else fp32), float32, bfloat16")
     p.add_argument("--repeats", type=int, default=1, help="timed calls per path after the counted one (median)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--json", default=None, help="write machine, counts and times here")

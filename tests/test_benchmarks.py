@@ -127,8 +127,8 @@ def test_roofline_toy_counts_match_hand_counts(tmp_path):
     """roofline.py --toy: the decoder's FLOPs (2 M K N) and bytes (W, b, x, y), and one encoder
     layer's FLOPs (its four products + attention) equal counts written out by hand."""
     out = tmp_path / "toy.json"
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "roofline.py"), "--toy", "--repeats", "1",
-                           "--json", out], capture_output=True, text=True, timeout=300, cwd=ROOT,
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "roofline.py"), "--toy", "--dtype", "float32",
+                           "--repeats", "1", "--json", out], capture_output=True, text=True, timeout=300, cwd=ROOT,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr
     report = json.loads(out.read_text(encoding="utf-8"))
@@ -156,3 +156,59 @@ def test_roofline_bad_compare_file(tmp_path):
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.startswith(f"error: --compare {bad}") and done.stderr.count("\n") == 1
+
+
+def _table(stdout: str) -> dict:
+    """A printed markdown table's rows by first cell (header and rule left out)."""
+    return {line.split(" | ")[0].strip("| "): [cell.strip(" |") for cell in line.split(" | ")]
+            for line in stdout.splitlines() if line.startswith("| ") and not line.startswith("| ---")}
+
+
+@pytest.mark.slow  # one python + torch start-up, two tiny models, 12 scored choices
+def test_bench_dtype_tiny(model_dir, tmp_path):
+    """bench_dtype.py --toy --speed --model: the three speed rows; fp32 agrees with itself
+    exactly, and the other runs' counts add up to what the inputs hold (2 prompts x 64 tokens;
+    3 rows with 12 choices in all)."""
+    rows = [{"prompt": "Türkiye Cumhuriyeti 1923", "choices": ["yılında", "yılinda", "yılındı", "yıl"], "label": 0},
+            {"prompt": "İstanbul Boğazı Avrupa ile", "choices": ["Asya'yı", "Asyayı"], "label": 0},
+            {"prompt": "başkenti", "choices": ["Ankara", "Ankare", "Ankra", "Ankaro", "Anka", "Ank"], "label": 0}]
+    mc = tmp_path / "mc.jsonl"
+    mc.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_dtype.py"), "--toy", "--speed",
+                           "--repeats", "1", "--model", str(model_dir), "--mc-data", str(mc), "--num-prompts", "2",
+                           "--mc-samples", "2"], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr
+    table = _table(done.stdout)
+    speed = [name for name in table if name.split(" ")[0] in ("decoder", "sampler", "scoring")]
+    assert len(speed) == 3 and all(float(table[name][1]) > 0 and float(table[name][2]) > 0 for name in speed)
+    # fp32 against itself, bf16 and fp64 against fp32, then fp32 with another Monte-Carlo seed
+    assert [name for name in table if name.startswith(("fp", "bf"))] == ["fp32", "bf16", "fp64", "fp32, seed 1"]
+    assert table["fp32"][1:4] == ["128/128 (100.0%)", "2/2", "0.0000 / 0.0000 (12 choices)"]
+    for name in ("bf16", "fp64"):
+        equal, total = map(int, table[name][1].split(" ")[0].split("/"))
+        assert total == 2 * 64 and 0 <= equal <= total
+        mean, largest = map(float, table[name][3].split(" (")[0].split(" / "))
+        assert 0 <= mean <= largest < 1.0  # rounding, not a different model
+        assert table[name][4].split(" ")[0] in {f"{k}/3" for k in range(4)}
+    assert table["fp32, seed 1"][1] == "(as fp32)"
+
+
+def test_bench_dtype_model_without_data(model_dir):
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_dtype.py"), "--model", str(model_dir)],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.startswith("error: --model needs --mc-data") and done.stderr.count("\n") == 1
+
+
+@pytest.mark.slow  # one python + torch start-up, a tiny random model
+def test_bench_dtype_tokens_per_second_tiny():
+    """--tokens-per-second --toy: a row per batch x cache, each with one forward per step
+    (8 new tokens in 8 steps) and positive rates in both precisions."""
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_dtype.py"), "--toy", "--tokens-per-second",
+                           "--batches", "1", "3", "--new-tokens", "8"], capture_output=True, text=True, timeout=300,
+                          cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr
+    rows = [line.strip("| ").split(" | ") for line in done.stdout.splitlines() if line[:4] in ("| 1 ", "| 3 ")]
+    assert [(r[0], r[1]) for r in rows] == [(b, c) for b in ("1", "3") for c in ("none", "prefix", "dual")]
+    assert all(r[2] == "8" and float(r[3]) > 0 and float(r[4]) > 0 for r in rows)

@@ -54,14 +54,37 @@ def test_inference_precision_table():
     cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
     auto_gpu = device.inference_precision(None, gpu)
     assert (auto_gpu.weights, auto_gpu.autocast_dtype) == (torch.float32, torch.bfloat16)
-    auto_cpu = device.inference_precision("auto", cpu)
-    assert (auto_cpu.weights, auto_cpu.autocast_dtype) == (torch.float32, None)
     fp32 = device.inference_precision("float32", gpu)
     assert (fp32.weights, fp32.autocast_dtype) == (torch.float32, None)
     with pytest.raises(UserError, match="float16 is not supported"):
         device.inference_precision("float16", gpu)
     with pytest.raises(UserError, match="unknown"):
         device.inference_precision("int8", cpu)
+
+
+def test_auto_on_the_cpu_is_bf16_only_with_native_bf16(monkeypatch):
+    """auto: bf16 weights + bf16 autocast where /proc/cpuinfo lists avx512_bf16 or amx_bf16,
+    plain fp32 on any other CPU; CUDA keeps fp32 weights + bf16 autocast either way."""
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    cases = [({"avx2", "avx512f"}, (torch.float32, None)), ({"avx512f", "avx512_bf16"}, (torch.bfloat16,) * 2),
+             ({"amx_tile", "amx_bf16"}, (torch.bfloat16,) * 2), (set(), (torch.float32, None))]
+    for flags, want in cases:
+        monkeypatch.setattr(device, "cpu_flags", lambda flags=flags: frozenset(flags))
+        auto = device.inference_precision("auto", cpu)
+        assert (auto.weights, auto.autocast_dtype) == want, flags
+        assert device.inference_precision("float32", cpu).autocast_dtype is None
+        assert device.inference_precision("auto", gpu).weights == torch.float32
+
+
+def test_cpu_flags_read_from_proc_cpuinfo():
+    """The flags line of /proc/cpuinfo, word for word (empty where the file does not exist)."""
+    try:
+        lines = open("/proc/cpuinfo", encoding="utf-8", errors="replace").read().splitlines()
+    except OSError:
+        assert device.cpu_flags() == frozenset()
+        return
+    flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
+    assert device.cpu_flags() == frozenset(flags)
 
 
 def test_bfloat16_keeps_layernorms_and_the_residual_stream_fp32():

@@ -1,0 +1,306 @@
+"""bf16 against fp32 inference on this machine: speed at mmBERT-base shape, agreement on a trained model.
+
+References: minidiff/device.py (what `--dtype bfloat16` means: bf16 weights, fp32 LayerNorms and
+residual stream, bf16 autocast); LLaDA (arXiv 2502.09992) for the sampler and the
+Monte-Carlo log-likelihood; mmBERT (2509.06888) for the shape. Findings: docs/benchmarks.md.
+
+    python benchmarks/bench_dtype.py --threads 1                 # speed, mmBERT-base shape (22 layers)
+    python benchmarks/bench_dtype.py --threads 1 --layers 4 --repeats 5
+    python benchmarks/bench_dtype.py --model runs/demo/cpt --mc-data morphology_tr.jsonl   # agreement only
+    python benchmarks/bench_dtype.py --toy --model DIR --mc-data FILE                     # seconds
+    python benchmarks/bench_dtype.py --tokens-per-second --threads 1 --batches 1 8        # what a user feels
+
+Speed (random weights, the same in both precisions): each workload runs once per precision per
+repeat, fp32 and bf16 interleaved, so a busy moment of the machine hits both; the median is
+reported with fp32 time / bf16 time (> 1: bf16 is faster). The workloads:
+    decoder product   the vocabulary projection of one block, [32, H] x [H, V]
+    sampler step      `sampler.generate`, prompt 64, one block of 32, 4 steps: time / num_forward
+    scoring batch     `diffusion.mc_loglik`, 32 samples of a 48-token prompt + 16-token answer in one forward
+
+Tokens per second (--tokens-per-second, random weights): `generate` at temperature 0 on prompts
+of mixed lengths (16 to 64 tokens), --new-tokens answer tokens in as many steps, for each
+--batches size x cache none / prefix / dual x fp32 / bf16 (one timed call each, after one
+short warm-up call per precision and cache).
+
+Agreement (--model, a trained model directory), each run against fp32 with Monte-Carlo seed 0:
+bf16 (`--dtype bfloat16`), and two yardsticks for what a difference means: fp64 weights (how
+far fp32's own rounding moves the results) and fp32 with seed 1 (the Monte-Carlo noise).
+    greedy tokens     `generate` at temperature 0 (diffutron-short: 64 tokens, 64 steps, block 32,
+                      no stopping) on the first --num-prompts prompts of --mc-data; the fraction of
+                      committed tokens equal to fp32's, and of prompts equal throughout
+    log-likelihoods   `evaluation.score_examples` on the --mc-data rows (common random numbers):
+                      mean and max |loglik - loglik_fp32| over the choices, the fraction of rows
+                      whose argmax choice differs, and the accuracy
+    threshold         the same prompts with threshold decoding (--threshold, default 0.9): answer
+                      tokens committed per forward in each precision
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from gpu_check import base_shape_config  # noqa: E402  (mmBERT-base and the tiny shape)
+
+import minidiff  # noqa: E402
+from minidiff.device import NATIVE_BF16_FLAGS, cpu_flags, inference_precision  # noqa: E402
+from minidiff.diffusion import mc_loglik  # noqa: E402
+from minidiff.errors import UserError, run_cli  # noqa: E402
+from minidiff.evaluation import choice_pairs, load_examples, parse_task, score_examples  # noqa: E402
+from minidiff.model import ModernBertMLM  # noqa: E402
+from minidiff.sampler import SamplerConfig, generate  # noqa: E402
+
+CPU = torch.device("cpu")
+PRECISIONS = ("float32", "bfloat16")
+
+
+def machine_line() -> str:
+    """CPU model, its bf16 flags, threads, load average and torch version, for every table."""
+    model = platform.processor() or platform.machine()
+    try:
+        names = [line.partition(":")[2].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")]
+        model = names[0] if names else model
+    except OSError:
+        pass
+    native = [flag for flag in NATIVE_BF16_FLAGS if flag in cpu_flags()] or ["no native bf16"]
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    return (f"{model} ({', '.join(native)}), {torch.get_num_threads()} threads, load average {load}, "
+            f"torch {torch.__version__}")
+
+
+# ----------------------------------------------------------------------------- speed
+
+
+def random_model_config(args):
+    """mmBERT-base's shape with --layers layers (or the tiny shape with --toy)."""
+    config = base_shape_config(args.toy)
+    if not args.toy:
+        config.num_hidden_layers, config.layer_types = args.layers, None
+        config.__post_init__()  # the layer pattern for the new depth
+    return config
+
+
+def both_precisions(model: torch.nn.Module) -> dict:
+    """name -> (model, Precision): fp32 as given and a bf16 copy prepared as `--dtype bfloat16`."""
+    models = {}
+    for name in PRECISIONS:
+        precision = inference_precision(name, CPU)
+        models[name] = (precision.prepare(copy.deepcopy(model) if name != "float32" else model), precision)
+    return models
+
+
+def workloads(model: ModernBertMLM, L: int = 32) -> dict:
+    """name -> function(model) -> seconds for one call; the same inputs for every model."""
+    config = model.config
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(L, config.hidden_size, generator=g)  # [32, H] one block's head outputs
+    prompt = [config.bos_token_id] + torch.randint(5, config.vocab_size, (63,), generator=g).tolist()
+    sampler = SamplerConfig.preset("diffutron-long", temperature=0.0, stop_strings=(), stop_at_eos=False,
+                                   max_new_tokens=L, steps=4, block_length=L)
+    mask, eos = config.mask_token_id, config.eos_token_id
+
+    def decoder(m):
+        return timed(lambda: m.decoder(x))[1]
+
+    def step(m):
+        out, seconds = timed(lambda: generate(m, [prompt], sampler, mask_id=mask, eos_id=eos))
+        return seconds / out.num_forward
+
+    def scoring(m):
+        return timed(lambda: mc_loglik(m, prompt[:48], prompt[48:], mask, num_samples=32, batch_size=32,
+                                       generator=torch.Generator().manual_seed(0)))[1]
+
+    return {f"decoder product [{L}, {config.hidden_size}] x [{config.hidden_size}, {config.vocab_size}]": decoder,
+            f"sampler step (batch 1, prompt 64, block {L}, cache none)": step,
+            "scoring batch (mc_loglik, 32 x 64 tokens)": scoring}
+
+
+def timed(fn):
+    """(fn(), seconds it took)."""
+    start = time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - start
+
+
+@torch.no_grad()
+def speed(args) -> None:
+    config = random_model_config(args)
+    torch.manual_seed(0)
+    models = both_precisions(ModernBertMLM(config).eval())
+    jobs = workloads(models["float32"][0])
+    times = {(job, name): [] for job in jobs for name in PRECISIONS}
+    for repeat in range(args.repeats + 1):  # the first round warms up and is dropped
+        for job, run in jobs.items():
+            for name, (model, precision) in models.items():
+                with precision.autocast():
+                    seconds = run(model)
+                if repeat:
+                    times[job, name].append(seconds)
+    print(f"\nbf16 vs fp32 speed, random weights, hidden {config.hidden_size}, {config.num_hidden_layers} layers, "
+          f"vocabulary {config.vocab_size}; {machine_line()}; median of {args.repeats} interleaved repeats\n")
+    print("| workload | fp32 ms | bf16 ms | fp32 / bf16 |")
+    print("|---|---|---|---|")
+    for job in jobs:
+        fp32, bf16 = (statistics.median(times[job, name]) for name in PRECISIONS)
+        print(f"| {job} | {fp32 * 1e3:.1f} | {bf16 * 1e3:.1f} | {fp32 / bf16:.2f}x |")
+
+
+# ----------------------------------------------------------------------------- tokens per second
+
+
+def mixed_prompts(config, batch: int, g: torch.Generator) -> list[list[int]]:
+    """`batch` random prompts of mixed lengths, 16 to 64 tokens (after <bos>)."""
+    lengths = [16 + (48 * i) // max(batch - 1, 1) for i in range(batch)]  # 16 .. 64, evenly spread
+    return [[config.bos_token_id] + torch.randint(5, config.vocab_size, (n - 1,), generator=g).tolist()
+            for n in lengths]
+
+
+@torch.no_grad()
+def tokens_per_second(args) -> None:
+    """Answer tokens per second of `generate` for each batch size x cache x precision, in one run."""
+    config = random_model_config(args)
+    torch.manual_seed(0)
+    models = both_precisions(ModernBertMLM(config).eval())
+    g = torch.Generator().manual_seed(2)
+    prompts = {batch: mixed_prompts(config, batch, g) for batch in args.batches}
+    sampler = SamplerConfig.preset(args.preset, temperature=0.0, stop_strings=(), stop_at_eos=False,
+                                   max_new_tokens=args.new_tokens, steps=args.new_tokens)
+    mask, eos = config.mask_token_id, config.eos_token_id
+    for model, precision in models.values():  # warm-up: one short call per precision and cache
+        for cache in ("none", "prefix", "dual"):
+            with precision.autocast():
+                generate(model, prompts[args.batches[0]][:1], sampler.replace(cache=cache, max_new_tokens=4, steps=4),
+                         mask_id=mask, eos_id=eos)
+    print(f"\ntokens per second, `generate`, random weights, hidden {config.hidden_size}, "
+          f"{config.num_hidden_layers} layers, vocabulary {config.vocab_size}; {args.preset} at temperature 0 with "
+          f"{args.new_tokens} new tokens in {args.new_tokens} steps, prompts of 16-64 tokens; {machine_line()}\n")
+    print("| batch | cache | forwards | fp32 tokens/s | bf16 tokens/s | bf16 / fp32 |")
+    print("|---|---|---|---|---|---|", flush=True)
+    for batch in args.batches:
+        for cache in ("none", "prefix", "dual"):
+            cells = []
+            for name, (model, precision) in models.items():  # fp32 then bf16, back to back
+                with precision.autocast():
+                    out, seconds = timed(lambda: generate(model, prompts[batch], sampler.replace(cache=cache),
+                                                          mask_id=mask, eos_id=eos))
+                cells.append(batch * args.new_tokens / seconds)
+            print(f"| {batch} | {cache} | {out.num_forward} | {cells[0]:.1f} | {cells[1]:.1f} | "
+                  f"{cells[1] / cells[0]:.2f}x |", flush=True)  # row by row: a long run shows its progress
+
+
+# ----------------------------------------------------------------------------- agreement
+
+
+# each run: (label, --dtype value or "float64", Monte-Carlo seed); each later run is compared with the first
+RUNS = (("fp32", "float32", 0), ("bf16", "bfloat16", 0), ("fp64", "float64", 0), ("fp32, seed 1", "float32", 1))
+
+
+def load_in(model_dir: str, dtype: str):
+    """(model, autocast context) for one run: a `--dtype` Precision, or plain float64 weights."""
+    if dtype == "float64":
+        return minidiff.load_model(model_dir, dtype=torch.float64).eval(), nullcontext()
+    precision = inference_precision(dtype, CPU)
+    return precision.prepare(minidiff.load_model(model_dir)).eval(), precision.autocast()
+
+
+@torch.no_grad()
+def agreement(args) -> None:
+    tok = minidiff.load_tokenizer(args.model)
+    every = load_examples(parse_task(f"mc:{args.mc_data}"))
+    examples = every[: args.rows]  # scored; the greedy prompts come from the first rows whatever --rows says
+    prompts = [choice_pairs(tok, ex)[0][0] for ex in every[: args.num_prompts]]  # <bos> + prompt ids
+    sampler = SamplerConfig.preset("diffutron-short", temperature=0.0, stop_strings=(), stop_at_eos=False)
+    answers, scores, per_forward = {}, {}, {}
+    for label, dtype, seed in RUNS:
+        model, context = load_in(args.model, dtype)
+        with context:
+            if seed == 0:  # temperature 0: the seed changes no token
+                answers[label] = [generate(model, [p], sampler, mask_id=tok.mask_id, eos_id=tok.eos_id).answers()[0]
+                                  for p in prompts]
+                fast = [generate(model, [p], sampler.replace(threshold=args.threshold), mask_id=tok.mask_id,
+                                 eos_id=tok.eos_id).num_forward for p in prompts]
+                per_forward[label] = len(prompts) * sampler.max_new_tokens / sum(fast)
+            scores[label] = score_examples(model, tok, examples, mc_samples=args.mc_samples, seed=seed, progress=False)
+    print(f"\nbf16 vs fp32 agreement, {args.model} ({model.num_parameters():,} parameters), {len(prompts)} greedy "
+          f"prompts x {sampler.max_new_tokens} tokens (diffutron-short, temperature 0), {len(examples)} rows of "
+          f"{args.mc_data} ({args.mc_samples} samples per multi-token choice); {machine_line()}\n")
+    print("| compared with fp32, seed 0 | greedy tokens equal | prompts all equal | mean / max abs loglik diff | "
+          "rows whose argmax flips | accuracy |")
+    print("|---|---|---|---|---|---|")
+    reference = RUNS[0][0]
+    for label, _, _ in RUNS:
+        print(f"| {label} | {greedy_cells(answers, reference, label)} | "
+              f"{score_cells(scores[reference], scores[label], examples)} |")
+    print(f"\nthreshold decoding ({args.threshold}), the same prompts: tokens committed per forward "
+          + ", ".join(f"{label} {value:.2f}" for label, value in per_forward.items()))
+
+
+def greedy_cells(answers: dict, reference: str, label: str) -> str:
+    """Committed tokens equal to the reference run's (count and fraction), prompts equal throughout."""
+    if label not in answers:
+        return "(as fp32) | (as fp32)"
+    pairs = list(zip(answers[reference], answers[label]))
+    equal = sum(a == b for x, y in pairs for a, b in zip(x, y))
+    total = sum(len(x) for x, _ in pairs)
+    return f"{equal}/{total} ({equal / total:.1%}) | {sum(x == y for x, y in pairs)}/{len(pairs)}"
+
+
+def score_cells(reference: list, scores: list, examples) -> str:
+    """mean / max |loglik - reference| over the choices, rows whose argmax differs, accuracy."""
+    diffs = [abs(a - b) for x, y in zip(reference, scores) for a, b in zip(x, y)]
+    picks = [max(range(len(s)), key=s.__getitem__) for s in scores]
+    flips = sum(a != max(range(len(r)), key=r.__getitem__) for a, r in zip(picks, reference))
+    accuracy = sum(p == ex.label for p, ex in zip(picks, examples)) / len(examples)
+    return (f"{statistics.fmean(diffs):.4f} / {max(diffs):.4f} ({len(diffs)} choices) | "
+            f"{flips}/{len(examples)} ({flips / len(examples):.1%}) | {accuracy:.3f}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--layers", type=int, default=22, help="layers of the random mmBERT-base-shaped model (default 22)")
+    p.add_argument("--toy", action="store_true", help="speed on a tiny shape (hidden 64, 2 layers, vocabulary 1000)")
+    p.add_argument("--repeats", type=int, default=3, help="timed, interleaved rounds after a warm-up (median)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--model", help="a trained model directory: measure agreement (and skip speed unless --speed)")
+    p.add_argument("--mc-data", help="with --model: rows {\"prompt\", \"choices\", \"label\"} to score and prompt from")
+    p.add_argument("--num-prompts", type=int, default=10, help="greedy generations per precision (default 10)")
+    p.add_argument("--mc-samples", type=int, default=32, help="Monte-Carlo samples per multi-token choice")
+    p.add_argument("--threshold", type=float, default=0.9, help="with --model: threshold decoding's confidence")
+    p.add_argument("--rows", type=int, default=None, help="score only the first ROWS rows of --mc-data")
+    p.add_argument("--speed", action="store_true", help="with --model: measure speed too")
+    p.add_argument("--tokens-per-second", action="store_true",
+                   help="instead: answer tokens per second of generate, batch x cache x precision")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="with --tokens-per-second (default 1 8)")
+    p.add_argument("--new-tokens", type=int, default=32, help="with --tokens-per-second: tokens per answer")
+    p.add_argument("--preset", default="diffutron-short", help="with --tokens-per-second: the sampler preset")
+    args = p.parse_args(argv)
+    if min(args.repeats, args.layers, args.num_prompts, args.mc_samples, args.rows or 1, args.new_tokens,
+           *args.batches) < 1:
+        raise UserError("--repeats, --layers, --num-prompts, --mc-samples, --rows, --new-tokens and --batches "
+                        "must be at least 1.")
+    if args.model and not args.mc_data:
+        raise UserError("--model needs --mc-data FILE.jsonl (rows {\"prompt\", \"choices\", \"label\"}) to compare on.")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.tokens_per_second:
+        tokens_per_second(args)
+        return 0
+    if not args.model or args.speed:
+        speed(args)
+    if args.model:
+        agreement(args)
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
