@@ -79,9 +79,14 @@ def fsync_dir(folder: str | Path) -> None:
         os.close(fd)
 
 
+def new_digest():
+    """The hash every file of the project is checked with: BLAKE2b, 160-bit."""
+    return hashlib.blake2b(digest_size=20)
+
+
 def file_hash(path: str | Path, chunk: int = 1 << 20) -> str:
-    """BLAKE2b (160-bit) of the file's bytes, read in 1 MiB chunks."""
-    digest = hashlib.blake2b(digest_size=20)
+    """new_digest() of the file's bytes, read in 1 MiB chunks."""
+    digest = new_digest()
     with open(path, "rb") as handle:
         while block := handle.read(chunk):
             digest.update(block)
@@ -94,13 +99,14 @@ def remove_temporaries(folder: str | Path) -> list[Path]:
     removed = []
     for tmp in Path(folder).glob(f"*{TEMPORARY_MARK}*"):
         pid = tmp.name.rsplit(TEMPORARY_MARK, 1)[1]
-        if tmp.is_file() and pid.isdigit() and not _alive(int(pid)):
+        if tmp.is_file() and pid.isdigit() and not pid_alive(int(pid)):
             tmp.unlink(missing_ok=True)
             removed.append(tmp)
     return removed
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this host (another user's counts as running)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -55,7 +55,7 @@ import numpy as np
 
 from . import data
 from .errors import UserError, run_cli
-from .files import file_hash, fsync_dir, write_json
+from .files import file_hash, fsync_dir, new_digest, pid_alive, write_json
 from .progress import bar as progress_bar
 from .tokenizer import CONFIG_FILES, load_tokenizer
 
@@ -85,10 +85,6 @@ def _file_names(kind: str) -> tuple[str, ...]:
 
 
 # ============================================================================ hashing
-
-
-def _digest():
-    return hashlib.blake2b(digest_size=20)
 
 
 def _blocks(path: Path, dtype, digest, chunk: int = READ_CHUNK):
@@ -257,7 +253,7 @@ def verify_entry(entry: Shard, vocab_size: int) -> None:
     if m["kind"] == "sft":
         checks.append(("prompt_lengths.bin", np.int64, lambda blocks: _prompts_problem(blocks, entry.lengths)))
     for name, dtype, check in checks:
-        digest = _digest()
+        digest = new_digest()
         problem = check(_blocks(entry.path / name, dtype, digest))
         if problem is None and digest.hexdigest() != m["files"][name]["blake2b"]:
             problem = f"{name} does not match its hash in the manifest (it changed after it was written)"
@@ -271,7 +267,7 @@ def verify_entry(entry: Shard, vocab_size: int) -> None:
 def tokenizer_hash(tokenizer) -> str:
     """Hash of tokenizer.json and the config files next to it (they decide ids and specials)."""
     file = Path(tokenizer.source)
-    digest = _digest()
+    digest = new_digest()
     for part in [file] + [file.parent / name for name in CONFIG_FILES]:
         digest.update(part.name.encode() + b"\0" + (file_hash(part).encode() if part.is_file() else b"-"))
     return digest.hexdigest()
@@ -329,7 +325,7 @@ class _Writer:
     def __init__(self, folder: Path, dtype, sft: bool):
         self.dtype, self.documents, self.total = dtype, 0, 0
         self.handles = {name: open(folder / name, "wb") for name in _file_names("sft" if sft else "cpt")}
-        self.digests = {name: _digest() for name in self.handles}
+        self.digests = {name: new_digest() for name in self.handles}
         self._write("offsets.bin", np.zeros(1, np.int64))
 
     def _write(self, name: str, array: np.ndarray) -> None:
@@ -465,12 +461,8 @@ def _remove_dead_temporaries(folder: Path) -> None:
         parts = tmp.name.rsplit("-", 3)
         if len(parts) != 4 or parts[1] != host or not parts[2].isdigit():
             continue
-        try:
-            os.kill(int(parts[2]), 0)
-        except ProcessLookupError:
+        if not pid_alive(int(parts[2])):
             shutil.rmtree(tmp, ignore_errors=True)
-        except PermissionError:
-            pass
 
 
 def _set_aside(folder: Path) -> None:

@@ -44,7 +44,6 @@ flushed): a rename is atomic, so the previous checkpoint stays valid until the n
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -290,7 +289,7 @@ def weights_hash(model) -> str:
     """BLAKE2b over every parameter and buffer of `model` except LoRA's (names, dtypes, shapes,
     bytes, in name order): what a run records of its base model, so a resume on another base
     model of the same shape is refused."""
-    digest = hashlib.blake2b(digest_size=20)
+    digest = files.new_digest()
     for name, tensor in sorted(model.state_dict().items()):
         if "lora_" in name:
             continue
