@@ -42,6 +42,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from minidiff.errors import run_cli  # noqa: E402
+from minidiff.linear import pack_weights  # noqa: E402
 from roofline import Counter  # noqa: E402  (FLOPs counted from the dispatched ops)
 from minidiff.model import ModelConfig, ModernBertMLM  # noqa: E402
 from minidiff.sampler import SamplerConfig, generate, transfer_counts  # noqa: E402
@@ -98,6 +99,8 @@ def main() -> None:
     p.add_argument("--flops", action="store_true",
                    help="count each sampler's FLOPs on the first prompt (roofline.py's counter, one more untimed "
                         "run each) and set its speed-up against its FLOP ratio to the reference")
+    p.add_argument("--no-packed-weights", action="store_true",
+                   help="every sampler multiplies with the weights as stored (default: packed copies, as sample.py)")
     p.add_argument("--repeats", type=int, default=1,
                    help="run the three samplers this many times, interleaved, and keep each one's fastest")
     args = p.parse_args()
@@ -130,6 +133,9 @@ def main() -> None:
         g = torch.Generator().manual_seed(args.seed)
         prompts = [[2] + torch.randint(5, 256000, (args.prompt_length - 1,), generator=g).tolist()]
         what = f"random mmBERT-shaped, {args.layers} layers ({model.num_parameters():,} parameters)"
+
+    if not args.no_packed_weights:
+        pack_weights(model)  # every sampler, the reference too, multiplies with packed weights (as sample.py)
 
     config = SamplerConfig.preset("diffutron-long", temperature=0.0, stop_strings=(), stop_at_eos=False,
                                   max_new_tokens=args.max_new_tokens, steps=args.max_new_tokens)
@@ -182,7 +188,8 @@ def main() -> None:
     else:
         source = f"prompt {len(prompts[0])} tokens"
     print(f"\nSampling, {what}; {source}, {n} new tokens each, diffutron-long (block 32, penalty 1.2), "
-          f"temperature 0, batch 1, fastest of {args.repeats} run(s)")
+          f"temperature 0, batch 1, fastest of {args.repeats} run(s), "
+          f"{'weights as stored' if args.no_packed_weights else 'packed weights'}")
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"load average {os.getloadavg()[0]:.1f}, torch {torch.__version__}\n")
     flop_header = " GFLOP (prompt 0) | FLOP ratio | speed-up / FLOP ratio |" if flops else ""

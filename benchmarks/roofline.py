@@ -11,8 +11,11 @@ Fast-dLLM (2505.22618) for the sampler step. Findings: docs/benchmarks.md ("Roof
     python benchmarks/roofline.py --compare gpu.json    # adds that run's measured columns
     python benchmarks/roofline.py --products            # small-row product formulations (minidiff/linear.py)
 
-The machine, measured in the same run: the rate of a large square matmul in fp32 and bf16, the
-read bandwidth (a sum over a tensor far larger than the caches), the thread count.
+The machine, measured in the same run: the rate of a large square matmul in fp32 and bf16 (the
+fastest of the kernels this build has: aten's, and on the CPU oneDNN's on a plain and on a packed
+weight), the read bandwidth (a sum over a tensor far larger than the caches), the thread count.
+The model's linears hold packed weights on the CPU, as in sample.py and evaluate.py
+(`--no-packed-weights`: as stored).
 The hot paths: the decoder (vocabulary projection) at M rows; one encoder layer on a sequence of
 M tokens; one sampler step (`generate` with each cache, time / num_forward); a LoRA training
 micro-batch, forward + backward; the chunked vocabulary loss; a Monte-Carlo scoring batch.
@@ -59,10 +62,17 @@ H200 = {"name": "H200", "flops": 990e12, "bytes_per_s": 4.8e12}  # dense bf16, H
 # ----------------------------------------------------------------------------- counting
 
 
+def storage_key(t: torch.Tensor) -> int:
+    """Which memory a tensor reads: its storage, or itself for oneDNN's opaque (packed) tensors."""
+    return id(t) if t.is_mkldnn else t.untyped_storage().data_ptr()
+
+
 def tensor_bytes(t: torch.Tensor) -> int:
     """Bytes a tensor's elements occupy: an expanded dimension (stride 0) is stored once."""
     if t.numel() == 0:
         return 0
+    if t.is_mkldnn:
+        return t.numel() * t.element_size()  # a packed weight: dense, no strides
     span = 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
     return min(t.numel(), span) * t.element_size()
 
@@ -104,13 +114,13 @@ class Counter(TorchDispatchMode):
             return out  # a view: no data moves
         inputs = list(_tensors(args)) + list(_tensors(list((kwargs or {}).values())))
         outputs = list(_tensors(out))
-        storages = {t.untyped_storage().data_ptr() for t in inputs}
+        storages = {storage_key(t) for t in inputs}
         if not any(r.alias_info is not None for r in returns) and outputs and all(
-                t.untyped_storage().data_ptr() in storages for t in outputs):
+                storage_key(t) in storages for t in outputs):
             return out  # an unannotated view (_unsafe_view)
         seen = {}
         for t in inputs + outputs:  # an in-place op's operand and result are one tensor
-            seen[(t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))] = tensor_bytes(t)
+            seen[(storage_key(t), 0 if t.is_mkldnn else t.storage_offset(), tuple(t.shape))] = tensor_bytes(t)
         self.bytes += sum(seen.values())
         self.flops += product_flops(str(func.overloadpacket), args)
         return out
@@ -143,14 +153,29 @@ def machine_sizes(device: torch.device, toy: bool) -> tuple[int, int]:
     return (8192, 2**32) if device.type == "cuda" else (2048, 2**30)
 
 
+def square_products(a: torch.Tensor, b: torch.Tensor) -> list[Callable]:
+    """Every kernel this build offers for a @ b^T: aten's (MKL or cuBLAS), and on the CPU oneDNN's
+    on b as stored and on b packed (minidiff/linear.py). The machine's rate is the fastest."""
+    products = [lambda: a @ b.T]
+    if a.device.type == "cpu" and torch.backends.mkldnn.is_available():
+        packed = torch.ops.mkldnn._reorder_linear_weight(b, a.shape[0])
+        products += [lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], ""),
+                     lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], "")]
+    return products
+
+
 def measure_machine(device: torch.device, n: int, read_bytes: int, repeats: int = 3) -> dict:
-    """Peak matmul FLOP/s (fp32, bf16; n x n) and read bytes/s: the best of `repeats` runs."""
+    """Peak matmul FLOP/s (fp32, bf16; n x n, the fastest kernel) and read bytes/s: the best of
+    `repeats` runs each."""
     rates = {}
     for dtype in (torch.float32, torch.bfloat16):
         a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
-        a @ b  # warm-up
+        best = float("inf")
+        for product in square_products(a, b):
+            product()  # warm-up
+            best = min(best, *seconds(product, device, repeats))
         # 2 n^3 FLOPs per n x n product
-        rates[str(dtype).replace("torch.", "")] = 2 * n**3 / min(seconds(lambda: a @ b, device, repeats))
+        rates[str(dtype).replace("torch.", "")] = 2 * n**3 / best
         del a, b
     data = torch.ones(read_bytes // 4, device=device)
     data.sum()
@@ -479,6 +504,8 @@ def main(argv=None) -> int:
     p.add_argument("--plot", default=None, help="draw the roofline picture to this PNG (needs matplotlib)")
     p.add_argument("--compare", default=None, help="another run's --json (e.g. the GPU's): its measured columns")
     p.add_argument("--products", action="store_true", help="compare formulations of the small-row products instead")
+    p.add_argument("--no-packed-weights", action="store_true",
+                   help="the model's linears multiply with their weights as stored (as sample.py --no-packed-weights)")
     args = p.parse_args(argv)
     if args.repeats < 1:
         raise UserError(f"--repeats must be at least 1, got {args.repeats}.")
@@ -492,7 +519,7 @@ def main(argv=None) -> int:
     plt = pyplot() if args.plot else None  # before the minutes of measuring
     device = resolve_device(args.device)
     check_available(device)
-    precision = inference_precision(args.dtype, device)
+    precision = inference_precision(args.dtype, device, pack=not args.no_packed_weights)
     compute_dtype = precision.autocast_dtype or precision.weights
     machine = measure_machine(device, *machine_sizes(device, args.toy))
     shapes = TOY_SHAPES if args.toy else Shapes()

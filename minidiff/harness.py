@@ -45,6 +45,7 @@ from . import checkpoint, diffusion
 from .errors import UserError, run_cli
 from .evaluation import DEFAULT_MC_SAMPLES, DEFAULT_SCORING, MAX_BATCH_SIZE, fit_prompt
 from .files import write_text
+from .linear import pack_weights
 from .sampler import SamplerConfig, generate
 from .tasks import LM_EVAL_TASK_DIR
 from .tokenizer import load_tokenizer
@@ -150,6 +151,8 @@ class MinidiffLM(LM):
         self.seed, self.sampler = settings["seed"], settings["sampler"]
         self._device = settings["device"]  # LM.device is a read-only property since 0.4.12
         self.model = checkpoint.load_model(self.pretrained, dtype=settings["dtype"], device=self._device).eval()
+        if self.model.decoder.weight.device.type == "cpu":
+            pack_weights(self.model)  # read only from here on: oneDNN's packed copies (minidiff/linear.py)
         self.tok = load_tokenizer(self.pretrained)
         limit = self.model.config.max_position_embeddings
         self.max_length = min(settings["max_length"] or limit, limit)

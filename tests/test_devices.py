@@ -243,6 +243,6 @@ def test_scripts_refuse_float16_and_run_bfloat16(tmp_path, capsys):
     assert evaluate.main(["--model", str(model), "--task", f"perplexity:{text}", "--out", str(out), "--max-len", "32",
                           "--dtype", "bfloat16", "--device", "cpu", "--no-progress"]) == 0
     results = json.loads(out.read_text())
-    assert results["precision"] == "bfloat16 weights, bfloat16 autocast" and results["device"] == "cpu"
+    assert results["precision"] == "bfloat16 weights (packed), bfloat16 autocast" and results["device"] == "cpu"
     metrics = results["tasks"][f"perplexity:{text}"]
     assert all(np.isfinite(v) for v in metrics["metrics"].values() if isinstance(v, float))

@@ -1,6 +1,10 @@
 """minidiff.linear: the oneDNN product equals F.linear computed in float64 (fp32 tolerances) for
-every layout a model hands it, runs only where no gradient can flow, and Linear is an nn.Linear."""
+every layout a model hands it, runs only where no gradient can flow, and Linear is an nn.Linear;
+packed weights give F.linear's results, are dropped when the weight changes and never reach
+gradients, state dicts or copies."""
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -8,7 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from minidiff.linear import Linear, linear
+from helpers import BOS, EOS, MASK, tiny_model
+from minidiff.linear import Linear, linear, pack_weights, packed_weights, unpack_weights
+from minidiff.sampler import SamplerConfig, generate
 
 
 class OpNames(TorchDispatchMode):
@@ -102,3 +108,109 @@ def test_linear_module_is_an_nn_linear():
     x = torch.randn(5, 12)
     with torch.no_grad():
         torch.testing.assert_close(ours(x), reference(x, plain.weight, plain.bias))
+
+
+# ----------------------------------------------------------------------------- packed weights
+
+
+class PackedProducts(TorchDispatchMode):
+    """Counts oneDNN products whose weight is a packed (opaque mkldnn) tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if str(func.overloadpacket) == "mkldnn._linear_pointwise" and args[1].is_mkldnn:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs a torch built with oneDNN")
+
+
+@needs_onednn
+@pytest.mark.parametrize("rows", [1, 8, 32])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_packed_fp32_products_match_float64(rows, with_bias):
+    torch.manual_seed(rows)
+    layer = Linear(768, 2304, bias=with_bias)
+    x = torch.randn(2, rows, 768)
+    with torch.no_grad(), packed_weights(layer), PackedProducts() as packed:
+        assert layer.packed_weight() is not None
+        got = layer(x)
+    assert packed.count == 1 and layer.packed_weight() is None  # dropped on leaving
+    torch.testing.assert_close(got, reference(x, layer.weight, layer.bias))  # fp32 tolerances
+
+
+@needs_onednn
+def test_packed_bf16_under_autocast_is_f_linear_in_bf16():
+    torch.manual_seed(0)
+    layer = Linear(96, 200).to(torch.bfloat16)
+    x = torch.randn(5, 96)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want = F.linear(x, layer.weight, layer.bias)
+        with packed_weights(layer), PackedProducts() as packed:
+            got = layer(x)
+    assert packed.count == 1 and got.dtype == want.dtype == torch.bfloat16
+    # both sum bf16 products in fp32; they differ by the rounding of the bf16 result at most
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+
+
+@needs_onednn
+def test_a_changed_weight_drops_its_packed_copy():
+    torch.manual_seed(0)
+    layer = Linear(16, 24)
+    x = torch.randn(3, 16)
+    pack_weights(layer)
+    optimizer = torch.optim.AdamW(layer.parameters(), lr=0.1)
+    F.linear(torch.randn(4, 16), layer.weight, layer.bias).square().sum().backward()
+    optimizer.step()  # in place: the version counter moves
+    with torch.no_grad(), PackedProducts() as packed:
+        after_step = layer(x)
+    assert packed.count == 0 and layer.packed_weight() is None
+    torch.testing.assert_close(after_step, reference(x, layer.weight, layer.bias))
+    pack_weights(layer)
+    layer.load_state_dict(Linear(16, 24).state_dict())  # copy_ into the same storage
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), reference(x, layer.weight, layer.bias))
+    assert layer.packed_weight() is None
+    pack_weights(layer)
+    layer.double()  # a cast: another storage
+    assert layer.packed_weight() is None
+    unpack_weights(layer)
+
+
+@needs_onednn
+def test_packed_weights_leave_training_and_copies_alone():
+    torch.manual_seed(0)
+    layer = Linear(16, 24)
+    x = torch.randn(3, 16, requires_grad=True)
+    with packed_weights(layer), PackedProducts() as packed:
+        layer(x).square().sum().backward()  # gradients flow: F.linear
+        clone = copy.deepcopy(layer)
+        assert "packed" not in str(clone.state_dict().keys()) and clone.packed_weight() is None
+    assert packed.count == 0
+    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, layer.weight, layer.bias))
+    F.linear(x64, w64, b64).square().sum().backward()
+    torch.testing.assert_close(layer.weight.grad, w64.grad.float())
+    torch.testing.assert_close(x.grad, x64.grad.float())
+
+
+@needs_onednn
+def test_sampling_with_packed_weights_commits_the_same_tokens():
+    model = tiny_model(0).eval()
+    prompts = [[BOS, 11, 12, 13], [BOS, 21, 22]]
+    config = SamplerConfig(max_new_tokens=8, steps=8, block_length=4, temperature=0.0, cache="dual")
+    ids = torch.tensor([[BOS, 11, 12, MASK, 14, MASK, 16]])
+    with torch.no_grad():
+        plain = generate(model, prompts, config, mask_id=MASK, eos_id=EOS).sequences
+        want = model(ids).double()
+        assert pack_weights(model) == sum(m.weight.numel() * 4 for m in model.modules() if isinstance(m, Linear))
+        with PackedProducts() as packed:
+            packed_sequences = generate(model, prompts, config, mask_id=MASK, eos_id=EOS).sequences
+            got = model(ids).double()
+    unpack_weights(model)
+    assert packed.count > 0
+    assert torch.equal(packed_sequences, plain)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
