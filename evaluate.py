@@ -67,7 +67,7 @@ def parse_args(argv=None):
                    "a bare cuda is cuda:LOCAL_RANK)")
     p.add_argument("--no-packed-weights", action="store_true", help="multiply with the linear weights as stored: no packed copy of them for the CPU's oneDNN "
                    "(saves as many bytes again as those weights, 1.2 GB at mmBERT-base in fp32; "
-                   "small-row products run 1.3-2.3x slower)")
+                   "products of 8 to 32 rows run 1.2-2.2x slower)")
     p.add_argument("--dtype", default="auto", help="auto (CUDA: fp32 weights + bf16 autocast; CPU: as bfloat16 where "
                    "it has avx512_bf16 or amx_bf16, else fp32) | "
                    "float32 | bfloat16 (bf16 weights, fp32 LayerNorms and residual stream, bf16 autocast); "

@@ -9,6 +9,7 @@ Monte-Carlo log-likelihood; mmBERT (2509.06888) for the shape. Findings: docs/be
     python benchmarks/bench_dtype.py --model runs/demo/cpt --mc-data morphology_tr.jsonl   # agreement only
     python benchmarks/bench_dtype.py --toy --model DIR --mc-data FILE                     # seconds
     python benchmarks/bench_dtype.py --tokens-per-second --threads 1 --batches 1 8        # what a user feels
+    python benchmarks/bench_dtype.py --tokens-per-second --batches 1 --caches none dual --compile  # + torch.compile
 
 Speed (random weights, the same in both precisions): each workload runs once per precision per
 repeat, fp32 and bf16 interleaved, so a busy moment of the machine hits both; the median is
@@ -19,8 +20,10 @@ reported with fp32 time / bf16 time (> 1: bf16 is faster). The workloads:
 
 Tokens per second (--tokens-per-second, random weights): `generate` at temperature 0 on prompts
 of mixed lengths (16 to 64 tokens), --new-tokens answer tokens in as many steps, for each
---batches size x cache none / prefix / dual x fp32 / bf16 (one timed call each, after one
-short warm-up call per precision and cache).
+--batches size x --caches (none / prefix / dual) x fp32 / bf16, eager and with --compile also
+compiled (`SamplerConfig.compile`: torch.compile of the step, logits over the whole block); one
+timed call each, after one short warm-up call per precision and cache (and, compiled, one
+untimed call that compiles for the shapes).
 
 Agreement (--model, a trained model directory), each run against fp32 with Monte-Carlo seed 0:
 bf16 (`--dtype bfloat16`), and two yardsticks for what a difference means: fp64 weights (how
@@ -63,8 +66,9 @@ CPU = torch.device("cpu")
 PRECISIONS = ("float32", "bfloat16")
 
 
-def machine_line() -> str:
-    """CPU model, its bf16 flags, threads, load average and torch version, for every table."""
+def machine_line(packed: bool) -> str:
+    """CPU model, its bf16 flags, threads, load average, torch version and the weights' layout,
+    for every table."""
     model = platform.processor() or platform.machine()
     try:
         names = [line.partition(":")[2].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
@@ -75,7 +79,7 @@ def machine_line() -> str:
     native = [flag for flag in NATIVE_BF16_FLAGS if flag in cpu_flags()] or ["no native bf16"]
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     return (f"{model} ({', '.join(native)}), {torch.get_num_threads()} threads, load average {load}, "
-            f"torch {torch.__version__}")
+            f"torch {torch.__version__}, {'packed weights' if packed else 'weights as stored'}")
 
 
 # ----------------------------------------------------------------------------- speed
@@ -90,11 +94,12 @@ def random_model_config(args):
     return config
 
 
-def both_precisions(model: torch.nn.Module) -> dict:
-    """name -> (model, Precision): fp32 as given and a bf16 copy prepared as `--dtype bfloat16`."""
+def both_precisions(model: torch.nn.Module, pack: bool) -> dict:
+    """name -> (model, Precision): fp32 as given and a bf16 copy prepared as `--dtype bfloat16`,
+    both with packed weights if `pack` (as sample.py and evaluate.py by default)."""
     models = {}
     for name in PRECISIONS:
-        precision = inference_precision(name, CPU)
+        precision = inference_precision(name, CPU, pack=pack)
         models[name] = (precision.prepare(copy.deepcopy(model) if name != "float32" else model), precision)
     return models
 
@@ -136,7 +141,7 @@ def timed(fn):
 def speed(args) -> None:
     config = random_model_config(args)
     torch.manual_seed(0)
-    models = both_precisions(ModernBertMLM(config).eval())
+    models = both_precisions(ModernBertMLM(config).eval(), not args.no_packed_weights)
     jobs = workloads(models["float32"][0])
     times = {(job, name): [] for job in jobs for name in PRECISIONS}
     for repeat in range(args.repeats + 1):  # the first round warms up and is dropped
@@ -147,7 +152,7 @@ def speed(args) -> None:
                 if repeat:
                     times[job, name].append(seconds)
     print(f"\nbf16 vs fp32 speed, random weights, hidden {config.hidden_size}, {config.num_hidden_layers} layers, "
-          f"vocabulary {config.vocab_size}; {machine_line()}; median of {args.repeats} interleaved repeats\n")
+          f"vocabulary {config.vocab_size}; {machine_line(not args.no_packed_weights)}; median of {args.repeats} interleaved repeats\n")
     print("| workload | fp32 ms | bf16 ms | fp32 / bf16 |")
     print("|---|---|---|---|")
     for job in jobs:
@@ -167,35 +172,42 @@ def mixed_prompts(config, batch: int, g: torch.Generator) -> list[list[int]]:
 
 @torch.no_grad()
 def tokens_per_second(args) -> None:
-    """Answer tokens per second of `generate` for each batch size x cache x precision, in one run."""
+    """Answer tokens per second of `generate` for each batch size x cache x precision (x eager /
+    compiled with --compile), in one run."""
     config = random_model_config(args)
     torch.manual_seed(0)
-    models = both_precisions(ModernBertMLM(config).eval())
+    models = both_precisions(ModernBertMLM(config).eval(), not args.no_packed_weights)
     g = torch.Generator().manual_seed(2)
     prompts = {batch: mixed_prompts(config, batch, g) for batch in args.batches}
     sampler = SamplerConfig.preset(args.preset, temperature=0.0, stop_strings=(), stop_at_eos=False,
                                    max_new_tokens=args.new_tokens, steps=args.new_tokens)
     mask, eos = config.mask_token_id, config.eos_token_id
     for model, precision in models.values():  # warm-up: one short call per precision and cache
-        for cache in ("none", "prefix", "dual"):
+        for cache in args.caches:
             with precision.autocast():
                 generate(model, prompts[args.batches[0]][:1], sampler.replace(cache=cache, max_new_tokens=4, steps=4),
                          mask_id=mask, eos_id=eos)
     print(f"\ntokens per second, `generate`, random weights, hidden {config.hidden_size}, "
           f"{config.num_hidden_layers} layers, vocabulary {config.vocab_size}; {args.preset} at temperature 0 with "
-          f"{args.new_tokens} new tokens in {args.new_tokens} steps, prompts of 16-64 tokens; {machine_line()}\n")
-    print("| batch | cache | forwards | fp32 tokens/s | bf16 tokens/s | bf16 / fp32 |")
-    print("|---|---|---|---|---|---|", flush=True)
+          f"{args.new_tokens} new tokens in {args.new_tokens} steps, prompts of 16-64 tokens; "
+          f"{machine_line(not args.no_packed_weights)}\n")
+    print("| batch | cache | mode | forwards | fp32 tokens/s | bf16 tokens/s | bf16 / fp32 |")
+    print("|---|---|---|---|---|---|---|", flush=True)
     for batch in args.batches:
-        for cache in ("none", "prefix", "dual"):
-            cells = []
-            for name, (model, precision) in models.items():  # fp32 then bf16, back to back
-                with precision.autocast():
-                    out, seconds = timed(lambda: generate(model, prompts[batch], sampler.replace(cache=cache),
-                                                          mask_id=mask, eos_id=eos))
-                cells.append(batch * args.new_tokens / seconds)
-            print(f"| {batch} | {cache} | {out.num_forward} | {cells[0]:.1f} | {cells[1]:.1f} | "
-                  f"{cells[1] / cells[0]:.2f}x |", flush=True)  # row by row: a long run shows its progress
+        for cache in args.caches:
+            for compiled in (False, True) if args.compile else (False,):
+                config_here = sampler.replace(cache=cache, compile=compiled)
+                cells = []
+                for name, (model, precision) in models.items():  # fp32 then bf16, back to back
+                    with precision.autocast():
+                        run = lambda: generate(model, prompts[batch], config_here, mask_id=mask, eos_id=eos)  # noqa: E731
+                        if compiled:
+                            run()  # compiles for these shapes (untimed)
+                        out, seconds = timed(run)
+                    cells.append(batch * args.new_tokens / seconds)
+                mode = "compiled" if compiled else "eager"
+                print(f"| {batch} | {cache} | {mode} | {out.num_forward} | {cells[0]:.1f} | {cells[1]:.1f} | "
+                      f"{cells[1] / cells[0]:.2f}x |", flush=True)  # row by row: a long run shows its progress
 
 
 # ----------------------------------------------------------------------------- agreement
@@ -205,11 +217,11 @@ def tokens_per_second(args) -> None:
 RUNS = (("fp32", "float32", 0), ("bf16", "bfloat16", 0), ("fp64", "float64", 0), ("fp32, seed 1", "float32", 1))
 
 
-def load_in(model_dir: str, dtype: str):
+def load_in(model_dir: str, dtype: str, pack: bool):
     """(model, autocast context) for one run: a `--dtype` Precision, or plain float64 weights."""
     if dtype == "float64":
         return minidiff.load_model(model_dir, dtype=torch.float64).eval(), nullcontext()
-    precision = inference_precision(dtype, CPU)
+    precision = inference_precision(dtype, CPU, pack=pack)
     return precision.prepare(minidiff.load_model(model_dir)).eval(), precision.autocast()
 
 
@@ -222,7 +234,7 @@ def agreement(args) -> None:
     sampler = SamplerConfig.preset("diffutron-short", temperature=0.0, stop_strings=(), stop_at_eos=False)
     answers, scores, per_forward = {}, {}, {}
     for label, dtype, seed in RUNS:
-        model, context = load_in(args.model, dtype)
+        model, context = load_in(args.model, dtype, not args.no_packed_weights)
         with context:
             if seed == 0:  # temperature 0: the seed changes no token
                 answers[label] = [generate(model, [p], sampler, mask_id=tok.mask_id, eos_id=tok.eos_id).answers()[0]
@@ -233,7 +245,7 @@ def agreement(args) -> None:
             scores[label] = score_examples(model, tok, examples, mc_samples=args.mc_samples, seed=seed, progress=False)
     print(f"\nbf16 vs fp32 agreement, {args.model} ({model.num_parameters():,} parameters), {len(prompts)} greedy "
           f"prompts x {sampler.max_new_tokens} tokens (diffutron-short, temperature 0), {len(examples)} rows of "
-          f"{args.mc_data} ({args.mc_samples} samples per multi-token choice); {machine_line()}\n")
+          f"{args.mc_data} ({args.mc_samples} samples per multi-token choice); {machine_line(not args.no_packed_weights)}\n")
     print("| compared with fp32, seed 0 | greedy tokens equal | prompts all equal | mean / max abs loglik diff | "
           "rows whose argmax flips | accuracy |")
     print("|---|---|---|---|---|---|")
@@ -267,6 +279,8 @@ def score_cells(reference: list, scores: list, examples) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--no-packed-weights", action="store_true",
+                   help="multiply with the weights as stored (default: packed copies, as sample.py and evaluate.py)")
     p.add_argument("--layers", type=int, default=22, help="layers of the random mmBERT-base-shaped model (default 22)")
     p.add_argument("--toy", action="store_true", help="speed on a tiny shape (hidden 64, 2 layers, vocabulary 1000)")
     p.add_argument("--repeats", type=int, default=3, help="timed, interleaved rounds after a warm-up (median)")
@@ -281,6 +295,10 @@ def main(argv=None) -> int:
     p.add_argument("--tokens-per-second", action="store_true",
                    help="instead: answer tokens per second of generate, batch x cache x precision")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="with --tokens-per-second (default 1 8)")
+    p.add_argument("--caches", nargs="+", default=["none", "prefix", "dual"], choices=["none", "prefix", "dual"],
+                   help="with --tokens-per-second: the key/value caches (default all three)")
+    p.add_argument("--compile", action="store_true",
+                   help="with --tokens-per-second: also the compiled sampler (torch.compile; each shape compiles once, untimed)")
     p.add_argument("--new-tokens", type=int, default=32, help="with --tokens-per-second: tokens per answer")
     p.add_argument("--preset", default="diffutron-short", help="with --tokens-per-second: the sampler preset")
     args = p.parse_args(argv)

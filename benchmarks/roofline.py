@@ -52,7 +52,8 @@ from minidiff.device import check_available, inference_precision, resolve_device
 from minidiff.diffusion import mc_loglik, nelbo_loss  # noqa: E402
 from minidiff.errors import UserError, run_cli  # noqa: E402
 from minidiff.files import atomic_path, write_json  # noqa: E402
-from minidiff.lora import apply_lora  # noqa: E402
+from minidiff.linear import PACK_ROWS  # noqa: E402
+from minidiff.lora import apply_lora, lora_modules  # noqa: E402
 from minidiff.model import ModelConfig, ModernBertMLM  # noqa: E402
 from minidiff.sampler import SamplerConfig, generate  # noqa: E402
 
@@ -208,10 +209,11 @@ class Shapes:
 
     decoder_rows: tuple = (1, 8, 32, 128, 512)
     layer_tokens: tuple = (32, 128, 512)
-    prompt: int = 16
-    block: int = 16
-    new_tokens: int = 32  # two blocks, in `sampler_steps` steps (half per block)
-    sampler_steps: int = 4
+    prompt: int = 64  # the sampler's prompt: bench_sample.py's shape (prompt 64, blocks of 32)
+    block: int = 32
+    new_tokens: int = 32  # one block in `sampler_steps` steps: one cache refresh, then cached steps
+    sampler_steps: int = 8
+    score_prompt: int = 16  # mc_loglik's prompt and answer
     answer: int = 16
     mc_samples: int = 8
     loss_rows: int = 128
@@ -219,7 +221,7 @@ class Shapes:
     lora_rank: int = 256  # Diffutron's r (arXiv 2603.20466)
 
 
-TOY_SHAPES = Shapes(layer_tokens=(8, 16, 32), prompt=8, block=8, new_tokens=16, answer=4,
+TOY_SHAPES = Shapes(layer_tokens=(8, 16, 32), prompt=8, block=8, new_tokens=16, sampler_steps=4, score_prompt=8, answer=4,
                     loss_rows=16, train_batch=(2, 16), lora_rank=8)
 
 
@@ -231,7 +233,7 @@ def one_layer_config(config: ModelConfig) -> ModelConfig:
 
 def hot_paths(config: ModelConfig, shapes: Shapes, device: torch.device, precision) -> list[HotPath]:
     """Every hot path as a call on random weights at these shapes; the last one applies LoRA
-    to the model in place (the paths run in this order)."""
+    to the model in place when it first runs (the paths run in this order)."""
     torch.manual_seed(0)
     with torch.device(device):
         model = precision.prepare(ModernBertMLM(config)).eval()
@@ -259,8 +261,8 @@ def hot_paths(config: ModelConfig, shapes: Shapes, device: torch.device, precisi
                                     steps=shapes.sampler_steps)
             run = inference(lambda p=prompts, c=sampler: generate(model, p, c, mask_id=mask_id, eos_id=eos_id))
             paths.append(HotPath(f"sampler step, cache {cache}, batch {batch}", run, lambda out: out.num_forward))
-    prompt, answer = ids(shapes.prompt), ids(shapes.answer)
-    paths.append(HotPath(f"mc_loglik, {shapes.mc_samples} samples of {shapes.prompt} + {shapes.answer}",
+    prompt, answer = ids(shapes.score_prompt), ids(shapes.answer)
+    paths.append(HotPath(f"mc_loglik, {shapes.mc_samples} samples of {shapes.score_prompt} + {shapes.answer}",
                          inference(lambda: mc_loglik(model, prompt, answer, mask_id, num_samples=shapes.mc_samples,
                                                      batch_size=shapes.mc_samples))))
     paths.append(chunked_loss_path(model, shapes.loss_rows, mask_id, precision))
@@ -284,16 +286,19 @@ def chunked_loss_path(model, rows: int, mask_id: int, precision) -> HotPath:
 
 
 def training_path(model, shapes: Shapes, mask_id: int, precision) -> HotPath:
-    """One LoRA CPT micro-batch: nelbo_loss at t = 0.5 (same masks every call), forward + backward."""
+    """One LoRA CPT micro-batch: nelbo_loss at t = 0.5 (same masks every call), forward + backward.
+    LoRA goes onto `model` (in train mode) at the first call, so every path before it measures
+    the plain model in eval mode."""
     rank = shapes.lora_rank
-    apply_lora(model, r=rank, alpha=rank, dropout=0.05)
-    model.train()
     device = next(model.parameters()).device
     batch, seq = shapes.train_batch
     x0 = torch.randint(5, model.config.vocab_size, (batch, seq), device=device)
     t = torch.full((batch,), 0.5, device=device)
 
     def run():
+        if not lora_modules(model):
+            apply_lora(model, r=rank, alpha=rank, dropout=0.05)
+            model.train()
         generator = torch.Generator(device=device).manual_seed(0)
         with precision.autocast():
             loss, _ = nelbo_loss(model, x0, mask_id, t=t, generator=generator)
@@ -412,7 +417,13 @@ def product_candidates(rows: int) -> dict:
         "oneDNN, W prepacked for M": (lambda w: mkldnn._reorder_linear_weight(w, rows),
                                       lambda x, p: mkldnn._linear_pointwise(x, p, None, "none", [], ""),
                                       torch.float32),
+        "oneDNN, W packed for 32 rows (pack_weights)": (
+            lambda w: mkldnn._reorder_linear_weight(w, PACK_ROWS),
+            lambda x, p: mkldnn._linear_pointwise(x, p, None, "none", [], ""), torch.float32),
         "bf16 F.linear (oneDNN)": (lambda w: w.bfloat16(), lambda x, w: F.linear(x.bfloat16(), w), torch.bfloat16),
+        "bf16, W packed for 32 rows (pack_weights)": (
+            lambda w: mkldnn._reorder_linear_weight(w.bfloat16(), PACK_ROWS),
+            lambda x, p: mkldnn._linear_pointwise(x.bfloat16(), p, None, "none", [], ""), torch.bfloat16),
     }
     if torch.backends.mkl.is_available():
         candidates["MKL packed W (cblas_sgemm_pack)"] = (

@@ -30,6 +30,9 @@ The three request types (lm-eval's `LM` interface), each on minidiff's own machi
 LLaDA's and dllm's lm-eval classes tokenise context + continuation together and cut after
 len(tokenizer(context)) tokens with special tokens on; with mmBERT's `<bos> .. <eos>` framing
 that scores `<eos>` instead of the first answer token. minidiff never joins the two strings.
+
+On the CPU the model's linear weights get packed copies (minidiff/linear.py `pack_weights`, as
+evaluate.py does): products of 8 to 32 rows 1.2-2.2x faster, for as many bytes again as those weights.
 """
 from __future__ import annotations
 

@@ -9,14 +9,19 @@ formulations tried: docs/benchmarks.md ("Roofline"), `python benchmarks/roofline
 
 A sampling step multiplies few rows (M <= 32: one block of one or a few sequences) by large
 weights, the 256k-token decoder [V, H] above all. Such a product should run at its bound,
-max(2 M K N / peak FLOP/s, bytes of W / read bandwidth). In fp32 on the CPU, PyTorch's F.linear
-calls MKL's sgemm, which on the AMD EPYC (Zen 4) this was measured on takes 2.8-4.6x its bound
-at M = 8 and 1.5-2.1x at M = 32 ((W @ x^T)^T, a pre-transposed weight and vocabulary chunks do
-no better); oneDNN's matmul on the same plain [N, K] weight takes 2.6-3.7x and 1.2-1.6x (one
-product, the MLP's Wo at M = 8, was 8% slower than F.linear), and on the decoder from M = 32 to
-512 it was 1.1-1.6x faster. A single row (M = 1) stays with F.linear: MKL's
-matrix-vector product runs on one thread, while oneDNN spreads it over all of them, which on a
-busy 2-core machine made the layers' small products up to 10x slower.
+max(2 M K N / peak FLOP/s, bytes of W / read bandwidth), the peak being the machine's fastest
+kernel. On the AMD EPYC (Zen 4) this was measured on, one thread, fp32 (time / bound of the
+decoder and the four layer products; docs/benchmarks.md, "Small-row products"):
+
+    M rows                              1           8           32
+    F.linear (MKL's sgemm)              2.2-2.9x    3.5-5.5x    1.7-2.4x
+    oneDNN, plain W (`linear`, M > 1)   1.7-2.7x    3.0-3.7x    1.4-1.8x
+    oneDNN, packed W (`pack_weights`)   1.7-3.0x    2.1-2.7x    1.2-1.4x
+
+((W @ x^T)^T, a pre-transposed weight and vocabulary chunks do no better than F.linear at 8 and
+32 rows.) A single row (M = 1) stays with F.linear unless packed: MKL's matrix-vector product
+runs on one thread, while oneDNN spreads it over all of them, which on a busy 2-core machine
+made the layers' small products up to 10x slower.
 
 oneDNN's op has no autograd formula, so `linear` uses it only where no gradient can flow: fp32
 CPU tensors, no autocast, and grad mode off or no input requiring grad (sampling, evaluation,
@@ -24,10 +29,12 @@ the inside of an autograd.Function's forward such as chunked_loss). Everything e
 F.linear, unchanged. `torch.backends.mkldnn.enabled = False` turns the oneDNN path off.
 
 Packed weights (inference). oneDNN multiplies fastest with a copy of W laid out in its own
-blocked format ("reordered"); with such a copy every product of a sampling step comes closer to
-its bound, most at 4 to 32 rows: 2.0-2.3x faster than the plain weight in bf16, 1.3-1.5x in fp32
-(docs/benchmarks.md). The copy holds as many bytes again as the weight, so it is made only on
-request, for a model that is then only read (sample.py, evaluate.py, the lm-eval harness):
+blocked format ("reordered", here for 32 rows); with such a copy the products of a sampling step
+come closer to their bound, most at 8 to 32 rows: 1.2-1.6x faster than oneDNN on the plain weight
+in fp32 (within 1.16-1.40x of the bound at 32 rows), 1.2-2.2x faster than F.linear in bf16
+(docs/benchmarks.md, "Small-row products"). The copy holds as many bytes again as the weight, so
+it is made only on request, for a model that is then only read (sample.py, evaluate.py, the
+lm-eval harness):
 
     pack_weights(model)             # every Linear of model gets a packed copy of its weight
     with packed_weights(model): ... # the same, dropped on leaving

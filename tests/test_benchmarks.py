@@ -124,8 +124,9 @@ def test_bench_sample_caches_on_text(model_dir, tmp_path):
 
 @pytest.mark.slow  # one python + torch start-up, every hot path at the tiny shape
 def test_roofline_toy_counts_match_hand_counts(tmp_path):
-    """roofline.py --toy: the decoder's FLOPs (2 M K N) and bytes (W, b, x, y), and one encoder
-    layer's FLOPs (its four products + attention) equal counts written out by hand."""
+    """roofline.py --toy: the decoder's FLOPs (2 M K N) and bytes (W, b, x, y), one encoder
+    layer's FLOPs (its four products + attention) and one sampler step's (the plain model's, no
+    LoRA) equal counts written out by hand."""
     out = tmp_path / "toy.json"
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "roofline.py"), "--toy", "--dtype", "float32",
                            "--repeats", "1", "--json", out], capture_output=True, text=True, timeout=300, cwd=ROOT,
@@ -142,6 +143,13 @@ def test_roofline_toy_counts_match_hand_counts(tmp_path):
     products = H * 3 * H + H * H + H * 2 * I + I * H  # Wqkv, attention Wo, Wi, MLP Wo
     attention = 2 * heads * S * S * d * 2  # q k^T and the weighted sum of v
     assert rows[f"encoder layer, {S} tokens"]["flops"] == 2 * S * products + attention
+    # one sampler step without a cache, on the plain model (no LoRA yet): prompt 8 + 16 new tokens
+    # in two blocks of 8, two steps each (4 then 4 positions): every step runs both layers on
+    # the 24-token canvas, the head and the decoder on the 8 or 4 positions still masked
+    T, layers, rows_per_block = 8 + 16, 2, 8 + 4
+    canvas = layers * (2 * T * products + 2 * heads * T * T * d * 2)
+    head_and_decoder = 2 * H * H + 2 * H * V  # per position
+    assert rows["sampler step, cache none, batch 1"]["flops"] == (4 * canvas + 2 * rows_per_block * head_and_decoder) / 4
     assert {"sampler step, cache dual, batch 8", "LoRA micro-batch 2 x 16 (r=8), fwd + bwd"} <= set(rows)
     for row in rows.values():
         assert row["flops"] > 0 and row["bytes"] > 0 and row["seconds"] > 0 and row["bound_seconds"] > 0
@@ -210,5 +218,18 @@ def test_bench_dtype_tokens_per_second_tiny():
                           cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr
     rows = [line.strip("| ").split(" | ") for line in done.stdout.splitlines() if line[:4] in ("| 1 ", "| 3 ")]
-    assert [(r[0], r[1]) for r in rows] == [(b, c) for b in ("1", "3") for c in ("none", "prefix", "dual")]
-    assert all(r[2] == "8" and float(r[3]) > 0 and float(r[4]) > 0 for r in rows)
+    assert [(r[0], r[1], r[2]) for r in rows] == [(b, c, "eager") for b in ("1", "3") for c in ("none", "prefix", "dual")]
+    assert all(r[3] == "8" and float(r[4]) > 0 and float(r[5]) > 0 for r in rows)
+
+
+@pytest.mark.slow  # compiles the tiny model's sampler step twice (fp32, bf16): about half a minute
+def test_bench_dtype_tokens_per_second_compiled_tiny():
+    """--compile adds a compiled row after each eager one; the compiled sampler scores the whole
+    block every step, so it makes the same 8 forwards."""
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_dtype.py"), "--toy", "--tokens-per-second",
+                           "--batches", "1", "--caches", "dual", "--compile", "--new-tokens", "8"],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr
+    rows = [line.strip("| ").split(" | ") for line in done.stdout.splitlines() if line.startswith("| 1 ")]
+    assert [(r[0], r[1], r[2]) for r in rows] == [("1", "dual", "eager"), ("1", "dual", "compiled")]
+    assert all(r[3] == "8" and float(r[4]) > 0 and float(r[5]) > 0 for r in rows)
