@@ -111,7 +111,8 @@ class Linear(nn.Linear):
     product with a packed copy of the weight while `pack_weights` holds one (module docstring)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        packed = self.packed_weight()
+        # under torch.compile: F.linear, and no look at the copy (dynamo cannot trace data_ptr)
+        packed = None if torch.compiler.is_compiling() else self.packed_weight()
         if packed is not None and _product_dtype(x) == packed.dtype and _onednn_may_run(x, self.weight, self.bias):
             bias = None if self.bias is None else self.bias.to(packed.dtype)
             # y = x W^T + b with W in oneDNN's blocked layout   [..., N]

@@ -214,3 +214,13 @@ def test_sampling_with_packed_weights_commits_the_same_tokens():
     assert packed.count > 0
     assert torch.equal(packed_sequences, plain)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+def test_torch_compile_traces_a_packed_linear_as_f_linear():
+    torch.manual_seed(0)
+    layer = Linear(16, 24)
+    x = torch.randn(3, 16)
+    with torch.no_grad(), packed_weights(layer):
+        got = torch.compile(layer, fullgraph=True, backend="eager")(x)  # dynamo traces; eager runs the graph
+    torch.testing.assert_close(got, reference(x, layer.weight, layer.bias))
