@@ -195,9 +195,10 @@ def check_scripts(report: Report, inputs: dict, work: Path, device: str, quick: 
                      f"{len(numbers)} numbers")
         from minidiff.device import cpu_has_native_bf16  # deferred like every minidiff import here
 
-        # --dtype auto: bf16 autocast on CUDA; bf16 weights on a CPU with native bf16, else fp32
+        # --dtype auto: bf16 autocast on CUDA; on a CPU packed bf16 weights where it has native bf16, else packed fp32
         want_precision = ("float32 weights, bfloat16 autocast" if device != "cpu" else
-                          "bfloat16 weights, bfloat16 autocast" if cpu_has_native_bf16() else "float32 weights, no autocast")
+                          "bfloat16 weights (packed), bfloat16 autocast" if cpu_has_native_bf16()
+                          else "float32 weights (packed), no autocast")
         report.check("evaluate.py device and precision", got["device"] == want and got["precision"] == want_precision,
                      f"{got['device']}, {got['precision']}")
 
