@@ -23,6 +23,7 @@ import json
 import sys
 from pathlib import Path
 
+from minidiff.device import add_precision_flags
 from minidiff.diffusion import SCORINGS
 from minidiff.errors import UserError, run_cli
 from minidiff.evaluation import DEFAULT_MC_SAMPLES, DEFAULT_SCORING, MAX_BATCH_SIZE
@@ -65,13 +66,7 @@ def parse_args(argv=None):
                    help="multiple-choice metric shown in the table (the JSON has all)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available; "
                    "a bare cuda is cuda:LOCAL_RANK)")
-    p.add_argument("--no-packed-weights", action="store_true", help="multiply with the linear weights as stored: no packed copy of them for the CPU's oneDNN "
-                   "(saves as many bytes again as those weights, 1.2 GB at mmBERT-base in fp32; "
-                   "products of 8 to 32 rows run 1.2-2.2x slower)")
-    p.add_argument("--dtype", default="auto", help="auto (CUDA: fp32 weights + bf16 autocast; CPU: as bfloat16 where "
-                   "it has avx512_bf16 or amx_bf16, else fp32) | "
-                   "float32 | bfloat16 (bf16 weights, fp32 LayerNorms and residual stream, bf16 autocast); "
-                   "float16 is refused")
+    add_precision_flags(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p.parse_args(argv)
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import minidiff
 from minidiff import flags
 from minidiff.chat import END_OF_TURN, chat_prompt_ids
-from minidiff.device import check_available, enable_tf32, inference_precision, resolve_device
+from minidiff.device import add_precision_flags, check_available, enable_tf32, inference_precision, resolve_device
 from minidiff.errors import UserError, run_cli
 from minidiff.files import write_text
 from minidiff.sampler import CACHES, SamplerConfig, generate, infill, steps_per_block
@@ -69,13 +69,7 @@ def parse_args(argv=None):
     p.add_argument("--json", action="store_true", help="print JSON: ids, text, steps used")
     p.add_argument("--trace-html", type=Path, help="write a self-contained HTML page replaying the denoising")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--no-packed-weights", action="store_true", help="multiply with the linear weights as stored: no packed copy of them for the CPU's oneDNN "
-                   "(saves as many bytes again as those weights, 1.2 GB at mmBERT-base in fp32; "
-                   "products of 8 to 32 rows run 1.2-2.2x slower)")
-    p.add_argument("--dtype", default="auto", help="auto (CUDA: fp32 weights + bf16 autocast; CPU: as bfloat16 where "
-                   "it has avx512_bf16 or amx_bf16, else fp32) | "
-                   "float32 | bfloat16 (bf16 weights, fp32 LayerNorms and residual stream, bf16 autocast); "
-                   "float16 is refused")
+    add_precision_flags(p)
     return p.parse_args(argv)
 
 

@@ -154,8 +154,7 @@ class MinidiffLM(LM):
         self.seed, self.sampler = settings["seed"], settings["sampler"]
         self._device = settings["device"]  # LM.device is a read-only property since 0.4.12
         self.model = checkpoint.load_model(self.pretrained, dtype=settings["dtype"], device=self._device).eval()
-        if self.model.decoder.weight.device.type == "cpu":
-            pack_weights(self.model)  # read only from here on: oneDNN's packed copies (minidiff/linear.py)
+        pack_weights(self.model)  # read only from here on: oneDNN's packed copies of CPU weights (minidiff/linear.py)
         self.tok = load_tokenizer(self.pretrained)
         limit = self.model.config.max_position_embeddings
         self.max_length = min(settings["max_length"] or limit, limit)
