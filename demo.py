@@ -41,12 +41,15 @@ import torch
 
 import train_cpt
 import train_sft
-from minidiff import chat, corpora, data, files, flags, load_model
+from minidiff import load_model
+from minidiff.data import chat, corpora
+from minidiff.data import readers as data
+from minidiff.data.tokenizer import train_tokenizer
 from minidiff.errors import UserError, run_cli
-from minidiff.evaluation import mlm_perplexity
+from minidiff.evaluation.scoring import mlm_perplexity
 from minidiff.model import ModelConfig, ModernBertMLM
+from minidiff.plumbing import files, flags
 from minidiff.sampler import SamplerConfig, generate, infill
-from minidiff.tokenizer import train_tokenizer
 from sample import write_trace_html
 
 
@@ -95,7 +98,7 @@ def parse_args(argv) -> DemoConfig:
 
 
 def write_jsonl(path: Path, rows) -> Path:
-    """One JSON object per line, written atomically (minidiff.files)."""
+    """One JSON object per line, written atomically (minidiff.plumbing.files)."""
     return files.write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 

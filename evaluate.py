@@ -23,11 +23,11 @@ import json
 import sys
 from pathlib import Path
 
-from minidiff.device import add_precision_flags
 from minidiff.diffusion import SCORINGS
 from minidiff.errors import UserError, run_cli
-from minidiff.evaluation import DEFAULT_MC_SAMPLES, DEFAULT_SCORING, MAX_BATCH_SIZE
-from minidiff.files import write_json, write_text
+from minidiff.evaluation.scoring import DEFAULT_MC_SAMPLES, DEFAULT_SCORING, MAX_BATCH_SIZE
+from minidiff.plumbing.device import add_precision_flags
+from minidiff.plumbing.files import write_json, write_text
 
 
 def parse_args(argv=None):
@@ -81,7 +81,7 @@ def check_args(args) -> None:
                         "per forward (Monte-Carlo samples beyond it run in further forwards)")
     if args.max_len < 2:
         raise UserError(f"--max-len {args.max_len}: expected at least 2 tokens")
-    from minidiff.device import inference_precision, resolve_device
+    from minidiff.plumbing.device import inference_precision, resolve_device
 
     inference_precision(args.dtype, resolve_device(args.device))  # a bad --dtype/--device fails here
     if not 0.0 < args.mask_prob < 1.0:
@@ -127,7 +127,8 @@ def report(key: str, result: dict) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     check_args(args)
-    from minidiff import data, evaluation
+    from minidiff.data import readers as data
+    from minidiff.evaluation import scoring as evaluation
 
     # every input is read and checked before the model loads: bad input fails fast, writes nothing
     specs = [evaluation.parse_task(t) for t in args.task]
@@ -157,7 +158,7 @@ def main(argv=None) -> int:
     import torch
 
     import minidiff
-    from minidiff.device import check_available, enable_tf32, inference_precision, resolve_device
+    from minidiff.plumbing.device import check_available, enable_tf32, inference_precision, resolve_device
 
     device = resolve_device(args.device)
     check_available(device)

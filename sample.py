@@ -23,13 +23,18 @@ import sys
 from dataclasses import asdict, fields
 from pathlib import Path
 
-
 import minidiff
-from minidiff import flags
-from minidiff.chat import END_OF_TURN, chat_prompt_ids
-from minidiff.device import add_precision_flags, check_available, enable_tf32, inference_precision, resolve_device
+from minidiff.data.chat import END_OF_TURN, chat_prompt_ids
 from minidiff.errors import UserError, run_cli
-from minidiff.files import write_text
+from minidiff.plumbing import flags
+from minidiff.plumbing.device import (
+    add_precision_flags,
+    check_available,
+    enable_tf32,
+    inference_precision,
+    resolve_device,
+)
+from minidiff.plumbing.files import write_text
 from minidiff.sampler import CACHES, SamplerConfig, generate, infill, steps_per_block
 
 MASK_CHAR = "░"

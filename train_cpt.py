@@ -14,7 +14,7 @@ with --pack concatenated and cut into full --max-len blocks (dllm). The loss is 
 draw of the NELBO per sequence with every real token maskable. The run is written to --out
 (checkpoints/, metrics.jsonl, run.json, and at the end config.json + model.safetensors +
 tokenizer.json, plus adapter/ for LoRA runs). Sources are tokenised once into memory-mapped token
-shards (minidiff.shards; cached, or prepared ahead with `python -m minidiff.shards prepare`), so
+shards (minidiff.data.shards; cached, or prepared ahead with `python -m minidiff.data.shards prepare`), so
 memory does not grow with the corpus.
 """
 from __future__ import annotations
@@ -22,8 +22,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from minidiff import data, shard_examples, shards, train_cli
+from minidiff.data import examples as shard_examples
+from minidiff.data import readers as data
+from minidiff.data import shards
 from minidiff.errors import UserError, run_cli
+from minidiff.training import cli as train_cli
 
 
 @dataclass
@@ -45,7 +48,7 @@ HELP = {
     "from_scratch": "train a freshly initialised model with this config.json instead of loading --model",
     "tokenizer": "tokenizer directory (default: --model, or the directory of --from-scratch)",
     "data": "training sources: .txt (one document per line), .jsonl/.json/.csv/.parquet, directories, "
-            "hf://datasets/ORG/NAME, or shard directories from `python -m minidiff.shards prepare`",
+            "hf://datasets/ORG/NAME, or shard directories from `python -m minidiff.data.shards prepare`",
     "shard_cache": "where raw sources are tokenised to on first use (default: $MINIDIFF_SHARD_CACHE, "
                    "else $MINIDIFF_CACHE/shards, else ~/.cache/minidiff/shards)",
     "text_field": "column holding the text in .jsonl/.json/.csv/.parquet sources",
@@ -91,7 +94,7 @@ def check(config: CPTConfig, given: set[str]) -> None:
 
 def cpt_examples_from(sources, config: CPTConfig, tok, ctx) -> list[shard_examples.Examples]:
     """One view of training sequences per source, over its token shard (prepared into the cache
-    on first use, or a directory written by `python -m minidiff.shards prepare`)."""
+    on first use, or a directory written by `python -m minidiff.data.shards prepare`)."""
     options = shards.cpt_options(config.text_field, config.per_file)
     out = []
     for source in sources:
@@ -115,7 +118,7 @@ def cpt_examples_from(sources, config: CPTConfig, tok, ctx) -> list[shard_exampl
 
 
 def main(argv=None) -> int:
-    from minidiff.tokenizer import load_tokenizer
+    from minidiff.data.tokenizer import load_tokenizer
 
     config, ctx = train_cli.start(CPTConfig, "train_cpt.py", __doc__, HELP, PRESETS, check, argv)
 

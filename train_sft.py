@@ -18,8 +18,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from minidiff import data, shard_examples, shards, train_cli
+from minidiff.data import examples as shard_examples
+from minidiff.data import readers as data
+from minidiff.data import shards
 from minidiff.errors import UserError, run_cli
+from minidiff.training import cli as train_cli
 
 
 @dataclass
@@ -37,7 +40,7 @@ HELP = {
     "model": "model to tune: a directory (e.g. the --out of train_cpt.py or of stage 1) or a hub id",
     "tokenizer": "tokenizer directory (default: --model)",
     "data": "SFT rows: .jsonl/.json/.csv/.parquet files, directories, hf://datasets/ORG/NAME, or shard "
-            "directories from `python -m minidiff.shards prepare --kind sft`",
+            "directories from `python -m minidiff.data.shards prepare --kind sft`",
     "shard_cache": "where raw sources are tokenised to on first use (default: $MINIDIFF_SHARD_CACHE, "
                    "else $MINIDIFF_CACHE/shards, else ~/.cache/minidiff/shards)",
     "format": "row format: alpaca (instruction/input/output), instructurca (Input/Output), messages (role/content list)",
@@ -78,7 +81,7 @@ def check(config: SFTConfig, given: set[str]) -> None:
 
 def sft_examples_from(sources, config: SFTConfig, tok, ctx) -> shard_examples.Examples:
     """(input_ids, labels) of every source's rows, one source after another, over token shards
-    (prepared into the cache on first use, or directories written by `python -m minidiff.shards
+    (prepared into the cache on first use, or directories written by `python -m minidiff.data.shards
     prepare --kind sft`)."""
     views = []
     for source in sources:
@@ -92,7 +95,7 @@ def sft_examples_from(sources, config: SFTConfig, tok, ctx) -> shard_examples.Ex
 
 
 def main(argv=None) -> int:
-    from minidiff.tokenizer import load_tokenizer
+    from minidiff.data.tokenizer import load_tokenizer
 
     config, ctx = train_cli.start(SFTConfig, "train_sft.py", __doc__, HELP, PRESETS, check, argv)
 

@@ -1,6 +1,6 @@
 """What a verified checkpoint costs: save and verification time per GB, beside the disk's bounds.
 
-References: none (plumbing); the checkpoint format is minidiff/train_state.py's.
+References: none (plumbing); the checkpoint format is minidiff/training/state.py's.
 
     python benchmarks/bench_checkpoint.py                  # 54.1M trainable parameters (mmBERT-base, LoRA r=256)
     python benchmarks/bench_checkpoint.py --params 100000  # smoke size
@@ -34,7 +34,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from minidiff import files, optim, train_state  # noqa: E402
+from minidiff import optim  # noqa: E402
+from minidiff.plumbing import files
+from minidiff.training import state as train_state
 
 # LoRA r=256 on one mmBERT-base layer: (in, out) of Wqkv, Wo, Wi, the MLP's Wo
 LAYER_SHAPES = [(768, 2304), (768, 768), (768, 2304), (1152, 768)]

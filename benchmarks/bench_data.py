@@ -1,6 +1,6 @@
 """Memory and speed of the CPT data path: token shards against the list-based pipeline.
 
-References: nanoGPT's tokenise-once, memory-map-everywhere data path, which minidiff.shards
+References: nanoGPT's tokenise-once, memory-map-everywhere data path, which minidiff.data.shards
 follows.
 
     python benchmarks/bench_data.py                              # 2M and 20M tokens, --pack, one step
@@ -48,7 +48,8 @@ WORDS = ("Türkiye Cumhuriyeti yılında kuruldu başkenti Ankara oldu İstanbul
 REFERENCE = """
 import sys
 import train_cpt
-from minidiff import data, train_cli
+from minidiff.data import readers as data
+from minidiff.training import cli as train_cli
 from minidiff.errors import run_cli
 
 def lists_from(sources, config, tok, ctx):  # the list pipeline train_cpt.py used before shards
@@ -115,9 +116,9 @@ def main() -> None:
 
     import torch
 
-    from minidiff import shards
+    from minidiff.data import shards
+    from minidiff.data.tokenizer import train_tokenizer
     from minidiff.model import ModelConfig
-    from minidiff.tokenizer import train_tokenizer
 
     work = Path(tempfile.mkdtemp(prefix="bench-data-"))
     sample = [" ".join(np.random.default_rng(i).choice(WORDS, 40)) for i in range(400)]

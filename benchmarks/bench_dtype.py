@@ -1,6 +1,6 @@
 """bf16 against fp32 inference on this machine: speed at mmBERT-base shape, agreement on a trained model.
 
-References: minidiff/device.py (what `--dtype bfloat16` means: bf16 weights, fp32 LayerNorms and
+References: minidiff/plumbing/device.py (what `--dtype bfloat16` means: bf16 weights, fp32 LayerNorms and
 residual stream, bf16 autocast); LLaDA (arXiv 2502.09992) for the sampler and the
 Monte-Carlo log-likelihood; mmBERT (2509.06888) for the shape. Findings: docs/benchmarks.md.
 
@@ -55,11 +55,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gpu_check import base_shape_config  # noqa: E402  (mmBERT-base and the tiny shape)
 
 import minidiff  # noqa: E402
-from minidiff.device import NATIVE_BF16_FLAGS, cpu_flags, inference_precision  # noqa: E402
 from minidiff.diffusion import mc_loglik  # noqa: E402
 from minidiff.errors import UserError, run_cli  # noqa: E402
-from minidiff.evaluation import choice_pairs, load_examples, parse_task, score_examples  # noqa: E402
+from minidiff.evaluation.scoring import choice_pairs, load_examples, parse_task, score_examples  # noqa: E402
 from minidiff.model import ModernBertMLM  # noqa: E402
+from minidiff.plumbing.device import NATIVE_BF16_FLAGS, cpu_flags, inference_precision  # noqa: E402
 from minidiff.sampler import SamplerConfig, generate  # noqa: E402
 
 CPU = torch.device("cpu")

@@ -1,5 +1,5 @@
 """Peak memory and step time of one LoRA CPT micro-batch: dense vocabulary logits vs the
-chunked linear + cross-entropy (minidiff.chunked_loss), each measured in a fresh process.
+chunked linear + cross-entropy (minidiff.speed.chunked_loss), each measured in a fresh process.
 
 References: Liger-Kernel's fused linear cross-entropy (arXiv 2410.10989) and Cut
 Cross-Entropy (arXiv 2411.09009), the prior art for a loss without [N, V] logits.
@@ -113,7 +113,7 @@ def worker(args) -> None:
     alternating so that machine load affects both alike. Prints one JSON line."""
     import torch
 
-    from minidiff import chunked_loss as chunked_module
+    from minidiff.speed import chunked_loss as chunked_module
 
     torch.set_num_threads(args.threads)
     chunked_module.LOGITS_BUDGET_BYTES = int(args.budget_mib * 2**20)

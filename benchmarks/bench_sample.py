@@ -41,11 +41,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from minidiff.errors import run_cli  # noqa: E402
-from minidiff.linear import pack_weights  # noqa: E402
 from roofline import Counter  # noqa: E402  (FLOPs counted from the dispatched ops)
+
+from minidiff.errors import run_cli  # noqa: E402
 from minidiff.model import ModelConfig, ModernBertMLM  # noqa: E402
 from minidiff.sampler import SamplerConfig, generate, transfer_counts  # noqa: E402
+from minidiff.speed.packed import pack_weights  # noqa: E402
 
 
 @torch.no_grad()
@@ -232,7 +233,8 @@ def generic_prompt(tok, length: int) -> list[int]:
 def chat_prompts(tok, args) -> list[list[int]]:
     """The first --num-prompts rows of --chat-data (messages format), without their last
     (assistant) turn, as the SFT prompt ids."""
-    from minidiff import chat, data
+    from minidiff.data import chat
+    from minidiff.data import readers as data
 
     rows = data.read_rows(args.chat_data)[: args.num_prompts]  # UserError (one sentence) when empty
     return [chat.chat_prompt_ids(chat.sft_messages(row, "messages")[:-1], tok) for row in rows]
@@ -241,7 +243,7 @@ def chat_prompts(tok, args) -> list[list[int]]:
 def text_prompts(tok, args) -> list[list[int]]:
     """--num-prompts windows of --prompt-length tokens (after <bos>), evenly spread over the
     concatenated texts of --text-data."""
-    from minidiff import data
+    from minidiff.data import readers as data
     from minidiff.errors import UserError
 
     ids = []

@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import minidiff  # noqa: E402
-from minidiff import evaluation  # noqa: E402
+from minidiff.evaluation import scoring as evaluation  # noqa: E402
 
 
 def row(model, tok, examples, scoring: str, samples: int, seed: int) -> str:

@@ -1,6 +1,6 @@
 """What verifying a token shard costs per GB, against the reading it cannot beat.
 
-References: none (a measurement of minidiff.shards.verify_entry).
+References: none (a measurement of minidiff.data.shards.verify_entry).
 
     python benchmarks/bench_verify.py                 # a 0.75 GB uint32 tokens.bin (mmBERT's dtype)
     python benchmarks/bench_verify.py --gb 0.002      # smoke size
@@ -30,7 +30,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from minidiff import shards  # noqa: E402 (after the path insert above)
+from minidiff.data import shards  # noqa: E402 (after the path insert above)
 from minidiff.errors import UserError, run_cli  # noqa: E402
 
 VOCAB = 256_000  # mmBERT-base's vocabulary: uint32 token ids

@@ -76,8 +76,8 @@ def build_inputs(work: Path, seed: int = 0) -> dict:
     """A tokenizer, a small random model directory (local window 16, so padded rows have
     fully masked windows) and the data files every script reads."""
     import minidiff
+    from minidiff.data.tokenizer import train_tokenizer
     from minidiff.model import ModelConfig, ModernBertMLM
-    from minidiff.tokenizer import train_tokenizer
 
     base = work / "base"
     docs = TEXTS * 3  # 30 one-line documents of different lengths (padded batches)
@@ -193,7 +193,7 @@ def check_scripts(report: Report, inputs: dict, work: Path, device: str, quick: 
                    if isinstance(v, (int, float))]
         report.check("evaluate.py metrics finite", bool(numbers) and all(math.isfinite(v) for v in numbers),
                      f"{len(numbers)} numbers")
-        from minidiff.device import cpu_has_native_bf16  # deferred like every minidiff import here
+        from minidiff.plumbing.device import cpu_has_native_bf16  # deferred like every minidiff import here
 
         # --dtype auto: bf16 autocast on CUDA; on a CPU packed bf16 weights where it has native bf16, else packed fp32
         want_precision = ("float32 weights, bfloat16 autocast" if device != "cpu" else
@@ -230,7 +230,7 @@ def check_padding(report: Report, inputs: dict, device: torch.device) -> None:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     import minidiff
-    from minidiff.device import inference_precision
+    from minidiff.plumbing.device import inference_precision
 
     precision = inference_precision("auto", device)
     model = precision.prepare(minidiff.load_model(inputs["base"]))
@@ -279,8 +279,8 @@ def base_shape_config(quick: bool, vocab_size: int | None = None):
 
 def check_sampler(report: Report, device: torch.device, quick: bool) -> None:
     """No host sync inside denoise_step (CUDA), and its time per step at the model shape."""
-    from minidiff.device import inference_precision
     from minidiff.model import ModernBertMLM
+    from minidiff.plumbing.device import inference_precision
     from minidiff.sampler import SamplerConfig, build_canvas, denoise_step
 
     config = base_shape_config(quick)
@@ -340,8 +340,8 @@ def check_sampler(report: Report, device: torch.device, quick: bool) -> None:
 def check_sampler_caches(report: Report, device: torch.device, quick: bool) -> None:
     """ms per sampler step of `generate` at batch 1 and 8 for each cache mode, eager and compiled
     (compiled on CUDA only: on the CPU, compiling the full shape would take minutes)."""
-    from minidiff.device import inference_precision
     from minidiff.model import ModernBertMLM
+    from minidiff.plumbing.device import inference_precision
     from minidiff.sampler import SamplerConfig, generate
 
     config = base_shape_config(quick)
@@ -381,8 +381,8 @@ def check_training_syncs(report: Report, inputs: dict, device: torch.device) -> 
     import warnings
 
     import minidiff
-    from minidiff import trainer
-    from minidiff.device import training_autocast
+    from minidiff.plumbing.device import training_autocast
+    from minidiff.training import trainer
 
     if device.type != "cuda":
         report.add("INFO", "host syncs in one CPT micro-batch", "needs CUDA")
@@ -412,9 +412,10 @@ def check_training_syncs(report: Report, inputs: dict, device: torch.device) -> 
 def cpt_micro_batch_peak(device: torch.device, quick: bool, batch: int, seq: int, checkpointing: bool) -> float | None:
     """Peak GiB of one LoRA CPT micro-batch (forward + backward of the NELBO at iid t, bf16
     autocast, fp32 weights included, no optimizer state); None: out of memory."""
-    from minidiff import lora, trainer
-    from minidiff.device import training_autocast
+    from minidiff import lora
     from minidiff.model import ModernBertMLM
+    from minidiff.plumbing.device import training_autocast
+    from minidiff.training import trainer
 
     config = base_shape_config(quick)
     torch.manual_seed(0)
@@ -474,7 +475,7 @@ def main(argv=None) -> int:
     p.add_argument("--skip", nargs="*", default=[], choices=("scripts", "padding", "sampler", "sampler-caches", "training-syncs", "memory"),
                    help="parts to leave out")
     args = p.parse_args(argv)
-    from minidiff.device import check_available, enable_tf32, resolve_device
+    from minidiff.plumbing.device import check_available, enable_tf32, resolve_device
 
     device = resolve_device(args.device)
     check_available(device)

@@ -19,7 +19,7 @@ import random
 import re
 
 from minidiff.errors import UserError, run_cli
-from minidiff.files import write_text
+from minidiff.plumbing.files import write_text
 
 # each family: the variants of one suffix; the longest suffixes are tried first
 FAMILIES = [("ler", "lar"), ("de", "da", "te", "ta"), ("den", "dan", "ten", "tan"),

@@ -9,7 +9,7 @@ Fast-dLLM (2505.22618) for the sampler step. Findings: docs/benchmarks.md ("Roof
     python benchmarks/roofline.py --json cpu.json --plot roofline.png
     python benchmarks/roofline.py --device cuda --json gpu.json     # what gpu_check.sh runs
     python benchmarks/roofline.py --compare gpu.json    # adds that run's measured columns
-    python benchmarks/roofline.py --products            # small-row product formulations (minidiff/linear.py)
+    python benchmarks/roofline.py --products            # small-row product formulations (minidiff/speed/packed.py)
 
 The machine, measured in the same run: the rate of a large square matmul in fp32 and bf16 (the
 fastest of the kernels this build has: aten's, and on the CPU oneDNN's on a plain and on a packed
@@ -47,15 +47,15 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gpu_check import base_shape_config  # noqa: E402  (mmBERT-base and the tiny shape)
 
-from minidiff.chunked_loss import linear_cross_entropy  # noqa: E402
-from minidiff.device import check_available, inference_precision, resolve_device  # noqa: E402
 from minidiff.diffusion import mc_loglik, nelbo_loss  # noqa: E402
 from minidiff.errors import UserError, run_cli  # noqa: E402
-from minidiff.files import atomic_path, write_json  # noqa: E402
-from minidiff.linear import PACK_ROWS  # noqa: E402
 from minidiff.lora import apply_lora, lora_modules  # noqa: E402
 from minidiff.model import ModelConfig, ModernBertMLM  # noqa: E402
+from minidiff.plumbing.device import check_available, inference_precision, resolve_device  # noqa: E402
+from minidiff.plumbing.files import atomic_path, write_json  # noqa: E402
 from minidiff.sampler import SamplerConfig, generate  # noqa: E402
+from minidiff.speed.chunked_loss import linear_cross_entropy  # noqa: E402
+from minidiff.speed.packed import PACK_ROWS  # noqa: E402
 
 H200 = {"name": "H200", "flops": 990e12, "bytes_per_s": 4.8e12}  # dense bf16, HBM3e
 
@@ -156,7 +156,7 @@ def machine_sizes(device: torch.device, toy: bool) -> tuple[int, int]:
 
 def square_products(a: torch.Tensor, b: torch.Tensor) -> list[Callable]:
     """Every kernel this build offers for a @ b^T: aten's (MKL or cuBLAS), and on the CPU oneDNN's
-    on b as stored and on b packed (minidiff/linear.py). The machine's rate is the fastest."""
+    on b as stored and on b packed (minidiff/speed/packed.py). The machine's rate is the fastest."""
     products = [lambda: a @ b.T]
     if a.device.type == "cpu" and torch.backends.mkldnn.is_available():
         packed = torch.ops.mkldnn._reorder_linear_weight(b, a.shape[0])
@@ -412,7 +412,7 @@ def product_candidates(rows: int) -> dict:
         "(W @ x^T)^T": (same, lambda x, w: (w @ x.t()).t(), torch.float32),
         "x @ W^T stored [K, N]": (lambda w: w.t().contiguous(), lambda x, wt: x @ wt, torch.float32),
         "(W_c @ x^T)^T, 8192-row chunks": (same, _vocabulary_chunks, torch.float32),
-        "oneDNN, plain W (minidiff.linear at M > 1)": (
+        "oneDNN, plain W (minidiff.speed.packed at M > 1)": (
             same, lambda x, w: mkldnn._linear_pointwise(x, w, None, "none", [], ""), torch.float32),
         "oneDNN, W prepacked for M": (lambda w: mkldnn._reorder_linear_weight(w, rows),
                                       lambda x, p: mkldnn._linear_pointwise(x, p, None, "none", [], ""),

@@ -3,7 +3,7 @@ NELBO, watch the bound fall, then let the block sampler write.
 
 References: MDLM (arXiv 2406.07524: the loss), LLaDA (2502.09992: the sampler), ModernBERT
 (2412.13663: the encoder). The equations behind each step are in docs/math.md, the sampler in
-docs/sampler.md; the production loop (accumulation, DDP, resume) in minidiff/trainer.py.
+docs/sampler.md; the production loop (accumulation, DDP, resume) in minidiff/training/trainer.py.
 
     python docs/walkthrough.py                          # about a minute on a laptop CPU
     python docs/walkthrough.py --steps 40 --eval-every 20 --hidden 32   # seconds

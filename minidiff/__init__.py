@@ -8,7 +8,7 @@ LLaDA (2502.09992), the diffusion objective and sampler; ModernBERT (2412.13663)
     model = minidiff.load_model("jhu-clsp/mmBERT-base")   # or a local directory
     tok = minidiff.load_tokenizer("jhu-clsp/mmBERT-base")
 """
-from .model import ModelConfig, ModernBertMLM
+from minidiff.model import ModelConfig, ModernBertMLM
 
 __version__ = "0.1.0"
 
@@ -16,16 +16,16 @@ __version__ = "0.1.0"
 def load_model(name_or_path, *, dtype=None, device=None, revision=None, **kwargs):
     """A ModernBertMLM in eval mode from a local directory or a hub id (see checkpoint.load_model;
     e.g. allow_missing_head=True loads a headless encoder checkpoint)."""
-    # deferred: importing checkpoint (or tokenizer) here would make `python -m minidiff.checkpoint`
+    # deferred: importing checkpoint (or tokenizer) here would make `python -m minidiff.plumbing.checkpoint`
     # run a module that is already imported (runpy's double-import warning on stderr)
-    from .checkpoint import load_model as _load_model
+    from minidiff.plumbing.checkpoint import load_model as _load_model
 
     return _load_model(name_or_path, dtype=dtype, device=device, revision=revision, **kwargs)
 
 
 def load_tokenizer(name_or_path, *, revision=None):
     """A Tokenizer from a directory (or hub id) holding tokenizer.json (see tokenizer.load_tokenizer)."""
-    from .tokenizer import load_tokenizer as _load_tokenizer  # deferred: see load_model
+    from minidiff.data.tokenizer import load_tokenizer as _load_tokenizer  # deferred: see load_model
 
     return _load_tokenizer(name_or_path, revision=revision)
 

@@ -32,10 +32,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .chunked_loss import linear_cross_entropy
-from .device import model_device
-from .errors import UserError
-from .model import ModernBertMLM
+from minidiff.errors import UserError
+from minidiff.model import ModernBertMLM
+from minidiff.plumbing.device import model_device
+from minidiff.speed.chunked_loss import linear_cross_entropy
 
 # ---------------------------------------------------------------------------------------------
 # Schedules: alpha(t) = P(token still itself at time t), decreasing from ~1 at t=0 to ~0 at t=1.

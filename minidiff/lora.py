@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import UserError
-from .files import atomic_path, write_json
+from minidiff.errors import UserError
+from minidiff.plumbing.files import atomic_path, write_json
 
 DEFAULT_TARGETS = ("Wqkv", "Wo", "Wi")
 PEFT_PREFIX = "base_model.model."  # peft's key prefix for a model wrapped without a task type

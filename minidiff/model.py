@@ -30,8 +30,8 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
-from .files import atomic_path, write_json
-from .linear import Linear
+from minidiff.plumbing.files import atomic_path, write_json
+from minidiff.speed.packed import Linear
 
 
 @dataclass

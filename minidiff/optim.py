@@ -24,7 +24,7 @@ from collections import defaultdict
 import torch
 from torch import nn
 
-from .errors import UserError
+from minidiff.errors import UserError
 
 
 def state_dtype(p: torch.Tensor) -> torch.dtype:

@@ -51,10 +51,10 @@ from typing import Callable
 
 import torch
 
-from .cached import BlockLogits
-from .chat import END_OF_TURN, FORK_STOP_REPLACEMENT, FORK_STOP_STRINGS
-from .device import model_device
-from .errors import UserError
+from minidiff.data.chat import END_OF_TURN, FORK_STOP_REPLACEMENT, FORK_STOP_STRINGS
+from minidiff.errors import UserError
+from minidiff.plumbing.device import model_device
+from minidiff.speed.kv_cache import BlockLogits
 
 REMASKING = ("low_confidence", "random")
 UNMASKING = ("dllm", "llada")  # unmasking schedules: how many tokens each step commits

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from minidiff import data
+from minidiff.data import readers as data
 from minidiff.model import ModelConfig, ModernBertMLM
 
 # mmBERT's special-token layout (mmBERT 2509.06888; tokenizer of jhu-clsp/mmBERT-base).
@@ -147,7 +147,7 @@ def assert_close_rel(got: torch.Tensor, want: torch.Tensor, rel: float, what: st
 # a train_cpt.py run that hangs when it fetches micro-batch hang_after + 1 (a test SIGKILLs it there)
 KILL_HARNESS = """
 import sys, time
-from minidiff import data
+from minidiff.data import readers as data
 original = data.Batches.__next__
 fetched = [0]
 def next_then_hang(self):

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from helpers import make_model_dir
 
 ROOT = Path(__file__).resolve().parents[1]

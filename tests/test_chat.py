@@ -1,4 +1,4 @@
-"""minidiff.chat: dllm's plain-text chat template, against the text written out by hand.
+"""minidiff.data.chat: dllm's plain-text chat template, against the text written out by hand.
 
 The SFT side (render_sft, chat_prompt_ids, labels) is checked in tests/test_data.py on the same
 hand-written rows it trains on.
@@ -7,7 +7,7 @@ import pytest
 from helpers import make_tokenizer_dir
 
 import minidiff
-from minidiff import chat
+from minidiff.data import chat
 from minidiff.errors import UserError
 
 

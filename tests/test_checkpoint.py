@@ -1,7 +1,7 @@
 """Loading and saving checkpoints: transformers as the independent reference for every round trip,
 the real hub-cache layout for offline resolution, and one-sentence errors for each bad input."""
-import json
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -14,9 +14,9 @@ from helpers import MASK, make_model_dir, tiny_config, tiny_model
 from safetensors.torch import load_file, save_file
 
 import minidiff
-from minidiff import checkpoint
-from minidiff.checkpoint import load_model, load_weights, resolve_model_dir
 from minidiff.errors import UserError
+from minidiff.plumbing import checkpoint
+from minidiff.plumbing.checkpoint import load_model, load_weights, resolve_model_dir
 
 IDS = torch.tensor([[2, 10, 11, 12, 4, 13, 14, 15, 16, 17, 18, 1], [2, 20, 21, 4, 22, 1, 0, 0, 0, 0, 0, 0]])
 MASK_2D = (IDS != 0).long()
@@ -153,7 +153,7 @@ def test_converter_round_trip(tmp_path, capsys):
     state = hf.state_dict()  # includes the tied decoder.weight, as mmBERT's pytorch_model.bin does
     assert "decoder.weight" in state
     torch.save(state, tmp_path / "pytorch_model.bin")
-    with pytest.raises(UserError, match=r"only a pickled pytorch_model.bin; convert it once with `python -m minidiff.checkpoint convert"):
+    with pytest.raises(UserError, match=r"only a pickled pytorch_model.bin; convert it once with `python -m minidiff.plumbing.checkpoint convert"):
         load_model(tmp_path)
     assert checkpoint.main(["convert", str(tmp_path)]) == 0
     assert "dropped the tied decoder.weight" in capsys.readouterr().out
@@ -226,7 +226,7 @@ def test_converter_round_trip_check_refuses_a_changed_file(tmp_path, monkeypatch
 
 def test_converter_cli_exits_2_without_traceback(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "minidiff.checkpoint", "convert", str(tmp_path)],
+        [sys.executable, "-m", "minidiff.plumbing.checkpoint", "convert", str(tmp_path)],
         capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 2

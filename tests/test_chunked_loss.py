@@ -1,4 +1,4 @@
-"""The chunked vocabulary loss (minidiff.chunked_loss) against dense computations written here.
+"""The chunked vocabulary loss (minidiff.speed.chunked_loss) against dense computations written here.
 
 In float64 the loss and every gradient (head features, decoder weight tied to the embedding,
 decoder bias, LoRA A/B, every model parameter) equal full-logits cross-entropy to 1e-10
@@ -13,8 +13,9 @@ import pytest
 import torch
 from helpers import MASK, PAD, tiny_model
 
-from minidiff import chunked_loss, diffusion
+from minidiff import diffusion
 from minidiff.lora import apply_lora
+from minidiff.speed import chunked_loss
 
 TOL = 1e-10
 

@@ -1,4 +1,4 @@
-"""minidiff.corpora: the chatterbot YAML parser on hand-written strings (PyYAML, installed with
+"""minidiff.data.corpora: the chatterbot YAML parser on hand-written strings (PyYAML, installed with
 transformers in the dev extra, is the reference), conversation rows, pip failures, and the real
 download from PyPI (slow: a ~5 MB fetch)."""
 from __future__ import annotations
@@ -11,7 +11,8 @@ import zipfile
 import pytest
 import yaml
 
-from minidiff import corpora, data
+from minidiff.data import corpora
+from minidiff.data import readers as data
 from minidiff.errors import UserError
 
 YML = """\

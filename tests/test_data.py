@@ -1,4 +1,4 @@
-"""minidiff.data: readers, CPT drop/pack, mixing, SFT rendering and labels, collate, Batches.
+"""minidiff.data.readers: readers, CPT drop/pack, mixing, SFT rendering and labels, collate, Batches.
 
 Expected values are written by hand from the file contents, dllm's template text and
 the definitions in the docstrings, never taken from an earlier run of the code.
@@ -11,16 +11,16 @@ from collections import Counter
 
 import pytest
 import torch
-
 from helpers import EOS, PAD, make_tokenizer_dir
-from minidiff import data
-from minidiff.data import IGNORE, Batches
+
+from minidiff.data import readers as data
+from minidiff.data.readers import IGNORE, Batches
 from minidiff.errors import UserError
 
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
-    from minidiff.tokenizer import load_tokenizer
+    from minidiff.data.tokenizer import load_tokenizer
 
     return load_tokenizer(make_tokenizer_dir(tmp_path_factory.mktemp("tok")))
 

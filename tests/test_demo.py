@@ -18,11 +18,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from helpers import TURKISH_TEXT
-from minidiff import corpora
+
+from minidiff.data import corpora
+from minidiff.data.tokenizer import train_tokenizer
 from minidiff.errors import UserError
-from minidiff.tokenizer import train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))

@@ -15,12 +15,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import MASK, TURKISH_TEXT, cpt_batches, make_model_dir, make_tokenizer_dir, tiny_model
 from safetensors.torch import load_file
 
-from helpers import MASK, TURKISH_TEXT, cpt_batches, make_model_dir, make_tokenizer_dir, tiny_model
-from minidiff import device, train_state, trainer
+from minidiff.data.tokenizer import load_tokenizer
 from minidiff.errors import UserError
-from minidiff.tokenizer import load_tokenizer
+from minidiff.plumbing import device
+from minidiff.training import state as train_state
+from minidiff.training import trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -9,9 +9,9 @@ import math
 
 import pytest
 import torch
+from helpers import BOS, EOS, MASK, PAD, tiny_model
 from torch import nn
 
-from helpers import BOS, EOS, MASK, PAD, tiny_model
 from minidiff import diffusion as D
 from minidiff.errors import UserError
 

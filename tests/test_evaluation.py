@@ -1,4 +1,4 @@
-"""minidiff.evaluation: task rendering (hand-written rows in each dataset's own schema, compared
+"""minidiff.evaluation.scoring: task rendering (hand-written rows in each dataset's own schema, compared
 with hand-written prompts), token boundaries, scoring with a model crafted to prefer a known
 answer, metrics against hand-computed values, and the perplexity probe against a direct
 recomputation from full logits."""
@@ -15,9 +15,9 @@ from helpers import BOS, EOS, MASK, TURKISH_TEXT, make_model_dir
 from tokenizers import Tokenizer
 
 import minidiff
-from minidiff import evaluation
 from minidiff.errors import UserError
-from minidiff.evaluation import Example, parse_task
+from minidiff.evaluation import scoring as evaluation
+from minidiff.evaluation.scoring import Example, parse_task
 
 # ----------------------------------------------------------------------------- fixture files
 # A few rows per dataset, written by hand in the hub dataset's own column layout.

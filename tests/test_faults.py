@@ -20,12 +20,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import MASK, TURKISH_TEXT, cpt_batches, make_model_dir, make_tokenizer_dir, tiny_model
 from safetensors.torch import load_file
 
-from helpers import MASK, TURKISH_TEXT, cpt_batches, make_model_dir, make_tokenizer_dir, tiny_model
-from minidiff import files, train_state, trainer
+from minidiff.data.tokenizer import load_tokenizer
 from minidiff.errors import UserError
-from minidiff.tokenizer import load_tokenizer
+from minidiff.plumbing import files
+from minidiff.training import state as train_state
+from minidiff.training import trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))

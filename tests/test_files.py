@@ -1,4 +1,4 @@
-"""minidiff.files: the published file is complete or absent, never partial."""
+"""minidiff.plumbing.files: the published file is complete or absent, never partial."""
 import json
 import os
 import subprocess
@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from minidiff import files
+from minidiff.plumbing import files
 
 
 def test_write_text_and_json_round_trip(tmp_path):
@@ -32,7 +32,7 @@ def test_killed_writer_never_publishes(tmp_path):
     # a child process writes half a file inside the block and dies (SIGKILL-like os._exit)
     target = tmp_path / "big.txt"
     code = (
-        "import os, sys\nfrom minidiff import files\n"
+        "import os, sys\nfrom minidiff.plumbing import files\n"
         f"with files.atomic_path({str(target)!r}) as tmp:\n"
         "    tmp.write_text('x' * 1000)\n"
         "    os._exit(9)\n"

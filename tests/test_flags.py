@@ -1,4 +1,4 @@
-"""minidiff.flags: flags from a dataclass, checked against argparse written out by hand."""
+"""minidiff.plumbing.flags: flags from a dataclass, checked against argparse written out by hand."""
 from __future__ import annotations
 
 import argparse
@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from minidiff import flags
 from minidiff.errors import UserError
+from minidiff.plumbing import flags
 
 
 @dataclass

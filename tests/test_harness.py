@@ -1,4 +1,4 @@
-"""minidiff.harness driven by lm-eval itself (offline, local task files, a tiny model).
+"""minidiff.evaluation.harness driven by lm-eval itself (offline, local task files, a tiny model).
 
 The references: diffusion.mc_loglik called here on token ids from the tokenizers library, the
 rolling windows written out by hand from lm-eval's documented rule, sampler.generate called
@@ -11,18 +11,20 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lm_eval  # noqa: E402  the harness extra (setup.sh installs it): these tests run lm-eval itself
 import pytest
 import torch
 from helpers import BOS, EOS, MASK, PAD, make_model_dir
 from test_evaluate_cli import run_in_process as run_evaluate
 from tokenizers import Tokenizer
 
-import lm_eval  # noqa: E402  the harness extra (setup.sh installs it): these tests run lm-eval itself
 import minidiff  # noqa: E402
-from minidiff import diffusion, evaluation, harness  # noqa: E402
+from minidiff import diffusion  # noqa: E402
 from minidiff.errors import UserError, run_cli  # noqa: E402
+from minidiff.evaluation import harness
+from minidiff.evaluation import scoring as evaluation
+from minidiff.evaluation.tasks import LM_EVAL_TASK_DIR, TASKS  # noqa: E402
 from minidiff.sampler import SamplerConfig, generate  # noqa: E402
-from minidiff.tasks import LM_EVAL_TASK_DIR, TASKS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MC_SAMPLES, SEED, ROLLING_MAX = 3, 5, 8
@@ -258,7 +260,7 @@ def test_command_line_is_lm_eval_with_model_minidiff(model_dir, cetvel_run, tmp_
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
                HF_DATASETS_OFFLINE="1")
     proc = subprocess.run(
-        [sys.executable, "-m", "minidiff.harness", "--model_args",
+        [sys.executable, "-m", "minidiff.evaluation.harness", "--model_args",
          f"pretrained={model_dir},mc_samples={MC_SAMPLES},seed={SEED}",
          "--tasks", *[f"cetvel_{n}" for n in names], "--cetvel_data", *[f"{n}={data[n]}" for n in names],
          "--device", "cpu", "--batch_size", "auto", "--output_path", str(tmp_path / "out")],
@@ -453,7 +455,7 @@ def test_not_a_model_through_simple_evaluate_is_a_user_error(tmp_path, task_dir)
 
 def test_without_lm_eval_the_launcher_says_how_to_install():
     code = ("import sys, runpy; sys.modules['lm_eval'] = None; sys.argv = ['x', '--tasks', 't'];"
-            "runpy.run_module('minidiff.harness', run_name='__main__')")
+            "runpy.run_module('minidiff.evaluation.harness', run_name='__main__')")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                           env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert proc.returncode == 2

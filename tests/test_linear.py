@@ -1,4 +1,4 @@
-"""minidiff.linear: the oneDNN product equals F.linear computed in float64 (fp32 tolerances) for
+"""minidiff.speed.packed: the oneDNN product equals F.linear computed in float64 (fp32 tolerances) for
 every layout a model hands it, runs only where no gradient can flow, and Linear is an nn.Linear;
 packed weights give F.linear's results, are dropped when the weight changes and never reach
 gradients, state dicts or copies."""
@@ -9,12 +9,12 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import BOS, EOS, MASK, tiny_model
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from helpers import BOS, EOS, MASK, tiny_model
-from minidiff.linear import Linear, linear, pack_weights, packed_weights, unpack_weights
 from minidiff.sampler import SamplerConfig, generate
+from minidiff.speed.packed import Linear, linear, pack_weights, packed_weights, unpack_weights
 
 
 class OpNames(TorchDispatchMode):

@@ -14,8 +14,17 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils import get_peft_model_state_dict
 
 from minidiff.errors import UserError
-from minidiff.lora import (LoRALinear, adapter_state_dict, apply_lora, base_state_dict, load_adapter,
-                           lora_report, merge_lora, save_adapter, unmerge_lora)
+from minidiff.lora import (
+    LoRALinear,
+    adapter_state_dict,
+    apply_lora,
+    base_state_dict,
+    load_adapter,
+    lora_report,
+    merge_lora,
+    save_adapter,
+    unmerge_lora,
+)
 from minidiff.model import ModelConfig, ModernBertMLM
 
 TARGETS = ["Wqkv", "Wo", "Wi"]

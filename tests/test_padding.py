@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
-
 from helpers import PAD, assert_close_rel, hf_twin, tiny_model
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 LENGTHS = [14, 3, 1]  # row 2: 13 padding positions, window half-width 2
 WINDOW = 4            # local_attention: |i - j| <= 2

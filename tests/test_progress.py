@@ -1,4 +1,4 @@
-"""minidiff.progress: tqdm in a terminal, plain timed lines elsewhere, nothing when disabled.
+"""minidiff.plumbing.progress: tqdm in a terminal, plain timed lines elsewhere, nothing when disabled.
 
 The terminal case is checked against tqdm itself (the bar is a tqdm and writes carriage returns);
 the log case against lines counted by hand from a fake clock; and the trainer end to end: a
@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import io
 
+from helpers import MASK, TURKISH_TEXT, make_tokenizer_dir, tiny_model
 from tqdm import tqdm as tqdm_class
 
-from helpers import MASK, TURKISH_TEXT, make_tokenizer_dir, tiny_model
-from minidiff import data, progress, trainer
-from minidiff.tokenizer import load_tokenizer
+from minidiff.data import readers as data
+from minidiff.data.tokenizer import load_tokenizer
+from minidiff.plumbing import progress
+from minidiff.training import trainer
 
 
 class FakeClock:

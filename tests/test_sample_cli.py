@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from helpers import make_model_dir
+
 import minidiff
 from minidiff.errors import UserError
 from minidiff.sampler import SamplerConfig, generate
@@ -164,7 +164,7 @@ def test_unmasking_flag_reaches_the_config(sample_module):
 
 
 def test_bad_flags_are_one_sentence(tmp_path):
-    """Flags come from SamplerConfig through minidiff.flags: a bad value or a missing choice is one
+    """Flags come from SamplerConfig through minidiff.plumbing.flags: a bad value or a missing choice is one
     `error:` sentence with exit status 2, not argparse's usage dump."""
     for argv in (["--model", "m", "--prompt", "x", "--steps", "many"],
                  ["--model", "m", "--prompt", "x", "--cache", "triple"],

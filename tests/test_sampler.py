@@ -13,12 +13,20 @@ import random
 import numpy as np
 import pytest
 import torch
-
 from helpers import EOS, MASK, PAD, tiny_model
+
 from minidiff import sampler
 from minidiff.errors import UserError
-from minidiff.sampler import (FORK_STOP_REPLACEMENT, SamplerConfig, build_canvas, denoise_step, generate,
-                              infill, plan_block, transfer_counts)
+from minidiff.sampler import (
+    FORK_STOP_REPLACEMENT,
+    SamplerConfig,
+    build_canvas,
+    denoise_step,
+    generate,
+    infill,
+    plan_block,
+    transfer_counts,
+)
 
 V = 64
 

@@ -10,12 +10,12 @@ import random
 
 import pytest
 import torch
-
 from helpers import EOS, MASK, tiny_model
-from minidiff.cached import BlockLogits
+
 from minidiff.errors import UserError
 from minidiff.model import KVCache
 from minidiff.sampler import SamplerConfig, block_step, build_canvas, generate
+from minidiff.speed.kv_cache import BlockLogits
 
 V = 64
 

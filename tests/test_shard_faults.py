@@ -23,11 +23,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from helpers import TURKISH_TEXT, make_model_dir
-from minidiff import data, shards
+
+from minidiff.data import readers as data
+from minidiff.data import shards
+from minidiff.data.tokenizer import load_tokenizer
 from minidiff.errors import UserError
-from minidiff.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -208,11 +209,11 @@ def test_prepare_out_refuses_another_sources_shards_unless_overwrite(setup, tmp_
     assert shards.main(["prepare", "--tokenizer", tok_dir, "--data", str(setup["a"]), "--out", str(out),
                         "--no-progress"]) == 0
     before = {name: blake2b(out / name) for name in ("tokens.bin", "offsets.bin", shards.MANIFEST)}
-    done = run(["-m", "minidiff.shards", "prepare", "--tokenizer", tok_dir, "--data", setup["b"], "--out", out])
+    done = run(["-m", "minidiff.data.shards", "prepare", "--tokenizer", tok_dir, "--data", setup["b"], "--out", out])
     assert "holds token shards of other data (their sources differ" in one_error_line(done)
     assert "--overwrite" in done.stderr
     assert {name: blake2b(out / name) for name in before} == before  # untouched
-    again = run(["-m", "minidiff.shards", "prepare", "--tokenizer", tok_dir, "--data", setup["a"], "--out", out,
+    again = run(["-m", "minidiff.data.shards", "prepare", "--tokenizer", tok_dir, "--data", setup["a"], "--out", out,
                  "--kind", "sft"])
     assert "their kind, options differ" in one_error_line(again)
 
@@ -228,7 +229,8 @@ def test_prepare_out_refuses_another_sources_shards_unless_overwrite(setup, tmp_
 
 CHANGING = """
 import sys
-from minidiff import data, shards
+from minidiff.data import readers as data
+from minidiff.data import shards
 from minidiff.errors import run_cli
 shards.BATCH_DOCUMENTS = 10
 source = sys.argv[1]
@@ -240,7 +242,7 @@ def read_then_change(*args, **kwargs):  # the source gains a line once the first
             with open(source, "a", encoding="utf-8") as handle:
                 handle.write("Yeni eklenen satır.\\n")
 data.iter_documents = read_then_change
-sys.argv = ["minidiff.shards", "prepare", "--no-progress", "--tokenizer", sys.argv[2], "--data", source] + sys.argv[3:]
+sys.argv = ["minidiff.data.shards", "prepare", "--no-progress", "--tokenizer", sys.argv[2], "--data", source] + sys.argv[3:]
 run_cli(shards.main)
 """
 
@@ -297,7 +299,7 @@ def test_temporaries_of_dead_preparations_are_removed_at_start(setup, tmp_path, 
 
 
 def test_progress_in_a_log_is_plain_lines(setup, tmp_path):
-    done = run(["-m", "minidiff.shards", "prepare", "--tokenizer", setup["model"], "--data", setup["a"],
+    done = run(["-m", "minidiff.data.shards", "prepare", "--tokenizer", setup["model"], "--data", setup["a"],
                 "--cache-dir", tmp_path])  # stderr is a pipe: not a terminal
     assert done.returncode == 0, done.stderr
     assert "\r" not in done.stderr and "\r" not in done.stdout
@@ -306,8 +308,8 @@ def test_progress_in_a_log_is_plain_lines(setup, tmp_path):
 
 OPEN_SOURCE = """
 import sys
-from minidiff import shards
-from minidiff.tokenizer import load_tokenizer
+from minidiff.data import shards
+from minidiff.data.tokenizer import load_tokenizer
 entry = shards.open_source(sys.argv[1], "cpt", shards.cpt_options(), load_tokenizer(sys.argv[2]),
                            cache_dir=sys.argv[3], progress=True)
 print(entry.path, entry.content_key, flush=True)

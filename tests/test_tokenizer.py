@@ -7,8 +7,8 @@ from helpers import BOS, EOS, MASK, PAD, TURKISH_TEXT, UNK, make_tokenizer_dir
 from tokenizers import Tokenizer as RawTokenizer
 
 import minidiff
+from minidiff.data.tokenizer import load_tokenizer, train_tokenizer
 from minidiff.errors import UserError
-from minidiff.tokenizer import load_tokenizer, train_tokenizer
 
 
 @pytest.fixture(scope="module")

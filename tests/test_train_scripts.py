@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import TURKISH_TEXT, make_model_dir, train_cpt_killed_and_full
 from safetensors.torch import load_file
 
-from helpers import TURKISH_TEXT, make_model_dir, train_cpt_killed_and_full
 from minidiff.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""minidiff.trainer and minidiff.train_state: the loop against hand-written references.
+"""minidiff.training.trainer and minidiff.training.state: the loop against hand-written references.
 
 - one optimizer step with gradient accumulation equals a hand-written step (the global loss
   written as one scalar, torch.optim.AdamW), for both loss normalisations;
@@ -16,12 +16,15 @@ import math
 
 import pytest
 import torch
+from helpers import MASK, TURKISH_TEXT, make_tokenizer_dir, tiny_model
 from safetensors.torch import load_file
 
-from helpers import MASK, TURKISH_TEXT, make_tokenizer_dir, tiny_model
-from minidiff import data, diffusion, train_state, trainer
+from minidiff import diffusion
+from minidiff.data import readers as data
+from minidiff.data.tokenizer import load_tokenizer
 from minidiff.errors import UserError
-from minidiff.tokenizer import load_tokenizer
+from minidiff.training import state as train_state
+from minidiff.training import trainer
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ page for the SFT side is docs/training.md.
 """
 from __future__ import annotations
 
-from .errors import UserError
+from minidiff.errors import UserError
 
 END_OF_TURN = "[/Answer]"  # closes every assistant turn; a sampled answer ends here
 FORK_STOP_STRINGS = ("<s>", "</s>", "<|USER|>", "|USER|>")  # the Diffutron fork's stop strings

@@ -30,8 +30,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import UserError
-from .files import write_text
+from minidiff.errors import UserError
+from minidiff.plumbing.files import write_text
 
 DEFAULT_CACHE = Path(os.environ.get("MINIDIFF_CACHE", Path.home() / ".cache" / "minidiff")) / "demo"
 

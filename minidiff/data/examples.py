@@ -5,7 +5,7 @@ gathered from the memory map only when a batch asks for it.
 References: nanoGPT's memory-mapped token files (train.bin / np.memmap); the Diffutron
 paper (arXiv 2603.20466) for the drop rule and dllm's SFT collator for the labels.
 
-The rules are those of minidiff.data (cpt_examples, mix_sources, train_eval_split,
+The rules are those of minidiff.data.readers (cpt_examples, mix_sources, train_eval_split,
 build_sft_examples), and for the same data and seed these views hold the same examples in the
 same order, so `data.Batches` over a view yields the batches it yields over the lists:
 - drop (the Diffutron paper, 2603.20466): `<bos> doc <eos>`, kept when it fits in max_len;
@@ -25,8 +25,8 @@ from typing import Sequence
 
 import numpy as np
 
-from . import data
-from .errors import UserError
+from minidiff.data import readers as data
+from minidiff.errors import UserError
 
 
 class Examples:

@@ -57,8 +57,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from . import files
-from .errors import UserError
+from minidiff.errors import UserError
+from minidiff.plumbing import files
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 MANIFEST = "checkpoint.json"

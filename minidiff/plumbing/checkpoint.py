@@ -10,7 +10,7 @@ huggingface_hub's `snapshot_download`.
 
 and the converter for checkpoints that ship only a pickled `pytorch_model.bin` (mmBERT does):
 
-    python -m minidiff.checkpoint convert DIR      # DIR/pytorch_model.bin -> DIR/model.safetensors
+    python -m minidiff.plumbing.checkpoint convert DIR      # DIR/pytorch_model.bin -> DIR/model.safetensors
 
 Weights are read with safetensors only; the converter is the one place a `.bin` is opened, with
 `torch.load(weights_only=True)` (tensors and plain containers, never arbitrary objects).
@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError, run_cli
-from .files import atomic_path
-from .model import ModelConfig, ModernBertMLM
+from minidiff.errors import UserError, run_cli
+from minidiff.model import ModelConfig, ModernBertMLM
+from minidiff.plumbing.files import atomic_path
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -153,7 +153,7 @@ def _read_weights(directory: Path) -> tuple[dict[str, torch.Tensor], str]:
     if (directory / PICKLE_FILE).exists() or (directory / PICKLE_INDEX_FILE).exists():
         raise UserError(
             f"{directory} has only a pickled {PICKLE_FILE}; convert it once with "
-            f"`python -m minidiff.checkpoint convert {directory}` (writes {WEIGHTS_FILE})"
+            f"`python -m minidiff.plumbing.checkpoint convert {directory}` (writes {WEIGHTS_FILE})"
         )
     raise UserError(f"{directory} has no {WEIGHTS_FILE} or {WEIGHTS_INDEX_FILE}")
 
@@ -351,7 +351,7 @@ def convert(directory, overwrite: bool = False) -> Path:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m minidiff.checkpoint", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m minidiff.plumbing.checkpoint", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     conv = sub.add_parser("convert", help="turn DIR/pytorch_model.bin into DIR/model.safetensors")
     conv.add_argument("directory", help="model directory holding pytorch_model.bin (and config.json)")

@@ -32,7 +32,7 @@ AdamW -> lr schedule), adds its loss to a `LossMeter` (device tensors, read once
 step), and hands metrics, eval losses and checkpoints to the `RunWriter`.
 
 Output layout (docs/training.md): DIR/run.json, DIR/metrics.jsonl, DIR/checkpoints/step-XXXXXX/
-(minidiff.train_state), and at completion DIR/config.json + tokenizer.json (+ adapter/) and,
+(minidiff.training.state), and at completion DIR/config.json + tokenizer.json (+ adapter/) and,
 written last, DIR/model.safetensors; DIR/loss.png when matplotlib is installed.
 """
 from __future__ import annotations
@@ -52,10 +52,19 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import __version__, diffusion, files, optim, progress, train_state
-from . import lora as lora_lib
-from .device import Prefetcher, check_available, enable_tf32, resolve_device, to_device, training_autocast
-from .errors import UserError
+from minidiff import __version__, diffusion, optim
+from minidiff import lora as lora_lib
+from minidiff.errors import UserError
+from minidiff.plumbing import files, progress
+from minidiff.plumbing.device import (
+    Prefetcher,
+    check_available,
+    enable_tf32,
+    resolve_device,
+    to_device,
+    training_autocast,
+)
+from minidiff.training import state as train_state
 
 EVAL_SEED_TAG = 0xE7A1  # separates evaluation seeds from training seeds
 
@@ -95,7 +104,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     resume: bool = False             # continue from the newest checkpoint in DIR that verifies
     allow_data_change: bool = False  # let --resume continue on other data than the run started with
-    progress: bool = True            # progress bar, rank 0 (minidiff.progress: tqdm in a terminal, else lines)
+    progress: bool = True            # progress bar, rank 0 (minidiff.plumbing.progress: tqdm in a terminal, else lines)
 
 
 # Config fields --resume may change; every other field (of TrainConfig or a script's config)
@@ -610,7 +619,7 @@ class RunWriter:
             self.bar.write(f"step {step}: eval loss {value:.4f}")
 
     def checkpoint(self, step: int, learner: Learner, data_state: dict, meter: LossMeter) -> None:
-        """checkpoints/step-XXXXXX, atomically and with its manifest (minidiff.train_state);
+        """checkpoints/step-XXXXXX, atomically and with its manifest (minidiff.training.state);
         older ones beyond keep_last go. Non-finite weights are never saved."""
         ctx, config = self.ctx, self.config
         check_finite_weights(learner.model, step, self.ckpt_root)

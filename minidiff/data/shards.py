@@ -4,7 +4,7 @@ cache that is either complete and verified or rebuilt.
 References: nanoGPT's data/*/prepare.py (one flat `train.bin` of uint16 token ids read back with
 `np.memmap`), Hugging Face datasets (an Arrow cache keyed by a fingerprint of the inputs).
 
-    python -m minidiff.shards prepare --tokenizer DIR --data wiki.txt --out shards/wiki
+    python -m minidiff.data.shards prepare --tokenizer DIR --data wiki.txt --out shards/wiki
     shard = shards.open_source("wiki.txt", "cpt", {"field": "text", "per": "line"}, tok)  # cached
     shard.tokens, shard.offsets     # memmaps: document d is tokens[offsets[d]:offsets[d + 1]]
     shard.content_key               # what it was made from + what it holds: record it with a run
@@ -53,11 +53,11 @@ from pathlib import Path
 
 import numpy as np
 
-from . import data
-from .errors import UserError, run_cli
-from .files import file_hash, fsync_dir, new_digest, pid_alive, write_json
-from .progress import bar as progress_bar
-from .tokenizer import CONFIG_FILES, load_tokenizer
+from minidiff.data import readers as data
+from minidiff.data.tokenizer import CONFIG_FILES, load_tokenizer
+from minidiff.errors import UserError, run_cli
+from minidiff.plumbing.files import file_hash, fsync_dir, new_digest, pid_alive, write_json
+from minidiff.plumbing.progress import bar as progress_bar
 
 FORMAT_VERSION = 2                  # 2: the manifest holds each .bin file's size and hash
 MANIFEST = "manifest.json"
@@ -572,7 +572,7 @@ def open_prepared(path, kind: str, options: dict, tokenizer) -> Shard:
         entry = load_entry(folder)
     except EntryProblem as problem:
         raise UserError(f"{folder} is not a complete shard directory ({problem}); prepare it again "
-                        "with python -m minidiff.shards prepare") from None
+                        "with python -m minidiff.data.shards prepare") from None
     m = entry.manifest
     if m["kind"] != kind:
         raise UserError(f"{folder} holds {m['kind']} shards; this run needs {kind} shards")
@@ -585,7 +585,7 @@ def open_prepared(path, kind: str, options: dict, tokenizer) -> Shard:
         verify_entry(entry, tokenizer.vocab_size)
     except EntryProblem as problem:
         raise UserError(f"{folder} failed verification: {problem}; prepare it again "
-                        "with python -m minidiff.shards prepare") from None
+                        "with python -m minidiff.data.shards prepare") from None
     return entry
 
 
@@ -605,7 +605,7 @@ def open_source(source, kind: str, options: dict, tokenizer, *, cache_dir=None, 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m minidiff.shards",
+        prog="python -m minidiff.data.shards",
         description="Tokenise training sources once into memory-mapped token shards (e.g. on a CPU "
                     "machine before a GPU job); pass the --out directory as --data of train_cpt.py / train_sft.py.")
     commands = parser.add_subparsers(dest="command", required=True)

@@ -20,7 +20,7 @@ Conventions (dllm; docs/training.md):
   No special tokens (dllm's template has none); the prompt is tokenised alone, as a sampler
   sees it. The batch is right-padded with the pad token and the padding IS in the labels.
   The chat format itself (template, `sft_messages`, `render_sft`, `chat_prompt_ids`,
-  `SFT_FORMATS`) lives in minidiff/chat.py; those names are re-exported here for old imports.
+  `SFT_FORMATS`) lives in minidiff/data/chat.py; those names are re-exported here for old imports.
 - One global step takes batch_size * world_size examples; rank r takes the r-th contiguous slice.
 """
 from __future__ import annotations
@@ -33,15 +33,16 @@ import random
 import re
 import sys
 from collections import Counter
-from dataclasses import dataclass, field as dc_field
+from dataclasses import dataclass
+from dataclasses import field as dc_field
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
-from .chat import SFT_FORMATS, chat_prompt_ids, render_sft, sft_messages  # noqa: F401 (also re-exported)
-from .errors import UserError
+from minidiff.data.chat import SFT_FORMATS, chat_prompt_ids, render_sft, sft_messages  # noqa: F401 (also re-exported)
+from minidiff.errors import UserError
 
 IGNORE = -100  # label of positions that carry no loss and are never masked (the SFT prompt)
 TEXT_EXTENSIONS = (".txt",)

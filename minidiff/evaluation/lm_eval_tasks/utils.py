@@ -1,7 +1,7 @@
 """Functions the CETVEL task files call with `!function utils.NAME` (lm-evaluation-harness).
 
 Self-contained (no minidiff import), so this folder also works as a plain lm-eval include
-path. minidiff/tasks.py renders the same rows for evaluate.py; the tests check both agree.
+path. minidiff/evaluation/tasks.py renders the same rows for evaluate.py; the tests check both agree.
 """
 import math
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from .linear import linear
+from minidiff.speed.packed import linear
 
 # Bytes of logits one chunk may hold: 256 MiB = 262 rows of a 256,000-token fp32 vocabulary.
 LOGITS_BUDGET_BYTES = 256 * 2**20

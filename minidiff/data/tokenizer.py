@@ -2,7 +2,7 @@
 
 References: mmBERT (arXiv 2509.06888: Gemma vocabulary, special ids). Wraps HF `tokenizers`;
 `apply_chat_template` renders dllm's plain-text template for BERT-style models, which lives in
-minidiff/chat.py.
+minidiff/data/chat.py.
 
     tok = load_tokenizer("jhu-clsp/mmBERT-base")     # or a directory holding tokenizer.json
     tok.mask_id, tok.pad_id, tok.eos_id, tok.bos_id  # 4, 0, 1, 2 for mmBERT
@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
-from .chat import render_chat
-from .checkpoint import TOKENIZER_FILES, resolve_model_dir
-from .errors import UserError
-from .files import write_json, write_text
+from minidiff.data.chat import render_chat
+from minidiff.errors import UserError
+from minidiff.plumbing.checkpoint import TOKENIZER_FILES, resolve_model_dir
+from minidiff.plumbing.files import write_json, write_text
 
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json")

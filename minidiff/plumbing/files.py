@@ -26,7 +26,7 @@ import os
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import UserError
+from minidiff.errors import UserError
 
 TEMPORARY_MARK = ".tmp-"  # atomic_path's temporary files are named NAME.tmp-PID
 

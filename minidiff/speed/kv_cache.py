@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from .model import KVCache
+from minidiff.model import KVCache
 
 
 class CachedLogits:

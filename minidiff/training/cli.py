@@ -1,5 +1,5 @@
 """What train_cpt.py and train_sft.py share: flags generated from their config dataclass
-(minidiff.flags: one flag per field, `--help` listing every default and the presets), model
+(minidiff.plumbing.flags: one flag per field, `--help` listing every default and the presets), model
 building (load, from scratch, LoRA) and evaluation batches.
 
 References: Diffutron (arXiv 2603.20466) for the presets' values; otherwise plumbing
@@ -20,12 +20,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import data, flags, lora, shard_examples, shards, train_state, trainer
-from .checkpoint import load_model
-from .errors import UserError
-from .model import ModelConfig, ModernBertMLM
-from .trainer import TrainConfig
-
+from minidiff import lora
+from minidiff.data import examples as shard_examples
+from minidiff.data import readers as data
+from minidiff.data import shards
+from minidiff.errors import UserError
+from minidiff.model import ModelConfig, ModernBertMLM
+from minidiff.plumbing import flags
+from minidiff.plumbing.checkpoint import load_model
+from minidiff.training import state as train_state
+from minidiff.training import trainer
+from minidiff.training.trainer import TrainConfig
 
 TRAIN_HELP = {  # help texts of the TrainConfig fields, shared by both scripts
     "lr": "peak learning rate of the lr schedule (linear warmup, then cosine decay)",
@@ -83,7 +88,7 @@ OLD_SPELLINGS = {"noise_schedule": ["--schedule"]}  # flags renamed since; the o
 
 
 def config_parser(cls, prog: str, description: str, helps: dict[str, str], presets: dict[str, dict]):
-    """One flag per field of a script's config (minidiff.flags): the script's own fields first,
+    """One flag per field of a script's config (minidiff.plumbing.flags): the script's own fields first,
     then the loop's (TrainConfig); --preset NAME chooses among `presets`, listed in the help."""
     parser = flags.Parser(prog=prog, description=description, epilog=flags.format_presets(presets),
                           formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -91,7 +96,7 @@ def config_parser(cls, prog: str, description: str, helps: dict[str, str], prese
     script_names = [f.name for f in fields(cls) if f.name not in loop_names]
     flags.add_fields(parser.add_argument_group("model, data and output"), cls, helps=helps, names=script_names,
                      choices={"preset": sorted(presets)})
-    flags.add_fields(parser.add_argument_group("training loop (minidiff.trainer.TrainConfig)"), cls,
+    flags.add_fields(parser.add_argument_group("training loop (minidiff.training.trainer.TrainConfig)"), cls,
                      helps=helps, names=loop_names, aliases=OLD_SPELLINGS)
     return parser
 

@@ -26,7 +26,7 @@ import types
 import typing
 from dataclasses import MISSING, fields
 
-from .errors import UserError
+from minidiff.errors import UserError
 
 
 class Parser(argparse.ArgumentParser):

@@ -5,13 +5,13 @@ References: EleutherAI's lm-evaluation-harness (the `LM` interface, `register_mo
 reports); LLaDA (arXiv 2502.09992) and dllm, whose lm-eval model classes score answers with the
 same Monte-Carlo estimator (minidiff tokenises context and answer separately instead).
 
-    python -m minidiff.harness --model_args pretrained=runs/sft2,scoring=auto,mc_samples=128 \\
+    python -m minidiff.evaluation.harness --model_args pretrained=runs/sft2,scoring=auto,mc_samples=128 \\
         --tasks cetvel_diffutron --batch_size 32 --output_path results/
     # every lm-eval flag works; the launcher adds --model minidiff and the CETVEL task folder
 
-    import lm_eval, minidiff.harness
+    import lm_eval, minidiff.evaluation.harness
     lm_eval.simple_evaluate(model="minidiff", model_args="pretrained=DIR", tasks=[...],
-                            task_manager=lm_eval.tasks.TaskManager(include_path=minidiff.harness.task_path()))
+                            task_manager=lm_eval.tasks.TaskManager(include_path=minidiff.evaluation.harness.task_path()))
 
 The three request types (lm-eval's `LM` interface), each on minidiff's own machinery:
     loglikelihood(context, continuation)   <bos> + context and the continuation tokenised apart,
@@ -31,7 +31,7 @@ LLaDA's and dllm's lm-eval classes tokenise context + continuation together and 
 len(tokenizer(context)) tokens with special tokens on; with mmBERT's `<bos> .. <eos>` framing
 that scores `<eos>` instead of the first answer token. minidiff never joins the two strings.
 
-On the CPU the model's linear weights get packed copies (minidiff/linear.py `pack_weights`, as
+On the CPU the model's linear weights get packed copies (minidiff/speed/packed.py `pack_weights`, as
 evaluate.py does): products of 8 to 32 rows 1.2-2.2x faster, for as many bytes again as those weights.
 """
 from __future__ import annotations
@@ -44,14 +44,15 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, diffusion
-from .errors import UserError, run_cli
-from .evaluation import DEFAULT_MC_SAMPLES, DEFAULT_SCORING, MAX_BATCH_SIZE, fit_prompt
-from .files import write_text
-from .linear import pack_weights
-from .sampler import SamplerConfig, generate
-from .tasks import LM_EVAL_TASK_DIR
-from .tokenizer import load_tokenizer
+from minidiff import diffusion
+from minidiff.data.tokenizer import load_tokenizer
+from minidiff.errors import UserError, run_cli
+from minidiff.evaluation.scoring import DEFAULT_MC_SAMPLES, DEFAULT_SCORING, MAX_BATCH_SIZE, fit_prompt
+from minidiff.evaluation.tasks import LM_EVAL_TASK_DIR
+from minidiff.plumbing import checkpoint
+from minidiff.plumbing.files import write_text
+from minidiff.sampler import SamplerConfig, generate
+from minidiff.speed.packed import pack_weights
 
 INSTALL_HINT = 'lm-evaluation-harness is not installed; install it with: pip install "minidiff[harness]"'
 
@@ -154,7 +155,7 @@ class MinidiffLM(LM):
         self.seed, self.sampler = settings["seed"], settings["sampler"]
         self._device = settings["device"]  # LM.device is a read-only property since 0.4.12
         self.model = checkpoint.load_model(self.pretrained, dtype=settings["dtype"], device=self._device).eval()
-        pack_weights(self.model)  # read only from here on: oneDNN's packed copies of CPU weights (minidiff/linear.py)
+        pack_weights(self.model)  # read only from here on: oneDNN's packed copies of CPU weights (minidiff/speed/packed.py)
         self.tok = load_tokenizer(self.pretrained)
         limit = self.model.config.max_position_embeddings
         self.max_length = min(settings["max_length"] or limit, limit)
@@ -403,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(INSTALL_HINT)
     argv, data = _take_cetvel_data(argv)
     if "-h" in argv or "--help" in argv:
-        print("python -m minidiff.harness: lm-eval with --model minidiff and the CETVEL tasks "
+        print("python -m minidiff.evaluation.harness: lm-eval with --model minidiff and the CETVEL tasks "
               f"({', '.join(f'cetvel_{n}' for n in CETVEL_TASKS)}, group cetvel_diffutron) on the "
               "include path; one flag of its own: --cetvel_data NAME=FILE [NAME=FILE ...] (local "
               "files for those tasks). lm-eval's flags:\n")
@@ -428,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:  # lm-eval's word for a task name it has not found
         if str(err).startswith("Tasks not found"):
             raise UserError(f"{err}; the CETVEL tasks are cetvel_NAME (or the group "
-                            "cetvel_diffutron), see `python -m minidiff.harness ls tasks`") from None
+                            "cetvel_diffutron), see `python -m minidiff.evaluation.harness ls tasks`") from None
         raise
     return 0
 

@@ -18,14 +18,14 @@ masked (specials never), chosen with a fixed seed; 80/10/10 replacement is off u
 over the whole vocabulary, `<mask>` logit included (run_mlm does not remove it). The second
 column is the NELBO bound: exp(NELBO per non-special token), one t per block (linear schedule).
 
-Multiple choice (lm-eval-harness style; the task table is minidiff/tasks.py). Prompt and
+Multiple choice (lm-eval-harness style; the task table is minidiff/evaluation/tasks.py). Prompt and
 `" " + choice` are tokenised separately WITHOUT special tokens and joined as
 `<bos> prompt | choice` (only the choice is scored; no `<eos>`, since it would be scored too;
 the prompt loses its left part after `<bos>` when the row exceeds the model's context);
     loglik(choice) = log p(choice | prompt)   (diffusion.score_answers: exact or Monte Carlo)
     acc = mean[argmax_c loglik(c) == label],  acc_norm = same with loglik(c) / len(c) (chars)
 Every choice's Monte-Carlo draws come from a generator seeded with `seed` (common random
-numbers), so a score does not depend on which rows are scored with it; minidiff.harness scores
+numbers), so a score does not depend on which rows are scored with it; minidiff.evaluation.harness scores
 lm-eval's requests the same way. CETVEL's extra metrics: IronyTR's f1 (binary, label 1) and
 News_Cat's macro_f1, both of the acc prediction. A label -1 (no gold) matches no prediction.
 
@@ -43,14 +43,28 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from . import data, diffusion
-from .device import model_device
-from .errors import UserError
-from .progress import bar as progress_bar
-from .tasks import (  # noqa: F401  (re-exported: the task table lives in tasks.py)
-    F1, GENERIC, TASKS, Example, TaskDef, render_belebele, render_belebele_cetvel, render_exams,
-    render_generic, render_irony, render_mnli, render_news, render_sts, render_xcopa, sts_bin,
+from minidiff import diffusion
+from minidiff.data import readers as data
+from minidiff.errors import UserError
+from minidiff.evaluation.tasks import (  # noqa: F401  (re-exported: the task table lives in tasks.py)
+    F1,
+    GENERIC,
+    TASKS,
+    Example,
+    TaskDef,
+    render_belebele,
+    render_belebele_cetvel,
+    render_exams,
+    render_generic,
+    render_irony,
+    render_mnli,
+    render_news,
+    render_sts,
+    render_xcopa,
+    sts_bin,
 )
+from minidiff.plumbing.device import model_device
+from minidiff.plumbing.progress import bar as progress_bar
 
 
 @dataclass(frozen=True)
@@ -137,7 +151,7 @@ def choice_pairs(tok, example: Example, context: int | None = None) -> list[tupl
     """(prompt ids, answer ids) per choice: `<bos>` + prompt and `" " + choice`, each tokenised
     alone without special tokens, so no special token ever sits inside the scored answer. With
     `context` (the model's length limit) the prompt loses its left part after `<bos>` until
-    prompt + answer fit, as minidiff.harness does; an answer that cannot fit is refused."""
+    prompt + answer fit, as minidiff.evaluation.harness does; an answer that cannot fit is refused."""
     prompt = tok.encode(example.prompt, add_special_tokens=False)
     if tok.bos_id is not None:
         prompt = [tok.bos_id] + prompt

@@ -2,7 +2,7 @@
 
 A task is a row -> (prompt, choices, label) renderer plus its hub source and metrics. The
 prompts, choices and metrics follow CETVEL's lm-evaluation-harness task files (KUIS-AI/CETVEL,
-state of 2025-07-29); the same tasks ship as lm-eval YAML files in `minidiff/lm_eval_tasks/`
+state of 2025-07-29); the same tasks ship as lm-eval YAML files in `minidiff/evaluation/lm_eval_tasks/`
 (see `LM_EVAL_TASK_DIR`), and tests check that both render every row identically.
 
     task = TASKS["ironytr"]; example = task.render({"text": "...", "label": 1})
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .errors import UserError
+from minidiff.errors import UserError
 
 # the lm-eval task files of the 7 tasks (pass as include_path / --include_path)
 LM_EVAL_TASK_DIR = Path(__file__).resolve().parent / "lm_eval_tasks"

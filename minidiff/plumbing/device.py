@@ -35,7 +35,7 @@ block (fp64 reproduces fp32's tokens exactly). `--dtype float32` keeps fp32's ex
 
 Packed weights (CPU): `inference_precision(..., pack=True)` (sample.py and evaluate.py unless
 `--no-packed-weights`) makes `prepare` give every linear layer a copy of its weight in oneDNN's
-blocked layout (minidiff/linear.py), which runs the 8- to 32-row products of a sampling step 1.2-2.2x
+blocked layout (minidiff/speed/packed.py), which runs the 8- to 32-row products of a sampling step 1.2-2.2x
 faster, for as many bytes again as the linear weights hold (1.2 GB at mmBERT-base in fp32,
 0.6 GB in bf16).
 
@@ -51,8 +51,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
-from .linear import pack_weights
+from minidiff.errors import UserError
+from minidiff.speed.packed import pack_weights
 
 INFERENCE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 

@@ -1,0 +1,1 @@
+"""Scoring answers, benchmark tasks with error bars, and the lm-eval harness."""

@@ -1,0 +1,1 @@
+"""Files, flags, progress, devices and precision, model loading and conversion."""

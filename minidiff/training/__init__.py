@@ -1,0 +1,1 @@
+"""The trainer, its verified checkpoints and the training scripts' shared command line."""
