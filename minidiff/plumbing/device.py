@@ -1,8 +1,8 @@
 """Where tensors live and in what precision: the one place the trainer and every script pick
 their device, autocast context and matmul settings, and move batches to the device.
 
-References: PyTorch's automatic mixed precision (torch.autocast) and TF32 notes; the
-bf16 training recipe of Diffutron (arXiv 2603.20466); torchrun's LOCAL_RANK convention.
+References: PyTorch's automatic mixed precision (torch.autocast) and TF32 notes; the bf16
+training recipe of Diffutron (arXiv 2603.20466); torchrun's LOCAL_RANK convention.
 
     device = resolve_device(args.device)                # "cuda" -> cuda:LOCAL_RANK under torchrun
     enable_tf32(device)                                  # TF32 matmuls / convolutions on CUDA
@@ -11,35 +11,12 @@ bf16 training recipe of Diffutron (arXiv 2603.20466); torchrun's LOCAL_RANK conv
     with precision.autocast():
         logits = model(ids)
 
-Inference precision (evaluate.py, sample.py):
-    auto (default)  CUDA: fp32 weights, bf16 autocast (matmuls and attention in bf16, LayerNorm,
-                    softmax and the residual additions in fp32).  A CPU with native bf16
-                    products (x86 flags avx512_bf16 or amx_bf16): as bfloat16 below.  Any
-                    other CPU: plain fp32 (bf16 products there are emulated).
-    float32         fp32 weights, no autocast (on CUDA the matmuls still use TF32).
-    bfloat16        bf16 weights for the linear layers and embeddings (half the memory), the
-                    LayerNorms kept fp32 with their input cast to fp32 (so they return fp32 on
-                    every device; CPU autocast would leave them in bf16), run under bf16
-                    autocast: the residual stream x + f(x) stays fp32 and only the matmul
-                    inputs and outputs are bf16.
-    float16         refused: fp16 has no autocast-free safe path here (activations of the
-                    vocabulary head and the residual stream can exceed its range of 65504).
-
-Why bf16 for auto on such a CPU (docs/benchmarks.md, "bf16 on the CPU"; benchmarks/bench_dtype.py):
-on an AMD EPYC (Zen 4, avx512_bf16, no AMX) at mmBERT-base shape it ran the decoder product 1.8x,
-a sampler step 1.5x and a Monte-Carlo scoring batch 1.65x faster than fp32, and on a trained
-model its log-likelihoods stayed within 0.01 nats of fp32's on average (changing the Monte-Carlo
-seed moves them by 1.0) with 0.3% of multiple-choice argmaxes flipped. Greedy samples do change:
-about 3 in 4 committed tokens equal fp32's, since one flipped near-tie redirects the rest of a
-block (fp64 reproduces fp32's tokens exactly). `--dtype float32` keeps fp32's exact tokens.
-
-Packed weights (CPU): `inference_precision(..., pack=True)` (sample.py and evaluate.py unless
-`--no-packed-weights`) makes `prepare` give every linear layer a copy of its weight in oneDNN's
-blocked layout (minidiff/speed/packed.py), which runs the 8- to 32-row products of a sampling step 1.2-2.2x
-faster, for as many bytes again as the linear weights hold (1.2 GB at mmBERT-base in fp32,
-0.6 GB in bf16).
-
-Training uses fp32 weights and bf16 autocast on CUDA (TrainConfig.bf16), fp32 on the CPU.
+Inference `--dtype`: float32; bfloat16 (bf16 weights, fp32 LayerNorms and residual stream, bf16
+autocast); auto = fp32 weights with bf16 autocast on CUDA, bfloat16 on a CPU with native bf16
+products (avx512_bf16, amx_bf16), float32 elsewhere; float16 is refused. `pack=True` gives every
+linear layer a packed copy of its weight for the CPU (minidiff/speed/packed.py). Training: fp32
+weights, bf16 autocast on CUDA (TrainConfig.bf16), fp32 on the CPU. Every mode explained:
+docs/training.md ("Devices and precision"); what each costs: docs/benchmarks.md.
 """
 from __future__ import annotations
 
@@ -149,7 +126,7 @@ def add_precision_flags(parser) -> None:
     parser.add_argument("--no-packed-weights", action="store_true",
                         help="multiply with the linear weights as stored: no packed copy of them for the CPU's "
                              "oneDNN (saves as many bytes again as those weights, 1.2 GB at mmBERT-base in fp32; "
-                             "products of 8 to 32 rows run 1.2-2.2x slower)")
+                             "the few-row products of sampling run slower)")
     parser.add_argument("--dtype", default="auto",
                         help="auto (CUDA: fp32 weights + bf16 autocast; CPU: as bfloat16 where it has avx512_bf16 "
                              "or amx_bf16, else fp32) | float32 | bfloat16 (bf16 weights, fp32 LayerNorms and "
@@ -157,7 +134,8 @@ def add_precision_flags(parser) -> None:
 
 
 def inference_precision(dtype: str | None, device: torch.device, pack: bool = False) -> Precision:
-    """The Precision a `--dtype` value means on `device` (None = "auto"); pack: see the module docstring."""
+    """The Precision a `--dtype` value means on `device` (None = "auto"); pack: give the linear layers
+    packed weight copies in `Precision.prepare` (CPU only)."""
     dtype = dtype or "auto"
     if dtype not in INFERENCE_DTYPES:
         raise UserError(f"--dtype {dtype!r} is unknown; expected auto, float32 or bfloat16")
@@ -192,7 +170,7 @@ def cpu_flags() -> frozenset[str]:
 
 def cpu_has_native_bf16() -> bool:
     """True when this CPU multiplies bf16 in hardware (NATIVE_BF16_FLAGS). Elsewhere oneDNN
-    emulates bf16 products, unmeasured here, so `auto` keeps fp32 there."""
+    emulates bf16 products, so `auto` keeps fp32 there."""
     return any(flag in cpu_flags() for flag in NATIVE_BF16_FLAGS)
 
 

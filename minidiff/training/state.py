@@ -1,8 +1,8 @@
 """Training checkpoints: save and restore the complete state of a run, atomically and verified.
 
-References: none (plumbing); exact resume is explained in docs/training.md ("Resume"). The
-walk back to the newest checkpoint that verifies is what PyTorch's and transformers' Trainer
-resume aim at; verifying by content hash is what content-addressed stores (git, Arrow) do.
+References: none (plumbing); the reader's page is docs/training.md ("Resume"). The walk back to
+the newest checkpoint that verifies is what PyTorch's and transformers' Trainer resume aim at;
+verifying by content hash is what content-addressed stores (git, Arrow) do.
 
     tmp = begin_checkpoint(ckpt_root, step)     # fresh .tmp-step-XXXXXX (rank 0)
     write_rng(tmp, rank, generator)             # every rank: its own rng-rank-R.pt
@@ -11,36 +11,11 @@ resume aim at; verifying by content hash is what content-addressed stores (git, 
     reason = verify_checkpoint(path)            # None, or why it cannot be trusted
     state = load_training_state(path, model, optimizer, lr_schedule, rank, generator)  # -> state.json
 
-Saving is split in three because under data parallelism every rank writes its own random
-states between rank 0 creating the directory and rank 0 publishing it (the trainer puts a
-barrier between the calls).
-
-A checkpoint directory holds
-    trainable.safetensors    the parameters that train (LoRA: the adapter tensors only)
-    optimizer.pt             optimizer and lr-schedule state dicts, under the keys "optimizer"
-                             and "scheduler" (torch.save; read back with
-                             torch.load(weights_only=True), never plain unpickling)
-    rng-rank-R.pt            every random state of rank R: torch CPU, CUDA, the masking generator
-                             (tensors, with the device type it lives on), python and numpy
-                             (as plain lists)
-    state.json               step, data position (Batches.state_dict), config, the run's
-                             identity (base model, tokenizer, data), world size, total steps,
-                             eval losses so far, skipped (non-finite) steps
-    checkpoint.json          written last: the size and BLAKE2b hash of every other file
-
-A checkpoint is trusted only when checkpoint.json lists exactly the files present, with the
-sizes and hashes they have now (`verify_checkpoint`); a truncated, flipped or half-copied file
-makes the resume skip it, with one line saying why, and take the previous one.
-
-Resuming on another device type or number of GPUs: python, numpy and torch's CPU state are
-restored everywhere; CUDA states only for the GPUs present; the masking generator's state only
-when it was saved from the same device type (a CPU and a CUDA generator have different state
-formats). Otherwise that generator is reseeded from the run seed with a warning. The training
-loop reseeds the generator and torch's RNG from (seed, step, micro-batch) before every
-micro-batch anyway, so the masks and dropout of the resumed run are the same either way.
-
-It is first written to `.tmp-step-XXXXXX` and then renamed to `step-XXXXXX` (and the directory
-flushed): a rename is atomic, so the previous checkpoint stays valid until the new one is.
+A checkpoint directory holds trainable.safetensors (the parameters that train), optimizer.pt,
+rng-rank-R.pt per rank, state.json and, written last, checkpoint.json: the size and BLAKE2b hash
+of every other file. It is trusted only when checkpoint.json lists exactly the files present,
+with the sizes and hashes they have now; it is published by renaming `.tmp-step-XXXXXX` to
+`step-XXXXXX`, so the previous checkpoint stays valid until the new one is.
 """
 from __future__ import annotations
 
