@@ -54,8 +54,8 @@ def test_cuda_on_a_machine_without_one_is_one_sentence(monkeypatch):
 
 def test_inference_precision_table():
     cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
-    auto_gpu = device.inference_precision(None, gpu)
-    assert (auto_gpu.weights, auto_gpu.autocast_dtype) == (torch.float32, torch.bfloat16)
+    auto_gpu = device.inference_precision(None, gpu)  # bf16 weights: nothing to re-cast at each step
+    assert (auto_gpu.weights, auto_gpu.autocast_dtype) == (torch.bfloat16, torch.bfloat16)
     fp32 = device.inference_precision("float32", gpu)
     assert (fp32.weights, fp32.autocast_dtype) == (torch.float32, None)
     with pytest.raises(UserError, match="float16 is not supported"):
@@ -66,7 +66,7 @@ def test_inference_precision_table():
 
 def test_auto_on_the_cpu_is_bf16_only_with_native_bf16(monkeypatch):
     """auto: bf16 weights + bf16 autocast where /proc/cpuinfo lists avx512_bf16 or amx_bf16,
-    plain fp32 on any other CPU; CUDA keeps fp32 weights + bf16 autocast either way."""
+    plain fp32 on any other CPU; CUDA keeps bf16 weights + bf16 autocast either way."""
     cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
     cases = [({"avx2", "avx512f"}, (torch.float32, None)), ({"avx512f", "avx512_bf16"}, (torch.bfloat16,) * 2),
              ({"amx_tile", "amx_bf16"}, (torch.bfloat16,) * 2), (set(), (torch.float32, None))]
@@ -75,7 +75,7 @@ def test_auto_on_the_cpu_is_bf16_only_with_native_bf16(monkeypatch):
         auto = device.inference_precision("auto", cpu)
         assert (auto.weights, auto.autocast_dtype) == want, flags
         assert device.inference_precision("float32", cpu).autocast_dtype is None
-        assert device.inference_precision("auto", gpu).weights == torch.float32
+        assert device.inference_precision("auto", gpu).weights == torch.bfloat16
 
 
 def test_cpu_flags_read_from_proc_cpuinfo():
@@ -284,7 +284,7 @@ def test_auto_on_a_gpu_without_bf16_is_fp32(monkeypatch):
     device.check_training_precision(gpu, bf16=False)
     fake_gpus(monkeypatch, 1, capability=(8, 0), name="NVIDIA A100")
     auto = device.inference_precision("auto", gpu)
-    assert (auto.weights, auto.autocast_dtype) == (torch.float32, torch.bfloat16)
+    assert (auto.weights, auto.autocast_dtype) == (torch.bfloat16, torch.bfloat16)
     device.check_training_precision(gpu, bf16=True)
 
 

@@ -189,10 +189,8 @@ def inference_precision(dtype: str | None, device: torch.device, pack: bool = Fa
             raise UserError(f"--dtype bfloat16: {device} ({torch.cuda.get_device_name(device)}) has no native "
                             "bf16; use --dtype float32 (or auto, which chooses it there)")
         return Precision(device, torch.float32, None, pack)
-    if dtype == "bfloat16":
+    if dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda"):
         return Precision(device, torch.bfloat16, torch.bfloat16, pack)
-    if dtype == "auto" and device.type == "cuda":
-        return Precision(device, torch.float32, torch.bfloat16, pack)
     return Precision(device, torch.float32, None, pack)
 
 
