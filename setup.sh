@@ -1,13 +1,23 @@
 #!/usr/bin/env bash
-# Create .venv and install minidiff with its test extras. On a CPU-only machine the pinned CPU
-# build of torch is installed first, so pip does not pull several GB of CUDA wheels; on a GPU
-# machine set TORCH_REQUIREMENT (e.g. TORCH_REQUIREMENT="torch" or a CUDA build) before running this.
+# Create .venv and install minidiff with its test extras.
+#
+# torch comes first, pinned, so that pip resolves nothing larger behind it. From the public index
+# on Linux `torch==2.13.0` is the CUDA build (several GB of CUDA libraries); on macOS and Windows
+# it is the CPU build. Two variables choose otherwise:
+#   TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu ./setup.sh     # the CPU build on Linux
+#   TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 ./setup.sh   # a given CUDA build
+#   TORCH_REQUIREMENT="torch==2.13.0" (the default) or another version or wheel
 # Everything else is held to the versions in constraints.txt (the ones the tests were checked
-# with; the README says which versions each measurement used).
+# with); PYTHON chooses the interpreter of the venv.
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
 TORCH_REQUIREMENT=${TORCH_REQUIREMENT:-torch==2.13.0}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-.venv/bin/python -m pip install -q --disable-pip-version-check "$TORCH_REQUIREMENT"
-.venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[dev,data,harness]"
+PIP=(.venv/bin/python -m pip install -q --disable-pip-version-check)
+if [ -n "${TORCH_INDEX_URL:-}" ]; then
+  "${PIP[@]}" --index-url "$TORCH_INDEX_URL" "$TORCH_REQUIREMENT"
+else
+  "${PIP[@]}" "$TORCH_REQUIREMENT"
+fi
+"${PIP[@]}" -c constraints.txt -e ".[dev,data,harness]"

@@ -286,7 +286,9 @@ class KVCache:
         """What layer `layer`'s queries attend to. Fill: keep the fresh k, v [B, heads, T, d] (layer 0
         starts the fill over) and return them; read: [cached canvas | fresh inputs], [B, heads, T + Q, d]."""
         if self.positions is None:
-            self.keys[layer:], self.values[layer:] = [k], [v]
+            # v is a view into the layer's whole qkv projection: keep a copy of its own, so the
+            # cache holds 2 x hidden values per token, not the 3 x hidden buffer behind the view
+            self.keys[layer:], self.values[layer:] = [k], [v.clone(memory_format=torch.contiguous_format)]
             return k, v
         return torch.cat([self.keys[layer], k], dim=2), torch.cat([self.values[layer], v], dim=2)
 

@@ -54,8 +54,8 @@ def test_cuda_on_a_machine_without_one_is_one_sentence(monkeypatch):
 
 def test_inference_precision_table():
     cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
-    auto_gpu = device.inference_precision(None, gpu)
-    assert (auto_gpu.weights, auto_gpu.autocast_dtype) == (torch.float32, torch.bfloat16)
+    auto_gpu = device.inference_precision(None, gpu)  # bf16 weights: nothing to re-cast at each step
+    assert (auto_gpu.weights, auto_gpu.autocast_dtype) == (torch.bfloat16, torch.bfloat16)
     fp32 = device.inference_precision("float32", gpu)
     assert (fp32.weights, fp32.autocast_dtype) == (torch.float32, None)
     with pytest.raises(UserError, match="float16 is not supported"):
@@ -66,7 +66,7 @@ def test_inference_precision_table():
 
 def test_auto_on_the_cpu_is_bf16_only_with_native_bf16(monkeypatch):
     """auto: bf16 weights + bf16 autocast where /proc/cpuinfo lists avx512_bf16 or amx_bf16,
-    plain fp32 on any other CPU; CUDA keeps fp32 weights + bf16 autocast either way."""
+    plain fp32 on any other CPU; CUDA keeps bf16 weights + bf16 autocast either way."""
     cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
     cases = [({"avx2", "avx512f"}, (torch.float32, None)), ({"avx512f", "avx512_bf16"}, (torch.bfloat16,) * 2),
              ({"amx_tile", "amx_bf16"}, (torch.bfloat16,) * 2), (set(), (torch.float32, None))]
@@ -75,7 +75,7 @@ def test_auto_on_the_cpu_is_bf16_only_with_native_bf16(monkeypatch):
         auto = device.inference_precision("auto", cpu)
         assert (auto.weights, auto.autocast_dtype) == want, flags
         assert device.inference_precision("float32", cpu).autocast_dtype is None
-        assert device.inference_precision("auto", gpu).weights == torch.float32
+        assert device.inference_precision("auto", gpu).weights == torch.bfloat16
 
 
 def test_cpu_flags_read_from_proc_cpuinfo():
@@ -248,3 +248,90 @@ def test_scripts_refuse_float16_and_run_bfloat16(tmp_path, capsys):
     assert results["precision"] == "bfloat16 weights (packed), bfloat16 autocast" and results["device"] == "cpu"
     metrics = results["tasks"][f"perplexity:{text}"]
     assert all(np.isfinite(v) for v in metrics["metrics"].values() if isinstance(v, float))
+
+
+# ----------------------------------------------------------------------------- the machines people have
+
+
+def fake_gpus(monkeypatch, count: int, capability=(9, 0), name="NVIDIA H200"):
+    """torch.cuda's queries answering as a machine with `count` visible GPUs of one kind."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: name)
+
+
+def test_one_visible_gpu_per_rank_is_cuda_0(monkeypatch):
+    """SLURM --gpus-per-task and the like: each rank sees one GPU, whatever its LOCAL_RANK."""
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    fake_gpus(monkeypatch, 1)
+    assert device.resolve_device("cuda") == torch.device("cuda", 0)
+    assert device.resolve_device(None) == torch.device("cuda", 0)
+    device.check_available(device.resolve_device("cuda"))
+    fake_gpus(monkeypatch, 8)  # torchrun on one node: every rank sees all eight
+    assert device.resolve_device("cuda") == torch.device("cuda", 3)
+
+
+def test_auto_on_a_gpu_without_bf16_is_fp32(monkeypatch):
+    gpu = torch.device("cuda", 0)
+    fake_gpus(monkeypatch, 1, capability=(7, 0), name="Tesla V100")
+    auto = device.inference_precision("auto", gpu)
+    assert (auto.weights, auto.autocast_dtype) == (torch.float32, None)
+    with pytest.raises(UserError, match="--dtype float32"):
+        device.inference_precision("bfloat16", gpu)
+    with pytest.raises(UserError, match="--no-bf16"):
+        device.check_training_precision(gpu, bf16=True)
+    device.check_training_precision(gpu, bf16=False)
+    fake_gpus(monkeypatch, 1, capability=(8, 0), name="NVIDIA A100")
+    auto = device.inference_precision("auto", gpu)
+    assert (auto.weights, auto.autocast_dtype) == (torch.bfloat16, torch.bfloat16)
+    device.check_training_precision(gpu, bf16=True)
+
+
+def test_mps_is_refused_in_one_sentence():
+    with pytest.raises(UserError, match="mps is not supported.*float64"):
+        device.check_available(torch.device("mps"))
+
+
+def test_tf32_is_switched_on_without_the_legacy_setters(recwarn):
+    before = torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
+    try:
+        device.enable_tf32(torch.device("cuda", 0))
+        assert (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision) == ("tf32",) * 2
+        assert not [w for w in recwarn if "tf32" in str(w.message).lower()]
+    finally:
+        torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = before
+
+
+def test_the_process_group_is_bound_to_the_ranks_gpu(monkeypatch):
+    joined = {}
+    fake_gpus(monkeypatch, 8)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: None)
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("LOCAL_RANK", "5")
+    monkeypatch.setattr(trainer.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(trainer.dist, "init_process_group", lambda backend, **kw: joined.update(backend=backend, **kw))
+    monkeypatch.setattr(trainer.dist, "get_rank", lambda: 5)
+    ctx = trainer.distributed_context("cuda")
+    assert ctx.device == torch.device("cuda", 5)
+    assert joined == {"backend": "nccl", "device_id": torch.device("cuda", 5)}
+
+
+def test_a_filesystem_without_locks_is_one_sentence(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    from minidiff.plumbing import files
+
+    def refuse(handle, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", refuse)
+    with pytest.raises(UserError, match="filesystem without file locks.*Lustre: -o flock"):
+        with files.lock_directory(tmp_path / "run", "--out"):
+            pass
+
+
+def test_a_rank_that_cannot_see_the_checkpoint_folder_says_so(tmp_path):
+    with pytest.raises(UserError, match="rank 3 cannot see.*every node shares"):
+        train_state.write_rng(tmp_path / "not-shared" / ".tmp-step-000010", 3, None)

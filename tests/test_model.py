@@ -181,3 +181,20 @@ def test_config_transformers5_layout(tmp_path):
     assert c.global_rope_theta == 160000.0 and c.local_rope_theta == 10000.0
     assert c.layer_types == ["full_attention", "sliding_attention", "full_attention"]
     assert c.pad_token_id == 115
+
+
+def test_the_key_value_cache_holds_two_hidden_vectors_per_token_per_layer():
+    """Bytes the filled cache keeps alive (every distinct storage behind its tensors) against the
+    count written by hand: keys and values, hidden_size values each, per token and layer."""
+    from helpers import tiny_model
+
+    from minidiff.model import KVCache
+
+    model = tiny_model()
+    B, T, H = 3, 40, model.config.hidden_size
+    cache = KVCache()
+    with torch.no_grad():
+        model.hidden(torch.randint(5, model.config.vocab_size, (B, T)), None, cache=cache)
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in cache.keys + cache.values}
+    per_token_per_layer = sum(storages.values()) / (B * T * model.config.num_hidden_layers * 4)  # fp32 values
+    assert per_token_per_layer == 2 * H

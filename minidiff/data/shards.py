@@ -38,7 +38,7 @@ import numpy as np
 from minidiff.data import readers as data
 from minidiff.data.tokenizer import CONFIG_FILES, load_tokenizer
 from minidiff.errors import UserError, run_cli
-from minidiff.plumbing.files import file_hash, fsync_dir, new_digest, pid_alive, write_json
+from minidiff.plumbing.files import file_hash, fsync_dir, new_digest, no_locks, pid_alive, write_json
 from minidiff.plumbing.progress import bar as progress_bar
 
 FORMAT_VERSION = 2                  # 2: the manifest holds each .bin file's size and hash
@@ -475,7 +475,10 @@ def _find_or_write(identity: dict, folder: Path, tokenizer, *, damaged: str | No
     complete, made from `identity` and not the one found damaged (`damaged`: its entry_id);
     else (a new entry written there, True), whatever was there set aside and deleted."""
     with open(folder.parent / f".{folder.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except OSError as err:
+            raise UserError(no_locks(folder.parent, err)) from None
         try:
             entry = load_entry(folder)
         except EntryProblem as problem:

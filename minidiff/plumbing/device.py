@@ -37,9 +37,10 @@ INFERENCE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 def resolve_device(name: str | None = None, local_rank: int | None = None) -> torch.device:
     """The torch.device a `--device` value means.
 
-    None: cuda:LOCAL_RANK when CUDA is available, else cpu. A bare "cuda" is the local rank's
-    GPU (LOCAL_RANK, set by torchrun; 0 in a single process); "cuda:N" and "cpu" are taken as
-    given. An unknown name raises a UserError.
+    None: CUDA when available, else cpu. A bare "cuda" is the local rank's GPU: cuda:LOCAL_RANK
+    (torchrun; 0 in a single process) when this process sees several GPUs, cuda:0 when it sees
+    exactly one (launchers that give each rank its own CUDA_VISIBLE_DEVICES). "cuda:N" and "cpu"
+    are taken as given. An unknown name raises a UserError.
     """
     if local_rank is None:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -50,7 +51,8 @@ def resolve_device(name: str | None = None, local_rank: int | None = None) -> to
     except (RuntimeError, ValueError):
         raise UserError(f"--device {name!r} is not a device name; expected cpu, cuda or cuda:N") from None
     if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", local_rank)
+        visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        device = torch.device("cuda", 0 if visible == 1 else local_rank)
     return device
 
 
@@ -62,15 +64,24 @@ def check_available(device: torch.device) -> None:
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise UserError(f"--device {device} does not exist: this machine has {torch.cuda.device_count()} GPU(s) "
                             f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
-    elif device.type not in ("cpu", "mps"):
+    elif device.type == "mps":
+        raise UserError("--device mps is not supported: minidiff keeps its likelihood sums and sampling noise "
+                        "in float64, which Apple's MPS backend lacks; use --device cpu")
+    elif device.type != "cpu":
         raise UserError(f"--device {device} is not supported; expected cpu or cuda[:N]")
+
+
+def cuda_has_bf16(device: torch.device) -> bool:
+    """True on a CUDA device with native bf16: compute capability 8.0 or later (not V100 or T4).
+    Without CUDA there is no card to ask, and check_available refuses the device anyway."""
+    return not torch.cuda.is_available() or torch.cuda.get_device_capability(device)[0] >= 8
 
 
 def enable_tf32(device: torch.device) -> None:
     """TF32 tensor-core matmuls and convolutions on CUDA (fp32 range, 10-bit mantissa inputs)."""
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        torch.backends.cudnn.conv.fp32_precision = "tf32"
 
 
 def autocast(device: torch.device, enabled: bool = True, dtype: torch.dtype = torch.bfloat16):
@@ -83,6 +94,13 @@ def autocast(device: torch.device, enabled: bool = True, dtype: torch.dtype = to
 def training_autocast(device: torch.device, bf16: bool):
     """Training: bf16 autocast on CUDA when asked; the CPU always trains in fp32."""
     return autocast(device, enabled=bf16 and device.type == "cuda")
+
+
+def check_training_precision(device: torch.device, bf16: bool) -> None:
+    """One sentence when bf16 training is asked for on a GPU without native bf16."""
+    if bf16 and device.type == "cuda" and not cuda_has_bf16(device):
+        raise UserError(f"{device} ({torch.cuda.get_device_name(device)}) has no native bf16; "
+                        "train in fp32 with --no-bf16")
 
 
 def _inputs_to_fp32(module, args):
@@ -144,10 +162,13 @@ def inference_precision(dtype: str | None, device: torch.device, pack: bool = Fa
                         "use bfloat16 or float32")
     if dtype == "auto" and device.type == "cpu" and cpu_has_native_bf16():
         dtype = "bfloat16"
-    if dtype == "bfloat16":
+    if device.type == "cuda" and not cuda_has_bf16(device):
+        if dtype == "bfloat16":
+            raise UserError(f"--dtype bfloat16: {device} ({torch.cuda.get_device_name(device)}) has no native "
+                            "bf16; use --dtype float32 (or auto, which chooses it there)")
+        return Precision(device, torch.float32, None, pack)
+    if dtype == "bfloat16" or (dtype == "auto" and device.type == "cuda"):
         return Precision(device, torch.bfloat16, torch.bfloat16, pack)
-    if dtype == "auto" and device.type == "cuda":
-        return Precision(device, torch.float32, torch.bfloat16, pack)
     return Precision(device, torch.float32, None, pack)
 
 

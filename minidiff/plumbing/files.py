@@ -116,6 +116,12 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def no_locks(path: Path, err: OSError) -> str:
+    """The sentence for a filesystem that refuses flock (Lustre without -o flock, NFS without lockd)."""
+    return (f"{path} is on a filesystem without file locks ({err.strerror or err}); put it on a local disk, "
+            "or mount the filesystem with lock support (Lustre: -o flock; NFS: a running lockd)")
+
+
 @contextmanager
 def lock_directory(folder: str | Path, what: str):
     """Hold an exclusive lock on `folder` (its `.lock` file, fcntl.flock) for the block; a
@@ -136,6 +142,8 @@ def lock_directory(folder: str | Path, what: str):
             holder = handle.read().strip() or "another process"
             raise UserError(f"{what} {folder} is in use by another run ({holder}); wait for it to end "
                             "or choose another directory") from None
+        except OSError as err:
+            raise UserError(no_locks(folder, err)) from None
         handle.seek(0)
         handle.truncate()
         handle.write(f"pid {os.getpid()}\n")

@@ -186,6 +186,10 @@ def begin_checkpoint(ckpt_root: str | Path, step: int) -> Path:
 
 
 def write_rng(tmp: Path, rank: int, generator: torch.Generator | None) -> None:
+    """Rank `rank`'s random state into the checkpoint folder rank 0 made (a shared filesystem)."""
+    if not tmp.is_dir():
+        raise UserError(f"rank {rank} cannot see the checkpoint folder {tmp} that rank 0 created; "
+                        "--out must be on a filesystem that every node shares")
     torch.save(rng_state(generator), tmp / f"rng-rank-{rank}.pt")
 
 

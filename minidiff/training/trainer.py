@@ -59,6 +59,7 @@ from minidiff.plumbing import files, progress
 from minidiff.plumbing.device import (
     Prefetcher,
     check_available,
+    check_training_precision,
     enable_tf32,
     resolve_device,
     to_device,
@@ -179,7 +180,9 @@ def distributed_context(device: str | None = None) -> DistContext:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # device_id binds NCCL's communicator to this rank's GPU at once (no guess, no extra context)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                device_id=device if device.type == "cuda" else None)
     rank = dist.get_rank() if dist.is_initialized() else 0
     return DistContext(rank, world, local_rank, device)
 
@@ -312,6 +315,7 @@ def warmup_steps(config: TrainConfig, steps: int) -> int:
 def make_learner(model, config: TrainConfig, ctx: DistContext, steps: int, warmup: int) -> Learner:
     """The model on its device in training mode, AdamW over its trainable parameters and the
     lr schedule (peak config.lr after `warmup` steps, cosine down to config.min_lr at `steps`)."""
+    check_training_precision(ctx.device, config.bf16)
     enable_tf32(ctx.device)
     model.to(ctx.device)
     model.train()
