@@ -12,10 +12,10 @@ training recipe of Diffutron (arXiv 2603.20466); torchrun's LOCAL_RANK conventio
         logits = model(ids)
 
 Inference `--dtype`: float32; bfloat16 (bf16 weights, fp32 LayerNorms and residual stream, bf16
-autocast); auto = fp32 weights with bf16 autocast on CUDA, bfloat16 on a CPU with native bf16
-products (avx512_bf16, amx_bf16), float32 elsewhere; float16 is refused. `pack=True` gives every
+autocast); auto = bfloat16 on a GPU or CPU with native bf16 (compute capability >= 8.0;
+avx512_bf16, amx_bf16), float32 elsewhere; float16 is refused. `pack=True` gives every
 linear layer a packed copy of its weight for the CPU (minidiff/speed/packed.py). Training: fp32
-weights, bf16 autocast on CUDA (TrainConfig.bf16), fp32 on the CPU. Every mode explained:
+weights, bf16 autocast on a CUDA card with bf16 (TrainConfig.bf16), fp32 on the CPU. Every mode explained:
 docs/training.md ("Devices and precision"); what each costs: docs/benchmarks.md.
 """
 from __future__ import annotations
