@@ -56,6 +56,7 @@ from minidiff import __version__, diffusion, optim
 from minidiff import lora as lora_lib
 from minidiff.errors import UserError
 from minidiff.plumbing import files, progress
+from minidiff.plumbing.checkpoint import save_pretrained
 from minidiff.plumbing.device import (
     Prefetcher,
     check_available,
@@ -660,7 +661,7 @@ def export(model, out_dir: str | Path, *, tokenizer=None, lora: bool = False, ba
         state = lora_lib.base_state_dict(model)
     else:
         state = model.state_dict()
-    model.save_pretrained(out, state_dict=state)  # writes model.safetensors last, atomically
+    save_pretrained(model, out, state_dict=state)  # writes model.safetensors last, atomically
 
 
 # ----------------------------------------------------------------------------- the loop
