@@ -53,9 +53,9 @@ import torch
 import torch.distributed as dist
 
 from minidiff import __version__, diffusion, optim
-from minidiff import lora as lora_lib
 from minidiff.errors import UserError
-from minidiff.plumbing import files, progress
+from minidiff.lora import base_state_dict
+from minidiff.plumbing import files, peft_io, progress
 from minidiff.plumbing.checkpoint import save_pretrained
 from minidiff.plumbing.device import (
     Prefetcher,
@@ -657,8 +657,8 @@ def export(model, out_dir: str | Path, *, tokenizer=None, lora: bool = False, ba
     if tokenizer is not None:
         tokenizer.save(out)
     if lora:
-        lora_lib.save_adapter(model, out / "adapter", base_model=base_model)
-        state = lora_lib.base_state_dict(model)
+        peft_io.save_adapter(model, out / "adapter", base_model=base_model)
+        state = base_state_dict(model)
     else:
         state = model.state_dict()
     save_pretrained(model, out, state_dict=state)  # writes model.safetensors last, atomically
