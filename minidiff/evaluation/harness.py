@@ -15,7 +15,7 @@ same Monte-Carlo estimator (minidiff tokenises context and answer separately ins
 
 The three request types (lm-eval's `LM` interface), each on minidiff's own machinery:
     loglikelihood(context, continuation)   <bos> + context and the continuation tokenised apart,
-        log p(continuation | context) by diffusion.score_answers: `scoring=auto` (default)
+        log p(continuation | context) by answers.score_answers: `scoring=auto` (default)
         sums over all 2^L - 1 masks of a continuation of L tokens when that costs no more than
         `mc_samples`, else LLaDA's Monte-Carlo estimator (arXiv 2502.09992) with `mc_samples`
         samples, each request's draws seeded with `seed` -- the same numbers evaluate.py gives
@@ -44,9 +44,9 @@ from pathlib import Path
 
 import torch
 
-from minidiff import diffusion
 from minidiff.data.tokenizer import load_tokenizer
 from minidiff.errors import UserError, run_cli
+from minidiff.evaluation.answers import SCORINGS, score_answers
 from minidiff.evaluation.scoring import DEFAULT_MC_SAMPLES, DEFAULT_SCORING, MAX_BATCH_SIZE, fit_prompt
 from minidiff.evaluation.tasks import LM_EVAL_TASK_DIR
 from minidiff.plumbing import checkpoint
@@ -105,8 +105,8 @@ def parse_model_args(pretrained=None, scoring=DEFAULT_SCORING, mc_samples=DEFAUL
                         f"{', '.join([*MODEL_ARGS, *sorted(fields - {'seed'})])}")
     if not pretrained:
         raise UserError("--model_args needs pretrained=DIR_OR_HUB_ID (a minidiff/mmBERT model)")
-    if scoring not in diffusion.SCORINGS:
-        raise UserError(f"model argument scoring={scoring!r}: expected one of {', '.join(diffusion.SCORINGS)}")
+    if scoring not in SCORINGS:
+        raise UserError(f"model argument scoring={scoring!r}: expected one of {', '.join(SCORINGS)}")
     if dtype not in DTYPES:
         raise UserError(f"model argument dtype={dtype!r}: expected one of {', '.join(DTYPES)}")
     # lm-eval passes --batch_size as a string; "auto"/"auto:N" (no memory probing here) means 32
@@ -217,7 +217,7 @@ class MinidiffLM(LM):
     # ----------------------------------------------------------------------- scoring
 
     def _score(self, pairs: list[tuple[list[int], list[int]]], disable_tqdm: bool, desc: str) -> list[float]:
-        """log p(answer | prompt) per pair, 64 pairs per call of diffusion.score_answers
+        """log p(answer | prompt) per pair, 64 pairs per call of answers.score_answers
         (`scoring` auto | exact | mc, one-token answers exact); every pair's draws seeded with
         `seed`, so grouping never changes a value. An empty answer has log-probability 0."""
         from tqdm.auto import tqdm
@@ -226,7 +226,7 @@ class MinidiffLM(LM):
         index = [i for i, (_, answer) in enumerate(pairs) if answer]
         for start in tqdm(range(0, len(index), 64), desc=desc, disable=disable_tqdm):
             chunk = index[start:start + 64]
-            got = diffusion.score_answers(
+            got = score_answers(
                 self.model, [pairs[i] for i in chunk], self.tok.mask_id, pad_id=self.tok.pad_id,
                 num_samples=self.mc_samples, batch_size=self.batch_size, scoring=self.scoring,
                 pair_seed=self.seed)

@@ -65,6 +65,7 @@ from minidiff.plumbing.device import (
     to_device,
     training_autocast,
 )
+from minidiff.speed import chunked_loss
 from minidiff.training import state as train_state
 
 EVAL_SEED_TAG = 0xE7A1  # separates evaluation seeds from training seeds
@@ -133,7 +134,8 @@ class TrainResult:
 
 def nelbo_objective(mask_id: int, *, schedule: str = "linear", loss_norm: str = "sequence",
                     stratified: bool = False, eps: float = 1e-3) -> Callable:
-    """loss_fn(model, batch, generator) -> (loss, weight) for diffusion.nelbo_loss.
+    """loss_fn(model, batch, generator) -> (loss, weight) for the NELBO (diffusion.nelbo_loss),
+    computed by the chunked vocabulary loss (chunked_loss.nelbo_loss: the same value).
 
     batch: input_ids [B, S], maskable [B, S] bool (CPT: the real tokens; SFT: labels != -100),
     optional attention_mask. weight is what nelbo_loss divided by: the maskable-token count
@@ -141,7 +143,7 @@ def nelbo_objective(mask_id: int, *, schedule: str = "linear", loss_norm: str = 
     """
     def loss_fn(model, batch, generator):
         maskable, attention_mask = batch["maskable"], batch.get("attention_mask")
-        loss, _ = diffusion.nelbo_loss(
+        loss, _ = chunked_loss.nelbo_loss(
             model, batch["input_ids"], mask_id, maskable=maskable, attention_mask=attention_mask,
             schedule=schedule, normalize=loss_norm, stratified=stratified, eps=eps,
             generator=generator)
