@@ -16,7 +16,12 @@ from safetensors.torch import load_file, save_file
 import minidiff
 from minidiff.errors import UserError
 from minidiff.plumbing import checkpoint
-from minidiff.plumbing.checkpoint import load_model, load_weights, resolve_model_dir, save_pretrained
+from minidiff.plumbing.checkpoint import (
+    load_model,
+    load_weights,
+    resolve_model_dir,
+    save_pretrained,
+)
 
 IDS = torch.tensor([[2, 10, 11, 12, 4, 13, 14, 15, 16, 17, 18, 1], [2, 20, 21, 4, 22, 1, 0, 0, 0, 0, 0, 0]])
 MASK_2D = (IDS != 0).long()

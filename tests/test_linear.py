@@ -14,7 +14,13 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from minidiff.sampler import SamplerConfig, generate
-from minidiff.speed.packed import PackedLinear, linear, pack_weights, packed_weights, unpack_weights
+from minidiff.speed.packed import (
+    PackedLinear,
+    linear,
+    pack_weights,
+    packed_weights,
+    unpack_weights,
+)
 
 
 class OpNames(TorchDispatchMode):

@@ -23,7 +23,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from minidiff.errors import UserError
-from minidiff.lora import adapter_state_dict, apply_lora, check_hyperparameters, lora_modules, target_linears
+from minidiff.lora import (
+    adapter_state_dict,
+    apply_lora,
+    check_hyperparameters,
+    lora_modules,
+    target_linears,
+)
 from minidiff.plumbing.files import atomic_path, write_json
 
 PEFT_PREFIX = "base_model.model."  # peft's key prefix for a model wrapped without a task type
