@@ -23,8 +23,8 @@ import json
 import sys
 from pathlib import Path
 
-from minidiff.diffusion import SCORINGS
 from minidiff.errors import UserError, run_cli
+from minidiff.evaluation.answers import SCORINGS
 from minidiff.evaluation.scoring import DEFAULT_MC_SAMPLES, DEFAULT_SCORING, MAX_BATCH_SIZE
 from minidiff.plumbing.device import add_precision_flags
 from minidiff.plumbing.files import write_json, write_text

@@ -16,7 +16,7 @@ repeat, fp32 and bf16 interleaved, so a busy moment of the machine hits both; th
 reported with fp32 time / bf16 time (> 1: bf16 is faster). The workloads:
     decoder product   the vocabulary projection of one block, [32, H] x [H, V]
     sampler step      `sampler.generate`, prompt 64, one block of 32, 4 steps: time / num_forward
-    scoring batch     `diffusion.mc_loglik`, 32 samples of a 48-token prompt + 16-token answer in one forward
+    scoring batch     `answers.mc_loglik_many`, 32 samples of a 48-token prompt + 16-token answer in one forward
 
 Tokens per second (--tokens-per-second, random weights): `generate` at temperature 0 on prompts
 of mixed lengths (16 to 64 tokens), --new-tokens answer tokens in as many steps, for each
@@ -55,8 +55,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gpu_check import base_shape_config  # noqa: E402  (mmBERT-base and the tiny shape)
 
 import minidiff  # noqa: E402
-from minidiff.diffusion import mc_loglik  # noqa: E402
 from minidiff.errors import UserError, run_cli  # noqa: E402
+from minidiff.evaluation.answers import mc_loglik_many  # noqa: E402
 from minidiff.evaluation.scoring import choice_pairs, load_examples, parse_task, score_examples  # noqa: E402
 from minidiff.model import ModernBertMLM  # noqa: E402
 from minidiff.plumbing.device import NATIVE_BF16_FLAGS, cpu_flags, inference_precision  # noqa: E402
@@ -122,8 +122,8 @@ def workloads(model: ModernBertMLM, L: int = 32) -> dict:
         return seconds / out.num_forward
 
     def scoring(m):
-        return timed(lambda: mc_loglik(m, prompt[:48], prompt[48:], mask, num_samples=32, batch_size=32,
-                                       generator=torch.Generator().manual_seed(0)))[1]
+        return timed(lambda: mc_loglik_many(m, [(prompt[:48], prompt[48:])], mask, pad_id=mask, num_samples=32,
+                                            batch_size=32, generator=torch.Generator().manual_seed(0)))[1]
 
     return {f"decoder product [{L}, {config.hidden_size}] x [{config.hidden_size}, {config.vocab_size}]": decoder,
             f"sampler step (batch 1, prompt 64, block {L}, cache none)": step,

@@ -10,9 +10,9 @@ Cross-Entropy (arXiv 2411.09009), the prior art for a loss without [N, V] logits
 Model: mmBERT-base's shape (hidden 768, 12 heads, intermediate 1152, the 256,000-token
 vocabulary) with few layers, LoRA r=alpha=256, dropout 0.05 on Wqkv, Wo, Wi, fp32 on the CPU.
 One micro-batch of B x S random ids at t = 0.5 (half the tokens masked), forward + backward:
-- dense (the reference, written here; minidiff's loss before the chunked one): the model's
+- dense (the reference, written here; what diffusion.nelbo_loss computes): the model's
   logits [N, V] at the N masked rows, <mask> column removed, F.cross_entropy, the NELBO weight;
-- chunked: diffusion.nelbo_loss, which asks the model for the head features [N, H] and sweeps
+- chunked: chunked_loss.nelbo_loss, which asks the model for the head features [N, H] and sweeps
   the vocabulary chunk by chunk without ever holding [N, V].
 Each (path, batch) runs in its own process: after the model and data are built, the peak RSS
 is reset to the resident size (/proc/self/clear_refs), and the growth is ru_maxrss after one
@@ -92,9 +92,9 @@ def dense_loss(model, x0, t, generator):
 
 
 def chunked_loss(model, x0, t, generator):
-    from minidiff import diffusion
+    from minidiff.speed import chunked_loss as chunked
 
-    return diffusion.nelbo_loss(model, x0, MASK_ID, t=t, generator=generator)
+    return chunked.nelbo_loss(model, x0, MASK_ID, t=t, generator=generator)
 
 
 def step(model, loss_fn, x0, t):

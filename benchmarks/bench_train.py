@@ -12,7 +12,7 @@ LoRA r=256/alpha=256/dropout 0.05 on Wqkv, Wo, Wi, the same batch and the same m
 the corruption drawn from identically seeded generators), fp32 on the CPU.
 - reference: peft model on transformers' ModernBertForMaskedLM, dense logits [B, S, V], then
   the NELBO cross-entropy at the masked positions, torch.optim.AdamW;
-- minidiff: diffusion.nelbo_loss (head features at the masked positions, chunked vocabulary loss),
+- minidiff: chunked_loss.nelbo_loss (head features at the masked positions, chunked vocabulary loss),
   minidiff.optim.AdamW (multi-tensor).
 Steps alternate between the two so machine load affects both alike; the median is reported.
 """
@@ -64,10 +64,10 @@ def build(args):
 
 
 def ours_step(model, opt, x0, seed):
-    from minidiff import diffusion
+    from minidiff.speed import chunked_loss
 
     gen = torch.Generator().manual_seed(seed)
-    loss, _ = diffusion.nelbo_loss(model, x0, 4, generator=gen)  # logits only where masked
+    loss, _ = chunked_loss.nelbo_loss(model, x0, 4, generator=gen)  # the trainer's loss
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -115,9 +115,9 @@ def main():
     # parity (dropout off): the two losses of the same batch and masks agree
     ours.eval(), ref.eval()
     with torch.no_grad():
-        from minidiff import diffusion
+        from minidiff.speed import chunked_loss
 
-        a = diffusion.nelbo_loss(ours, x0, 4, generator=torch.Generator().manual_seed(9))[0]
+        a = chunked_loss.nelbo_loss(ours, x0, 4, generator=torch.Generator().manual_seed(9))[0]
         b = ref_loss(ref, x0, 9)
     ours.train(), ref.train()
 

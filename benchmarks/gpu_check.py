@@ -78,6 +78,7 @@ def build_inputs(work: Path, seed: int = 0) -> dict:
     import minidiff
     from minidiff.data.tokenizer import train_tokenizer
     from minidiff.model import ModelConfig, ModernBertMLM
+    from minidiff.plumbing.checkpoint import save_pretrained
 
     base = work / "base"
     docs = TEXTS * 3  # 30 one-line documents of different lengths (padded batches)
@@ -89,7 +90,7 @@ def build_inputs(work: Path, seed: int = 0) -> dict:
         pad_token_id=tok.pad_id, eos_token_id=tok.eos_id, bos_token_id=tok.bos_id,
         cls_token_id=tok.eos_id, sep_token_id=tok.eos_id, mask_token_id=tok.mask_id)
     torch.manual_seed(seed)
-    ModernBertMLM(config).save_pretrained(base)
+    save_pretrained(ModernBertMLM(config), base)
     assert minidiff.load_model(base) is not None
     (work / "train.txt").write_text("\n".join(docs) + "\n", encoding="utf-8")
     (work / "ppl.txt").write_text("\n".join(TEXTS) + "\n", encoding="utf-8")

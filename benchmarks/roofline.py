@@ -47,14 +47,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gpu_check import base_shape_config  # noqa: E402  (mmBERT-base and the tiny shape)
 
-from minidiff.diffusion import mc_loglik, nelbo_loss  # noqa: E402
 from minidiff.errors import UserError, run_cli  # noqa: E402
+from minidiff.evaluation.answers import mc_loglik_many  # noqa: E402
 from minidiff.lora import apply_lora, lora_modules  # noqa: E402
 from minidiff.model import ModelConfig, ModernBertMLM  # noqa: E402
 from minidiff.plumbing.device import check_available, inference_precision, resolve_device  # noqa: E402
 from minidiff.plumbing.files import atomic_path, write_json  # noqa: E402
 from minidiff.sampler import SamplerConfig, generate  # noqa: E402
-from minidiff.speed.chunked_loss import linear_cross_entropy  # noqa: E402
+from minidiff.speed.chunked_loss import linear_cross_entropy, nelbo_loss  # noqa: E402
 from minidiff.speed.packed import PACK_ROWS  # noqa: E402
 
 H200 = {"name": "H200", "flops": 990e12, "bytes_per_s": 4.8e12}  # dense bf16, HBM3e
@@ -263,8 +263,9 @@ def hot_paths(config: ModelConfig, shapes: Shapes, device: torch.device, precisi
             paths.append(HotPath(f"sampler step, cache {cache}, batch {batch}", run, lambda out: out.num_forward))
     prompt, answer = ids(shapes.score_prompt), ids(shapes.answer)
     paths.append(HotPath(f"mc_loglik, {shapes.mc_samples} samples of {shapes.score_prompt} + {shapes.answer}",
-                         inference(lambda: mc_loglik(model, prompt, answer, mask_id, num_samples=shapes.mc_samples,
-                                                     batch_size=shapes.mc_samples))))
+                         inference(lambda: mc_loglik_many(model, [(prompt, answer)], mask_id, pad_id=mask_id,
+                                                          num_samples=shapes.mc_samples,
+                                                          batch_size=shapes.mc_samples))))
     paths.append(chunked_loss_path(model, shapes.loss_rows, mask_id, precision))
     paths.append(training_path(model, shapes, mask_id, precision))
     return paths

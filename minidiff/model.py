@@ -13,9 +13,8 @@ Forward pass (ModernBERT 2412.13663; as transformers' modeling_modernbert):
                         x = x + Wo_mlp(gelu(u) * g),  [u, g] = Wi(mlp_norm(x))
     h = final_norm(x);  logits = decoder(head.norm(gelu(head.dense(h))))
 Layer l is global when l % global_attn_every_n_layers == 0, else local: query i sees key j
-only when |i - j| <= local_attention // 2. Of minidiff this module imports only `files` (the
-atomic writes of `save_pretrained`) and `linear` (nn.Linear whose small-row fp32 CPU products
-run through oneDNN, at their bound; docs/benchmarks.md, "Roofline").
+only when |i - j| <= local_attention // 2. Saving: minidiff/plumbing/checkpoint.py; faster CPU
+products for a model only read: minidiff/speed/packed.py.
 """
 from __future__ import annotations
 
@@ -26,12 +25,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
-
-from minidiff.plumbing.files import atomic_path, write_json
-from minidiff.speed.packed import Linear
 
 
 @dataclass
@@ -185,8 +180,8 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.head_dim = config.head_dim
-        self.Wqkv = Linear(config.hidden_size, 3 * config.hidden_size, bias=config.attention_bias)
-        self.Wo = Linear(config.hidden_size, config.hidden_size, bias=config.attention_bias)
+        self.Wqkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.attention_bias)
+        self.Wo = nn.Linear(config.hidden_size, config.hidden_size, bias=config.attention_bias)
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None = None, layer: int = 0):
         q, k, v = self.project(x, cos, sin)  # each [B, heads, S, d]
@@ -212,8 +207,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.Wi = Linear(config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias)
-        self.Wo = Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.Wi = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias)
+        self.Wo = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
         self.act = activation(config.hidden_activation)
 
     def forward(self, x):
@@ -397,7 +392,7 @@ class Encoder(nn.Module):
 class PredictionHead(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.dense = Linear(config.hidden_size, config.hidden_size, bias=config.classifier_bias)
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size, bias=config.classifier_bias)
         self.act = activation(config.classifier_activation)
         self.norm = layer_norm(config)
 
@@ -427,7 +422,7 @@ class ModernBertMLM(nn.Module):
         self.config = config
         self.model = Encoder(config)
         self.head = PredictionHead(config)
-        self.decoder = Linear(config.hidden_size, config.vocab_size, bias=config.decoder_bias)
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size, bias=config.decoder_bias)
         self.reset_parameters()
         if config.tie_word_embeddings:
             self.decoder.weight = self.model.embeddings.tok_embeddings.weight
@@ -497,22 +492,3 @@ class ModernBertMLM(nn.Module):
     def num_parameters(self) -> int:
         """Distinct parameters (the tied decoder weight counted once)."""
         return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
-
-    def save_pretrained(self, directory: str | Path, state_dict: dict | None = None) -> None:
-        """Write config.json + model.safetensors in the transformers layout.
-
-        `state_dict` overrides what is saved (e.g. a LoRA model's merged base weights).
-        The tied decoder weight is left out (transformers re-ties it on load). Files are
-        written under temporary names and renamed, so a crash never leaves a complete-looking
-        but truncated model behind.
-        """
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        state = self.state_dict() if state_dict is None else state_dict
-        state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-        if self.config.tie_word_embeddings:
-            state.pop("decoder.weight", None)
-        # config first, the weights last: a directory with model.safetensors is complete
-        write_json(directory / "config.json", self.config.to_dict())
-        with atomic_path(directory / "model.safetensors") as tmp:
-            save_file(state, str(tmp), metadata={"format": "pt"})

@@ -16,6 +16,7 @@ import torch
 
 from minidiff.data import readers as data
 from minidiff.model import ModelConfig, ModernBertMLM
+from minidiff.plumbing.checkpoint import save_pretrained
 
 # mmBERT's special-token layout (mmBERT 2509.06888; tokenizer of jhu-clsp/mmBERT-base).
 RESERVED_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]
@@ -132,7 +133,7 @@ def make_model_dir(path, seed: int = 0, **overrides) -> Path:
     path = make_tokenizer_dir(path)
     vocab = Tokenizer.from_file(str(path / "tokenizer.json")).get_vocab_size()
     model = tiny_model(seed, vocab_size=vocab, **overrides)
-    model.save_pretrained(path)
+    save_pretrained(model, path)
     return path
 
 

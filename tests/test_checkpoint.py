@@ -16,7 +16,12 @@ from safetensors.torch import load_file, save_file
 import minidiff
 from minidiff.errors import UserError
 from minidiff.plumbing import checkpoint
-from minidiff.plumbing.checkpoint import load_model, load_weights, resolve_model_dir
+from minidiff.plumbing.checkpoint import (
+    load_model,
+    load_weights,
+    resolve_model_dir,
+    save_pretrained,
+)
 
 IDS = torch.tensor([[2, 10, 11, 12, 4, 13, 14, 15, 16, 17, 18, 1], [2, 20, 21, 4, 22, 1, 0, 0, 0, 0, 0, 0]])
 MASK_2D = (IDS != 0).long()
@@ -43,7 +48,7 @@ def close(a, b):
 
 def test_save_pretrained_loads_in_transformers(tmp_path):
     model = tiny_model(seed=1)
-    model.save_pretrained(tmp_path)
+    save_pretrained(model, tmp_path)
     assert close(our_logits(model), hf_logits(tmp_path).logits)
     again = load_model(tmp_path)
     assert close(our_logits(model), our_logits(again))
@@ -88,7 +93,7 @@ def test_headless_checkpoint(tmp_path):
 
 
 def test_dtype_and_device(tmp_path):
-    tiny_model(seed=2).save_pretrained(tmp_path)
+    save_pretrained(tiny_model(seed=2), tmp_path)
     model = load_model(tmp_path, dtype=torch.bfloat16, device="cpu")
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
     assert model.decoder.weight is model.model.embeddings.tok_embeddings.weight
@@ -237,14 +242,14 @@ def test_converter_cli_exits_2_without_traceback(tmp_path):
 
 
 def test_missing_config(tmp_path):
-    tiny_model().save_pretrained(tmp_path)
+    save_pretrained(tiny_model(), tmp_path)
     (tmp_path / "config.json").unlink()
     with pytest.raises(UserError, match=rf"{tmp_path / 'config.json'} is missing"):
         load_model(tmp_path)
 
 
 def test_missing_key(tmp_path):
-    tiny_model().save_pretrained(tmp_path)
+    save_pretrained(tiny_model(), tmp_path)
     state = load_file(tmp_path / "model.safetensors")
     del state["model.layers.1.mlp.Wi.weight"]
     save_file(state, tmp_path / "model.safetensors")
@@ -253,7 +258,7 @@ def test_missing_key(tmp_path):
 
 
 def test_unexpected_key(tmp_path):
-    tiny_model().save_pretrained(tmp_path)
+    save_pretrained(tiny_model(), tmp_path)
     state = load_file(tmp_path / "model.safetensors")
     state["classifier.weight"] = torch.zeros(3, 32)
     save_file(state, tmp_path / "model.safetensors")
@@ -262,7 +267,7 @@ def test_unexpected_key(tmp_path):
 
 
 def test_shape_mismatch(tmp_path):
-    tiny_model().save_pretrained(tmp_path)
+    save_pretrained(tiny_model(), tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     config["intermediate_size"] = 40  # weights were saved with 48
     (tmp_path / "config.json").write_text(json.dumps(config))
@@ -274,7 +279,7 @@ def test_shape_mismatch(tmp_path):
 
 
 def test_truncated_safetensors(tmp_path):
-    tiny_model().save_pretrained(tmp_path)
+    save_pretrained(tiny_model(), tmp_path)
     file = tmp_path / "model.safetensors"
     data = file.read_bytes()
     for cut in (len(data) - 100, 5):  # inside the tensor data; inside the header length

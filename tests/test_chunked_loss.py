@@ -1,9 +1,11 @@
-"""The chunked vocabulary loss (minidiff.speed.chunked_loss) against dense computations written here.
+"""The chunked vocabulary loss (minidiff.speed.chunked_loss) against dense computations written here
+and against minidiff.diffusion's dense losses.
 
 In float64 the loss and every gradient (head features, decoder weight tied to the embedding,
 decoder bias, LoRA A/B, every model parameter) equal full-logits cross-entropy to 1e-10
 relative, for chunks of 1 row, 7 rows and more rows than there are; nelbo_loss (both
-normalisations), mlm_loss (with and without the <mask> logit), mc_loglik; bf16 autocast runs.
+normalisations, and equal to diffusion.nelbo_loss), mlm_loss (with and without the <mask>
+logit), the answer scorer; bf16 autocast runs.
 """
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ import torch
 from helpers import MASK, PAD, tiny_model
 
 from minidiff import diffusion
+from minidiff.evaluation import answers
+from minidiff.evaluation.scoring import mlm_corrupt, mlm_loss
 from minidiff.lora import apply_lora
 from minidiff.speed import chunked_loss
 
@@ -167,8 +171,8 @@ def test_nelbo_loss_equals_dense(chunk_rows, kind, rows, normalize):
     t = torch.tensor([0.5, 0.25, 1.0, 0.125])  # w(t) = 1/t exact in fp32 and fp64
     seen = chunk_rows(rows, model.config.vocab_size)
 
-    loss, num_masked = diffusion.nelbo_loss(model, x0, MASK, attention_mask=attention, normalize=normalize,
-                                            t=t, generator=torch.Generator().manual_seed(11))
+    loss, num_masked = chunked_loss.nelbo_loss(model, x0, MASK, attention_mask=attention, normalize=normalize,
+                                               t=t, generator=torch.Generator().manual_seed(11))
 
     # dense: the same draws, logits everywhere, <mask> removed, CE at the masked positions
     xt, is_masked = diffusion.corrupt(x0, t, MASK, maskable, torch.Generator().manual_seed(11),
@@ -186,10 +190,37 @@ def test_nelbo_loss_equals_dense(chunk_rows, kind, rows, normalize):
     check_loss_and_grads(model, loss, dense)
 
 
+@pytest.mark.parametrize("kind", ["full", "lora"])
+@pytest.mark.parametrize("normalize", ["sequence", "token"])
+def test_chunked_nelbo_loss_equals_the_dense_one(chunk_rows, kind, normalize):
+    """chunked_loss.nelbo_loss is diffusion.nelbo_loss: the same draws, loss and gradients (float64),
+    the times drawn too (stratified) and padding under an attention mask."""
+    model = model_under_test(kind)
+    x0, attention = batch()
+    chunk_rows(7, model.config.vocab_size)
+    options = dict(attention_mask=attention, normalize=normalize, stratified=True, schedule="cosine")
+    chunked, n = chunked_loss.nelbo_loss(model, x0, MASK, generator=torch.Generator().manual_seed(3), **options)
+    dense, m = diffusion.nelbo_loss(model, x0, MASK, generator=torch.Generator().manual_seed(3), **options)
+    assert int(n) == int(m) > 7
+    check_loss_and_grads(model, chunked, dense)
+
+
+def test_chunked_masked_ce_per_row_equals_the_dense_one(chunk_rows):
+    model = model_under_test("full")
+    x0, attention = batch()
+    chunk_rows(7, model.config.vocab_size)
+    is_masked = (torch.rand(x0.shape, generator=torch.Generator().manual_seed(6)) < 0.4) & attention.bool()
+    with torch.no_grad():
+        chunked = chunked_loss.masked_ce_per_row(model, x0, is_masked, MASK, attention)
+        dense = diffusion.masked_ce_per_row(model, x0, is_masked, MASK, attention)
+    assert chunked.dtype == dense.dtype == torch.float64 and chunked.shape == (x0.shape[0],)
+    assert_close(chunked, dense)
+
+
 def test_nelbo_loss_with_nothing_masked_backpropagates_zero():
     model = model_under_test("full")
     x0, _ = batch()
-    loss, n = diffusion.nelbo_loss(model, x0, MASK, maskable=torch.zeros_like(x0, dtype=torch.bool))
+    loss, n = chunked_loss.nelbo_loss(model, x0, MASK, maskable=torch.zeros_like(x0, dtype=torch.bool))
     loss.backward()
     assert loss.item() == 0.0 and n.item() == 0
     assert model.decoder.bias.grad is not None and model.decoder.bias.grad.abs().max() == 0
@@ -201,11 +232,10 @@ def test_mlm_loss_equals_dense(chunk_rows, exclude, rows):
     model = model_under_test("full")
     x0, attention = batch()
     seen = chunk_rows(rows, model.config.vocab_size)
-    loss, n = diffusion.mlm_loss(model, x0, MASK, maskable=None, attention_mask=attention, mask_prob=0.3,
-                                 replace=True, exclude_mask_logit=exclude,
-                                 generator=torch.Generator().manual_seed(5))
-    corrupted, is_target = diffusion.mlm_corrupt(x0, MASK, attention.bool(), mask_prob=0.3, replace=True,
-                                                 vocab_size=64, generator=torch.Generator().manual_seed(5))
+    loss, n = mlm_loss(model, x0, MASK, maskable=None, attention_mask=attention, mask_prob=0.3,
+                       replace=True, exclude_mask_logit=exclude, generator=torch.Generator().manual_seed(5))
+    corrupted, is_target = mlm_corrupt(x0, MASK, attention.bool(), mask_prob=0.3, replace=True,
+                                       vocab_size=64, generator=torch.Generator().manual_seed(5))
     ce = dense_ce(model(corrupted, attention), x0, MASK if exclude else None)  # [B, S]
     dense = ce[is_target].sum() / is_target.sum()
     assert seen and max(seen) <= rows
@@ -229,16 +259,16 @@ def test_mc_loglik_equals_dense(chunk_rows, rows):
     seen = chunk_rows(rows, model.config.vocab_size)
     # one answer token: log p(a | prompt) exactly, the softmax without <mask>
     prompt, answer = [2, 17, 33, 40], [21]
-    got = diffusion.mc_loglik(model, prompt, answer, MASK, num_samples=3)
+    got = answers.mc_loglik_many(model, [(prompt, answer)], MASK, pad_id=PAD, num_samples=3)[0]
     logits = model(torch.tensor([prompt + [MASK]]))[0, -1].detach()  # [V]
     assert math.isclose(got, -float(dense_ce(logits, torch.tensor(21), MASK)), rel_tol=TOL)
     # several answers, padded batches: the same draws through dense logits
     pairs = [([2, 17, 33], [21, 30, 8, 9]), ([2, 5], [44, 12]), ([2, 7, 7, 7, 9], [50, 51, 52])]
-    got = diffusion.mc_loglik_many(model, pairs, MASK, pad_id=PAD, num_samples=5, batch_size=4,
-                                   generator=torch.Generator().manual_seed(2))
+    got = answers.mc_loglik_many(model, pairs, MASK, pad_id=PAD, num_samples=5, batch_size=4,
+                                 generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        want = diffusion.mc_loglik_many(LogitsOnly(model), pairs, MASK, pad_id=PAD, num_samples=5,
-                                        batch_size=4, generator=torch.Generator().manual_seed(2))
+        want = answers.mc_loglik_many(LogitsOnly(model), pairs, MASK, pad_id=PAD, num_samples=5,
+                                      batch_size=4, generator=torch.Generator().manual_seed(2))
     assert seen and max(seen) <= rows
     for a, b in zip(got, want):
         assert math.isclose(a, b, rel_tol=TOL)
@@ -260,10 +290,10 @@ def test_wrapped_model_is_asked_through_its_forward():
     model = model_under_test("full")
     x0, attention = batch()
     t = torch.tensor([0.5, 0.25, 1.0, 0.125])
-    wrapped, _ = diffusion.nelbo_loss(Wrapper(model), x0, MASK, attention_mask=attention, t=t,
-                                      generator=torch.Generator().manual_seed(1))
-    plain, _ = diffusion.nelbo_loss(model, x0, MASK, attention_mask=attention, t=t,
-                                    generator=torch.Generator().manual_seed(1))
+    wrapped, _ = chunked_loss.nelbo_loss(Wrapper(model), x0, MASK, attention_mask=attention, t=t,
+                                         generator=torch.Generator().manual_seed(1))
+    plain, _ = chunked_loss.nelbo_loss(model, x0, MASK, attention_mask=attention, t=t,
+                                       generator=torch.Generator().manual_seed(1))
     assert calls == [["features_at"]]
     assert torch.equal(wrapped, plain)
 
@@ -274,8 +304,8 @@ def test_bf16_autocast_on_cpu_stays_near_fp32():
     t = torch.tensor([0.5, 0.25, 1.0, 0.125])
 
     def run():
-        loss, _ = diffusion.nelbo_loss(model, x0, MASK, attention_mask=attention, t=t,
-                                       generator=torch.Generator().manual_seed(4))
+        loss, _ = chunked_loss.nelbo_loss(model, x0, MASK, attention_mask=attention, t=t,
+                                          generator=torch.Generator().manual_seed(4))
         grads = torch.autograd.grad(loss, list(model.parameters()))
         return loss, grads
 

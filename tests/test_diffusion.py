@@ -1,6 +1,7 @@
-"""minidiff.diffusion against independent references: exact enumerations over orders, a toy model
-holding the exact conditionals of a known joint, hand-computed losses, finite differences, and
-the formulas of MDLM / BERT written out again here."""
+"""minidiff.diffusion (with the batched answer scorer, minidiff.evaluation.answers, and BERT's
+masking, minidiff.evaluation.scoring) against independent references: exact enumerations over
+orders, a toy model holding the exact conditionals of a known joint, hand-computed losses, finite
+differences, and the formulas of MDLM / BERT written out again here."""
 from __future__ import annotations
 
 import copy
@@ -14,6 +15,8 @@ from torch import nn
 
 from minidiff import diffusion as D
 from minidiff.errors import UserError
+from minidiff.evaluation import answers
+from minidiff.evaluation.scoring import mlm_corrupt, mlm_loss
 
 V = 12  # tiny vocabulary: ids 0..4 are mmBERT's specials (mask = 4), 5..11 ordinary tokens
 
@@ -245,13 +248,13 @@ def test_mc_loglik_strata_weights_and_prompt():
 def test_mc_loglik_many_equals_pair_by_pair(model):
     pairs = [([BOS, 5, 6], [9, 7, 11]), ([BOS, 8], [10, 5, 6, 7, 9]), ([BOS, 6, 6, 6, 9], [5]),
              ([BOS], [7, 8])]
-    many = D.mc_loglik_many(model, pairs, MASK, pad_id=PAD, num_samples=6, batch_size=4,
+    many = answers.mc_loglik_many(model, pairs, MASK, pad_id=PAD, num_samples=6, batch_size=4,
                             generator=torch.Generator().manual_seed(4))
     generator = torch.Generator().manual_seed(4)
     one_by_one = [D.mc_loglik(model, p, a, MASK, num_samples=6, batch_size=6, generator=generator)
                   for p, a in pairs]
     assert many == pytest.approx(one_by_one, abs=1e-5)
-    assert D.mc_loglik_many(model, [], MASK, pad_id=PAD) == []
+    assert answers.mc_loglik_many(model, [], MASK, pad_id=PAD) == []
 
 
 def test_mc_loglik_rejects_an_empty_answer(model):
@@ -401,7 +404,7 @@ def test_mlm_corrupt_exact_count_and_specials_never_masked():
     ids = torch.randint(0, V, (6, 40), generator=generator)  # ids 0..4 are special tokens
     maskable = ids >= 5
     for p in (0.15, 0.3, 0.5, 1.0):
-        corrupted, target = D.mlm_corrupt(ids, MASK, maskable, mask_prob=p, generator=generator)
+        corrupted, target = mlm_corrupt(ids, MASK, maskable, mask_prob=p, generator=generator)
         for row in range(6):
             n = int(maskable[row].sum())
             assert int(target[row].sum()) == math.floor(p * n + 0.5)
@@ -416,7 +419,7 @@ def test_mlm_corrupt_chooses_uniformly():
     draws = 4000
     counts = torch.zeros(10)
     for _ in range(draws):
-        counts += D.mlm_corrupt(ids, MASK, maskable, mask_prob=0.25, generator=generator)[1][0]
+        counts += mlm_corrupt(ids, MASK, maskable, mask_prob=0.25, generator=generator)[1][0]
     p = 2 / 8
     assert counts[0] == 0 and counts[9] == 0
     assert bool(((counts[1:9] / draws - p).abs() < 4 * math.sqrt(p * (1 - p) / draws)).all())
@@ -426,7 +429,7 @@ def test_mlm_corrupt_80_10_10():
     generator = torch.Generator().manual_seed(11)
     ids = torch.randint(5, V, (8, 5000), generator=generator)
     maskable = torch.ones_like(ids, dtype=torch.bool)
-    corrupted, target = D.mlm_corrupt(ids, MASK, maskable, mask_prob=0.5, replace=True,
+    corrupted, target = mlm_corrupt(ids, MASK, maskable, mask_prob=0.5, replace=True,
                                       vocab_size=V, generator=generator)
     assert torch.equal(corrupted[~target], ids[~target])
     n = int(target.sum())
@@ -449,9 +452,9 @@ def test_mlm_corrupt_80_10_10():
 def test_mlm_loss_equals_direct_cross_entropy(model, exclude):
     ids = torch.randint(0, V, (3, 12), generator=torch.Generator().manual_seed(12))
     maskable = ids >= 5
-    loss, n = D.mlm_loss(model, ids, MASK, maskable=maskable, mask_prob=0.3, replace=True,
+    loss, n = mlm_loss(model, ids, MASK, maskable=maskable, mask_prob=0.3, replace=True,
                          exclude_mask_logit=exclude, generator=torch.Generator().manual_seed(13))
-    corrupted, target = D.mlm_corrupt(ids, MASK, maskable, mask_prob=0.3, replace=True,
+    corrupted, target = mlm_corrupt(ids, MASK, maskable, mask_prob=0.3, replace=True,
                                       vocab_size=V, generator=torch.Generator().manual_seed(13))
     with torch.no_grad():
         logits = model(corrupted).double()  # [B, S, V]
@@ -502,7 +505,7 @@ def test_exact_score_is_the_any_order_average_over_the_answer(model):
     prompt positions are never masked. Also equal to exact_nelbo with only the answer maskable."""
     double = copy.deepcopy(model).double()
     pairs = [([BOS, 5, 6], [9, 7, 11]), ([BOS, 8], [10, 5, 6, 7]), ([BOS, 6], [5])]
-    got = D.score_answers(double, pairs, MASK, pad_id=PAD, scoring="exact", batch_size=5)
+    got = answers.score_answers(double, pairs, MASK, pad_id=PAD, scoring="exact", batch_size=5)
     for (prompt, answer), score in zip(pairs, got):
         x0 = torch.tensor(prompt + answer)
         positions = list(range(len(prompt), len(x0)))
@@ -515,27 +518,28 @@ def test_exact_score_is_the_any_order_average_over_the_answer(model):
 
 def test_exact_scores_do_not_depend_on_the_seed(model):
     pairs = [([BOS, 5, 6], [9, 7, 11]), ([BOS], [7, 8])]
-    a = D.score_answers(model, pairs, MASK, pad_id=PAD, scoring="exact", pair_seed=0)
-    b = D.score_answers(model, pairs, MASK, pad_id=PAD, scoring="exact", pair_seed=1)
+    a = answers.score_answers(model, pairs, MASK, pad_id=PAD, scoring="exact", pair_seed=0)
+    b = answers.score_answers(model, pairs, MASK, pad_id=PAD, scoring="exact", pair_seed=1)
     assert a == b
 
 
 def test_auto_is_exact_when_no_dearer_than_the_samples_it_replaces(model):
     pairs = [([BOS, 5], [9]), ([BOS, 5], [9, 7]), ([BOS, 5], [9, 7, 11]), ([BOS, 5], [9, 7, 11, 6])]
-    got = D.score_answers(model, pairs, MASK, pad_id=PAD, num_samples=7, scoring="auto", pair_seed=2)
+    got = answers.score_answers(model, pairs, MASK, pad_id=PAD, num_samples=7, scoring="auto", pair_seed=2)
     # 2^L - 1 = 1, 3, 7, 15 forwards against 7 samples
     assert [s.exact for s in got] == [True, True, True, False]
     assert got[3].se > 0
     with pytest.raises(UserError, match="at most 16 tokens"):
-        D.score_answers(model, [([BOS], [5] * 17)], MASK, pad_id=PAD, scoring="exact")
+        answers.score_answers(model, [([BOS], [5] * 17)], MASK, pad_id=PAD, scoring="exact")
 
 
 def test_mc_standard_error_is_the_spread_of_its_samples(model):
     """se = std(v_j, ddof=1) / sqrt(n), v_j = (L / l_j) sum_masked CE recomputed here row by row."""
     prompt, answer, n = [BOS, 5, 6], [9, 7, 11, 8], 10
-    got = D.score_answers(model, [(prompt, answer)], MASK, pad_id=PAD, num_samples=n, batch_size=3,
+    got = answers.score_answers(model, [(prompt, answer)], MASK, pad_id=PAD, num_samples=n, batch_size=3,
                           scoring="mc", pair_seed=4)[0]
-    masks, weights = D.draw_answer_masks(len(answer), n, torch.Generator().manual_seed(4))
+    generator = torch.Generator().manual_seed(4)
+    masks, weights = D.draw_answer_masks(len(answer), n, D.stratum_offset(len(answer), generator), generator=generator)
     values = []
     for mask, weight in zip(masks, weights):
         x = torch.tensor(prompt + answer)
@@ -551,9 +555,11 @@ def test_mc_standard_error_is_the_spread_of_its_samples(model):
 
 
 def test_draws_in_chunks_are_the_draws_at_once():
-    whole = D.draw_answer_masks(5, 23, torch.Generator().manual_seed(8))
-    draws = D.AnswerDraws(5, 23, torch.Generator().manual_seed(8))
-    parts = [draws.take(c) for c in (4, 1, 18)]
+    generator = torch.Generator().manual_seed(8)
+    whole = D.draw_answer_masks(5, 23, D.stratum_offset(5, generator), generator=generator)
+    generator = torch.Generator().manual_seed(8)
+    offset = D.stratum_offset(5, generator)
+    parts = [D.draw_answer_masks(5, 23, offset, range(a, b), generator) for a, b in ((0, 4), (4, 5), (5, 23))]
     assert torch.equal(torch.cat([m for m, _ in parts]), whole[0])
     assert torch.equal(torch.cat([w for _, w in parts]), whole[1])
 
@@ -578,6 +584,6 @@ def test_a_billion_samples_run_in_forwards_of_batch_size_rows(model):
     """No allocation grows with num_samples: the first forwards start at once, each batch_size rows."""
     guard = RowLimit(model, rows=8, forwards=3)
     with pytest.raises(StopIteration):
-        D.score_answers(guard, [([BOS, 5], [9, 7, 11])], MASK, pad_id=PAD, num_samples=10**9,
+        answers.score_answers(guard, [([BOS, 5], [9, 7, 11])], MASK, pad_id=PAD, num_samples=10**9,
                         batch_size=8, scoring="mc", pair_seed=0)
     assert guard.left < 0

@@ -1,5 +1,5 @@
 """minidiff.speed.packed: the oneDNN product equals F.linear computed in float64 (fp32 tolerances) for
-every layout a model hands it, runs only where no gradient can flow, and Linear is an nn.Linear;
+every layout a model hands it, runs only where no gradient can flow, and PackedLinear is an nn.Linear;
 packed weights give F.linear's results, are dropped when the weight changes and never reach
 gradients, state dicts or copies."""
 from __future__ import annotations
@@ -14,7 +14,13 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from minidiff.sampler import SamplerConfig, generate
-from minidiff.speed.packed import Linear, linear, pack_weights, packed_weights, unpack_weights
+from minidiff.speed.packed import (
+    PackedLinear,
+    linear,
+    pack_weights,
+    packed_weights,
+    unpack_weights,
+)
 
 
 class OpNames(TorchDispatchMode):
@@ -102,7 +108,7 @@ def test_mkldnn_switch_turns_it_off(monkeypatch):
 def test_linear_module_is_an_nn_linear():
     torch.manual_seed(0)
     plain = nn.Linear(12, 20)
-    ours = Linear(12, 20)
+    ours = PackedLinear(12, 20)
     ours.load_state_dict(plain.state_dict())
     assert isinstance(ours, nn.Linear) and list(ours.state_dict()) == ["weight", "bias"]
     x = torch.randn(5, 12)
@@ -134,7 +140,7 @@ needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reas
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_packed_fp32_products_match_float64(rows, with_bias):
     torch.manual_seed(rows)
-    layer = Linear(768, 2304, bias=with_bias)
+    layer = PackedLinear(768, 2304, bias=with_bias)
     x = torch.randn(2, rows, 768)
     with torch.no_grad(), packed_weights(layer), PackedProducts() as packed:
         assert layer.packed_weight() is not None
@@ -146,7 +152,7 @@ def test_packed_fp32_products_match_float64(rows, with_bias):
 @needs_onednn
 def test_packed_bf16_under_autocast_is_f_linear_in_bf16():
     torch.manual_seed(0)
-    layer = Linear(96, 200).to(torch.bfloat16)
+    layer = PackedLinear(96, 200).to(torch.bfloat16)
     x = torch.randn(5, 96)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         want = F.linear(x, layer.weight, layer.bias)
@@ -160,7 +166,7 @@ def test_packed_bf16_under_autocast_is_f_linear_in_bf16():
 @needs_onednn
 def test_a_changed_weight_drops_its_packed_copy():
     torch.manual_seed(0)
-    layer = Linear(16, 24)
+    layer = PackedLinear(16, 24)
     x = torch.randn(3, 16)
     pack_weights(layer)
     optimizer = torch.optim.AdamW(layer.parameters(), lr=0.1)
@@ -171,7 +177,7 @@ def test_a_changed_weight_drops_its_packed_copy():
     assert packed.count == 0 and layer.packed_weight() is None
     torch.testing.assert_close(after_step, reference(x, layer.weight, layer.bias))
     pack_weights(layer)
-    layer.load_state_dict(Linear(16, 24).state_dict())  # copy_ into the same storage
+    layer.load_state_dict(PackedLinear(16, 24).state_dict())  # copy_ into the same storage
     with torch.no_grad():
         torch.testing.assert_close(layer(x), reference(x, layer.weight, layer.bias))
     assert layer.packed_weight() is None
@@ -184,7 +190,7 @@ def test_a_changed_weight_drops_its_packed_copy():
 @needs_onednn
 def test_packed_weights_leave_training_and_copies_alone():
     torch.manual_seed(0)
-    layer = Linear(16, 24)
+    layer = PackedLinear(16, 24)
     x = torch.randn(3, 16, requires_grad=True)
     with packed_weights(layer), PackedProducts() as packed:
         layer(x).square().sum().backward()  # gradients flow: F.linear
@@ -206,7 +212,7 @@ def test_sampling_with_packed_weights_commits_the_same_tokens():
     with torch.no_grad():
         plain = generate(model, prompts, config, mask_id=MASK, eos_id=EOS).sequences
         want = model(ids).double()
-        assert pack_weights(model) == sum(m.weight.numel() * 4 for m in model.modules() if isinstance(m, Linear))
+        assert pack_weights(model) == sum(m.weight.numel() * 4 for m in model.modules() if isinstance(m, nn.Linear))
         with PackedProducts() as packed:
             packed_sequences = generate(model, prompts, config, mask_id=MASK, eos_id=EOS).sequences
             got = model(ids).double()
@@ -219,8 +225,25 @@ def test_sampling_with_packed_weights_commits_the_same_tokens():
 @needs_onednn
 def test_torch_compile_traces_a_packed_linear_as_f_linear():
     torch.manual_seed(0)
-    layer = Linear(16, 24)
+    layer = PackedLinear(16, 24)
     x = torch.randn(3, 16)
     with torch.no_grad(), packed_weights(layer):
         got = torch.compile(layer, fullgraph=True, backend="eager")(x)  # dynamo traces; eager runs the graph
     torch.testing.assert_close(got, reference(x, layer.weight, layer.bias))
+
+
+@needs_onednn
+def test_packing_swaps_a_models_linears_and_unpacking_restores_them():
+    """pack_weights makes each CPU nn.Linear a PackedLinear in place (same parameters, same keys);
+    unpack_weights gives it back its plain class; layers oneDNN cannot pack stay as they are."""
+    model = tiny_model(0).eval()
+    keys, params = list(model.state_dict()), [id(p) for p in model.parameters()]
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    assert linears and all(type(m) is nn.Linear for m in linears)
+    with packed_weights(model):
+        assert all(type(m) is PackedLinear and m.packed_weight() is not None for m in linears)
+        assert list(model.state_dict()) == keys and [id(p) for p in model.parameters()] == params
+    assert all(type(m) is nn.Linear for m in linears)
+    wide = tiny_model(0).double()  # float64: no oneDNN layout to pack into
+    assert pack_weights(wide) == 0
+    assert all(type(m) is nn.Linear for m in wide.modules() if isinstance(m, nn.Linear))

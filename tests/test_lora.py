@@ -1,4 +1,4 @@
-"""minidiff.lora against peft's LoRA on transformers' ModernBertForMaskedLM.
+"""minidiff.lora and minidiff.plumbing.peft_io against peft's LoRA on transformers' ModernBertForMaskedLM.
 
 Outputs and gradients are compared in float64 (transformers still computes its rotary angles
 and rotated q, k in float32, which bounds the agreement near 1e-7 relative); adapters written
@@ -19,13 +19,12 @@ from minidiff.lora import (
     adapter_state_dict,
     apply_lora,
     base_state_dict,
-    load_adapter,
     lora_report,
     merge_lora,
-    save_adapter,
     unmerge_lora,
 )
 from minidiff.model import ModelConfig, ModernBertMLM
+from minidiff.plumbing.peft_io import load_adapter, save_adapter
 
 TARGETS = ["Wqkv", "Wo", "Wi"]
 R, ALPHA = 4, 8  # scaling 2, so a wrong scaling shows

@@ -74,11 +74,12 @@ def test_sigkill_then_resume_equals_uninterrupted_run(setup, tmp_path):
     assert_same_weights(full_out / "adapter" / "adapter_model.safetensors",
                         killed_out / "adapter" / "adapter_model.safetensors")
     # the exported LoRA run: merged weights == base + adapter (minidiff's loader and peft layout)
-    from minidiff import load_model, lora
+    from minidiff import load_model
+    from minidiff.plumbing import peft_io
 
     merged = load_model(killed_out)
     # .eval(): apply_lora's new LoRALinear modules start in training mode (dropout on) even in an eval model
-    adapted = lora.load_adapter(load_model(setup["model"]), killed_out / "adapter").eval()
+    adapted = peft_io.load_adapter(load_model(setup["model"]), killed_out / "adapter").eval()
     ids = torch.randint(5, merged.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.allclose(merged(ids), adapted(ids), atol=1e-4)

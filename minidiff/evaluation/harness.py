@@ -11,7 +11,7 @@ Monte-Carlo estimator. Reader's page: docs/evaluation.md ("lm-evaluation-harness
 
 The three request types, each on minidiff's own machinery, as evaluate.py and sample.py use it:
     loglikelihood(context, continuation)   <bos> + context and the continuation tokenised apart;
-                                           log p(continuation | context) by diffusion.score_answers
+                                           log p(continuation | context) by answers.score_answers
     loglikelihood_rolling(text)            -NELBO over lm-eval's rolling windows: a lower bound
     generate_until(context, gen_kwargs)    sampler.generate, the answer cut at eos and at `until`
 On the CPU the linear weights get packed copies (minidiff/speed/packed.py), as in evaluate.py.
@@ -26,9 +26,9 @@ from pathlib import Path
 
 import torch
 
-from minidiff import diffusion
 from minidiff.data.tokenizer import load_tokenizer
 from minidiff.errors import UserError, run_cli
+from minidiff.evaluation.answers import SCORINGS, score_answers
 from minidiff.evaluation.scoring import DEFAULT_MC_SAMPLES, DEFAULT_SCORING, MAX_BATCH_SIZE, fit_prompt
 from minidiff.evaluation.tasks import LM_EVAL_TASK_DIR
 from minidiff.plumbing import checkpoint
@@ -87,8 +87,8 @@ def parse_model_args(pretrained=None, scoring=DEFAULT_SCORING, mc_samples=DEFAUL
                         f"{', '.join([*MODEL_ARGS, *sorted(fields - {'seed'})])}")
     if not pretrained:
         raise UserError("--model_args needs pretrained=DIR_OR_HUB_ID (a minidiff/mmBERT model)")
-    if scoring not in diffusion.SCORINGS:
-        raise UserError(f"model argument scoring={scoring!r}: expected one of {', '.join(diffusion.SCORINGS)}")
+    if scoring not in SCORINGS:
+        raise UserError(f"model argument scoring={scoring!r}: expected one of {', '.join(SCORINGS)}")
     if dtype not in DTYPES:
         raise UserError(f"model argument dtype={dtype!r}: expected one of {', '.join(DTYPES)}")
     # lm-eval passes --batch_size as a string; "auto"/"auto:N" (no memory probing here) means 32
@@ -199,7 +199,7 @@ class MinidiffLM(LM):
     # ----------------------------------------------------------------------- scoring
 
     def _score(self, pairs: list[tuple[list[int], list[int]]], disable_tqdm: bool, desc: str) -> list[float]:
-        """log p(answer | prompt) per pair, 64 pairs per call of diffusion.score_answers
+        """log p(answer | prompt) per pair, 64 pairs per call of answers.score_answers
         (`scoring` auto | exact | mc, one-token answers exact); every pair's draws seeded with
         `seed`, so grouping never changes a value. An empty answer has log-probability 0."""
         from tqdm.auto import tqdm
@@ -208,7 +208,7 @@ class MinidiffLM(LM):
         index = [i for i, (_, answer) in enumerate(pairs) if answer]
         for start in tqdm(range(0, len(index), 64), desc=desc, disable=disable_tqdm):
             chunk = index[start:start + 64]
-            got = diffusion.score_answers(
+            got = score_answers(
                 self.model, [pairs[i] for i in chunk], self.tok.mask_id, pad_id=self.tok.pad_id,
                 num_samples=self.mc_samples, batch_size=self.batch_size, scoring=self.scoring,
                 pair_seed=self.seed)

@@ -10,7 +10,7 @@ files (the task table is minidiff/evaluation/tasks.py). Reader's page: docs/eval
     result["metrics"]["acc"], result["errors"]["acc"]["se"]
 
     perplexity = exp( sum_{masked i} -log p(x_i | corrupted block) / #masked )   15% of each block
-    loglik(c)  = log p(" " + c | <bos> prompt)    (diffusion.score_answers: exact or Monte Carlo)
+    loglik(c)  = log p(" " + c | <bos> prompt)    (answers.score_answers: exact or Monte Carlo)
     acc = mean[argmax_c loglik(c) == label],  acc_norm = the same with loglik(c) / len(c) (chars)
 
 Error bars (`metric_errors`): each metric's standard deviation over 1000 resampled runs, items
@@ -27,9 +27,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from minidiff import diffusion
 from minidiff.data import readers as data
 from minidiff.errors import UserError
+from minidiff.evaluation.answers import score_answers
 from minidiff.evaluation.tasks import (  # noqa: F401  (re-exported: the task table lives in tasks.py)
     F1,
     GENERIC,
@@ -49,6 +49,7 @@ from minidiff.evaluation.tasks import (  # noqa: F401  (re-exported: the task ta
 )
 from minidiff.plumbing.device import model_device
 from minidiff.plumbing.progress import bar as progress_bar
+from minidiff.speed import chunked_loss
 
 
 @dataclass(frozen=True)
@@ -172,7 +173,7 @@ def score_items(model, tok, examples: Sequence[Example], *, mc_samples: int = 32
                 batch_size: int = 32, seed: int = 0, scoring: str = "mc", context: int | None = None,
                 rows_per_step: int = 64, progress: bool = True, desc: str = "mc") -> ScoredItems:
     """log p(" " + choice | prompt) with its standard error for every choice of every example
-    (diffusion.score_answers, `scoring` auto | exact | mc), batched across choices and rows;
+    (answers.score_answers, `scoring` auto | exact | mc), batched across choices and rows;
     every answer's draws seeded with `seed`."""
     scored = ScoredItems([], [], [])
     bar = progress_bar(total=len(examples), desc=desc, disable=not progress, unit="row")
@@ -180,7 +181,7 @@ def score_items(model, tok, examples: Sequence[Example], *, mc_samples: int = 32
         chunk = examples[start:start + rows_per_step]
         per_item = [choice_pairs(tok, ex, context) for ex in chunk]
         scored.truncated += sum(_was_cut(tok, ex, pairs) for ex, pairs in zip(chunk, per_item))
-        got = diffusion.score_answers(
+        got = score_answers(
             model, [pair for pairs in per_item for pair in pairs], tok.mask_id, pad_id=tok.pad_id,
             num_samples=mc_samples, batch_size=batch_size, scoring=scoring, pair_seed=seed)
         offset = 0
@@ -315,6 +316,63 @@ def metric_errors(examples: Sequence[Example], scored: ScoredItems, metrics: Seq
 # ----------------------------------------------------------------------------- perplexity
 
 
+def mlm_corrupt(ids, mask_id: int, maskable, *, mask_prob: float = 0.15, replace: bool = False,
+                vocab_size: int | None = None, generator=None):
+    """BERT's fixed-ratio masking: (corrupted ids [B, S], is_target [B, S] bool).
+
+    Each row gets exactly k = floor(p n + 0.5) targets among its n maskable positions, a
+    uniformly random k-subset (the k smallest of n iid uniforms). Positions not maskable
+    (special tokens, padding) are never targets. With replace=True the targets follow BERT's
+    80/10/10 rule (HF DataCollatorForLanguageModeling): 80% <mask>, 10% a token drawn uniformly
+    from [0, vocab_size), 10% left unchanged; otherwise every target becomes <mask>.
+    """
+    if not 0.0 <= mask_prob <= 1.0:
+        raise UserError(f"mask_prob={mask_prob} is outside [0, 1]")
+    if replace and vocab_size is None:
+        raise ValueError("mlm_corrupt(replace=True) needs vocab_size for the random 10%")
+    maskable = maskable.bool()
+    # k_b = floor(p * n_b + 0.5)   (float64 so that p * n lands where a reader computes it)
+    count = torch.floor(maskable.sum(1).double() * mask_prob + 0.5).long()  # [B]
+    # rank the maskable positions by a uniform score; non-maskable ones (score 2) rank last
+    scores = torch.rand(ids.shape, generator=generator, device=ids.device)  # [B, S]
+    scores = scores.masked_fill(~maskable, 2.0)
+    ranks = scores.argsort(dim=1).argsort(dim=1)  # [B, S] rank of each position in its row
+    is_target = ranks < count[:, None]  # [B, S]
+
+    if not replace:
+        return torch.where(is_target, torch.full_like(ids, mask_id), ids), is_target
+    choice = torch.rand(ids.shape, generator=generator, device=ids.device)  # [B, S]
+    random_ids = torch.randint(vocab_size, ids.shape, generator=generator, device=ids.device)
+    # u < 0.8 -> <mask>;  0.8 <= u < 0.9 -> random token;  u >= 0.9 -> unchanged
+    corrupted = torch.where(is_target & (choice < 0.8), torch.full_like(ids, mask_id), ids)
+    corrupted = torch.where(is_target & (choice >= 0.8) & (choice < 0.9), random_ids, corrupted)
+    return corrupted, is_target
+
+
+def mlm_loss(model, ids, mask_id: int, *, maskable, attention_mask=None, mask_prob: float = 0.15,
+             replace: bool = False, vocab_size: int | None = None, exclude_mask_logit: bool = False,
+             generator=None):
+    """BERT's fixed-ratio MLM loss: (mean CE over the targets, number of targets).
+
+    maskable [B, S] bool or None (every position), never padding under an attention_mask. The
+    softmax runs over the full vocabulary by default (HF run_mlm, the perplexity probe);
+    exclude_mask_logit=True removes <mask> as in the diffusion losses.
+    """
+    if vocab_size is None:
+        vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
+    maskable = torch.ones_like(ids, dtype=torch.bool) if maskable is None else maskable.bool()
+    if attention_mask is not None:
+        maskable = maskable & attention_mask.bool()
+    corrupted, is_target = mlm_corrupt(ids, mask_id, maskable, mask_prob=mask_prob,
+                                       replace=replace, vocab_size=vocab_size, generator=generator)
+    # mean over targets: sum_i CE_i / N
+    weight = torch.tensor(1.0 / max(int(is_target.sum()), 1), dtype=torch.float64)
+    loss, _ = chunked_loss.decoder_cross_entropy(model, corrupted, is_target, ids, weight,
+                                                 attention_mask=attention_mask,
+                                                 excluded_id=mask_id if exclude_mask_logit else None)
+    return loss, is_target.sum()
+
+
 def perplexity_blocks(texts: Sequence[str], tok, max_len: int = 512) -> torch.Tensor:
     """Concatenate every document with the tokenizer's framing and cut into [N, max_len] blocks;
     the tail shorter than a block is dropped (run_mlm), unless there is no full block."""
@@ -328,12 +386,12 @@ def perplexity_blocks(texts: Sequence[str], tok, max_len: int = 512) -> torch.Te
 def mask_blocks(blocks: torch.Tensor, tok, *, mask_prob: float = 0.15, replace: bool = False,
                 seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(corrupted, is_target, maskable): exactly floor(p n + 0.5) of each block's n non-special
-    tokens become targets (diffusion.mlm_corrupt), all blocks drawn at once on the CPU so the
+    tokens become targets (mlm_corrupt), all blocks drawn at once on the CPU so the
     choice depends only on the seed, not on the batch size or device."""
     special = torch.tensor(sorted(tok.special_ids), dtype=torch.long)
     maskable = ~torch.isin(blocks, special)                                         # [N, S]
     generator = torch.Generator().manual_seed(seed)
-    corrupted, is_target = diffusion.mlm_corrupt(
+    corrupted, is_target = mlm_corrupt(
         blocks, tok.mask_id, maskable, mask_prob=mask_prob, replace=replace,
         vocab_size=tok.vocab_size, generator=generator)
     return corrupted, is_target, maskable
@@ -356,13 +414,12 @@ def mlm_perplexity(model, tok, texts: Sequence[str], *, max_len: int = 512, mask
         xt = corrupted[start:start + batch_size].to(device)
         target = is_target[start:start + batch_size].to(device)
         # sum_i CE_i, CE_i = -log softmax(logits_i)[x0_i] at the masked positions (full vocabulary)
-        flat_index, _, targets = diffusion.selected_positions(target, x0)  # [N] each
-        ones = torch.ones_like(targets, dtype=torch.float64)  # [N]
-        batch_ce, _ = diffusion.decoder_cross_entropy(model, xt, target, flat_index, targets, ones)
+        ones = torch.ones((), dtype=torch.float64)
+        batch_ce, _ = chunked_loss.decoder_cross_entropy(model, xt, target, x0, ones)
         ce_sum += batch_ce.double()
         if nelbo:
             keep = maskable[start:start + batch_size].to(device)
-            loss, _ = diffusion.nelbo_loss(model, x0, tok.mask_id, maskable=keep, schedule="linear",
+            loss, _ = chunked_loss.nelbo_loss(model, x0, tok.mask_id, maskable=keep, schedule="linear",
                                            normalize="token", generator=nelbo_gen)
             # token-normalised loss x this batch's non-special tokens = the batch's NELBO sum
             nelbo_sum += loss.double() * keep.sum()

@@ -1,4 +1,4 @@
-"""Find a model (local directory or hub id), read its weights, and build a ModernBertMLM from them.
+"""Find a model (local directory or hub id), read its weights, build a ModernBertMLM; save one.
 
 References: ModernBERT (arXiv 2412.13663), mmBERT (2509.06888). Matches the checkpoint layout of
 transformers' `ModernBertForMaskedLM` (modeling_modernbert, `save_pretrained`) and the hub cache of
@@ -7,6 +7,7 @@ huggingface_hub's `snapshot_download`.
     resolve_model_dir("jhu-clsp/mmBERT-base")   -> Path of a directory (the hub cache snapshot)
     load_weights(directory)                     -> {key: tensor} from model.safetensors or its shards
     load_model("path/or/hub-id", dtype=torch.bfloat16, device="cuda")  -> model in eval mode
+    save_pretrained(model, "out/dir")           -> config.json + model.safetensors, transformers' layout
 
 and the converter for checkpoints that ship only a pickled `pytorch_model.bin` (mmBERT does):
 
@@ -25,11 +26,12 @@ import os
 import warnings
 from pathlib import Path
 
+import safetensors.torch
 import torch
 
 from minidiff.errors import UserError, run_cli
 from minidiff.model import ModelConfig, ModernBertMLM
-from minidiff.plumbing.files import atomic_path
+from minidiff.plumbing.files import atomic_path, write_json
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -268,16 +270,38 @@ def load_model(name_or_path, *, dtype=None, device=None, revision=None, allow_mi
     return (model if device is None else model.to(device)).eval()
 
 
+# ----------------------------------------------------------------------------- saving
+
+
+def save_pretrained(model: ModernBertMLM, directory: str | Path, state_dict: dict | None = None) -> None:
+    """Write config.json + model.safetensors in the transformers layout.
+
+    `state_dict` overrides what is saved (e.g. a LoRA model's merged base weights,
+    lora.base_state_dict). The tied decoder weight is left out (transformers re-ties it on
+    load). Files are written under temporary names and renamed, so a crash never leaves a
+    complete-looking but truncated model behind.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = model.state_dict() if state_dict is None else state_dict
+    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    if model.config.tie_word_embeddings:
+        state.pop(TIED_KEY, None)
+    # config first, the weights last: a directory with model.safetensors is complete
+    write_json(directory / CONFIG_FILE, model.config.to_dict())
+    with atomic_path(directory / WEIGHTS_FILE) as tmp:
+        safetensors.torch.save_file(state, str(tmp), metadata={"format": "pt"})
+
+
 # ----------------------------------------------------------------------------- converter
 
 
 def _atomic_save_safetensors(state: dict, file: Path) -> None:
     """Write `file` under atomic_path's temporary name, verify it reads back equal, then publish."""
     from safetensors import safe_open
-    from safetensors.torch import save_file
 
     with atomic_path(file) as tmp:
-        save_file(state, str(tmp), metadata={"format": "pt"})
+        safetensors.torch.save_file(state, str(tmp), metadata={"format": "pt"})
         with safe_open(str(tmp), framework="pt") as f:
             if set(f.keys()) != set(state):
                 raise RuntimeError(f"round trip of {file.name} lost tensors")

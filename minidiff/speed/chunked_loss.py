@@ -1,26 +1,19 @@
-"""Linear + cross-entropy over the vocabulary, one chunk of rows at a time (constant memory).
+"""The diffusion losses without the [N, V] logits: the vocabulary swept one chunk of rows at a time.
 
 References: Liger-Kernel's fused linear cross-entropy (Hsu et al., arXiv 2410.10989) and Cut
-Cross-Entropy (Wijmans et al., arXiv 2411.09009) compute the same loss without materialising
-the [N, V] logits; this module does it in plain PyTorch, with no custom kernel.
-
-For head features f_i [H] at N selected rows, the decoder (W [V, H], b [V]), target ids y_i,
-per-row weights w_i and an optional excluded column m (the `<mask>` id, removed from the
-softmax):
+Cross-Entropy (Wijmans et al., arXiv 2411.09009); here in plain PyTorch, with no custom kernel.
+For head features f_i [H] at N selected rows, the decoder (W [V, H], b [V]), targets y_i, row
+weights w_i and an optional excluded column m (<mask>, removed from the softmax):
     z_i = W f_i + b,  z_im = -inf;    loss = sum_i w_i (logsumexp(z_i) - z_i[y_i])
     d loss / d z_i = w_i (softmax(z_i) - onehot(y_i))  =: g_i
     d loss / d f_i = g_i W,   d loss / d W = sum_i g_i^T f_i,   d loss / d b = sum_i g_i
-The forward pass computes the loss and, in the same sweep over chunks of rows, these
-gradients, so at most one chunk of logits [rows_per_chunk, V] exists at a time; the backward
-pass only scales the saved gradients by the incoming scalar. A chunk holds as many rows as
-fit in `LOGITS_BUDGET_BYTES` of logits (fp32, or fp64 when the inputs are fp64).
+The forward pass computes the loss and these gradients in one sweep over chunks of rows of at
+most `LOGITS_BUDGET_BYTES` of logits; backward only scales them. Under autocast the matmuls run
+in the autocast dtype and each chunk's softmax in fp32; with LoRA (frozen decoder) no [V, H]
+gradient is formed. `nelbo_loss` and `masked_ce_per_row` are diffusion's, same arguments, same
+draws, same values: the trainer and the evaluation call these. docs/math.md section 8.
 
-Under autocast (bf16 on a GPU) the matmuls run in the autocast dtype, as the decoder's
-nn.Linear would, while each chunk's logsumexp/softmax runs in fp32. With LoRA the decoder is
-frozen, so no [V, H] gradient is computed at all; without grad (evaluation) nothing but the
-loss is computed. The logits' product is `linear.linear` (on the CPU in fp32 oneDNN's matmul,
-which reaches a chunk's compute bound more closely than F.linear; docs/benchmarks.md).
-
+    loss, n = nelbo_loss(model, ids, tok.mask_id, maskable=labels != -100)
     loss, token_ce = linear_cross_entropy(features, decoder.weight, decoder.bias, targets,
                                           row_weights, excluded_column=mask_id)
 """
@@ -28,6 +21,8 @@ from __future__ import annotations
 
 import torch
 
+from minidiff import diffusion
+from minidiff.model import ModernBertMLM
 from minidiff.speed.packed import linear
 
 # Bytes of logits one chunk may hold: 256 MiB = 262 rows of a 256,000-token fp32 vocabulary.
@@ -148,3 +143,45 @@ def linear_cross_entropy(features, weight, bias, targets, row_weights, *, exclud
         return _loss_only(features, weight, bias, targets, row_weights, excluded_column, budget_bytes)
     return _LinearCrossEntropy.apply(features, weight, bias, targets, row_weights, excluded_column,
                                      budget_bytes)
+
+
+def decoder_cross_entropy(model, xt, selected, targets, weights, *, attention_mask=None,
+                          excluded_id: int | None = None):
+    """(sum_i w_i CE_i, CE [N]) at the selected positions (bool [B, S]) of the model's input xt
+    [B, S]; targets [B, S] and weights ([B, S] or broadcastable) are read where selected.
+
+    A ModernBertMLM (possibly inside DistributedDataParallel, asked through its forward) gives
+    its head features and `linear_cross_entropy` sweeps the vocabulary; any other model is asked
+    for logits [N, V] (diffusion.token_cross_entropy). Only the sum carries a gradient.
+    """
+    flat_index = selected.flatten().nonzero().squeeze(1)  # [N] row-major positions
+    targets = targets.flatten()[flat_index]  # [N]
+    weights = torch.as_tensor(weights, device=xt.device).expand(selected.shape).flatten()[flat_index]  # [N]
+    inner = getattr(model, "module", model)  # DistributedDataParallel keeps the model in .module
+    if isinstance(inner, ModernBertMLM):
+        features = model(xt, attention_mask, features_at=flat_index)  # [N, H]
+        return linear_cross_entropy(features, inner.decoder.weight, inner.decoder.bias, targets,
+                                    weights, excluded_column=excluded_id)
+    logits = model(xt, attention_mask, logits_at=selected)  # [N, V]
+    token_ce = diffusion.token_cross_entropy(logits, targets, excluded_id)  # [N]
+    return (weights.to(token_ce) * token_ce).sum(), token_ce
+
+
+def nelbo_loss(model, x0, mask_id: int, *, attention_mask=None, **draw):
+    """diffusion.nelbo_loss, chunk by chunk: (loss, num_masked) for the same arguments (`draw`:
+    those of diffusion.nelbo_draw), the same draws and the same value."""
+    xt, is_masked, row_weight = diffusion.nelbo_draw(x0, mask_id, attention_mask=attention_mask, **draw)
+    # loss = sum_b weight_b sum_{i masked in row b} CE_i
+    loss, _ = decoder_cross_entropy(model, xt, is_masked, x0, row_weight[:, None],
+                                    attention_mask=attention_mask, excluded_id=mask_id)
+    return loss, is_masked.sum()
+
+
+def masked_ce_per_row(model, x0, is_masked, mask_id: int, attention_mask=None):
+    """diffusion.masked_ce_per_row, chunk by chunk: sum_{i masked in row b} CE_i per row [B] float64."""
+    xt = torch.where(is_masked, torch.full_like(x0, mask_id), x0)  # [B, S]
+    no_weight = torch.zeros((), dtype=torch.float64)
+    _, token_ce = decoder_cross_entropy(model, xt, is_masked, x0, no_weight, attention_mask=attention_mask,
+                                        excluded_id=mask_id)
+    per_position = torch.zeros(x0.shape, dtype=torch.float64, device=x0.device)  # [B, S]
+    return per_position.masked_scatter(is_masked, token_ce.double()).sum(1)

@@ -1,52 +1,21 @@
-"""Small-row products at their bound: y = x W^T + b through oneDNN's matmul on the CPU.
+"""Small-row products at their bound on the CPU: oneDNN's matmul, and packed weights for a model only read.
 
 References: oneDNN (the matmul primitive PyTorch ships as `torch.ops.mkldnn`); the roofline
-model (Williams, Waterman and Patterson, CACM 2009) for the bound. Measurements and the
-formulations tried: docs/benchmarks.md ("Roofline"), `python benchmarks/roofline.py --products`.
+model (Williams, Waterman and Patterson, CACM 2009). A sampling step multiplies few rows by
+large weights; such a product should run at max(2 M K N / peak FLOP/s, bytes of W / bandwidth).
+Measurements and the formulations tried: docs/benchmarks.md ("Small-row products", "Roofline").
 
-    y = linear(x, weight, bias)     # = F.linear(x, weight, bias), up to fp32 rounding
-    Linear(768, 2304)               # an nn.Linear whose forward is `linear`
+    y = linear(x, weight, bias)     # = F.linear(x, weight, bias): oneDNN on fp32 CPU rows, M > 1
+    pack_weights(model)             # its CPU nn.Linear layers become PackedLinear, each with a
+    with packed_weights(model): ... #   copy of W in oneDNN's blocked layout; unpack_weights undoes it
 
-A sampling step multiplies few rows (M <= 32: one block of one or a few sequences) by large
-weights, the 256k-token decoder [V, H] above all. Such a product should run at its bound,
-max(2 M K N / peak FLOP/s, bytes of W / read bandwidth), the peak being the machine's fastest
-kernel. On the AMD EPYC (Zen 4) this was measured on, one thread, fp32 (time / bound of the
-decoder and the four layer products; docs/benchmarks.md, "Small-row products"):
-
-    M rows                              1           8           32
-    F.linear (MKL's sgemm)              2.2-2.9x    3.5-5.5x    1.7-2.4x
-    oneDNN, plain W (`linear`, M > 1)   1.7-2.7x    3.0-3.7x    1.4-1.8x
-    oneDNN, packed W (`pack_weights`)   1.7-3.0x    2.1-2.7x    1.2-1.4x
-
-((W @ x^T)^T, a pre-transposed weight and vocabulary chunks do no better than F.linear at 8 and
-32 rows.) A single row (M = 1) stays with F.linear unless packed: MKL's matrix-vector product
-runs on one thread, while oneDNN spreads it over all of them, which on a busy 2-core machine
-made the layers' small products up to 10x slower.
-
-oneDNN's op has no autograd formula, so `linear` uses it only where no gradient can flow: fp32
-CPU tensors, no autocast, and grad mode off or no input requiring grad (sampling, evaluation,
-the inside of an autograd.Function's forward such as chunked_loss). Everything else is
-F.linear, unchanged. `torch.backends.mkldnn.enabled = False` turns the oneDNN path off.
-
-Packed weights (inference). oneDNN multiplies fastest with a copy of W laid out in its own
-blocked format ("reordered", here for 32 rows); with such a copy the products of a sampling step
-come closer to their bound, most at 8 to 32 rows: 1.2-1.6x faster than oneDNN on the plain weight
-in fp32 (within 1.16-1.40x of the bound at 32 rows), 1.2-2.2x faster than F.linear in bf16
-(docs/benchmarks.md, "Small-row products"). The copy holds as many bytes again as the weight, so
-it is made only on request, for a model that is then only read (sample.py, evaluate.py, the
-lm-eval harness):
-
-    pack_weights(model)             # every Linear of model gets a packed copy of its weight
-    with packed_weights(model): ... # the same, dropped on leaving
-    unpack_weights(model)
-
-A Linear uses its copy where oneDNN may run (CPU, no gradient) and the product's dtype (the
-autocast dtype, else the input's) is the copy's, for any number of rows. The copy records its
-weight's storage and version counter: any in-place change of the weight (an optimizer step,
-load_state_dict, a LoRA merge), a cast or a move makes the layer ignore it and multiply with the
-weight itself. A write through `weight.data` bypasses the version counter; do not write weights
-that way while they are packed. The copies live beside the model, not in it: state_dict,
-deepcopy and pickling never see them.
+oneDNN's op has no autograd formula, so it runs only where no gradient can flow (CPU tensors,
+grad mode off or no input requiring grad, not under torch.compile); everything else is F.linear.
+Packing swaps the class of each CPU fp32/bf16 nn.Linear in place (as torch.nn.utils.parametrize
+does), so parameters and state-dict keys stay; a CUDA model is never touched. The copy records
+its weight's storage and version: an in-place change (optimizer step, load_state_dict, a merge),
+a cast or a move makes the layer multiply with the weight itself (a write through `weight.data`
+is not seen). Copies live beside the model: state_dict, deepcopy and pickling never see them.
 """
 from __future__ import annotations
 
@@ -78,7 +47,7 @@ def _onednn_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     if any(t.dtype != torch.float32 for t in tensors) or torch.is_autocast_enabled("cpu"):
         return False  # F.linear would run in the autocast dtype
     if x.numel() <= x.shape[-1]:
-        return False  # one row: MKL's matrix-vector product, on one thread (see the module docstring)
+        return False  # one row: F.linear (MKL's matrix-vector product; docs/benchmarks.md)
     return _onednn_may_run(x, weight, bias)
 
 
@@ -96,19 +65,19 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
-PACK_ROWS = 32  # oneDNN's layout hint; measured as fast as a per-size layout from 4 to 512 rows
+PACK_ROWS = 32  # oneDNN's layout hint for the packed copy (docs/benchmarks.md)
 
-# Linear -> (the weight's storage, dtype, shape and version when packed; the packed copy)
-_PACKED: "weakref.WeakKeyDictionary[Linear, tuple]" = weakref.WeakKeyDictionary()
+# layer -> (its class before packing, its weight's storage, dtype, shape and version when packed, the packed copy)
+_PACKED: "weakref.WeakKeyDictionary[nn.Linear, tuple]" = weakref.WeakKeyDictionary()
 
 
 def _weight_state(weight: torch.Tensor) -> tuple:
     return weight.data_ptr(), weight.dtype, tuple(weight.shape), weight._version
 
 
-class Linear(nn.Linear):
-    """nn.Linear (same parameters, same state-dict keys) whose product is `linear`, or oneDNN's
-    product with a packed copy of the weight while `pack_weights` holds one (module docstring)."""
+class PackedLinear(nn.Linear):
+    """nn.Linear (same parameters, same state-dict keys) whose product is oneDNN's with the packed
+    copy of its weight while that copy is current, else `linear` (module docstring)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # under torch.compile: F.linear, and no look at the copy (dynamo cannot trace data_ptr)
@@ -122,33 +91,39 @@ class Linear(nn.Linear):
     def packed_weight(self) -> torch.Tensor | None:
         """The packed copy of this layer's weight, or None (none made, or the weight changed)."""
         entry = _PACKED.get(self)
-        return entry[1] if entry is not None and entry[0] == _weight_state(self.weight) else None
+        return entry[2] if entry is not None and entry[1] == _weight_state(self.weight) else None
 
 
 def _packable(module: nn.Module) -> bool:
-    weight = getattr(module, "weight", None)
-    return (isinstance(module, Linear) and weight.device.type == "cpu"
-            and weight.dtype in (torch.float32, torch.bfloat16) and torch.backends.mkldnn.is_available()
-            and not weight.is_inference())  # an inference-mode tensor has no version counter
+    """A plain (or packed) nn.Linear whose weight oneDNN can pack: CPU, fp32 or bf16, with a
+    version counter (not an inference-mode tensor)."""
+    return (type(module) in (nn.Linear, PackedLinear) and module.weight.device.type == "cpu"
+            and module.weight.dtype in (torch.float32, torch.bfloat16)
+            and torch.backends.mkldnn.is_available() and not module.weight.is_inference())
 
 
 @torch.no_grad()
 def pack_weights(model: nn.Module) -> int:
-    """Give every CPU fp32/bf16 Linear of `model` a packed copy of its weight (made again where the
-    weight changed since); returns the bytes the copies hold (0 where none applies)."""
+    """Make every packable nn.Linear of `model` a PackedLinear holding a packed copy of its weight
+    (made again where the weight changed since); returns the bytes the copies hold."""
     held = 0
     for module in filter(_packable, model.modules()):
-        if module.packed_weight() is None:
+        if not isinstance(module, PackedLinear) or module.packed_weight() is None:
+            original = _PACKED[module][0] if module in _PACKED else type(module)
             weight = module.weight.detach()
-            _PACKED[module] = (_weight_state(weight), torch.ops.mkldnn._reorder_linear_weight(weight, PACK_ROWS))
+            copy = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_ROWS)
+            _PACKED[module] = (original, _weight_state(weight), copy)
+            module.__class__ = PackedLinear
         held += module.weight.numel() * module.weight.element_size()
     return held
 
 
 def unpack_weights(model: nn.Module) -> None:
-    """Drop the packed copies of `model`'s Linears."""
+    """Drop the packed copies of `model`'s layers and give each its class from before packing."""
     for module in model.modules():
-        _PACKED.pop(module, None)
+        entry = _PACKED.pop(module, None)
+        if entry is not None:
+            module.__class__ = entry[0]
 
 
 @contextmanager

@@ -53,9 +53,10 @@ import torch
 import torch.distributed as dist
 
 from minidiff import __version__, diffusion, optim
-from minidiff import lora as lora_lib
 from minidiff.errors import UserError
-from minidiff.plumbing import files, progress
+from minidiff.lora import base_state_dict
+from minidiff.plumbing import files, peft_io, progress
+from minidiff.plumbing.checkpoint import save_pretrained
 from minidiff.plumbing.device import (
     Prefetcher,
     check_available,
@@ -65,6 +66,7 @@ from minidiff.plumbing.device import (
     to_device,
     training_autocast,
 )
+from minidiff.speed import chunked_loss
 from minidiff.training import state as train_state
 
 EVAL_SEED_TAG = 0xE7A1  # separates evaluation seeds from training seeds
@@ -133,7 +135,8 @@ class TrainResult:
 
 def nelbo_objective(mask_id: int, *, schedule: str = "linear", loss_norm: str = "sequence",
                     stratified: bool = False, eps: float = 1e-3) -> Callable:
-    """loss_fn(model, batch, generator) -> (loss, weight) for diffusion.nelbo_loss.
+    """loss_fn(model, batch, generator) -> (loss, weight) for the NELBO (diffusion.nelbo_loss),
+    computed by the chunked vocabulary loss (chunked_loss.nelbo_loss: the same value).
 
     batch: input_ids [B, S], maskable [B, S] bool (CPT: the real tokens; SFT: labels != -100),
     optional attention_mask. weight is what nelbo_loss divided by: the maskable-token count
@@ -141,7 +144,7 @@ def nelbo_objective(mask_id: int, *, schedule: str = "linear", loss_norm: str = 
     """
     def loss_fn(model, batch, generator):
         maskable, attention_mask = batch["maskable"], batch.get("attention_mask")
-        loss, _ = diffusion.nelbo_loss(
+        loss, _ = chunked_loss.nelbo_loss(
             model, batch["input_ids"], mask_id, maskable=maskable, attention_mask=attention_mask,
             schedule=schedule, normalize=loss_norm, stratified=stratified, eps=eps,
             generator=generator)
@@ -660,11 +663,11 @@ def export(model, out_dir: str | Path, *, tokenizer=None, lora: bool = False, ba
     if tokenizer is not None:
         tokenizer.save(out)
     if lora:
-        lora_lib.save_adapter(model, out / "adapter", base_model=base_model)
-        state = lora_lib.base_state_dict(model)
+        peft_io.save_adapter(model, out / "adapter", base_model=base_model)
+        state = base_state_dict(model)
     else:
         state = model.state_dict()
-    model.save_pretrained(out, state_dict=state)  # writes model.safetensors last, atomically
+    save_pretrained(model, out, state_dict=state)  # writes model.safetensors last, atomically
 
 
 # ----------------------------------------------------------------------------- the loop
