@@ -19,25 +19,26 @@ memory does not grow with the corpus.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from minidiff.data import examples, shards
 from minidiff.data.batches import collate_cpt
 from minidiff.errors import UserError, run_cli
 from minidiff.training import cli as train_cli
+from minidiff.training.trainer import DATA, MAY_DIFFER
 
 
 @dataclass
 class CPTConfig(train_cli.ScriptConfig):
-    from_scratch: str | None = None
-    text_field: str = "text"
-    per_file: bool = False
-    pack: bool = False
-    mix_counts: list[int] | None = None
-    mix_ratios: list[float] | None = None
+    from_scratch: str | None = field(default=None, metadata=MAY_DIFFER)
+    text_field: str = field(default="text", metadata=DATA)
+    per_file: bool = field(default=False, metadata=DATA)
+    pack: bool = field(default=False, metadata=DATA)
+    mix_counts: list[int] | None = field(default=None, metadata=DATA)
+    mix_ratios: list[float] | None = field(default=None, metadata=DATA)
     full: bool = False
-    shard_cache: str | None = None
+    shard_cache: str | None = field(default=None, metadata=MAY_DIFFER)
 
 
 HELP = {

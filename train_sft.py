@@ -16,22 +16,23 @@ by default (`--lora` for LoRA). Stage 2 is another run with --model pointing at 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from minidiff.data import examples, shards
 from minidiff.data.batches import collate_sft
 from minidiff.data.chat import SFT_FORMATS
 from minidiff.errors import UserError, run_cli
 from minidiff.training import cli as train_cli
+from minidiff.training.trainer import DATA, MAY_DIFFER
 
 
 @dataclass
 class SFTConfig(train_cli.ScriptConfig):
-    format: str = "alpaca"
-    max_len: int = 256
-    pad_fill: str = "pad"
+    format: str = field(default="alpaca", metadata=DATA)
+    max_len: int = field(default=256, metadata=DATA)
+    pad_fill: str = field(default="pad", metadata=DATA)
     lora: bool = False
-    shard_cache: str | None = None
+    shard_cache: str | None = field(default=None, metadata=MAY_DIFFER)
 
 
 HELP = {

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass, field, replace
 
 import data_oracle as oracle
 import pytest
@@ -291,3 +292,34 @@ def test_output_dir_rules(tok, tmp_path):
     with pytest.raises(UserError, match="unfinished run"):
         trainer.check_out_dir(out, resume=False)
     assert trainer.check_out_dir(out, resume=True).name == "step-000002"  # the final step's
+
+
+@dataclass
+class ConfigWithNewFields(trainer.TrainConfig):
+    """A config as a script grows it: fields that no list in the trainer names."""
+
+    new_setting: int = 0  # no metadata: --resume requires the checkpoint's value
+    new_path: str = field(default="a", metadata=trainer.MAY_DIFFER)
+    new_data_rule: int = field(default=0, metadata=trainer.DATA)
+
+
+def test_resume_rule_of_a_new_field_is_read_from_its_metadata(tok, tmp_path):
+    out = tmp_path / "run"
+    first = ConfigWithNewFields(lr=3e-3, max_steps=2, batch_size=4, clip=0.0, log_every=1, progress=False,
+                                save_every=1)
+    trainer.train(model_for(tok), cpt_batches(tok), None, trainer.nelbo_objective(MASK), first, out)
+    (out / "model.safetensors").unlink()  # as if the run had died after its last checkpoint
+
+    def resume(**changes):
+        trainer.train(model_for(tok), cpt_batches(tok), None, trainer.nelbo_objective(MASK),
+                      replace(first, resume=True, **changes), out)
+
+    with pytest.raises(UserError, match="--new-setting is 1 but the checkpoint"):
+        resume(new_setting=1)
+    with pytest.raises(UserError, match="--new-data-rule is 1 but the checkpoint"):
+        resume(new_data_rule=1)
+    with pytest.raises(UserError, match="--new-setting is 1 but the checkpoint"):
+        resume(new_setting=1, new_data_rule=1, allow_data_change=True)
+    assert not (out / "model.safetensors").exists()
+    resume(new_path="b", new_data_rule=1, allow_data_change=True)
+    assert (out / "model.safetensors").exists()

@@ -29,7 +29,7 @@ from minidiff.plumbing import flags
 from minidiff.plumbing.checkpoint import load_model
 from minidiff.training import trainer
 from minidiff.training.state import weights_hash
-from minidiff.training.trainer import TrainConfig
+from minidiff.training.trainer import DATA, MAY_DIFFER, TrainConfig
 
 TRAIN_HELP = {  # help texts of the TrainConfig fields, shared by both scripts
     "lr": "peak learning rate of the lr schedule (linear warmup, then cosine decay)",
@@ -60,14 +60,16 @@ class ScriptConfig(TrainConfig):
     """The fields both train scripts have on top of the loop's: where things come from and go,
     evaluation data, LoRA settings, device. Each script's config adds its own."""
 
-    model: str | None = None
-    tokenizer: str | None = None
-    data: list[str] | None = None
-    out: str | None = None
-    preset: str | None = None
-    max_len: int = 512
-    eval_data: list[str] | None = None
-    eval_fraction: float = 0.0
+    # paths may differ on --resume (what they hold is compared by content); DATA fields may
+    # differ under --allow-data-change (trainer.MAY_DIFFER, trainer.DATA)
+    model: str | None = field(default=None, metadata=MAY_DIFFER)
+    tokenizer: str | None = field(default=None, metadata=MAY_DIFFER)
+    data: list[str] | None = field(default=None, metadata=MAY_DIFFER)
+    out: str | None = field(default=None, metadata=MAY_DIFFER)
+    preset: str | None = field(default=None, metadata=MAY_DIFFER)
+    max_len: int = field(default=512, metadata=DATA)
+    eval_data: list[str] | None = field(default=None, metadata=MAY_DIFFER)
+    eval_fraction: float = field(default=0.0, metadata=DATA)
     lora_r: int = 256
     lora_alpha: float = 256.0
     lora_dropout: float = 0.05
