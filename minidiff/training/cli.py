@@ -39,8 +39,7 @@ TRAIN_HELP = {  # help texts of the TrainConfig fields, shared by both scripts
     "batch_size": "sequences per micro-batch per process", "grad_accum": "micro-batches per optimizer step",
     "weight_decay": "AdamW weight decay", "beta1": "AdamW beta1", "beta2": "AdamW beta2", "adam_eps": "AdamW eps",
     "clip": "max gradient norm (0: no clipping)",
-    "noise_schedule": "noise (masking) schedule of the diffusion loss: linear | cosine | loglinear "
-                      "(--schedule is the old spelling)",
+    "noise_schedule": "noise (masking) schedule of the diffusion loss: linear | cosine | loglinear",
     "loss_norm": "sequence: per-sequence mean then batch mean (dllm); token: sum / real tokens (MDLM)",
     "stratified_t": "stratified diffusion times over the micro-batch (MDLM) instead of iid",
     "time_eps": "t = eps + (1 - eps) u", "seed": "seed of the data order, masks and init",
@@ -85,9 +84,6 @@ SCRIPT_HELP = {  # help texts of the ScriptConfig fields the scripts do not word
 }
 
 
-OLD_SPELLINGS = {"noise_schedule": ["--schedule"]}  # flags renamed since; the old spelling still works
-
-
 def config_parser(cls, prog: str, description: str, helps: dict[str, str], presets: dict[str, dict]):
     """One flag per field of a script's config (minidiff.plumbing.flags): the script's own fields first,
     then the loop's (TrainConfig); --preset NAME chooses among `presets`, listed in the help."""
@@ -98,7 +94,7 @@ def config_parser(cls, prog: str, description: str, helps: dict[str, str], prese
     flags.add_fields(parser.add_argument_group("model, data and output"), cls, helps=helps, names=script_names,
                      choices={"preset": sorted(presets)})
     flags.add_fields(parser.add_argument_group("training loop (minidiff.training.trainer.TrainConfig)"), cls,
-                     helps=helps, names=loop_names, aliases=OLD_SPELLINGS)
+                     helps=helps, names=loop_names)
     return parser
 
 
@@ -156,7 +152,7 @@ def check_common(config, given: set[str]) -> None:
     if not 0.0 <= config.warmup_ratio < 1.0:
         raise UserError(f"--warmup-ratio must lie in [0, 1), got {config.warmup_ratio}")
     if config.noise_schedule not in ("linear", "cosine", "loglinear"):
-        raise UserError(f"--noise-schedule (old spelling --schedule) {config.noise_schedule!r} is unknown; "
+        raise UserError(f"--noise-schedule {config.noise_schedule!r} is unknown; "
                         "expected linear, cosine or loglinear")
     if config.loss_norm not in ("sequence", "token"):
         raise UserError(f"--loss-norm {config.loss_norm!r} is unknown; expected sequence or token")
