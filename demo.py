@@ -43,7 +43,6 @@ import train_cpt
 import train_sft
 from minidiff import load_model
 from minidiff.data import chat, corpora
-from minidiff.data import readers as data
 from minidiff.data.tokenizer import train_tokenizer
 from minidiff.errors import UserError, run_cli
 from minidiff.evaluation.scoring import mlm_perplexity
@@ -122,7 +121,7 @@ def perplexity(model, tok, texts, config: DemoConfig) -> dict:
 
 
 def sample_answers(model, tok, rows: list[dict], config: DemoConfig) -> list[dict]:
-    prompts = [data.chat_prompt_ids(row["messages"][:-1], tok) for row in rows]
+    prompts = [chat.chat_prompt_ids(row["messages"][:-1], tok) for row in rows]
     sampler = SamplerConfig(max_new_tokens=config.new_tokens, steps=config.new_tokens, block_length=config.block_length,
                             temperature=0.0, repetition_penalty=1.2)
     with torch.no_grad():

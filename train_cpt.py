@@ -19,26 +19,26 @@ memory does not grow with the corpus.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from minidiff.data import examples as shard_examples
-from minidiff.data import readers as data
-from minidiff.data import shards
+from minidiff.data import examples, shards
+from minidiff.data.batches import collate_cpt
 from minidiff.errors import UserError, run_cli
 from minidiff.training import cli as train_cli
+from minidiff.training.trainer import DATA, MAY_DIFFER
 
 
 @dataclass
 class CPTConfig(train_cli.ScriptConfig):
-    from_scratch: str | None = None
-    text_field: str = "text"
-    per_file: bool = False
-    pack: bool = False
-    mix_counts: list[int] | None = None
-    mix_ratios: list[float] | None = None
+    from_scratch: str | None = field(default=None, metadata=MAY_DIFFER)
+    text_field: str = field(default="text", metadata=DATA)
+    per_file: bool = field(default=False, metadata=DATA)
+    pack: bool = field(default=False, metadata=DATA)
+    mix_counts: list[int] | None = field(default=None, metadata=DATA)
+    mix_ratios: list[float] | None = field(default=None, metadata=DATA)
     full: bool = False
-    shard_cache: str | None = None
+    shard_cache: str | None = field(default=None, metadata=MAY_DIFFER)
 
 
 HELP = {
@@ -92,7 +92,7 @@ def check(config: CPTConfig, given: set[str]) -> None:
     train_cli.check_common(config, given)
 
 
-def cpt_examples_from(sources, config: CPTConfig, tok, ctx) -> list[shard_examples.Examples]:
+def cpt_examples_from(sources, config: CPTConfig, tok, ctx) -> list[examples.Examples]:
     """One view of training sequences per source, over its token shard (prepared into the cache
     on first use, or a directory written by `python -m minidiff.data.shards prepare`)."""
     options = shards.cpt_options(config.text_field, config.per_file)
@@ -103,17 +103,17 @@ def cpt_examples_from(sources, config: CPTConfig, tok, ctx) -> list[shard_exampl
                                    say=lambda text: train_cli.say(ctx.rank, text))
         train_cli.say(ctx.rank, f"{source}: {shard.manifest['read_summary']}")
         if config.pack:
-            examples = shard_examples.PackExamples(shard, config.max_len, eos_id=tok.eos_id)
+            view = examples.PackExamples(shard, config.max_len, eos_id=tok.eos_id)
         else:
-            examples = shard_examples.DropExamples(shard, config.max_len, eos_id=tok.eos_id, bos_id=tok.bos_id)
-        if not len(examples):
+            view = examples.DropExamples(shard, config.max_len, eos_id=tok.eos_id, bos_id=tok.bos_id)
+        if not len(view):
             raise UserError(
                 f"{source}: no training sequence left: every document is longer than --max-len {config.max_len} "
                 "(use --pack or a larger --max-len)" if not config.pack else
                 f"{source}: fewer than --max-len {config.max_len} tokens in total, not one packed block")
-        train_cli.say(ctx.rank, f"{source}: {len(examples):,} sequences of <= {config.max_len} tokens "
+        train_cli.say(ctx.rank, f"{source}: {len(view):,} sequences of <= {config.max_len} tokens "
                                 f"({'packed' if config.pack else 'longer documents dropped'})")
-        out.append(examples)
+        out.append(view)
     return out
 
 
@@ -125,19 +125,19 @@ def main(argv=None) -> int:
     tok_source = config.tokenizer or config.model or str(Path(config.from_scratch).parent)
     tok = load_tokenizer(tok_source)
     views = cpt_examples_from(config.data, config, tok, ctx)
-    examples = shard_examples.mix(views, counts=config.mix_counts, ratios=config.mix_ratios, seed=config.seed)
-    examples, held_out = train_cli.split_held_out(
-        examples, config, lambda sources: shard_examples.Concat(cpt_examples_from(sources, config, tok, ctx)))
-    train_cli.say(ctx.rank, f"{len(examples):,} training sequences, {len(held_out):,} evaluation sequences")
+    train = examples.mix(views, counts=config.mix_counts, ratios=config.mix_ratios, seed=config.seed)
+    train, held_out = train_cli.split_held_out(
+        train, config, lambda sources: examples.Concat(cpt_examples_from(sources, config, tok, ctx)))
+    train_cli.say(ctx.rank, f"{len(train):,} training sequences, {len(held_out):,} evaluation sequences")
 
     model = train_cli.build_model(config.model, config.from_scratch, tok, config.seed, config.max_len)
     if not config.full:
         train_cli.say(ctx.rank, "LoRA: " + train_cli.apply_lora_from(config, model))
 
     def collate(batch):
-        return data.collate_cpt(batch, tok.pad_id)
+        return collate_cpt(batch, tok.pad_id)
 
-    return train_cli.run_training(config, ctx, model, tok, examples, held_out, collate,
+    return train_cli.run_training(config, ctx, model, tok, train, held_out, collate,
                                   lora=not config.full, script="train_cpt.py")
 
 

@@ -16,22 +16,23 @@ by default (`--lora` for LoRA). Stage 2 is another run with --model pointing at 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from minidiff.data import examples as shard_examples
-from minidiff.data import readers as data
-from minidiff.data import shards
+from minidiff.data import examples, shards
+from minidiff.data.batches import collate_sft
+from minidiff.data.chat import SFT_FORMATS
 from minidiff.errors import UserError, run_cli
 from minidiff.training import cli as train_cli
+from minidiff.training.trainer import DATA, MAY_DIFFER
 
 
 @dataclass
 class SFTConfig(train_cli.ScriptConfig):
-    format: str = "alpaca"
-    max_len: int = 256
-    pad_fill: str = "pad"
+    format: str = field(default="alpaca", metadata=DATA)
+    max_len: int = field(default=256, metadata=DATA)
+    pad_fill: str = field(default="pad", metadata=DATA)
     lora: bool = False
-    shard_cache: str | None = None
+    shard_cache: str | None = field(default=None, metadata=MAY_DIFFER)
 
 
 HELP = {
@@ -71,15 +72,15 @@ def check(config: SFTConfig, given: set[str]) -> None:
         raise UserError("--data is required: one or more SFT row files, directories or hf:// ids")
     if not config.out:
         raise UserError("--out is required: the directory the run is written to")
-    if config.format not in data.SFT_FORMATS:
-        raise UserError(f"--format {config.format!r} is unknown; expected one of {', '.join(data.SFT_FORMATS)}")
+    if config.format not in SFT_FORMATS:
+        raise UserError(f"--format {config.format!r} is unknown; expected one of {', '.join(SFT_FORMATS)}")
     if config.pad_fill not in ("pad", "eos"):
         raise UserError(f"--pad-fill {config.pad_fill!r} is unknown; expected pad or eos")
     train_cli.check_lora_flags(config.lora, given, "no --lora")
     train_cli.check_common(config, given)
 
 
-def sft_examples_from(sources, config: SFTConfig, tok, ctx) -> shard_examples.Examples:
+def sft_examples_from(sources, config: SFTConfig, tok, ctx) -> examples.Examples:
     """(input_ids, labels) of every source's rows, one source after another, over token shards
     (prepared into the cache on first use, or directories written by `python -m minidiff.data.shards
     prepare --kind sft`)."""
@@ -89,9 +90,9 @@ def sft_examples_from(sources, config: SFTConfig, tok, ctx) -> shard_examples.Ex
                                    cache_dir=config.shard_cache, progress=config.progress,
                                    say=lambda text: train_cli.say(ctx.rank, text))
         train_cli.say(ctx.rank, f"{source}: {shard.manifest['read_summary']}")
-        views.append(shard_examples.SFTExamples(shard, config.max_len))
-    train_cli.say(ctx.rank, shard_examples.sft_report(views).summary())
-    return shard_examples.Concat(views)
+        views.append(examples.SFTExamples(shard, config.max_len))
+    train_cli.say(ctx.rank, examples.sft_report(views).summary())
+    return examples.Concat(views)
 
 
 def main(argv=None) -> int:
@@ -100,19 +101,19 @@ def main(argv=None) -> int:
     config, ctx = train_cli.start(SFTConfig, "train_sft.py", __doc__, HELP, PRESETS, check, argv)
 
     tok = load_tokenizer(config.tokenizer or config.model)
-    examples = sft_examples_from(config.data, config, tok, ctx)
-    examples, held_out = train_cli.split_held_out(
-        examples, config, lambda sources: sft_examples_from(sources, config, tok, ctx))
-    train_cli.say(ctx.rank, f"{len(examples):,} training examples, {len(held_out):,} evaluation examples")
+    train = sft_examples_from(config.data, config, tok, ctx)
+    train, held_out = train_cli.split_held_out(
+        train, config, lambda sources: sft_examples_from(sources, config, tok, ctx))
+    train_cli.say(ctx.rank, f"{len(train):,} training examples, {len(held_out):,} evaluation examples")
 
     model = train_cli.build_model(config.model, None, tok, config.seed, config.max_len)
     if config.lora:
         train_cli.say(ctx.rank, "LoRA: " + train_cli.apply_lora_from(config, model))
 
     def collate(batch):
-        return data.collate_sft(batch, tok.pad_id, tok.eos_id, fill=config.pad_fill)
+        return collate_sft(batch, tok.pad_id, tok.eos_id, fill=config.pad_fill)
 
-    return train_cli.run_training(config, ctx, model, tok, examples, held_out, collate,
+    return train_cli.run_training(config, ctx, model, tok, train, held_out, collate,
                                   lora=config.lora, script="train_sft.py")
 
 

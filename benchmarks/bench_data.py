@@ -10,8 +10,8 @@ A synthetic Turkish-like corpus (random words from a fixed list, documents of 5 
 of each size is written to a temporary directory, with a small BPE tokenizer trained on it
 and a tiny model config. Each measurement is a fresh `train_cpt.py --pack --max-steps 1`
 process; its peak RSS comes from os.wait4:
-- reference: the list pipeline (read_documents -> tokenize_documents -> cpt_examples ->
-  mix_sources, Python lists of ints, what train_cpt.py did before shards), same flags;
+- reference: the list pipeline (read_documents -> tokenize_documents -> the list oracle's
+  cpt_examples -> mix_sources, tests/data_oracle.py: Python lists of ints), same flags;
 - shards, cold cache: the first run tokenises into an empty cache;
 - shards, warm cache: a second run maps the cached shards.
 Growth per token = (peak RSS at the large size - at the small size) / (token difference).
@@ -47,24 +47,26 @@ WORDS = ("Türkiye Cumhuriyeti yılında kuruldu başkenti Ankara oldu İstanbul
 
 REFERENCE = """
 import sys
+sys.path.insert(0, {tests!r})
+import data_oracle as oracle
 import train_cpt
-from minidiff.data import readers as data
-from minidiff.training import cli as train_cli
+from minidiff.data import readers
+from minidiff.data.tokenizer import tokenize_documents
 from minidiff.errors import run_cli
 
-def lists_from(sources, config, tok, ctx):  # the list pipeline train_cpt.py used before shards
+def lists_from(sources, config, tok, ctx):  # the examples as Python lists (tests/data_oracle.py)
     out = []
     for source in sources:
-        docs = data.read_documents(source, field=config.text_field, per="file" if config.per_file else "line")
-        ids = data.tokenize_documents(docs.texts, tok)
-        out.append(data.cpt_examples(ids, config.max_len, "pack" if config.pack else "drop",
-                                     eos_id=tok.eos_id, bos_id=None if config.pack else tok.bos_id))
+        docs = readers.read_documents(source, field=config.text_field, per="file" if config.per_file else "line")
+        ids = tokenize_documents(docs.texts, tok)
+        out.append(oracle.cpt_examples(ids, config.max_len, "pack" if config.pack else "drop",
+                                       eos_id=tok.eos_id, bos_id=None if config.pack else tok.bos_id))
     return out
 
 class Lists:
-    mix = staticmethod(data.mix_sources)
+    mix = staticmethod(oracle.mix_sources)
 train_cpt.cpt_examples_from = lists_from
-train_cpt.shard_examples = Lists
+train_cpt.examples = Lists
 sys.argv = ["train_cpt.py"] + sys.argv[1:]
 run_cli(train_cpt.main)
 """
@@ -130,7 +132,7 @@ def main() -> None:
                          bos_token_id=tok.bos_id, cls_token_id=tok.eos_id, sep_token_id=tok.eos_id,
                          mask_token_id=tok.mask_id)
     (work / "config.json").write_text(json.dumps(config.to_dict()))
-    (work / "reference.py").write_text(REFERENCE)
+    (work / "reference.py").write_text(REFERENCE.format(tests=str(ROOT / "tests")))
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT)}
 
     results = []

@@ -12,9 +12,11 @@ import json
 import sys
 from pathlib import Path
 
+import data_oracle as oracle
 import torch
 
-from minidiff.data import readers as data
+from minidiff.data.batches import Batches, collate_cpt
+from minidiff.data.tokenizer import tokenize_documents
 from minidiff.model import ModelConfig, ModernBertMLM
 from minidiff.plumbing.checkpoint import save_pretrained
 
@@ -148,15 +150,15 @@ def assert_close_rel(got: torch.Tensor, want: torch.Tensor, rel: float, what: st
 # a train_cpt.py run that hangs when it fetches micro-batch hang_after + 1 (a test SIGKILLs it there)
 KILL_HARNESS = """
 import sys, time
-from minidiff.data import readers as data
-original = data.Batches.__next__
+from minidiff.data.batches import Batches
+original = Batches.__next__
 fetched = [0]
 def next_then_hang(self):
     fetched[0] += 1
     if fetched[0] > {hang_after}:
         time.sleep(3600)  # the test SIGKILLs the process here
     return original(self)
-data.Batches.__next__ = next_then_hang
+Batches.__next__ = next_then_hang
 import train_cpt
 from minidiff.errors import run_cli
 sys.argv = ["train_cpt.py"] + {argv!r}
@@ -199,6 +201,6 @@ def train_cpt_killed_and_full(common: list[str], full_out: Path, killed_out: Pat
 
 def cpt_batches(tok, batch_size: int = 3, max_len: int = 48):
     """A resumable stream of CPT batches of TURKISH_TEXT (documents over max_len dropped)."""
-    ids = data.tokenize_documents(TURKISH_TEXT, tok)
-    examples = data.cpt_examples(ids, max_len, "drop", eos_id=tok.eos_id, bos_id=tok.bos_id)
-    return data.Batches(examples, batch_size, seed=0, collate=lambda b: data.collate_cpt(b, tok.pad_id))
+    ids = tokenize_documents(TURKISH_TEXT, tok)
+    examples = oracle.cpt_examples(ids, max_len, "drop", eos_id=tok.eos_id, bos_id=tok.bos_id)
+    return Batches(examples, batch_size, seed=0, collate=lambda b: collate_cpt(b, tok.pad_id))

@@ -11,8 +11,7 @@ import zipfile
 import pytest
 import yaml
 
-from minidiff.data import corpora
-from minidiff.data import readers as data
+from minidiff.data import corpora, readers
 from minidiff.errors import UserError
 
 YML = """\
@@ -85,7 +84,7 @@ def test_real_download_and_cache(tmp_path, monkeypatch):
         total, empty = connection.execute(
             "SELECT COUNT(*), SUM(TRIM(body) = '') FROM speech_texts WHERE lang = 'tr'").fetchone()
     assert total == 411 and len(got.speeches) == total - empty > 350
-    assert data.read_documents(got.speeches_path).texts == got.speeches
+    assert readers.read_documents(got.speeches_path).texts == got.speeches
     # instructions: one row per assistant turn of each PyYAML-parsed conversation, plus the FAQ
     with zipfile.ZipFile(next(wheels.glob("chatterbot_corpus-1.3.3-*.whl"))) as archive:
         names = [n for n in archive.namelist() if n.startswith("chatterbot_corpus/data/turkish/") and n.endswith(".yml")]
@@ -93,7 +92,7 @@ def test_real_download_and_cache(tmp_path, monkeypatch):
     with zipfile.ZipFile(next(wheels.glob("turkish_food_safety_data-1.0.0-*.whl"))) as archive:
         faq = json.loads(archive.read("food_safety_data/data/faq.json"))
     assert len(got.instructions) == chat_rows + len(faq) and len(names) == 6
-    rows = data.read_rows(got.instructions_path)
+    rows = readers.read_rows(got.instructions_path)
     assert all(r["messages"][-1]["role"] == "assistant" for r in rows)
     assert "CC BY 4.0" in got.sources and "Dokumantum" in got.sources and "public domain" in got.sources
     # second call: served from the cache, pip is not run

@@ -18,6 +18,7 @@ import minidiff
 from minidiff.errors import UserError
 from minidiff.evaluation import scoring as evaluation
 from minidiff.evaluation.scoring import Example, parse_task
+from minidiff.evaluation.tasks import sts_bin
 
 # ----------------------------------------------------------------------------- fixture files
 # A few rows per dataset, written by hand in the hub dataset's own column layout.
@@ -171,7 +172,7 @@ def test_sts_prompts_and_bins(task_files):
     assert [e.label for e in examples] == [0, 2, 5]
     # bin edges: < 0.5 none ... >= 4.5 the same
     edges = {0.0: 0, 0.49: 0, 0.5: 1, 1.49: 1, 1.5: 2, 2.5: 3, 3.49: 3, 3.5: 4, 4.49: 4, 4.5: 5, 5.0: 5}
-    assert {s: evaluation.sts_bin(s) for s in edges} == edges
+    assert {s: sts_bin(s) for s in edges} == edges
 
 
 def test_xcopa_prompts_and_choices(task_files):

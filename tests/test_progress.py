@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import io
 
+import data_oracle as oracle
 from helpers import MASK, TURKISH_TEXT, make_tokenizer_dir, tiny_model
 from tqdm import tqdm as tqdm_class
 
-from minidiff.data import readers as data
-from minidiff.data.tokenizer import load_tokenizer
+from minidiff.data.batches import Batches, collate_cpt
+from minidiff.data.tokenizer import load_tokenizer, tokenize_documents
 from minidiff.plumbing import progress
 from minidiff.training import trainer
 
@@ -82,9 +83,9 @@ def test_terminal_gets_tqdm_and_disable_prints_nothing():
 
 def test_trainer_progress_into_a_log_has_no_carriage_returns(tmp_path, capfd):
     tok = load_tokenizer(make_tokenizer_dir(tmp_path / "tok"))
-    ids = data.tokenize_documents(TURKISH_TEXT, tok)
-    examples = data.cpt_examples(ids, 48, "drop", eos_id=tok.eos_id, bos_id=tok.bos_id)
-    batches = data.Batches(examples, 4, seed=0, collate=lambda b: data.collate_cpt(b, tok.pad_id))
+    ids = tokenize_documents(TURKISH_TEXT, tok)
+    examples = oracle.cpt_examples(ids, 48, "drop", eos_id=tok.eos_id, bos_id=tok.bos_id)
+    batches = Batches(examples, 4, seed=0, collate=lambda b: collate_cpt(b, tok.pad_id))
     cfg = trainer.TrainConfig(lr=3e-3, max_steps=3, batch_size=4, log_every=1, progress=True, seed=0)
     trainer.train(tiny_model(0, vocab_size=tok.vocab_size), batches, None, trainer.nelbo_objective(MASK),
                   cfg, tmp_path / "run")

@@ -5,7 +5,7 @@ directories of dead preparations, carriage returns in a log, and processes of on
 
 Each fault is made by the test at a point it chooses (a byte it flips, a reader it patches to
 change the source after the first batch), never by timing. The expected data is the source read
-and tokenised by the list pipeline (data.read_documents -> tokenize_documents); the expected
+and tokenised by the list pipeline (readers.read_documents -> tokenize_documents); the expected
 hashes come from hashlib over the file's bytes. A cache entry that fails is rebuilt and then
 holds that data; a prepared directory that fails is refused with one sentence (in a subprocess:
 exit status 2, one stderr line starting "error:", no traceback), and nothing half-written is
@@ -25,9 +25,8 @@ import numpy as np
 import pytest
 from helpers import TURKISH_TEXT, make_model_dir
 
-from minidiff.data import readers as data
-from minidiff.data import shards
-from minidiff.data.tokenizer import load_tokenizer
+from minidiff.data import readers, shards
+from minidiff.data.tokenizer import load_tokenizer, tokenize_documents
 from minidiff.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,7 +50,7 @@ def setup(tmp_path_factory):
 
 
 def source_ids(path, tok) -> list[list[int]]:
-    return data.tokenize_documents(data.read_documents(path).texts, tok)
+    return tokenize_documents(readers.read_documents(path).texts, tok)
 
 
 def entry_ids(entry) -> list[list[int]]:
@@ -229,19 +228,18 @@ def test_prepare_out_refuses_another_sources_shards_unless_overwrite(setup, tmp_
 
 CHANGING = """
 import sys
-from minidiff.data import readers as data
-from minidiff.data import shards
+from minidiff.data import readers, shards
 from minidiff.errors import run_cli
 shards.BATCH_DOCUMENTS = 10
 source = sys.argv[1]
-original = data.iter_documents
+original = readers.iter_documents
 def read_then_change(*args, **kwargs):  # the source gains a line once the first batch is read
     for number, text in enumerate(original(*args, **kwargs), start=1):
         yield text
         if number == shards.BATCH_DOCUMENTS:
             with open(source, "a", encoding="utf-8") as handle:
                 handle.write("Yeni eklenen satır.\\n")
-data.iter_documents = read_then_change
+readers.iter_documents = read_then_change
 sys.argv = ["minidiff.data.shards", "prepare", "--no-progress", "--tokenizer", sys.argv[2], "--data", source] + sys.argv[3:]
 run_cli(shards.main)
 """

@@ -1,8 +1,8 @@
-"""minidiff.data.shards and minidiff.data.examples against the list-based pipeline of minidiff.data.readers.
+"""minidiff.data.shards and minidiff.data.examples against the list oracle of tests/data_oracle.py.
 
-The reference for every example and batch is data.read_documents / read_rows ->
-tokenize_documents -> cpt_examples / build_sft_examples -> mix_sources / train_eval_split ->
-Batches over Python lists (the pipeline the training scripts used before shards). The cache is
+The reference for every example and batch is readers.read_documents / read_rows ->
+tokenize_documents -> oracle.cpt_examples / build_sft_examples -> mix_sources /
+train_eval_split -> Batches over Python lists. The cache is
 checked by its observable rules: reused (not rewritten) when nothing changed, rebuilt when a
 source or the tokenizer changes, never trusted after a SIGKILL, one entry after a race.
 """
@@ -17,15 +17,15 @@ import sys
 import time
 from pathlib import Path
 
+import data_oracle as oracle
 import numpy as np
 import pytest
 import torch
 from helpers import TURKISH_TEXT, make_tokenizer_dir, train_cpt_killed_and_full
 
-from minidiff.data import examples as shard_examples
-from minidiff.data import readers as data
-from minidiff.data import shards
-from minidiff.data.tokenizer import load_tokenizer
+from minidiff.data import examples, readers, shards
+from minidiff.data.batches import Batches, collate_cpt, collate_sft
+from minidiff.data.tokenizer import load_tokenizer, tokenize_documents
 from minidiff.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,7 +78,7 @@ def as_lists(view) -> list[list[int]]:
 
 
 def reference_ids(source, tok, per="line"):
-    return data.tokenize_documents(data.read_documents(source, per=per).texts, tok)
+    return tokenize_documents(readers.read_documents(source, per=per).texts, tok)
 
 
 # ----------------------------------------------------------------------------- reading and writing
@@ -86,10 +86,10 @@ def reference_ids(source, tok, per="line"):
 
 @pytest.mark.parametrize("per", ["line", "file"])
 def test_streaming_reader_keeps_the_same_documents_and_problems(corpus, per):
-    files = data.resolve_sources([corpus["a"], corpus["b"]])
+    files = readers.resolve_sources([corpus["a"], corpus["b"]])
     problems = []
-    texts = list(data.iter_documents(files, problems, per=per))
-    expected = data.read_documents([corpus["a"], corpus["b"]], per=per)
+    texts = list(readers.iter_documents(files, problems, per=per))
+    expected = readers.read_documents([corpus["a"], corpus["b"]], per=per)
     assert texts == expected.texts and problems == expected.problems
     assert f"{corpus['a']}:6: invalid UTF-8" in problems
 
@@ -100,7 +100,7 @@ def test_shard_holds_the_token_ids_of_every_document(corpus, tmp_path):
     assert shard.tokens.dtype == np.uint16 and isinstance(shard.tokens, np.memmap)
     assert shard.offsets.dtype == np.int64 and shard.num_documents == len(expected)
     assert [shard.tokens[shard.offsets[d]:shard.offsets[d + 1]].tolist() for d in range(len(expected))] == expected
-    expected_summary = data.read_documents([corpus["a"], corpus["b"]]).summary()
+    expected_summary = readers.read_documents([corpus["a"], corpus["b"]]).summary()
     assert shard.manifest["read_summary"] == expected_summary
     assert shard.manifest["tokens"] == sum(map(len, expected))
 
@@ -110,8 +110,8 @@ def test_uint32_when_the_vocabulary_does_not_fit_uint16(corpus, tmp_path, monkey
     monkeypatch.setattr(corpus["tok"], "vocab_size", 70000)
     shard = shards.prepare(corpus["a"], "cpt", CPT, corpus["tok"], cache_dir=tmp_path)
     assert shard.tokens.dtype == np.uint32 and shard.manifest["dtype"] == "uint32"
-    view = shard_examples.DropExamples(shard, 30, eos_id=1, bos_id=2)
-    assert as_lists(view) == data.cpt_examples(reference_ids(corpus["a"], corpus["tok"]), 30, "drop", eos_id=1, bos_id=2)
+    view = examples.DropExamples(shard, 30, eos_id=1, bos_id=2)
+    assert as_lists(view) == oracle.cpt_examples(reference_ids(corpus["a"], corpus["tok"]), 30, "drop", eos_id=1, bos_id=2)
 
 
 # ----------------------------------------------------------------------------- examples = the lists'
@@ -122,11 +122,11 @@ def test_cpt_drop_and_pack_equal_the_lists(corpus, tmp_path, max_len):
     tok = corpus["tok"]
     shard = shards.prepare(corpus["a"], "cpt", CPT, tok, cache_dir=tmp_path)
     ids = reference_ids(corpus["a"], tok)
-    drop = shard_examples.DropExamples(shard, max_len, eos_id=tok.eos_id, bos_id=tok.bos_id)
-    assert as_lists(drop) == data.cpt_examples(ids, max_len, "drop", eos_id=tok.eos_id, bos_id=tok.bos_id)
+    drop = examples.DropExamples(shard, max_len, eos_id=tok.eos_id, bos_id=tok.bos_id)
+    assert as_lists(drop) == oracle.cpt_examples(ids, max_len, "drop", eos_id=tok.eos_id, bos_id=tok.bos_id)
     assert drop.left_out == sum(1 for x in ids if len(x) + 2 > max_len)
-    pack = shard_examples.PackExamples(shard, max_len, eos_id=tok.eos_id)
-    expected = data.cpt_examples(ids, max_len, "pack", eos_id=tok.eos_id)
+    pack = examples.PackExamples(shard, max_len, eos_id=tok.eos_id)
+    expected = oracle.cpt_examples(ids, max_len, "pack", eos_id=tok.eos_id)
     assert len(expected) > 3 and as_lists(pack) == expected
 
 
@@ -135,8 +135,8 @@ def test_pack_skips_empty_documents_and_keeps_only_full_blocks():
         tokens = np.array([5, 6, 7], dtype=np.uint16)
         offsets = np.array([0, 2, 2, 3])
         lengths = np.diff(offsets)
-    assert as_lists(shard_examples.PackExamples(Fake, 2, eos_id=1)) == [[5, 6], [1, 7]]
-    assert as_lists(shard_examples.DropExamples(Fake, 3, eos_id=1, bos_id=2)) == [[2, 7, 1]]
+    assert as_lists(examples.PackExamples(Fake, 2, eos_id=1)) == [[5, 6], [1, 7]]
+    assert as_lists(examples.DropExamples(Fake, 3, eos_id=1, bos_id=2)) == [[2, 7, 1]]
 
 
 @pytest.mark.parametrize("mix", [dict(counts=[7, 300]), dict(counts=[0, 45]), dict(ratios=[0.3, 0.7]),
@@ -149,19 +149,19 @@ def test_mixing_equals_mix_sources(corpus, tmp_path, mix, pack):
         shard = shards.prepare(source, "cpt", CPT, tok, cache_dir=tmp_path)
         ids = reference_ids(source, tok)
         if pack:
-            views.append(shard_examples.PackExamples(shard, 24, eos_id=tok.eos_id))
-            lists.append(data.cpt_examples(ids, 24, "pack", eos_id=tok.eos_id))
+            views.append(examples.PackExamples(shard, 24, eos_id=tok.eos_id))
+            lists.append(oracle.cpt_examples(ids, 24, "pack", eos_id=tok.eos_id))
         else:
-            views.append(shard_examples.DropExamples(shard, 24, eos_id=tok.eos_id, bos_id=tok.bos_id))
-            lists.append(data.cpt_examples(ids, 24, "drop", eos_id=tok.eos_id, bos_id=tok.bos_id))
+            views.append(examples.DropExamples(shard, 24, eos_id=tok.eos_id, bos_id=tok.bos_id))
+            lists.append(oracle.cpt_examples(ids, 24, "drop", eos_id=tok.eos_id, bos_id=tok.bos_id))
     for seed in (0, 3):
-        assert as_lists(shard_examples.mix(views, seed=seed, **mix)) == data.mix_sources(lists, seed=seed, **mix)
+        assert as_lists(examples.mix(views, seed=seed, **mix)) == oracle.mix_sources(lists, seed=seed, **mix)
 
 
 def collated_batches(examples, world_size, collate, steps, batch_size=3, seed=5):
     out = []
     for rank in range(world_size):
-        batches = data.Batches(examples, batch_size, seed=seed, rank=rank, world_size=world_size, collate=collate)
+        batches = Batches(examples, batch_size, seed=seed, rank=rank, world_size=world_size, collate=collate)
         out.append([next(batches) for _ in range(steps)])
     return out
 
@@ -178,16 +178,16 @@ def assert_same_batches(ours, theirs):
 def test_batches_and_held_out_split_equal_the_lists(corpus, tmp_path, world_size):
     tok = corpus["tok"]
     view_parts = [shards.prepare(s, "cpt", CPT, tok, cache_dir=tmp_path) for s in (corpus["a"], corpus["b"])]
-    views = [shard_examples.PackExamples(s, 16, eos_id=tok.eos_id) for s in view_parts]
-    lists = [data.cpt_examples(reference_ids(s, tok), 16, "pack", eos_id=tok.eos_id) for s in (corpus["a"], corpus["b"])]
-    mixed_view = shard_examples.mix(views, ratios=[2, 1], seed=1)
-    mixed_list = data.mix_sources(lists, ratios=[2, 1], seed=1)
-    train_view, held_view = shard_examples.split(mixed_view, 0.2, seed=4)
-    train_list, held_list = data.train_eval_split(mixed_list, 0.2, seed=4)
+    views = [examples.PackExamples(s, 16, eos_id=tok.eos_id) for s in view_parts]
+    lists = [oracle.cpt_examples(reference_ids(s, tok), 16, "pack", eos_id=tok.eos_id) for s in (corpus["a"], corpus["b"])]
+    mixed_view = examples.mix(views, ratios=[2, 1], seed=1)
+    mixed_list = oracle.mix_sources(lists, ratios=[2, 1], seed=1)
+    train_view, held_view = examples.split(mixed_view, 0.2, seed=4)
+    train_list, held_list = oracle.train_eval_split(mixed_list, 0.2, seed=4)
     assert as_lists(held_view) == held_list and as_lists(train_view) == train_list
 
     def collate(batch):
-        return data.collate_cpt(batch, tok.pad_id)
+        return collate_cpt(batch, tok.pad_id)
     steps = 3 * (len(train_list) // (3 * world_size))  # three epochs
     assert_same_batches(collated_batches(train_view, world_size, collate, steps),
                         collated_batches(train_list, world_size, collate, steps))
@@ -197,23 +197,23 @@ def test_batches_and_held_out_split_equal_the_lists(corpus, tmp_path, world_size
 @pytest.mark.parametrize("max_len", [64, 120, 256])
 def test_sft_rows_and_labels_equal_build_sft_examples(corpus, tmp_path, world_size, max_len):
     tok = corpus["tok"]
-    views, rows = [], data.Rows()
+    views, rows = [], readers.Rows()
     for source in (corpus["rows"], corpus["rows2"]):
         shard = shards.prepare(source, "sft", shards.sft_options("alpaca"), tok, cache_dir=tmp_path)
-        views.append(shard_examples.SFTExamples(shard, max_len))
-        part = data.read_rows(source)
+        views.append(examples.SFTExamples(shard, max_len))
+        part = readers.read_rows(source)
         assert shard.manifest["read_summary"] == part.summary()
         rows.extend(part)
         rows.where.extend(part.where)
-    expected, report = data.build_sft_examples(rows, "alpaca", tok, max_len)
-    ours = shard_examples.Concat(views)
+    expected, report = oracle.build_sft_examples(rows, "alpaca", tok, max_len)
+    ours = examples.Concat(views)
     assert [(a.tolist(), b.tolist()) for a, b in ours] == [(list(a), list(b)) for a, b in expected]
-    assert shard_examples.sft_report(views) == report
+    assert examples.sft_report(views) == report
     if max_len == 64:
         assert report.truncated > 0 and report.dropped_prompt_too_long > 0
 
     def collate(batch):
-        return data.collate_sft(batch, tok.pad_id, tok.eos_id)
+        return collate_sft(batch, tok.pad_id, tok.eos_id)
     steps = 2 * (len(expected) // (3 * world_size))
     assert_same_batches(collated_batches(ours, world_size, collate, steps),
                         collated_batches(expected, world_size, collate, steps))
@@ -222,8 +222,8 @@ def test_sft_rows_and_labels_equal_build_sft_examples(corpus, tmp_path, world_si
 def test_sft_messages_format_equals_build_sft_examples(corpus, tmp_path):
     tok = corpus["tok"]
     shard = shards.prepare(corpus["chat"], "sft", shards.sft_options("messages"), tok, cache_dir=tmp_path)
-    expected, _ = data.build_sft_examples(data.read_rows(corpus["chat"]), "messages", tok, 128)
-    assert [(a.tolist(), b.tolist()) for a, b in shard_examples.SFTExamples(shard, 128)] == expected
+    expected, _ = oracle.build_sft_examples(readers.read_rows(corpus["chat"]), "messages", tok, 128)
+    assert [(a.tolist(), b.tolist()) for a, b in examples.SFTExamples(shard, 128)] == expected
 
 
 # ----------------------------------------------------------------------------- errors as before
@@ -243,20 +243,20 @@ def test_empty_and_invalid_corpora_keep_their_errors(corpus, tmp_path):
     empty.write_bytes(b"")
     for path in (invalid, empty):
         assert message(lambda: shards.prepare(path, "cpt", CPT, tok, cache_dir=tmp_path / "c")) == \
-            message(lambda: data.read_documents(path))
+            message(lambda: readers.read_documents(path))
     no_rows = tmp_path / "none.jsonl"
     no_rows.write_bytes(b"\xff\n[1]\n")
     assert message(lambda: shards.prepare(no_rows, "sft", shards.sft_options("alpaca"), tok, cache_dir=tmp_path / "c")) \
-        == message(lambda: data.read_rows(no_rows))
+        == message(lambda: readers.read_rows(no_rows))
     bad_row = tmp_path / "bad.jsonl"
     bad_row.write_text('{"instruction": "Soru?", "input": ""}\n', encoding="utf-8")
     assert message(lambda: shards.prepare(bad_row, "sft", shards.sft_options("alpaca"), tok, cache_dir=tmp_path / "c")) \
-        == message(lambda: data.build_sft_examples(data.read_rows(bad_row), "alpaca", tok, 64))
+        == message(lambda: oracle.build_sft_examples(readers.read_rows(bad_row), "alpaca", tok, 64))
     assert not any(p.name != ".tmp" and not p.name.startswith(".") for p in (tmp_path / "c").iterdir())
     shard = shards.prepare(corpus["rows"], "sft", shards.sft_options("alpaca"), tok, cache_dir=tmp_path / "c")
     with pytest.raises(UserError) as info:
-        data.build_sft_examples(data.read_rows(corpus["rows"]), "alpaca", tok, 3)
-    assert message(lambda: shard_examples.sft_report([shard_examples.SFTExamples(shard, 3)])) == str(info.value)
+        oracle.build_sft_examples(readers.read_rows(corpus["rows"]), "alpaca", tok, 3)
+    assert message(lambda: examples.sft_report([examples.SFTExamples(shard, 3)])) == str(info.value)
 
 
 # ----------------------------------------------------------------------------- the cache
@@ -297,7 +297,7 @@ def test_a_shard_directory_is_checked_against_the_run(corpus, tmp_path, capsys):
     out = tmp_path / "prepared"
     assert shards.main(["prepare", "--tokenizer", str(corpus["tok_dir"]), "--data", str(corpus["a"]),
                         "--out", str(out), "--no-progress"]) == 0
-    kept = len(data.read_documents(corpus["a"]).texts)
+    kept = len(readers.read_documents(corpus["a"]).texts)
     assert kept == 147 and capsys.readouterr().out.startswith(f"{kept} documents")  # 3 of 150 lines skipped
     assert shards.is_shard_dir(out)
     entry = shards.open_prepared(out, "cpt", CPT, corpus["tok"])
@@ -427,21 +427,21 @@ def test_demo_corpus_examples_equal_the_lists(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
     demo = corpora.fetch_demo_corpora(root / "data")
     tok = train_tokenizer(demo.speeches[:200], 600, root / "tok")
-    ids = data.tokenize_documents(data.read_documents(demo.speeches_path).texts, tok)
+    ids = tokenize_documents(readers.read_documents(demo.speeches_path).texts, tok)
     shard = shards.prepare(demo.speeches_path, "cpt", CPT, tok, cache_dir=root / "cache")
     for max_len in (64, 1024):
-        drop = shard_examples.DropExamples(shard, max_len, eos_id=tok.eos_id, bos_id=tok.bos_id)
-        pack = shard_examples.PackExamples(shard, max_len, eos_id=tok.eos_id)
-        drop_list = data.cpt_examples(ids, max_len, "drop", eos_id=tok.eos_id, bos_id=tok.bos_id)
-        pack_list = data.cpt_examples(ids, max_len, "pack", eos_id=tok.eos_id)
+        drop = examples.DropExamples(shard, max_len, eos_id=tok.eos_id, bos_id=tok.bos_id)
+        pack = examples.PackExamples(shard, max_len, eos_id=tok.eos_id)
+        drop_list = oracle.cpt_examples(ids, max_len, "drop", eos_id=tok.eos_id, bos_id=tok.bos_id)
+        pack_list = oracle.cpt_examples(ids, max_len, "pack", eos_id=tok.eos_id)
         assert as_lists(drop) == drop_list and as_lists(pack) == pack_list
         for mix in [] if not drop_list else (dict(counts=[50, 3000]), dict(ratios=[0.25, 0.75])):
-            assert as_lists(shard_examples.mix([drop, pack], seed=2, **mix)) == \
-                data.mix_sources([drop_list, pack_list], seed=2, **mix)
+            assert as_lists(examples.mix([drop, pack], seed=2, **mix)) == \
+                oracle.mix_sources([drop_list, pack_list], seed=2, **mix)
     sft = shards.prepare(demo.instructions_path, "sft", shards.sft_options("messages"), tok, cache_dir=root / "cache")
-    expected, report = data.build_sft_examples(data.read_rows(demo.instructions_path), "messages", tok, 192)
+    expected, report = oracle.build_sft_examples(readers.read_rows(demo.instructions_path), "messages", tok, 192)
     assert len(drop_list) > 0 and report.kept > 100
-    view = shard_examples.SFTExamples(sft, 192)
+    view = examples.SFTExamples(sft, 192)
     assert [(a.tolist(), b.tolist()) for a, b in view] == expected and view.report == report
 
 

@@ -143,7 +143,7 @@ def help_text(script, capsys) -> str:
 def test_help_lists_every_flag_and_the_presets(capsys):
     text = help_text(train_cpt, capsys)
     for flag in ("--max-len", "--pack", "--batch-size", "--grad-accum", "--lr", "--warmup", "--max-steps",
-                 "--epochs", "--schedule", "--loss-norm", "--stratified-t", "--save-every", "--eval-every",
+                 "--epochs", "--noise-schedule", "--loss-norm", "--stratified-t", "--save-every", "--eval-every",
                  "--eval-data", "--eval-fraction", "--seed", "--resume", "--from-scratch", "--full", "--lora-r"):
         assert flag in text, flag
     assert "diffutron-cpt" in text and "--epochs 4.0" in text
@@ -159,11 +159,10 @@ def test_preset_fills_fields_and_flags_override():
     assert given == {"preset", "batch_size"}
 
 
-def test_noise_schedule_flag_and_its_old_spelling():
+def test_noise_schedule_flag_sets_the_field():
     parser = train_cpt.train_cli.config_parser(train_cpt.CPTConfig, "x", "", {}, train_cpt.PRESETS)
-    for flag in ("--noise-schedule", "--schedule"):  # the old spelling stays an alias
-        config, given = train_cpt.train_cli.parse_config(train_cpt.CPTConfig, parser, [flag, "cosine"], {})
-        assert config.noise_schedule == "cosine" and given == {"noise_schedule"}
+    config, given = train_cpt.train_cli.parse_config(train_cpt.CPTConfig, parser, ["--noise-schedule", "cosine"], {})
+    assert config.noise_schedule == "cosine" and given == {"noise_schedule"}
     config, _ = train_cpt.train_cli.parse_config(train_cpt.CPTConfig, parser, ["--preset", "diffutron-cpt"],
                                                  train_cpt.PRESETS)
     assert config.noise_schedule == "linear"
@@ -198,7 +197,7 @@ def bad_cases(setup, tmp: Path):
         "unknown flag": (train_cpt, ["--model", m, "--data", t, "--learning-rate", "1"], "unrecognized"),
         "missing model": (train_cpt, ["--model", str(tmp / "no-model"), "--data", t], "no-model"),
         "no data flag": (train_cpt, ["--model", m], "--data"),
-        "bad schedule": (train_cpt, ["--model", m, "--data", t, "--schedule", "cubic"], "--schedule"),
+        "bad schedule": (train_cpt, ["--model", m, "--data", t, "--noise-schedule", "cubic"], "--noise-schedule"),
     }
 
 

@@ -13,15 +13,17 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass, field, replace
 
+import data_oracle as oracle
 import pytest
 import torch
 from helpers import MASK, TURKISH_TEXT, make_tokenizer_dir, tiny_model
 from safetensors.torch import load_file
 
 from minidiff import diffusion
-from minidiff.data import readers as data
-from minidiff.data.tokenizer import load_tokenizer
+from minidiff.data.batches import Batches, collate_cpt, collate_sft
+from minidiff.data.tokenizer import load_tokenizer, tokenize_documents
 from minidiff.errors import UserError
 from minidiff.training import state as train_state
 from minidiff.training import trainer
@@ -33,13 +35,13 @@ def tok(tmp_path_factory):
 
 
 def cpt_examples(tok, max_len=48):
-    ids = data.tokenize_documents(TURKISH_TEXT, tok)
-    return data.cpt_examples(ids, max_len, "drop", eos_id=tok.eos_id, bos_id=tok.bos_id)
+    ids = tokenize_documents(TURKISH_TEXT, tok)
+    return oracle.cpt_examples(ids, max_len, "drop", eos_id=tok.eos_id, bos_id=tok.bos_id)
 
 
 def cpt_batches(tok, batch_size=4, seed=0, examples=None):
     examples = examples if examples is not None else cpt_examples(tok)
-    return data.Batches(examples, batch_size, seed=seed, collate=lambda b: data.collate_cpt(b, tok.pad_id))
+    return Batches(examples, batch_size, seed=seed, collate=lambda b: collate_cpt(b, tok.pad_id))
 
 
 def config(**kw):
@@ -91,7 +93,7 @@ def test_loss_falls_and_run_layout(tok, tmp_path):
     cfg = config(max_steps=40, lr=5e-3, log_every=5, save_every=10, keep_last=2, eval_every=20)
     out = tmp_path / "run"
     model = model_for(tok)
-    result = trainer.train(model, cpt_batches(tok, examples=examples), [data.collate_cpt(examples[:8], tok.pad_id)],
+    result = trainer.train(model, cpt_batches(tok, examples=examples), [collate_cpt(examples[:8], tok.pad_id)],
                            trainer.nelbo_objective(MASK), cfg, out, tokenizer=tok)
     first, last = result.eval_losses[0][1], result.eval_losses[-1][1]
     assert result.eval_losses[0][0] == 0 and result.eval_losses[-1][0] == 40
@@ -121,7 +123,7 @@ def test_resume_from_checkpoint_is_bitwise_exact(tok, tmp_path):
 
     cfg = config(max_steps=6, save_every=2, keep_last=5, grad_accum=2, batch_size=3, loss_norm="token",
                  stratified_t=True, clip=1.0, warmup=2, eval_every=3)
-    evals = [data.collate_cpt(cpt_examples(tok)[:4], tok.pad_id)]
+    evals = [collate_cpt(cpt_examples(tok)[:4], tok.pad_id)]
     full = lora_model()
     trainer.train(full, cpt_batches(tok, 3), evals, trainer.nelbo_objective(MASK, loss_norm="token", stratified=True),
                   cfg, tmp_path / "a", lora=True)
@@ -198,8 +200,8 @@ def test_sft_batch_masks_answer_and_padding_only(tok):
                       {"role": "user", "content": "İstanbul hangi boğazın iki yakasındadır?"},
                       {"role": "assistant", "content": "İstanbul Boğazı, Avrupa ile Asya arasında."}]},
     ]
-    examples, _ = data.build_sft_examples(rows, "messages", tok, 128)
-    batch = data.collate_sft(examples, tok.pad_id, tok.eos_id)
+    examples, _ = oracle.build_sft_examples(rows, "messages", tok, 128)
+    batch = collate_sft(examples, tok.pad_id, tok.eos_id)
     # hand-made expectation: prompt length from the template text itself
     prompts = ["[Question]\nTürkiye'nin başkenti neresidir?\n[/Question]\n\n[Answer]\n",
                "[SYS]\nKısa cevap ver.\n[/SYS]\n\n[Question]\nİstanbul hangi boğazın iki yakasındadır?\n[/Question]\n\n[Answer]\n"]
@@ -290,3 +292,34 @@ def test_output_dir_rules(tok, tmp_path):
     with pytest.raises(UserError, match="unfinished run"):
         trainer.check_out_dir(out, resume=False)
     assert trainer.check_out_dir(out, resume=True).name == "step-000002"  # the final step's
+
+
+@dataclass
+class ConfigWithNewFields(trainer.TrainConfig):
+    """A config as a script grows it: fields that no list in the trainer names."""
+
+    new_setting: int = 0  # no metadata: --resume requires the checkpoint's value
+    new_path: str = field(default="a", metadata=trainer.MAY_DIFFER)
+    new_data_rule: int = field(default=0, metadata=trainer.DATA)
+
+
+def test_resume_rule_of_a_new_field_is_read_from_its_metadata(tok, tmp_path):
+    out = tmp_path / "run"
+    first = ConfigWithNewFields(lr=3e-3, max_steps=2, batch_size=4, clip=0.0, log_every=1, progress=False,
+                                save_every=1)
+    trainer.train(model_for(tok), cpt_batches(tok), None, trainer.nelbo_objective(MASK), first, out)
+    (out / "model.safetensors").unlink()  # as if the run had died after its last checkpoint
+
+    def resume(**changes):
+        trainer.train(model_for(tok), cpt_batches(tok), None, trainer.nelbo_objective(MASK),
+                      replace(first, resume=True, **changes), out)
+
+    with pytest.raises(UserError, match="--new-setting is 1 but the checkpoint"):
+        resume(new_setting=1)
+    with pytest.raises(UserError, match="--new-data-rule is 1 but the checkpoint"):
+        resume(new_data_rule=1)
+    with pytest.raises(UserError, match="--new-setting is 1 but the checkpoint"):
+        resume(new_setting=1, new_data_rule=1, allow_data_change=True)
+    assert not (out / "model.safetensors").exists()
+    resume(new_path="b", new_data_rule=1, allow_data_change=True)
+    assert (out / "model.safetensors").exists()

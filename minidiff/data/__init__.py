@@ -1,1 +1,1 @@
-"""Training data: file readers, token shards, training examples, the chat format, corpora, the tokenizer."""
+"""Training data: file readers, the tokenizer, token shards, training examples, batches, the chat format, corpora."""

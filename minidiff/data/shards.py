@@ -3,6 +3,7 @@ cache that is either complete and verified or rebuilt.
 
 References: nanoGPT's data/*/prepare.py (one flat `train.bin` of uint16 token ids read back with
 `np.memmap`), Hugging Face datasets (an Arrow cache keyed by a fingerprint of the inputs).
+docs/training.md, "Token shards".
 
     python -m minidiff.data.shards prepare --tokenizer DIR --data wiki.txt --out shards/wiki
     shard = shards.open_source("wiki.txt", "cpt", {"field": "text", "per": "line"}, tok)  # cached
@@ -35,8 +36,9 @@ from pathlib import Path
 
 import numpy as np
 
-from minidiff.data import readers as data
-from minidiff.data.tokenizer import CONFIG_FILES, load_tokenizer
+from minidiff.data import readers
+from minidiff.data.chat import SFT_FORMATS, render_sft
+from minidiff.data.tokenizer import CONFIG_FILES, load_tokenizer, tokenize_documents
 from minidiff.errors import UserError, run_cli
 from minidiff.plumbing.files import file_hash, fsync_dir, new_digest, no_locks, pid_alive, write_json
 from minidiff.plumbing.progress import bar as progress_bar
@@ -109,7 +111,8 @@ class Shard:
 
     @property
     def content_key(self) -> str:
-        """`<key>-<hash of the files' hashes>`: what the entry was made from, then what it holds."""
+        """`<key>-<hash of the files' hashes>`: what the entry was made from, then what it holds;
+        equal keys mean the same token ids, so a run records it and refuses to resume on other data."""
         files = self.manifest["files"]
         # content = BLAKE2b("name:hash;name:hash..." over the entry's files, sorted by name)
         listing = ";".join(f"{name}:{files[name]['blake2b']}" for name in sorted(files))
@@ -266,7 +269,7 @@ def describe(source, kind: str, options: dict, tokenizer) -> dict:
         raise UserError(f"shard kind {kind!r} is unknown; expected one of {', '.join(KINDS)}")
     identity = {
         "format_version": FORMAT_VERSION, "kind": kind, "options": dict(sorted(options.items())),
-        "sources": _source_files(data.resolve_sources(source)),
+        "sources": _source_files(readers.resolve_sources(source)),
         "tokenizer": tokenizer_hash(tokenizer),
     }
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:32]
@@ -338,28 +341,28 @@ class _Writer:
 
 
 def _write_cpt(files, options: dict, tokenizer, writer: _Writer, bar, problems: list[str]) -> None:
-    texts = data.iter_documents(files, problems, field=options.get("field", "text"), per=options.get("per", "line"))
+    texts = readers.iter_documents(files, problems, field=options.get("field", "text"),
+                                   per=options.get("per", "line"))
     for batch in _batches(texts):
-        writer.add(data.tokenize_documents(batch, tokenizer))
+        writer.add(tokenize_documents(batch, tokenizer))
         bar.update(len(batch))
 
 
 def _write_sft(files, options: dict, tokenizer, writer: _Writer, bar, problems: list[str]) -> None:
-    """Each row as prompt ids + answer ids (data._encode_sft's rule, with batched encoding)."""
+    """Each row as prompt ids + answer ids. The prompt is tokenised alone, as a sampler sees it;
+    the answer is the rest of the whole text's ids, or (when a BPE merge crosses the boundary,
+    so that those ids do not start with the prompt's) the answer tokenised alone."""
     fmt = options["format"]
-    if fmt not in data.SFT_FORMATS:
-        raise UserError(f"SFT format {fmt!r} is unknown; expected one of {', '.join(data.SFT_FORMATS)}")
-    for path in files:
-        if path.suffix.lower() in data.TEXT_EXTENSIONS:
-            raise UserError(f"{path} is plain text; rows must come from a .jsonl, .json, .csv or .parquet file")
-    rows = (pair for path in files for pair in data._iter_rows(path, problems))
+    if fmt not in SFT_FORMATS:
+        raise UserError(f"SFT format {fmt!r} is unknown; expected one of {', '.join(SFT_FORMATS)}")
+    rows = readers.iter_rows(files, problems)
     for batch in _batches(rows, size=lambda pair: 1):
-        texts = [data.render_sft(row, fmt, tokenizer, where) for where, row in batch]
-        prompt_ids = data.tokenize_documents([p for p, _ in texts], tokenizer)
-        full_ids = data.tokenize_documents([p + a for p, a in texts], tokenizer)
+        texts = [render_sft(row, fmt, tokenizer, where) for where, row in batch]
+        prompt_ids = tokenize_documents([p for p, _ in texts], tokenizer)
+        full_ids = tokenize_documents([p + a for p, a in texts], tokenizer)
         joined = []
         for (_, answer), prompt, full in zip(texts, prompt_ids, full_ids):
-            if full[:len(prompt)] != prompt:  # a BPE merge crossed the boundary: the answer alone
+            if full[:len(prompt)] != prompt:
                 full = prompt + list(tokenizer.encode(answer, add_special_tokens=False))
             joined.append(full)
         writer.add(joined, [len(p) for p in prompt_ids])
@@ -416,7 +419,7 @@ def _check_not_empty(identity: dict, documents: int, problems: list[str], label:
         return
     name = label or ", ".join(s["path"] for s in identity["sources"])
     if identity["kind"] == "sft":
-        rows = data.Rows(problems=problems, files=[s["path"] for s in identity["sources"]])
+        rows = readers.Rows(problems=problems, files=[s["path"] for s in identity["sources"]])
         raise UserError(f"no rows found in {name} ({rows.summary(1)})")
     first = f"; the first: {problems[0]}" if problems else ""
     raise UserError(f"no documents left in {name}: {len(problems):,} lines/rows were "
@@ -426,9 +429,9 @@ def _check_not_empty(identity: dict, documents: int, problems: list[str], label:
 def _read_summary(identity: dict, documents: int, problems: list[str]) -> str:
     files = [s["path"] for s in identity["sources"]]
     if identity["kind"] == "sft":
-        return data.Rows(problems=problems, files=files).summary().replace(
+        return readers.Rows(problems=problems, files=files).summary().replace(
             "read 0 rows", f"read {documents:,} rows", 1)
-    return data.ReadResult(texts=range(documents), problems=problems, files=files).summary()
+    return readers.ReadResult(texts=range(documents), problems=problems, files=files).summary()
 
 
 def _host() -> str:
@@ -516,18 +519,19 @@ def _check_out_folder(folder: Path, identity: dict, overwrite: bool) -> None:
 def prepare(source, kind: str, options: dict, tokenizer, *, out=None, cache_dir=None, overwrite: bool = False,
             progress: bool = False, say=None) -> Shard:
     """The entry for `source` (a path, directory or list of them: one training source): reused
-    from `out` or the cache when it is complete, its key matches and it passes verify_entry,
-    else written now (a damaged one is rebuilt, with a line on stderr). Concurrent callers take
-    a lock and tokenise once; each verifies the entry it finds outside the lock. Temporary
-    directories of dead preparations next to the entry are removed first. `out` refuses a
-    directory holding other shards unless `overwrite`."""
+    from `out` or the cache (CACHE/<key>, key = describe's hash of what decides the contents)
+    when it is complete, its key matches and it passes verify_entry, else written now (a
+    damaged one is rebuilt, with a line on stderr). Concurrent callers take a lock (fcntl.flock
+    on .<entry>.lock) and tokenise once; each verifies the entry it finds outside the lock.
+    Temporary directories of dead (killed) preparations next to the entry are removed first.
+    `out` refuses a directory holding other shards unless `overwrite`."""
     identity = describe(source, kind, options, tokenizer)
     folder = Path(out).expanduser() if out is not None else Path(cache_dir or default_cache_dir()) / identity["key"]
     folder.parent.mkdir(parents=True, exist_ok=True)
     _remove_dead_temporaries(folder.parent)
     if out is not None:
         _check_out_folder(folder, identity, overwrite)
-    label = data._name(source)
+    label = readers.source_name(source)
     entry, written = _find_or_write(identity, folder, tokenizer, progress=progress, label=label)
     while not written:  # found, not written by this call: verified before use
         problem = _verification_problem(entry, tokenizer.vocab_size)
@@ -546,7 +550,7 @@ def prepare(source, kind: str, options: dict, tokenizer, *, out=None, cache_dir=
 
 
 def is_shard_dir(source) -> bool:
-    return not str(source).startswith(data.HF_PREFIX) and (Path(str(source)).expanduser() / MANIFEST).is_file()
+    return not str(source).startswith(readers.HF_PREFIX) and (Path(str(source)).expanduser() / MANIFEST).is_file()
 
 
 def open_prepared(path, kind: str, options: dict, tokenizer) -> Shard:
@@ -603,7 +607,7 @@ def main(argv=None) -> int:
     p.add_argument("--kind", choices=KINDS, default="cpt", help="cpt documents or sft rows (default: cpt)")
     p.add_argument("--text-field", default="text", help="CPT: column holding the text in row files")
     p.add_argument("--per-file", action="store_true", help="CPT: a whole .txt file is one document")
-    p.add_argument("--format", choices=data.SFT_FORMATS, default="alpaca", help="SFT: row format")
+    p.add_argument("--format", choices=SFT_FORMATS, default="alpaca", help="SFT: row format")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     def error(message):

@@ -8,6 +8,7 @@ minidiff/data/chat.py.
     tok.mask_id, tok.pad_id, tok.eos_id, tok.bos_id  # 4, 0, 1, 2 for mmBERT
     tok.encode("Merhaba dünya")                       # [bos, ..., eos]: the file's own framing
     ids, attention_mask = tok.batch_encode(texts)     # right-padded with pad_id, LongTensors [B, S]
+    tokenize_documents(texts, tok)                    # ids of each document, no special tokens
     tok.apply_chat_template([{"role": "user", "content": "Soru?"}])   # "[Question]\\nSoru?\\n..."
 
 Special ids are looked up by their token strings (`<mask>` then `[MASK]`, ...), falling back
@@ -164,6 +165,15 @@ class Tokenizer:
         write_json(directory / "tokenizer_config.json", {**self.config, **special})
         write_json(directory / "special_tokens_map.json", special)
         return directory
+
+
+def tokenize_documents(texts, tokenizer) -> list[list[int]]:
+    """Token ids of each document, without special tokens (the CPT examples add the framing).
+    Uses the `tokenizers` backend's batched (multi-threaded) encoder when the tokenizer has one."""
+    backend = getattr(tokenizer, "backend", None)
+    if hasattr(backend, "encode_batch"):
+        return [encoding.ids for encoding in backend.encode_batch(list(texts), add_special_tokens=False)]
+    return [list(tokenizer.encode(text, add_special_tokens=False)) for text in texts]
 
 
 def _read_json(file: Path) -> dict:

@@ -30,23 +30,7 @@ import torch
 from minidiff.data import readers as data
 from minidiff.errors import UserError
 from minidiff.evaluation.answers import score_answers
-from minidiff.evaluation.tasks import (  # noqa: F401  (re-exported: the task table lives in tasks.py)
-    F1,
-    GENERIC,
-    TASKS,
-    Example,
-    TaskDef,
-    render_belebele,
-    render_belebele_cetvel,
-    render_exams,
-    render_generic,
-    render_irony,
-    render_mnli,
-    render_news,
-    render_sts,
-    render_xcopa,
-    sts_bin,
-)
+from minidiff.evaluation.tasks import F1, GENERIC, TASKS, Example, TaskDef
 from minidiff.plumbing.device import model_device
 from minidiff.plumbing.progress import bar as progress_bar
 from minidiff.speed import chunked_loss

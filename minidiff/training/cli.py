@@ -21,16 +21,15 @@ import numpy as np
 import torch
 
 from minidiff import lora
-from minidiff.data import examples as shard_examples
-from minidiff.data import readers as data
-from minidiff.data import shards
+from minidiff.data import examples, shards
+from minidiff.data.batches import Batches
 from minidiff.errors import UserError
 from minidiff.model import ModelConfig, ModernBertMLM
 from minidiff.plumbing import flags
 from minidiff.plumbing.checkpoint import load_model
-from minidiff.training import state as train_state
 from minidiff.training import trainer
-from minidiff.training.trainer import TrainConfig
+from minidiff.training.state import weights_hash
+from minidiff.training.trainer import DATA, MAY_DIFFER, TrainConfig
 
 TRAIN_HELP = {  # help texts of the TrainConfig fields, shared by both scripts
     "lr": "peak learning rate of the lr schedule (linear warmup, then cosine decay)",
@@ -40,8 +39,7 @@ TRAIN_HELP = {  # help texts of the TrainConfig fields, shared by both scripts
     "batch_size": "sequences per micro-batch per process", "grad_accum": "micro-batches per optimizer step",
     "weight_decay": "AdamW weight decay", "beta1": "AdamW beta1", "beta2": "AdamW beta2", "adam_eps": "AdamW eps",
     "clip": "max gradient norm (0: no clipping)",
-    "noise_schedule": "noise (masking) schedule of the diffusion loss: linear | cosine | loglinear "
-                      "(--schedule is the old spelling)",
+    "noise_schedule": "noise (masking) schedule of the diffusion loss: linear | cosine | loglinear",
     "loss_norm": "sequence: per-sequence mean then batch mean (dllm); token: sum / real tokens (MDLM)",
     "stratified_t": "stratified diffusion times over the micro-batch (MDLM) instead of iid",
     "time_eps": "t = eps + (1 - eps) u", "seed": "seed of the data order, masks and init",
@@ -61,14 +59,16 @@ class ScriptConfig(TrainConfig):
     """The fields both train scripts have on top of the loop's: where things come from and go,
     evaluation data, LoRA settings, device. Each script's config adds its own."""
 
-    model: str | None = None
-    tokenizer: str | None = None
-    data: list[str] | None = None
-    out: str | None = None
-    preset: str | None = None
-    max_len: int = 512
-    eval_data: list[str] | None = None
-    eval_fraction: float = 0.0
+    # paths may differ on --resume (what they hold is compared by content); DATA fields may
+    # differ under --allow-data-change (trainer.MAY_DIFFER, trainer.DATA)
+    model: str | None = field(default=None, metadata=MAY_DIFFER)
+    tokenizer: str | None = field(default=None, metadata=MAY_DIFFER)
+    data: list[str] | None = field(default=None, metadata=MAY_DIFFER)
+    out: str | None = field(default=None, metadata=MAY_DIFFER)
+    preset: str | None = field(default=None, metadata=MAY_DIFFER)
+    max_len: int = field(default=512, metadata=DATA)
+    eval_data: list[str] | None = field(default=None, metadata=MAY_DIFFER)
+    eval_fraction: float = field(default=0.0, metadata=DATA)
     lora_r: int = 256
     lora_alpha: float = 256.0
     lora_dropout: float = 0.05
@@ -84,9 +84,6 @@ SCRIPT_HELP = {  # help texts of the ScriptConfig fields the scripts do not word
 }
 
 
-OLD_SPELLINGS = {"noise_schedule": ["--schedule"]}  # flags renamed since; the old spelling still works
-
-
 def config_parser(cls, prog: str, description: str, helps: dict[str, str], presets: dict[str, dict]):
     """One flag per field of a script's config (minidiff.plumbing.flags): the script's own fields first,
     then the loop's (TrainConfig); --preset NAME chooses among `presets`, listed in the help."""
@@ -97,7 +94,7 @@ def config_parser(cls, prog: str, description: str, helps: dict[str, str], prese
     flags.add_fields(parser.add_argument_group("model, data and output"), cls, helps=helps, names=script_names,
                      choices={"preset": sorted(presets)})
     flags.add_fields(parser.add_argument_group("training loop (minidiff.training.trainer.TrainConfig)"), cls,
-                     helps=helps, names=loop_names, aliases=OLD_SPELLINGS)
+                     helps=helps, names=loop_names)
     return parser
 
 
@@ -121,16 +118,14 @@ def start(cls, prog: str, description: str, helps: dict[str, str], presets: dict
     return config, ctx
 
 
-def split_held_out(examples: list, config, read_eval) -> tuple[list, list]:
+def split_held_out(train: examples.Examples, config, read_eval) -> tuple[examples.Examples, list]:
     """(training, evaluation) examples: --eval-data read with read_eval(sources), else a
     --eval-fraction split of the training examples, else no evaluation set."""
     if config.eval_data:
-        return examples, read_eval(config.eval_data)
+        return train, read_eval(config.eval_data)
     if config.eval_fraction > 0:
-        if isinstance(examples, shard_examples.Examples):  # views over token shards: split the indices
-            return shard_examples.split(examples, config.eval_fraction, seed=config.seed)
-        return data.train_eval_split(examples, config.eval_fraction, seed=config.seed)
-    return examples, []
+        return examples.split(train, config.eval_fraction, seed=config.seed)
+    return train, []
 
 
 def positive(config, *names: str) -> None:
@@ -157,7 +152,7 @@ def check_common(config, given: set[str]) -> None:
     if not 0.0 <= config.warmup_ratio < 1.0:
         raise UserError(f"--warmup-ratio must lie in [0, 1), got {config.warmup_ratio}")
     if config.noise_schedule not in ("linear", "cosine", "loglinear"):
-        raise UserError(f"--noise-schedule (old spelling --schedule) {config.noise_schedule!r} is unknown; "
+        raise UserError(f"--noise-schedule {config.noise_schedule!r} is unknown; "
                         "expected linear, cosine or loglinear")
     if config.loss_norm not in ("sequence", "token"):
         raise UserError(f"--loss-norm {config.loss_norm!r} is unknown; expected sequence or token")
@@ -241,29 +236,29 @@ def apply_lora_from(config, model):
     return lora.lora_report(model)
 
 
-def run_identity(model, tok, examples, held_out) -> dict:
+def run_identity(model, tok, train, held_out) -> dict:
     """What makes a run itself, recorded in run.json and every checkpoint and compared on
     --resume: the base model's weights (hash of the non-LoRA tensors, before training), the
     tokenizer's files, and the content keys of the token shards the training and evaluation
     examples are read from (shards.Shard.content_key: what they were made from and hold)."""
-    return {"base_model": train_state.weights_hash(model), "tokenizer": shards.tokenizer_hash(tok),
-            "data": {"train": shard_keys(examples), "eval": shard_keys(held_out)}}
+    return {"base_model": weights_hash(model), "tokenizer": shards.tokenizer_hash(tok),
+            "data": {"train": shard_keys(train), "eval": shard_keys(held_out)}}
 
 
 def shard_keys(view) -> list[str]:
-    """The keys of the token shards under a shard_examples view (mixes, splits and concatenations
-    are decided by the config, which --resume compares separately)."""
-    if isinstance(view, shard_examples.Take):
+    """The keys of the token shards under a view of minidiff.data.examples (mixes, splits and
+    concatenations are decided by the config, which --resume compares separately)."""
+    if isinstance(view, examples.Take):
         return shard_keys(view.base)
-    if isinstance(view, shard_examples.Concat):
+    if isinstance(view, examples.Concat):
         return [key for part in view.parts for key in shard_keys(part)]
     shard = getattr(view, "shard", None)
     return [shard.content_key] if shard is not None else []
 
 
-def eval_batches(examples, batch_size: int, rank: int, world_size: int, collate) -> list[dict]:
+def eval_batches(held_out, batch_size: int, rank: int, world_size: int, collate) -> list[dict]:
     """This rank's share (every world_size-th example) of the evaluation set, collated."""
-    mine = list(examples)[rank::world_size]
+    mine = list(held_out)[rank::world_size]
     return [collate(mine[i:i + batch_size]) for i in range(0, len(mine), batch_size)]
 
 
@@ -273,18 +268,18 @@ def say(rank: int, message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
-def run_training(config, ctx, model, tok, examples, held_out, collate, *, lora: bool, script: str) -> int:
+def run_training(config, ctx, model, tok, train, held_out, collate, *, lora: bool, script: str) -> int:
     """What both scripts do once examples and model exist: batches, the NELBO objective, the
     training loop, a one-line summary. Returns the exit status."""
-    batches = data.Batches(examples, config.batch_size, seed=config.seed, rank=ctx.rank,
+    batches = Batches(train, config.batch_size, seed=config.seed, rank=ctx.rank,
                            world_size=ctx.world_size, drop_last=True, collate=collate)
     evals = eval_batches(held_out, config.batch_size, ctx.rank, ctx.world_size, collate) if held_out else None
     loss_fn = trainer.nelbo_objective(tok.mask_id, schedule=config.noise_schedule, loss_norm=config.loss_norm,
                                       stratified=config.stratified_t, eps=config.time_eps)
     result = trainer.train(model, batches, evals, loss_fn, config, config.out, tokenizer=tok,
                            lora=lora, base_model=config.model,
-                           run_info={"script": script, "num_train": len(examples), "num_eval": len(held_out)},
-                           identity=run_identity(model, tok, examples, held_out))
+                           run_info={"script": script, "num_train": len(train), "num_eval": len(held_out)},
+                           identity=run_identity(model, tok, train, held_out))
     if ctx.is_main:
         last_eval = f", eval loss {result.eval_losses[-1][1]:.4f}" if result.eval_losses else ""
         train_loss = f"{result.train_loss:.4f}" if result.train_loss is not None else "- (no step left to run)"

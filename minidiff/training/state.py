@@ -7,7 +7,7 @@ verifying by content hash is what content-addressed stores (git, Arrow) do.
     tmp = begin_checkpoint(ckpt_root, step)     # fresh .tmp-step-XXXXXX (rank 0)
     write_rng(tmp, rank, generator)             # every rank: its own rng-rank-R.pt
     finish_checkpoint(tmp, step, model, optimizer, lr_schedule, state, keep_last)   # rank 0: rename
-    for path in candidates(ckpt_root): ...      # every step-XXXXXX directory, newest first
+    for step, path in candidates(ckpt_root): ...    # every step-XXXXXX directory, oldest first
     reason = verify_checkpoint(path)            # None, or why it cannot be trusted
     state = load_training_state(path, model, optimizer, lr_schedule, rank, generator)  # -> state.json
 
@@ -39,6 +39,16 @@ STEP_DIR = re.compile(r"^step-(\d+)$")
 MANIFEST = "checkpoint.json"
 REQUIRED_FILES = ("trainable.safetensors", "optimizer.pt", "state.json", MANIFEST)
 FORMAT_VERSION = 1
+# A checkpoint directory holds
+#   trainable.safetensors  the parameters that train (LoRA: the adapter tensors only)
+#   optimizer.pt           optimizer and lr-schedule state dicts, keys "optimizer" and "scheduler"
+#                          (torch.save; read back with torch.load(weights_only=True), never unpickled)
+#   rng-rank-R.pt          every random state of rank R: torch CPU, CUDA, the masking generator
+#                          (tensors, with the device type it lives on), python and numpy (plain lists)
+#   state.json             step, data position (Batches.state_dict), config, the run's identity (base
+#                          model, tokenizer, data), world size, total steps, eval losses so far,
+#                          skipped (non-finite) steps
+#   checkpoint.json        written last: the size and BLAKE2b hash of every other file
 
 
 class DamagedCheckpoint(Exception):
@@ -70,22 +80,23 @@ def rng_state(generator: torch.Generator | None) -> dict:
 
 
 def set_rng_state(state: dict, generator: torch.Generator | None, fallback_seed: int = 0) -> None:
-    """Restore what rng_state returned, mapped onto this machine (module docstring): CUDA states
-    for the GPUs present, the generator's state only from the same device type, else the
-    generator is reseeded with `fallback_seed` and a warning says so."""
+    """Restore what rng_state returned, mapped onto this machine (another device type or number
+    of GPUs): python, numpy and torch's CPU state everywhere; CUDA states for the GPUs present;
+    the masking generator's state only when it was saved from the same device type (a CPU and a
+    CUDA generator have different state formats), else it is reseeded with `fallback_seed` and a
+    warning says so. The training loop reseeds the generator and torch's RNG from (seed, step,
+    micro-batch) before every micro-batch anyway, so the masks and dropout are the same either way."""
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
-    cuda_states = list(state.get("cuda") or [])
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    for index, cuda_state in enumerate(cuda_states[:gpus]):
+    for index, cuda_state in enumerate(state["cuda"][:gpus]):
         torch.cuda.set_rng_state(cuda_state, index)
-    if generator is None or state.get("generator") is None:
+    if generator is None or state["generator"] is None:
         return
-    # checkpoints written before the device type was recorded: infer it from the CUDA states
-    saved_type = state.get("generator_device") or ("cuda" if cuda_states else "cpu")
+    saved_type = state["generator_device"]
     if saved_type == generator.device.type:
         generator.set_state(state["generator"])
         return
@@ -139,7 +150,7 @@ def verify_checkpoint(path: str | Path) -> str | None:
         if manifest.get("format_version") != FORMAT_VERSION or not isinstance(listed, dict):
             return f"{MANIFEST} is of another format"
     except FileNotFoundError:
-        return f"it has no {MANIFEST} (an interrupted or older save)"
+        return f"it has no {MANIFEST} (an interrupted save)"
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return f"its {MANIFEST} is unreadable"
     present = {f.name for f in path.iterdir() if f.is_file() and f.name != MANIFEST}

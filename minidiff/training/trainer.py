@@ -44,7 +44,7 @@ import platform
 import sys
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -72,6 +72,14 @@ from minidiff.training import state as train_state
 EVAL_SEED_TAG = 0xE7A1  # separates evaluation seeds from training seeds
 
 
+# What --resume may change is declared on each config field, field(metadata=...); a field without
+# it (of TrainConfig or a script's config) must equal the checkpoint's. Paths may change because
+# what they hold is compared by content (the run's identity); the run length is compared as total steps.
+ON_RESUME = "on_resume"
+MAY_DIFFER = {ON_RESUME: "may differ"}  # logging, intervals, device, paths, run length
+DATA = {ON_RESUME: "data"}  # how the data is read, shaped and mixed: may differ under --allow-data-change
+
+
 @dataclass
 class TrainConfig:
     """Every knob of the loop. Scripts map their flags one-to-one onto these fields."""
@@ -81,8 +89,10 @@ class TrainConfig:
     min_lr: float = 0.0              # learning rate at the end of the cosine decay
     warmup: int = 0                  # warmup steps (linear 0 -> lr); see warmup_ratio
     warmup_ratio: float = 0.0        # warmup as a fraction of the total steps (used when warmup == 0)
-    max_steps: int | None = None     # optimizer steps; None: epochs * steps per epoch
-    epochs: float | None = None      # passes over the training examples (default 1 without max_steps)
+    # optimizer steps; None: epochs * steps per epoch
+    max_steps: int | None = field(default=None, metadata=MAY_DIFFER)
+    # passes over the training examples (default 1 without max_steps)
+    epochs: float | None = field(default=None, metadata=MAY_DIFFER)
     batch_size: int = 8              # sequences per micro-batch per process
     grad_accum: int = 1              # micro-batches per optimizer step
     weight_decay: float = 0.0        # AdamW decoupled weight decay (matrices only)
@@ -97,29 +107,27 @@ class TrainConfig:
     time_eps: float = 1e-3           # t = eps + (1 - eps) u
     # run
     seed: int = 0
-    log_every: int = 10              # steps between metrics lines / progress-bar updates
-    eval_every: int = 0              # steps between evaluations (0: only at the start and end)
-    save_every: int = 1000           # steps between checkpoints, and one at the end (0: none)
-    keep_last: int = 2               # checkpoints kept (older ones deleted)
-    max_skipped_steps: int = 5       # non-finite steps in a row (each skipped) before the run stops
-    bf16: bool = True                # bf16 autocast on CUDA (CPU always runs fp32)
-    device: str | None = None        # cpu | cuda | cuda:N (None: cuda:LOCAL_RANK if available, else cpu)
-    gradient_checkpointing: bool = False
-    resume: bool = False             # continue from the newest checkpoint in DIR that verifies
-    allow_data_change: bool = False  # let --resume continue on other data than the run started with
-    progress: bool = True            # progress bar, rank 0 (minidiff.plumbing.progress: tqdm in a terminal, else lines)
-
-
-# Config fields --resume may change; every other field (of TrainConfig or a script's config)
-# must equal the checkpoint's. Paths may change because what they hold is compared by content
-# (the run's identity); the run length is compared as total steps.
-RESUME_MAY_DIFFER = {"resume", "progress", "log_every", "eval_every", "save_every", "keep_last", "device",
-                     "bf16", "gradient_checkpointing", "max_skipped_steps", "allow_data_change", "max_steps",
-                     "epochs", "out", "model", "tokenizer", "data", "eval_data", "shard_cache", "preset",
-                     "from_scratch"}
-# ... and these too under --allow-data-change: how the data is read, shaped and mixed
-DATA_FIELDS = {"max_len", "pack", "mix_counts", "mix_ratios", "text_field", "per_file", "format", "eval_fraction",
-               "pad_fill"}
+    # steps between metrics lines / progress-bar updates
+    log_every: int = field(default=10, metadata=MAY_DIFFER)
+    # steps between evaluations (0: only at the start and end)
+    eval_every: int = field(default=0, metadata=MAY_DIFFER)
+    # steps between checkpoints, and one at the end (0: none)
+    save_every: int = field(default=1000, metadata=MAY_DIFFER)
+    # checkpoints kept (older ones deleted)
+    keep_last: int = field(default=2, metadata=MAY_DIFFER)
+    # non-finite steps in a row (each skipped) before the run stops
+    max_skipped_steps: int = field(default=5, metadata=MAY_DIFFER)
+    # bf16 autocast on CUDA (CPU always runs fp32)
+    bf16: bool = field(default=True, metadata=MAY_DIFFER)
+    # cpu | cuda | cuda:N (None: cuda:LOCAL_RANK if available, else cpu)
+    device: str | None = field(default=None, metadata=MAY_DIFFER)
+    gradient_checkpointing: bool = field(default=False, metadata=MAY_DIFFER)
+    # continue from the newest checkpoint in DIR that verifies
+    resume: bool = field(default=False, metadata=MAY_DIFFER)
+    # let --resume continue on other data than the run started with
+    allow_data_change: bool = field(default=False, metadata=MAY_DIFFER)
+    # progress bar, rank 0 (minidiff.plumbing.progress: tqdm in a terminal, else lines)
+    progress: bool = field(default=True, metadata=MAY_DIFFER)
 
 
 @dataclass
@@ -473,10 +481,11 @@ class Resumed:
 
 def check_same_run(state: dict, path: Path, config: TrainConfig, identity: dict, ctx: DistContext,
                    steps: int) -> None:
-    """UserError unless the checkpoint belongs to this run: the same settings (all but
-    RESUME_MAY_DIFFER), base model, tokenizer and data (unless allow_data_change), processes
-    and length."""
-    may_differ = RESUME_MAY_DIFFER | (DATA_FIELDS if config.allow_data_change else set())
+    """UserError unless the checkpoint belongs to this run: the same settings (every field but
+    those declared MAY_DIFFER, and DATA under allow_data_change), base model, tokenizer and data
+    (unless allow_data_change), processes and length."""
+    allowed = {MAY_DIFFER[ON_RESUME]} | ({DATA[ON_RESUME]} if config.allow_data_change else set())
+    may_differ = {f.name for f in fields(config) if f.metadata.get(ON_RESUME) in allowed}
     saved, now = state.get("config", {}), asdict(config)
     for name in sorted(set(saved) | set(now)):
         if name not in may_differ and saved.get(name) != _jsonable(now.get(name)):
