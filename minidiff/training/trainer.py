@@ -1,39 +1,21 @@
 """The one training loop both train scripts use.
 
-References: MDLM (arXiv 2406.07524) and LLaDA (2502.09992) for the loss (minidiff.diffusion),
-Diffutron (2603.20466) for the recipe. Loss normalisation as dllm's trainer (sequence) or MDLM
-(token); data parallelism with `torch.nn.parallel.DistributedDataParallel`. docs/training.md.
+References: MDLM (arXiv 2406.07524) and LLaDA (2502.09992) for the loss, Diffutron (2603.20466)
+for the recipe; data parallelism with DistributedDataParallel. Every rule: docs/training.md.
 
     config = TrainConfig(lr=1e-4, batch_size=16, grad_accum=2, max_steps=1000, save_every=200)
     loss_fn = nelbo_objective(tok.mask_id, schedule=config.noise_schedule, loss_norm="sequence")
-    result = train(model, train_batches, eval_batches, loss_fn, config, "runs/cpt",
-                   tokenizer=tok, lora=True, base_model="jhu-clsp/mmBERT-base")
+    result = train(model, train_batches, eval_batches, loss_fn, config, "runs/cpt", tokenizer=tok)
 
-One optimizer step = `grad_accum` micro-batches on each of `world_size` processes. A loss
-function returns (loss, weight): the micro-batch loss already divided by `weight` (its token
-count for "token" normalisation, its number of sequences for "sequence"). The step's loss is
+One optimizer step = `grad_accum` micro-batches on each of `world_size` processes. A loss function
+returns (loss_m, weight_m), and the step's loss is the one a single process would get from the
+whole global batch (one all-reduce per step):
 
     L = sum_m loss_m * weight_m / sum_m weight_m        (m over all micro-batches of all ranks)
 
-so each micro-batch backpropagates loss_m * weight_m and the summed gradient is divided by the
-global weight (one all-reduce of [loss sum, weight sum, tokens] per step). This is the gradient
-one process would get from the whole global batch, for either normalisation.
-
-Randomness: before micro-batch m of step s (m = a * world_size + rank, a the accumulation
-index) the masking generator and torch's global RNG (LoRA dropout) are seeded from
-(seed, s, m). A run resumed from a checkpoint, or split over ranks, therefore draws exactly
-the masks and dropout of one uninterrupted process; the checkpoint also stores every RNG state.
-Evaluation uses its own fixed seeds per batch, so eval losses are comparable across steps.
-
-Reading one step: `train` is the loop. `make_learner` builds the model, AdamW and the lr
-schedule once; `resume` loads the newest checkpoint when --resume is given; then each
-iteration calls `optimizer_step` (micro-batches -> one all-reduce -> gradient scaling -> clip ->
-AdamW -> lr schedule), adds its loss to a `LossMeter` (device tensors, read once per logged
-step), and hands metrics, eval losses and checkpoints to the `RunWriter`.
-
-Output layout (docs/training.md): DIR/run.json, DIR/metrics.jsonl, DIR/checkpoints/step-XXXXXX/
-(minidiff.training.state), and at completion DIR/config.json + tokenizer.json (+ adapter/) and,
-written last, DIR/model.safetensors; DIR/loss.png when matplotlib is installed.
+Micro-batch m of step s is seeded from (seed, s, m), so a resumed or data-parallel run draws the
+masks of one uninterrupted process. Reading order: `train`, `make_learner`, `resume`,
+`optimizer_step`, `LossMeter`, `RunWriter`.
 """
 from __future__ import annotations
 
