@@ -323,3 +323,30 @@ def test_resume_rule_of_a_new_field_is_read_from_its_metadata(tok, tmp_path):
     assert not (out / "model.safetensors").exists()
     resume(new_path="b", new_data_rule=1, allow_data_change=True)
     assert (out / "model.safetensors").exists()
+
+
+def test_a_cpt_batch_without_padding_reaches_attention_unmasked(tok, monkeypatch):
+    """Packed CPT rows have no padding: the global layers' SDPA gets attn_mask=None (the fused
+    kernels), the local layers only their window band; a padded batch still masks its padding."""
+    import torch.nn.functional as F
+
+    from minidiff import model as model_module
+    from minidiff.data.batches import collate_cpt
+
+    seen, attend = [], F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kw):
+        seen.append(attn_mask)
+        return attend(q, k, v, attn_mask=attn_mask, **kw)
+
+    monkeypatch.setattr(model_module.F, "scaled_dot_product_attention", spy)
+    model = model_for(tok)
+    is_global = [layer.is_global for layer in model.model.layers]
+    loss_fn = trainer.nelbo_objective(MASK)
+    loss_fn(model, collate_cpt([[7] * 40, [8] * 40], tok.pad_id), torch.Generator().manual_seed(0))
+    assert [m is None for m, g in zip(seen, is_global) if g] == [True] * sum(is_global)
+    band = [m for m, g in zip(seen, is_global) if not g]
+    assert all(m is not None and m.all(-1).sum() == 0 for m in band)  # a window, not all keys
+    seen.clear()
+    loss_fn(model, collate_cpt([[7] * 40, [8] * 30], tok.pad_id), torch.Generator().manual_seed(0))
+    assert all(m is not None for m in seen)

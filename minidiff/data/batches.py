@@ -26,14 +26,17 @@ from minidiff.errors import UserError
 
 def collate_cpt(batch: Sequence[Sequence[int]], pad_id: int, pad_to: int | None = None) -> dict:
     """Right-pad to the longest sequence (or to `pad_to`): input_ids [B, S] long,
-    attention_mask [B, S] long, maskable [B, S] bool (= the real tokens)."""
+    attention_mask [B, S] long, maskable [B, S] bool (= the real tokens). A batch with no
+    padding (packed rows) has attention_mask None, so attention runs unmasked (fused kernels)."""
     length = max(len(seq) for seq in batch) if pad_to is None else pad_to
     input_ids = torch.full((len(batch), length), pad_id, dtype=torch.long)  # [B, S]
     attention_mask = torch.zeros((len(batch), length), dtype=torch.long)  # [B, S]
     for i, seq in enumerate(batch):
         input_ids[i, :len(seq)] = torch.as_tensor(np.asarray(seq, dtype=np.int64))
         attention_mask[i, :len(seq)] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "maskable": attention_mask.bool()}
+    padded = any(len(seq) < length for seq in batch)  # known on the host: no device read
+    return {"input_ids": input_ids, "attention_mask": attention_mask if padded else None,
+            "maskable": attention_mask.bool()}
 
 
 def collate_sft(batch: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int, eos_id: int | None = None,
