@@ -232,3 +232,23 @@ def test_partly_invalid_utf8_is_reported_and_training_goes_on(setup, tmp_path, c
     err = capsys.readouterr().err
     assert f"{mixed}:13" in err and "skipped 1" in err
     assert (out / "model.safetensors").exists() and (out / "adapter" / "adapter_config.json").exists()
+
+
+def test_the_process_group_is_joined_after_the_data_is_ready(tmp_path, monkeypatch):
+    """Under torchrun the scripts pick the device and rank at once but join the process group in
+    the trainer only, so no collective's timeout runs while rank 0 tokenises a corpus."""
+    import torch.distributed as dist
+
+    def too_early(*args, **kwargs):
+        raise AssertionError("the process group was joined before the data was prepared")
+
+    monkeypatch.setattr(dist, "init_process_group", too_early)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    argv = ["--from-scratch", "x/config.json", "--full", "--data", "d.txt", "--out", str(tmp_path / "run"),
+            "--device", "cpu"]
+    config, ctx = train_cpt.train_cli.start(train_cpt.CPTConfig, "train_cpt.py", "", {}, train_cpt.PRESETS,
+                                            lambda config, given: None, argv)
+    assert (ctx.rank, ctx.world_size, ctx.device) == (1, 2, torch.device("cpu"))
+    assert not dist.is_initialized()

@@ -108,12 +108,13 @@ def parse_config(cls, parser, argv, presets: dict[str, dict]):
 def start(cls, prog: str, description: str, helps: dict[str, str], presets: dict[str, dict], check,
           argv):
     """What both scripts do first: parse the flags (preset, then explicit flags), validate them
-    with check(config, given), join the process group and refuse an --out that a run would
-    overwrite. Returns (config, distributed context)."""
+    with check(config, given), pick the device and refuse an --out that a run would overwrite.
+    The process group is joined later, by the trainer, once every rank has its data. Returns
+    (config, distributed context)."""
     parser = config_parser(cls, prog, description, helps, presets)
     config, given = parse_config(cls, parser, argv, presets)
     check(config, given)
-    ctx = trainer.distributed_context(config.device)
+    ctx = trainer.distributed_context(config.device, join=False)
     trainer.check_out_dir(config.out, config.resume)
     return config, ctx
 

@@ -162,21 +162,22 @@ class DistContext:
         return self.world_size > 1
 
 
-def distributed_context(device: str | None = None) -> DistContext:
-    """Join the process group when started by torchrun (WORLD_SIZE > 1; nccl on GPU, gloo on
-    CPU) and pick the device (device.resolve_device: None -> cuda:LOCAL_RANK or cpu, a bare
-    "cuda" -> cuda:LOCAL_RANK). Idempotent."""
+def distributed_context(device: str | None = None, *, join: bool = True) -> DistContext:
+    """Pick the device (device.resolve_device) and, when started by torchrun (WORLD_SIZE > 1)
+    and `join`, join the process group (nccl on GPU, gloo on CPU). The scripts pick early and
+    join only in `train`, after every rank has prepared its data: no collective (with its
+    timeout) waits while rank 0 tokenises a corpus. Idempotent."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device, local_rank)
     check_available(device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
+    if join and world > 1 and not dist.is_initialized():
         # device_id binds NCCL's communicator to this rank's GPU at once (no guess, no extra context)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 device_id=device if device.type == "cuda" else None)
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
     return DistContext(rank, world, local_rank, device)
 
 
