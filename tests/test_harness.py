@@ -103,7 +103,7 @@ def evaluate(model_dir, task_dirs, tasks, **model_args):
     from lm_eval.tasks import TaskManager
 
     args = {"pretrained": str(model_dir), "scoring": "mc", "mc_samples": MC_SAMPLES, "seed": SEED,
-            **model_args}
+            "dtype": "float32", **model_args}  # fp32: the references below are fp32
     manager = TaskManager(include_path=[str(d) for d in task_dirs], include_defaults=False)
     return lm_eval.simple_evaluate(model="minidiff", model_args=args, tasks=tasks, task_manager=manager,
                                    log_samples=True, bootstrap_iters=0, device="cpu")
@@ -261,7 +261,7 @@ def test_command_line_is_lm_eval_with_model_minidiff(model_dir, cetvel_run, tmp_
                HF_DATASETS_OFFLINE="1")
     proc = subprocess.run(
         [sys.executable, "-m", "minidiff.evaluation.harness", "--model_args",
-         f"pretrained={model_dir},mc_samples={MC_SAMPLES},seed={SEED}",
+         f"pretrained={model_dir},mc_samples={MC_SAMPLES},seed={SEED},dtype=float32",
          "--tasks", *[f"cetvel_{n}" for n in names], "--cetvel_data", *[f"{n}={data[n]}" for n in names],
          "--device", "cpu", "--batch_size", "auto", "--output_path", str(tmp_path / "out")],
         capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
@@ -469,3 +469,19 @@ def test_bad_cetvel_data_is_one_sentence(tmp_path, capsys):
     code, err = run_launcher(["--cetvel_data", f"ironytr={tmp_path}/nope.csv", "--tasks", "cetvel_ironytr",
                               "--model_args", "pretrained=x"], capsys)
     assert code == 2 and "does not exist" in err and err.count("\n") == 1, err
+
+
+def test_precision_is_evaluate_pys(model_dir):
+    """One policy for every entry point: the harness's dtype is evaluate.py's --dtype."""
+    from minidiff.plumbing.device import inference_precision
+
+    cpu = torch.device("cpu")
+    for dtype in ("auto", "float32", "bfloat16"):
+        got = harness.parse_model_args(pretrained=str(model_dir), dtype=dtype, device="cpu")["precision"]
+        assert got == inference_precision(dtype, cpu, pack=True), dtype
+    with pytest.raises(UserError, match="dtype=float16 is not supported"):
+        harness.parse_model_args(pretrained=str(model_dir), dtype="float16", device="cpu")
+    lm = harness.MinidiffLM(pretrained=str(model_dir), dtype="bfloat16", device="cpu")
+    norms = [m for m in lm.model.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert norms and all(m.weight.dtype == torch.float32 for m in norms)  # as evaluate.py holds them
+    assert lm.model.model.embeddings.tok_embeddings.weight.dtype == torch.bfloat16

@@ -32,9 +32,9 @@ from minidiff.evaluation.answers import SCORINGS, score_answers
 from minidiff.evaluation.scoring import DEFAULT_MC_SAMPLES, DEFAULT_SCORING, MAX_BATCH_SIZE, fit_prompt
 from minidiff.evaluation.tasks import LM_EVAL_TASK_DIR
 from minidiff.plumbing import checkpoint
+from minidiff.plumbing.device import Precision, enable_tf32, inference_precision
 from minidiff.plumbing.files import write_text
 from minidiff.sampler import SamplerConfig, generate
-from minidiff.speed.packed import pack_weights
 
 INSTALL_HINT = 'lm-evaluation-harness is not installed; install it with: pip install "minidiff[harness]"'
 
@@ -70,13 +70,20 @@ def _positive_int(name: str, value) -> int:
     return number
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+def model_precision(dtype: str, device: torch.device) -> Precision:
+    """evaluate.py's `--dtype` as a model argument: auto | float32 | bfloat16 (float16 refused)."""
+    try:
+        return inference_precision(str(dtype), device, pack=True)
+    except UserError as err:
+        raise UserError(f"model argument {str(err).replace('--dtype ', 'dtype=', 1)}") from None
+
+
 MODEL_ARGS = ("pretrained", "scoring", "mc_samples", "batch_size", "device", "dtype", "seed",
               "max_length", "preset")
 
 
 def parse_model_args(pretrained=None, scoring=DEFAULT_SCORING, mc_samples=DEFAULT_MC_SAMPLES, batch_size=32,
-                     max_batch_size=None, device=None, dtype="float32", seed=0, max_length=None,
+                     max_batch_size=None, device=None, dtype="auto", seed=0, max_length=None,
                      preset=None, **sampler_args) -> dict:
     """Check --model_args (plus lm-eval's batch_size/max_batch_size/device) and return the
     settings; every mistake is one UserError sentence. Sampler fields are SamplerConfig's."""
@@ -89,8 +96,6 @@ def parse_model_args(pretrained=None, scoring=DEFAULT_SCORING, mc_samples=DEFAUL
         raise UserError("--model_args needs pretrained=DIR_OR_HUB_ID (a minidiff/mmBERT model)")
     if scoring not in SCORINGS:
         raise UserError(f"model argument scoring={scoring!r}: expected one of {', '.join(SCORINGS)}")
-    if dtype not in DTYPES:
-        raise UserError(f"model argument dtype={dtype!r}: expected one of {', '.join(DTYPES)}")
     # lm-eval passes --batch_size as a string; "auto"/"auto:N" (no memory probing here) means 32
     auto = isinstance(batch_size, str) and batch_size.startswith("auto")
     if preset is not None:
@@ -117,7 +122,7 @@ def parse_model_args(pretrained=None, scoring=DEFAULT_SCORING, mc_samples=DEFAUL
                         "sequences per forward (Monte-Carlo samples beyond it run in further forwards)")
     return {"pretrained": str(pretrained), "scoring": scoring,
             "mc_samples": _positive_int("mc_samples", mc_samples), "batch_size": batch_size,
-            "device": torch.device(wanted), "dtype": DTYPES[dtype], "seed": seed,
+            "device": torch.device(wanted), "precision": model_precision(dtype, torch.device(wanted)), "seed": seed,
             "max_length": None if max_length is None else max(2, _positive_int("max_length", max_length)),
             "sampler": sampler}
 
@@ -136,8 +141,10 @@ class MinidiffLM(LM):
         self.batch_size = settings["batch_size"]
         self.seed, self.sampler = settings["seed"], settings["sampler"]
         self._device = settings["device"]  # LM.device is a read-only property since 0.4.12
-        self.model = checkpoint.load_model(self.pretrained, dtype=settings["dtype"], device=self._device).eval()
-        pack_weights(self.model)  # read only from here on: oneDNN's packed copies of CPU weights (minidiff/speed/packed.py)
+        # evaluate.py's precision policy: weights cast (and packed on the CPU), then autocast per call
+        self.precision = settings["precision"]
+        enable_tf32(self._device)
+        self.model = self.precision.prepare(checkpoint.load_model(self.pretrained).eval())
         self.tok = load_tokenizer(self.pretrained)
         limit = self.model.config.max_position_embeddings
         self.max_length = min(settings["max_length"] or limit, limit)
@@ -187,8 +194,9 @@ class MinidiffLM(LM):
                 chunk = index[start:start + self.batch_size]
                 room = max(1, self.max_length - config.max_new_tokens)
                 prompts = [fit_prompt(prompt_ids(self.tok, requests[i].args[0]), room) for i in chunk]
-                result = generate(self.model, prompts, config, mask_id=self.tok.mask_id,
-                                  eos_id=self.tok.eos_id, tokenizer=self.tok, pad_id=self.tok.pad_id)
+                with self.precision.autocast():
+                    result = generate(self.model, prompts, config, mask_id=self.tok.mask_id,
+                                      eos_id=self.tok.eos_id, tokenizer=self.tok, pad_id=self.tok.pad_id)
                 for i, answer in zip(chunk, result.answers()):
                     out[i] = cut_answer(self.tok, answer, until)
                     self.cache_hook.add_partial("generate_until", requests[i].args, out[i])
@@ -208,10 +216,11 @@ class MinidiffLM(LM):
         index = [i for i, (_, answer) in enumerate(pairs) if answer]
         for start in tqdm(range(0, len(index), 64), desc=desc, disable=disable_tqdm):
             chunk = index[start:start + 64]
-            got = score_answers(
-                self.model, [pairs[i] for i in chunk], self.tok.mask_id, pad_id=self.tok.pad_id,
-                num_samples=self.mc_samples, batch_size=self.batch_size, scoring=self.scoring,
-                pair_seed=self.seed)
+            with self.precision.autocast():
+                got = score_answers(
+                    self.model, [pairs[i] for i in chunk], self.tok.mask_id, pad_id=self.tok.pad_id,
+                    num_samples=self.mc_samples, batch_size=self.batch_size, scoring=self.scoring,
+                    pair_seed=self.seed)
             for i, answer in zip(chunk, got):
                 values[i] = answer.loglik
         return values
