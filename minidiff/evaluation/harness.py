@@ -51,7 +51,8 @@ from minidiff.evaluation.scoring import DEFAULT_MC_SAMPLES, DEFAULT_SCORING, MAX
 from minidiff.evaluation.tasks import LM_EVAL_TASK_DIR
 from minidiff.plumbing import checkpoint
 from minidiff.plumbing.files import write_text
-from minidiff.sampler import SamplerConfig, generate
+from minidiff.sampler import SamplerConfig
+from minidiff.speed.sampling import generate
 from minidiff.speed.packed import pack_weights
 
 INSTALL_HINT = 'lm-evaluation-harness is not installed; install it with: pip install "minidiff[harness]"'
