@@ -172,7 +172,7 @@ def denoise_step(logits_fn, ids: torch.Tensor, canvas: Canvas, positions: torch.
     """One step at the block positions [B, K], in place on ids [B, T]; returns what it committed [B, K].
     logits_fn(ids, attention_mask, positions) -> [B, K, V]; counts [B]: each row's k (unused with a
     threshold). No host read: no .item(), .tolist() or `if` on a tensor."""
-    B, K = positions.shape
+    B, K = positions.shape  # 1. logits at the block positions
     if config.cfg_scale > 0:
         unconditional = ids.masked_fill(canvas.given, canvas.mask_id)
         both_mask = None if canvas.attention_mask is None else canvas.attention_mask.repeat(2, 1)
@@ -183,28 +183,28 @@ def denoise_step(logits_fn, ids: torch.Tensor, canvas: Canvas, positions: torch.
     else:
         logits = logits_fn(ids, canvas.attention_mask, positions).float()  # [B, K, V]
     if config.repetition_penalty != 1.0:
-        # every id on the row's canvas but mask and eos: l <- l / p if l > 0 else l * p. Only those
-        # <= T ids change: gather them, penalise, scatter back (duplicates write the same value)
+        # 2. every id on the row's canvas but mask and eos: l <- l / p if l > 0 else l * p. Only
+        # those <= T ids change: gather them, penalise, scatter back (duplicates write the same value)
         present = ids[:, None, :].expand(B, K, ids.shape[1])  # [B, K, T]
         values, p = logits.gather(-1, present), config.repetition_penalty
         exempt = (present == canvas.mask_id) | (present == canvas.eos_id)
         penalised = torch.where(values > 0, values / p, values * p)
         logits = logits.scatter(-1, present, torch.where(exempt, values, penalised))  # [B, K, V]
     if config.temperature > 0:
-        # Gumbel-max in float64: argmax exp(l) / (-log u)^T  ==  a draw from softmax(l / T)
+        # 3. Gumbel-max in float64: argmax exp(l) / (-log u)^T  ==  a draw from softmax(l / T)
         noise = torch.rand(logits.shape, dtype=torch.float64, device=logits.device, generator=generator)
         candidates = (logits.double().exp() / (-noise.log()) ** config.temperature).argmax(-1)  # [B, K]
     else:
         candidates = logits.argmax(-1)  # [B, K]
     if config.remasking == "low_confidence":
-        # confidence = softmax(l)[candidate], untempered
+        # 4. confidence = softmax(l)[candidate], untempered
         confidence = logits.softmax(-1).gather(-1, candidates[..., None]).squeeze(-1)  # [B, K]
     else:
         confidence = torch.rand((B, K), device=logits.device, generator=generator)
     current = ids.gather(1, positions)  # [B, K]
     masked = current == canvas.mask_id
     confidence = confidence.masked_fill(~masked, -math.inf)
-    # rank of each position by confidence within its row (0 = most confident)
+    # 5. rank of each position by confidence within its row (0 = most confident)
     order = confidence.argsort(dim=1, descending=True, stable=True)
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(K, device=order.device).expand(B, K))
     if config.threshold is not None:
@@ -270,9 +270,9 @@ def build_canvas(rows: list[list[int]], block_starts: list[int], span: int, answ
     return Canvas(ids, attention_mask, given, blocks, steps, list(answer_start), lengths, mask_id, eos_id)
 
 
-def model_canvas(model, rows: list[list[int]], config: SamplerConfig, *, mask_id: int, eos_id: int, infill: bool):
-    """The canvas of generate ([prompt | max_new_tokens x <mask>], blocks from each prompt's end)
-    or of infill (masks anywhere, blocks tiling each row from 0, the answer from its first mask)."""
+def model_canvas(model, rows, config: SamplerConfig, *, mask_id: int, eos_id: int, infill: bool) -> Canvas:
+    """The canvas of generate (rows: prompts, each then max_new_tokens <mask>, blocks from its end) or of
+    infill (rows: lists of ids with <mask> anywhere, blocks tiling each from 0, the answer from its first mask)."""
     lengths, device = [len(r) for r in rows], next(iter(model.parameters()), torch.empty(0)).device
     if infill:
         first_mask = [row.index(mask_id) if mask_id in row else n for row, n in zip(rows, lengths)]

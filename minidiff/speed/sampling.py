@@ -221,9 +221,9 @@ class Denoiser:
         over the whole block (one shape per block; a cache refresh runs eagerly). Recorded."""
         config = self.config
         counts = None if plan.counts_on_device is None else plan.counts_on_device[:, i]  # [B]
-        step = block_step if self.compiled is None or logits.refreshes(i) else self.compiled
-        outputs = step(logits.at_step(i), ids, self.canvas, block, counts, config, self.generator,
-                       None if config.compile else bound)
+        step_fn = block_step if self.compiled is None or logits.refreshes(i) else self.compiled
+        outputs = step_fn(logits.at_step(i), ids, self.canvas, block, counts, config, self.generator,
+                          None if config.compile else bound)
         if config.compile:  # copies: a CUDA graph reuses its output buffers at the next replay
             outputs = [t.clone() for t in outputs]
         ids, positions, committed, left = outputs
