@@ -48,7 +48,8 @@ from minidiff.errors import UserError, run_cli
 from minidiff.evaluation.scoring import mlm_perplexity
 from minidiff.model import ModelConfig, ModernBertMLM
 from minidiff.plumbing import files, flags
-from minidiff.sampler import SamplerConfig, generate, infill
+from minidiff.sampler import SamplerConfig
+from minidiff.speed.sampling import generate, infill
 from sample import write_trace_html
 
 

@@ -35,7 +35,8 @@ from minidiff.plumbing.device import (
     resolve_device,
 )
 from minidiff.plumbing.files import write_text
-from minidiff.sampler import CACHES, SamplerConfig, generate, infill, steps_per_block
+from minidiff.sampler import CACHES, SamplerConfig, steps_per_block
+from minidiff.speed.sampling import generate, infill
 
 MASK_CHAR = "░"
 DIM, RESET = "\x1b[2m", "\x1b[0m"

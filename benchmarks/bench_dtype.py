@@ -60,7 +60,8 @@ from minidiff.evaluation.answers import mc_loglik_many  # noqa: E402
 from minidiff.evaluation.scoring import choice_pairs, load_examples, parse_task, score_examples  # noqa: E402
 from minidiff.model import ModernBertMLM  # noqa: E402
 from minidiff.plumbing.device import NATIVE_BF16_FLAGS, cpu_flags, inference_precision  # noqa: E402
-from minidiff.sampler import SamplerConfig, generate  # noqa: E402
+from minidiff.sampler import SamplerConfig  # noqa: E402
+from minidiff.speed.sampling import generate  # noqa: E402
 
 CPU = torch.device("cpu")
 PRECISIONS = ("float32", "bfloat16")

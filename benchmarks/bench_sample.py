@@ -45,8 +45,9 @@ from roofline import Counter  # noqa: E402  (FLOPs counted from the dispatched o
 
 from minidiff.errors import run_cli  # noqa: E402
 from minidiff.model import ModelConfig, ModernBertMLM  # noqa: E402
-from minidiff.sampler import SamplerConfig, generate, transfer_counts  # noqa: E402
+from minidiff.sampler import SamplerConfig, transfer_counts  # noqa: E402
 from minidiff.speed.packed import pack_weights  # noqa: E402
+from minidiff.speed.sampling import generate  # noqa: E402
 
 
 @torch.no_grad()

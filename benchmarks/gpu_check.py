@@ -343,7 +343,8 @@ def check_sampler_caches(report: Report, device: torch.device, quick: bool) -> N
     (compiled on CUDA only: on the CPU, compiling the full shape would take minutes)."""
     from minidiff.model import ModernBertMLM
     from minidiff.plumbing.device import inference_precision
-    from minidiff.sampler import SamplerConfig, generate
+    from minidiff.sampler import SamplerConfig
+    from minidiff.speed.sampling import generate
 
     config = base_shape_config(quick)
     torch.manual_seed(0)

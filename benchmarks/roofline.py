@@ -53,9 +53,10 @@ from minidiff.lora import apply_lora, lora_modules  # noqa: E402
 from minidiff.model import ModelConfig, ModernBertMLM  # noqa: E402
 from minidiff.plumbing.device import check_available, inference_precision, resolve_device  # noqa: E402
 from minidiff.plumbing.files import atomic_path, write_json  # noqa: E402
-from minidiff.sampler import SamplerConfig, generate  # noqa: E402
+from minidiff.sampler import SamplerConfig  # noqa: E402
 from minidiff.speed.chunked_loss import linear_cross_entropy, nelbo_loss  # noqa: E402
 from minidiff.speed.packed import PACK_ROWS  # noqa: E402
+from minidiff.speed.sampling import generate  # noqa: E402
 
 H200 = {"name": "H200", "flops": 990e12, "bytes_per_s": 4.8e12}  # dense bf16, HBM3e
 

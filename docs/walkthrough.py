@@ -22,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from minidiff import diffusion, optim  # noqa: E402
 from minidiff.errors import UserError, run_cli  # noqa: E402
 from minidiff.model import ModelConfig, ModernBertMLM  # noqa: E402
-from minidiff.sampler import SamplerConfig, generate  # noqa: E402
+from minidiff.sampler import SamplerConfig  # noqa: E402
+from minidiff.speed.sampling import generate  # noqa: E402
 
 # A few kB of plain Turkish, written for this file.
 TEXT = """\

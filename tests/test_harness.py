@@ -24,7 +24,8 @@ from minidiff.errors import UserError, run_cli  # noqa: E402
 from minidiff.evaluation import harness
 from minidiff.evaluation import scoring as evaluation
 from minidiff.evaluation.tasks import LM_EVAL_TASK_DIR, TASKS  # noqa: E402
-from minidiff.sampler import SamplerConfig, generate  # noqa: E402
+from minidiff.sampler import SamplerConfig  # noqa: E402
+from minidiff.speed.sampling import generate  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MC_SAMPLES, SEED, ROLLING_MAX = 3, 5, 8

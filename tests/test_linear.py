@@ -13,14 +13,9 @@ from helpers import BOS, EOS, MASK, tiny_model
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from minidiff.sampler import SamplerConfig, generate
-from minidiff.speed.packed import (
-    PackedLinear,
-    linear,
-    pack_weights,
-    packed_weights,
-    unpack_weights,
-)
+from minidiff.sampler import SamplerConfig
+from minidiff.speed.packed import PackedLinear, linear, pack_weights, packed_weights, unpack_weights
+from minidiff.speed.sampling import generate
 
 
 class OpNames(TorchDispatchMode):

@@ -13,7 +13,8 @@ from helpers import make_model_dir
 
 import minidiff
 from minidiff.errors import UserError
-from minidiff.sampler import SamplerConfig, generate
+from minidiff.sampler import SamplerConfig
+from minidiff.speed.sampling import generate
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "sample.py"

@@ -16,9 +16,9 @@ import torch
 from helpers import EOS, MASK, PAD, tiny_model
 
 from minidiff import sampler
+from minidiff.data.chat import FORK_STOP_REPLACEMENT, StopRules
 from minidiff.errors import UserError
 from minidiff.sampler import (
-    FORK_STOP_REPLACEMENT,
     SamplerConfig,
     build_canvas,
     denoise_step,
@@ -27,6 +27,8 @@ from minidiff.sampler import (
     plan_block,
     transfer_counts,
 )
+from minidiff.speed import sampling
+from minidiff.speed.sampling import most_left
 
 V = 64
 
@@ -212,6 +214,66 @@ def test_steps_beyond_a_block_are_capped(model):
         assert torch.equal(huge.sequences, capped.sequences) and huge.num_forward == capped.num_forward == 12
 
 
+# ----------------------------------------------------------------------------- the plain loop and the fast one
+
+FAST_CASES = {
+    "several blocks": dict(max_new_tokens=13, steps=13, block_length=4),
+    "steps < block": dict(max_new_tokens=12, steps=5, block_length=6),
+    "llada schedule, steps < block": dict(max_new_tokens=12, steps=4, block_length=12, unmasking="llada"),
+    "odd ties (dllm float rounding) + penalty": dict(max_new_tokens=10, steps=7, block_length=10,
+                                                     repetition_penalty=1.2),
+    "cfg + penalty, llada": dict(max_new_tokens=10, steps=6, block_length=5, cfg_scale=1.0,
+                                 repetition_penalty=1.3, unmasking="llada"),
+    "threshold": dict(max_new_tokens=12, steps=12, block_length=6, threshold=0.22),
+    "threshold + cfg + penalty": dict(max_new_tokens=12, steps=6, block_length=6, threshold=0.22,
+                                      cfg_scale=0.5, repetition_penalty=1.2),
+}
+
+
+@pytest.mark.parametrize("name", list(FAST_CASES))
+def test_plain_loop_equals_fast_loop(model, name):
+    """At temperature 0 the plain loop (sampler.generate / infill: logits at the whole block) and
+    the fast one with cache "none" (speed/sampling.py: logits at the still-masked positions only)
+    commit the same tokens in the same number of model calls: generate on prompts of three
+    lengths, infill with masks anywhere (first and last positions, a row of masks only)."""
+    config = SamplerConfig(stop_at_eos=False, **FAST_CASES[name])
+    prompts = [prompt(30, 3), prompt(31, 9), prompt(32, 6)]
+    plain = generate(model, prompts, config, mask_id=MASK, eos_id=EOS)
+    fast = sampling.generate(model, prompts, config, mask_id=MASK, eos_id=EOS)
+    assert torch.equal(plain.sequences, fast.sequences) and plain.num_forward == fast.num_forward
+    assert not (plain.sequences == MASK).any()
+    rows = [prompt(33, 14), prompt(34, 9), [MASK] * 11]
+    for j, holes in enumerate([[0, 1, 5, 6, 7, 13], [2, 3, 8]]):
+        for h in holes:
+            rows[j][h] = MASK
+    plain = infill(model, rows, config, mask_id=MASK, eos_id=EOS)
+    fast = sampling.infill(model, rows, config, mask_id=MASK, eos_id=EOS)
+    assert torch.equal(plain.sequences, fast.sequences) and plain.num_forward == fast.num_forward
+    assert not (plain.sequences == MASK).any()
+
+
+def test_plain_loop_with_the_stop_rules_equals_fast_loop(model):
+    """The stop rules (data/chat.py) given to the plain loop as its end-of-block hook: the same
+    early stop at eos and the same cut at a stop string as the fast loop."""
+    tok = CharTokenizer()
+    stop_token = tok.pieces.index("</s>")
+    prompts = [prompt(35, 5), prompt(36, 7)]
+    for forced, stop_strings in ((ForceToken(model, EOS, position=5 + 6), ()),
+                                 (ForceToken(model, stop_token, position=5 + 9), ("</s>",))):
+        config = SamplerConfig(max_new_tokens=16, steps=16, block_length=4, stop_strings=stop_strings)
+        stops = StopRules.make(config, tok, None, EOS)
+        plain = generate(forced, prompts, config, mask_id=MASK, eos_id=EOS, end_of_block=stops.end_of_block)
+        fast = sampling.generate(forced, prompts, config, mask_id=MASK, eos_id=EOS, tokenizer=tok)
+        assert torch.equal(plain.sequences, fast.sequences) and plain.num_forward == fast.num_forward
+        assert fast.num_forward < 16  # the rules did stop early
+
+
+def test_plain_loop_refuses_the_fast_loops_settings(model):
+    for changes in (dict(cache="dual"), dict(cache="prefix", cache_refresh=2), dict(compile=True)):
+        with pytest.raises(UserError, match="minidiff.speed.sampling"):
+            generate(model, [prompt(37, 4)], SamplerConfig(**changes), mask_id=MASK, eos_id=EOS)
+
+
 # ----------------------------------------------------------------------------- the extras
 
 
@@ -250,8 +312,8 @@ def test_gumbel_max_samples_softmax_over_temperature():
 def test_threshold_uses_fewer_calls(model):
     prompts = [prompt(10, 6), prompt(11, 6)]
     base = SamplerConfig(max_new_tokens=16, steps=16, block_length=8, stop_at_eos=False)
-    plain = generate(model, prompts, base, mask_id=MASK, eos_id=EOS)
-    fast = generate(model, prompts, base.replace(threshold=0.4), mask_id=MASK, eos_id=EOS)
+    plain = sampling.generate(model, prompts, base, mask_id=MASK, eos_id=EOS)
+    fast = sampling.generate(model, prompts, base.replace(threshold=0.4), mask_id=MASK, eos_id=EOS)
     assert plain.num_forward == 16
     assert fast.num_forward < plain.num_forward
     assert not (fast.sequences == MASK).any()
@@ -304,7 +366,7 @@ def test_host_reads_do_not_grow_with_steps(model, monkeypatch):
                 m.setattr(torch.Tensor, name, counting(getattr(torch.Tensor, name)))
             config = SamplerConfig(max_new_tokens=24, steps=steps, block_length=12, cfg_scale=0.5,
                                    repetition_penalty=1.2, stop_at_eos=False)
-            out = generate(model, [prompt(20, 5), prompt(21, 3)], config, mask_id=MASK, eos_id=EOS)
+            out = sampling.generate(model, [prompt(20, 5), prompt(21, 3)], config, mask_id=MASK, eos_id=EOS)
         assert out.num_forward == steps
         return reads["n"]
 
@@ -347,8 +409,8 @@ def test_early_stop_at_eos(model):
     biased = ForceToken(model, EOS, position=5 + 6)  # every row's 7th answer token is eos
     prompts = [prompt(14, 5), prompt(15, 5)]
     config = SamplerConfig(max_new_tokens=24, steps=24, block_length=4, stop_at_eos=False)
-    full = generate(biased, prompts, config, mask_id=MASK, eos_id=EOS)
-    early = generate(biased, prompts, config.replace(stop_at_eos=True), mask_id=MASK, eos_id=EOS)
+    full = sampling.generate(biased, prompts, config, mask_id=MASK, eos_id=EOS)
+    early = sampling.generate(biased, prompts, config.replace(stop_at_eos=True), mask_id=MASK, eos_id=EOS)
     assert early.num_forward < full.num_forward
     assert not (early.sequences == MASK).any()
     for j in range(2):
@@ -365,22 +427,22 @@ def test_stop_strings(model):
     forced = ForceToken(model, stop_token, position=6 + 9)  # the 10th answer token
     p = [prompt(16, 6)]
     config = SamplerConfig(max_new_tokens=16, steps=16, block_length=4, stop_at_eos=False)
-    plain = generate(forced, p, config, mask_id=MASK, eos_id=EOS, tokenizer=tok)
-    stopped = generate(forced, p, config.replace(stop_strings=("</s>",)), mask_id=MASK, eos_id=EOS,
-                       tokenizer=tok)
+    plain = sampling.generate(forced, p, config, mask_id=MASK, eos_id=EOS, tokenizer=tok)
+    stopped = sampling.generate(forced, p, config.replace(stop_strings=("</s>",)), mask_id=MASK, eos_id=EOS,
+                                tokenizer=tok)
     replacement = tok.encode(FORK_STOP_REPLACEMENT)
     answer = stopped.sequences[0, 6:].tolist()
     assert answer[:9] == plain.sequences[0, 6:15].tolist()  # before the stop: unchanged
     assert answer[9:] == (replacement + [PAD] * 16)[:7]  # "\n[/Answer]\n", then padding
     assert stopped.num_forward < plain.num_forward  # the last block had nothing left to do
-    early = generate(forced, p, config.replace(stop_strings=("</s>",), stop_at_eos=True),
-                     mask_id=MASK, eos_id=EOS, tokenizer=tok)
+    early = sampling.generate(forced, p, config.replace(stop_strings=("</s>",), stop_at_eos=True),
+                              mask_id=MASK, eos_id=EOS, tokenizer=tok)
     assert torch.equal(early.sequences, stopped.sequences)
 
 
 def test_trace_frames_replay(model):
-    out = generate(model, [prompt(17, 4)], SamplerConfig(max_new_tokens=8, steps=8, block_length=4),
-                   mask_id=MASK, eos_id=EOS)
+    out = sampling.generate(model, [prompt(17, 4)], SamplerConfig(max_new_tokens=8, steps=8, block_length=4),
+                            mask_id=MASK, eos_id=EOS)
     frames = out.frames()
     assert len(frames) == out.num_forward + 1
     assert frames[0][0][4:] == [MASK] * 8 and frames[-1] == out.sequences.tolist()
@@ -416,15 +478,15 @@ def test_presets():
 def test_bad_inputs(model):
     config = SamplerConfig(max_new_tokens=128)
     with pytest.raises(UserError, match="max_position_embeddings"):
-        generate(model, [[5] * 400], config, mask_id=MASK, eos_id=EOS)  # 528 > 512
+        sampling.generate(model, [[5] * 400], config, mask_id=MASK, eos_id=EOS)  # 528 > 512
     with pytest.raises(UserError, match="mask_id"):
-        generate(model, [[5, 6]], config, mask_id=V, eos_id=EOS)
+        sampling.generate(model, [[5, 6]], config, mask_id=V, eos_id=EOS)
     with pytest.raises(UserError, match="mask_id"):
-        generate(model, [[5, 6]], config, mask_id=None, eos_id=EOS)
+        sampling.generate(model, [[5, 6]], config, mask_id=None, eos_id=EOS)
     with pytest.raises(UserError, match="vocabulary"):
-        generate(model, [[5, 600]], config, mask_id=MASK, eos_id=EOS)
+        sampling.generate(model, [[5, 600]], config, mask_id=MASK, eos_id=EOS)
     with pytest.raises(UserError, match="at least one"):
-        generate(model, [], config, mask_id=MASK, eos_id=EOS)
+        sampling.generate(model, [], config, mask_id=MASK, eos_id=EOS)
 
 
 # ----------------------------------------------------------------------------- canvas and plan
@@ -452,6 +514,6 @@ def test_plan_block_by_hand():
     plan = plan_block(ids, positions, 2, SamplerConfig(), MASK)
     assert plan.masked == [3, 1] and plan.counts == [[2, 1], [1, 0]] and plan.num_steps == 2
     assert plan.counts_on_device.tolist() == [[2, 1], [1, 0]]
-    assert [plan.most_left(i) for i in range(3)] == [3, 1, 0]
+    assert [most_left(plan, i) for i in range(3)] == [3, 1, 0]
     threshold = plan_block(ids, positions, 2, SamplerConfig(threshold=0.9), MASK)
-    assert threshold.counts is None and threshold.num_steps == 3 and threshold.most_left(1) == 3
+    assert threshold.counts is None and threshold.num_steps == 3 and most_left(threshold, 1) == 3

@@ -14,8 +14,9 @@ from helpers import EOS, MASK, tiny_model
 
 from minidiff.errors import UserError
 from minidiff.model import KVCache
-from minidiff.sampler import SamplerConfig, block_step, build_canvas, generate
+from minidiff.sampler import SamplerConfig, build_canvas
 from minidiff.speed.kv_cache import BlockLogits
+from minidiff.speed.sampling import LateCount, block_step, generate
 
 V = 64
 
@@ -199,3 +200,57 @@ def test_compiled_step_same_tokens_no_recompile(model):
     # 3 blocks x 3 cached steps of one shape: traced once, never recompiled
     assert counters["stats"]["unique_graphs"] == 1
     assert sum(counters["recompiles"].values()) == 0
+
+
+# ----------------------------------------------------------------------------- late reads on CUDA
+
+
+def test_late_count_records_on_the_samplers_device_stream(monkeypatch):
+    """With the sampler on cuda:1 while the current device is cuda:0, the count's copy and its
+    event go on cuda:1's current stream (an event on cuda:0's stream would let the host read
+    before the copy lands). CUDA's stream, event and pinned memory are stand-ins here."""
+    class Stream:
+        def __init__(self, device):
+            self.device = torch.device(device)
+
+    entered = []
+
+    class StreamContext:
+        def __init__(self, stream):
+            self.stream = stream
+
+        def __enter__(self):
+            entered.append(self.stream)
+
+        def __exit__(self, *exc):
+            entered.append(None)
+
+    class Event:
+        def __init__(self, *args, **kwargs):
+            self.stream, self.waited = None, False
+
+        def record(self, stream=None):  # torch.cuda.Event.record: the current device's stream by default
+            self.stream = stream if stream is not None else torch.cuda.current_stream()
+
+        def synchronize(self):
+            self.waited = True
+
+    copies = []
+    real_copy = torch.Tensor.copy_
+
+    def copy(self, src, non_blocking=False):
+        copies.append((entered[-1] if entered else None, non_blocking))
+        return real_copy(self, src)
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream(device or "cuda:0"))
+    monkeypatch.setattr(torch.cuda, "stream", StreamContext)
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: self)
+    monkeypatch.setattr(torch.Tensor, "copy_", copy)
+
+    late = LateCount(torch.device("cuda:1"))
+    assert late.read() is None  # nothing pushed yet
+    late.push(torch.tensor(5))
+    assert late.event.stream.device == torch.device("cuda:1")
+    assert copies == [(late.event.stream, True)]  # the non-blocking copy went on that same stream
+    assert late.read() == 5 and late.event.waited

@@ -14,16 +14,20 @@ markers are ordinary text, not special tokens, and a rendering holds no <bos>/<e
     prompt, answer = render_sft(row, "alpaca", tok)  # prompt ends "[Answer]\\n"; answer ends "[/Answer]\\n\\n"
     chat_prompt_ids(messages, tok)                 # the prompt's ids exactly as SFT training saw them
 
-The sampler ends an answer at END_OF_TURN, and with the fork's settings cuts it at the first of
-FORK_STOP_STRINGS, writing FORK_STOP_REPLACEMENT in its place (docs/sampler.md). The reader's
-page for the SFT side is docs/training.md.
+The sampler's stop rules (`StopRules`, after each block) end an answer at END_OF_TURN, and with
+the fork's settings cut it at the first of FORK_STOP_STRINGS (sampler.py's presets), writing
+FORK_STOP_REPLACEMENT in its place (docs/sampler.md). SFT side: docs/training.md.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import torch
+
 from minidiff.errors import UserError
+from minidiff.sampler import FORK_STOP_STRINGS, Canvas, SamplerConfig  # noqa: F401 (the presets' stop strings)
 
 END_OF_TURN = "[/Answer]"  # closes every assistant turn; a sampled answer ends here
-FORK_STOP_STRINGS = ("<s>", "</s>", "<|USER|>", "|USER|>")  # the Diffutron fork's stop strings
 FORK_STOP_REPLACEMENT = f"\n{END_OF_TURN}\n"  # what the fork writes where a stop string began
 SFT_FORMATS = ("alpaca", "instructurca", "messages")
 
@@ -113,3 +117,83 @@ def chat_prompt_ids(messages: list[dict], tokenizer) -> list[int]:
     no special tokens): what a sampler or scorer should feed the model."""
     return list(tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True),
                                  add_special_tokens=False))
+
+
+# ----------------------------------------------------------------------------- the sampler's stop rules
+
+
+def _find_stop(tokenizer, ids: list[int], stop_strings) -> int | None:
+    """Index into ids of the first token where any stop string begins (decoded text), or None."""
+    text = tokenizer.decode(ids, skip_special_tokens=False)
+    hits = [text.find(s) for s in stop_strings if s in text]
+    if not hits:
+        return None
+    char = min(hits)
+    for n in range(len(ids) + 1):  # the first prefix whose text reaches past the stop's start
+        if len(tokenizer.decode(ids[:n], skip_special_tokens=False)) > char:
+            return max(n - 1, 0)
+    return len(ids)
+
+
+def _ended(tokenizer, ids: list[int], eos_id: int, pad_id: int) -> bool:
+    """Has this answer ended? eos, pad (SFT trains the model to emit padding after the answer,
+    docs/training.md) or the end-of-turn string."""
+    if eos_id in ids or pad_id in ids:
+        return True
+    return tokenizer is not None and END_OF_TURN in tokenizer.decode(ids, skip_special_tokens=False)
+
+
+@dataclass
+class StopRules:
+    """What ends the answers, checked once per block on the host: the fork's stop strings (cut,
+    replaced by the end-of-turn `replacement`, then padding) and the early stop once every row
+    has ended (`stop_at_eos`)."""
+
+    stop_strings: tuple[str, ...]
+    stop_at_eos: bool
+    tokenizer: object | None  # decodes the answers (stop strings, "[/Answer]"); None: eos and pad only
+    pad_id: int  # what SFT pads answers with
+    replacement: list[int] | None  # the ids of FORK_STOP_REPLACEMENT; None: no stop strings
+
+    @classmethod
+    def make(cls, config: SamplerConfig, tokenizer, pad_id: int | None, eos_id: int) -> "StopRules":
+        replacement = None
+        if config.stop_strings and tokenizer is not None:
+            replacement = tokenizer.encode(FORK_STOP_REPLACEMENT, add_special_tokens=False)
+        # the pad id: given, else the tokenizer's, else eos
+        pad_id = getattr(tokenizer, "pad_id", None) if pad_id is None else pad_id
+        return cls(config.stop_strings, config.stop_at_eos, tokenizer, eos_id if pad_id is None else pad_id,
+                   replacement)
+
+    def cut_at_stop_string(self, ids, r: int, row: list[int], start: int, end: int, answer_end: int) -> bool:
+        """The fork's rule, in place on row r (whose ids are `row`): from the first stop string in
+        row[start:end] to the row's answer end, write the end-of-turn replacement, then pad."""
+        cut = _find_stop(self.tokenizer, row[start:end], self.stop_strings)
+        if cut is None:
+            return False
+        first = start + cut
+        fill = (self.replacement + [self.pad_id] * answer_end)[: answer_end - first]
+        ids[r, first:answer_end] = torch.tensor(fill, dtype=ids.dtype, device=ids.device)
+        return True
+
+    def end_of_block(self, ids, canvas: Canvas, block, last: bool) -> bool:
+        """After the block [B, K], in place on ids [B, T]: cut at stop strings, then the early
+        stop (the rest of every answer padded with eos). True: stop now."""
+        if not (self.replacement is not None or self.stop_at_eos):
+            return False
+        block_end, rows = block[:, -1].tolist(), ids.tolist()
+        finished = []
+        for r, (row, start, answer_end) in enumerate(zip(rows, canvas.answer_start, canvas.answer_end)):
+            end = min(block_end[r] + 1, answer_end)
+            if self.replacement is not None and self.cut_at_stop_string(ids, r, row, start, end, answer_end):
+                row = ids[r].tolist()
+            finished.append(_ended(self.tokenizer, row[start:end], canvas.eos_id, self.pad_id) or
+                            (self.replacement is not None and canvas.mask_id not in row[start:answer_end]))
+        if not (self.stop_at_eos and all(finished) and not last):
+            return False
+        # the rest of every answer is padding (masks a prompt may hold stay as they are)
+        span = torch.arange(ids.shape[1], device=ids.device)[None, :]  # [1, T]
+        answers = ((span >= torch.tensor(canvas.answer_start, device=ids.device)[:, None]) &
+                   (span < torch.tensor(canvas.answer_end, device=ids.device)[:, None]))  # [B, T]
+        ids.masked_fill_(answers & (ids == canvas.mask_id), canvas.eos_id)
+        return True

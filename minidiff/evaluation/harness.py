@@ -34,7 +34,8 @@ from minidiff.evaluation.tasks import LM_EVAL_TASK_DIR
 from minidiff.plumbing import checkpoint
 from minidiff.plumbing.device import Precision, enable_tf32, inference_precision
 from minidiff.plumbing.files import write_text
-from minidiff.sampler import SamplerConfig, generate
+from minidiff.sampler import SamplerConfig
+from minidiff.speed.sampling import generate
 
 INSTALL_HINT = 'lm-evaluation-harness is not installed; install it with: pip install "minidiff[harness]"'
 

@@ -1,30 +1,22 @@
-"""What computes the sampler's logits at each step of a block: the model on the whole canvas
+"""What computes the fast sampler's logits at each step of a block: the model on the whole canvas
 (exact), or Fast-dLLM's approximate key/value caches (prefix, dual).
 
-References: Fast-dLLM (arXiv 2505.22618; NVlabs/Fast-dLLM, ported as dllm's `fastdllm`
-pipeline): prefix and dual key/value caches refreshed at every block start, whose full forward
-also serves as the block's first step; LLaDA (arXiv 2502.09992) for the step itself.
+References: Fast-dLLM (arXiv 2505.22618; NVlabs/Fast-dLLM, ported as dllm's `fastdllm` pipeline):
+caches refreshed at every block start, whose full forward also serves as the block's first step.
 
-Every source below is a function `(ids [B, T], attention_mask, positions [B, N]) -> [B, N, V]`:
-the logits of the canvas `ids` at the positions a step looks at. `sampler.py`'s step loop calls
-`BlockLogits.at_step(i)` for the one of step i. Per block of K positions (canvas T, per-row
-block positions [B, K]):
+Every source is a function `(ids [B, T], attention_mask, positions [B, N]) -> [B, N, V]`: the
+logits at the positions a step looks at. speed/sampling.py's loop calls `BlockLogits.at_step(i)`.
 
     cache "none":      every step: the model on the whole canvas (`model.logits_at_positions`)
     step 0 (refresh):  the full canvas forward fills a KVCache; its logits at the block are used
     step i (cached):   "dual":   the encoder runs on the block's K positions only; their queries
                                  attend to cached keys/values outside the block, fresh ones inside
-                       "prefix": the encoder runs on the block and everything after it
-                                 (window W = T - earliest block start); only what precedes the
-                                 block comes from the cache
+                       "prefix": the encoder runs on the block and everything after it; only
+                                 what precedes the block comes from the cache
     (cache_refresh = n refills the cache every n steps; n = 1 is the exact sampler again)
 
-A refresh writes the cache (a side effect), so the sampler runs it eagerly even under
-torch.compile; every other source only reads.
-
-Cost of the approximation: cached keys/values of positions outside the recomputed window are
-those of the canvas at the last refresh, while tokens committed since then have changed them;
-see docs/sampler.md for the measured agreement with the exact sampler.
+A refresh writes the cache, so it runs eagerly even under torch.compile. Keys/values outside the
+recomputed window are those of the last refresh: approximate (docs/sampler.md, "Key/value caches").
 """
 from __future__ import annotations
 
