@@ -69,7 +69,6 @@ def parse_args(argv=None):
     g = p.add_argument_group("sampler (SamplerConfig fields; override the preset)")
     flags.add_fields(g, SamplerConfig, helps=SAMPLER_HELP, choices={"cache": list(CACHES)},
                      nargs={"stop_strings": "*"})
-    g.add_argument("--schedule", dest="old_schedule", help=argparse.SUPPRESS)  # renamed: --unmasking
     p.add_argument("--batch-size", type=int, default=8, help="prompts denoised together (more --prompt "
                    "flags run in batches of this many: the memory of a step grows with it)")
     p.add_argument("--json", action="store_true", help="print JSON: ids, text, steps used")
@@ -81,9 +80,6 @@ def parse_args(argv=None):
 
 def sampler_config(args) -> SamplerConfig:
     """The preset (or the defaults) with every flag that was given laid over it."""
-    if getattr(args, "old_schedule", None) is not None:
-        raise UserError(f"--schedule is now --unmasking (the unmasking schedule: dllm | llada); "
-                        f"use --unmasking {args.old_schedule}.")
     chosen = {f.name: getattr(args, f.name) for f in fields(SamplerConfig)
               if getattr(args, f.name, None) is not None}
     if "stop_strings" in chosen:

@@ -124,8 +124,6 @@ def test_tokenizer_without_mask(sample_module, tmp_path):
     (["--block-length", "0"], "block_length"),
     (["--temperature", "-1"], "temperature"),
     (["--remasking", "lowest"], "remasking"),
-    (["--schedule", "cosine"], "schedule"),
-    (["--schedule", "llada"], "--unmasking llada"),
     (["--unmasking", "cosine"], "unmasking"),
     (["--prompt", "ev " * 600], "max_position_embeddings"),
     (["--infill", "no markers here"], "<mask>"),
