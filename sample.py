@@ -16,7 +16,6 @@ when stdout is not a terminal only the answers are printed (or JSON with --json)
 """
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
