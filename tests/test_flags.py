@@ -56,13 +56,13 @@ def test_one_flag_per_field_as_argparse_by_hand(argv):
     assert Knobs(**given) == Knobs(**vars(by_hand().parse_args(argv)))
 
 
-def test_help_lists_fields_with_defaults_and_aliases_spell_the_same_field():
+def test_help_lists_fields_with_defaults():
     parser = flags.Parser()
-    flags.add_fields(parser, Knobs, helps={"max_len": "tokens"}, aliases={"max_len": ["--length"]})
+    flags.add_fields(parser, Knobs, helps={"max_len": "tokens"})
     text = parser.format_help()
-    assert "--max-len MAX_LEN, --length MAX_LEN" in text and "tokens (default: 512)" in text
+    assert "--max-len MAX_LEN" in text and "tokens (default: 512)" in text
     assert "--pack, --no-pack" in text and "(default: ['a'])" in text
-    assert flags.parse_given(parser, ["--length", "7"]) == {"max_len": 7}
+    assert flags.parse_given(parser, ["--max-len", "7"]) == {"max_len": 7}
 
 
 def test_errors_are_one_sentence_user_errors():

@@ -62,32 +62,29 @@ def base_type(annotation) -> tuple[type, bool]:
 
 
 def add_fields(target, cls, *, helps: dict[str, str] | None = None, names=None, show_defaults: bool = True,
-               choices: dict[str, list] | None = None, aliases: dict[str, list[str]] | None = None,
-               nargs: dict[str, str] | None = None) -> None:
+               choices: dict[str, list] | None = None, nargs: dict[str, str] | None = None) -> None:
     """One flag per field of dataclass `cls` (only `names`, in that order, when given) on
     `target`, a parser or an argument group. helps: help text per field; choices: allowed values
-    per field; aliases: further spellings per field (e.g. an old flag name); nargs: per list
-    field, instead of "+"."""
+    per field; nargs: per list field, instead of "+"."""
     hints = typing.get_type_hints(cls)
     by_name = {f.name: f for f in fields(cls)}
-    helps, choices, aliases, nargs = helps or {}, choices or {}, aliases or {}, nargs or {}
+    helps, choices, nargs = helps or {}, choices or {}, nargs or {}
     for name in (names if names is not None else list(by_name)):
         kind, several = base_type(hints[name])
         text = helps.get(name, "")
         if show_defaults:
             default = f"(default: {field_default(by_name[name])})"
             text = f"{text} {default}" if text else default
-        spellings = [flag_name(name), *aliases.get(name, [])]
         options = dict(dest=name, default=argparse.SUPPRESS, help=text or None)
         if kind is bool:
-            target.add_argument(*spellings, action=argparse.BooleanOptionalAction, **options)
+            target.add_argument(flag_name(name), action=argparse.BooleanOptionalAction, **options)
             continue
         options.update(type=kind, metavar=name.upper())
         if name in choices:
             options.update(choices=choices[name], metavar=None)
         if several:
             options["nargs"] = nargs.get(name, "+")
-        target.add_argument(*spellings, **options)
+        target.add_argument(flag_name(name), **options)
 
 
 def add_preset_flag(target, presets: dict[str, dict], *, help: str, flag: str = "--preset") -> None:
