@@ -11,7 +11,8 @@ Each row is rendered with the plain-text chat template ([Question] ... [/Questio
 [/Answer]); the prompt (up to and including the generation prompt "[Answer]\\n") gets label -100:
 never masked, no loss. The answer and the padding after it (pad token, up to the batch length)
 are the labels: the model learns to end its answer with padding. No attention mask. Rows whose
-prompt alone fills --max-len are dropped (counted), the rest right-truncated. Full fine-tuning
+prompt alone fills --max-len are dropped (or cut from the left with --long-prompts cut; counted), the
+rest right-truncated. Full fine-tuning
 by default (`--lora` for LoRA). Stage 2 is another run with --model pointing at stage 1's --out.
 """
 from __future__ import annotations
@@ -30,6 +31,7 @@ from minidiff.training.trainer import DATA, MAY_DIFFER
 class SFTConfig(train_cli.ScriptConfig):
     format: str = field(default="alpaca", metadata=DATA)
     max_len: int = field(default=256, metadata=DATA)
+    long_prompts: str = field(default="drop", metadata=DATA)
     pad_fill: str = field(default="pad", metadata=DATA)
     lora: bool = False
     shard_cache: str | None = field(default=None, metadata=MAY_DIFFER)
@@ -46,6 +48,8 @@ HELP = {
                    "else $MINIDIFF_CACHE/shards, else ~/.cache/minidiff/shards)",
     "format": "row format: alpaca (instruction/input/output), instructurca (Input/Output), messages (role/content list)",
     "max_len": "sequence length in tokens (prompt + answer + padding)",
+    "long_prompts": "a row whose prompt alone fills --max-len: drop it, or cut the prompt from the left to "
+                    "max_len // 2 tokens (both counted)",
     "pad_fill": "token the answers are padded (and trained) with: pad (dllm) or eos",
     "eval_data": "held-out rows for the evaluation loss (same --format)",
     "eval_fraction": "hold out this fraction of the rows for evaluation",
@@ -74,6 +78,8 @@ def check(config: SFTConfig, given: set[str]) -> None:
         raise UserError("--out is required: the directory the run is written to")
     if config.format not in SFT_FORMATS:
         raise UserError(f"--format {config.format!r} is unknown; expected one of {', '.join(SFT_FORMATS)}")
+    if config.long_prompts not in examples.LONG_PROMPTS:
+        raise UserError(f"--long-prompts {config.long_prompts!r} is unknown; expected drop or cut")
     if config.pad_fill not in ("pad", "eos"):
         raise UserError(f"--pad-fill {config.pad_fill!r} is unknown; expected pad or eos")
     train_cli.check_lora_flags(config.lora, given, "no --lora")
@@ -90,7 +96,7 @@ def sft_examples_from(sources, config: SFTConfig, tok, ctx) -> examples.Examples
                                    cache_dir=config.shard_cache, progress=config.progress,
                                    say=lambda text: train_cli.say(ctx.rank, text))
         train_cli.say(ctx.rank, f"{source}: {shard.manifest['read_summary']}")
-        views.append(examples.SFTExamples(shard, config.max_len))
+        views.append(examples.SFTExamples(shard, config.max_len, config.long_prompts))
     train_cli.say(ctx.rank, examples.sft_report(views).summary())
     return examples.Concat(views)
 

@@ -463,3 +463,28 @@ def test_bench_verify_tiny():
     bad = subprocess.run([sys.executable, str(bench), "--gb", "0"], capture_output=True, text=True, timeout=120,
                          cwd=ROOT, env=ENV)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and bad.stderr.startswith("error: --gb 0.0")
+
+
+def test_sft_long_prompts_are_dropped_or_cut_from_the_left():
+    """Three rows written out by hand: prompt 3 + answer 2; prompt 10 + answer 4 (fills max_len 8);
+    prompt 2 + answer 9 (answer right-truncated)."""
+    from types import SimpleNamespace
+
+    docs = [[1, 2, 3, 40, 41], list(range(10, 20)) + [50, 51, 52, 53], [4, 5] + list(range(60, 69))]
+    offsets = np.cumsum([0] + [len(d) for d in docs])
+    shard = SimpleNamespace(tokens=np.concatenate(docs), offsets=offsets, prompt_lengths=np.array([3, 10, 2]),
+                            lengths=np.diff(offsets))
+    I = examples.IGNORE
+    dropped = examples.SFTExamples(shard, 8)
+    assert [(ids.tolist(), labels.tolist()) for ids, labels in dropped] == [
+        ([1, 2, 3, 40, 41], [I, I, I, 40, 41]),
+        ([4, 5, 60, 61, 62, 63, 64, 65], [I, I, 60, 61, 62, 63, 64, 65])]
+    assert (dropped.report.dropped_prompt_too_long, dropped.report.cut_prompt_too_long, dropped.report.truncated) == (1, 0, 1)
+    cut = examples.SFTExamples(shard, 8, "cut")
+    assert len(cut) == 3 and cut.report.kept == 3
+    ids, labels = cut[1]  # the prompt's last 4 tokens, then the answer's first 4
+    assert ids.tolist() == [16, 17, 18, 19, 50, 51, 52, 53] and labels.tolist() == [I, I, I, I, 50, 51, 52, 53]
+    assert (cut.report.dropped_prompt_too_long, cut.report.cut_prompt_too_long, cut.report.truncated) == (0, 1, 1)
+    assert "1 prompts cut from the left to 4 tokens" in cut.report.summary()
+    with pytest.raises(UserError, match="long_prompts='keep'"):
+        examples.SFTExamples(shard, 8, "keep")

@@ -111,39 +111,53 @@ class PackExamples(Examples):
 
 @dataclass
 class SFTReport:
-    """What the SFT examples of some rows kept, dropped and truncated."""
+    """What the SFT examples of some rows kept, cut, dropped and truncated."""
 
     rows: int = 0
     kept: int = 0
     dropped_prompt_too_long: int = 0
+    cut_prompt_too_long: int = 0
     truncated: int = 0
     max_len: int = 0
 
     def summary(self) -> str:
         return (f"{self.kept:,} of {self.rows:,} SFT rows kept; {self.dropped_prompt_too_long:,} dropped "
-                f"(prompt alone >= {self.max_len} tokens); {self.truncated:,} answers right-truncated")
+                f"(prompt alone >= {self.max_len} tokens); {self.cut_prompt_too_long:,} prompts cut from the "
+                f"left to {self.max_len // 2} tokens; {self.truncated:,} answers right-truncated")
+
+
+LONG_PROMPTS = ("drop", "cut")  # what happens to a row whose prompt alone fills max_len
 
 
 class SFTExamples(Examples):
-    """(input_ids, labels) of every row whose prompt is shorter than max_len: prompt ids then
-    answer ids right-truncated to max_len, labels IGNORE on the prompt."""
+    """(input_ids, labels) of every row: prompt ids then answer ids right-truncated to max_len,
+    labels IGNORE on the prompt. A prompt of max_len tokens or more leaves no room for its answer:
+    long_prompts="drop" leaves the row out, "cut" keeps the prompt's last max_len // 2 tokens
+    (cut from the left, as evaluation fits a prompt to its context)."""
 
-    def __init__(self, shard, max_len: int):
+    def __init__(self, shard, max_len: int, long_prompts: str = "drop"):
+        if long_prompts not in LONG_PROMPTS:
+            raise UserError(f"long_prompts={long_prompts!r}; expected one of {', '.join(LONG_PROMPTS)}")
         self.shard, self.max_len = shard, max_len
         prompt = np.asarray(shard.prompt_lengths, dtype=np.int64)  # [D]
-        self.rows = np.flatnonzero(prompt < max_len)  # [N]
+        too_long = prompt >= max_len  # [D]
+        # where a row starts in its document: the cut prompt's first kept token
+        self.starts = np.where(too_long, prompt - max_len // 2, 0) if long_prompts == "cut" else np.zeros_like(prompt)
+        self.rows = np.flatnonzero(~too_long) if long_prompts == "drop" else np.arange(len(prompt))  # [N]
+        cut = int(too_long.sum()) if long_prompts == "cut" else 0
         self.report = SFTReport(rows=len(prompt), kept=len(self.rows), max_len=max_len,
-                                dropped_prompt_too_long=int((prompt >= max_len).sum()),
-                                truncated=int(((prompt < max_len) & (shard.lengths > max_len)).sum()))
+                                dropped_prompt_too_long=int(too_long.sum()) - cut, cut_prompt_too_long=cut,
+                                truncated=int((shard.lengths[self.rows] - self.starts[self.rows] > max_len).sum()))
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def _get(self, i: int):
         row = self.rows[i]
-        ids = _doc(self.shard, row)[:self.max_len]  # [L <= max_len]
+        start = self.starts[row]
+        ids = _doc(self.shard, row)[start:start + self.max_len]  # [L <= max_len]
         labels = ids.copy()
-        labels[:self.shard.prompt_lengths[row]] = IGNORE
+        labels[:self.shard.prompt_lengths[row] - start] = IGNORE
         return ids, labels
 
 
@@ -151,10 +165,11 @@ def sft_report(views: Sequence[SFTExamples]) -> SFTReport:
     """The combined report of several SFT sources; UserError when every row is dropped."""
     report = SFTReport(max_len=views[0].max_len)
     for view in views:
-        for name in ("rows", "kept", "dropped_prompt_too_long", "truncated"):
+        for name in ("rows", "kept", "dropped_prompt_too_long", "cut_prompt_too_long", "truncated"):
             setattr(report, name, getattr(report, name) + getattr(view.report, name))
     if not report.kept:
-        raise UserError(f"all {report.rows:,} SFT rows were dropped: every prompt is >= max_len={report.max_len} tokens")
+        raise UserError(f"all {report.rows:,} SFT rows were dropped: every prompt is >= max_len={report.max_len} "
+                        "tokens (--long-prompts cut keeps them, cut from the left)")
     return report
 
 

@@ -209,7 +209,7 @@ def pin(batch: dict) -> dict:
 
 
 class Prefetcher:
-    """Iterates a data.Batches-like source with the next batch already on its way to the device.
+    """Iterates a batches.Batches-like source with the next batch already on its way to the device.
 
     On CUDA each batch is pinned and copied with non_blocking=True one step ahead, so the copy
     overlaps the previous micro-batch's compute. state_dict() is the source's position before

@@ -680,7 +680,7 @@ def evaluate_and_log(step: int, model, eval_batches, loss_fn, config: TrainConfi
 def train(model, train_batches, eval_batches, loss_fn, config: TrainConfig, out_dir, *,
           tokenizer=None, lora: bool = False, base_model: str | None = None,
           run_info: dict | None = None, identity: dict | None = None) -> TrainResult:
-    """Train `model` on `train_batches` (a data.Batches: endless, state_dict/load_state_dict,
+    """Train `model` on `train_batches` (a batches.Batches: endless, state_dict/load_state_dict,
     steps_per_epoch) and write the run to `out_dir` (layout in the module docstring).
 
     eval_batches: a list of collated batches (this rank's share) or None. lora: the model has
