@@ -24,7 +24,7 @@ import statistics
 
 import torch
 import transformers
-from common import add_flags, banner, mmbert_base, timed, use_threads, write_results
+from common import MMBERT_BASE, add_flags, banner, mmbert_base, timed, use_threads, write_results
 
 from minidiff.model import ModernBertMLM
 
@@ -55,7 +55,7 @@ def main():
     parser.add_argument("--padding", action="store_true", help="right-pad rows to 100%%, 90%%, 75%%, ... of seq")
     add_flags(parser)
     args = parser.parse_args()
-    args.vocab = args.vocab or (256000 if args.base else 32000)
+    args.vocab = args.vocab or (MMBERT_BASE["vocab_size"] if args.base else 32000)
     use_threads(args.threads)
 
     ours, hf = build(args)

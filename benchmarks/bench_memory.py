@@ -181,10 +181,10 @@ def measure(args, path: str, batch: int) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--vocab", type=int, default=256000)
-    p.add_argument("--hidden", type=int, default=768)
-    p.add_argument("--intermediate", type=int, default=1152)
-    p.add_argument("--heads", type=int, default=12)
+    p.add_argument("--vocab", type=int, default=MMBERT_BASE["vocab_size"])
+    p.add_argument("--hidden", type=int, default=MMBERT_BASE["hidden_size"])
+    p.add_argument("--intermediate", type=int, default=MMBERT_BASE["intermediate_size"])
+    p.add_argument("--heads", type=int, default=MMBERT_BASE["num_attention_heads"])
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--rank", type=int, default=256)
     p.add_argument("--seq", type=int, default=512)

@@ -94,7 +94,7 @@ def ref_step(model, opt, x0, seed):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--vocab", type=int, default=256000)
+    parser.add_argument("--vocab", type=int, default=MMBERT_BASE["vocab_size"])
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--batch", type=int, default=2)
