@@ -62,6 +62,8 @@ class DemoConfig:
     cpt_steps: int = 2000
     cpt_batch_size: int = 16
     cpt_lr: float = 2e-3
+    cpt_warmup: int = 0              # linear warm-up steps of pre-training (0: 5% of cpt_steps)
+    cpt_min_lr_ratio: float = 0.1    # pre-training's final lr, as a fraction of cpt_lr
     sft_epochs: float = 20.0
     sft_batch_size: int = 16
     sft_lr: float = 2e-3
@@ -82,6 +84,8 @@ HELP = {
     "infill_snippets": "held-out snippets (at most max_len - 1 characters) in the infilling table",
     "samples": "answers sampled at the end", "new_tokens": "tokens per sampled answer",
     "block_length": "block length of the sampler", "progress": "show progress bars",
+    "cpt_warmup": "linear warm-up steps of pre-training (0: 5%% of --cpt-steps)",
+    "cpt_min_lr_ratio": "the final learning rate of pre-training's cosine, as a fraction of --cpt-lr",
 }
 
 
@@ -181,40 +185,21 @@ class Split:
 def prepare_data(out: Path, config: DemoConfig) -> Split:
     """The corpora (fetched once, cached), split into training and held-out parts under out/data."""
     fetched = corpora.fetch_demo_corpora(config.cache_dir)
-    train_speeches, held_speeches = split_speeches(fetched.speeches, config.held_out_chars, config.seed)
+    train_speeches, held_speeches = corpora.split_speeches(fetched.speeches, config.held_out_chars, config.seed)
     rows = [{"messages": r["messages"]} for r in fetched.instructions]
     random.Random(config.seed).shuffle(rows)
     sft_eval_rows, sft_train_rows = rows[:config.sft_held_out], rows[config.sft_held_out:]
     data_dir = out / "data"
     split = Split(
         train_speeches, held_speeches, sft_train_rows, sft_eval_rows,
-        write_jsonl(data_dir / "speeches_train.jsonl", ({"text": s} for s in train_speeches)),
-        write_jsonl(data_dir / "speeches_heldout.jsonl", ({"text": s} for s in held_speeches)),
-        write_jsonl(data_dir / "sft_train.jsonl", sft_train_rows),
-        write_jsonl(data_dir / "sft_heldout.jsonl", sft_eval_rows))
+        corpora.write_jsonl(data_dir / "speeches_train.jsonl", ({"text": s} for s in train_speeches)),
+        corpora.write_jsonl(data_dir / "speeches_heldout.jsonl", ({"text": s} for s in held_speeches)),
+        corpora.write_jsonl(data_dir / "sft_train.jsonl", sft_train_rows),
+        corpora.write_jsonl(data_dir / "sft_heldout.jsonl", sft_eval_rows))
     files.write_text(out / "SOURCES.md", fetched.sources)
     print(f"[demo] {len(train_speeches)} training speeches, {len(held_speeches)} held out; "
           f"{len(sft_train_rows)} instruction pairs for SFT, {len(sft_eval_rows)} held out", file=sys.stderr)
     return split
-
-
-def split_speeches(speeches: list[str], held_out_chars: int, seed: int) -> tuple[list[str], list[str]]:
-    """Whole speeches held out (shuffled with seed) until about held_out_chars characters."""
-    order = list(range(len(speeches)))
-    random.Random(seed).shuffle(order)
-    held, total = [], 0
-    for i in order:
-        if total >= held_out_chars:
-            break
-        held.append(i)
-        total += len(speeches[i])
-    held_set = set(held)
-    return [s for i, s in enumerate(speeches) if i not in held_set], [speeches[i] for i in held]
-
-
-def write_jsonl(path: Path, rows) -> Path:
-    """One JSON object per line, written atomically (minidiff.plumbing.files)."""
-    return files.write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def make_base(base: Path, split: Split, config: DemoConfig):
@@ -257,8 +242,8 @@ def pretrain(out: Path, split: Split, config: DemoConfig) -> Path:
     run_script("train_cpt.py", [
         "--from-scratch", str(out / "base" / "config.json"), "--full", "--data", str(split.train_file),
         "--out", str(cpt_dir), "--pack", "--max-len", str(config.max_len), "--batch-size", str(config.cpt_batch_size),
-        "--max-steps", str(steps), "--lr", str(config.cpt_lr), "--min-lr", str(config.cpt_lr / 10),
-        "--warmup-ratio", "0.05", "--weight-decay", "0.01", "--eval-data", str(split.held_file),
+        "--max-steps", str(steps), "--lr", str(config.cpt_lr), "--min-lr", str(config.cpt_lr * config.cpt_min_lr_ratio),
+        *(["--warmup", str(config.cpt_warmup)] if config.cpt_warmup else ["--warmup-ratio", "0.05"]), "--weight-decay", "0.01", "--eval-data", str(split.held_file),
         "--eval-every", str(max(1, steps // 4)), "--save-every", str(max(1, steps // 2)),
         "--keep-last", "1", "--log-every", str(max(1, steps // 30)), "--loss-norm", "token"], config)
     return cpt_dir

@@ -1,42 +1,36 @@
 """GPU check: every script on CUDA in bf16 on small models built on the spot, and the checks
-only a GPU can make. One command, a few minutes on one GPU:
+only a GPU can make, in three stages (benchmarks/gpu_check.sh runs them in order):
 
 References: PyTorch's CUDA sync debug mode and SDPA backends (torch.nn.attention); the
 Diffutron recipe (arXiv 2603.20466) for the micro-batch shape (64 x 512, LoRA r = 256).
 
-    bash benchmarks/gpu_check.sh                       # python benchmarks/gpu_check.py --device cuda
-    python benchmarks/gpu_check.py --device cpu --quick   # the parts a CPU can run (smoke test)
-    python benchmarks/gpu_check.py --json checks.json     # every check's line as JSON too
+    bash benchmarks/gpu_check.sh                          # preflight, then check, on cuda
+    python benchmarks/gpu_check.py --device cpu --quick   # every stage a CPU can run (CI's dry run)
+    python benchmarks/gpu_check.py --stage timings        # one stage; --json FILE: every check as JSON
 
-Scripts (subprocesses, as a user runs them): train_cpt.py with LoRA, evaluation and
-checkpoints; --resume of that run; torchrun with 1 process (2 when two GPUs are present);
-train_sft.py; evaluate.py (perplexity + multiple choice, padded batches); sample.py (greedy,
-threshold, the diffutron-long preset, cfg, infill). Each must exit 0 with finite losses and
-record the device it was given in run.json / results.json.
-
-In-process checks: a padded batch gives the real tokens what the unpadded rows give, on every
-SDPA backend torch offers for it (math, memory-efficient, cuDNN; flash takes no mask); one
-sampler step (sampler.denoise_step) makes no host-device synchronisation
-(torch.cuda.set_sync_debug_mode("error")), and its time per step at mmBERT-base shape; the
-sampler's ms/step through `generate` at batch 1 and 8 for each key/value cache mode (none,
-prefix, dual), eager and (on CUDA) compiled; the
-number of host synchronisations in one CPT micro-batch (reported: the loop adds none, the loss
-function's internals may); the peak
-memory (torch.cuda.max_memory_allocated) of one LoRA CPT micro-batch at mmBERT-base shape
-(22 layers, hidden 768, vocabulary 256,000, r = 256) with the paper's 64 x 512 tokens (and
-16 x 512 if 64 does not fit). With --quick the model-shape measurements use a tiny model.
-
-Prints one line per check and a summary; exits 1 if any check failed.
+preflight: CUDA, a driver at least as new as torch's CUDA runtime, a C compiler and Python's
+headers (Triton), Triton, free GPU memory.
+check (bounded): the scripts as a user runs them (train_cpt.py with LoRA, evaluation and
+checkpoints; --resume; torchrun; train_sft.py; evaluate.py; sample.py greedy, threshold, preset,
+cfg, infill), each exiting 0 with finite losses on the device it was given; padded == unpadded
+on every SDPA backend; no host sync in a sampler step (torch.cuda.set_sync_debug_mode("error"))
+at the model shape; the compiled sampler on a tiny model (one graph, the eager tokens); host
+syncs of one CPT micro-batch; the peak memory of one LoRA CPT micro-batch at mmBERT-base shape.
+timings (opt-in): the sampler's ms/step at the model shape, per cache mode, eager and compiled.
+With --quick the model-shape parts use a tiny model. Prints one line per check, a line per stage
+as it ends and a summary; exits 1 if any check failed.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import traceback
 import warnings
@@ -96,6 +90,37 @@ class Report:
 
     def failed(self) -> list[str]:
         return [name for status, name, _ in self.rows if status == "FAIL"]
+
+
+# ----------------------------------------------------------------------------- preflight
+
+
+def cuda_version(number: int) -> str:
+    """A CUDA version as the driver reports it (12040) -> "12.4"."""
+    return f"{number // 1000}.{number % 1000 // 10}"
+
+
+def check_preflight(report: Report, device: torch.device, quick: bool) -> None:
+    """What must hold before anything runs: CUDA, a driver at least as new as torch's CUDA
+    runtime, a C compiler and Python's headers for Triton / the CPU compiler, free memory."""
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    report.check("C compiler for torch.compile", compiler is not None, compiler or "none on PATH (install gcc)")
+    headers = Path(sysconfig.get_paths()["include"]) / "Python.h"
+    report.check("Python headers for torch.compile", headers.is_file(),
+                 str(headers) if headers.is_file() else f"{headers} missing (install python3-dev)")
+    if device.type != "cuda":
+        report.add("INFO", "CUDA runtime and driver", "needs CUDA")
+        return
+    report.add("INFO", "GPU", f"{torch.cuda.get_device_name(device)}, compute capability "
+               f"{'.'.join(map(str, torch.cuda.get_device_capability(device)))}")
+    runtime, driver = torch.version.cuda or "?", cuda_version(torch._C._cuda_getDriverVersion())
+    newer = tuple(map(int, driver.split("."))) >= tuple(map(int, runtime.split(".")[:2]))
+    report.check("CUDA driver >= torch's CUDA runtime", newer, f"driver {driver}, runtime {runtime}")
+    has_triton = importlib.util.find_spec("triton") is not None
+    report.check("Triton installed (torch.compile on CUDA)", has_triton, "" if has_triton else "pip install triton")
+    free, total = torch.cuda.mem_get_info(device)
+    report.check("free GPU memory >= 20 GiB (the full-shape checks)", free >= 20 * 2**30,
+                 f"{free / 2**30:.0f} of {total / 2**30:.0f} GiB free")
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -283,15 +308,15 @@ def model_shape(quick: bool) -> ModelConfig:
     return tiny_shape() if quick else mmbert_base()
 
 
-def check_sampler(report: Report, device: torch.device, quick: bool) -> None:
-    """No host sync inside denoise_step (CUDA), and its time per step at the model shape."""
+def sampler_setup(device: torch.device, quick: bool):
+    """(model, canvas, first block's positions, counts, generator, precision) of the sampler checks:
+    two rows (one padded), prompt 32, 128 new tokens, blocks of 32, at the model shape."""
     config = model_shape(quick)
     torch.manual_seed(0)
     precision = inference_precision("auto", device)
     with torch.device(device):  # initialised where it runs (300M parameters at full shape)
         model = precision.prepare(ModernBertMLM(config)).eval()
     B, prompt, L = 2, 32, 32
-    T = prompt + 128
     rows = torch.randint(5, config.vocab_size, (B, prompt)).tolist()
     rows = [rows[0] + [config.mask_token_id] * 128, rows[1] + [config.mask_token_id] * 88]  # a padded row
     canvas = build_canvas(rows, [prompt] * B, 128, [prompt] * B, SamplerConfig(block_length=L),
@@ -299,6 +324,12 @@ def check_sampler(report: Report, device: torch.device, quick: bool) -> None:
     positions = canvas.blocks[0]  # [B, L]
     counts = torch.full((B,), 2, dtype=torch.long, device=device)
     generator = torch.Generator(device=device).manual_seed(0)
+    return model, canvas, positions, counts, generator, precision
+
+
+def check_sampler(report: Report, device: torch.device, quick: bool) -> None:
+    """No host sync inside denoise_step (CUDA) at the model shape, for every kind of step."""
+    model, canvas, positions, counts, generator, precision = sampler_setup(device, quick)
     variants = {"greedy": SamplerConfig(), "threshold": SamplerConfig(threshold=0.9),
                 "temperature + penalty": SamplerConfig(temperature=0.5, repetition_penalty=1.2),
                 "cfg": SamplerConfig(cfg_scale=1.0), "random remasking": SamplerConfig(remasking="random")}
@@ -320,7 +351,9 @@ def check_sampler(report: Report, device: torch.device, quick: bool) -> None:
             finally:
                 torch.cuda.set_sync_debug_mode(0)
         report.check(f"sampler step without host sync ({name})", ok, detail)
-    # time per step: the greedy step at this shape
+def check_sampler_timing(report: Report, device: torch.device, quick: bool) -> None:
+    """Time per greedy denoise_step at the model shape."""
+    model, canvas, positions, counts, generator, precision = sampler_setup(device, quick)
     repeats = 3 if quick else 20
 
     def steps(n: int) -> None:
@@ -332,6 +365,7 @@ def check_sampler(report: Report, device: torch.device, quick: bool) -> None:
         steps(2)  # warm-up
         ms = 1000 * timed(lambda: steps(repeats), device)[1] / repeats
     shape = "tiny model" if quick else "mmBERT-base shape"
+    B, T, L = canvas.ids.shape[0], canvas.ids.shape[1], positions.shape[1]
     report.add("INFO", "sampler ms/step", f"{ms:.2f} ms ({shape}, batch {B}, canvas {T}, block {L}, {precision.describe()})")
 
 
@@ -361,6 +395,29 @@ def check_sampler_caches(report: Report, device: torch.device, quick: bool) -> N
                 report.add("INFO", f"sampler ms/step, cache {cache}, {mode}, batch {batch}",
                            f"{ms:.2f} ms ({out.num_forward} steps, {new_tokens} new tokens, "
                            f"{precision.describe()})")
+
+
+def check_compile(report: Report, device: torch.device, quick: bool) -> None:
+    """The compiled sampler on a tiny model (one cache mode): it commits what the eager one does,
+    and compiles once per block shape. The compiler's caches are reset between configurations,
+    so each starts cold and none can use up another's recompile budget."""
+    config = tiny_shape()
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = ModernBertMLM(config).eval()
+    settings = dict(max_new_tokens=32, steps=32, block_length=16, cache="dual")  # two blocks, one shape
+    for batch in (1, 4):
+        prompts = [torch.randint(5, config.vocab_size, (24 - 3 * r,)).tolist() for r in range(batch)]
+        run = lambda compile_step: generate(model, prompts, SamplerConfig(compile=compile_step, **settings),  # noqa: E731
+                                            mask_id=config.mask_token_id, eos_id=config.eos_token_id)
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        with torch.no_grad():
+            eager, (compiled, seconds) = run(False), timed(lambda: run(True), device)
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        same = (eager.sequences == compiled.sequences).float().mean().item()
+        report.check(f"compiled sampler, batch {batch}: one graph, the eager tokens", graphs == 1 and same == 1.0,
+                     f"{graphs} graph(s), {100 * same:.1f}% of tokens equal, {seconds:.0f} s with compilation")
 
 
 def check_training_syncs(report: Report, inputs: dict, device: torch.device) -> None:
@@ -447,22 +504,40 @@ def check_memory(report: Report, device: torch.device, quick: bool) -> None:
 
 # the parts, in the order they run: name -> run(report, inputs, work, device, quick)
 PARTS = [
+    ("preflight", lambda report, inputs, work, device, quick: check_preflight(report, device, quick)),
     ("scripts", lambda report, inputs, work, device, quick: check_scripts(report, inputs, work, str(device), quick)),
     ("padding", lambda report, inputs, work, device, quick: check_padding(report, inputs, device)),
     ("sampler", lambda report, inputs, work, device, quick: check_sampler(report, device, quick)),
-    ("sampler-caches", lambda report, inputs, work, device, quick: check_sampler_caches(report, device, quick)),
+    ("compile", lambda report, inputs, work, device, quick: check_compile(report, device, quick)),
     ("training-syncs", lambda report, inputs, work, device, quick: check_training_syncs(report, inputs, device)),
     ("memory", lambda report, inputs, work, device, quick: check_memory(report, device, quick)),
+    ("sampler-timing", lambda report, inputs, work, device, quick: check_sampler_timing(report, device, quick)),
+    ("sampler-caches", lambda report, inputs, work, device, quick: check_sampler_caches(report, device, quick)),
 ]
+# preflight: before anything runs; check: bounded correctness; timings: opt-in measurements
+STAGES = {"preflight": ["preflight"],
+          "check": ["scripts", "padding", "sampler", "compile", "training-syncs", "memory"],
+          "timings": ["sampler-timing", "sampler-caches"]}
 
 
 def run_parts(report: Report, inputs: dict, work: Path, device: torch.device, args) -> None:
-    """Every part not in --skip; a crash in one part is a failed check, the others still run."""
-    for name, part in PARTS:
+    """The parts of the chosen stages not in --skip, each stage's result printed as it ends; a crash
+    in one part is a failed check, the others still run."""
+    parts = dict(PARTS)
+    for stage in (list(STAGES) if args.stage == "all" else [args.stage]):
+        before, (_, seconds) = len(report.rows), timed(lambda: run_stage(report, parts, stage, inputs, work, device, args))
+        rows = report.rows[before:]
+        failed = sum(status == "FAIL" for status, _, _ in rows)
+        passed = sum(status == "PASS" for status, _, _ in rows)
+        print(f"== stage {stage}: {passed} passed, {failed} failed ({seconds:.0f} s)", flush=True)
+
+
+def run_stage(report: Report, parts: dict, stage: str, inputs: dict, work: Path, device: torch.device, args) -> None:
+    for name in STAGES[stage]:
         if name in args.skip:
             continue
         try:
-            part(report, inputs, work, device, args.quick)
+            parts[name](report, inputs, work, device, args.quick)
         except Exception as err:
             traceback.print_exc()
             report.check(f"{name} part ran", False, f"{type(err).__name__}: {err}")
@@ -473,6 +548,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda", help="cuda (default) or cpu (with --quick: a smoke run)")
     p.add_argument("--quick", action="store_true", help="tiny shapes and few steps (the CPU smoke mode)")
     p.add_argument("--out", default=None, help="keep the work directory here (default: a temporary one)")
+    p.add_argument("--stage", default="all", choices=[*STAGES, "all"],
+                   help="preflight, check (bounded correctness), timings (opt-in), or all of them (default)")
     p.add_argument("--skip", nargs="*", default=[], choices=[name for name, _ in PARTS], help="parts to leave out")
     p.add_argument("--json", metavar="PATH", help="also write every check (status, name, detail) here as JSON")
     args = p.parse_args(argv)

