@@ -269,3 +269,52 @@ def test_past_the_queue_bound_429_with_retry_after(one_row_server):
         reply.close()  # the row frees, the waiting request runs: accepted requests are not dropped
         connection.close()
         assert waiting.result(timeout=120)[0] == 200
+
+
+# ----------------------------------------------------------------------------- the page
+
+
+def headless_chromium():
+    """A selenium driver of Debian's headless Chromium that reaches nothing but the loopback."""
+    browser, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (browser and driver):
+        pytest.skip("no headless Chromium here: apt-get install chromium chromium-driver")
+    webdriver = pytest.importorskip("selenium.webdriver", reason="the dev extra's selenium is not installed")
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--no-first-run", "--proxy-server=127.0.0.1:9",  # anything not on the loopback fails here
+                 "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"):
+        options.add_argument(flag)
+    return webdriver.Chrome(service=webdriver.ChromeService(executable_path=driver), options=options)
+
+
+@pytest.mark.slow  # a server and a browser start-up
+def test_the_page_shows_masks_becoming_the_answer(server, reference):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.wait import WebDriverWait
+
+    prompt = PROMPTS[1]
+    browser = headless_chromium()
+    try:
+        browser.get(server.url)
+        browser.find_element(By.ID, "prompt").send_keys(prompt)
+        browser.find_element(By.ID, "go").click()
+        WebDriverWait(browser, 120).until(lambda b: b.find_element(By.ID, "status").text in ("done", "error"))
+        assert browser.find_element(By.ID, "status").text == "done"
+        assert browser.find_element(By.ID, "answer").get_attribute("textContent") == reference[prompt]
+        frames = int(browser.find_element(By.ID, "total").text)
+        assert frames == 3 * 8 + 1  # every step of the 3 blocks of 8 steps, then the answer after the stop rules
+
+        def cells_at(step: int, kind: str) -> int:
+            browser.execute_script(f"const s = document.getElementById('slider'); s.value = {step}; s.oninput();")
+            return len(browser.find_elements(By.CSS_SELECTOR, f"#canvas .{kind}"))
+
+        assert cells_at(0, "mask") == 48  # the canvas before the first step: all masks
+        assert 0 < cells_at(1, "mask") < 48 and cells_at(1, "mask") > cells_at(9, "mask")  # step by step
+        assert cells_at(1, "new") == 48 - cells_at(1, "mask")  # what step 1 committed, marked
+        assert cells_at(1, "block") + cells_at(1, "new") == 16  # the first block, framed
+        assert cells_at(frames, "mask") == 0
+    finally:
+        browser.quit()

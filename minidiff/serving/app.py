@@ -65,6 +65,9 @@ async def stream(service: Service, job: Job, ticket: Ticket):
             if isinstance(event, Failed):
                 yield sse(ApiError(500, event.message, kind="server_error").body())
                 break
+            if event.finished and job.trace:  # the last frame: the answer after the stop rules
+                end = len(event.answer)
+                yield sse({"cells": cells(tok, event.answer, tok.mask_id), "new": [], "block": [end, end]}, "step")
             text = settled_text(tok, event.answer, job.config.stop_strings, event.finished)
             finish = finish_reason(tok, event.answer) if event.finished else None
             yield sse(chunk(job, service.name, text[len(sent):], finish, first))

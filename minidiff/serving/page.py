@@ -15,7 +15,7 @@ PAGE = """<!DOCTYPE html>
 <style>
 body{font-family:system-ui,sans-serif;margin:2em;max-width:60em}
 .row{white-space:pre-wrap;font-family:ui-monospace,monospace;border:1px solid #ccc;padding:.6em;margin:.6em 0}
-.prompt{color:#777}.mask{color:#bbb}.new{background:#ffe08a}.block{outline:1px dashed #c90}
+.prompt{color:#777}.mask{color:#bbb}.block{background:#e8f0ff}.new{background:#ffe08a}
 textarea{width:100%;font:inherit}
 </style></head><body>
 <h1>Denoising live: __MODEL_TEXT__</h1>
@@ -26,6 +26,8 @@ steps <input id="steps" type="number" min="1" placeholder="server's">
 <p>step <span id="n">0</span> / <span id="total">0</span>
 <input id="slider" type="range" min="0" max="0" value="0" style="width:30em"></p>
 <div class="row"><span class="prompt" id="asked"></span><span id="canvas"></span></div>
+<p><span class="mask">\u2591</span> still masked, <span class="block">blue</span>: the block being denoised,
+<span class="new">yellow</span>: committed by this step (the most confident first)</p>
 <h2>Answer</h2><div class="row" id="answer"></div>
 <script>
 const MODEL = __MODEL__;
@@ -36,7 +38,7 @@ function draw(step){
   $("n").textContent = step;
   const f = frames[step]; if (!f) { $("canvas").innerHTML = ""; return; }
   $("canvas").innerHTML = f.cells.map((c, i) => {
-    const cls = (f.new.includes(i) ? "new " : "") + (i >= f.block[0] && i < f.block[1] ? "block" : "");
+    const cls = f.new.includes(i) ? "new" : i >= f.block[0] && i < f.block[1] ? "block" : "";
     return c === null ? '<span class="mask ' + cls + '">\\u2591</span>' : '<span class="' + cls + '">' + esc(c) + '</span>';
   }).join("");
 }
