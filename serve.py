@@ -21,7 +21,11 @@ from pathlib import Path
 from minidiff.errors import UserError, run_cli
 from minidiff.plumbing import flags
 from minidiff.plumbing.device import add_precision_flags
-from minidiff.plumbing.sampling_cli import add_sampler_flags, load_for_sampling, sampler_config
+from minidiff.plumbing.sampling_cli import (
+    add_sampler_flags,
+    load_for_sampling,
+    sampler_config,
+)
 
 try:
     import uvicorn

@@ -161,6 +161,7 @@ def test_raw_completions_and_stop_strings_equal_sample_py(server, model_dir):
         plain = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": prompt}], stop=stop)
         pieces, finish = stream_chat(client, prompt, stop=stop)
         assert plain.choices[0].message.content == "".join(pieces) == want_stopped
+        assert finish == plain.choices[0].finish_reason == "stop"  # the stop strings do come up
 
 
 @pytest.mark.slow  # a server and sample.py start-up
@@ -247,7 +248,7 @@ def test_an_abandoned_stream_frees_its_row(one_row_server):
     connection, reply = open_stream(server, 16 * 30)  # 30 blocks if it were read to the end
     reply.close()  # the client leaves after the first block
     connection.close()
-    status, _, answer = server.request("POST", "/v1/completions", {"model": MODEL, "prompt": "İzmir"})
+    status, _, _ = server.request("POST", "/v1/completions", {"model": MODEL, "prompt": "İzmir"})
     assert status == 200
     # one row at a time: the next request ran once the abandoned row had left, not 29 blocks later
     assert server.health()["blocks"] - before < 15

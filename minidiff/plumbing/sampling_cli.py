@@ -18,7 +18,12 @@ import minidiff
 from minidiff.data.chat import END_OF_TURN, chat_prompt_ids
 from minidiff.errors import UserError
 from minidiff.plumbing import flags
-from minidiff.plumbing.device import check_available, enable_tf32, inference_precision, resolve_device
+from minidiff.plumbing.device import (
+    check_available,
+    enable_tf32,
+    inference_precision,
+    resolve_device,
+)
 from minidiff.sampler import CACHES, SamplerConfig
 
 SAMPLER_HELP = {  # help texts of the SamplerConfig fields (the flags override the preset)

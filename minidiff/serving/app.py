@@ -27,7 +27,15 @@ from starlette.routing import Route
 from minidiff.data.chat import StopRules
 from minidiff.plumbing.sampling_cli import answer_text
 from minidiff.sampler import SamplerConfig
-from minidiff.serving.api import ApiError, Job, chunk, completion, finish_reason, parse_job, usage
+from minidiff.serving.api import (
+    ApiError,
+    Job,
+    chunk,
+    completion,
+    finish_reason,
+    parse_job,
+    usage,
+)
 from minidiff.serving.batch import Row
 from minidiff.serving.engine import Busy, Committed, Engine, Failed, Stepped, Ticket
 from minidiff.serving.page import cells, page_html

@@ -17,7 +17,14 @@ from typing import Callable
 import torch
 
 from minidiff.data.chat import StopRules
-from minidiff.sampler import Canvas, SamplerConfig, build_canvas, plan_block, random_generators, steps_per_block
+from minidiff.sampler import (
+    Canvas,
+    SamplerConfig,
+    build_canvas,
+    plan_block,
+    random_generators,
+    steps_per_block,
+)
 from minidiff.speed.sampling import Denoiser, GenerateOutput
 
 # the settings one block's steps read (plan_block, denoise_step, the caches, the compiled step)
