@@ -47,6 +47,8 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=16, help="rows denoised together at most (the memory of a "
                    "step grows with it)")
     p.add_argument("--queue-size", type=int, default=64, help="requests waiting for a row at most; past it: 429")
+    p.add_argument("--gather-ms", type=float, default=10.0, help="an idle server waits this long after a request "
+                   "for others sent with it, so that they start in one batch")
     add_sampler_flags(p)
     add_precision_flags(p)
     return p.parse_args(argv)
@@ -72,10 +74,13 @@ def main(argv=None) -> int:
     for name in ("batch_size", "queue_size"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be an integer >= 1, got {getattr(args, name)}.")
+    if not 0 <= args.gather_ms <= 10_000:
+        raise UserError(f"--gather-ms must be between 0 and 10000, got {args.gather_ms}.")
     config = sampler_config(args)
     model, tok, precision = load_for_sampling(args)
     name = args.served_model_name or Path(args.model.rstrip("/")).name
-    engine = Engine(model, tok.mask_id, tok.eos_id, precision, args.batch_size, args.queue_size)
+    engine = Engine(model, tok.mask_id, tok.eos_id, precision, args.batch_size, args.queue_size,
+                    args.gather_ms / 1000)
     device = next(iter(model.parameters())).device
     service = Service(name, tok, config, model.config.max_position_embeddings, engine, device)
     asyncio.run(serve(make_app(service), args.host, args.port))

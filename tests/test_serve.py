@@ -319,3 +319,21 @@ def test_the_page_shows_masks_becoming_the_answer(server, reference):
         assert cells_at(frames, "mask") == 0
     finally:
         browser.quit()
+
+
+# ----------------------------------------------------------------------------- the benchmark
+
+
+@pytest.mark.slow  # a model, a server and 3 requests
+def test_bench_serve_runs_and_answers_equal_generate(tmp_path):
+    """benchmarks/bench_serve.py end to end on its small model, reduced: the server's answers
+    equal generate's one by one (timings are not asserted: docs/benchmarks.md has them)."""
+    out = tmp_path / "serve.json"
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_serve.py"), "--clients", "1", "2",
+                          "--max-tokens", "8", "--steps", "4", "--block-length", "4", "--json", str(out)],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT, env=ENV)
+    assert res.returncode == 0, res.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["clients"] for r in rows] == [1, 2] and all(r["answers_equal"] for r in rows)
+    assert all(r["tokens"] > 0 and r["first_block_median_s"] <= r["total_median_s"] for r in rows)
+    assert "| clients |" in res.stdout

@@ -1,7 +1,8 @@
 """The batcher: one worker owns the model; requests join and leave the batch at block boundaries.
 
-A request waits in a bounded queue (full: `Busy`, which the API answers with 429). At every
-block boundary the worker drops the rows whose client left, admits waiting rows while the batch
+A request waits in a bounded queue (full: `Busy`, which the API answers with 429). An idle
+worker woken by a request waits `gather` seconds more, so that requests sent together start
+in one batch. At every block boundary the worker drops the rows whose client left, admits waiting rows while the batch
 has room, groups the active rows by batch.batch_key and runs the next block of one group: the
 one holding the row served longest ago (a new row first). The block runs in the model's own
 thread, so the event loop keeps answering. Then each row of the group gets a `Committed` event
@@ -58,11 +59,13 @@ class Ticket:
 
 
 class Engine:
-    """The batch (at most `batch_size` rows) and the queue (at most `queue_size` waiting)."""
+    """The batch (at most `batch_size` rows), the queue (at most `queue_size` waiting) and the
+    seconds an idle worker waits for requests sent together (`gather`)."""
 
-    def __init__(self, model, mask_id: int, eos_id: int, precision, batch_size: int, queue_size: int):
+    def __init__(self, model, mask_id: int, eos_id: int, precision, batch_size: int, queue_size: int,
+                 gather: float = 0.0):
         self.model, self.mask_id, self.eos_id, self.precision = model, mask_id, eos_id, precision
-        self.batch_size, self.queue_size = batch_size, queue_size
+        self.batch_size, self.queue_size, self.gather = batch_size, queue_size, gather
         self.waiting: deque[Ticket] = deque()
         self.active: list[Ticket] = []
         self.blocks = 0  # blocks run (of any group)
@@ -106,6 +109,7 @@ class Engine:
             if not self.active:
                 self.wake.clear()
                 await self.wake.wait()
+                await asyncio.sleep(self.gather)
                 continue
             await self.run_group(self.next_group())
 
