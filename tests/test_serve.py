@@ -165,6 +165,20 @@ def test_raw_completions_and_stop_strings_equal_sample_py(server, model_dir):
 
 
 @pytest.mark.slow  # a server and sample.py start-up
+def test_a_seeded_sample_is_sample_py_s_among_other_requests(server, model_dir):
+    """temperature > 0 with a seed: the row keeps its own generators (it runs alone), so its
+    draws are sample.py's, whatever else the server is doing at the time."""
+    prompt, options = PROMPTS[8], {"temperature": 0.8, "seed": 5}
+    want = sample_answers(model_dir, [prompt], "--temperature", "0.8", "--seed", "5")[0]
+    client = server.client()
+    with ThreadPoolExecutor(4) as pool:
+        others = [pool.submit(client.completions.create, model=MODEL, prompt=p) for p in PROMPTS[:3]]
+        seeded = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": prompt}], **options)
+        assert all(o.result().choices for o in others)
+    assert seeded.choices[0].message.content == want
+
+
+@pytest.mark.slow  # a server and sample.py start-up
 def test_sixteen_concurrent_requests_each_equal_alone(server, reference):
     client = server.client()
     before = server.health()["blocks"]

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
+import traceback
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -172,11 +174,18 @@ async def server_error(request: Request, error: Exception) -> Response:
     return await api_error(request, ApiError(500, f"the server failed: {error!r}", kind="server_error"))
 
 
+def report_failure(worker: asyncio.Task) -> None:
+    """The worker never ends but by cancellation: anything else is printed, not lost."""
+    if not worker.cancelled() and worker.exception() is not None:
+        traceback.print_exception(worker.exception(), file=sys.stderr)
+
+
 def make_app(service: Service) -> Starlette:
     """The application; its lifespan runs the engine's worker."""
     @asynccontextmanager
     async def lifespan(app):
         worker = asyncio.create_task(service.engine.run())
+        worker.add_done_callback(report_failure)
         yield
         worker.cancel()
         service.engine.close()
