@@ -16,6 +16,7 @@ Reader's page: docs/serving.md.
 from __future__ import annotations
 
 import asyncio
+import socket
 from pathlib import Path
 
 from minidiff.errors import UserError, run_cli
@@ -54,16 +55,29 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-async def serve(app, host: str, port: int) -> None:
-    """Run uvicorn; print the URL once it listens."""
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on"))
-    task = asyncio.create_task(server.serve())
+def listening_socket(host: str, port: int) -> socket.socket:
+    """The server's socket, bound before the model loads (a busy port is one sentence at once)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as error:
+        sock.close()
+        raise UserError(f"cannot listen on {host} port {port} ({error.strerror}); choose another --port "
+                        "(0: any free one) or --host.") from None
+    return sock
+
+
+async def serve(app, sock: socket.socket) -> None:
+    """Run uvicorn on the socket; print the URL once it listens."""
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    task = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started and not task.done():
         await asyncio.sleep(0.05)
     if server.started:
-        bound = server.servers[0].sockets[0].getsockname()[1]
+        host, port = sock.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host
-        print(f"minidiff serving on http://{shown}:{bound}/", flush=True)
+        print(f"minidiff serving on http://{shown}:{port}/", flush=True)
     await task
 
 
@@ -77,13 +91,14 @@ def main(argv=None) -> int:
     if not 0 <= args.gather_ms <= 10_000:
         raise UserError(f"--gather-ms must be between 0 and 10000, got {args.gather_ms}.")
     config = sampler_config(args)
+    sock = listening_socket(args.host, args.port)
     model, tok, precision = load_for_sampling(args)
     name = args.served_model_name or Path(args.model.rstrip("/")).name
     engine = Engine(model, tok.mask_id, tok.eos_id, precision, args.batch_size, args.queue_size,
                     args.gather_ms / 1000)
     device = next(iter(model.parameters())).device
     service = Service(name, tok, config, model.config.max_position_embeddings, engine, device)
-    asyncio.run(serve(make_app(service), args.host, args.port))
+    asyncio.run(serve(make_app(service), sock))
     return 0
 
 

@@ -13,6 +13,7 @@ import json
 import os
 import queue
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -232,6 +233,19 @@ def test_bad_input_is_an_openai_error_and_the_next_request_works(server, method,
     assert error["message"] and error["type"] == "invalid_request_error"
     ok, _, answer = server.request("POST", "/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 4})
     assert ok == 200 and answer["usage"]["completion_tokens"] <= 4
+
+
+@pytest.mark.slow  # two python + torch start-ups
+def test_bad_flags_and_a_busy_port_are_one_sentence(model_dir):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        for flags, words in [(["--port", str(taken.getsockname()[1])], "cannot listen on 127.0.0.1"),
+                             (["--port", "0", "--batch-size", "0"], "--batch-size must be")]:
+            res = subprocess.run([sys.executable, str(ROOT / "serve.py"), "--model", str(model_dir), *flags],
+                                 capture_output=True, text=True, timeout=120, cwd=ROOT, env=ENV)
+            assert res.returncode == 2 and res.stdout == ""
+            assert res.stderr.startswith(f"error: {words}") and len(res.stderr.strip().splitlines()) == 1
 
 
 # ----------------------------------------------------------------------------- leaving and the queue
