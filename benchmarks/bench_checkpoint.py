@@ -4,6 +4,7 @@ References: none (plumbing); the checkpoint format is minidiff/training/state.py
 
     python benchmarks/bench_checkpoint.py                  # 54.1M trainable parameters (mmBERT-base, LoRA r=256)
     python benchmarks/bench_checkpoint.py --params 100000  # smoke size
+    python benchmarks/bench_checkpoint.py --json checkpoint.json  # the figures as JSON too
 
 The trainable parameters are those of LoRA r=256 on mmBERT-base's 22 layers (A and B of Wqkv,
 Wo, Wi and the MLP's Wo), fp32, with AdamW's two moments filled by one step, so a checkpoint is
@@ -20,26 +21,23 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
-import platform
 import shutil
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from common import MMBERT_BASE, add_flags, banner, timed, use_threads, write_results
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from minidiff import optim  # noqa: E402
+from minidiff import optim
 from minidiff.plumbing import files
 from minidiff.training import state as train_state
 
 # LoRA r=256 on one mmBERT-base layer: (in, out) of Wqkv, Wo, Wi, the MLP's Wo
-LAYER_SHAPES = [(768, 2304), (768, 768), (768, 2304), (1152, 768)]
+HIDDEN, MLP = MMBERT_BASE["hidden_size"], MMBERT_BASE["intermediate_size"]
+LAYER_SHAPES = [(HIDDEN, 3 * HIDDEN), (HIDDEN, HIDDEN), (HIDDEN, 2 * MLP), (MLP, HIDDEN)]
 
 
 def lora_model(params: int, r: int = 256) -> torch.nn.Module:
@@ -55,13 +53,8 @@ def lora_model(params: int, r: int = 256) -> torch.nn.Module:
     return torch.nn.ParameterList(tensors)
 
 
-def timed(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def median_seconds(fn, repeats: int) -> float:
+    return statistics.median(timed(fn)[1] for _ in range(repeats))
 
 
 def main(argv=None) -> int:
@@ -69,7 +62,9 @@ def main(argv=None) -> int:
     p.add_argument("--params", type=int, default=54_067_200, help="trainable parameters (default: LoRA r=256)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dir", help="where to write (default: a temporary directory)")
+    add_flags(p)
     args = p.parse_args(argv)
+    use_threads(args.threads)
 
     model = lora_model(args.params)
     for q in model:
@@ -88,10 +83,10 @@ def main(argv=None) -> int:
             train_state.write_rng(tmp, 0, generator)
             train_state.finish_checkpoint(tmp, step[0], model, optimizer, lr_schedule, {"data": {}}, keep_last=1)
 
-        save_s = timed(save, args.repeats)
+        save_s = median_seconds(save, args.repeats)
         path = train_state.latest_checkpoint(work)
         nbytes = sum(f.stat().st_size for f in path.iterdir())
-        verify_s = timed(lambda: train_state.verify_checkpoint(path), args.repeats)
+        verify_s = median_seconds(lambda: train_state.verify_checkpoint(path), args.repeats)
         assert train_state.verify_checkpoint(path) is None
         raw = np.random.default_rng(0).integers(0, 255, size=nbytes, dtype=np.uint8)
         plain = work / "plain.bin"
@@ -102,22 +97,25 @@ def main(argv=None) -> int:
                 handle.flush()
                 os.fsync(handle.fileno())
 
-        write_s = timed(write_plain, args.repeats)
-        hash_s = timed(lambda: files.file_hash(plain), args.repeats)
-        hashlib_s = timed(lambda: hashlib.blake2b(raw.data, digest_size=20).hexdigest(), args.repeats)
+        write_s = median_seconds(write_plain, args.repeats)
+        hash_s = median_seconds(lambda: files.file_hash(plain), args.repeats)
+        hashlib_s = median_seconds(lambda: hashlib.blake2b(raw.data, digest_size=20).hexdigest(), args.repeats)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
     gb = nbytes / 1e9
-    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-          f"{time.strftime('%Y-%m-%d')}; {args.params:,} trainable parameters, checkpoint {nbytes / 1e6:.1f} MB, "
-          f"median of {args.repeats}")
+    rows = [{"what": name, "seconds": seconds, "seconds_per_gb": seconds / gb, "gb_per_s": gb / seconds}
+            for name, seconds in [("save a verified checkpoint", save_s), ("verify it (resume's check)", verify_s),
+                                  ("bound: write the same bytes + fsync", write_s),
+                                  ("bound: BLAKE2b of the file", hash_s), ("bound: BLAKE2b in memory", hashlib_s)]]
+    print(f"# {args.params:,} trainable parameters, checkpoint {nbytes / 1e6:.1f} MB, median of {args.repeats}")
+    print(f"# {banner()}")
     print("| what | s | s per GB | GB/s |")
     print("|---|---:|---:|---:|")
-    for name, seconds in [("save a verified checkpoint", save_s), ("verify it (resume's check)", verify_s),
-                          ("bound: write the same bytes + fsync", write_s), ("bound: BLAKE2b of the file", hash_s),
-                          ("bound: BLAKE2b in memory", hashlib_s)]:
-        print(f"| {name} | {seconds:.3f} | {seconds / gb:.2f} | {gb / seconds:.2f} |")
+    for row in rows:
+        print(f"| {row['what']} | {row['seconds']:.3f} | {row['seconds_per_gb']:.2f} | {row['gb_per_s']:.2f} |")
+    write_results(args.json, {"params": args.params, "checkpoint_bytes": nbytes, "repeats": args.repeats,
+                              "rows": rows})
     return 0
 
 

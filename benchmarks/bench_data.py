@@ -5,6 +5,7 @@ follows.
 
     python benchmarks/bench_data.py                              # 2M and 20M tokens, --pack, one step
     python benchmarks/bench_data.py --sizes 20000 60000          # smoke size
+    python benchmarks/bench_data.py --json data.json             # the figures as JSON too
 
 A synthetic Turkish-like corpus (random words from a fixed list, documents of 5 to 300 words)
 of each size is written to a temporary directory, with a small BPE tokenizer trained on it
@@ -25,17 +26,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
+import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
+from common import add_flags, banner, timed, write_results
+
+from minidiff.data import shards
+from minidiff.data.tokenizer import train_tokenizer
+from minidiff.model import ModelConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 WORDS = ("Türkiye Cumhuriyeti yılında kuruldu başkenti Ankara oldu İstanbul Boğazı Avrupa ile Asya'yı "
          "birbirinden ayırır Çocuklar okul bahçesinde neşeyle oyun oynuyorlardı Güneşli bir günde ağaçların "
@@ -90,14 +94,16 @@ def write_corpus(path: Path, tokens: int, tokens_per_word: float, seed: int) -> 
 
 def run_measured(argv: list[str], env: dict) -> tuple[float, float, str]:
     """(peak RSS in MiB, wall seconds, stderr) of a fresh process."""
-    started = time.perf_counter()
-    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    stderr = proc.stderr.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    wall = time.perf_counter() - started
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(argv[:3])} failed ({proc.returncode}):\n{stderr[-3000:]}")
+
+    def run():
+        proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        stderr = proc.stderr.read()
+        _, status, usage = os.wait4(proc.pid, 0)
+        return os.waitstatus_to_exitcode(status), usage, stderr
+
+    (returncode, usage, stderr), wall = timed(run)
+    if returncode != 0:
+        raise SystemExit(f"{' '.join(argv[:3])} failed ({returncode}):\n{stderr[-3000:]}")
     return usage.ru_maxrss / 1024, wall, stderr  # ru_maxrss is in KiB on Linux
 
 
@@ -112,15 +118,9 @@ def main() -> None:
     parser.add_argument("--max-len", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--vocab", type=int, default=1000)
-    parser.add_argument("--threads", type=int, default=1, help="OMP threads of the training processes")
     parser.add_argument("--no-reference", action="store_true", help="skip the list-pipeline runs")
+    add_flags(parser, threads=1, threads_help="OMP threads of the training processes")
     args = parser.parse_args()
-
-    import torch
-
-    from minidiff.data import shards
-    from minidiff.data.tokenizer import train_tokenizer
-    from minidiff.model import ModelConfig
 
     work = Path(tempfile.mkdtemp(prefix="bench-data-"))
     sample = [" ".join(np.random.default_rng(i).choice(WORDS, 40)) for i in range(400)]
@@ -144,13 +144,14 @@ def main() -> None:
                  "--data", str(corpus), "--pack", "--max-len", str(args.max_len), "--batch-size", str(args.batch_size),
                  "--max-steps", "1", "--no-progress", "--shard-cache", str(cache)]
         row = {"size": size}
-        started = time.perf_counter()
-        entry = shards.prepare(corpus, "cpt", shards.cpt_options(), tok, cache_dir=work / f"throughput{index}")
+
+        def prepare():
+            return shards.prepare(corpus, "cpt", shards.cpt_options(), tok, cache_dir=work / f"throughput{index}")
+
+        entry, cold = timed(prepare)
         row["tokens"] = entry.manifest["tokens"]
-        row["cold_tok_s"] = row["tokens"] / (time.perf_counter() - started)
-        started = time.perf_counter()
-        shards.prepare(corpus, "cpt", shards.cpt_options(), tok, cache_dir=work / f"throughput{index}")
-        row["warm_tok_s"] = row["tokens"] / (time.perf_counter() - started)
+        row["cold_tok_s"] = row["tokens"] / cold
+        row["warm_tok_s"] = row["tokens"] / timed(prepare)[1]
         row["cold_rss"], row["cold_s"], _ = run_measured([sys.executable, "train_cpt.py", *flags, "--out", str(work / f"cold{index}")], env)
         row["warm_rss"], row["warm_s"], _ = run_measured([sys.executable, "train_cpt.py", *flags, "--out", str(work / f"warm{index}")], env)
         loss = first_loss(work / f"warm{index}")
@@ -165,24 +166,25 @@ def main() -> None:
 
     small, large = results
     extra = large["tokens"] - small["tokens"]
+    names = [("reference: Python lists", "ref")] * (not args.no_reference) + [
+        ("shards, cold cache", "cold"), ("shards, warm cache", "warm")]
+    pipelines = [{"pipeline": name, "small_rss_mib": small[f"{key}_rss"], "large_rss_mib": large[f"{key}_rss"],
+                  "growth_bytes_per_token": (large[f"{key}_rss"] - small[f"{key}_rss"]) * 2**20 / extra,
+                  "small_s": small[f"{key}_s"], "large_s": large[f"{key}_s"]} for name, key in names]
     print(f"\nbench_data: train_cpt.py --pack --max-len {args.max_len} --batch-size {args.batch_size} --max-steps 1, "
-          f"tiny model; torch {torch.__version__}, numpy {np.__version__}, python {platform.python_version()}, "
-          f"{os.cpu_count()} CPUs, OMP threads {args.threads}\n")
+          f"tiny model, OMP threads {args.threads}\n{banner()}\n")
     print("| pipeline | peak RSS, small corpus (MiB) | peak RSS, large corpus (MiB) | growth per extra token (bytes) "
           "| wall time small / large (s) |")
     print("|---|---|---|---|---|")
-    names = [("reference: Python lists", "ref")] * (not args.no_reference) + [
-        ("shards, cold cache", "cold"), ("shards, warm cache", "warm")]
-    for name, key in names:
-        growth = (large[f"{key}_rss"] - small[f"{key}_rss"]) * 2**20 / extra
-        print(f"| {name} | {small[f'{key}_rss']:,.0f} | {large[f'{key}_rss']:,.0f} | {growth:.2f} "
-              f"| {small[f'{key}_s']:.1f} / {large[f'{key}_s']:.1f} |")
+    for p in pipelines:
+        print(f"| {p['pipeline']} | {p['small_rss_mib']:,.0f} | {p['large_rss_mib']:,.0f} | "
+              f"{p['growth_bytes_per_token']:.2f} | {p['small_s']:.1f} / {p['large_s']:.1f} |")
     print(f"\ncorpora: {small['tokens']:,} and {large['tokens']:,} tokens (vocab {tok.vocab_size})")
     for row in results:
         print(f"{row['tokens']:,} tokens: tokenisation {row['cold_tok_s']:,.0f} tokens/s cold (shards.prepare), "
               f"cache check {row['warm_tok_s']:,.0f} tokens/s warm; warm run start to end of step 1: {row['warm_s']:.1f} s")
-    import shutil
-
+    write_results(args.json, {"settings": {k: getattr(args, k) for k in ("max_len", "batch_size", "vocab", "threads")},
+                              "sizes": results, "pipelines": pipelines})
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -10,6 +10,7 @@ Monte-Carlo log-likelihood; mmBERT (2509.06888) for the shape. Findings: docs/be
     python benchmarks/bench_dtype.py --toy --model DIR --mc-data FILE                     # seconds
     python benchmarks/bench_dtype.py --tokens-per-second --threads 1 --batches 1 8        # what a user feels
     python benchmarks/bench_dtype.py --tokens-per-second --batches 1 --caches none dual --compile  # + torch.compile
+    python benchmarks/bench_dtype.py --toy --json dtype.json     # any of the above, the tables as JSON too
 
 Speed (random weights, the same in both precisions): each workload runs once per precision per
 repeat, fp32 and bf16 interleaved, so a busy moment of the machine hits both; the median is
@@ -41,46 +42,28 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
-import platform
 import statistics
-import sys
-import time
 from contextlib import nullcontext
-from pathlib import Path
 
 import torch
+from common import add_flags, banner, mmbert_base, timed, tiny_shape, use_threads, write_results
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from gpu_check import base_shape_config  # noqa: E402  (mmBERT-base and the tiny shape)
-
-import minidiff  # noqa: E402
-from minidiff.errors import UserError, run_cli  # noqa: E402
-from minidiff.evaluation.answers import mc_loglik_many  # noqa: E402
-from minidiff.evaluation.scoring import choice_pairs, load_examples, parse_task, score_examples  # noqa: E402
-from minidiff.model import ModernBertMLM  # noqa: E402
-from minidiff.plumbing.device import NATIVE_BF16_FLAGS, cpu_flags, inference_precision  # noqa: E402
-from minidiff.sampler import SamplerConfig  # noqa: E402
-from minidiff.speed.sampling import generate  # noqa: E402
+import minidiff
+from minidiff.errors import UserError, run_cli
+from minidiff.evaluation.answers import mc_loglik_many
+from minidiff.evaluation.scoring import choice_pairs, load_examples, parse_task, score_examples
+from minidiff.model import ModernBertMLM
+from minidiff.plumbing.device import inference_precision
+from minidiff.sampler import SamplerConfig
+from minidiff.speed.sampling import generate
 
 CPU = torch.device("cpu")
 PRECISIONS = ("float32", "bfloat16")
 
 
 def machine_line(packed: bool) -> str:
-    """CPU model, its bf16 flags, threads, load average, torch version and the weights' layout,
-    for every table."""
-    model = platform.processor() or platform.machine()
-    try:
-        names = [line.partition(":")[2].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                 if line.startswith("model name")]
-        model = names[0] if names else model
-    except OSError:
-        pass
-    native = [flag for flag in NATIVE_BF16_FLAGS if flag in cpu_flags()] or ["no native bf16"]
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    return (f"{model} ({', '.join(native)}), {torch.get_num_threads()} threads, load average {load}, "
-            f"torch {torch.__version__}, {'packed weights' if packed else 'weights as stored'}")
+    """The machine banner and the weights' layout, for every table."""
+    return f"{banner()}; {'packed weights' if packed else 'weights as stored'}"
 
 
 # ----------------------------------------------------------------------------- speed
@@ -88,11 +71,7 @@ def machine_line(packed: bool) -> str:
 
 def random_model_config(args):
     """mmBERT-base's shape with --layers layers (or the tiny shape with --toy)."""
-    config = base_shape_config(args.toy)
-    if not args.toy:
-        config.num_hidden_layers, config.layer_types = args.layers, None
-        config.__post_init__()  # the layer pattern for the new depth
-    return config
+    return tiny_shape() if args.toy else mmbert_base(num_hidden_layers=args.layers)
 
 
 def both_precisions(model: torch.nn.Module, pack: bool) -> dict:
@@ -131,15 +110,8 @@ def workloads(model: ModernBertMLM, L: int = 32) -> dict:
             "scoring batch (mc_loglik, 32 x 64 tokens)": scoring}
 
 
-def timed(fn):
-    """(fn(), seconds it took)."""
-    start = time.perf_counter()
-    result = fn()
-    return result, time.perf_counter() - start
-
-
 @torch.no_grad()
-def speed(args) -> None:
+def speed(args) -> dict:
     config = random_model_config(args)
     torch.manual_seed(0)
     models = both_precisions(ModernBertMLM(config).eval(), not args.no_packed_weights)
@@ -156,9 +128,12 @@ def speed(args) -> None:
           f"vocabulary {config.vocab_size}; {machine_line(not args.no_packed_weights)}; median of {args.repeats} interleaved repeats\n")
     print("| workload | fp32 ms | bf16 ms | fp32 / bf16 |")
     print("|---|---|---|---|")
+    rows = []
     for job in jobs:
         fp32, bf16 = (statistics.median(times[job, name]) for name in PRECISIONS)
+        rows.append({"workload": job, "fp32_ms": fp32 * 1e3, "bf16_ms": bf16 * 1e3, "fp32_over_bf16": fp32 / bf16})
         print(f"| {job} | {fp32 * 1e3:.1f} | {bf16 * 1e3:.1f} | {fp32 / bf16:.2f}x |")
+    return {"config": config.to_dict(), "repeats": args.repeats, "rows": rows}
 
 
 # ----------------------------------------------------------------------------- tokens per second
@@ -172,7 +147,7 @@ def mixed_prompts(config, batch: int, g: torch.Generator) -> list[list[int]]:
 
 
 @torch.no_grad()
-def tokens_per_second(args) -> None:
+def tokens_per_second(args) -> dict:
     """Answer tokens per second of `generate` for each batch size x cache x precision (x eager /
     compiled with --compile), in one run."""
     config = random_model_config(args)
@@ -194,6 +169,7 @@ def tokens_per_second(args) -> None:
           f"{machine_line(not args.no_packed_weights)}\n")
     print("| batch | cache | mode | forwards | fp32 tokens/s | bf16 tokens/s | bf16 / fp32 |")
     print("|---|---|---|---|---|---|---|", flush=True)
+    rows = []
     for batch in args.batches:
         for cache in args.caches:
             for compiled in (False, True) if args.compile else (False,):
@@ -207,8 +183,11 @@ def tokens_per_second(args) -> None:
                         out, seconds = timed(run)
                     cells.append(batch * args.new_tokens / seconds)
                 mode = "compiled" if compiled else "eager"
+                rows.append({"batch": batch, "cache": cache, "mode": mode, "forwards": out.num_forward,
+                             "fp32_tokens_per_s": cells[0], "bf16_tokens_per_s": cells[1]})
                 print(f"| {batch} | {cache} | {mode} | {out.num_forward} | {cells[0]:.1f} | {cells[1]:.1f} | "
                       f"{cells[1] / cells[0]:.2f}x |", flush=True)  # row by row: a long run shows its progress
+    return {"config": config.to_dict(), "preset": args.preset, "new_tokens": args.new_tokens, "rows": rows}
 
 
 # ----------------------------------------------------------------------------- agreement
@@ -227,7 +206,7 @@ def load_in(model_dir: str, dtype: str, pack: bool):
 
 
 @torch.no_grad()
-def agreement(args) -> None:
+def agreement(args) -> dict:
     tok = minidiff.load_tokenizer(args.model)
     every = load_examples(parse_task(f"mc:{args.mc_data}"))
     examples = every[: args.rows]  # scored; the greedy prompts come from the first rows whatever --rows says
@@ -251,31 +230,46 @@ def agreement(args) -> None:
           "rows whose argmax flips | accuracy |")
     print("|---|---|---|---|---|---|")
     reference = RUNS[0][0]
-    for label, _, _ in RUNS:
-        print(f"| {label} | {greedy_cells(answers, reference, label)} | "
-              f"{score_cells(scores[reference], scores[label], examples)} |")
+    rows = [{"run": label, "greedy": greedy_agreement(answers, reference, label),
+             "scores": score_agreement(scores[reference], scores[label], examples)} for label, _, _ in RUNS]
+    for row in rows:
+        print(f"| {row['run']} | {greedy_cells(row['greedy'])} | {score_cells(row['scores'])} |")
     print(f"\nthreshold decoding ({args.threshold}), the same prompts: tokens committed per forward "
           + ", ".join(f"{label} {value:.2f}" for label, value in per_forward.items()))
+    return {"model": args.model, "mc_data": args.mc_data, "rows": rows, "threshold": args.threshold,
+            "tokens_per_forward": per_forward}
 
 
-def greedy_cells(answers: dict, reference: str, label: str) -> str:
-    """Committed tokens equal to the reference run's (count and fraction), prompts equal throughout."""
+def greedy_agreement(answers: dict, reference: str, label: str) -> dict | None:
+    """Committed tokens equal to the reference run's, prompts equal throughout (None: no greedy run)."""
     if label not in answers:
-        return "(as fp32) | (as fp32)"
+        return None
     pairs = list(zip(answers[reference], answers[label]))
-    equal = sum(a == b for x, y in pairs for a, b in zip(x, y))
-    total = sum(len(x) for x, _ in pairs)
-    return f"{equal}/{total} ({equal / total:.1%}) | {sum(x == y for x, y in pairs)}/{len(pairs)}"
+    return {"tokens_equal": sum(a == b for x, y in pairs for a, b in zip(x, y)),
+            "tokens": sum(len(x) for x, _ in pairs), "prompts_equal": sum(x == y for x, y in pairs),
+            "prompts": len(pairs)}
 
 
-def score_cells(reference: list, scores: list, examples) -> str:
+def score_agreement(reference: list, scores: list, examples) -> dict:
     """mean / max |loglik - reference| over the choices, rows whose argmax differs, accuracy."""
     diffs = [abs(a - b) for x, y in zip(reference, scores) for a, b in zip(x, y)]
     picks = [max(range(len(s)), key=s.__getitem__) for s in scores]
     flips = sum(a != max(range(len(r)), key=r.__getitem__) for a, r in zip(picks, reference))
-    accuracy = sum(p == ex.label for p, ex in zip(picks, examples)) / len(examples)
-    return (f"{statistics.fmean(diffs):.4f} / {max(diffs):.4f} ({len(diffs)} choices) | "
-            f"{flips}/{len(examples)} ({flips / len(examples):.1%}) | {accuracy:.3f}")
+    return {"mean_abs_diff": statistics.fmean(diffs), "max_abs_diff": max(diffs), "choices": len(diffs),
+            "flips": flips, "rows": len(examples),
+            "accuracy": sum(p == ex.label for p, ex in zip(picks, examples)) / len(examples)}
+
+
+def greedy_cells(greedy: dict | None) -> str:
+    if greedy is None:
+        return "(as fp32) | (as fp32)"
+    equal, total = greedy["tokens_equal"], greedy["tokens"]
+    return f"{equal}/{total} ({equal / total:.1%}) | {greedy['prompts_equal']}/{greedy['prompts']}"
+
+
+def score_cells(s: dict) -> str:
+    return (f"{s['mean_abs_diff']:.4f} / {s['max_abs_diff']:.4f} ({s['choices']} choices) | "
+            f"{s['flips']}/{s['rows']} ({s['flips'] / s['rows']:.1%}) | {s['accuracy']:.3f}")
 
 
 def main(argv=None) -> int:
@@ -285,7 +279,6 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, default=22, help="layers of the random mmBERT-base-shaped model (default 22)")
     p.add_argument("--toy", action="store_true", help="speed on a tiny shape (hidden 64, 2 layers, vocabulary 1000)")
     p.add_argument("--repeats", type=int, default=3, help="timed, interleaved rounds after a warm-up (median)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--model", help="a trained model directory: measure agreement (and skip speed unless --speed)")
     p.add_argument("--mc-data", help="with --model: rows {\"prompt\", \"choices\", \"label\"} to score and prompt from")
     p.add_argument("--num-prompts", type=int, default=10, help="greedy generations per precision (default 10)")
@@ -302,6 +295,7 @@ def main(argv=None) -> int:
                    help="with --tokens-per-second: also the compiled sampler (torch.compile; each shape compiles once, untimed)")
     p.add_argument("--new-tokens", type=int, default=32, help="with --tokens-per-second: tokens per answer")
     p.add_argument("--preset", default="diffutron-short", help="with --tokens-per-second: the sampler preset")
+    add_flags(p)
     args = p.parse_args(argv)
     if min(args.repeats, args.layers, args.num_prompts, args.mc_samples, args.rows or 1, args.new_tokens,
            *args.batches) < 1:
@@ -309,15 +303,16 @@ def main(argv=None) -> int:
                         "must be at least 1.")
     if args.model and not args.mc_data:
         raise UserError("--model needs --mc-data FILE.jsonl (rows {\"prompt\", \"choices\", \"label\"}) to compare on.")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    use_threads(args.threads)
+    results = {}
     if args.tokens_per_second:
-        tokens_per_second(args)
-        return 0
-    if not args.model or args.speed:
-        speed(args)
-    if args.model:
-        agreement(args)
+        results["tokens_per_second"] = tokens_per_second(args)
+    else:
+        if not args.model or args.speed:
+            results["speed"] = speed(args)
+        if args.model:
+            results["agreement"] = agreement(args)
+    write_results(args.json, results)
     return 0
 
 

@@ -6,6 +6,7 @@ References: ModernBERT (arXiv 2412.13663); the reference is transformers'
     python benchmarks/bench_forward.py                      # mmBERT-small depth/width, vocab 32k, 4 x 512
     python benchmarks/bench_forward.py --vocab 256000 --batch 1   # the real vocabulary width
     python benchmarks/bench_forward.py --base --batch 1 --threads 1  # mmBERT-base: hidden 768, 12 heads, vocab 256k
+    python benchmarks/bench_forward.py --json forward.json  # the table as JSON too
 
 Both models get the same random weights (mmBERT-small shape: hidden 384, 6 heads, 22 layers,
 intermediate 1152, local window 128, a global layer every 3; --base: mmBERT-base's hidden 768
@@ -19,32 +20,20 @@ training and sampling use) against transformers' dense output.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
-import sys
-import time
-from pathlib import Path
 
 import torch
+import transformers
+from common import MMBERT_BASE, add_flags, banner, mmbert_base, timed, use_threads, write_results
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from minidiff.model import ModelConfig, ModernBertMLM  # noqa: E402
+from minidiff.model import ModernBertMLM
 
 
 def build(args):
-    hidden, heads = (768, 12) if args.base else (384, 6)
-    config = ModelConfig(
-        vocab_size=args.vocab, hidden_size=hidden, num_attention_heads=heads, num_hidden_layers=22,
-        intermediate_size=1152, local_attention=128, global_attn_every_n_layers=3,
-        global_rope_theta=160000.0, local_rope_theta=160000.0,
-        pad_token_id=0, eos_token_id=1, bos_token_id=2, cls_token_id=1, sep_token_id=1,
-    )
+    small = {} if args.base else {"hidden_size": 384, "num_attention_heads": 6}  # mmBERT-small's width
+    config = mmbert_base(vocab_size=args.vocab, **small)
     torch.manual_seed(0)
     ours = ModernBertMLM(config).eval()
-
-    import transformers
-
     hf_config = transformers.ModernBertConfig(**config.to_dict())
     hf_config._attn_implementation = args.attn
     hf = transformers.ModernBertForMaskedLM(hf_config)
@@ -62,13 +51,12 @@ def main():
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--frac", type=float, default=0.15, help="fraction of positions for logits_at")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats per variant (median)")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"], help="transformers attention")
     parser.add_argument("--padding", action="store_true", help="right-pad rows to 100%%, 90%%, 75%%, ... of seq")
+    add_flags(parser)
     args = parser.parse_args()
-    args.vocab = args.vocab or (256000 if args.base else 32000)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args.vocab = args.vocab or (MMBERT_BASE["vocab_size"] if args.base else 32000)
+    use_threads(args.threads)
 
     ours, hf = build(args)
     g = torch.Generator().manual_seed(1)
@@ -95,23 +83,23 @@ def main():
         times = {name: [] for name in variants}
         for _ in range(args.repeats):
             for name, run in variants.items():
-                start = time.perf_counter()
-                out = run()
-                times[name].append(time.perf_counter() - start)
-                del out
+                times[name].append(timed(run)[1])  # the output is freed before the next variant runs
     med = {name: statistics.median(t) for name, t in times.items()}
     ref = med["transformers dense"]
+    rows = [{"variant": name, "median_s": med[name], "min_s": min(times[name]), "speedup": ref / med[name]}
+            for name in variants]
     shape = "mmBERT-base" if args.base else "mmBERT-small"
     print(f"\nforward, no grad, fp32: B={args.batch} S={args.seq} V={args.vocab}, {shape} layers, "
-          f"transformers attn={args.attn}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"load average {os.getloadavg()[0]:.1f}, "
-          f"{platform.processor() or platform.machine()}, padding={'yes' if args.padding else 'no'}; "
+          f"transformers attn={args.attn}, padding={'yes' if args.padding else 'no'}; "
           f"logits_at on {sel.sum().item()} of {ids.numel()} positions; max |diff| dense {diff:.1e}, "
-          f"logits_at {diff_at:.1e}; median of {args.repeats} interleaved repeats\n")
+          f"logits_at {diff_at:.1e}; median of {args.repeats} interleaved repeats\n{banner()}\n")
     print("| variant | median s | min s | speed-up vs transformers dense |")
     print("|---|---|---|---|")
-    for name in variants:
-        print(f"| {name} | {med[name]:.3f} | {min(times[name]):.3f} | {ref / med[name]:.2f}x |")
+    for row in rows:
+        print(f"| {row['variant']} | {row['median_s']:.3f} | {row['min_s']:.3f} | {row['speedup']:.2f}x |")
+    write_results(args.json, {"settings": {k: getattr(args, k) for k in (
+        "base", "vocab", "batch", "seq", "frac", "repeats", "attn", "padding")},
+        "max_abs_diff": {"dense": diff, "logits_at": diff_at}, "rows": rows})
 
 
 if __name__ == "__main__":

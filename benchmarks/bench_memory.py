@@ -6,6 +6,7 @@ Cross-Entropy (arXiv 2411.09009), the prior art for a loss without [N, V] logits
 
     python benchmarks/bench_memory.py                      # hidden 768, vocab 256000, 2 layers, r=256
     python benchmarks/bench_memory.py --layers 4 --paths chunked
+    python benchmarks/bench_memory.py --json memory.json   # the tables as JSON too
 
 Model: mmBERT-base's shape (hidden 768, 12 heads, intermediate 1152, the 256,000-token
 vocabulary) with few layers, LoRA r=alpha=256, dropout 0.05 on Wqkv, Wo, Wi, fp32 on the CPU.
@@ -25,16 +26,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-MASK_ID = 4
+import torch
+import torch.nn.functional as F
+from common import MMBERT_BASE, add_flags, banner, mmbert_base, timed, use_threads, write_results
+
+from minidiff import diffusion, lora
+from minidiff.model import ModernBertMLM
+from minidiff.speed import chunked_loss as chunked_module
+
+MASK_ID = MMBERT_BASE["mask_token_id"]
 
 
 def rss_mib() -> float:
@@ -58,15 +64,8 @@ def reset_peak_rss() -> bool:
 
 
 def build(args):
-    import torch
-
-    from minidiff import lora
-    from minidiff.model import ModelConfig, ModernBertMLM
-
-    config = ModelConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-                         num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                         global_attn_every_n_layers=3, local_attention=128, pad_token_id=0, eos_token_id=1,
-                         bos_token_id=2, cls_token_id=1, sep_token_id=1, mask_token_id=MASK_ID)
+    config = mmbert_base(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+                         num_hidden_layers=args.layers, num_attention_heads=args.heads)
     torch.manual_seed(0)
     model = ModernBertMLM(config)
     lora.apply_lora(model, r=args.rank, alpha=args.rank, dropout=0.05, targets=("Wqkv", "Wo", "Wi"))
@@ -75,11 +74,6 @@ def build(args):
 
 def dense_loss(model, x0, t, generator):
     """The unchunked NELBO (normalize="sequence", linear schedule): logits [N, V] at the masked rows."""
-    import torch
-    import torch.nn.functional as F
-
-    from minidiff import diffusion
-
     maskable = torch.ones_like(x0, dtype=torch.bool)
     xt, is_masked = diffusion.corrupt(x0, t, MASK_ID, maskable, generator, diffusion.get_schedule("linear"))
     logits = model(xt, logits_at=is_masked)  # [N, V]
@@ -92,30 +86,26 @@ def dense_loss(model, x0, t, generator):
 
 
 def chunked_loss(model, x0, t, generator):
-    from minidiff.speed import chunked_loss as chunked
-
-    return chunked.nelbo_loss(model, x0, MASK_ID, t=t, generator=generator)
+    return chunked_module.nelbo_loss(model, x0, MASK_ID, t=t, generator=generator)
 
 
 def step(model, loss_fn, x0, t):
     """One forward + backward: (seconds, loss, masked tokens)."""
-    import torch
-
     model.zero_grad(set_to_none=True)
-    start = time.perf_counter()
-    loss, masked = loss_fn(model, x0, t, torch.Generator().manual_seed(3))
-    loss.backward()
-    return time.perf_counter() - start, loss.item(), int(masked)
+
+    def forward_backward():
+        loss, masked = loss_fn(model, x0, t, torch.Generator().manual_seed(3))
+        loss.backward()
+        return loss, masked
+
+    (loss, masked), seconds = timed(forward_backward)
+    return seconds, loss.item(), int(masked)
 
 
 def worker(args) -> None:
     """--worker dense|chunked: the peak memory of one step; --worker time: both paths' step times,
     alternating so that machine load affects both alike. Prints one JSON line."""
-    import torch
-
-    from minidiff.speed import chunked_loss as chunked_module
-
-    torch.set_num_threads(args.threads)
+    use_threads(args.threads)
     chunked_module.LOGITS_BUDGET_BYTES = int(args.budget_mib * 2**20)
     model = build(args)
     x0 = torch.randint(5, args.vocab, (args.worker_batch, args.seq), generator=torch.Generator().manual_seed(2))
@@ -139,8 +129,6 @@ def worker(args) -> None:
 def saved_activations_kib(args, layers: int, batch: int, autocast: bool, checkpointing: bool) -> float:
     """KiB of activations autograd saves for backward in the encoder (parameters excluded),
     counted by storage through saved_tensors_hooks, for a [batch, seq] input."""
-    import torch
-
     model = build(argparse.Namespace(**{**vars(args), "layers": layers, "vocab": 1000}))
     model.model.gradient_checkpointing = checkpointing
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -159,22 +147,24 @@ def saved_activations_kib(args, layers: int, batch: int, autocast: bool, checkpo
     return sum(saved.values()) / 1024
 
 
-def activations_table(args) -> None:
+def activations_table(args) -> dict:
     """Saved activations per token per layer: the slope over layers (1 -> 4) and batch (1 -> 3),
     so weight casts and [S, S] masks, which do not grow with the tokens, cancel."""
-    import torch
-
-    torch.set_num_threads(args.threads)
+    use_threads(args.threads)
     print(f"encoder activations saved for backward, hidden {args.hidden}, LoRA r={args.rank}, "
-          f"sequence {args.seq} (autograd saved_tensors_hooks)\n")
+          f"sequence {args.seq} (autograd saved_tensors_hooks)\n{banner()}\n")
     print("| precision | gradient checkpointing | KiB per token per layer |")
     print("|---|---|---:|")
     tokens = 2 * args.seq
+    rows = []
     for autocast, checkpointing in ((False, False), (True, False), (True, True)):
         grow = [saved_activations_kib(args, layers, 3, autocast, checkpointing)
                 - saved_activations_kib(args, layers, 1, autocast, checkpointing) for layers in (1, 4)]
         per = (grow[1] - grow[0]) / 3 / tokens
-        print(f"| {'bf16 autocast' if autocast else 'fp32'} | {'yes' if checkpointing else 'no'} | {per:.3f} |")
+        rows.append({"precision": "bf16 autocast" if autocast else "fp32", "checkpointing": checkpointing,
+                     "kib_per_token_per_layer": per})
+        print(f"| {rows[-1]['precision']} | {'yes' if checkpointing else 'no'} | {per:.3f} |")
+    return {"activations": rows}
 
 
 def measure(args, path: str, batch: int) -> dict:
@@ -182,7 +172,7 @@ def measure(args, path: str, batch: int) -> dict:
     for name in ("vocab", "hidden", "intermediate", "heads", "layers", "rank", "seq", "t", "repeats", "threads",
                  "budget_mib"):
         argv += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})}
     done = subprocess.run(argv, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         sys.exit(f"error: the {path} measurement at batch {batch} failed:\n{done.stderr.strip()}")
@@ -191,10 +181,10 @@ def measure(args, path: str, batch: int) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--vocab", type=int, default=256000)
-    p.add_argument("--hidden", type=int, default=768)
-    p.add_argument("--intermediate", type=int, default=1152)
-    p.add_argument("--heads", type=int, default=12)
+    p.add_argument("--vocab", type=int, default=MMBERT_BASE["vocab_size"])
+    p.add_argument("--hidden", type=int, default=MMBERT_BASE["hidden_size"])
+    p.add_argument("--intermediate", type=int, default=MMBERT_BASE["intermediate_size"])
+    p.add_argument("--heads", type=int, default=MMBERT_BASE["num_attention_heads"])
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--rank", type=int, default=256)
     p.add_argument("--seq", type=int, default=512)
@@ -202,48 +192,53 @@ def main() -> None:
     p.add_argument("--t", type=float, default=0.5, help="diffusion time: the fraction of tokens masked")
     p.add_argument("--repeats", type=int, default=3,
                    help="timed rounds (dense then chunked) at the larger batch after a warm-up; 0: no timing")
-    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--budget-mib", type=float, default=256.0, help="chunked loss: logits memory per chunk")
     p.add_argument("--paths", nargs="+", choices=["dense", "chunked"], default=["dense", "chunked"])
     p.add_argument("--activations", action="store_true",
                    help="only count the encoder's saved activations per token per layer (seconds)")
     p.add_argument("--worker", choices=["dense", "chunked", "time"], help=argparse.SUPPRESS)
     p.add_argument("--worker-batch", type=int, help=argparse.SUPPRESS)
+    add_flags(p, threads=1)
     args = p.parse_args()
     if not 0.0 < args.t <= 1.0 or args.batches[0] >= args.batches[1]:
         p.error(f"--t must lie in (0, 1] and --batches must be increasing; got {args.t} and {args.batches}")
     if args.worker:
         return worker(args)
     if args.activations:
-        return activations_table(args)
-
-    import torch
+        return write_results(args.json, activations_table(args))
 
     results = {path: [measure(args, path, b) for b in args.batches] for path in args.paths}
     if len(args.paths) == 2:
         for a, b in zip(results["dense"], results["chunked"]):
             rel = abs(a["loss"] - b["loss"]) / abs(a["loss"])
             assert a["masked"] == b["masked"] and rel < 1e-4, f"the two paths disagree: {a} vs {b}"
-    timed = measure(args, "time", args.batches[1]) if args.repeats > 0 and len(args.paths) == 2 else None
+    timing = measure(args, "time", args.batches[1]) if args.repeats > 0 and len(args.paths) == 2 else None
+    memory = [{**r, "slope_mib_per_masked_token": (large["growth_mib"] - small["growth_mib"])
+               / (large["masked"] - small["masked"])} for small, large in results.values() for r in (small, large)]
+    print_tables(args, memory, timing)
+    write_results(args.json, {"settings": {k: getattr(args, k) for k in (
+        "vocab", "hidden", "intermediate", "heads", "layers", "rank", "seq", "batches", "t", "threads", "budget_mib")},
+        "memory": memory, "step_seconds": timing})
+
+
+def print_tables(args, memory: list[dict], timing: dict | None) -> None:
     print(f"LoRA CPT micro-batch, hidden {args.hidden}, {args.layers} layers, vocab {args.vocab:,}, r={args.rank}, "
           f"batches {args.batches[0]} and {args.batches[1]} x {args.seq} at t = {args.t}, fp32 CPU, "
-          f"{args.threads} thread(s), chunk budget {args.budget_mib:g} MiB; {platform.machine()}, "
-          f"torch {torch.__version__}\n")
+          f"{args.threads} thread(s), chunk budget {args.budget_mib:g} MiB\n{banner()}\n")
     print("| loss | masked tokens | peak growth (MiB) | MiB per masked token (slope) |")
     print("|---|---:|---:|---:|")
-    for path in args.paths:
-        small, large = results[path]
-        slope = (large["growth_mib"] - small["growth_mib"]) / (large["masked"] - small["masked"])
-        for r in (small, large):
-            flag = "" if r["peak_reset"] else " (peak not resettable: includes model construction)"
-            print(f"| {path} | {r['masked']:,} | {r['growth_mib']:,.0f}{flag} | {slope:.3f} |")
-    if timed:
+    for r in memory:
+        flag = "" if r["peak_reset"] else " (peak not resettable: includes model construction)"
+        print(f"| {r['path']} | {r['masked']:,} | {r['growth_mib']:,.0f}{flag} | "
+              f"{r['slope_mib_per_masked_token']:.3f} |")
+    if timing:
         print(f"\nstep time (forward + backward), batch {args.batches[1]}, median of {args.repeats} "
               f"alternating rounds in one process after a warm-up:\n")
         print("| loss | s / step | speed vs dense |")
         print("|---|---:|---:|")
         for path in ("dense", "chunked"):
-            print(f"| {path} | {timed[path]:.2f} | {timed['dense'] / timed[path]:.2f}x |")
+            print(f"| {path} | {timing[path]:.2f} | {timing['dense'] / timing[path]:.2f}x |")
+
 
 if __name__ == "__main__":
     main()

@@ -9,6 +9,7 @@ LLaDA sampler and the Diffutron fork's step, written plainly here.
     python benchmarks/bench_sample.py --model DIR --text-data speeches.jsonl --cache none prefix dual
     python benchmarks/bench_sample.py --model DIR        # a trained model (e.g. the demo's) and its tokenizer
     python benchmarks/bench_sample.py --model runs/demo/sft --chat-data runs/demo/data/sft_train.jsonl
+    python benchmarks/bench_sample.py --json sample.json # any of the above, the table as JSON too
 
 The reference is the dllm / Diffutron step written plainly: the MLM head and the 256k-way
 vocabulary projection run on every canvas position every step, the repetition penalty loops over
@@ -31,23 +32,19 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import platform
-import sys
-import time
-from pathlib import Path
 
 import torch
+from common import add_flags, banner, mmbert_base, timed, use_threads, write_results
+from roofline import Counter  # FLOPs counted from the dispatched ops
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from roofline import Counter  # noqa: E402  (FLOPs counted from the dispatched ops)
-
-from minidiff.errors import run_cli  # noqa: E402
-from minidiff.model import ModelConfig, ModernBertMLM  # noqa: E402
-from minidiff.sampler import SamplerConfig, transfer_counts  # noqa: E402
-from minidiff.speed.packed import pack_weights  # noqa: E402
-from minidiff.speed.sampling import generate  # noqa: E402
+import minidiff
+from minidiff.data import chat
+from minidiff.data.readers import read_rows
+from minidiff.errors import UserError, run_cli
+from minidiff.model import ModernBertMLM
+from minidiff.sampler import SamplerConfig, transfer_counts
+from minidiff.speed.packed import pack_weights
+from minidiff.speed.sampling import generate
 
 
 @torch.no_grad()
@@ -76,12 +73,6 @@ def reference_generate(model, prompt: list[int], config: SamplerConfig, mask_id:
     return x, calls
 
 
-def timed(fn):
-    start = time.perf_counter()
-    result = fn()
-    return result, time.perf_counter() - start
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="a trained model directory (with tokenizer); default: random mmBERT-shaped")
@@ -90,7 +81,6 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--threshold", type=float, nargs="*", default=[0.9],
                    help="confidence threshold(s) for the threshold-decoding rows (default 0.9; none: no such rows)")
-    p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--chat-data", help="with --model: a messages-format .jsonl whose questions are the prompts")
     p.add_argument("--text-data", help="with --model: a .jsonl of {\"text\": ...} rows to continue as plain text")
@@ -105,13 +95,11 @@ def main() -> None:
                    help="every sampler multiplies with the weights as stored (default: packed copies, as sample.py)")
     p.add_argument("--repeats", type=int, default=1,
                    help="run the three samplers this many times, interleaved, and keep each one's fastest")
+    add_flags(p)
     args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    use_threads(args.threads)
 
     if args.model:
-        import minidiff
-
         model = minidiff.load_model(args.model)
         tok = minidiff.load_tokenizer(args.model)
         mask_id, eos_id = tok.mask_id, tok.eos_id
@@ -124,16 +112,12 @@ def main() -> None:
         what = f"{args.model} ({model.num_parameters():,} parameters)"
     else:
         torch.manual_seed(args.seed)
-        config = ModelConfig(vocab_size=256000, hidden_size=768, intermediate_size=1152,
-                             num_hidden_layers=args.layers, num_attention_heads=12,
-                             max_position_embeddings=8192, global_rope_theta=160000.0,
-                             local_rope_theta=160000.0, local_attention=128,
-                             global_attn_every_n_layers=3, pad_token_id=0, eos_token_id=1,
-                             bos_token_id=2, cls_token_id=1, sep_token_id=1, mask_token_id=4)
+        config = mmbert_base(num_hidden_layers=args.layers)
         model = ModernBertMLM(config).eval()
-        tok, mask_id, eos_id = None, 4, 1
+        tok, mask_id, eos_id = None, config.mask_token_id, config.eos_token_id
         g = torch.Generator().manual_seed(args.seed)
-        prompts = [[2] + torch.randint(5, 256000, (args.prompt_length - 1,), generator=g).tolist()]
+        prompts = [[config.bos_token_id] + torch.randint(5, config.vocab_size, (args.prompt_length - 1,),
+                                                         generator=g).tolist()]
         what = f"random mmBERT-shaped, {args.layers} layers ({model.num_parameters():,} parameters)"
 
     if not args.no_packed_weights:
@@ -189,31 +173,43 @@ def main() -> None:
         source = f"{len(prompts)} plain-text prompts of {args.prompt_length} tokens from {args.text_data}"
     else:
         source = f"prompt {len(prompts[0])} tokens"
+    rows = []
+    for name in names:
+        row = {"sampler": name, "calls": calls[name], "seconds": best[name], "tokens_per_s": tokens / best[name],
+               "speedup": best[names[0]] / best[name], "tokens_equal": equal[name], "tokens": tokens}
+        if flops:
+            row.update(flops=flops[name], flop_ratio=flops[names[0]] / flops[name])  # reference FLOPs / this one's
+        rows.append(row)
     print(f"\nSampling, {what}; {source}, {n} new tokens each, diffutron-long (block 32, penalty 1.2), "
           f"temperature 0, batch 1, fastest of {args.repeats} run(s), "
           f"{'weights as stored' if args.no_packed_weights else 'packed weights'}")
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-          f"load average {os.getloadavg()[0]:.1f}, torch {torch.__version__}\n")
+    print(banner() + "\n")
+    print_table(rows, bool(flops))
+    shown = [{"prompt": tok.decode(prompt), "answers": {name: tok.decode(answers[name][i].tolist()) for name in names}}
+             for i, prompt in enumerate(prompts)] if args.show and tok is not None else []
+    for i, prompt in enumerate(shown):
+        print(f"\nprompt {i}: {prompt['prompt']!r}")
+        for name, answer in prompt["answers"].items():
+            print(f"  {name}: {answer!r}")
+    if not args.model:
+        print("\nA random model is rarely confident, so threshold decoding commits about one token per "
+              "step here; its speed-up shows on a trained model (--model DIR --chat-data FILE).")
+    write_results(args.json, {"model": what, "source": source, "prompts": len(prompts), "new_tokens": n,
+                              "repeats": args.repeats, "packed_weights": not args.no_packed_weights, "rows": rows,
+                              "shown": shown})
+
+
+def print_table(rows: list[dict], flops: bool) -> None:
     flop_header = " GFLOP (prompt 0) | FLOP ratio | speed-up / FLOP ratio |" if flops else ""
     print(f"| sampler | model calls | seconds | tokens/s | speed-up | tokens equal to reference | tokens differing |"
           f"{flop_header}")
     print("|---|---|---|---|---|---|---|" + "---|" * (3 if flops else 0))
-    for name in names:
-        speedup = best[names[0]] / best[name]
-        row = (f"| {name} | {calls[name]} | {best[name]:.1f} | {tokens / best[name]:.1f} | "
-               f"{speedup:.2f}x | {equal[name]}/{tokens} | {tokens - equal[name]} |")
+    for r in rows:
+        line = (f"| {r['sampler']} | {r['calls']} | {r['seconds']:.1f} | {r['tokens_per_s']:.1f} | "
+                f"{r['speedup']:.2f}x | {r['tokens_equal']}/{r['tokens']} | {r['tokens'] - r['tokens_equal']} |")
         if flops:
-            ratio = flops[names[0]] / flops[name]  # reference FLOPs / this sampler's
-            row += f" {flops[name] / 1e9:.0f} | {ratio:.2f}x | {speedup / ratio:.0%} |"
-        print(row)
-    if args.show and tok is not None:
-        for i, prompt in enumerate(prompts):
-            print(f"\nprompt {i}: {tok.decode(prompt)!r}")
-            for name in names:
-                print(f"  {name}: {tok.decode(answers[name][i].tolist())!r}")
-    if not args.model:
-        print("\nA random model is rarely confident, so threshold decoding commits about one token per "
-              "step here; its speed-up shows on a trained model (--model DIR --chat-data FILE).")
+            line += f" {r['flops'] / 1e9:.0f} | {r['flop_ratio']:.2f}x | {r['speedup'] / r['flop_ratio']:.0%} |"
+        print(line)
 
 
 def count_flops(run) -> int:
@@ -234,21 +230,15 @@ def generic_prompt(tok, length: int) -> list[int]:
 def chat_prompts(tok, args) -> list[list[int]]:
     """The first --num-prompts rows of --chat-data (messages format), without their last
     (assistant) turn, as the SFT prompt ids."""
-    from minidiff.data import chat
-    from minidiff.data import readers as data
-
-    rows = data.read_rows(args.chat_data)[: args.num_prompts]  # UserError (one sentence) when empty
+    rows = read_rows(args.chat_data)[: args.num_prompts]  # UserError (one sentence) when empty
     return [chat.chat_prompt_ids(chat.sft_messages(row, "messages")[:-1], tok) for row in rows]
 
 
 def text_prompts(tok, args) -> list[list[int]]:
     """--num-prompts windows of --prompt-length tokens (after <bos>), evenly spread over the
     concatenated texts of --text-data."""
-    from minidiff.data import readers as data
-    from minidiff.errors import UserError
-
     ids = []
-    for row in data.read_rows(args.text_data):
+    for row in read_rows(args.text_data):
         if not isinstance(row.get("text"), str):
             raise UserError(f"--text-data {args.text_data}: every row needs a \"text\" string.")
         ids += tok.encode(row["text"], add_special_tokens=False)

@@ -3,38 +3,39 @@
 References: LLaDA (arXiv 2502.09992: the l/L estimator); docs/evaluation.md "How many samples".
 
     python benchmarks/bench_scoring.py --model runs/demo/cpt --task benchmarks/data/morphology_tr.jsonl \\
-        --samples 8 16 32 64 128 256 --seeds 0 1 2 --auto 32
+        --samples 8 16 32 64 128 256 --seeds 0 1 2 --auto 32 [--json scoring.json]
 
 For each (scoring, samples, seed): acc and acc_norm with their standard errors (total, and the
 Monte-Carlo part alone; evaluation.metric_errors), how many answers were scored exactly, and
-the seconds and forward rows it took. Printed as markdown rows.
+the seconds it took. Printed as markdown rows (and with --json PATH written as JSON).
 """
 from __future__ import annotations
 
 import argparse
-import sys
-import time
-from pathlib import Path
 
-import torch
+from common import add_flags, banner, timed, use_threads, write_results
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import minidiff  # noqa: E402
-from minidiff.evaluation import scoring as evaluation  # noqa: E402
+import minidiff
+from minidiff.evaluation import scoring
 
 
-def row(model, tok, examples, scoring: str, samples: int, seed: int) -> str:
-    start = time.perf_counter()
-    scored = evaluation.score_items(model, tok, examples, mc_samples=samples, seed=seed,
-                                    scoring=scoring, batch_size=64, progress=False)
-    seconds = time.perf_counter() - start
-    metrics = evaluation.mc_metrics(examples, scored.scores, ("acc", "acc_norm"))
-    errors = evaluation.metric_errors(examples, scored, ("acc", "acc_norm"), seed=seed)
-    cells = [f"{100 * metrics[k]:.1f} ± {100 * errors[k]['se']:.1f} (mc {100 * errors[k]['mc_se']:.1f})"
-             for k in ("acc", "acc_norm")]
+def measure(model, tok, examples, how: str, samples: int, seed: int) -> dict:
+    """One (scoring, samples, seed) run: acc and acc_norm with their errors, exact answers, seconds."""
+    scored, seconds = timed(lambda: scoring.score_items(model, tok, examples, mc_samples=samples, seed=seed,
+                                                        scoring=how, batch_size=64, progress=False))
+    metrics = scoring.mc_metrics(examples, scored.scores, ("acc", "acc_norm"))
+    errors = scoring.metric_errors(examples, scored, ("acc", "acc_norm"), seed=seed)
     counts = scored.counts()
-    return (f"| {scoring} | {samples} | {seed} | {cells[0]} | {cells[1]} | {counts['exact']}/"
-            f"{counts['exact'] + counts['mc']} | {seconds:.0f} |")
+    return {"scoring": how, "samples": samples, "seed": seed, "seconds": seconds, "exact": counts["exact"],
+            "answers": counts["exact"] + counts["mc"],
+            **{k: {"value": metrics[k], "se": errors[k]["se"], "mc_se": errors[k]["mc_se"]} for k in metrics}}
+
+
+def markdown_row(r: dict) -> str:
+    cells = [f"{100 * r[k]['value']:.1f} ± {100 * r[k]['se']:.1f} (mc {100 * r[k]['mc_se']:.1f})"
+             for k in ("acc", "acc_norm")]
+    return (f"| {r['scoring']} | {r['samples']} | {r['seed']} | {cells[0]} | {cells[1]} | {r['exact']}/"
+            f"{r['answers']} | {r['seconds']:.0f} |")
 
 
 def main() -> None:
@@ -45,18 +46,22 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--auto", type=int, nargs="*", default=[32], help="sample counts for scoring=auto")
     p.add_argument("--exact", action="store_true", help="also the exact enumeration (one seed)")
-    p.add_argument("--threads", type=int, default=1)
+    add_flags(p, threads=1)
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
+    use_threads(args.threads)
     model, tok = minidiff.load_model(args.model).eval(), minidiff.load_tokenizer(args.model)
-    examples = evaluation.load_examples(evaluation.parse_task(f"mc:{args.task}"))
+    examples = scoring.load_examples(scoring.parse_task(f"mc:{args.task}"))
+    print(banner() + "\n")
     print("| scoring | samples | seed | acc ± se (mc part) | acc_norm ± se (mc part) | exact answers | s |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     runs = [("mc", n, s) for n in args.samples for s in args.seeds]
     runs += [("auto", n, s) for n in args.auto for s in args.seeds]
     runs += [("exact", 0, args.seeds[0])] if args.exact else []
-    for scoring, samples, seed in runs:
-        print(row(model, tok, examples, scoring, max(samples, 1), seed), flush=True)
+    rows = []
+    for how, samples, seed in runs:
+        rows.append(measure(model, tok, examples, how, max(samples, 1), seed))
+        print(markdown_row(rows[-1]), flush=True)
+    write_results(args.json, {"model": args.model, "task": args.task, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ peft on transformers' `ModernBertForMaskedLM` with `torch.optim.AdamW`.
 
     python benchmarks/bench_train.py                       # mmBERT-shaped, 2 layers, vocab 256000
     python benchmarks/bench_train.py --layers 4 --seq 512 --batch 2 --steps 5
+    python benchmarks/bench_train.py --json train.json     # the table as JSON too
 
 Both sides get the same weights (hidden 768, 12 heads, intermediate 1152, mmBERT's vocabulary
 size but few layers, so the vocabulary projection weighs as it does in mmBERT-base: see docs/math.md),
@@ -20,24 +21,23 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
+from functools import partial
 
+import peft
 import torch
 import torch.nn.functional as F
+import transformers
+from common import MMBERT_BASE, add_flags, banner, mmbert_base, timed, use_threads, write_results
+
+from minidiff import diffusion, lora, optim
+from minidiff.model import ModernBertMLM
+from minidiff.speed import chunked_loss
+
+MASK_ID = MMBERT_BASE["mask_token_id"]
 
 
 def build(args):
-    import peft
-    import transformers
-
-    from minidiff import lora, optim
-    from minidiff.model import ModelConfig, ModernBertMLM
-
-    config = ModelConfig(vocab_size=args.vocab, hidden_size=768, intermediate_size=1152,
-                         num_hidden_layers=args.layers, num_attention_heads=12, max_position_embeddings=8192,
-                         global_rope_theta=160000.0, local_rope_theta=160000.0, local_attention=128,
-                         global_attn_every_n_layers=3, pad_token_id=0, eos_token_id=1, bos_token_id=2,
-                         cls_token_id=1, sep_token_id=1)
+    config = mmbert_base(vocab_size=args.vocab, num_hidden_layers=args.layers)
     torch.manual_seed(0)
     ours = ModernBertMLM(config)
     hf_config = transformers.ModernBertConfig(**config.to_dict())
@@ -64,10 +64,8 @@ def build(args):
 
 
 def ours_step(model, opt, x0, seed):
-    from minidiff.speed import chunked_loss
-
     gen = torch.Generator().manual_seed(seed)
-    loss, _ = chunked_loss.nelbo_loss(model, x0, 4, generator=gen)  # the trainer's loss
+    loss, _ = chunked_loss.nelbo_loss(model, x0, MASK_ID, generator=gen)  # the trainer's loss
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -75,13 +73,11 @@ def ours_step(model, opt, x0, seed):
 
 
 def ref_loss(model, x0, seed):
-    from minidiff import diffusion
-
     gen = torch.Generator().manual_seed(seed)
     t = diffusion.sample_t(x0.shape[0], 1e-3, False, gen)  # the same draws nelbo_loss makes
-    xt, masked = diffusion.corrupt(x0, t, 4, None, gen)
+    xt, masked = diffusion.corrupt(x0, t, MASK_ID, None, gen)
     logits = model(input_ids=xt).logits  # [B, S, V]: dense, as a transformers training loop computes it
-    logits = logits.masked_fill(torch.arange(logits.shape[-1]) == 4, float("-inf"))
+    logits = logits.masked_fill(torch.arange(logits.shape[-1]) == MASK_ID, float("-inf"))
     ce = F.cross_entropy(logits[masked], x0[masked], reduction="none")  # [N]
     rows = masked.nonzero()[:, 0]
     # per sequence: sum_masked CE / t / S, then the batch mean (normalize="sequence", linear schedule)
@@ -99,15 +95,15 @@ def ref_step(model, opt, x0, seed):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--vocab", type=int, default=256000)
+    parser.add_argument("--vocab", type=int, default=MMBERT_BASE["vocab_size"])
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--rank", type=int, default=256)
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=2)
+    add_flags(parser, threads=2)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    use_threads(args.threads)
 
     ours, ours_opt, ref, ref_opt = build(args)
     x0 = torch.randint(5, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(2))
@@ -115,9 +111,7 @@ def main():
     # parity (dropout off): the two losses of the same batch and masks agree
     ours.eval(), ref.eval()
     with torch.no_grad():
-        from minidiff.speed import chunked_loss
-
-        a = chunked_loss.nelbo_loss(ours, x0, 4, generator=torch.Generator().manual_seed(9))[0]
+        a = chunked_loss.nelbo_loss(ours, x0, MASK_ID, generator=torch.Generator().manual_seed(9))[0]
         b = ref_loss(ref, x0, 9)
     ours.train(), ref.train()
 
@@ -125,21 +119,26 @@ def main():
     for i in range(args.steps + 1):  # step 0 of each is a warm-up
         for name, step, model, opt in (("minidiff", ours_step, ours, ours_opt),
                                        ("transformers+peft", ref_step, ref, ref_opt)):
-            start = time.perf_counter()
-            step(model, opt, x0, 100 + i)
+            _, seconds = timed(partial(step, model, opt, x0, 100 + i))
             if i > 0:
-                times[name].append(time.perf_counter() - start)
+                times[name].append(seconds)
 
     tokens = args.batch * args.seq
     ref_median = statistics.median(times["transformers+peft"])
+    rows = [{"implementation": name, "seconds_per_step": statistics.median(times[name]),
+             "tokens_per_s": tokens / statistics.median(times[name]),
+             "speedup": ref_median / statistics.median(times[name])} for name in ("transformers+peft", "minidiff")]
     print(f"LoRA CPT step, hidden 768, {args.layers} layers, vocab {args.vocab:,}, batch {args.batch} x {args.seq}, "
-          f"r={args.rank}, fp32 CPU, {torch.get_num_threads()} threads, median of {args.steps} steps")
+          f"r={args.rank}, fp32 CPU, median of {args.steps} steps\n{banner()}")
     print(f"loss parity (dropout off): minidiff {a.item():.6f} vs reference {b.item():.6f}\n")
     print("| implementation | s / step | tokens / s | speed-up |")
     print("|---|---|---|---|")
-    for name in ("transformers+peft", "minidiff"):
-        median = statistics.median(times[name])
-        print(f"| {name} | {median:.3f} | {tokens / median:,.0f} | {ref_median / median:.2f}x |")
+    for row in rows:
+        print(f"| {row['implementation']} | {row['seconds_per_step']:.3f} | {row['tokens_per_s']:,.0f} | "
+              f"{row['speedup']:.2f}x |")
+    write_results(args.json, {"settings": {k: getattr(args, k) for k in ("vocab", "layers", "seq", "batch", "rank",
+                                                                         "steps")},
+                              "loss_parity": {"minidiff": a.item(), "reference": b.item()}, "rows": rows})
 
 
 if __name__ == "__main__":

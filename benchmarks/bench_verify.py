@@ -4,6 +4,7 @@ References: none (a measurement of minidiff.data.shards.verify_entry).
 
     python benchmarks/bench_verify.py                 # a 0.75 GB uint32 tokens.bin (mmBERT's dtype)
     python benchmarks/bench_verify.py --gb 0.002      # smoke size
+    python benchmarks/bench_verify.py --json verify.json   # the figures as JSON too
 
 A synthetic entry is written to a temporary directory: random uint32 ids below mmBERT's
 vocabulary size (256,000), documents of 1 to 1,000 tokens, the manifest with each file's size
@@ -20,20 +21,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
+from common import MMBERT_BASE, add_flags, banner, timed, use_threads, write_results
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from minidiff.data import shards
+from minidiff.errors import UserError, run_cli
 
-from minidiff.data import shards  # noqa: E402 (after the path insert above)
-from minidiff.errors import UserError, run_cli  # noqa: E402
-
-VOCAB = 256_000  # mmBERT-base's vocabulary: uint32 token ids
+VOCAB = MMBERT_BASE["vocab_size"]  # mmBERT-base's vocabulary: uint32 token ids
 
 
 def write_synthetic_entry(folder: Path, tokens: int, seed: int = 0) -> None:
@@ -63,17 +60,13 @@ def raw_read(path: Path) -> None:
             pass
 
 
-def timed(call) -> float:
-    started = time.perf_counter()
-    call()
-    return time.perf_counter() - started
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gb", type=float, default=0.75, help="size of tokens.bin in GB (1e9 bytes)")
     parser.add_argument("--repeats", type=int, default=2, help="timings per measurement; the best is kept")
+    add_flags(parser)
     args = parser.parse_args(argv)
+    use_threads(args.threads)
     if not 0 < args.gb <= 8 or args.repeats < 1:
         raise UserError(f"--gb {args.gb} / --repeats {args.repeats}: expected 0 < GB <= 8 and at least one repeat")
     tokens = int(args.gb * 1e9) // 4
@@ -87,12 +80,15 @@ def main(argv=None) -> int:
                 ("shards.file_hash(tokens.bin)", token_gb, lambda: shards.file_hash(folder / "tokens.bin")),
                 ("shards.verify_entry (tokens + offsets)", entry_gb, lambda: shards.verify_entry(entry, VOCAB))]
         print(f"bench_verify: tokens.bin {token_gb:.3f} GB ({tokens:,} uint32 ids), offsets.bin "
-              f"{entry.num_documents + 1:,} int64, warm page cache, best of {args.repeats}")
+              f"{entry.num_documents + 1:,} int64, warm page cache, best of {args.repeats}\n{banner()}")
         print("| what | GB read | seconds | GB/s | seconds per GB |")
         print("|---|---|---|---|---|")
+        results = []
         for name, gb, call in rows:
-            seconds = min(timed(call) for _ in range(args.repeats))
+            seconds = min(timed(call)[1] for _ in range(args.repeats))
+            results.append({"what": name, "gb": gb, "seconds": seconds})
             print(f"| {name} | {gb:.4g} | {seconds:.3f} | {gb / seconds:.2f} | {seconds / gb:.2f} |")
+    write_results(args.json, {"tokens": tokens, "repeats": args.repeats, "rows": results})
     return 0
 
 

@@ -6,6 +6,7 @@ Diffutron recipe (arXiv 2603.20466) for the micro-batch shape (64 x 512, LoRA r 
 
     bash benchmarks/gpu_check.sh                       # python benchmarks/gpu_check.py --device cuda
     python benchmarks/gpu_check.py --device cpu --quick   # the parts a CPU can run (smoke test)
+    python benchmarks/gpu_check.py --json checks.json     # every check's line as JSON too
 
 Scripts (subprocesses, as a user runs them): train_cpt.py with LoRA, evaluation and
 checkpoints; --resume of that run; torchrun with 1 process (2 when two GPUs are present);
@@ -37,18 +38,46 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 import traceback
+import warnings
 from pathlib import Path
 
 import torch
+from common import banner, mmbert_base, timed, tiny_shape, write_results
+from safetensors.torch import load_file
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import minidiff
+from minidiff import lora
+from minidiff.data.tokenizer import train_tokenizer
+from minidiff.errors import run_cli
+from minidiff.model import ModelConfig, ModernBertMLM
+from minidiff.plumbing.checkpoint import save_pretrained
+from minidiff.plumbing.device import (
+    check_available,
+    cpu_has_native_bf16,
+    enable_tf32,
+    inference_precision,
+    resolve_device,
+    training_autocast,
+)
+from minidiff.sampler import SamplerConfig, build_canvas, denoise_step
+from minidiff.speed.sampling import generate
+from minidiff.training import trainer
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-from helpers import TURKISH_TEXT  # noqa: E402  (the test suite's sample sentences)
-
-TEXTS = TURKISH_TEXT[:10]
+TEXTS = [  # ten Turkish sentences of different lengths: the documents, prompts and answers of the checks
+    "Ankara, Türkiye'nin başkenti ve ikinci büyük şehridir.",
+    "Karadeniz kıyısında çay bahçeleri yamaçları kaplar.",
+    "Kütüphanede sessizce ders çalışan öğrenciler vardı.",
+    "Sonbaharda yapraklar sararır ve rüzgârla birlikte dökülür.",
+    "Büyükannem her sabah taze ekmek ve peynirle kahvaltı hazırlar.",
+    "Boğaz köprüsünün altından geçen gemiler akşam ışıklarıyla parlıyordu.",
+    "Kış gelince dağ köylerinin yolları karla kapanır.",
+    "Müzede Osmanlı döneminden kalma eski el yazmaları sergileniyor.",
+    "Yağmur dinince çocuklar sokağa çıkıp top oynamaya başladı.",
+    "Doktor, hastasına bol su içmesini ve iyice dinlenmesini önerdi.",
+]
 
 
 class Report:
@@ -75,11 +104,6 @@ class Report:
 def build_inputs(work: Path, seed: int = 0) -> dict:
     """A tokenizer, a small random model directory (local window 16, so padded rows have
     fully masked windows) and the data files every script reads."""
-    import minidiff
-    from minidiff.data.tokenizer import train_tokenizer
-    from minidiff.model import ModelConfig, ModernBertMLM
-    from minidiff.plumbing.checkpoint import save_pretrained
-
     base = work / "base"
     docs = TEXTS * 3  # 30 one-line documents of different lengths (padded batches)
     tok = train_tokenizer(docs, 400, out_dir=base)
@@ -110,10 +134,8 @@ def build_inputs(work: Path, seed: int = 0) -> dict:
 
 def run_script(args: list[str], env_extra: dict | None = None, timeout: int = 300):
     env = {**os.environ, "PYTHONPATH": str(ROOT), **(env_extra or {})}
-    started = time.perf_counter()
-    done = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
-    return done, time.perf_counter() - started
+    return timed(lambda: subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                                        timeout=timeout))
 
 
 def tail(text: str, n: int = 400) -> str:
@@ -144,8 +166,6 @@ def check_train_run(report: Report, name: str, done, seconds: float, run_dir: Pa
 
 
 def check_scripts(report: Report, inputs: dict, work: Path, device: str, quick: bool) -> None:
-    from safetensors.torch import load_file
-
     want = "cpu" if device == "cpu" else str(torch.device("cuda", torch.cuda.current_device()))
     steps = 4 if quick else 12
     common = ["--data", str(inputs["train"]), "--max-len", "96", "--batch-size", "4", "--lr", "3e-3",
@@ -194,10 +214,9 @@ def check_scripts(report: Report, inputs: dict, work: Path, device: str, quick: 
                    if isinstance(v, (int, float))]
         report.check("evaluate.py metrics finite", bool(numbers) and all(math.isfinite(v) for v in numbers),
                      f"{len(numbers)} numbers")
-        from minidiff.plumbing.device import cpu_has_native_bf16  # deferred like every minidiff import here
-
-        # --dtype auto: bf16 autocast on CUDA; on a CPU packed bf16 weights where it has native bf16, else packed fp32
-        want_precision = ("float32 weights, bfloat16 autocast" if device != "cpu" else
+        # --dtype auto: bf16 weights and autocast on a CUDA card with bf16; on a CPU packed bf16 weights where
+        # it has native bf16, else packed fp32
+        want_precision = ("bfloat16 weights, bfloat16 autocast" if device != "cpu" else
                           "bfloat16 weights (packed), bfloat16 autocast" if cpu_has_native_bf16()
                           else "float32 weights (packed), no autocast")
         report.check("evaluate.py device and precision", got["device"] == want and got["precision"] == want_precision,
@@ -228,11 +247,6 @@ def check_scripts(report: Report, inputs: dict, work: Path, device: str, quick: 
 
 def check_padding(report: Report, inputs: dict, device: torch.device) -> None:
     """Real-token logits of a padded batch equal each row run alone, per SDPA backend."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    import minidiff
-    from minidiff.plumbing.device import inference_precision
-
     precision = inference_precision("auto", device)
     model = precision.prepare(minidiff.load_model(inputs["base"]))
     tok = inputs["tok"]
@@ -264,27 +278,14 @@ def check_padding(report: Report, inputs: dict, device: torch.device) -> None:
                      f"finite everywhere: {finite}, largest relative difference {worst:.2e} (bound {rel:g})")
 
 
-def base_shape_config(quick: bool, vocab_size: int | None = None):
-    from minidiff.model import ModelConfig
-
-    if quick:
-        return ModelConfig(vocab_size=vocab_size or 1000, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                           num_attention_heads=2, local_attention=16, global_attn_every_n_layers=3,
-                           pad_token_id=0, eos_token_id=1, bos_token_id=2, mask_token_id=4)
-    # mmBERT-base: 22 layers, hidden 768, 12 heads, MLP 1152, window 128, vocabulary 256,000
-    return ModelConfig(vocab_size=256000, hidden_size=768, intermediate_size=1152, num_hidden_layers=22,
-                       num_attention_heads=12, local_attention=128, global_attn_every_n_layers=3,
-                       global_rope_theta=160000.0, local_rope_theta=160000.0, max_position_embeddings=8192,
-                       pad_token_id=0, eos_token_id=1, bos_token_id=2, mask_token_id=4)
+def model_shape(quick: bool) -> ModelConfig:
+    """mmBERT-base's shape, or the tiny one with --quick."""
+    return tiny_shape() if quick else mmbert_base()
 
 
 def check_sampler(report: Report, device: torch.device, quick: bool) -> None:
     """No host sync inside denoise_step (CUDA), and its time per step at the model shape."""
-    from minidiff.model import ModernBertMLM
-    from minidiff.plumbing.device import inference_precision
-    from minidiff.sampler import SamplerConfig, build_canvas, denoise_step
-
-    config = base_shape_config(quick)
+    config = model_shape(quick)
     torch.manual_seed(0)
     precision = inference_precision("auto", device)
     with torch.device(device):  # initialised where it runs (300M parameters at full shape)
@@ -321,19 +322,15 @@ def check_sampler(report: Report, device: torch.device, quick: bool) -> None:
         report.check(f"sampler step without host sync ({name})", ok, detail)
     # time per step: the greedy step at this shape
     repeats = 3 if quick else 20
+
+    def steps(n: int) -> None:
+        for _ in range(n):
+            denoise_step(model.logits_at_positions, canvas.ids.clone(), canvas, positions, counts,
+                         SamplerConfig(), generator)
+
     with torch.no_grad(), precision.autocast():
-        for _ in range(2):
-            denoise_step(model.logits_at_positions, canvas.ids.clone(), canvas, positions, counts,
-                         SamplerConfig(), generator)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        started = time.perf_counter()
-        for _ in range(repeats):
-            denoise_step(model.logits_at_positions, canvas.ids.clone(), canvas, positions, counts,
-                         SamplerConfig(), generator)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-    ms = 1000 * (time.perf_counter() - started) / repeats
+        steps(2)  # warm-up
+        ms = 1000 * timed(lambda: steps(repeats), device)[1] / repeats
     shape = "tiny model" if quick else "mmBERT-base shape"
     report.add("INFO", "sampler ms/step", f"{ms:.2f} ms ({shape}, batch {B}, canvas {T}, block {L}, {precision.describe()})")
 
@@ -341,12 +338,7 @@ def check_sampler(report: Report, device: torch.device, quick: bool) -> None:
 def check_sampler_caches(report: Report, device: torch.device, quick: bool) -> None:
     """ms per sampler step of `generate` at batch 1 and 8 for each cache mode, eager and compiled
     (compiled on CUDA only: on the CPU, compiling the full shape would take minutes)."""
-    from minidiff.model import ModernBertMLM
-    from minidiff.plumbing.device import inference_precision
-    from minidiff.sampler import SamplerConfig
-    from minidiff.speed.sampling import generate
-
-    config = base_shape_config(quick)
+    config = model_shape(quick)
     torch.manual_seed(0)
     precision = inference_precision("auto", device)
     with torch.device(device):
@@ -363,13 +355,8 @@ def check_sampler_caches(report: Report, device: torch.device, quick: bool) -> N
                                        eos_id=config.eos_token_id)
                 with torch.no_grad(), precision.autocast():
                     run()  # warm-up (and compilation)
-                    if device.type == "cuda":
-                        torch.cuda.synchronize()
-                    started = time.perf_counter()
-                    out = run()
-                    if device.type == "cuda":
-                        torch.cuda.synchronize()
-                ms = 1000 * (time.perf_counter() - started) / max(out.num_forward, 1)
+                    out, seconds = timed(run, device)
+                ms = 1000 * seconds / max(out.num_forward, 1)
                 mode = "compiled" if compile_step else "eager"
                 report.add("INFO", f"sampler ms/step, cache {cache}, {mode}, batch {batch}",
                            f"{ms:.2f} ms ({out.num_forward} steps, {new_tokens} new tokens, "
@@ -380,12 +367,6 @@ def check_training_syncs(report: Report, inputs: dict, device: torch.device) -> 
     """How many host synchronisations one CPT micro-batch (loss forward + backward) makes; the
     loop adds none per micro-batch (one per optimizer step: is the step finite). Reported, not
     asserted: the loss internals may still index rows."""
-    import warnings
-
-    import minidiff
-    from minidiff.plumbing.device import training_autocast
-    from minidiff.training import trainer
-
     if device.type != "cuda":
         report.add("INFO", "host syncs in one CPT micro-batch", "needs CUDA")
         return
@@ -414,12 +395,7 @@ def check_training_syncs(report: Report, inputs: dict, device: torch.device) -> 
 def cpt_micro_batch_peak(device: torch.device, quick: bool, batch: int, seq: int, checkpointing: bool) -> float | None:
     """Peak GiB of one LoRA CPT micro-batch (forward + backward of the NELBO at iid t, bf16
     autocast, fp32 weights included, no optimizer state); None: out of memory."""
-    from minidiff import lora
-    from minidiff.model import ModernBertMLM
-    from minidiff.plumbing.device import training_autocast
-    from minidiff.training import trainer
-
-    config = base_shape_config(quick)
+    config = model_shape(quick)
     torch.manual_seed(0)
     with torch.device(device):
         model = ModernBertMLM(config)
@@ -469,56 +445,60 @@ def check_memory(report: Report, device: torch.device, quick: bool) -> None:
 # ----------------------------------------------------------------------------- main
 
 
+# the parts, in the order they run: name -> run(report, inputs, work, device, quick)
+PARTS = [
+    ("scripts", lambda report, inputs, work, device, quick: check_scripts(report, inputs, work, str(device), quick)),
+    ("padding", lambda report, inputs, work, device, quick: check_padding(report, inputs, device)),
+    ("sampler", lambda report, inputs, work, device, quick: check_sampler(report, device, quick)),
+    ("sampler-caches", lambda report, inputs, work, device, quick: check_sampler_caches(report, device, quick)),
+    ("training-syncs", lambda report, inputs, work, device, quick: check_training_syncs(report, inputs, device)),
+    ("memory", lambda report, inputs, work, device, quick: check_memory(report, device, quick)),
+]
+
+
+def run_parts(report: Report, inputs: dict, work: Path, device: torch.device, args) -> None:
+    """Every part not in --skip; a crash in one part is a failed check, the others still run."""
+    for name, part in PARTS:
+        if name in args.skip:
+            continue
+        try:
+            part(report, inputs, work, device, args.quick)
+        except Exception as err:
+            traceback.print_exc()
+            report.check(f"{name} part ran", False, f"{type(err).__name__}: {err}")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda", help="cuda (default) or cpu (with --quick: a smoke run)")
     p.add_argument("--quick", action="store_true", help="tiny shapes and few steps (the CPU smoke mode)")
     p.add_argument("--out", default=None, help="keep the work directory here (default: a temporary one)")
-    p.add_argument("--skip", nargs="*", default=[], choices=("scripts", "padding", "sampler", "sampler-caches", "training-syncs", "memory"),
-                   help="parts to leave out")
+    p.add_argument("--skip", nargs="*", default=[], choices=[name for name, _ in PARTS], help="parts to leave out")
+    p.add_argument("--json", metavar="PATH", help="also write every check (status, name, detail) here as JSON")
     args = p.parse_args(argv)
-    from minidiff.plumbing.device import check_available, enable_tf32, resolve_device
-
     device = resolve_device(args.device)
     check_available(device)
     enable_tf32(device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        print(f"GPU: {torch.cuda.get_device_name(device)}, torch {torch.__version__}, CUDA {torch.version.cuda}")
-    else:
-        print(f"device: {device} (CUDA-only checks are reported as INFO), torch {torch.__version__}")
+    print(banner(device) + ("" if device.type == "cuda" else "; on the CPU, CUDA-only checks are reported as INFO"))
     work = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="gpu-check-"))
     work.mkdir(parents=True, exist_ok=True)
-    report, started = Report(), time.perf_counter()
-    parts = [("scripts", lambda: check_scripts(report, inputs, work, str(device), args.quick)),
-             ("padding", lambda: check_padding(report, inputs, device)),
-             ("sampler", lambda: check_sampler(report, device, args.quick)),
-             ("sampler-caches", lambda: check_sampler_caches(report, device, args.quick)),
-             ("training-syncs", lambda: check_training_syncs(report, inputs, device)),
-             ("memory", lambda: check_memory(report, device, args.quick))]
+    report = Report()
     try:
-        inputs = build_inputs(work)
-        for name, part in parts:
-            if name in args.skip:
-                continue
-            try:
-                part()
-            except Exception as err:  # a crash in one part is a failed check, the others still run
-                traceback.print_exc()
-                report.check(f"{name} part ran", False, f"{type(err).__name__}: {err}")
+        _, seconds = timed(lambda: run_parts(report, build_inputs(work), work, device, args))
     finally:
         if not args.out:
             shutil.rmtree(work, ignore_errors=True)
     failed = report.failed()
-    passed = sum(status == "PASS" for status, _, _ in report.rows)
-    print(f"\nsummary: {passed} passed, {len(failed)} failed, "
-          f"{sum(status == 'INFO' for status, _, _ in report.rows)} info, {time.perf_counter() - started:.0f} s")
+    counts = {status: sum(s == status for s, _, _ in report.rows) for status in ("PASS", "FAIL", "INFO")}
+    print(f"\nsummary: {counts['PASS']} passed, {len(failed)} failed, {counts['INFO']} info, {seconds:.0f} s")
     for name in failed:
         print(f"  FAILED: {name}")
+    write_results(args.json, {"device": str(device), "quick": args.quick, "seconds": seconds,
+                              "checks": [{"status": s, "name": n, "detail": d} for s, n, d in report.rows]}, device)
     return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    from minidiff.errors import run_cli
-
     run_cli(main)

@@ -35,28 +35,25 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from common import add_flags, banner, machine, mmbert_base, timed, tiny_shape, use_threads, write_results
 from torch.utils._python_dispatch import TorchDispatchMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from gpu_check import base_shape_config  # noqa: E402  (mmBERT-base and the tiny shape)
-
-from minidiff.errors import UserError, run_cli  # noqa: E402
-from minidiff.evaluation.answers import mc_loglik_many  # noqa: E402
-from minidiff.lora import apply_lora, lora_modules  # noqa: E402
-from minidiff.model import ModelConfig, ModernBertMLM  # noqa: E402
-from minidiff.plumbing.device import check_available, inference_precision, resolve_device  # noqa: E402
-from minidiff.plumbing.files import atomic_path, write_json  # noqa: E402
-from minidiff.sampler import SamplerConfig  # noqa: E402
-from minidiff.speed.chunked_loss import linear_cross_entropy, nelbo_loss  # noqa: E402
-from minidiff.speed.packed import PACK_ROWS  # noqa: E402
-from minidiff.speed.sampling import generate  # noqa: E402
+from minidiff.errors import UserError, run_cli
+from minidiff.evaluation.answers import mc_loglik_many
+from minidiff.lora import apply_lora, lora_modules
+from minidiff.model import ModelConfig, ModernBertMLM
+from minidiff.plumbing.device import check_available, inference_precision, resolve_device
+from minidiff.plumbing.files import atomic_path
+from minidiff.sampler import SamplerConfig
+from minidiff.speed.chunked_loss import linear_cross_entropy, nelbo_loss
+from minidiff.speed.packed import PACK_ROWS
+from minidiff.speed.sampling import generate
 
 H200 = {"name": "H200", "flops": 990e12, "bytes_per_s": 4.8e12}  # dense bf16, HBM3e
 
@@ -131,21 +128,9 @@ class Counter(TorchDispatchMode):
 # ----------------------------------------------------------------------------- the machine
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def seconds(fn: Callable, device: torch.device, repeats: int) -> list[float]:
     """Wall time of each of `repeats` calls (the device's queue drained around each)."""
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return times
+    return [timed(fn, device)[1] for _ in range(repeats)]
 
 
 def machine_sizes(device: torch.device, toy: bool) -> tuple[int, int]:
@@ -494,7 +479,7 @@ def compare_products(config: ModelConfig, repeats: int, toy: bool) -> None:
 
 def model_config(args) -> ModelConfig:
     if args.config is None:
-        return base_shape_config(args.toy)
+        return tiny_shape() if args.toy else mmbert_base()
     try:
         config = ModelConfig.from_json(args.config)
     except (OSError, ValueError, TypeError) as err:
@@ -512,18 +497,16 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="auto", help="auto (cuda: bf16 autocast; cpu: bf16 with avx512_bf16 "
                    "or amx_bf16, else fp32), float32, bfloat16")
     p.add_argument("--repeats", type=int, default=1, help="timed calls per path after the counted one (median)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--json", default=None, help="write machine, counts and times here")
     p.add_argument("--plot", default=None, help="draw the roofline picture to this PNG (needs matplotlib)")
     p.add_argument("--compare", default=None, help="another run's --json (e.g. the GPU's): its measured columns")
     p.add_argument("--products", action="store_true", help="compare formulations of the small-row products instead")
     p.add_argument("--no-packed-weights", action="store_true",
                    help="the model's linears multiply with their weights as stored (as sample.py --no-packed-weights)")
+    add_flags(p)  # --json: the machine, counts and times (what --compare reads)
     args = p.parse_args(argv)
     if args.repeats < 1:
         raise UserError(f"--repeats must be at least 1, got {args.repeats}.")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    use_threads(args.threads)
     config = model_config(args)
     if args.products:
         compare_products(config, args.repeats, args.toy)
@@ -534,24 +517,22 @@ def main(argv=None) -> int:
     check_available(device)
     precision = inference_precision(args.dtype, device, pack=not args.no_packed_weights)
     compute_dtype = precision.autocast_dtype or precision.weights
-    machine = measure_machine(device, *machine_sizes(device, args.toy))
+    machine_rates = measure_machine(device, *machine_sizes(device, args.toy))
     shapes = TOY_SHAPES if args.toy else Shapes()
     rows = []
     for path in hot_paths(config, shapes, device, precision):
-        started = time.perf_counter()
-        rows.append(add_bounds(measure(path, device, args.repeats), machine, compute_dtype))
-        print(f"{path.name}: {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
-    print(f"\nroofline: {machine['device']}, {machine['threads']} threads, torch {torch.__version__}, "
-          f"{precision.describe()}; hidden {config.hidden_size}, {config.num_hidden_layers} layers, "
-          f"vocabulary {config.vocab_size}; matmul {machine['matmul_flops_float32'] / 1e9:.0f} GFLOP/s fp32, "
-          f"{machine['matmul_flops_bfloat16'] / 1e9:.0f} bf16; read {machine['read_bytes_per_s'] / 1e9:.1f} GB/s; "
-          f"median of {args.repeats}\n")
+        row, elapsed = timed(lambda: add_bounds(measure(path, device, args.repeats), machine_rates, compute_dtype))
+        rows.append(row)
+        print(f"{path.name}: {elapsed:.1f} s", file=sys.stderr, flush=True)
+    print(f"\nroofline: {precision.describe()}; hidden {config.hidden_size}, {config.num_hidden_layers} layers, "
+          f"vocabulary {config.vocab_size}; matmul {machine_rates['matmul_flops_float32'] / 1e9:.0f} GFLOP/s fp32, "
+          f"{machine_rates['matmul_flops_bfloat16'] / 1e9:.0f} bf16; read "
+          f"{machine_rates['read_bytes_per_s'] / 1e9:.1f} GB/s; median of {args.repeats}\n{banner(device)}\n")
     print_table(rows, compare, Path(args.compare).stem if compare else "")
-    if args.json:
-        write_json(args.json, {"machine": machine, "torch": torch.__version__, "precision": precision.describe(),
-                               "config": config.to_dict(), "h200": H200, "paths": rows})
+    write_results(args.json, {"machine": {**machine(device), **machine_rates}, "precision": precision.describe(),
+                              "config": config.to_dict(), "h200": H200, "paths": rows})
     if args.plot:
-        plot(plt, rows, machine, args.plot)
+        plot(plt, rows, machine_rates, args.plot)
     return 0
 
 

@@ -16,10 +16,18 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks" / "bench_sample.py"
 
 
-def run(*args):
+def run(*args, script: Path = BENCH, timeout: int = 300):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, str(BENCH), *map(str, args)], capture_output=True,
-                          text=True, timeout=300, cwd=ROOT, env=env)
+    return subprocess.run([sys.executable, str(script), *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, cwd=ROOT, env=env)
+
+
+def run_json(tmp_path: Path, script: str, *args, timeout: int = 300) -> dict:
+    """benchmarks/SCRIPT ARGS --json FILE: exit status 0, then what it wrote to FILE."""
+    out = tmp_path / f"{Path(script).stem}.json"
+    done = run(*args, "--json", out, script=ROOT / "benchmarks" / script, timeout=timeout)
+    assert done.returncode == 0, done.stderr
+    return json.loads(out.read_text(encoding="utf-8"))
 
 
 @pytest.fixture(scope="module")
@@ -34,18 +42,17 @@ def test_bench_sample_chat_prompts(model_dir, tmp_path):
                                                      {"role": "assistant", "content": a}]}) + "\n"
                             for q, a in [("Merhaba", "Selam"), ("Nasılsın?", "İyiyim."),
                                          ("Unused", "row")]), encoding="utf-8")
-    done = run("--model", model_dir, "--chat-data", rows, "--num-prompts", 2, "--max-new-tokens", 12,
-               "--threshold", 0.2, "--show")
-    assert done.returncode == 0, done.stderr
-    table = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in done.stdout.splitlines()
-             if line.startswith("| ") and not line.startswith("| sampler")}
+    report = run_json(tmp_path, "bench_sample.py", "--model", model_dir, "--chat-data", rows, "--num-prompts", 2,
+                      "--max-new-tokens", 12, "--threshold", 0.2, "--show")
+    table = {row["sampler"]: row for row in report["rows"]}
     # 2 prompts x 12 tokens; one call per token for both step-per-token samplers
-    assert table["reference (full-canvas logits)"][1] == "24"
-    assert table["generate (block logits only)"][1] == "24"
-    assert table["generate (block logits only)"][5] == "24/24"
-    threshold_calls = int(table["generate, threshold 0.2"][1])
+    assert table["reference (full-canvas logits)"]["calls"] == 24
+    assert table["generate (block logits only)"]["calls"] == 24
+    exact = table["generate (block logits only)"]
+    assert exact["tokens_equal"] == exact["tokens"] == 24
+    threshold_calls = table["generate, threshold 0.2"]["calls"]
     assert 2 <= threshold_calls <= 24  # at least one call per block (one block per prompt)
-    assert "2 chat prompts" in done.stdout and done.stdout.count("prompt 1:") == 1
+    assert report["source"].startswith("2 chat prompts") and len(report["shown"]) == 2
 
 
 @pytest.mark.slow
@@ -58,33 +65,23 @@ def test_bench_sample_bad_chat_data(model_dir, tmp_path):
 
 
 @pytest.mark.slow  # five python + torch start-ups
-def test_bench_memory_tiny():
-    bench = ROOT / "benchmarks" / "bench_memory.py"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, str(bench), "--vocab", "300", "--hidden", "32", "--intermediate", "48",
-                           "--heads", "2", "--layers", "1", "--rank", "4", "--seq", "16", "--batches", "2", "3",
-                           "--repeats", "1", "--budget-mib", "0.01"],
-                          capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
-    assert done.returncode == 0, done.stderr
-    rows = [line.strip("| ").split(" | ") for line in done.stdout.splitlines()
-            if line.startswith("| dense") or line.startswith("| chunked")]
-    memory, timing = rows[:4], rows[4:]
+def test_bench_memory_tiny(tmp_path):
+    report = run_json(tmp_path, "bench_memory.py", "--vocab", "300", "--hidden", "32", "--intermediate", "48",
+                      "--heads", "2", "--layers", "1", "--rank", "4", "--seq", "16", "--batches", "2", "3",
+                      "--repeats", "1", "--budget-mib", "0.01")
+    memory, timing = report["memory"], report["step_seconds"]
     # both paths at both batch sizes, the same masks (the script checks that the losses agree)
-    assert [r[0] for r in memory] == ["dense", "dense", "chunked", "chunked"]
-    assert memory[0][1] == memory[2][1] and memory[1][1] == memory[3][1]
-    assert int(memory[1][1].replace(",", "")) > int(memory[0][1].replace(",", ""))
-    assert "not resettable" not in done.stdout
-    assert [r[0] for r in timing] == ["dense", "chunked"] and timing[0][2] == "1.00x"
+    assert [r["path"] for r in memory] == ["dense", "dense", "chunked", "chunked"]
+    assert memory[0]["masked"] == memory[2]["masked"] and memory[1]["masked"] == memory[3]["masked"]
+    assert memory[1]["masked"] > memory[0]["masked"]
+    assert all(r["peak_reset"] for r in memory)
+    assert list(timing) == ["dense", "chunked"] and timing["dense"] > 0 and timing["chunked"] > 0
 
 
-def test_bench_memory_saved_activations_tiny():
-    bench = ROOT / "benchmarks" / "bench_memory.py"
-    done = subprocess.run([sys.executable, str(bench), "--activations", "--hidden", "32", "--intermediate", "48",
-                           "--heads", "2", "--rank", "4", "--seq", "16"], capture_output=True, text=True,
-                          timeout=300, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0, done.stderr
-    kib = [float(line.rsplit("|", 2)[1]) for line in done.stdout.splitlines()
-           if line.startswith("| fp32") or line.startswith("| bf16")]
+def test_bench_memory_saved_activations_tiny(tmp_path):
+    report = run_json(tmp_path, "bench_memory.py", "--activations", "--hidden", "32", "--intermediate", "48",
+                      "--heads", "2", "--rank", "4", "--seq", "16")
+    kib = [row["kib_per_token_per_layer"] for row in report["activations"]]
     # fp32 > bf16 autocast > bf16 with checkpointing, which keeps only each layer's fp32 input: 32 x 4 bytes
     assert len(kib) == 3 and kib[0] > kib[1] > kib[2] > 0
     assert abs(kib[2] - 32 * 4 / 1024) < 1e-3
@@ -105,18 +102,18 @@ def test_bench_sample_caches_on_text(model_dir, tmp_path):
     rows.write_text("".join(json.dumps({"text": t}) + "\n" for t in
                             ["Türkiye Cumhuriyeti 1923 yılında kuruldu ve başkenti Ankara oldu. " * 3,
                              "İstanbul Boğazı Avrupa ile Asya'yı birbirinden ayırır. " * 3]), encoding="utf-8")
-    done = run("--model", model_dir, "--text-data", rows, "--num-prompts", 2, "--prompt-length", 9,
-               "--max-new-tokens", 8, "--cache", "none", "prefix", "dual", "--threshold", 0.5)
-    assert done.returncode == 0, done.stderr
-    table = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in done.stdout.splitlines()
-             if line.startswith("| ") and not line.startswith("| sampler")}
+    report = run_json(tmp_path, "bench_sample.py", "--model", model_dir, "--text-data", rows, "--num-prompts", 2,
+                      "--prompt-length", 9, "--max-new-tokens", 8, "--cache", "none", "prefix", "dual",
+                      "--threshold", 0.5)
+    table = {row["sampler"]: row for row in report["rows"]}
     assert list(table) == ["reference (full-canvas logits)", "generate (block logits only)",
                            "generate, threshold 0.5", "generate, cache prefix",
                            "generate, cache prefix, threshold 0.5", "generate, cache dual",
                            "generate, cache dual, threshold 0.5"]
-    assert table["generate (block logits only)"][5] == "16/16"
-    assert table["generate, cache dual"][1] == "16"  # one call per token (2 prompts x 8)
-    assert "2 plain-text prompts of 9 tokens" in done.stdout
+    exact = table["generate (block logits only)"]
+    assert exact["tokens_equal"] == exact["tokens"] == 16
+    assert table["generate, cache dual"]["calls"] == 16  # one call per token (2 prompts x 8)
+    assert report["source"].startswith("2 plain-text prompts of 9 tokens")
     bad = run("--model", model_dir, "--text-data", rows, "--num-prompts", 500)
     assert bad.returncode == 2 and "fewer than 500 prompts" in bad.stderr
 
@@ -133,7 +130,7 @@ def test_roofline_toy_counts_match_hand_counts(tmp_path):
     assert done.returncode == 0, done.stderr
     report = json.loads(out.read_text(encoding="utf-8"))
     rows = {row["name"]: row for row in report["paths"]}
-    H, I, V, heads = 64, 96, 1000, 2  # the toy shape (gpu_check's quick model)
+    H, I, V, heads = 64, 96, 1000, 2  # the toy shape (benchmarks/common.py: TINY)
     M = 8
     decoder = rows[f"decoder [{M}, {H}] x [{H}, {V}]"]
     assert decoder["flops"] == 2 * M * H * V
@@ -165,12 +162,6 @@ def test_roofline_bad_compare_file(tmp_path):
     assert done.stderr.startswith(f"error: --compare {bad}") and done.stderr.count("\n") == 1
 
 
-def _table(stdout: str) -> dict:
-    """A printed markdown table's rows by first cell (header and rule left out)."""
-    return {line.split(" | ")[0].strip("| "): [cell.strip(" |") for cell in line.split(" | ")]
-            for line in stdout.splitlines() if line.startswith("| ") and not line.startswith("| ---")}
-
-
 @pytest.mark.slow  # one python + torch start-up, two tiny models, 12 scored choices
 def test_bench_dtype_tiny(model_dir, tmp_path):
     """bench_dtype.py --toy --speed --model: the three speed rows; fp32 agrees with itself
@@ -181,24 +172,23 @@ def test_bench_dtype_tiny(model_dir, tmp_path):
             {"prompt": "başkenti", "choices": ["Ankara", "Ankare", "Ankra", "Ankaro", "Anka", "Ank"], "label": 0}]
     mc = tmp_path / "mc.jsonl"
     mc.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_dtype.py"), "--toy", "--speed",
-                           "--repeats", "1", "--model", str(model_dir), "--mc-data", str(mc), "--num-prompts", "2",
-                           "--mc-samples", "2"], capture_output=True, text=True, timeout=300, cwd=ROOT,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0, done.stderr
-    table = _table(done.stdout)
-    speed = [name for name in table if name.split(" ")[0] in ("decoder", "sampler", "scoring")]
-    assert len(speed) == 3 and all(float(table[name][1]) > 0 and float(table[name][2]) > 0 for name in speed)
+    report = run_json(tmp_path, "bench_dtype.py", "--toy", "--speed", "--repeats", "1", "--model", model_dir,
+                      "--mc-data", mc, "--num-prompts", "2", "--mc-samples", "2")
+    speed = report["speed"]["rows"]
+    assert [row["workload"].split(" ")[0] for row in speed] == ["decoder", "sampler", "scoring"]
+    assert all(row["fp32_ms"] > 0 and row["bf16_ms"] > 0 for row in speed)
     # fp32 against itself, bf16 and fp64 against fp32, then fp32 with another Monte-Carlo seed
-    assert [name for name in table if name.startswith(("fp", "bf"))] == ["fp32", "bf16", "fp64", "fp32, seed 1"]
-    assert table["fp32"][1:4] == ["128/128 (100.0%)", "2/2", "0.0000 / 0.0000 (12 choices)"]
+    table = {row["run"]: row for row in report["agreement"]["rows"]}
+    assert list(table) == ["fp32", "bf16", "fp64", "fp32, seed 1"]
+    assert table["fp32"]["greedy"] == {"tokens_equal": 128, "tokens": 128, "prompts_equal": 2, "prompts": 2}
+    assert table["fp32"]["scores"]["mean_abs_diff"] == table["fp32"]["scores"]["max_abs_diff"] == 0.0
+    assert table["fp32"]["scores"]["choices"] == 12
     for name in ("bf16", "fp64"):
-        equal, total = map(int, table[name][1].split(" ")[0].split("/"))
-        assert total == 2 * 64 and 0 <= equal <= total
-        mean, largest = map(float, table[name][3].split(" (")[0].split(" / "))
-        assert 0 <= mean <= largest < 1.0  # rounding, not a different model
-        assert table[name][4].split(" ")[0] in {f"{k}/3" for k in range(4)}
-    assert table["fp32, seed 1"][1] == "(as fp32)"
+        greedy, scores = table[name]["greedy"], table[name]["scores"]
+        assert greedy["tokens"] == 2 * 64 and 0 <= greedy["tokens_equal"] <= greedy["tokens"]
+        assert 0 <= scores["mean_abs_diff"] <= scores["max_abs_diff"] < 1.0  # rounding, not a different model
+        assert scores["rows"] == 3 and scores["flips"] in range(4)
+    assert table["fp32, seed 1"]["greedy"] is None  # (as fp32): temperature 0, the seed changes no token
 
 
 def test_bench_dtype_model_without_data(model_dir):
@@ -209,26 +199,23 @@ def test_bench_dtype_model_without_data(model_dir):
 
 
 @pytest.mark.slow  # one python + torch start-up, a tiny random model
-def test_bench_dtype_tokens_per_second_tiny():
+def test_bench_dtype_tokens_per_second_tiny(tmp_path):
     """--tokens-per-second --toy: a row per batch x cache, each with one forward per step
     (8 new tokens in 8 steps) and positive rates in both precisions."""
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_dtype.py"), "--toy", "--tokens-per-second",
-                           "--batches", "1", "3", "--new-tokens", "8"], capture_output=True, text=True, timeout=300,
-                          cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0, done.stderr
-    rows = [line.strip("| ").split(" | ") for line in done.stdout.splitlines() if line[:4] in ("| 1 ", "| 3 ")]
-    assert [(r[0], r[1], r[2]) for r in rows] == [(b, c, "eager") for b in ("1", "3") for c in ("none", "prefix", "dual")]
-    assert all(r[3] == "8" and float(r[4]) > 0 and float(r[5]) > 0 for r in rows)
+    report = run_json(tmp_path, "bench_dtype.py", "--toy", "--tokens-per-second", "--batches", "1", "3",
+                      "--new-tokens", "8")
+    rows = report["tokens_per_second"]["rows"]
+    assert [(r["batch"], r["cache"], r["mode"]) for r in rows] == [
+        (b, c, "eager") for b in (1, 3) for c in ("none", "prefix", "dual")]
+    assert all(r["forwards"] == 8 and r["fp32_tokens_per_s"] > 0 and r["bf16_tokens_per_s"] > 0 for r in rows)
 
 
 @pytest.mark.slow  # compiles the tiny model's sampler step twice (fp32, bf16): about half a minute
-def test_bench_dtype_tokens_per_second_compiled_tiny():
+def test_bench_dtype_tokens_per_second_compiled_tiny(tmp_path):
     """--compile adds a compiled row after each eager one; the compiled sampler scores the whole
     block every step, so it makes the same 8 forwards."""
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_dtype.py"), "--toy", "--tokens-per-second",
-                           "--batches", "1", "--caches", "dual", "--compile", "--new-tokens", "8"],
-                          capture_output=True, text=True, timeout=600, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0, done.stderr
-    rows = [line.strip("| ").split(" | ") for line in done.stdout.splitlines() if line.startswith("| 1 ")]
-    assert [(r[0], r[1], r[2]) for r in rows] == [("1", "dual", "eager"), ("1", "dual", "compiled")]
-    assert all(r[3] == "8" and float(r[4]) > 0 and float(r[5]) > 0 for r in rows)
+    report = run_json(tmp_path, "bench_dtype.py", "--toy", "--tokens-per-second", "--batches", "1", "--caches",
+                      "dual", "--compile", "--new-tokens", "8", timeout=600)
+    rows = report["tokens_per_second"]["rows"]
+    assert [(r["batch"], r["cache"], r["mode"]) for r in rows] == [(1, "dual", "eager"), (1, "dual", "compiled")]
+    assert all(r["forwards"] == 8 and r["fp32_tokens_per_s"] > 0 and r["bf16_tokens_per_s"] > 0 for r in rows)

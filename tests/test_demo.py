@@ -23,6 +23,7 @@ from helpers import TURKISH_TEXT
 from minidiff.data import corpora
 from minidiff.data.tokenizer import train_tokenizer
 from minidiff.errors import UserError
+from minidiff.evaluation import infilling
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -50,7 +51,7 @@ TINY = ["--vocab-size", "300", "--hidden-size", "32", "--num-layers", "2", "--in
 
 def check_infill(infill: dict, out: Path, printed: str) -> None:
     """The infilling table and its example, as the tiny demo wrote them."""
-    assert [row["masking"] for row in infill["rows"]] == [name for name, _, _ in demo.MASKINGS]
+    assert [row["masking"] for row in infill["rows"]] == [name for name, _, _ in infilling.MASKINGS]
     assert infill["snippets"] >= 1 and infill["skipped_snippets"] >= 0
     for row in infill["rows"]:
         assert row["masked_chars"] >= infill["snippets"]  # at least one per snippet
@@ -59,7 +60,7 @@ def check_infill(infill: dict, out: Path, printed: str) -> None:
     example = infill["example"]
     frames, masked, text = example["frames"], example["masked"], example["text"]
     # one character per step: frame k has len(masked) - k masks, only where the text was masked
-    assert [f.count(demo.MASK_SHOWN) for f in frames] == list(range(len(masked), -1, -1))
+    assert [f.count(infilling.MASK_SHOWN) for f in frames] == list(range(len(masked), -1, -1))
     given = [i for i in range(len(text)) if i not in set(masked)]
     assert all(frame[i] == text[i] for frame in frames for i in given)  # the given text stays
     assert frames[-1] == example["filled"]
@@ -100,12 +101,12 @@ def test_demo_runs_every_stage(tmp_path, monkeypatch, capsys):
 def test_bigram_fill_by_hand():
     # "abab": n(ab) = 2, n(ba) = 1, n(a.) = 2, n(b.) = 1, A = 2, add-one:
     # P(a|a) = 1/4, P(b|a) = 3/4, P(a|b) = 2/3, P(b|b) = 1/3; P(a) = P(b) = (2 + 1) / (4 + 2) = 1/2
-    bigram = demo.CharBigram(["abab"])
+    bigram = infilling.CharBigram(["abab"])
     assert bigram.chars == ["a", "b"]
     assert np.allclose(bigram.transition, [[1 / 4, 3 / 4], [2 / 3, 1 / 3]])
     assert np.allclose(bigram.unigram, [1 / 2, 1 / 2])
     # "abab_": left b, no right: P(a|b) = 2/3 > P(b|b) = 1/3
-    assert demo.CharBigram(["abab"]).fill("ababb", [4]) == "ababa"
+    assert infilling.CharBigram(["abab"]).fill("ababb", [4]) == "ababa"
     # "a_b": P(a|a) P(b|a) = 3/16 < P(b|a) P(b|b) = 4/16
     assert bigram.fill("aab", [1]) == "abb"
     # "ab_a": P(a|b) P(a|a) = 2/3 * 1/4 = 1/6 < P(b|b) P(a|b) = 1/3 * 2/3 = 2/9: the right side decides
@@ -119,7 +120,7 @@ def test_bigram_fill_by_hand():
 def test_bigram_posterior_equals_enumeration():
     rng = random.Random(0)
     texts = ["".join(rng.choice("abc") for _ in range(40)) for _ in range(3)]
-    bigram = demo.CharBigram(texts, alphabet="d")  # "d" never seen: smoothing alone
+    bigram = infilling.CharBigram(texts, alphabet="d")  # "d" never seen: smoothing alone
     chars = bigram.chars
     pairs = Counter((t[i], t[i + 1]) for t in texts for i in range(len(t) - 1))
     firsts = Counter(c for t in texts for c in t[:-1])
@@ -146,33 +147,33 @@ def test_bigram_posterior_equals_enumeration():
 
 
 def test_most_frequent_character_and_accuracy():
-    assert demo.most_frequent_character(["ab a", "ca"]) == "a"
+    assert infilling.most_frequent_character(["ab a", "ca"]) == "a"
     # masked positions 1, 2 of "abc" and 0 of "xy": "abd" gets 1 of 2, "xy" 1 of 1 -> 2 of 3
-    assert demo.masked_accuracy(["abc", "xy"], ["abd", "xz"], [[1, 2], [0]]) == pytest.approx(2 / 3)
+    assert infilling.masked_accuracy(["abc", "xy"], ["abd", "xz"], [[1, 2], [0]]) == pytest.approx(2 / 3)
 
 
 def test_masks_characters_and_whole_words():
     text = "Bu, yeni bir gün: 1923 yılı."
-    masked = demo.mask_characters(text, 0.3, random.Random(1))
+    masked = infilling.mask_characters(text, 0.3, random.Random(1))
     assert len(masked) == round(0.3 * len(text)) == len(set(masked))
-    words = demo.mask_words(text, 0.5, random.Random(1))
+    words = infilling.mask_words(text, 0.5, random.Random(1))
     spans = [range(*m.span()) for m in re.finditer(r"\w+", text)]
     chosen = [s for s in spans if s[0] in words]
     assert len(chosen) == 3  # round(0.5 * 6)
     assert sorted(i for s in chosen for i in s) == words  # whole words, nothing else
-    assert demo.mask_words("... !", 0.5, random.Random(1)) == []
+    assert infilling.mask_words("... !", 0.5, random.Random(1)) == []
 
 
 def test_snippets_cut_at_words_and_one_token_per_character(tmp_path):
     text = "Türkiye Cumhuriyeti 1923 yılında kuruldu ve başkenti Ankara oldu. " * 3
-    pieces = demo.cut_snippets([text, "kısa"], 40)
-    assert pieces and all(demo.MIN_SNIPPET <= len(p) <= 40 for p in pieces)
+    pieces = infilling.cut_snippets([text, "kısa"], 40)
+    assert pieces and all(infilling.MIN_SNIPPET <= len(p) <= 40 for p in pieces)
     full, joined = " ".join(text.split()), " ".join(pieces)
     # nothing lost but a last piece shorter than MIN_SNIPPET ("başkenti Ankara oldu.") and "kısa"
-    assert full.startswith(joined) and 0 < len(full[len(joined):].strip()) < demo.MIN_SNIPPET
+    assert full.startswith(joined) and 0 < len(full[len(joined):].strip()) < infilling.MIN_SNIPPET
     tok = train_tokenizer(TURKISH_TEXT, 300)
-    ids = demo.character_ids(tok)
-    snippet = demo.as_snippet(tok, "Ankara oldu.", ids)
+    ids = infilling.character_ids(tok)
+    snippet = infilling.as_snippet(tok, "Ankara oldu.", ids)
     assert snippet is not None and snippet.offset == 1
     assert [tok.decode([i]) for i in snippet.ids[1:]] == [c if c != " " else "" for c in "Ankara oldu."]
-    assert demo.as_snippet(tok, "Ankara € oldu", ids) is None  # "€" is three byte tokens
+    assert infilling.as_snippet(tok, "Ankara € oldu", ids) is None  # "€" is three byte tokens

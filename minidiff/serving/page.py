@@ -2,21 +2,22 @@
 
 It asks POST /v1/chat/completions with stream and trace on, and draws each `event: step` (every
 cell of the answer: a mask, or the text of its committed token; the tokens the step committed
-on yellow; the current block framed) as sample.py's --trace-html replay draws a step; the
-OpenAI chunks fill the answer below. A slider replays the steps received. One self-contained
-document: no build step, no external asset. Reader's page: docs/serving.md.
+on yellow; the current block shaded) as sample.py's --trace-html replay draws a step, with its
+style and its token pieces (plumbing/trace_page.py); the OpenAI chunks fill the answer below.
+A slider replays the steps received. One self-contained document: no build step, no external
+asset. Reader's page: docs/serving.md.
 """
 from __future__ import annotations
 
 import json
 
+from minidiff.plumbing.trace_page import STYLE, token_pieces
+
 PAGE = """<!DOCTYPE html>
 <html lang="tr"><head><meta charset="utf-8"><title>minidiff: denoising live</title>
 <style>
-body{font-family:system-ui,sans-serif;margin:2em;max-width:60em}
-.row{white-space:pre-wrap;font-family:ui-monospace,monospace;border:1px solid #ccc;padding:.6em;margin:.6em 0}
-.prompt{color:#777}.mask{color:#bbb}.block{background:#e8f0ff}.new{background:#ffe08a}
-textarea{width:100%;font:inherit}
+__STYLE__
+.block{background:#e8f0ff}textarea{width:100%;font:inherit}
 </style></head><body>
 <h1>Denoising live: __MODEL_TEXT__</h1>
 <form id="ask"><textarea id="prompt" rows="3" placeholder="Türkiye'nin başkenti neresidir?"></textarea>
@@ -88,18 +89,11 @@ $("ask").onsubmit = async ev => {
 def page_html(model_name: str) -> str:
     """The page, asking for `model_name`."""
     text = model_name.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-    return PAGE.replace("__MODEL_TEXT__", text).replace("__MODEL__", json.dumps(model_name).replace("</", "<\\/"))
+    return (PAGE.replace("__STYLE__", STYLE).replace("__MODEL_TEXT__", text)
+            .replace("__MODEL__", json.dumps(model_name).replace("</", "<\\/")))
 
 
 def cells(tok, ids: list[int], mask_id: int) -> list[str | None]:
-    """Each answer position's text (None: still masked): the text a token adds to those before it
-    (incremental decoding, the masks skipped), so multi-byte characters come out whole."""
-    out, previous = [], ""
-    for n, token in enumerate(ids, start=1):
-        if token == mask_id:
-            out.append(None)
-            continue
-        text = tok.decode(ids[:n], skip_special_tokens=True)
-        out.append(text[len(previous):] if text.startswith(previous) else tok.decode([token]))
-        previous = text
-    return out
+    """Each answer position's text, None where still masked: the text its token adds to those
+    before it (trace_page.token_pieces; a mask adds none), so multi-byte characters come out whole."""
+    return [None if token == mask_id else piece for token, piece in zip(ids, token_pieces(tok, ids))]
