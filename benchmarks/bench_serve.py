@@ -23,7 +23,6 @@ import argparse
 import http.client
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -35,10 +34,11 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import torch
+from common import add_flags, banner, tiny_shape, use_threads, write_results
 
 from minidiff.data.tokenizer import train_tokenizer
 from minidiff.errors import run_cli
-from minidiff.model import ModelConfig, ModernBertMLM
+from minidiff.model import ModernBertMLM
 from minidiff.plumbing.checkpoint import save_pretrained
 from minidiff.plumbing.sampling_cli import (
     answer_ids,
@@ -51,10 +51,6 @@ from minidiff.speed.sampling import generate
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXTS = ROOT / "benchmarks" / "data" / "morphology_tr.jsonl"
-# the small model: the benchmarks' tiny shape (width 64, 2 layers, a vocabulary of 1000)
-SMALL = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=2,
-             max_position_embeddings=1024, local_attention=16, global_attn_every_n_layers=3,
-             pad_token_id=0, eos_token_id=1, bos_token_id=2, cls_token_id=1, sep_token_id=1, mask_token_id=4)
 
 
 def parse_args(argv=None):
@@ -66,34 +62,23 @@ def parse_args(argv=None):
     p.add_argument("--block-length", type=int, default=32)
     p.add_argument("--repetition-penalty", type=float, default=1.2)
     p.add_argument("--dtype", default="float32", help="as serve.py's --dtype (both sides use it)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads of the server and the baseline")
-    p.add_argument("--json", type=Path, help="write the results here")
+    add_flags(p, threads=1, threads_help="torch threads of the server and of the baseline")
     return p.parse_args(argv)
 
 
 def small_model_dir(directory: Path) -> Path:
-    """A tokenizer trained on the benchmark's Turkish prompts and a random model sized to it."""
+    """A tokenizer trained on the benchmark's Turkish prompts and a random model of the benchmarks'
+    tiny shape (width 64, 2 layers) sized to it."""
     texts = [json.loads(line)["prompt"] for line in TEXTS.read_text(encoding="utf-8").splitlines()]
     tok = train_tokenizer(texts, vocab_size=1000, out_dir=directory)
     torch.manual_seed(0)
-    save_pretrained(ModernBertMLM(ModelConfig(vocab_size=tok.vocab_size, **SMALL)).eval(), directory)
+    save_pretrained(ModernBertMLM(tiny_shape(vocab_size=tok.vocab_size)).eval(), directory)
     return directory
 
 
 def prompts(count: int) -> list[str]:
     rows = [json.loads(line)["prompt"] for line in TEXTS.read_text(encoding="utf-8").splitlines()]
     return [rows[i % len(rows)] for i in range(count)]
-
-
-def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    return {"cpu": cpu, "cores": os.cpu_count(), "load_average": list(os.getloadavg()),
-            "torch": torch.__version__, "python": platform.python_version(),
-            "date": time.strftime("%Y-%m-%d %H:%M")}
 
 
 class Server:
@@ -207,14 +192,14 @@ def table(rows: list[dict]) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
+    use_threads(args.threads)
     with tempfile.TemporaryDirectory() as scratch:
         model_dir = Path(args.model) if args.model else small_model_dir(Path(scratch) / "small")
         options = argparse.Namespace(model=str(model_dir), device="cpu", dtype=args.dtype, no_packed_weights=False)
         model, tok, precision = load_for_sampling(options)
         config = SamplerConfig(max_new_tokens=args.max_tokens, steps=args.steps, block_length=args.block_length,
                                repetition_penalty=args.repetition_penalty)
-        print(f"machine: {machine()}", flush=True)
+        print(banner(), flush=True)
         server, rows = Server(model_dir, args, max(args.clients)), []
         try:
             server.ask("Merhaba")  # warm up (first forward's allocations)
@@ -227,9 +212,7 @@ def main(argv=None) -> int:
         finally:
             server.close()
     print(f"\n{table(rows)}\n\nload average after: {os.getloadavg()}")
-    if args.json:
-        args.json.write_text(json.dumps({"machine": machine(), "settings": vars(args) | {"json": str(args.json)},
-                                         "rows": rows}, indent=2), encoding="utf-8")
+    write_results(args.json, {"settings": vars(args), "rows": rows})
     return 0
 
 
