@@ -17,6 +17,7 @@ by default (`--lora` for LoRA). Stage 2 is another run with --model pointing at 
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from minidiff.data import examples, shards
@@ -101,6 +102,11 @@ def sft_examples_from(sources, config: SFTConfig, tok, ctx) -> examples.Examples
     return examples.Concat(views)
 
 
+def report_of(train: examples.Concat) -> dict:
+    """What the SFT rows kept, cut, dropped and truncated (recorded in run.json as "data")."""
+    return dataclasses.asdict(examples.sft_report(train.parts))
+
+
 def main(argv=None) -> int:
     from minidiff.data.tokenizer import load_tokenizer
 
@@ -108,6 +114,7 @@ def main(argv=None) -> int:
 
     tok = load_tokenizer(config.tokenizer or config.model)
     train = sft_examples_from(config.data, config, tok, ctx)
+    report = report_of(train)
     train, held_out = train_cli.split_held_out(
         train, config, lambda sources: sft_examples_from(sources, config, tok, ctx))
     train_cli.say(ctx.rank, f"{len(train):,} training examples, {len(held_out):,} evaluation examples")
@@ -120,7 +127,7 @@ def main(argv=None) -> int:
         return collate_sft(batch, tok.pad_id, tok.eos_id, fill=config.pad_fill)
 
     return train_cli.run_training(config, ctx, model, tok, train, held_out, collate,
-                                  lora=config.lora, script="train_sft.py")
+                                  lora=config.lora, script="train_sft.py", data_report=report)
 
 
 if __name__ == "__main__":

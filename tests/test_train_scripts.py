@@ -133,6 +133,28 @@ def test_sft_run_exports_a_model_transformers_loads(setup, tmp_path):
     assert not torch.equal(start.head.dense.weight, ours.head.dense.weight)  # it did train
 
 
+def test_sft_long_prompts_cut_are_counted_in_run_json(setup, tmp_path):
+    """--long-prompts cut keeps exactly the rows the drop rule leaves out (the list oracle's count),
+    and run.json says how many prompts were cut."""
+    import data_oracle
+
+    from minidiff.data.readers import read_rows
+    from minidiff.data.tokenizer import load_tokenizer
+
+    max_len = 48  # 4 of the 6 prompts fill it
+    _, dropped = data_oracle.build_sft_examples(read_rows(setup["rows"]), "alpaca", load_tokenizer(setup["model"]),
+                                                max_len)
+    assert 0 < dropped.dropped_prompt_too_long < dropped.rows  # the test needs both kinds of row
+    out = tmp_path / "cut"
+    code = train_sft.main(["--model", str(setup["model"]), "--data", str(setup["rows"]), "--format", "alpaca",
+                           "--out", str(out), "--max-len", str(max_len), "--long-prompts", "cut",
+                           "--batch-size", "2", "--max-steps", "1", "--no-progress"])
+    assert code == 0
+    report = json.loads((out / "run.json").read_text())["data"]
+    assert report["cut_prompt_too_long"] == dropped.dropped_prompt_too_long
+    assert (report["kept"], report["dropped_prompt_too_long"]) == (dropped.rows, 0)
+
+
 def help_text(script, capsys) -> str:
     with pytest.raises(SystemExit) as info:
         script.main(["--help"])

@@ -269,9 +269,11 @@ def say(rank: int, message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
-def run_training(config, ctx, model, tok, train, held_out, collate, *, lora: bool, script: str) -> int:
+def run_training(config, ctx, model, tok, train, held_out, collate, *, lora: bool, script: str,
+                 data_report: dict | None = None) -> int:
     """What both scripts do once examples and model exist: batches, the NELBO objective, the
-    training loop, a one-line summary. Returns the exit status."""
+    training loop, a one-line summary. data_report: what the data rules kept, cut and dropped,
+    recorded in run.json. Returns the exit status."""
     batches = Batches(train, config.batch_size, seed=config.seed, rank=ctx.rank,
                            world_size=ctx.world_size, drop_last=True, collate=collate)
     evals = eval_batches(held_out, config.batch_size, ctx.rank, ctx.world_size, collate) if held_out else None
@@ -279,7 +281,8 @@ def run_training(config, ctx, model, tok, train, held_out, collate, *, lora: boo
                                       stratified=config.stratified_t, eps=config.time_eps)
     result = trainer.train(model, batches, evals, loss_fn, config, config.out, tokenizer=tok,
                            lora=lora, base_model=config.model,
-                           run_info={"script": script, "num_train": len(train), "num_eval": len(held_out)},
+                           run_info={"script": script, "num_train": len(train), "num_eval": len(held_out),
+                                     **({"data": data_report} if data_report else {})},
                            identity=run_identity(model, tok, train, held_out))
     if ctx.is_main:
         last_eval = f", eval loss {result.eval_losses[-1][1]:.4f}" if result.eval_losses else ""
