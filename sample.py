@@ -19,40 +19,25 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
 
-import minidiff
-from minidiff.data.chat import END_OF_TURN, chat_prompt_ids
 from minidiff.errors import UserError, run_cli
 from minidiff.plumbing import flags
-from minidiff.plumbing.device import (
-    add_precision_flags,
-    check_available,
-    enable_tf32,
-    inference_precision,
-    resolve_device,
+from minidiff.plumbing.device import add_precision_flags
+from minidiff.plumbing.sampling_cli import (
+    add_sampler_flags,
+    answer_text,
+    load_for_sampling,
+    prompt_ids,
+    sampler_config,
 )
 from minidiff.plumbing.trace_page import write_trace_html
-from minidiff.sampler import CACHES, SamplerConfig, steps_per_block
+from minidiff.sampler import SamplerConfig, steps_per_block
 from minidiff.speed.sampling import generate, infill
 
 MASK_CHAR = "░"
 DIM, RESET = "\x1b[2m", "\x1b[0m"
-
-
-SAMPLER_HELP = {  # help texts of the SamplerConfig fields (the flags override the preset)
-    "remasking": "low_confidence | random",
-    "stochastic": "Binomial transfer counts",
-    "unmasking": "unmasking schedule (how many tokens each step commits): dllm | llada",
-    "threshold": "parallel decoding: commit every candidate this confident",
-    "stop_strings": "strings that end the answer (none: give the flag alone)",
-    "stop_at_eos": "stop once every answer has eos or [/Answer] in a finished block",
-    "cache": "key/value cache across a block's steps (Fast-dLLM, approximate): none = exact, "
-             "prefix = reuse what precedes the block, dual = run only the block",
-    "cache_refresh": "with --cache: refill the cache every N steps of a block (default: block start only)",
-    "compile": "torch.compile the fixed-shape step (CUDA graphs on a GPU); the first call compiles",
-}
 
 
 def parse_args(argv=None):
@@ -64,10 +49,7 @@ def parse_args(argv=None):
     what.add_argument("--infill", help="text with <mask> markers to fill in")
     p.add_argument("--raw", action="store_true", help="use the prompt text as is (no chat template)")
     p.add_argument("--system", help="system message for the chat template")
-    p.add_argument("--preset", choices=sorted(SamplerConfig.PRESETS), help="start from these sampler settings")
-    g = p.add_argument_group("sampler (SamplerConfig fields; override the preset)")
-    flags.add_fields(g, SamplerConfig, helps=SAMPLER_HELP, choices={"cache": list(CACHES)},
-                     nargs={"stop_strings": "*"})
+    add_sampler_flags(p)
     p.add_argument("--batch-size", type=int, default=8, help="prompts denoised together (more --prompt "
                    "flags run in batches of this many: the memory of a step grows with it)")
     p.add_argument("--json", action="store_true", help="print JSON: ids, text, steps used")
@@ -77,40 +59,7 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def sampler_config(args) -> SamplerConfig:
-    """The preset (or the defaults) with every flag that was given laid over it."""
-    chosen = {f.name: getattr(args, f.name) for f in fields(SamplerConfig)
-              if getattr(args, f.name, None) is not None}
-    if "stop_strings" in chosen:
-        chosen["stop_strings"] = tuple(chosen["stop_strings"])
-    if args.preset:
-        return SamplerConfig.preset(args.preset, **chosen)
-    return SamplerConfig(**chosen)
-
-
 # ----------------------------------------------------------------------------- text
-
-
-def prompt_ids(tok, text: str, *, raw: bool, system: str | None = None, history=()) -> list[int]:
-    """The prompt's token ids. Chat (default): the templated conversation exactly as SFT training
-    saw it (data.chat_prompt_ids: no special tokens, ends with the generation prompt
-    "[Answer]\n"). Raw: <bos> + the text, without the post-processor's closing <eos> (as a CPT
-    document starts); the answer's masks follow the prompt directly."""
-    if not raw:
-        messages = ([{"role": "system", "content": system}] if system else []) + list(history)
-        return chat_prompt_ids(messages + [{"role": "user", "content": text}], tok)
-    ids = tok.encode(text, add_special_tokens=False)
-    return ([tok.bos_id] if tok.bos_id is not None else []) + ids
-
-
-def answer_text(tok, ids: list[int]) -> str:
-    """The answer: up to the first eos or pad (SFT teaches the model to end with padding), then
-    up to the end-of-turn string, stripped."""
-    ends = [ids.index(t) for t in (tok.eos_id, tok.pad_id) if t is not None and t in ids]
-    if ends:
-        ids = ids[: min(ends)]
-    text = tok.decode(ids, skip_special_tokens=True)
-    return text.split(END_OF_TURN)[0].strip()
 
 
 def render_row(tok, ids: list[int], mask_id: int, color: bool) -> str:
@@ -195,15 +144,7 @@ def main(argv=None) -> int:
     if args.trace_html is not None and not args.trace_html.parent.is_dir():
         raise UserError(f"--trace-html: the directory {args.trace_html.parent} does not exist.")
     check_sizes(args)
-    device = resolve_device(args.device)
-    precision = inference_precision(args.dtype, device, pack=not args.no_packed_weights)
-    check_available(device)
-    enable_tf32(device)
-    tok = minidiff.load_tokenizer(args.model)
-    model = precision.prepare(minidiff.load_model(args.model))
-    if tok.mask_id >= model.config.vocab_size:
-        raise UserError(f"the tokenizer's mask id {tok.mask_id} is outside the model's vocabulary "
-                        f"of {model.config.vocab_size}; tokenizer and model do not match.")
+    model, tok, precision = load_for_sampling(args)
     live = sys.stdout.isatty() and not args.json
 
     if args.infill is not None:

@@ -20,4 +20,4 @@ if [ -n "${TORCH_INDEX_URL:-}" ]; then
 else
   "${PIP[@]}" "$TORCH_REQUIREMENT"
 fi
-"${PIP[@]}" -c constraints.txt -e ".[dev,data,harness]"
+"${PIP[@]}" -c constraints.txt -e ".[dev,data,harness,serve]"

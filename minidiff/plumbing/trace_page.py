@@ -15,12 +15,16 @@ from pathlib import Path
 
 from minidiff.plumbing.files import write_text
 
+# how a row of the canvas looks: the prompt grey, masks as light blocks, a step's tokens on yellow
+# (also the live page of serve.py, minidiff/serving/page.py)
+STYLE = """body{font-family:system-ui,sans-serif;margin:2em;max-width:60em}
+.row{white-space:pre-wrap;font-family:ui-monospace,monospace;border:1px solid #ccc;padding:.6em;margin:.6em 0}
+.prompt{color:#777}.mask{color:#bbb}.new{background:#ffe08a}"""
+
 PAGE = """<!DOCTYPE html>
 <html lang="tr"><head><meta charset="utf-8"><title>minidiff denoising</title>
 <style>
-body{font-family:system-ui,sans-serif;margin:2em;max-width:60em}
-.row{white-space:pre-wrap;font-family:ui-monospace,monospace;border:1px solid #ccc;padding:.6em;margin:.6em 0}
-.prompt{color:#777}.mask{color:#bbb}.new{background:#ffe08a}
+""" + STYLE + """
 </style></head><body>
 <h1>Denoising replay</h1>
 <p><button id="play">play</button> step <span id="n">0</span> / <span id="total"></span>

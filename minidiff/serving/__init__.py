@@ -1,0 +1,1 @@
+"""The server room: a model behind an OpenAI-compatible API, batching requests at block boundaries."""
