@@ -238,10 +238,10 @@ def load_model(name_or_path, *, dtype=None, device=None, revision=None,
         warnings.warn(f"{source} has no MLM head: head.dense, head.norm and decoder.bias are randomly initialised",
                       stacklevel=2)
     else:
+        model = skeleton
         if tied:
             state[TIED_KEY] = state[EMBEDDING_KEY]
-        skeleton.load_state_dict(state, strict=True, assign=True)
-        model = skeleton
+        model.load_state_dict(state, strict=True, assign=True)
         if tied:  # one Parameter, not two sharing storage (optimizers and counts see it once)
             model.decoder.weight = model.model.embeddings.tok_embeddings.weight
     leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
@@ -249,7 +249,7 @@ def load_model(name_or_path, *, dtype=None, device=None, revision=None,
     return (model if device is None else model.to(device)).eval()
 
 
-# ----------------------------------------------------------------------------- saving
+# ----------------------------------------------------------------------------- saving and converting
 
 
 def save_pretrained(model: ModernBertMLM, directory: str | Path, state_dict: dict | None = None) -> None:
@@ -258,8 +258,7 @@ def save_pretrained(model: ModernBertMLM, directory: str | Path, state_dict: dic
     `state_dict` overrides what is saved (e.g. lora.base_state_dict, the merged base weights).
     The tied decoder weight is left out (transformers re-ties it on load).
     """
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    directory = Path(directory)  # atomic_path makes it where it is missing
     state = model.state_dict() if state_dict is None else state_dict
     state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     if model.config.tie_word_embeddings:
@@ -268,9 +267,6 @@ def save_pretrained(model: ModernBertMLM, directory: str | Path, state_dict: dic
     write_json(directory / CONFIG_FILE, model.config.to_dict())
     with atomic_path(directory / WEIGHTS_FILE) as tmp:
         safetensors.torch.save_file(state, str(tmp), metadata={"format": "pt"})
-
-
-# ----------------------------------------------------------------------------- converter
 
 
 def _atomic_save_safetensors(state: dict, file: Path) -> None:
@@ -323,13 +319,12 @@ def convert(directory, overwrite: bool = False) -> Path:
         raise UserError(f"{directory} has no {PICKLE_FILE} to convert")
 
     tied = read_config(directory).tie_word_embeddings if (directory / CONFIG_FILE).is_file() else True
-    dropped = False
-    if tied and TIED_KEY in state and EMBEDDING_KEY in state:
+    dropped = tied and TIED_KEY in state and EMBEDDING_KEY in state
+    if dropped:
         if not torch.equal(state[TIED_KEY], state[EMBEDDING_KEY]):
             warnings.warn(f"{TIED_KEY} differs from {EMBEDDING_KEY} although config ties them; "
                           "dropping it as transformers does")
         del state[TIED_KEY]
-        dropped = True
     state = {k: v.contiguous() for k, v in state.items()}
     _atomic_save_safetensors(state, out)
     size = out.stat().st_size / 2**20
@@ -343,9 +338,8 @@ def main(argv=None) -> int:
     conv = sub.add_parser("convert", help="turn DIR/pytorch_model.bin into DIR/model.safetensors")
     conv.add_argument("directory", help="model directory holding pytorch_model.bin (and config.json)")
     conv.add_argument("--overwrite", action="store_true", help="replace an existing model.safetensors")
-    args = parser.parse_args(argv)
-    if args.command == "convert":
-        convert(args.directory, overwrite=args.overwrite)
+    args = parser.parse_args(argv)  # "convert", the one command
+    convert(args.directory, overwrite=args.overwrite)
     return 0
 
 

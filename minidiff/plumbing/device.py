@@ -188,11 +188,6 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
-def pin(batch: dict) -> dict:
-    """The batch's tensors in page-locked host memory, so a non_blocking copy is truly async."""
-    return {k: (v.pin_memory() if torch.is_tensor(v) else v) for k, v in batch.items()}
-
-
 class Prefetcher:
     """Iterates a batches.Batches-like source with the next batch already on its way to the device
     (on CUDA pinned and copied non_blocking one step ahead, overlapping the previous step's compute).
@@ -203,9 +198,10 @@ class Prefetcher:
         self._fetch()
 
     def _fetch(self) -> None:
-        self._state = self.source.state_dict()
-        batch = next(self.source)
-        self._next = to_device(pin(batch) if self._pinned else batch, self.device)
+        self._state, batch = self.source.state_dict(), next(self.source)
+        if self._pinned:  # page-locked host memory, so the non_blocking copy is truly async
+            batch = {k: (v.pin_memory() if torch.is_tensor(v) else v) for k, v in batch.items()}
+        self._next = to_device(batch, self.device)
 
     def __iter__(self):
         return self
