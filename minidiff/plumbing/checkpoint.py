@@ -1,31 +1,29 @@
 """Find a model (local directory or hub id), read its weights, build a ModernBertMLM; save one.
 
 References: ModernBERT (arXiv 2412.13663), mmBERT (2509.06888). Matches the checkpoint layout of
-transformers' `ModernBertForMaskedLM` (modeling_modernbert, `save_pretrained`) and the hub cache of
-huggingface_hub's `snapshot_download`.
+transformers' `ModernBertForMaskedLM` (`save_pretrained`) and huggingface_hub's snapshot cache.
 
     resolve_model_dir("jhu-clsp/mmBERT-base")   -> Path of a directory (the hub cache snapshot)
     load_weights(directory)                     -> {key: tensor} from model.safetensors or its shards
     load_model("path/or/hub-id", dtype=torch.bfloat16, device="cuda")  -> model in eval mode
     save_pretrained(model, "out/dir")           -> config.json + model.safetensors, transformers' layout
+    python -m minidiff.plumbing.checkpoint convert DIR   # DIR/pytorch_model.bin -> DIR/model.safetensors
 
-and the converter for checkpoints that ship only a pickled `pytorch_model.bin` (mmBERT does):
-
-    python -m minidiff.plumbing.checkpoint convert DIR      # DIR/pytorch_model.bin -> DIR/model.safetensors
-
-Weights are read with safetensors only; the converter is the one place a `.bin` is opened, with
-`torch.load(weights_only=True)` (tensors and plain containers, never arbitrary objects).
-Every problem a user can cause (missing file, wrong key, wrong shape, truncated file, unknown
-hub id) is a `UserError` whose one sentence names the file or key and what was expected.
+Weights are read with safetensors only; the converter (mmBERT ships only a pickled .bin) is the one
+place a `.bin` is opened, with `torch.load(weights_only=True)` (tensors and plain containers only).
+Every problem a user can cause is a `UserError` naming the file or key and what was expected.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import pickle
 import warnings
 from pathlib import Path
 
+import huggingface_hub
+import safetensors
 import safetensors.torch
 import torch
 
@@ -55,20 +53,22 @@ def _env_true(name: str) -> bool:
 
 def _hub_offline() -> bool:
     """HF_HUB_OFFLINE as set now (huggingface_hub reads it only once, at import)."""
-    from huggingface_hub import constants
-
-    return _env_true("HF_HUB_OFFLINE") or _env_true("TRANSFORMERS_OFFLINE") or constants.HF_HUB_OFFLINE
+    offline = huggingface_hub.constants.HF_HUB_OFFLINE
+    return _env_true("HF_HUB_OFFLINE") or _env_true("TRANSFORMERS_OFFLINE") or offline
 
 
 def _hub_cache_dir() -> str | None:
     """The hub cache the environment names now (HF_HUB_CACHE, else HF_HOME/hub), else the default."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return os.path.expanduser(os.environ["HF_HUB_CACHE"])
-    if os.environ.get("HUGGINGFACE_HUB_CACHE"):
-        return os.path.expanduser(os.environ["HUGGINGFACE_HUB_CACHE"])
-    if os.environ.get("HF_HOME"):
-        return os.path.join(os.path.expanduser(os.environ["HF_HOME"]), "hub")
-    return None
+    for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(name):
+            return os.path.expanduser(os.environ[name])
+    home = os.environ.get("HF_HOME")
+    return os.path.join(os.path.expanduser(home), "hub") if home else None
+
+
+def _first_line(err: Exception) -> str:
+    """An exception's first line, for a one-sentence UserError (its type when it says nothing)."""
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
 def _looks_like_path(name: str) -> bool:
@@ -76,33 +76,23 @@ def _looks_like_path(name: str) -> bool:
 
 
 def resolve_model_dir(name_or_path, revision: str | None = None, *, allow_patterns=None) -> Path:
-    """A local directory holding the model files: `name_or_path` itself when it is a directory,
-    else the hub snapshot of that repo id (normal hub cache; only the cache when offline).
-
-    allow_patterns: which repo files to fetch (default: config, tokenizer and safetensors
-    files; the pickled .bin only when the repo has no safetensors weights).
-    """
+    """`name_or_path` itself when it is a directory, else the hub snapshot of that repo id (only
+    the cache when offline). allow_patterns: the repo files to fetch (default MODEL_FILES)."""
     path = Path(os.path.expanduser(str(name_or_path)))
     if path.is_dir():
         return path
     if path.exists():
-        raise UserError(f"{name_or_path} is a file; expected a model directory (config.json + model.safetensors) or a hub id")
+        raise UserError(f"{name_or_path} is a file; expected a model directory (config.json + model.safetensors) "
+                        "or a hub id")
     name = str(name_or_path)
     if _looks_like_path(name):
         raise UserError(f"model directory {name} does not exist")
-
-    from huggingface_hub import snapshot_download
-
     offline = _hub_offline()
     patterns = MODEL_FILES if allow_patterns is None else list(allow_patterns)
 
     def fetch(patterns):
-        return Path(
-            snapshot_download(
-                name, revision=revision, allow_patterns=patterns, cache_dir=_hub_cache_dir(),
-                local_files_only=offline,
-            )
-        )
+        return Path(huggingface_hub.snapshot_download(name, revision=revision, allow_patterns=patterns,
+                                                      cache_dir=_hub_cache_dir(), local_files_only=offline))
 
     where = f"in the hub cache {_hub_cache_dir() or '(default)'} (HF_HUB_OFFLINE=1)" if offline else "on the hub"
     try:
@@ -111,52 +101,52 @@ def resolve_model_dir(name_or_path, revision: str | None = None, *, allow_patter
         if allow_patterns is None and not has_weights and not offline:
             directory = fetch(patterns + PICKLE_FILES)  # e.g. jhu-clsp/mmBERT-base: .bin only
     except Exception as err:  # validation, not found, gated, offline cache miss, network down
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         rev = f" at revision {revision}" if revision else ""
-        raise UserError(
-            f"{name}{rev} is neither a local directory nor a model found {where} ({type(err).__name__}: {reason})"
-        ) from None
+        raise UserError(f"{name}{rev} is neither a local directory nor a model found {where} "
+                        f"({type(err).__name__}: {_first_line(err)})") from None
     return directory
 
 
 # ----------------------------------------------------------------------------- reading weights
 
 
-def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
+def read_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    """The tensors of one safetensors file, on the CPU; a UserError for a missing or unreadable file."""
     if not file.is_file():
         raise UserError(f"weights file {file} does not exist")
     try:
-        return load_file(str(file))
+        return safetensors.torch.load_file(str(file))
     except Exception as err:  # SafetensorError (truncated header/data), OSError
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"{file} is not a readable safetensors file (truncated or corrupt?): {reason}") from None
+        raise UserError(f"{file} is not a readable safetensors file (truncated or corrupt?): "
+                        f"{_first_line(err)}") from None
+
+
+def _shards(index: Path) -> tuple[dict[str, str], list[str]]:
+    """(weight_map {key: shard file}, the shard files in order) of a safetensors or pickle index."""
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        return weight_map, sorted(set(weight_map.values()))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise UserError(f"{index} is not a weights index (expected JSON with a 'weight_map' of key -> shard "
+                        "file)") from None
 
 
 def _read_weights(directory: Path) -> tuple[dict[str, torch.Tensor], str]:
     """(state dict, name of the file it came from, for messages)."""
     single, index = directory / WEIGHTS_FILE, directory / WEIGHTS_INDEX_FILE
     if single.exists():
-        return _read_safetensors(single), str(single)
+        return read_safetensors(single), str(single)
     if index.exists():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            shards = sorted(set(weight_map.values()))
-        except (ValueError, KeyError, TypeError, AttributeError):
-            raise UserError(f"{index} is not a safetensors index (expected JSON with a 'weight_map' of key -> shard file)") from None
-        state: dict[str, torch.Tensor] = {}
+        (weight_map, shards), state = _shards(index), {}
         for shard in shards:
-            state.update(_read_safetensors(directory / shard))
+            state.update(read_safetensors(directory / shard))
         missing = sorted(set(weight_map) - set(state))
         if missing:
             raise UserError(f"{index} lists tensors its shards do not contain: {', '.join(missing[:5])}")
         return state, str(index)
     if (directory / PICKLE_FILE).exists() or (directory / PICKLE_INDEX_FILE).exists():
-        raise UserError(
-            f"{directory} has only a pickled {PICKLE_FILE}; convert it once with "
-            f"`python -m minidiff.plumbing.checkpoint convert {directory}` (writes {WEIGHTS_FILE})"
-        )
+        raise UserError(f"{directory} has only a pickled {PICKLE_FILE}; convert it once with "
+                        f"`python -m minidiff.plumbing.checkpoint convert {directory}` (writes {WEIGHTS_FILE})")
     raise UserError(f"{directory} has no {WEIGHTS_FILE} or {WEIGHTS_INDEX_FILE}")
 
 
@@ -180,20 +170,17 @@ def read_config(directory) -> ModelConfig:
 
 
 def _as_dtype(dtype) -> torch.dtype:
-    if dtype is None:
-        return torch.float32
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    named = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
-             "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return torch.float32 if dtype is None else dtype
+    named = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
     if str(dtype) not in named:
         raise UserError(f"dtype {dtype!r} is not supported; expected one of {', '.join(named)}")
     return named[str(dtype)]
 
 
 def _match_layout(state: dict) -> tuple[dict, bool]:
-    """Map a headless ModernBertModel state (no `model.` prefix) onto ModernBertMLM keys.
-    Returns (state, headless)."""
+    """(state, headless): a headless ModernBertModel state (no `model.` prefix) on ModernBertMLM keys."""
     if any(k.startswith("model.") for k in state) or "embeddings.tok_embeddings.weight" not in state:
         return state, False
     return {f"model.{k}": v for k, v in state.items()}, True
@@ -201,31 +188,26 @@ def _match_layout(state: dict) -> tuple[dict, bool]:
 
 def _check_state(state: dict, reference: dict, source: str, allow_missing: set[str]) -> None:
     """Same keys (up to `allow_missing`) and the same shapes as the model the config describes."""
-    missing = sorted(set(reference) - set(state) - allow_missing)
-    unexpected = sorted(set(state) - set(reference))
-    if missing:
-        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
-        raise UserError(f"{source} is missing {len(missing)} tensor(s) that config.json implies: {', '.join(missing[:5])}{more}")
-    if unexpected:
-        more = f" (and {len(unexpected) - 5} more)" if len(unexpected) > 5 else ""
-        raise UserError(f"{source} has {len(unexpected)} tensor(s) a ModernBertForMaskedLM does not: {', '.join(unexpected[:5])}{more}")
+    missing, unexpected = set(reference) - set(state) - allow_missing, set(state) - set(reference)
+    for keys, what in ((missing, "is missing {} tensor(s) that config.json implies"),
+                       (unexpected, "has {} tensor(s) a ModernBertForMaskedLM does not")):
+        if keys:
+            more = f" (and {len(keys) - 5} more)" if len(keys) > 5 else ""
+            raise UserError(f"{source} {what.format(len(keys))}: {', '.join(sorted(keys)[:5])}{more}")
     for key, tensor in state.items():
         want = tuple(reference[key].shape)
         if tuple(tensor.shape) != want:
-            raise UserError(
-                f"tensor {key} in {source} has shape {list(tensor.shape)} but config.json implies {list(want)}"
-            )
+            raise UserError(f"tensor {key} in {source} has shape {list(tensor.shape)} but config.json implies "
+                            f"{list(want)}")
 
 
-def load_model(name_or_path, *, dtype=None, device=None, revision=None, allow_missing_head: bool = False) -> ModernBertMLM:
+def load_model(name_or_path, *, dtype=None, device=None, revision=None,
+               allow_missing_head: bool = False) -> ModernBertMLM:
     """ModernBertMLM in eval mode, weights from a local directory or a hub id.
 
-    dtype: parameter dtype (default float32, whatever the file stores; the rotary frequencies
-    always stay float32). device: where the model goes (default CPU).
-    A headless `ModernBertModel` checkpoint (keys without `model.`, no head) is refused with a
-    UserError, because its MLM head would be random; pass `allow_missing_head=True` to load
-    the encoder anyway (head and decoder bias then get transformers' random init and a
-    warning says so), e.g. to fine-tune the head.
+    dtype: parameter dtype (default float32; the rotary frequencies stay float32); device: default CPU.
+    A headless `ModernBertModel` checkpoint is refused (its MLM head would be random) unless
+    `allow_missing_head=True`: head and decoder bias then get transformers' random init, with a warning.
     """
     directory = resolve_model_dir(name_or_path, revision)
     config = read_config(directory)
@@ -243,10 +225,9 @@ def load_model(name_or_path, *, dtype=None, device=None, revision=None, allow_mi
     allow_missing = {TIED_KEY} if tied else set()
     if headless:
         if not allow_missing_head:
-            raise UserError(
-                f"{source} is a headless ModernBertModel checkpoint: the MLM head ({', '.join(sorted(head_keys - allow_missing))}) "
-                "is missing; use a ModernBertForMaskedLM checkpoint, or load_model(..., allow_missing_head=True) for a random head"
-            )
+            raise UserError(f"{source} is a headless ModernBertModel checkpoint: the MLM head "
+                            f"({', '.join(sorted(head_keys - allow_missing))}) is missing; use a ModernBertForMaskedLM "
+                            "checkpoint, or load_model(..., allow_missing_head=True) for a random head")
         allow_missing |= head_keys
     _check_state(state, reference, source, allow_missing)
 
@@ -254,15 +235,13 @@ def load_model(name_or_path, *, dtype=None, device=None, revision=None, allow_mi
     if headless:  # the head must be initialised for real: build on the CPU, then copy the encoder in
         model = ModernBertMLM(config).to(dtype)
         model.load_state_dict(state, strict=False)
-        warnings.warn(
-            f"{source} has no MLM head: head.dense, head.norm and decoder.bias are randomly initialised",
-            stacklevel=2,
-        )
+        warnings.warn(f"{source} has no MLM head: head.dense, head.norm and decoder.bias are randomly initialised",
+                      stacklevel=2)
     else:
+        model = skeleton
         if tied:
             state[TIED_KEY] = state[EMBEDDING_KEY]
-        skeleton.load_state_dict(state, strict=True, assign=True)
-        model = skeleton
+        model.load_state_dict(state, strict=True, assign=True)
         if tied:  # one Parameter, not two sharing storage (optimizers and counts see it once)
             model.decoder.weight = model.model.embeddings.tok_embeddings.weight
     leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
@@ -270,19 +249,16 @@ def load_model(name_or_path, *, dtype=None, device=None, revision=None, allow_mi
     return (model if device is None else model.to(device)).eval()
 
 
-# ----------------------------------------------------------------------------- saving
+# ----------------------------------------------------------------------------- saving and converting
 
 
 def save_pretrained(model: ModernBertMLM, directory: str | Path, state_dict: dict | None = None) -> None:
-    """Write config.json + model.safetensors in the transformers layout.
+    """Write config.json + model.safetensors in the transformers layout, each atomically.
 
-    `state_dict` overrides what is saved (e.g. a LoRA model's merged base weights,
-    lora.base_state_dict). The tied decoder weight is left out (transformers re-ties it on
-    load). Files are written under temporary names and renamed, so a crash never leaves a
-    complete-looking but truncated model behind.
+    `state_dict` overrides what is saved (e.g. lora.base_state_dict, the merged base weights).
+    The tied decoder weight is left out (transformers re-ties it on load).
     """
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    directory = Path(directory)  # atomic_path makes it where it is missing
     state = model.state_dict() if state_dict is None else state_dict
     state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     if model.config.tie_word_embeddings:
@@ -293,16 +269,11 @@ def save_pretrained(model: ModernBertMLM, directory: str | Path, state_dict: dic
         safetensors.torch.save_file(state, str(tmp), metadata={"format": "pt"})
 
 
-# ----------------------------------------------------------------------------- converter
-
-
 def _atomic_save_safetensors(state: dict, file: Path) -> None:
     """Write `file` under atomic_path's temporary name, verify it reads back equal, then publish."""
-    from safetensors import safe_open
-
     with atomic_path(file) as tmp:
         safetensors.torch.save_file(state, str(tmp), metadata={"format": "pt"})
-        with safe_open(str(tmp), framework="pt") as f:
+        with safetensors.safe_open(str(tmp), framework="pt") as f:
             if set(f.keys()) != set(state):
                 raise RuntimeError(f"round trip of {file.name} lost tensors")
             for key in f.keys():
@@ -311,20 +282,16 @@ def _atomic_save_safetensors(state: dict, file: Path) -> None:
 
 
 def _torch_load(file: Path) -> dict:
-    import pickle
-
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols; the error below says it all
             warnings.simplefilter("ignore")
             obj = torch.load(str(file), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
-        raise UserError(
-            f"{file} could not be read as a PyTorch state dict with weights_only=True: it holds Python "
-            "objects other than tensors, which minidiff refuses to unpickle"
-        ) from None
+        raise UserError(f"{file} could not be read as a PyTorch state dict with weights_only=True: it holds Python "
+                        "objects other than tensors, which minidiff refuses to unpickle") from None
     except Exception as err:  # zip/EOF errors: truncated or not a torch.save file
-        reason = str(err).strip().splitlines()[0].split(". ")[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"{file} could not be read as a PyTorch state dict with weights_only=True (truncated or not a torch.save file: {reason})") from None
+        raise UserError(f"{file} could not be read as a PyTorch state dict with weights_only=True (truncated or "
+                        f"not a torch.save file: {_first_line(err).split('. ')[0]})") from None
     if not isinstance(obj, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items()):
         raise UserError(f"{file} does not hold a flat state dict (expected a dict of name -> tensor)")
     return obj
@@ -332,10 +299,7 @@ def _torch_load(file: Path) -> dict:
 
 def convert(directory, overwrite: bool = False) -> Path:
     """DIR/pytorch_model.bin (or its shards) -> DIR/model.safetensors; returns the written path.
-
-    The tied `decoder.weight` (a duplicate of the token embeddings) is dropped when config.json
-    ties them, as transformers' save_pretrained does.
-    """
+    The tied `decoder.weight` is dropped when config.json ties it, as transformers' save_pretrained does."""
     directory = Path(directory)
     if not directory.is_dir():
         raise UserError(f"{directory} is not a directory; expected a model directory holding {PICKLE_FILE}")
@@ -346,27 +310,21 @@ def convert(directory, overwrite: bool = False) -> Path:
     if (directory / PICKLE_FILE).exists():
         state = _torch_load(directory / PICKLE_FILE)
     elif index.exists():
-        try:
-            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-        except (ValueError, KeyError, TypeError, AttributeError):
-            raise UserError(f"{index} is not a weights index (expected JSON with a 'weight_map')") from None
         state = {}
-        for shard in shards:
+        for shard in _shards(index)[1]:
             if not (directory / shard).is_file():
                 raise UserError(f"{index} names shard {shard}, which is not in {directory}")
             state.update(_torch_load(directory / shard))
     else:
         raise UserError(f"{directory} has no {PICKLE_FILE} to convert")
 
-    tied = True
-    if (directory / CONFIG_FILE).is_file():
-        tied = read_config(directory).tie_word_embeddings
-    dropped = False
-    if tied and TIED_KEY in state and EMBEDDING_KEY in state:
+    tied = read_config(directory).tie_word_embeddings if (directory / CONFIG_FILE).is_file() else True
+    dropped = tied and TIED_KEY in state and EMBEDDING_KEY in state
+    if dropped:
         if not torch.equal(state[TIED_KEY], state[EMBEDDING_KEY]):
-            warnings.warn(f"{TIED_KEY} differs from {EMBEDDING_KEY} although config ties them; dropping it as transformers does")
+            warnings.warn(f"{TIED_KEY} differs from {EMBEDDING_KEY} although config ties them; "
+                          "dropping it as transformers does")
         del state[TIED_KEY]
-        dropped = True
     state = {k: v.contiguous() for k, v in state.items()}
     _atomic_save_safetensors(state, out)
     size = out.stat().st_size / 2**20
@@ -380,9 +338,8 @@ def main(argv=None) -> int:
     conv = sub.add_parser("convert", help="turn DIR/pytorch_model.bin into DIR/model.safetensors")
     conv.add_argument("directory", help="model directory holding pytorch_model.bin (and config.json)")
     conv.add_argument("--overwrite", action="store_true", help="replace an existing model.safetensors")
-    args = parser.parse_args(argv)
-    if args.command == "convert":
-        convert(args.directory, overwrite=args.overwrite)
+    args = parser.parse_args(argv)  # "convert", the one command
+    convert(args.directory, overwrite=args.overwrite)
     return 0
 
 

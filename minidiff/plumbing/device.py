@@ -5,17 +5,14 @@ References: PyTorch's automatic mixed precision (torch.autocast) and TF32 notes;
 training recipe of Diffutron (arXiv 2603.20466); torchrun's LOCAL_RANK convention.
 
     device = resolve_device(args.device)                # "cuda" -> cuda:LOCAL_RANK under torchrun
-    enable_tf32(device)                                  # TF32 matmuls / convolutions on CUDA
     precision = inference_precision(args.dtype, device)  # weights dtype + autocast for inference
     model = precision.prepare(model)
     with precision.autocast():
         logits = model(ids)
 
 Inference `--dtype`: float32; bfloat16 (bf16 weights, fp32 LayerNorms and residual stream, bf16
-autocast); auto = bfloat16 on a GPU or CPU with native bf16 (compute capability >= 8.0;
-avx512_bf16, amx_bf16), float32 elsewhere; float16 is refused. `pack=True` gives every
-linear layer a packed copy of its weight for the CPU (minidiff/speed/packed.py). Training: fp32
-weights, bf16 autocast on a CUDA card with bf16 (TrainConfig.bf16), fp32 on the CPU. Every mode explained:
+autocast); auto = bfloat16 where the GPU or CPU has native bf16, else float32; float16 is refused.
+Training: fp32 weights, bf16 autocast on a CUDA card with bf16, fp32 on the CPU. Every mode:
 docs/training.md ("Devices and precision"); what each costs: docs/benchmarks.md.
 """
 from __future__ import annotations
@@ -35,13 +32,9 @@ INFERENCE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def resolve_device(name: str | None = None, local_rank: int | None = None) -> torch.device:
-    """The torch.device a `--device` value means.
-
-    None: CUDA when available, else cpu. A bare "cuda" is the local rank's GPU: cuda:LOCAL_RANK
-    (torchrun; 0 in a single process) when this process sees several GPUs, cuda:0 when it sees
-    exactly one (launchers that give each rank its own CUDA_VISIBLE_DEVICES). "cuda:N" and "cpu"
-    are taken as given. An unknown name raises a UserError.
-    """
+    """The torch.device a `--device` value means. None: CUDA when available, else cpu. A bare
+    "cuda": cuda:LOCAL_RANK when this process sees several GPUs, cuda:0 when it sees exactly one
+    (launchers that give each rank its own CUDA_VISIBLE_DEVICES)."""
     if local_rank is None:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if name is None:
@@ -60,7 +53,8 @@ def check_available(device: torch.device) -> None:
     """One sentence when the device cannot be used on this machine."""
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise UserError(f"--device {device} was asked for but this machine has no usable CUDA GPU; use --device cpu")
+            raise UserError(f"--device {device} was asked for but this machine has no usable CUDA GPU; "
+                            "use --device cpu")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise UserError(f"--device {device} does not exist: this machine has {torch.cuda.device_count()} GPU(s) "
                             f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
@@ -72,8 +66,7 @@ def check_available(device: torch.device) -> None:
 
 
 def cuda_has_bf16(device: torch.device) -> bool:
-    """True on a CUDA device with native bf16: compute capability 8.0 or later (not V100 or T4).
-    Without CUDA there is no card to ask, and check_available refuses the device anyway."""
+    """True on a CUDA device with compute capability >= 8.0 (not V100 or T4), or without CUDA."""
     return not torch.cuda.is_available() or torch.cuda.get_device_capability(device)[0] >= 8
 
 
@@ -86,9 +79,7 @@ def enable_tf32(device: torch.device) -> None:
 
 def autocast(device: torch.device, enabled: bool = True, dtype: torch.dtype = torch.bfloat16):
     """torch.autocast on `device` in `dtype` when enabled, else a no-op context."""
-    if not enabled:
-        return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return torch.autocast(device_type=device.type, dtype=dtype) if enabled else nullcontext()
 
 
 def training_autocast(device: torch.device, bf16: bool):
@@ -112,9 +103,9 @@ class Precision:
     """How an inference run holds its weights and computes (see the module docstring)."""
 
     device: torch.device
-    weights: torch.dtype           # dtype of the linear layers and embeddings
+    weights: torch.dtype  # dtype of the linear layers and embeddings
     autocast_dtype: torch.dtype | None  # None: no autocast
-    pack: bool = False             # CPU: packed copies of the linear weights (module docstring)
+    pack: bool = False  # CPU: packed copies of the linear weights (minidiff/speed/packed.py)
 
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
         """Cast the weights (LayerNorms stay fp32), move the model to the device, and on the CPU
@@ -130,8 +121,7 @@ class Precision:
         return model
 
     def autocast(self):
-        return autocast(self.device, enabled=self.autocast_dtype is not None,
-                        dtype=self.autocast_dtype or torch.bfloat16)
+        return autocast(self.device, self.autocast_dtype is not None, self.autocast_dtype or torch.bfloat16)
 
     def describe(self) -> str:
         mode = f"{str(self.autocast_dtype).replace('torch.', '')} autocast" if self.autocast_dtype else "no autocast"
@@ -152,8 +142,7 @@ def add_precision_flags(parser) -> None:
 
 
 def inference_precision(dtype: str | None, device: torch.device, pack: bool = False) -> Precision:
-    """The Precision a `--dtype` value means on `device` (None = "auto"); pack: give the linear layers
-    packed weight copies in `Precision.prepare` (CPU only)."""
+    """The Precision a `--dtype` value means on `device` (None = "auto"); pack: Precision.pack."""
     dtype = dtype or "auto"
     if dtype not in INFERENCE_DTYPES:
         raise UserError(f"--dtype {dtype!r} is unknown; expected auto, float32 or bfloat16")
@@ -190,12 +179,8 @@ def cpu_flags() -> frozenset[str]:
 
 
 def cpu_has_native_bf16() -> bool:
-    """True when this CPU multiplies bf16 in hardware (NATIVE_BF16_FLAGS). Elsewhere oneDNN
-    emulates bf16 products, so `auto` keeps fp32 there."""
+    """True when this CPU multiplies bf16 in hardware (elsewhere oneDNN emulates it: `auto` keeps fp32)."""
     return any(flag in cpu_flags() for flag in NATIVE_BF16_FLAGS)
-
-
-# ----------------------------------------------------------------------------- host -> device
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -203,29 +188,20 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
-def pin(batch: dict) -> dict:
-    """The batch's tensors in page-locked host memory, so a non_blocking copy is truly async."""
-    return {k: (v.pin_memory() if torch.is_tensor(v) else v) for k, v in batch.items()}
-
-
 class Prefetcher:
-    """Iterates a batches.Batches-like source with the next batch already on its way to the device.
-
-    On CUDA each batch is pinned and copied with non_blocking=True one step ahead, so the copy
-    overlaps the previous micro-batch's compute. state_dict() is the source's position before
-    the batch held in advance, so a checkpoint resumes at the first batch not yet trained on.
-    """
+    """Iterates a batches.Batches-like source with the next batch already on its way to the device
+    (on CUDA pinned and copied non_blocking one step ahead, overlapping the previous step's compute).
+    state_dict() is the source's position before the batch held in advance (resume point)."""
 
     def __init__(self, source, device: torch.device):
-        self.source, self.device = source, device
-        self._pinned = device.type == "cuda"
-        self._state, self._next = None, None
+        self.source, self.device, self._pinned = source, device, device.type == "cuda"
         self._fetch()
 
     def _fetch(self) -> None:
-        self._state = self.source.state_dict()
-        batch = next(self.source)
-        self._next = to_device(pin(batch) if self._pinned else batch, self.device)
+        self._state, batch = self.source.state_dict(), next(self.source)
+        if self._pinned:  # page-locked host memory, so the non_blocking copy is truly async
+            batch = {k: (v.pin_memory() if torch.is_tensor(v) else v) for k, v in batch.items()}
+        self._next = to_device(batch, self.device)
 
     def __iter__(self):
         return self

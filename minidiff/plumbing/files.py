@@ -1,21 +1,16 @@
 """Writing files so that a reader never sees half of one.
 
 References: none (plumbing). The idea is POSIX's: write the whole content under a temporary
-name in the same directory, flush it to disk, then `os.replace` it onto the real name. A rename
-within one file system is atomic, so the real name holds either the old file or the complete new
-one, never a prefix; a process killed half-way leaves only a `*.tmp-PID` file behind.
+name in the same directory, flush it to disk, then `os.replace` it onto the real name, and flush
+the directory (`fsync_dir`) so the rename is durable. The real name holds either the old file or
+the complete new one; a process killed half-way leaves only a `*.tmp-PID` file behind.
 
-    write_text(path, text)                     # str -> file
-    write_json(path, obj)                      # JSON with a trailing newline
+    write_text(path, text), write_json(path, obj)   # str / JSON -> file, atomically
     with atomic_path(path) as tmp:             # anything that writes to a path: safetensors,
         save_file(tensors, str(tmp))           # torch.save, a page ...
-    fsync_dir(folder)                          # make a rename inside `folder` durable
     file_hash(path)                            # BLAKE2b of a file's bytes (checkpoints, shards)
     remove_temporaries(folder)                 # *.tmp-PID files left by killed writers
     with lock_directory(folder, what): ...     # one writer at a time (fcntl.flock)
-
-A rename is durable only once the directory holding it is flushed too (`fsync_dir`), so every
-publishing rename here is followed by one.
 """
 from __future__ import annotations
 
@@ -65,8 +60,7 @@ def write_json(path: str | Path, obj, *, indent: int | None = 2, fsync: bool = T
 
 
 def fsync_dir(folder: str | Path) -> None:
-    """Flush a directory's entries (a rename into it) to disk; a no-op where directories
-    cannot be opened for that (some file systems)."""
+    """Flush a directory's entries (a rename into it) to disk; a no-op where file systems refuse."""
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:
@@ -94,8 +88,7 @@ def file_hash(path: str | Path, chunk: int = 1 << 20) -> str:
 
 
 def remove_temporaries(folder: str | Path) -> list[Path]:
-    """Delete the `NAME.tmp-PID` files of writers that were killed (their pid is gone) in
-    `folder`; returns what was deleted."""
+    """Delete (and return) the `NAME.tmp-PID` files in `folder` whose writer's pid is gone."""
     removed = []
     for tmp in Path(folder).glob(f"*{TEMPORARY_MARK}*"):
         pid = tmp.name.rsplit(TEMPORARY_MARK, 1)[1]
@@ -112,7 +105,7 @@ def pid_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:  # another user's process
-        return True
+        pass
     return True
 
 
@@ -124,10 +117,9 @@ def no_locks(path: Path, err: OSError) -> str:
 
 @contextmanager
 def lock_directory(folder: str | Path, what: str):
-    """Hold an exclusive lock on `folder` (its `.lock` file, fcntl.flock) for the block; a
-    second holder gets a UserError at once instead of waiting. The lock dies with its process,
-    so a crashed run never leaves the folder locked. `what` names the folder in the message.
-    A folder this call created is removed again when the block ends having written nothing."""
+    """Hold an exclusive lock on `folder` (its `.lock` file, fcntl.flock; it dies with its process)
+    for the block; a second holder gets a UserError at once, naming the folder as `what`. A folder
+    this call created is removed again when the block ends having written nothing."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise UserError(f"{what} {folder} exists and is not a directory; expected a directory")

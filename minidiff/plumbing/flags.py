@@ -3,21 +3,16 @@
 References: none (plumbing); Python's argparse.
 
     parser = flags.Parser(prog="demo.py", description=__doc__)
+    flags.add_preset_flag(parser, PRESETS, help="start from these settings")
     flags.add_fields(parser, DemoConfig, helps={"out": "output directory"})
-    config = DemoConfig(**flags.parse_given(parser, argv))
+    given = flags.parse_given(parser, argv, DemoConfig)            # tuples for tuple fields
+    values = flags.with_preset({k: v for k, v in given.items() if k != "preset"}, PRESETS, given.get("preset"))
 
 A field `max_len: int = 512` becomes `--max-len MAX_LEN` with the help "(default: 512)"; a
 `bool` becomes the pair `--x / --no-x`; `list[T]` or `tuple[T, ...]` takes one or more values
 (`nargs="+"`, or as given in `nargs`); `T | None` is read as T. A flag that is not on the command
-line is absent from what `parse_given` returns (argparse.SUPPRESS), so a caller can tell what the
-user chose and lay it over a preset (`with_preset`). Errors are UserErrors: one sentence, exit
-status 2 through minidiff.errors.run_cli, no usage dump.
-
-    group = parser.add_argument_group("sampler (override the preset)")
-    add_preset_flag(parser, PRESETS, help="start from these settings")
-    add_fields(group, SamplerConfig, show_defaults=False, nargs={"stop_strings": "*"})
-    given = parse_given(parser, argv, SamplerConfig)            # tuples for tuple fields
-    values = with_preset({k: v for k, v in given.items() if k != "preset"}, PRESETS, given.get("preset"))
+line is absent from what `parse_given` returns (argparse.SUPPRESS), so it can be laid over a
+preset. Errors are UserErrors: one sentence, exit status 2 through run_cli, no usage dump.
 """
 from __future__ import annotations
 
@@ -51,8 +46,7 @@ def field_default(f):
 
 
 def base_type(annotation) -> tuple[type, bool]:
-    """(python type, takes several values) of an annotation such as `int | None`, `list[str]`
-    or `tuple[str, ...]`."""
+    """(python type, takes several values) of `int | None`, `list[str]`, `tuple[str, ...]` ..."""
     args = [a for a in typing.get_args(annotation) if a is not type(None) and a is not Ellipsis]
     if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
         return base_type(args[0])
@@ -63,9 +57,8 @@ def base_type(annotation) -> tuple[type, bool]:
 
 def add_fields(target, cls, *, helps: dict[str, str] | None = None, names=None, show_defaults: bool = True,
                choices: dict[str, list] | None = None, nargs: dict[str, str] | None = None) -> None:
-    """One flag per field of dataclass `cls` (only `names`, in that order, when given) on
-    `target`, a parser or an argument group. helps: help text per field; choices: allowed values
-    per field; nargs: per list field, instead of "+"."""
+    """One flag per field of dataclass `cls` (only `names`, in that order, when given) on `target`,
+    a parser or an argument group; helps, choices and nargs (instead of "+") per field."""
     hints = typing.get_type_hints(cls)
     by_name = {f.name: f for f in fields(cls)}
     helps, choices, nargs = helps or {}, choices or {}, nargs or {}
@@ -93,15 +86,12 @@ def add_preset_flag(target, presets: dict[str, dict], *, help: str, flag: str = 
 
 
 def parse_given(parser: argparse.ArgumentParser, argv, cls=None) -> dict:
-    """The flags given on the command line, by field name (lists become tuples for the tuple
-    fields of `cls` when it is given)."""
+    """The flags given on the command line, by field name (tuples for the tuple fields of `cls`)."""
     given = vars(parser.parse_args(argv))
-    if cls is not None:
-        hints = typing.get_type_hints(cls)
-        for name, value in given.items():
-            annotation = hints.get(name)
-            if isinstance(value, list) and _is_tuple(annotation):
-                given[name] = tuple(value)
+    hints = typing.get_type_hints(cls) if cls is not None else {}
+    for name, value in given.items():
+        if isinstance(value, list) and _is_tuple(hints.get(name)):
+            given[name] = tuple(value)
     return given
 
 
@@ -113,11 +103,8 @@ def _is_tuple(annotation) -> bool:
 
 def with_preset(given: dict, presets: dict[str, dict], preset: str | None) -> dict:
     """The preset's values (keys starting with "_" are notes, not fields) with `given` laid over them."""
-    values = {}
-    if preset:
-        values.update({k: v for k, v in presets[preset].items() if not k.startswith("_")})
-    values.update(given)
-    return values
+    values = {k: v for k, v in presets[preset].items() if not k.startswith("_")} if preset else {}
+    return {**values, **given}
 
 
 def as_flag(name: str, value) -> str:

@@ -8,9 +8,8 @@ minidiff/lora.py; its parameter names are peft's, so the files cross in both dir
     load_adapter(load_model("jhu-clsp/mmBERT-base"), "runs/cpt/adapter")   # adds the LoRA layers
     PeftModel.from_pretrained(transformers_model, "runs/cpt/adapter")    # peft reads it too
 
-Only plain LoRA is read (no DoRA, rsLoRA, rank patterns, bias or extra trained modules); every
-key and shape is checked against the model before anything changes, and each problem is a
-UserError naming the file or key and what was expected.
+Only plain LoRA is read (no DoRA, rsLoRA, rank patterns, bias or extra trained modules); every key
+and shape is checked against the model before anything changes (a UserError naming file or key).
 """
 from __future__ import annotations
 
@@ -19,17 +18,12 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from minidiff.errors import UserError
-from minidiff.lora import (
-    adapter_state_dict,
-    apply_lora,
-    check_hyperparameters,
-    lora_modules,
-    target_linears,
-)
+from minidiff.lora import adapter_state_dict, apply_lora, check_hyperparameters, lora_modules, target_linears
+from minidiff.plumbing.checkpoint import read_safetensors
 from minidiff.plumbing.files import atomic_path, write_json
 
 PEFT_PREFIX = "base_model.model."  # peft's key prefix for a model wrapped without a task type
@@ -54,38 +48,20 @@ def _adapter_settings(model: nn.Module) -> dict:
 
 
 def save_adapter(model: nn.Module, directory, base_model: str | None = None) -> Path:
-    """Write `adapter_config.json` + `adapter_model.safetensors` in peft's layout.
-
-    `PeftModel.from_pretrained(transformers_model, directory)` loads it; so does load_adapter.
-    Files are written under temporary names and renamed, weights first and config last.
-    """
+    """Write `adapter_config.json` + `adapter_model.safetensors` in peft's layout (each atomically,
+    weights first and config last); peft's `PeftModel.from_pretrained` loads it, so does load_adapter."""
     settings = _adapter_settings(model)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config = {
-        "peft_type": "LORA",
-        "task_type": None,
-        "auto_mapping": {
-            "base_model_class": "ModernBertForMaskedLM",
-            "parent_library": "transformers.models.modernbert.modeling_modernbert",
-        },
-        "base_model_name_or_path": base_model,
-        "revision": None,
-        "inference_mode": True,
-        "r": settings["r"],
-        "lora_alpha": settings["alpha"],
-        "lora_dropout": settings["dropout"],
-        "target_modules": settings["targets"],
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "use_rslora": False,
-        "use_dora": False,
-        "init_lora_weights": True,
-        "modules_to_save": None,
-        "layers_to_transform": None,
-        "layers_pattern": None,
-        "rank_pattern": {},
-        "alpha_pattern": {},
+        "peft_type": "LORA", "task_type": None,
+        "auto_mapping": {"base_model_class": "ModernBertForMaskedLM",
+                         "parent_library": "transformers.models.modernbert.modeling_modernbert"},
+        "base_model_name_or_path": base_model, "revision": None, "inference_mode": True,
+        "r": settings["r"], "lora_alpha": settings["alpha"], "lora_dropout": settings["dropout"],
+        "target_modules": settings["targets"], "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
+        "use_dora": False, "init_lora_weights": True, "modules_to_save": None, "layers_to_transform": None,
+        "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {},
     }
     tensors = {PEFT_PREFIX + k: v.contiguous().cpu() for k, v in adapter_state_dict(model).items()}
     with atomic_path(directory / ADAPTER_WEIGHTS) as tmp:
@@ -95,8 +71,7 @@ def save_adapter(model: nn.Module, directory, base_model: str | None = None) -> 
 
 
 def _read_adapter(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    config_path = directory / ADAPTER_CONFIG
-    weights_path = directory / ADAPTER_WEIGHTS
+    config_path, weights_path = directory / ADAPTER_CONFIG, directory / ADAPTER_WEIGHTS
     if not config_path.is_file():
         raise UserError(f"adapter directory {directory} has no {ADAPTER_CONFIG}; expected a peft LoRA adapter")
     if not weights_path.is_file():
@@ -107,11 +82,7 @@ def _read_adapter(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UserError(f"{config_path} is not valid JSON ({err})") from None
-    try:
-        tensors = load_file(str(weights_path))
-    except Exception as err:  # safetensors raises its own error types for corrupt files
-        raise UserError(f"{weights_path} is not a readable safetensors file ({err})") from None
-    return config, tensors
+    return config, read_safetensors(weights_path)
 
 
 def _same_base(a: str, b: str) -> bool:
@@ -191,13 +162,9 @@ def _check_keys(state: dict, expected: dict, directory: Path) -> None:
 
 
 def load_adapter(model: nn.Module, directory, base_model: str | None = None) -> nn.Module:
-    """Load a peft LoRA adapter (saved by peft or by save_adapter) into the model, in place.
-
-    If the model has no LoRA layers yet, they are added with the adapter's r, lora_alpha,
-    lora_dropout and target_modules. Every key and shape is checked against the model before
-    anything changes; `base_model`, when given, must agree with the adapter's
-    `base_model_name_or_path`.
-    """
+    """Load a peft LoRA adapter (saved by peft or by save_adapter) into the model, in place; LoRA
+    layers are added (the adapter's r, lora_alpha, lora_dropout, target_modules) where the model has
+    none. `base_model`, when given, must agree with the adapter's `base_model_name_or_path`."""
     directory = Path(directory)
     config, tensors = _read_adapter(directory)
     r, alpha, dropout = _plain_lora_settings(config, directory, base_model)

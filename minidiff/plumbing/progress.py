@@ -14,6 +14,8 @@ from __future__ import annotations
 import sys
 import time
 
+from tqdm.auto import tqdm
+
 INTERVAL_S = 5.0  # seconds between two lines when the output is not a terminal
 
 
@@ -31,16 +33,12 @@ class LineProgress:
 
     def __init__(self, iterable=None, *, total=None, desc: str = "", initial: int = 0,
                  file=None, interval: float = INTERVAL_S, clock=time.monotonic, unit: str = "it"):
-        self.iterable = iterable
         if total is None and iterable is not None and hasattr(iterable, "__len__"):
             total = len(iterable)
-        self.total, self.desc, self.n, self.unit = total, desc, initial, unit
+        self.iterable, self.total, self.desc, self.n, self.unit = iterable, total, desc, initial, unit
         self.file = file if file is not None else sys.stderr
-        self.interval, self.clock = interval, clock
-        self.postfix = ""
-        self.last_print = clock()
-        self.printed_n = initial
-        self.closed = False
+        self.interval, self.clock, self.last_print = interval, clock, clock()
+        self.postfix, self.printed_n, self.closed = "", initial, False
 
     def _line(self) -> str:
         count = f"{self.n}/{self.total}" if self.total is not None else f"{self.n}"
@@ -92,9 +90,5 @@ def bar(iterable=None, *, total=None, desc: str = "", disable: bool = False, ini
     if disable:
         return _Silent(iterable, total=total, desc=desc, initial=initial, file=file)
     if _is_terminal(file):
-        from tqdm.auto import tqdm
-
-        return tqdm(iterable, total=total, desc=desc, initial=initial, file=file, unit=unit,
-                    dynamic_ncols=True)
-    return LineProgress(iterable, total=total, desc=desc, initial=initial, file=file, unit=unit,
-                        interval=interval)
+        return tqdm(iterable, total=total, desc=desc, initial=initial, file=file, unit=unit, dynamic_ncols=True)
+    return LineProgress(iterable, total=total, desc=desc, initial=initial, file=file, unit=unit, interval=interval)

@@ -1,8 +1,6 @@
 """What the sampling scripts (sample.py, serve.py) share: the sampler's flags, a prompt's ids and
 an answer's text, so that the same settings and prompt give the same answer through either.
-
-References: none (plumbing); the settings are minidiff/sampler.py's SamplerConfig, the chat
-format minidiff/data/chat.py's. Reader's page: docs/sampler.md.
+References: none (plumbing); SamplerConfig (minidiff/sampler.py), the chat format (data/chat.py).
 
     add_sampler_flags(parser)              # --preset and one flag per SamplerConfig field
     config = sampler_config(args)          # the preset with the flags given laid over it
@@ -18,12 +16,7 @@ import minidiff
 from minidiff.data.chat import END_OF_TURN, chat_prompt_ids
 from minidiff.errors import UserError
 from minidiff.plumbing import flags
-from minidiff.plumbing.device import (
-    check_available,
-    enable_tf32,
-    inference_precision,
-    resolve_device,
-)
+from minidiff.plumbing.device import check_available, enable_tf32, inference_precision, resolve_device
 from minidiff.sampler import CACHES, SamplerConfig
 
 SAMPLER_HELP = {  # help texts of the SamplerConfig fields (the flags override the preset)
@@ -51,13 +44,10 @@ def add_sampler_flags(parser):
 
 def sampler_config(args) -> SamplerConfig:
     """The preset (or the defaults) with every flag that was given laid over it."""
-    chosen = {f.name: getattr(args, f.name) for f in fields(SamplerConfig)
-              if getattr(args, f.name, None) is not None}
+    chosen = {f.name: getattr(args, f.name) for f in fields(SamplerConfig) if getattr(args, f.name, None) is not None}
     if "stop_strings" in chosen:
         chosen["stop_strings"] = tuple(chosen["stop_strings"])
-    if args.preset:
-        return SamplerConfig.preset(args.preset, **chosen)
-    return SamplerConfig(**chosen)
+    return SamplerConfig.preset(args.preset, **chosen) if args.preset else SamplerConfig(**chosen)
 
 
 def load_for_sampling(args):

@@ -67,21 +67,18 @@ def token_pieces(tok, ids: list[int]) -> list[str]:
 
 def write_trace_html(path: Path, tok, out, prompts_text: list[str]) -> None:
     """A page with the final tokens and, per position, the step at which it was revealed."""
-    steps = out.num_forward
-    final = out.sequences.tolist()
+    steps, final, initial = out.num_forward, out.sequences.tolist(), out.initial.tolist()
     reveal = [[0] * len(row) for row in final]
     for n, step in enumerate(out.trace, start=1):
         for r, (positions, committed) in enumerate(zip(step.positions.tolist(), step.committed.tolist())):
             for p, c in zip(positions, committed):
                 if c:
                     reveal[r][p] = n
-    initial = out.initial.tolist()
     rows = []
     for r, row in enumerate(final):
         s, e = out.answer_start[r], out.answer_end[r]
         # positions masked at the start but never committed by a step (stop rules) appear last
-        when = [reveal[r][p] if reveal[r][p] or initial[r][p] != out.mask_id else steps
-                for p in range(s, e)]
+        when = [reveal[r][p] if reveal[r][p] or initial[r][p] != out.mask_id else steps for p in range(s, e)]
         rows.append({"prompt": prompts_text[r], "pieces": token_pieces(tok, row[s:e]), "reveal": when})
     data = json.dumps({"steps": steps, "rows": rows}, ensure_ascii=False).replace("</", "<\\/")
     write_text(path, PAGE.replace("__DATA__", data))

@@ -9,13 +9,8 @@ weights w_i and an optional excluded column m (<mask>, removed from the softmax)
     d loss / d f_i = g_i W,   d loss / d W = sum_i g_i^T f_i,   d loss / d b = sum_i g_i
 The forward pass computes the loss and these gradients in one sweep over chunks of rows of at
 most `LOGITS_BUDGET_BYTES` of logits; backward only scales them. Under autocast the matmuls run
-in the autocast dtype and each chunk's softmax in fp32; with LoRA (frozen decoder) no [V, H]
-gradient is formed. `nelbo_loss` and `masked_ce_per_row` are diffusion's, same arguments, same
-draws, same values: the trainer and the evaluation call these. docs/math.md section 8.
-
-    loss, n = nelbo_loss(model, ids, tok.mask_id, maskable=labels != -100)
-    loss, token_ce = linear_cross_entropy(features, decoder.weight, decoder.bias, targets,
-                                          row_weights, excluded_column=mask_id)
+in the autocast dtype, each chunk's softmax in fp32; a frozen decoder (LoRA) gets no [V, H]
+gradient. `nelbo_loss` and `masked_ce_per_row` are diffusion's, chunked (docs/math.md section 8).
 """
 from __future__ import annotations
 
@@ -36,24 +31,18 @@ def rows_per_chunk(vocab_size: int, dtype: torch.dtype, budget_bytes: int | None
     return max(1, budget // (vocab_size * itemsize))
 
 
-def _autocast_dtype(device_type: str):
-    """The dtype autocast runs matmuls in on this device type now, or None when it is off."""
-    enabled, dtype = torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
-    return dtype if enabled else None
-
-
 def _decoder_for_matmuls(weight, bias):
     """The decoder cast once to the autocast dtype (autocast does not cache casts of frozen
     weights, so each chunk would recast all of [V, H]); unchanged without autocast."""
-    dtype = _autocast_dtype(weight.device.type)
-    if dtype is None or weight.dtype == dtype:
+    device_type = weight.device.type
+    dtype = torch.get_autocast_dtype(device_type)
+    if not torch.is_autocast_enabled(device_type) or weight.dtype == dtype:
         return weight, bias
     return weight.to(dtype), None if bias is None else bias.to(dtype)
 
 
 def _chunk_logits(features, weight, bias, excluded_column):
-    """z = f W^T + b for one chunk, in >= fp32, the excluded column at -inf.  [c, H] -> [c, V]"""
-    # z = f W^T + b   [c, V], in the autocast dtype under autocast (linear.py: oneDNN in fp32 on the CPU)
+    # z = f W^T + b   [c, H] -> [c, V], in the autocast dtype under autocast (packed.linear: oneDNN on the CPU)
     logits = linear(features, weight, bias)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # softmax in >= fp32
     if excluded_column is not None:
@@ -67,58 +56,52 @@ def _chunk_ce(logits, targets):
     return log_norm - logits.gather(1, targets[:, None]).squeeze(1), log_norm
 
 
-def _loss_only(features, weight, bias, targets, row_weights, excluded_column, budget_bytes):
-    """sum_i w_i CE_i and CE [N], chunk by chunk, no gradient work (evaluation)."""
-    n = features.shape[0]
+def _sweep(features, weight, bias, targets, row_weights, excluded_column, budget_bytes, needs=(False,) * 3):
+    """(sum_i w_i CE_i, CE [N], (d loss / d features, weight, bias) where `needs` asks), chunk by chunk."""
+    n, vocab = features.shape[0], weight.shape[0]
+    need_features, need_weight, need_bias = needs
     dtype = torch.promote_types(features.dtype, torch.float32)
+    weights = row_weights.to(dtype)  # [N]
     token_ce = torch.empty(n, dtype=dtype, device=features.device)  # [N]
-    step = rows_per_chunk(weight.shape[0], features.dtype, budget_bytes)
-    weight, bias = _decoder_for_matmuls(weight, bias)
+    grad_features = torch.zeros_like(features) if need_features else None  # [N, H]
+    grad_weight = torch.zeros_like(weight, dtype=torch.promote_types(weight.dtype, dtype)) if need_weight else None
+    grad_bias = torch.zeros(vocab, dtype=dtype, device=weight.device) if need_bias else None  # [V]
+    step = rows_per_chunk(vocab, features.dtype, budget_bytes)
+    matmul_weight, matmul_bias = _decoder_for_matmuls(weight, bias)
     for start in range(0, n, step):
         rows = slice(start, start + step)
-        logits = _chunk_logits(features[rows], weight, bias, excluded_column)  # [c, V]
-        token_ce[rows] = _chunk_ce(logits, targets[rows])[0]
-    loss = (row_weights.to(dtype) * token_ce).sum()
-    return loss, token_ce
+        f, y = features[rows], targets[rows]  # [c, H], [c]
+        logits = _chunk_logits(f, matmul_weight, matmul_bias, excluded_column)  # [c, V]
+        token_ce[rows], log_norm = _chunk_ce(logits, y)
+        if not any(needs):
+            continue
+        # g = w (softmax(z) - onehot(y)), in place over the logits   [c, V]
+        grad_logits = logits.sub_(log_norm[:, None]).exp_()
+        grad_logits[torch.arange(f.shape[0], device=f.device), y] -= 1.0
+        grad_logits.mul_(weights[rows, None])
+        if need_features:
+            # d loss / d f = g W   [c, H]
+            grad_features[rows] = (grad_logits.to(matmul_weight.dtype) @ matmul_weight).to(features.dtype)
+        if need_weight:
+            # d loss / d W += g^T f   [V, H]
+            grad_weight += grad_logits.t().to(f.dtype) @ f
+        if need_bias:
+            # d loss / d b += sum_rows g   [V]
+            grad_bias += grad_logits.sum(0)
+    return (weights * token_ce).sum(), token_ce, (grad_features, grad_weight, grad_bias)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
-    """loss = sum_i w_i CE(W f_i + b, y_i); gradients computed in forward, chunk by chunk."""
+    """loss = sum_i w_i CE(W f_i + b, y_i); gradients computed in forward (`_sweep`), chunk by chunk."""
 
     @staticmethod
     def forward(ctx, features, weight, bias, targets, row_weights, excluded_column, budget_bytes):
-        n, vocab = features.shape[0], weight.shape[0]
-        need_features, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        need_bias = bias is not None and ctx.needs_input_grad[2]
-        dtype = torch.promote_types(features.dtype, torch.float32)
-        weights = row_weights.to(dtype)  # [N]
-        token_ce = torch.empty(n, dtype=dtype, device=features.device)  # [N]
-        grad_features = torch.zeros_like(features) if need_features else None  # [N, H]
-        grad_weight = torch.zeros_like(weight, dtype=torch.promote_types(weight.dtype, dtype)) if need_weight else None
-        grad_bias = torch.zeros(vocab, dtype=dtype, device=weight.device) if need_bias else None  # [V]
-        step = rows_per_chunk(vocab, features.dtype, budget_bytes)
-        matmul_weight, matmul_bias = _decoder_for_matmuls(weight, bias)
-        for start in range(0, n, step):
-            rows = slice(start, start + step)
-            f, y = features[rows], targets[rows]  # [c, H], [c]
-            logits = _chunk_logits(f, matmul_weight, matmul_bias, excluded_column)  # [c, V]
-            token_ce[rows], log_norm = _chunk_ce(logits, y)
-            # g = w (softmax(z) - onehot(y)), in place over the logits   [c, V]
-            grad_logits = logits.sub_(log_norm[:, None]).exp_()
-            grad_logits[torch.arange(f.shape[0], device=f.device), y] -= 1.0
-            grad_logits.mul_(weights[rows, None])
-            if need_features:
-                # d loss / d f = g W   [c, H]
-                grad_features[rows] = (grad_logits.to(matmul_weight.dtype) @ matmul_weight).to(features.dtype)
-            if need_weight:
-                # d loss / d W += g^T f   [V, H]
-                grad_weight += grad_logits.t().to(f.dtype) @ f
-            if need_bias:
-                # d loss / d b += sum_rows g   [V]
-                grad_bias += grad_logits.sum(0)
-        ctx.save_for_backward(grad_features, grad_weight, grad_bias)
+        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
+        loss, token_ce, grads = _sweep(features, weight, bias, targets, row_weights, excluded_column, budget_bytes,
+                                       needs)
+        ctx.save_for_backward(*grads)
         ctx.mark_non_differentiable(token_ce)
-        return (weights * token_ce).sum(), token_ce
+        return loss, token_ce
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_token_ce):
@@ -129,31 +112,21 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 def linear_cross_entropy(features, weight, bias, targets, row_weights, *, excluded_column=None,
                          budget_bytes: int | None = None):
-    """(sum_i w_i CE_i, CE [N]) for logits z_i = W f_i + b that never exist all at once.
-
-    features [N, H] (the head's output at the selected rows), weight [V, H] and bias [V] or
-    None (the decoder; a tied weight gets its gradient like any other), targets [N] ids,
-    row_weights [N], excluded_column: an id removed from the softmax (or None). The loss is
-    differentiable in features, weight and bias; CE [N] is returned without a gradient.
-    budget_bytes: logits memory per chunk (default LOGITS_BUDGET_BYTES).
-    """
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (features, weight, bias))
-    if not needs_grad:
-        return _loss_only(features, weight, bias, targets, row_weights, excluded_column, budget_bytes)
-    return _LinearCrossEntropy.apply(features, weight, bias, targets, row_weights, excluded_column,
-                                     budget_bytes)
+    """(sum_i w_i CE_i, CE [N]) for logits z_i = W f_i + b that never exist all at once: features
+    [N, H] (the head's output at the selected rows), weight [V, H] and bias [V] or None (the decoder;
+    a tied weight gets its gradient like any other), targets [N], row_weights [N]. Only the loss
+    carries a gradient. budget_bytes: logits per chunk (default LOGITS_BUDGET_BYTES)."""
+    args = (features, weight, bias, targets, row_weights, excluded_column, budget_bytes)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (features, weight, bias)):
+        return _LinearCrossEntropy.apply(*args)
+    return _sweep(*args)[:2]
 
 
-def decoder_cross_entropy(model, xt, selected, targets, weights, *, attention_mask=None,
-                          excluded_id: int | None = None):
+def decoder_cross_entropy(model, xt, selected, targets, weights, *, attention_mask=None, excluded_id=None):
     """(sum_i w_i CE_i, CE [N]) at the selected positions (bool [B, S]) of the model's input xt
-    [B, S]; targets [B, S] and weights ([B, S] or broadcastable) are read where selected.
-
-    A ModernBertMLM (possibly inside DistributedDataParallel, asked through its forward) gives
-    its head features and `linear_cross_entropy` sweeps the vocabulary; any other model is asked
-    for logits [N, V] (diffusion.token_cross_entropy). Only the sum carries a gradient.
-    """
+    [B, S]; targets [B, S] and weights ([B, S] or broadcastable) are read where selected. A
+    ModernBertMLM (possibly inside DistributedDataParallel) gives head features for
+    `linear_cross_entropy`; any other model gives logits [N, V] (diffusion.token_cross_entropy)."""
     flat_index = selected.flatten().nonzero().squeeze(1)  # [N] row-major positions
     targets = targets.flatten()[flat_index]  # [N]
     weights = torch.as_tensor(weights, device=xt.device).expand(selected.shape).flatten()[flat_index]  # [N]
@@ -168,8 +141,7 @@ def decoder_cross_entropy(model, xt, selected, targets, weights, *, attention_ma
 
 
 def nelbo_loss(model, x0, mask_id: int, *, attention_mask=None, **draw):
-    """diffusion.nelbo_loss, chunk by chunk: (loss, num_masked) for the same arguments (`draw`:
-    those of diffusion.nelbo_draw), the same draws and the same value."""
+    """diffusion.nelbo_loss, chunk by chunk: (loss, num_masked), same arguments, draws and value."""
     xt, is_masked, row_weight = diffusion.nelbo_draw(x0, mask_id, attention_mask=attention_mask, **draw)
     # loss = sum_b weight_b sum_{i masked in row b} CE_i
     loss, _ = decoder_cross_entropy(model, xt, is_masked, x0, row_weight[:, None],

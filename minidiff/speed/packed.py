@@ -1,21 +1,18 @@
 """Small-row products at their bound on the CPU: oneDNN's matmul, and packed weights for a model only read.
 
-References: oneDNN (the matmul primitive PyTorch ships as `torch.ops.mkldnn`); the roofline
-model (Williams, Waterman and Patterson, CACM 2009). A sampling step multiplies few rows by
-large weights; such a product should run at max(2 M K N / peak FLOP/s, bytes of W / bandwidth).
-Measurements and the formulations tried: docs/benchmarks.md ("Small-row products", "Roofline").
+References: oneDNN (`torch.ops.mkldnn`'s matmul); the roofline model (Williams, Waterman and
+Patterson, CACM 2009): a step's few rows times large weights should run at max(2 M K N / peak
+FLOP/s, bytes of W / bandwidth). Measurements: docs/benchmarks.md ("Small-row products", "Roofline").
 
     y = linear(x, weight, bias)     # = F.linear(x, weight, bias): oneDNN on fp32 CPU rows, M > 1
-    pack_weights(model)             # its CPU nn.Linear layers become PackedLinear, each with a
-    with packed_weights(model): ... #   copy of W in oneDNN's blocked layout; unpack_weights undoes it
+    pack_weights(model)             # CPU nn.Linear layers become PackedLinear, each with a copy of W
+    with packed_weights(model): ... #   in oneDNN's blocked layout; unpack_weights undoes it
 
-oneDNN's op has no autograd formula, so it runs only where no gradient can flow (CPU tensors,
-grad mode off or no input requiring grad, not under torch.compile); everything else is F.linear.
-Packing swaps the class of each CPU fp32/bf16 nn.Linear in place (as torch.nn.utils.parametrize
-does), so parameters and state-dict keys stay; a CUDA model is never touched. The copy records
-its weight's storage and version: an in-place change (optimizer step, load_state_dict, a merge),
-a cast or a move makes the layer multiply with the weight itself (a write through `weight.data`
-is not seen). Copies live beside the model: state_dict, deepcopy and pickling never see them.
+oneDNN's op has no autograd formula: it runs only where no gradient can flow (CPU, not compiling).
+Packing swaps the class in place (as torch.nn.utils.parametrize does): parameters and state-dict
+keys stay. A copy records its weight's storage and version, so an in-place change, a cast or a move
+makes the layer use the weight itself (a write through `weight.data` is not seen). Copies live
+beside the model: state_dict, deepcopy and pickling never see them.
 """
 from __future__ import annotations
 
@@ -28,37 +25,24 @@ from torch import nn
 
 
 def _onednn_may_run(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """True where oneDNN's op (no autograd formula) may stand in for F.linear: not under
-    torch.compile, oneDNN on, CPU tensors, no gradient can flow."""
+    """True where oneDNN's op may stand in for F.linear: not compiling, CPU tensors, no gradient."""
     tensors = (x, weight) if bias is None else (x, weight, bias)
-    if torch.compiler.is_compiling():
-        return False  # torch.compile chooses its own kernels for F.linear
-    if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
-        return False
-    if any(t.device.type != "cpu" for t in tensors):
-        return False
-    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+    return (not torch.compiler.is_compiling()  # torch.compile chooses its own kernels for F.linear
+            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+            and all(t.device.type == "cpu" for t in tensors)
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)))
 
 
 def _onednn_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """True where oneDNN's fp32 matmul on the plain weight may stand in for F.linear: CPU, fp32,
-    no autocast, more than one row, no gradient."""
+    """As `_onednn_may_run`, and fp32 without autocast, more than one row (the plain weight)."""
     tensors = (x, weight) if bias is None else (x, weight, bias)
-    if any(t.dtype != torch.float32 for t in tensors) or torch.is_autocast_enabled("cpu"):
-        return False  # F.linear would run in the autocast dtype
-    if x.numel() <= x.shape[-1]:
-        return False  # one row: F.linear (MKL's matrix-vector product; docs/benchmarks.md)
-    return _onednn_may_run(x, weight, bias)
-
-
-def _product_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype F.linear would multiply x in on the CPU: the autocast dtype, else x's."""
-    return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+    # under autocast F.linear runs in the autocast dtype; one row: F.linear (MKL's matrix-vector product)
+    return (all(t.dtype == torch.float32 for t in tensors) and not torch.is_autocast_enabled("cpu")
+            and x.numel() > x.shape[-1] and _onednn_may_run(x, weight, bias))
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x W^T + b for x [..., K], weight [N, K], bias [N] or None -> [..., N] (F.linear's
-    contract); oneDNN's matmul where `_onednn_applies`, else F.linear."""
+    """F.linear(x [..., K], weight [N, K], bias [N] or None) -> [..., N]; oneDNN where `_onednn_applies`."""
     if _onednn_applies(x, weight, bias):
         # y = x W^T + b, oneDNN reading W [N, K] as it is stored (no repacking)   [..., N]
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
@@ -76,13 +60,14 @@ def _weight_state(weight: torch.Tensor) -> tuple:
 
 
 class PackedLinear(nn.Linear):
-    """nn.Linear (same parameters, same state-dict keys) whose product is oneDNN's with the packed
-    copy of its weight while that copy is current, else `linear` (module docstring)."""
+    """nn.Linear whose product is oneDNN's with the packed copy of its weight while it is current."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # under torch.compile: F.linear, and no look at the copy (dynamo cannot trace data_ptr)
         packed = None if torch.compiler.is_compiling() else self.packed_weight()
-        if packed is not None and _product_dtype(x) == packed.dtype and _onednn_may_run(x, self.weight, self.bias):
+        # the dtype F.linear would multiply in on the CPU: the autocast dtype, else x's
+        product_dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+        if packed is not None and product_dtype == packed.dtype and _onednn_may_run(x, self.weight, self.bias):
             bias = None if self.bias is None else self.bias.to(packed.dtype)
             # y = x W^T + b with W in oneDNN's blocked layout   [..., N]
             return torch.ops.mkldnn._linear_pointwise(x.to(packed.dtype), packed, bias, "none", [], "")
@@ -95,8 +80,7 @@ class PackedLinear(nn.Linear):
 
 
 def _packable(module: nn.Module) -> bool:
-    """A plain (or packed) nn.Linear whose weight oneDNN can pack: CPU, fp32 or bf16, with a
-    version counter (not an inference-mode tensor)."""
+    """A plain (or packed) nn.Linear whose CPU fp32/bf16 weight has a version (not inference mode)."""
     return (type(module) in (nn.Linear, PackedLinear) and module.weight.device.type == "cpu"
             and module.weight.dtype in (torch.float32, torch.bfloat16)
             and torch.backends.mkldnn.is_available() and not module.weight.is_inference())
@@ -104,8 +88,7 @@ def _packable(module: nn.Module) -> bool:
 
 @torch.no_grad()
 def pack_weights(model: nn.Module) -> int:
-    """Make every packable nn.Linear of `model` a PackedLinear holding a packed copy of its weight
-    (made again where the weight changed since); returns the bytes the copies hold."""
+    """Make every packable nn.Linear a PackedLinear with a current packed copy; returns its bytes."""
     held = 0
     for module in filter(_packable, model.modules()):
         if not isinstance(module, PackedLinear) or module.packed_weight() is None:

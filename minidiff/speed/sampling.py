@@ -1,18 +1,13 @@
 """The fast block loop: minidiff/sampler.py's algorithm without the work a step does not need.
-
 References: Fast-dLLM (arXiv 2505.22618: key/value caches, threshold decoding), LLaDA (2502.09992).
+`generate` and `infill` run the blocks as `sampler.denoise` does, with `sampler.denoise_step`, and
+commit the same tokens with cache="none" (tests/test_sampler.py). What they add:
 
-`generate` and `infill` here run the blocks as `sampler.denoise` does, with `sampler.denoise_step`,
-and commit the same tokens with cache="none" (tests/test_sampler.py). What they add:
-
-    logits only at the still-masked block positions   `_masked_first`, as many as the host knows from
-                                                      the block's plan (`most_left`): no device read
+    logits only at the still-masked block positions   `_masked_first`, as many as the plan allows
     the key/value caches as the logits' source        kv_cache.BlockLogits (cache="prefix" | "dual")
     compile=True                                      `block_step` (fixed shapes) under torch.compile
     threshold decoding's count, read one step late    `LateCount` (cached or compiled loop)
-    the stop rules after each block                   data/chat.py StopRules (needs a tokenizer)
-    a trace of every step and a callback              GenerateOutput (live views, replays)
-
+    the stop rules after each block; a trace          data/chat.py StopRules; GenerateOutput
 Reader's page: docs/sampler.md ("Why it is fast", "Key/value caches").
 """
 from __future__ import annotations
@@ -24,15 +19,7 @@ import torch
 
 from minidiff.data.chat import StopRules
 from minidiff.errors import UserError
-from minidiff.sampler import (
-    BlockPlan,
-    Canvas,
-    SamplerConfig,
-    denoise_step,
-    model_canvas,
-    plan_block,
-    random_generators,
-)
+from minidiff.sampler import BlockPlan, Canvas, SamplerConfig, denoise_step, model_canvas, plan_block, random_generators
 from minidiff.speed.kv_cache import BlockLogits
 
 
@@ -41,8 +28,8 @@ class TraceStep:
     """One model call: the block positions it looked at and what was committed there."""
 
     block: int
-    positions: torch.Tensor  # [B, N] the canvas positions of the current block the step looked at
-    tokens: torch.Tensor  # [B, N] the ids at those positions after the step
+    positions: torch.Tensor  # [B, N] the block's canvas positions the step looked at
+    tokens: torch.Tensor  # [B, N] the ids there after the step
     committed: torch.Tensor  # [B, N] bool, True where a token was committed in this step
 
 
@@ -58,13 +45,11 @@ class GenerateOutput:
 
     def answers(self) -> list[list[int]]:
         """Each row's generated ids (the canvas from the prompt end to the row's end)."""
-        rows = self.sequences.tolist()
-        return [row[s:e] for row, s, e in zip(rows, self.answer_start, self.answer_end)]
+        return [row[s:e] for row, s, e in zip(self.sequences.tolist(), self.answer_start, self.answer_end)]
 
     def frames(self) -> list[list[list[int]]]:
         """The canvas of every row after each step (frame 0 = before the first step)."""
-        ids = self.initial.clone()
-        out = [ids.tolist()]
+        ids, out = self.initial.clone(), [self.initial.tolist()]
         for step in self.trace:
             current = ids.gather(1, step.positions)
             ids.scatter_(1, step.positions, torch.where(step.committed, step.tokens, current))
@@ -72,7 +57,7 @@ class GenerateOutput:
         return out
 
 
-# ----------------------------------------------------------------------------- the widths
+# ----------------------------------------------------------------------------- the step and the block loop
 
 
 def most_left(plan: BlockPlan, i: int) -> int:
@@ -89,19 +74,12 @@ def _masked_first(ids: torch.Tensor, block: torch.Tensor, width: int, mask_id: i
     return block.gather(1, order[:, :width])
 
 
-# ----------------------------------------------------------------------------- the step, eager or compiled
-
-
-def block_step(logits_fn, ids: torch.Tensor, canvas: Canvas, block: torch.Tensor,
-               counts: torch.Tensor | None, config: SamplerConfig, generator=None,
-               logit_width: int | None = None):
-    """`denoise_step` on the block [B, K], returning new tensors: (ids [B, T], the positions it
-    looked at [B, N], committed [B, N], masks left in the fullest row's block, 0-d).
-
-    logit_width None: logits over the whole block (fixed shapes: committed positions cannot be
-    chosen, their confidence is -inf); else over each row's first `logit_width` still-masked
-    block positions, padded with committed ones. No host read and no write into an input, so
-    torch.compile(fullgraph=True) captures it."""
+def block_step(logits_fn, ids: torch.Tensor, canvas: Canvas, block: torch.Tensor, counts: torch.Tensor | None,
+               config: SamplerConfig, generator=None, logit_width: int | None = None):
+    """`denoise_step` on the block [B, K], into new tensors: (ids [B, T], the positions it looked at
+    [B, N], committed [B, N], masks left in the fullest row's block, 0-d); logits over the whole block
+    (logit_width None: fixed shapes) or each row's first `logit_width` still-masked positions. No host
+    read, no write into an input: torch.compile(fullgraph=True) captures it."""
     positions = block if logit_width is None else _masked_first(ids, block, logit_width, canvas.mask_id)
     ids = ids.clone()
     committed = denoise_step(logits_fn, ids, canvas, positions, counts, config, generator)
@@ -120,22 +98,16 @@ def compiled_block_step(device: torch.device):
     return _COMPILED[mode]
 
 
-# ----------------------------------------------------------------------------- threshold decoding's count
-
-
 class LateCount:
-    """A 0-d device count read on the host one step late: `push` starts a non-blocking copy,
-    `read` (after the next step is queued) waits for that copy only. On CUDA the copy and its
-    event go on the current stream of the sampler's device (not of the current device)."""
+    """A 0-d device count read on the host one step late: `push` starts a non-blocking copy (on CUDA
+    on the current stream of the sampler's device), `read` waits for that copy only."""
 
     def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
+        self.cuda, self.pending = device.type == "cuda", False
         self.host = torch.zeros((), dtype=torch.long)
         if self.cuda:
             self.host = self.host.pin_memory()
-            self.stream = torch.cuda.current_stream(device)
-            self.event = torch.cuda.Event()
-        self.pending = False
+            self.stream, self.event = torch.cuda.current_stream(device), torch.cuda.Event()
 
     def push(self, count: torch.Tensor) -> None:
         if self.cuda:
@@ -156,9 +128,8 @@ class LateCount:
 
 
 def _masks_left(late: LateCount | None, left: torch.Tensor, plan: BlockPlan) -> int:
-    """Threshold decoding's host number after a step: the masks left in the fullest row. At once
-    (late None: one blocking read per step), or one step old from `late` (the device never waits;
-    a block that finished at step i gets a step i + 1, which commits nothing)."""
+    """Threshold decoding's masks left in the fullest row, on the host: at once (late None, a blocking
+    read), or one step old from `late` (a block finished at step i gets a step i + 1 committing nothing)."""
     if late is None:
         return int(left)
     previous = late.read()  # None before the first push
@@ -168,31 +139,25 @@ def _masks_left(late: LateCount | None, left: torch.Tensor, plan: BlockPlan) -> 
     return max(plan.masked) if previous is None else previous
 
 
-# ----------------------------------------------------------------------------- the loop
-
-
 class Denoiser:
-    """One generate/infill call: the blocks left to right (`run`), each one's steps (`run_block`),
-    each step eager or compiled (`step`)."""
+    """One generate/infill call: the blocks (`run`), each one's steps (`run_block`), each step (`step`)."""
 
     def __init__(self, model, canvas: Canvas, config: SamplerConfig, end_of_block, callback):
         self.model, self.canvas, self.config = model, canvas, config
         self.end_of_block, self.callback = end_of_block, callback
-        device = canvas.ids.device
-        self.generator, self.host_generator = random_generators(config.seed, device)
-        self.compiled = compiled_block_step(device) if config.compile else None
+        self.generator, self.host_generator = random_generators(config.seed, canvas.ids.device)
+        self.compiled = compiled_block_step(canvas.ids.device) if config.compile else None
         # the cached / compiled loop reads threshold decoding's count one step late
         self.reads_late = config.cache != "none" or config.compile
-        self.out = GenerateOutput(canvas.ids, 0, [], canvas.ids, list(canvas.answer_start),
-                                  list(canvas.answer_end), canvas.mask_id)
+        self.out = GenerateOutput(canvas.ids, 0, [], canvas.ids, list(canvas.answer_start), list(canvas.answer_end),
+                                  canvas.mask_id)
 
     @torch.no_grad()
     def run(self) -> GenerateOutput:
         """Per block: plan it, run its steps, end it (the stop rules, if any)."""
         canvas, ids = self.canvas, self.canvas.ids.clone()  # the stop rules write into ids
         for b, block in enumerate(canvas.blocks):
-            plan = plan_block(ids, block, canvas.steps_per_block, self.config, canvas.mask_id,
-                              self.host_generator)
+            plan = plan_block(ids, block, canvas.steps_per_block, self.config, canvas.mask_id, self.host_generator)
             ids = self.run_block(ids, b, block, plan)
             if self.end_of_block is not None and self.end_of_block(ids, canvas, block, b + 1 == len(canvas.blocks)):
                 if self.callback is not None:
@@ -217,18 +182,17 @@ class Denoiser:
         return ids
 
     def step(self, ids, b: int, block, plan: BlockPlan, i: int, logits: BlockLogits, bound: int):
-        """Step i of block b: eager, logits at the `bound` first still-masked positions; compiled,
-        over the whole block (one shape per block; a cache refresh runs eagerly). Recorded."""
+        """Step i of block b, recorded: eager at the `bound` first still-masked positions, or compiled
+        over the whole block (one shape per block; a cache refresh runs eagerly)."""
         config = self.config
         counts = None if plan.counts_on_device is None else plan.counts_on_device[:, i]  # [B]
         step_fn = block_step if self.compiled is None or logits.refreshes(i) else self.compiled
-        outputs = step_fn(logits.at_step(i), ids, self.canvas, block, counts, config, self.generator,
-                          None if config.compile else bound)
+        width = None if config.compile else bound
+        outputs = step_fn(logits.at_step(i), ids, self.canvas, block, counts, config, self.generator, width)
         if config.compile:  # copies: a CUDA graph reuses its output buffers at the next replay
             outputs = [t.clone() for t in outputs]
         ids, positions, committed, left = outputs
-        self.out.sequences = ids
-        self.out.num_forward += 1
+        self.out.sequences, self.out.num_forward = ids, self.out.num_forward + 1
         self.out.trace.append(TraceStep(b, positions, ids.gather(1, positions), committed))
         if self.callback is not None:
             self.callback(self.out)
@@ -264,16 +228,11 @@ def _checked_rows(model, items, new_tokens: int, mask_id, eos_id, what: str) -> 
     return rows
 
 
-def generate(model, prompts, config: SamplerConfig | None = None, *, mask_id: int, eos_id: int,
-             tokenizer=None, pad_id: int | None = None,
-             callback: Callable[[GenerateOutput], None] | None = None) -> GenerateOutput:
-    """Generate `max_new_tokens` after each prompt (list of token-id lists, lengths may differ).
-
-    Returns sequences [B, max prompt + max_new_tokens] (right-padded with eos), the number of
-    model calls and a per-step trace. The stop rules apply (`config.stop_at_eos`; with a
-    `tokenizer`, `config.stop_strings` and the "[/Answer]" early stop); `callback(out)` is called
-    after every step (for live views; it may sync).
-    """
+def generate(model, prompts, config: SamplerConfig | None = None, *, mask_id: int, eos_id: int, tokenizer=None,
+             pad_id: int | None = None, callback: Callable[[GenerateOutput], None] | None = None) -> GenerateOutput:
+    """`max_new_tokens` after each prompt (token-id lists): sequences [B, max prompt + max_new_tokens]
+    (eos-padded), model calls, a trace. Stop rules: `config.stop_at_eos`; with a `tokenizer`,
+    `config.stop_strings` and "[/Answer]". `callback(out)` runs after every step (it may sync)."""
     config = config or SamplerConfig()
     rows = _checked_rows(model, prompts, config.max_new_tokens, mask_id, eos_id, "prompt")
     canvas = model_canvas(model, rows, config, mask_id=mask_id, eos_id=eos_id, infill=False)
@@ -281,16 +240,11 @@ def generate(model, prompts, config: SamplerConfig | None = None, *, mask_id: in
     return Denoiser(model, canvas, config, stops.end_of_block, callback).run()
 
 
-def infill(model, ids_with_masks, config: SamplerConfig | None = None, *, mask_id: int, eos_id: int,
-           tokenizer=None, pad_id: int | None = None,
-           callback: Callable[[GenerateOutput], None] | None = None) -> GenerateOutput:
-    """Fill every mask of the given sequences (masks may sit anywhere).
-
-    Blocks of `block_length` tile the whole (eos-padded) sequence from position 0; each gets
-    ceil(steps / num_blocks) steps (at most a block's width). `config.max_new_tokens` is not used,
-    and no stop rule applies (the given text is the user's: eos in it ends nothing), so
-    `tokenizer` and `pad_id` change nothing.
-    """
+def infill(model, ids_with_masks, config: SamplerConfig | None = None, *, mask_id: int, eos_id: int, tokenizer=None,
+           pad_id: int | None = None, callback: Callable[[GenerateOutput], None] | None = None) -> GenerateOutput:
+    """Fill every mask of the given sequences (masks may sit anywhere). Blocks of `block_length` tile
+    the whole (eos-padded) sequence from position 0, each with ceil(steps / num_blocks) steps (at most
+    a block's width). No stop rule applies and `max_new_tokens`, `tokenizer` and `pad_id` are unused."""
     config = config or SamplerConfig()
     rows = _checked_rows(model, ids_with_masks, 0, mask_id, eos_id, "sequence")
     canvas = model_canvas(model, rows, config, mask_id=mask_id, eos_id=eos_id, infill=True)
