@@ -37,7 +37,8 @@ function draw(step){
   const f = frames[step]; if (!f) { $("canvas").innerHTML = ""; return; }
   $("canvas").innerHTML = f.cells.map((c, i) => {
     const cls = f.new.includes(i) ? "new" : i >= f.block[0] && i < f.block[1] ? "block" : "";
-    return c === null ? '<span class="mask ' + cls + '">\\u2591</span>' : '<span class="' + cls + '">' + esc(c) + '</span>';
+    return c === null ? '<span class="mask ' + cls + '">\\u2591</span>'
+                      : '<span class="' + cls + '">' + esc(c) + '</span>';
   }).join("");
 }
 function addFrame(f){
