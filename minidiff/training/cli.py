@@ -173,10 +173,9 @@ def check_optimizer_settings(config) -> None:
 
 def check_lora_flags(lora_on: bool, given: set[str], switch: str) -> None:
     """LoRA hyper-parameters make no sense when LoRA is off."""
-    if not lora_on:
-        for name in ("lora_r", "lora_alpha", "lora_dropout", "lora_targets"):
-            if name in given:
-                raise UserError(f"--{name.replace('_', '-')} was given but LoRA is off ({switch}); drop one of them")
+    for name in ("lora_r", "lora_alpha", "lora_dropout", "lora_targets"):
+        if not lora_on and name in given:
+            raise UserError(f"--{name.replace('_', '-')} was given but LoRA is off ({switch}); drop one of them")
 
 
 def build_model(model_name: str | None, from_scratch: str | None, tokenizer, seed: int, max_len: int):
@@ -209,8 +208,7 @@ def check_fits(model, tokenizer, max_len: int) -> None:
 
 
 def seed_everything(seed: int) -> None:
-    """python, numpy and torch (CPU and CUDA) seeded: a fresh model or LoRA init is reproducible
-    (torch seeds itself randomly per process otherwise)."""
+    """python, numpy and torch (CPU and CUDA) seeded: a fresh model or LoRA init is reproducible."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -225,10 +223,8 @@ def apply_lora_from(config, model):
 
 
 def run_identity(model, tok, train, held_out) -> dict:
-    """What makes a run itself, recorded in run.json and every checkpoint and compared on
-    --resume: the base model's weights (hash of the non-LoRA tensors, before training), the
-    tokenizer's files, and the content keys of the token shards the training and evaluation
-    examples are read from (shards.Shard.content_key: what they were made from and hold)."""
+    """What makes a run itself, compared on --resume (docs/training.md, "The same run, or none"): the
+    base model's weights hash, the tokenizer's, and the content keys of the examples' token shards."""
     return {"base_model": weights_hash(model), "tokenizer": shards.tokenizer_hash(tok),
             "data": {"train": shard_keys(train), "eval": shard_keys(held_out)}}
 
@@ -258,19 +254,18 @@ def say(rank: int, message: str) -> None:
 
 def run_training(config, ctx, model, tok, train, held_out, collate, *, lora: bool, script: str,
                  data_report: dict | None = None) -> int:
-    """What both scripts do once examples and model exist: batches, the NELBO objective, the
-    training loop, a one-line summary. data_report: what the data rules kept, cut and dropped,
-    recorded in run.json. Returns the exit status."""
+    """What both scripts do once examples and model exist: batches, the NELBO objective, the loop, a
+    one-line summary. data_report (for run.json): what the data rules kept, cut and dropped."""
     batches = Batches(train, config.batch_size, seed=config.seed, rank=ctx.rank, world_size=ctx.world_size,
                       drop_last=True, collate=collate)
     evals = eval_batches(held_out, config.batch_size, ctx.rank, ctx.world_size, collate) if held_out else None
     loss_fn = trainer.nelbo_objective(tok.mask_id, schedule=config.noise_schedule, loss_norm=config.loss_norm,
                                       stratified=config.stratified_t, eps=config.time_eps)
-    result = trainer.train(model, batches, evals, loss_fn, config, config.out, tokenizer=tok,
-                           lora=lora, base_model=config.model,
-                           run_info={"script": script, "num_train": len(train), "num_eval": len(held_out),
-                                     **({"data": data_report} if data_report else {})},
-                           identity=run_identity(model, tok, train, held_out))
+    run_info = {"script": script, "num_train": len(train), "num_eval": len(held_out),
+                **({"data": data_report} if data_report else {})}
+    identity = run_identity(model, tok, train, held_out)
+    result = trainer.train(model, batches, evals, loss_fn, config, config.out, tokenizer=tok, lora=lora,
+                           base_model=config.model, run_info=run_info, identity=identity)
     if ctx.is_main:
         last_eval = f", eval loss {result.eval_losses[-1][1]:.4f}" if result.eval_losses else ""
         train_loss = f"{result.train_loss:.4f}" if result.train_loss is not None else "- (no step left to run)"

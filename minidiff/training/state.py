@@ -179,8 +179,7 @@ def finish_checkpoint(tmp: Path, step: int, model, optimizer, lr_schedule, state
     """Write weights, optimizer and state.json into `tmp`, rename it to step-XXXXXX, prune old ones."""
     save_file(trainable_state_dict(model), str(tmp / "trainable.safetensors"), metadata={"format": "pt"})
     torch.save({"optimizer": optimizer.state_dict(),
-                "scheduler": lr_schedule.state_dict() if lr_schedule is not None else None},
-               tmp / "optimizer.pt")
+                "scheduler": lr_schedule.state_dict() if lr_schedule is not None else None}, tmp / "optimizer.pt")
     files.write_json(tmp / "state.json", {"step": step, **state}, indent=1)
     for f in tmp.iterdir():  # make the contents durable before the manifest vouches for them
         with open(f, "rb") as handle:

@@ -203,7 +203,6 @@ def plot_losses(metrics_path: Path, png_path: Path) -> bool:
     """loss.png from metrics.jsonl when matplotlib is importable (extra "plot"); else False."""
     try:
         import matplotlib
-
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
@@ -272,9 +271,8 @@ def make_learner(model, config: TrainConfig, ctx: DistContext, steps: int, warmu
     model.train()
     model.model.gradient_checkpointing = config.gradient_checkpointing
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = optim.AdamW(optim.param_groups(model, config.weight_decay), lr=config.lr,
-                            betas=(config.beta1, config.beta2), eps=config.adam_eps,
-                            weight_decay=config.weight_decay)
+    optimizer = optim.AdamW(optim.param_groups(model, config.weight_decay), lr=config.lr, eps=config.adam_eps,
+                            betas=(config.beta1, config.beta2), weight_decay=config.weight_decay)
     lr_schedule = optim.WarmupCosine(optimizer, warmup=warmup, total=steps, min_lr=config.min_lr)
     return Learner(model, model, params, optimizer, lr_schedule, torch.Generator(device=ctx.device))
 
@@ -404,15 +402,13 @@ def check_same_run(state: dict, path: Path, config: TrainConfig, identity: dict,
     may_differ = {f.name for f in fields(config) if f.metadata.get(ON_RESUME) in allowed}
     saved, now = state.get("config", {}), asdict(config)
     for name in sorted(set(saved) | set(now)):
-        if name not in may_differ and saved.get(name) != _jsonable(now.get(name)):
+        if name not in may_differ and saved.get(name) != json.loads(json.dumps(now.get(name), default=str)):
             raise UserError(
                 f"--{name.replace('_', '-')} is {now.get(name)!r} but the checkpoint {path} was trained with "
                 f"{saved.get(name)!r}; resume with the original settings")
     saved_identity = state.get("identity", {})
     for part, what in (("base_model", "base model (--model)"), ("tokenizer", "tokenizer"), ("data", "data")):
-        if part == "data" and config.allow_data_change:
-            continue
-        if saved_identity.get(part) != identity.get(part):
+        if saved_identity.get(part) != identity.get(part) and not (part == "data" and config.allow_data_change):
             hint = " (or pass --allow-data-change to continue on new data deliberately)" if part == "data" else ""
             raise UserError(f"the checkpoint {path} was trained with another {what} than this run's; "
                             f"resume with the original one{hint}")
@@ -422,11 +418,6 @@ def check_same_run(state: dict, path: Path, config: TrainConfig, identity: dict,
     if state.get("total_steps", steps) != steps:
         raise UserError(f"this run has {steps} steps but the checkpoint {path} belongs to a run of "
                         f"{state['total_steps']}; resume with the original --max-steps/--epochs")
-
-
-def _jsonable(value):
-    """A config value as it reads back from JSON (tuples become lists)."""
-    return json.loads(json.dumps(value, default=str))
 
 
 def resume(ckpt_root: Path, learner: Learner, train_batches, config: TrainConfig, ctx: DistContext,
@@ -558,10 +549,9 @@ class RunWriter:
         if ctx.is_main:
             train_state.finish_checkpoint(
                 tmp, step, learner.model, learner.optimizer, learner.lr_schedule,
-                {"data": data_state, "config": asdict(config), "identity": self.identity,
-                 "world_size": ctx.world_size, "eval_losses": self.eval_losses, "total_steps": self.steps,
-                 "skipped_steps": meter.skipped, "skipped_in_a_row": meter.skipped_in_a_row},
-                config.keep_last)
+                {"data": data_state, "config": asdict(config), "identity": self.identity, "world_size": ctx.world_size,
+                 "eval_losses": self.eval_losses, "total_steps": self.steps, "skipped_steps": meter.skipped,
+                 "skipped_in_a_row": meter.skipped_in_a_row}, config.keep_last)
         _barrier(ctx)
 
     def finish(self, model, *, tokenizer=None, lora: bool = False, base_model: str | None = None) -> None:
@@ -636,7 +626,6 @@ def _train_locked(model, train_batches, eval_batches, loss_fn, config: TrainConf
     if ctx.enabled:
         device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
         learner.ddp_model = DistributedDataParallel(model, device_ids=device_ids)
-
     step = start.step
     if step == 0:
         evaluate_and_log(step, model, eval_batches, loss_fn, config, ctx, writer)
@@ -658,7 +647,6 @@ def _train_locked(model, train_batches, eval_batches, loss_fn, config: TrainConf
                 evaluate_and_log(step, model, eval_batches, loss_fn, config, ctx, writer)
             if config.save_every and (step % config.save_every == 0 or step == steps):
                 writer.checkpoint(step, learner, batches.state_dict(), meter)
-
     evaluate_and_log(step, model, eval_batches, loss_fn, config, ctx, writer)
     writer.finish(model, **export_args)
     return TrainResult(step=step, train_loss=last_loss, eval_losses=writer.eval_losses, out_dir=out)
