@@ -1,12 +1,7 @@
 """The OpenAI-compatible objects: a request body in (a `Job`), answers, chunks and errors out.
 
-POST /v1/chat/completions reads `messages` (through the chat template, as sample.py does) and
-POST /v1/completions a `prompt` (<bos> + the text, as sample.py --raw). The sampler settings
-are the server's (serve.py's flags) with the request's laid over them: max_tokens, temperature,
-stop, seed, and the extra fields steps, block_length, cache, threshold, repetition_penalty.
-stream, stream_options.include_usage and the extra field trace (the page's step events) choose
-the reply. Every mistake is an ApiError: a 4xx status with the body
-{"error": {"message", "type", "param", "code"}}. Reader's page: docs/serving.md.
+The request's sampler fields are laid over the server's settings; every mistake is an ApiError
+(a 4xx status, OpenAI's error object). Reader's page: docs/serving.md ("The API").
 """
 from __future__ import annotations
 
@@ -21,17 +16,11 @@ from minidiff.plumbing.sampling_cli import answer_ids, prompt_ids
 from minidiff.sampler import SamplerConfig
 from minidiff.serving.settled import ended
 
-# request field -> (the SamplerConfig field it sets, the JSON types it takes)
-SETTINGS = {
-    "max_tokens": ("max_new_tokens", (int,)),
-    "max_completion_tokens": ("max_new_tokens", (int,)),
-    "temperature": ("temperature", (int, float)),
-    "seed": ("seed", (int,)),
-    "steps": ("steps", (int,)),
-    "block_length": ("block_length", (int,)),
-    "cache": ("cache", (str,)),
-    "threshold": ("threshold", (int, float, type(None))),
-    "repetition_penalty": ("repetition_penalty", (int, float)),
+SETTINGS = {  # request field -> (the SamplerConfig field it sets, the JSON types it takes)
+    "max_tokens": ("max_new_tokens", (int,)), "max_completion_tokens": ("max_new_tokens", (int,)),
+    "temperature": ("temperature", (int, float)), "seed": ("seed", (int,)), "steps": ("steps", (int,)),
+    "block_length": ("block_length", (int,)), "cache": ("cache", (str,)),
+    "threshold": ("threshold", (int, float, type(None))), "repetition_penalty": ("repetition_penalty", (int, float)),
 }
 TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "a boolean", list: "an array",
               dict: "an object", type(None): "null"}
@@ -53,7 +42,6 @@ class ApiError(Exception):
 @dataclass
 class Job:
     """One parsed request."""
-
     chat: bool  # /v1/chat/completions (else /v1/completions)
     prompt: list[int]
     config: SamplerConfig
@@ -73,17 +61,6 @@ def typed(body: dict, name: str, types: tuple, default=None):
         expected = " or ".join(TYPE_NAMES[t] for t in types)
         raise ApiError(400, f"'{name}' must be {expected}, got {json.dumps(value)}.", param=name)
     return value
-
-
-def read_body(raw: bytes) -> dict:
-    """The request's JSON object."""
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as error:
-        raise ApiError(400, f"the request body is not valid JSON ({error}).") from None
-    if not isinstance(body, dict):
-        raise ApiError(400, "the request body must be a JSON object.")
-    return body
 
 
 def sampler_config(body: dict, base: SamplerConfig, context: int) -> SamplerConfig:
@@ -137,7 +114,12 @@ def text_ids(body: dict, tok) -> list[int]:
 
 def parse_job(raw: bytes, *, chat: bool, tok, model_name: str, base: SamplerConfig, context: int) -> Job:
     """A request body -> Job, or the ApiError that says what is wrong with it."""
-    body = read_body(raw)
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ApiError(400, f"the request body is not valid JSON ({error}).") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object.")
     model = typed(body, "model", (str,))
     if model is None:
         raise ApiError(400, "'model' is required: the id GET /v1/models lists.", param="model")
@@ -160,9 +142,6 @@ def parse_job(raw: bytes, *, chat: bool, tok, model_name: str, base: SamplerConf
     trace = typed(body, "trace", (bool,), default=False)
     kind = "chatcmpl" if chat else "cmpl"
     return Job(chat, prompt, config, stream, include_usage, trace, f"{kind}-{uuid.uuid4().hex[:24]}", int(time.time()))
-
-
-# ----------------------------------------------------------------------------- replies
 
 
 def usage(job: Job, tok, answer: list[int]) -> dict:

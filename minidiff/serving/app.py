@@ -1,15 +1,7 @@
 """The HTTP side: Starlette routes over the Engine, replies as JSON or server-sent events.
 
-    GET  /                       the live page (page.py)
-    GET  /health                 {"status": "ok", "active", "waiting", "blocks"}
-    GET  /v1/models              the one model this server has
-    POST /v1/chat/completions    messages -> chat.completion, or its chunks (stream: true)
-    POST /v1/completions         prompt -> text_completion, or its chunks
-
-A stream sends one chunk per committed block (the text that block settled: settled.py), then
-`data: [DONE]`; with the extra field trace: true, also an `event: step` after every denoising
-step. A client that leaves frees its row at the next block boundary. Every error is OpenAI's
-error object (api.ApiError), and the server answers the next request. Reader's page: docs/serving.md.
+A stream sends one chunk per committed block (the text it settled: settled.py), then `data: [DONE]`;
+with trace: true also an `event: step` after every step. Reader's page: docs/serving.md.
 """
 from __future__ import annotations
 
@@ -19,6 +11,7 @@ import sys
 import traceback
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -29,15 +22,7 @@ from starlette.routing import Route
 from minidiff.data.chat import StopRules
 from minidiff.plumbing.sampling_cli import answer_text
 from minidiff.sampler import SamplerConfig
-from minidiff.serving.api import (
-    ApiError,
-    Job,
-    chunk,
-    completion,
-    finish_reason,
-    parse_job,
-    usage,
-)
+from minidiff.serving.api import ApiError, Job, chunk, completion, finish_reason, parse_job, usage
 from minidiff.serving.batch import Row
 from minidiff.serving.engine import Busy, Committed, Engine, Failed, Stepped, Ticket
 from minidiff.serving.page import cells, page_html
@@ -47,7 +32,6 @@ from minidiff.serving.settled import settled_text
 @dataclass
 class Service:
     """What the routes share: the model's name, tokenizer, default settings, context and engine."""
-
     name: str
     tok: object
     config: SamplerConfig
@@ -57,7 +41,6 @@ class Service:
 
 
 def sse(payload, event: str | None = None) -> str:
-    """One server-sent event (JSON data on one line)."""
     head = f"event: {event}\n" if event else ""
     return f"{head}data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
@@ -137,14 +120,6 @@ async def complete(request: Request, chat: bool) -> Response:
                                    usage(job, tok, event.answer)))
 
 
-async def chat_completions(request: Request) -> Response:
-    return await complete(request, chat=True)
-
-
-async def text_completions(request: Request) -> Response:
-    return await complete(request, chat=False)
-
-
 async def models(request: Request) -> Response:
     name = request.app.state.service.name
     return JSONResponse({"object": "list", "data": [{"id": name, "object": "model", "created": 0,
@@ -191,8 +166,8 @@ def make_app(service: Service) -> Starlette:
         service.engine.close()
 
     routes = [Route("/", page), Route("/health", health), Route("/v1/models", models),
-              Route("/v1/chat/completions", chat_completions, methods=["POST"]),
-              Route("/v1/completions", text_completions, methods=["POST"])]
+              Route("/v1/chat/completions", partial(complete, chat=True), methods=["POST"]),
+              Route("/v1/completions", partial(complete, chat=False), methods=["POST"])]
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={ApiError: api_error, HTTPException: http_error, Exception: server_error})
     app.state.service = service

@@ -1,13 +1,9 @@
 """One block for a batch of requests, each row at its own block: one canvas, the fast loop's steps.
 
-A row is one request: its prompt, its answer so far (the blocks committed, then <mask>) and the
-index of its next block. `denoise_block` builds one canvas of the rows (per-row block starts,
-per-row attention masks: rows never see each other), runs that block with speed/sampling.py's
-Denoiser, then applies each row's stop rules to that row alone. A row sees exactly the canvas
-its request run alone sees (prompt | committed blocks | masks of its later blocks) and takes
-the same steps per block (over its whole answer), so at temperature 0 its answer is generate's.
-Rows share a batch when every setting a block's steps read is equal (`batch_key`); a row with
-a seed and random draws keeps its own generators and runs alone. Reader's page: docs/serving.md.
+A row sees exactly the canvas its request alone sees (prompt | committed blocks | masks of its
+later blocks; other rows are outside its attention mask) and takes the same steps per block, so
+at temperature 0 its answer is generate's. Reader's page: docs/serving.md ("Batching at block
+boundaries").
 """
 from __future__ import annotations
 
@@ -17,14 +13,7 @@ from typing import Callable
 import torch
 
 from minidiff.data.chat import StopRules
-from minidiff.sampler import (
-    Canvas,
-    SamplerConfig,
-    build_canvas,
-    plan_block,
-    random_generators,
-    steps_per_block,
-)
+from minidiff.sampler import Canvas, SamplerConfig, build_canvas, plan_block, random_generators, steps_per_block
 from minidiff.speed.sampling import Denoiser, GenerateOutput
 
 # the settings one block's steps read (plan_block, denoise_step, the caches, the compiled step)
@@ -41,7 +30,6 @@ def own_draws(config: SamplerConfig) -> bool:
 @dataclass
 class Row:
     """One request as the batcher sees it; `answer` changes at block boundaries only."""
-
     prompt: list[int]
     config: SamplerConfig
     stops: StopRules

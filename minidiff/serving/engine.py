@@ -1,13 +1,9 @@
 """The batcher: one worker owns the model; requests join and leave the batch at block boundaries.
 
-A request waits in a bounded queue (full: `Busy`, which the API answers with 429). An idle
-worker woken by a request waits `gather` seconds more, so that requests sent together start
-in one batch. At every block boundary the worker drops the rows whose client left, admits waiting rows while the batch
-has room, groups the active rows by batch.batch_key and runs the next block of one group: the
-one holding the row served longest ago (a new row first). The block runs in the model's own
-thread, so the event loop keeps answering. Then each row of the group gets a `Committed` event
-(its answer so far, finished or not) and a finished row leaves. A traced row (the page) also
-gets a `Stepped` event after every step. Reader's page: docs/serving.md.
+At every boundary the worker drops the rows whose client left, admits waiting ones while the
+batch has room and runs the next block of the group (batch.batch_key) holding the row served
+longest ago, in the model's own thread. Each row then gets a `Committed` event; a traced row also
+a `Stepped` event per step. A full queue is `Busy` (429). Reader's page: docs/serving.md.
 """
 from __future__ import annotations
 
@@ -22,7 +18,6 @@ from minidiff.serving.batch import Row, batch_key, denoise_block, step_callback
 @dataclass
 class Committed:
     """A block boundary: the answer so far (committed blocks, then <mask>)."""
-
     answer: list[int]
     finished: bool
 
@@ -30,7 +25,6 @@ class Committed:
 @dataclass
 class Stepped:
     """One step of a traced row: its answer now and the answer offsets this step committed."""
-
     answer: list[int]
     new: list[int]
     block: tuple[int, int]  # the current block's answer offsets [start, end)
@@ -39,7 +33,6 @@ class Stepped:
 @dataclass
 class Failed:
     """The model failed on this row's block; the request ends with this message."""
-
     message: str
 
 
@@ -50,7 +43,6 @@ class Busy(Exception):
 @dataclass
 class Ticket:
     """What a request holds while the engine works on it: its row and its events."""
-
     row: Row
     trace: bool = False
     events: asyncio.Queue = field(default_factory=asyncio.Queue)

@@ -1,11 +1,8 @@
 """The live page (GET /): type a prompt and watch the canvas fill, step by step.
 
-It asks POST /v1/chat/completions with stream and trace on, and draws each `event: step` (every
-cell of the answer: a mask, or the text of its committed token; the tokens the step committed
-on yellow; the current block shaded) as sample.py's --trace-html replay draws a step, with its
-style and its token pieces (plumbing/trace_page.py); the OpenAI chunks fill the answer below.
-A slider replays the steps received. One self-contained document: no build step, no external
-asset. Reader's page: docs/serving.md.
+It streams /v1/chat/completions with trace on and draws each `event: step` as sample.py's
+--trace-html replay draws a step (plumbing/trace_page.py); a slider replays the steps received.
+One self-contained document. Reader's page: docs/serving.md ("The page").
 """
 from __future__ import annotations
 
@@ -40,7 +37,8 @@ function draw(step){
   const f = frames[step]; if (!f) { $("canvas").innerHTML = ""; return; }
   $("canvas").innerHTML = f.cells.map((c, i) => {
     const cls = f.new.includes(i) ? "new" : i >= f.block[0] && i < f.block[1] ? "block" : "";
-    return c === null ? '<span class="mask ' + cls + '">\\u2591</span>' : '<span class="' + cls + '">' + esc(c) + '</span>';
+    return c === null ? '<span class="mask ' + cls + '">\\u2591</span>'
+                      : '<span class="' + cls + '">' + esc(c) + '</span>';
   }).join("");
 }
 function addFrame(f){

@@ -1,16 +1,9 @@
 """What of an answer is final after a block: the text a stream may send without taking it back.
 
-A committed token is never re-masked, but three things can still change the text of the blocks
-committed so far (answer_text: cut at eos or pad, then at "[/Answer]", stripped; StopRules: cut
-at a stop string, from the token where it begins):
-    byte tokens <0xNN>     byte fallback decodes a run of them whole: one more byte can complete
-                           a character, or turn the run into U+FFFDs; a run that ends it waits
-    a stop string          can only begin in what ends the text now as a prefix of it; the cut
-                           would start at that token, so the text from that token on waits
-    "[/Answer]"            a prefix of the end of turn that ends the text waits (and the spaces
-                           before it, which the strip may take)
-An answer that has ended (eos, pad, "[/Answer]") or finished is final as it is.
-Reader's page: docs/serving.md ("Streaming").
+A committed token is never re-masked, but a later block can still change the text so far: a run
+of byte tokens <0xNN> that ends it, a proper prefix of a stop string or of "[/Answer]" that ends it
+(the stop cut starts at the token where the string begins). Those wait; an answer that has ended
+(eos, pad, "[/Answer]") or finished is final as it is. Reader's page: docs/serving.md ("Streaming").
 """
 from __future__ import annotations
 

@@ -1,9 +1,7 @@
-"""What train_cpt.py and train_sft.py share: flags generated from their config dataclass
-(minidiff.plumbing.flags: one flag per field, `--help` listing every default and the presets), model
-building (load, from scratch, LoRA) and evaluation batches.
+"""What train_cpt.py and train_sft.py share: flags generated from their config dataclass (one flag
+per field: minidiff.plumbing.flags), model building (load, from scratch, LoRA), evaluation batches.
 
-References: Diffutron (arXiv 2603.20466) for the presets' values; otherwise plumbing
-(docs/training.md).
+References: Diffutron (arXiv 2603.20466) for the presets' values; otherwise plumbing (docs/training.md).
 
     parser = config_parser(CPTConfig, "train_cpt.py", __doc__, HELP, PRESETS)
     config, given = parse_config(CPTConfig, parser, argv, PRESETS)   # given: flags set explicitly
@@ -38,18 +36,18 @@ TRAIN_HELP = {  # help texts of the TrainConfig fields, shared by both scripts
     "max_steps": "optimizer steps (instead of --epochs)", "epochs": "passes over the data (default 1)",
     "batch_size": "sequences per micro-batch per process", "grad_accum": "micro-batches per optimizer step",
     "weight_decay": "AdamW weight decay", "beta1": "AdamW beta1", "beta2": "AdamW beta2", "adam_eps": "AdamW eps",
-    "clip": "max gradient norm (0: no clipping)",
+    "clip": "max gradient norm (0: no clipping)", "time_eps": "t = eps + (1 - eps) u",
     "noise_schedule": "noise (masking) schedule of the diffusion loss: linear | cosine | loglinear",
     "loss_norm": "sequence: per-sequence mean then batch mean (dllm); token: sum / real tokens (MDLM)",
     "stratified_t": "stratified diffusion times over the micro-batch (MDLM) instead of iid",
-    "time_eps": "t = eps + (1 - eps) u", "seed": "seed of the data order, masks and init",
-    "log_every": "steps between metrics lines", "eval_every": "steps between evaluations (0: start and end)",
-    "save_every": "steps between checkpoints, plus one at the end (0: none)", "keep_last": "checkpoints kept",
+    "seed": "seed of the data order, masks and init", "log_every": "steps between metrics lines",
+    "eval_every": "steps between evaluations (0: start and end)", "keep_last": "checkpoints kept",
+    "save_every": "steps between checkpoints, plus one at the end (0: none)", "progress": "show a progress bar",
     "max_skipped_steps": "optimizer steps in a row with a non-finite loss or gradient (each skipped) before "
                          "the run stops",
     "allow_data_change": "with --resume: continue on other data (or other data settings) than the checkpoint's",
     "bf16": "bf16 autocast on CUDA", "gradient_checkpointing": "recompute activations in backward (less memory)",
-    "resume": "continue from the newest checkpoint in --out that verifies", "progress": "show a progress bar",
+    "resume": "continue from the newest checkpoint in --out that verifies",
     "device": "cpu, cuda, cuda:1 ... (default: cuda when available; a bare cuda under torchrun: cuda:LOCAL_RANK)",
 }
 
@@ -58,9 +56,6 @@ TRAIN_HELP = {  # help texts of the TrainConfig fields, shared by both scripts
 class ScriptConfig(TrainConfig):
     """The fields both train scripts have on top of the loop's: where things come from and go,
     evaluation data, LoRA settings, device. Each script's config adds its own."""
-
-    # paths may differ on --resume (what they hold is compared by content); DATA fields may
-    # differ under --allow-data-change (trainer.MAY_DIFFER, trainer.DATA)
     model: str | None = field(default=None, metadata=MAY_DIFFER)
     tokenizer: str | None = field(default=None, metadata=MAY_DIFFER)
     data: list[str] | None = field(default=None, metadata=MAY_DIFFER)
@@ -76,8 +71,7 @@ class ScriptConfig(TrainConfig):
 
 
 SCRIPT_HELP = {  # help texts of the ScriptConfig fields the scripts do not word differently
-    "out": "output directory of the run",
-    "preset": "settings of a paper run (listed below)",
+    "out": "output directory of the run", "preset": "settings of a paper run (listed below)",
     "eval_fraction": "hold out this fraction of the training examples for evaluation",
     "lora_r": "LoRA rank", "lora_alpha": "LoRA alpha (scale alpha / r)", "lora_dropout": "LoRA dropout",
     "lora_targets": "linear layers adapted (the name Wo matches attention and MLP output)",
@@ -99,18 +93,15 @@ def config_parser(cls, prog: str, description: str, helps: dict[str, str], prese
 
 
 def parse_config(cls, parser, argv, presets: dict[str, dict]):
-    """(config, set of field names given on the command line); a preset fills the fields it
-    names, explicit flags override it."""
+    """(config, names of the fields given on the command line); explicit flags override a preset."""
     given = flags.parse_given(parser, argv, cls)
     return cls(**flags.with_preset(given, presets, given.get("preset"))), set(given)
 
 
-def start(cls, prog: str, description: str, helps: dict[str, str], presets: dict[str, dict], check,
-          argv):
-    """What both scripts do first: parse the flags (preset, then explicit flags), validate them
-    with check(config, given), pick the device and refuse an --out that a run would overwrite.
-    The process group is joined later, by the trainer, once every rank has its data. Returns
-    (config, distributed context)."""
+def start(cls, prog: str, description: str, helps: dict[str, str], presets: dict[str, dict], check, argv):
+    """What both scripts do first: parse the flags, validate them with check(config, given), pick
+    the device (the trainer joins the process group later) and refuse an --out that a run would
+    overwrite. Returns (config, distributed context)."""
     parser = config_parser(cls, prog, description, helps, presets)
     config, given = parse_config(cls, parser, argv, presets)
     check(config, given)
@@ -153,8 +144,7 @@ def check_common(config, given: set[str]) -> None:
     if not 0.0 <= config.warmup_ratio < 1.0:
         raise UserError(f"--warmup-ratio must lie in [0, 1), got {config.warmup_ratio}")
     if config.noise_schedule not in ("linear", "cosine", "loglinear"):
-        raise UserError(f"--noise-schedule {config.noise_schedule!r} is unknown; "
-                        "expected linear, cosine or loglinear")
+        raise UserError(f"--noise-schedule {config.noise_schedule!r} is unknown; expected linear, cosine or loglinear")
     if config.loss_norm not in ("sequence", "token"):
         raise UserError(f"--loss-norm {config.loss_norm!r} is unknown; expected sequence or token")
     if getattr(config, "eval_data", None) and "eval_fraction" in given:
@@ -183,21 +173,14 @@ def check_optimizer_settings(config) -> None:
 
 def check_lora_flags(lora_on: bool, given: set[str], switch: str) -> None:
     """LoRA hyper-parameters make no sense when LoRA is off."""
-    if not lora_on:
-        for name in ("lora_r", "lora_alpha", "lora_dropout", "lora_targets"):
-            if name in given:
-                raise UserError(f"--{name.replace('_', '-')} was given but LoRA is off ({switch}); drop one of them")
+    for name in ("lora_r", "lora_alpha", "lora_dropout", "lora_targets"):
+        if not lora_on and name in given:
+            raise UserError(f"--{name.replace('_', '-')} was given but LoRA is off ({switch}); drop one of them")
 
 
 def build_model(model_name: str | None, from_scratch: str | None, tokenizer, seed: int, max_len: int):
     """Load `model_name` (directory or hub id), or build a fresh model from a config.json;
     check it fits the tokenizer and --max-len (check_fits)."""
-    model = _model_from(model_name, from_scratch, seed)
-    check_fits(model, tokenizer, max_len)
-    return model
-
-
-def _model_from(model_name: str | None, from_scratch: str | None, seed: int):
     if from_scratch:
         path = Path(from_scratch)
         if not path.is_file():
@@ -207,8 +190,11 @@ def _model_from(model_name: str | None, from_scratch: str | None, seed: int):
         except (ValueError, TypeError) as err:
             raise UserError(f"--from-scratch {path} is not a valid model config ({err})") from None
         seed_everything(seed)
-        return ModernBertMLM(config)
-    return load_model(model_name)
+        model = ModernBertMLM(config)
+    else:
+        model = load_model(model_name)
+    check_fits(model, tokenizer, max_len)
+    return model
 
 
 def check_fits(model, tokenizer, max_len: int) -> None:
@@ -222,8 +208,7 @@ def check_fits(model, tokenizer, max_len: int) -> None:
 
 
 def seed_everything(seed: int) -> None:
-    """python, numpy and torch (CPU and CUDA) seeded: a fresh model or LoRA init is reproducible
-    (torch seeds itself randomly per process otherwise)."""
+    """python, numpy and torch (CPU and CUDA) seeded: a fresh model or LoRA init is reproducible."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -238,10 +223,8 @@ def apply_lora_from(config, model):
 
 
 def run_identity(model, tok, train, held_out) -> dict:
-    """What makes a run itself, recorded in run.json and every checkpoint and compared on
-    --resume: the base model's weights (hash of the non-LoRA tensors, before training), the
-    tokenizer's files, and the content keys of the token shards the training and evaluation
-    examples are read from (shards.Shard.content_key: what they were made from and hold)."""
+    """What makes a run itself, compared on --resume (docs/training.md, "The same run, or none"): the
+    base model's weights hash, the tokenizer's, and the content keys of the examples' token shards."""
     return {"base_model": weights_hash(model), "tokenizer": shards.tokenizer_hash(tok),
             "data": {"train": shard_keys(train), "eval": shard_keys(held_out)}}
 
@@ -271,19 +254,18 @@ def say(rank: int, message: str) -> None:
 
 def run_training(config, ctx, model, tok, train, held_out, collate, *, lora: bool, script: str,
                  data_report: dict | None = None) -> int:
-    """What both scripts do once examples and model exist: batches, the NELBO objective, the
-    training loop, a one-line summary. data_report: what the data rules kept, cut and dropped,
-    recorded in run.json. Returns the exit status."""
-    batches = Batches(train, config.batch_size, seed=config.seed, rank=ctx.rank,
-                           world_size=ctx.world_size, drop_last=True, collate=collate)
+    """What both scripts do once examples and model exist: batches, the NELBO objective, the loop, a
+    one-line summary. data_report (for run.json): what the data rules kept, cut and dropped."""
+    batches = Batches(train, config.batch_size, seed=config.seed, rank=ctx.rank, world_size=ctx.world_size,
+                      drop_last=True, collate=collate)
     evals = eval_batches(held_out, config.batch_size, ctx.rank, ctx.world_size, collate) if held_out else None
     loss_fn = trainer.nelbo_objective(tok.mask_id, schedule=config.noise_schedule, loss_norm=config.loss_norm,
                                       stratified=config.stratified_t, eps=config.time_eps)
-    result = trainer.train(model, batches, evals, loss_fn, config, config.out, tokenizer=tok,
-                           lora=lora, base_model=config.model,
-                           run_info={"script": script, "num_train": len(train), "num_eval": len(held_out),
-                                     **({"data": data_report} if data_report else {})},
-                           identity=run_identity(model, tok, train, held_out))
+    run_info = {"script": script, "num_train": len(train), "num_eval": len(held_out),
+                **({"data": data_report} if data_report else {})}
+    identity = run_identity(model, tok, train, held_out)
+    result = trainer.train(model, batches, evals, loss_fn, config, config.out, tokenizer=tok, lora=lora,
+                           base_model=config.model, run_info=run_info, identity=identity)
     if ctx.is_main:
         last_eval = f", eval loss {result.eval_losses[-1][1]:.4f}" if result.eval_losses else ""
         train_loss = f"{result.train_loss:.4f}" if result.train_loss is not None else "- (no step left to run)"

@@ -1,8 +1,6 @@
 """Training checkpoints: save and restore the complete state of a run, atomically and verified.
 
-References: none (plumbing); the reader's page is docs/training.md ("Resume"). The walk back to
-the newest checkpoint that verifies is what PyTorch's and transformers' Trainer resume aim at;
-verifying by content hash is what content-addressed stores (git, Arrow) do.
+References: none (plumbing); what a checkpoint holds and why: docs/training.md ("Resume").
 
     tmp = begin_checkpoint(ckpt_root, step)     # fresh .tmp-step-XXXXXX (rank 0)
     write_rng(tmp, rank, generator)             # every rank: its own rng-rank-R.pt
@@ -11,11 +9,8 @@ verifying by content hash is what content-addressed stores (git, Arrow) do.
     reason = verify_checkpoint(path)            # None, or why it cannot be trusted
     state = load_training_state(path, model, optimizer, lr_schedule, rank, generator)  # -> state.json
 
-A checkpoint directory holds trainable.safetensors (the parameters that train), optimizer.pt,
-rng-rank-R.pt per rank, state.json and, written last, checkpoint.json: the size and BLAKE2b hash
-of every other file. It is trusted only when checkpoint.json lists exactly the files present,
-with the sizes and hashes they have now; it is published by renaming `.tmp-step-XXXXXX` to
-`step-XXXXXX`, so the previous checkpoint stays valid until the new one is.
+checkpoint.json, written last, holds the size and BLAKE2b hash of every other file; a checkpoint
+is trusted only when it lists exactly the files present, with the sizes and hashes they have now.
 """
 from __future__ import annotations
 
@@ -39,16 +34,6 @@ STEP_DIR = re.compile(r"^step-(\d+)$")
 MANIFEST = "checkpoint.json"
 REQUIRED_FILES = ("trainable.safetensors", "optimizer.pt", "state.json", MANIFEST)
 FORMAT_VERSION = 1
-# A checkpoint directory holds
-#   trainable.safetensors  the parameters that train (LoRA: the adapter tensors only)
-#   optimizer.pt           optimizer and lr-schedule state dicts, keys "optimizer" and "scheduler"
-#                          (torch.save; read back with torch.load(weights_only=True), never unpickled)
-#   rng-rank-R.pt          every random state of rank R: torch CPU, CUDA, the masking generator
-#                          (tensors, with the device type it lives on), python and numpy (plain lists)
-#   state.json             step, data position (Batches.state_dict), config, the run's identity (base
-#                          model, tokenizer, data), world size, total steps, eval losses so far,
-#                          skipped (non-finite) steps
-#   checkpoint.json        written last: the size and BLAKE2b hash of every other file
 
 
 class DamagedCheckpoint(Exception):
@@ -56,36 +41,25 @@ class DamagedCheckpoint(Exception):
 
 
 def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The parameters with requires_grad (tied weights once), detached on the CPU."""
-    out = {}
-    for name, p in model.named_parameters():  # named_parameters lists a tied tensor once
-        if p.requires_grad:
-            out[name] = p.detach().to("cpu").contiguous()
-    return out
+    """The parameters with requires_grad (named_parameters lists a tied tensor once), on the CPU."""
+    return {name: p.detach().to("cpu").contiguous() for name, p in model.named_parameters() if p.requires_grad}
 
 
 def rng_state(generator: torch.Generator | None) -> dict:
     """Every random state of this process: python, numpy, torch CPU, CUDA, the masking generator."""
-    np_state = np.random.get_state()
-    py_state = random.getstate()
-    state = {
-        "python": [py_state[0], list(py_state[1]), py_state[2]],
-        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "generator": generator.get_state() if generator is not None else None,
-        "generator_device": generator.device.type if generator is not None else None,
-    }
-    return state
+    np_state, py_state = np.random.get_state(), random.getstate()
+    return {"python": [py_state[0], list(py_state[1]), py_state[2]],
+            "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "generator": generator.get_state() if generator is not None else None,
+            "generator_device": generator.device.type if generator is not None else None}
 
 
 def set_rng_state(state: dict, generator: torch.Generator | None, fallback_seed: int = 0) -> None:
-    """Restore what rng_state returned, mapped onto this machine (another device type or number
-    of GPUs): python, numpy and torch's CPU state everywhere; CUDA states for the GPUs present;
-    the masking generator's state only when it was saved from the same device type (a CPU and a
-    CUDA generator have different state formats), else it is reseeded with `fallback_seed` and a
-    warning says so. The training loop reseeds the generator and torch's RNG from (seed, step,
-    micro-batch) before every micro-batch anyway, so the masks and dropout are the same either way."""
+    """Restore what rng_state returned on this machine: python, numpy and torch CPU; CUDA for the
+    GPUs present; the masking generator only if saved from the same device type (the state formats
+    differ), else reseeded with `fallback_seed` and a warning (docs/training.md, "Resuming on
+    another device": the loop reseeds it before every micro-batch anyway)."""
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     name, keys, pos, has_gauss, cached = state["numpy"]
@@ -116,9 +90,8 @@ def candidates(ckpt_root: str | Path) -> list[tuple[int, Path]]:
     root = Path(ckpt_root)
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), child) for child in root.iterdir()
-             if (m := STEP_DIR.match(child.name)) and child.is_dir()]
-    return sorted(found)
+    return sorted((int(m.group(1)), child) for child in root.iterdir()
+                  if (m := STEP_DIR.match(child.name)) and child.is_dir())
 
 
 def list_checkpoints(ckpt_root: str | Path) -> list[tuple[int, Path]]:
@@ -177,14 +150,11 @@ def read_state(path: str | Path) -> dict:
         raise DamagedCheckpoint(f"its state.json cannot be read ({err})") from None
 
 
-def remove_unfinished(ckpt_root: str | Path) -> list[Path]:
+def remove_unfinished(ckpt_root: str | Path) -> None:
     """Delete the .tmp-step-XXXXXX directories of saves that were killed (call it while holding
     the run's lock: then no save is in progress)."""
-    removed = []
     for tmp in Path(ckpt_root).glob(".tmp-step-*"):
         shutil.rmtree(tmp, ignore_errors=True)
-        removed.append(tmp)
-    return removed
 
 
 def begin_checkpoint(ckpt_root: str | Path, step: int) -> Path:
@@ -209,8 +179,7 @@ def finish_checkpoint(tmp: Path, step: int, model, optimizer, lr_schedule, state
     """Write weights, optimizer and state.json into `tmp`, rename it to step-XXXXXX, prune old ones."""
     save_file(trainable_state_dict(model), str(tmp / "trainable.safetensors"), metadata={"format": "pt"})
     torch.save({"optimizer": optimizer.state_dict(),
-                "scheduler": lr_schedule.state_dict() if lr_schedule is not None else None},
-               tmp / "optimizer.pt")
+                "scheduler": lr_schedule.state_dict() if lr_schedule is not None else None}, tmp / "optimizer.pt")
     files.write_json(tmp / "state.json", {"step": step, **state}, indent=1)
     for f in tmp.iterdir():  # make the contents durable before the manifest vouches for them
         with open(f, "rb") as handle:
@@ -230,8 +199,7 @@ def finish_checkpoint(tmp: Path, step: int, model, optimizer, lr_schedule, state
 
 def check_shapes(path: Path, model) -> None:
     """The checkpoint's trainable tensors have this model's names and shapes (read from the
-    safetensors header alone), else UserError: it was trained with other LoRA settings or
-    another model."""
+    safetensors header alone), else UserError: other LoRA settings or another model."""
     try:
         with safe_open(str(path / "trainable.safetensors"), framework="pt") as f:
             saved = {name: list(f.get_slice(name).get_shape()) for name in f.keys()}
@@ -250,9 +218,8 @@ def check_shapes(path: Path, model) -> None:
 def load_training_state(path: str | Path, model, optimizer, lr_schedule, rank: int,
                         generator: torch.Generator | None, fallback_seed: int = 0) -> dict:
     """Load weights, optimizer, lr schedule and this rank's random states from a verified
-    checkpoint (onto the model's device, whatever device wrote it); returns state.json (step,
-    data position, ...). A file that cannot be read raises DamagedCheckpoint; another model's
-    checkpoint raises UserError (check_shapes). fallback_seed: see set_rng_state."""
+    checkpoint (onto the model's device, whatever device wrote it); returns state.json. An
+    unreadable file raises DamagedCheckpoint; another model's checkpoint UserError (check_shapes)."""
     path = Path(path)
     check_shapes(path, model)
     try:
@@ -277,8 +244,7 @@ def load_training_state(path: str | Path, model, optimizer, lr_schedule, rank: i
 
 def weights_hash(model) -> str:
     """BLAKE2b over every parameter and buffer of `model` except LoRA's (names, dtypes, shapes,
-    bytes, in name order): what a run records of its base model, so a resume on another base
-    model of the same shape is refused."""
+    bytes, in name order): the base model in a run's identity (cli.run_identity)."""
     digest = files.new_digest()
     for name, tensor in sorted(model.state_dict().items()):
         if "lora_" in name:

@@ -1,21 +1,19 @@
-"""The one training loop both train scripts use.
+"""The one training loop both train scripts use (docs/training.md, "The path of one step").
 
 References: MDLM (arXiv 2406.07524) and LLaDA (2502.09992) for the loss, Diffutron (2603.20466)
-for the recipe; data parallelism with DistributedDataParallel. Every rule: docs/training.md.
+for the recipe; data parallelism with DistributedDataParallel.
 
     config = TrainConfig(lr=1e-4, batch_size=16, grad_accum=2, max_steps=1000, save_every=200)
     loss_fn = nelbo_objective(tok.mask_id, schedule=config.noise_schedule, loss_norm="sequence")
     result = train(model, train_batches, eval_batches, loss_fn, config, "runs/cpt", tokenizer=tok)
 
-One optimizer step = `grad_accum` micro-batches on each of `world_size` processes. A loss function
-returns (loss_m, weight_m), and the step's loss is the one a single process would get from the
-whole global batch (one all-reduce per step):
+One optimizer step = `grad_accum` micro-batches on each of `world_size` processes; a loss function
+returns (loss_m, weight_m), and the step's loss is the global batch's (one all-reduce per step):
 
     L = sum_m loss_m * weight_m / sum_m weight_m        (m over all micro-batches of all ranks)
 
 Micro-batch m of step s is seeded from (seed, s, m), so a resumed or data-parallel run draws the
-masks of one uninterrupted process. Reading order: `train`, `make_learner`, `resume`,
-`optimizer_step`, `LossMeter`, `RunWriter`.
+masks of one uninterrupted process.
 """
 from __future__ import annotations
 
@@ -33,21 +31,15 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from minidiff import __version__, diffusion, optim
 from minidiff.errors import UserError
 from minidiff.lora import base_state_dict
 from minidiff.plumbing import files, peft_io, progress
 from minidiff.plumbing.checkpoint import save_pretrained
-from minidiff.plumbing.device import (
-    Prefetcher,
-    check_available,
-    check_training_precision,
-    enable_tf32,
-    resolve_device,
-    to_device,
-    training_autocast,
-)
+from minidiff.plumbing.device import (Prefetcher, check_available, check_training_precision, enable_tf32,
+                                      resolve_device, to_device, training_autocast)
 from minidiff.speed import chunked_loss
 from minidiff.training import state as train_state
 
@@ -65,16 +57,13 @@ DATA = {ON_RESUME: "data"}  # how the data is read, shaped and mixed: may differ
 @dataclass
 class TrainConfig:
     """Every knob of the loop. Scripts map their flags one-to-one onto these fields."""
-
     # optimisation; the lr schedule is linear warmup then cosine decay (optim.WarmupCosine)
     lr: float = 1e-4                 # peak learning rate
     min_lr: float = 0.0              # learning rate at the end of the cosine decay
     warmup: int = 0                  # warmup steps (linear 0 -> lr); see warmup_ratio
     warmup_ratio: float = 0.0        # warmup as a fraction of the total steps (used when warmup == 0)
-    # optimizer steps; None: epochs * steps per epoch
-    max_steps: int | None = field(default=None, metadata=MAY_DIFFER)
-    # passes over the training examples (default 1 without max_steps)
-    epochs: float | None = field(default=None, metadata=MAY_DIFFER)
+    max_steps: int | None = field(default=None, metadata=MAY_DIFFER)  # None: epochs * steps per epoch
+    epochs: float | None = field(default=None, metadata=MAY_DIFFER)  # passes over the data (default 1)
     batch_size: int = 8              # sequences per micro-batch per process
     grad_accum: int = 1              # micro-batches per optimizer step
     weight_decay: float = 0.0        # AdamW decoupled weight decay (matrices only)
@@ -89,27 +78,17 @@ class TrainConfig:
     time_eps: float = 1e-3           # t = eps + (1 - eps) u
     # run
     seed: int = 0
-    # steps between metrics lines / progress-bar updates
-    log_every: int = field(default=10, metadata=MAY_DIFFER)
-    # steps between evaluations (0: only at the start and end)
-    eval_every: int = field(default=0, metadata=MAY_DIFFER)
-    # steps between checkpoints, and one at the end (0: none)
-    save_every: int = field(default=1000, metadata=MAY_DIFFER)
-    # checkpoints kept (older ones deleted)
-    keep_last: int = field(default=2, metadata=MAY_DIFFER)
-    # non-finite steps in a row (each skipped) before the run stops
-    max_skipped_steps: int = field(default=5, metadata=MAY_DIFFER)
-    # bf16 autocast on CUDA (CPU always runs fp32)
-    bf16: bool = field(default=True, metadata=MAY_DIFFER)
-    # cpu | cuda | cuda:N (None: cuda:LOCAL_RANK if available, else cpu)
-    device: str | None = field(default=None, metadata=MAY_DIFFER)
+    log_every: int = field(default=10, metadata=MAY_DIFFER)  # steps between metrics lines / bar updates
+    eval_every: int = field(default=0, metadata=MAY_DIFFER)  # steps between evaluations (0: at start and end)
+    save_every: int = field(default=1000, metadata=MAY_DIFFER)  # steps between checkpoints, one at the end (0: none)
+    keep_last: int = field(default=2, metadata=MAY_DIFFER)  # checkpoints kept (older ones deleted)
+    max_skipped_steps: int = field(default=5, metadata=MAY_DIFFER)  # non-finite steps in a row before a stop
+    bf16: bool = field(default=True, metadata=MAY_DIFFER)  # bf16 autocast on CUDA (CPU always runs fp32)
+    device: str | None = field(default=None, metadata=MAY_DIFFER)  # cpu | cuda | cuda:N (None: cuda:LOCAL_RANK or cpu)
     gradient_checkpointing: bool = field(default=False, metadata=MAY_DIFFER)
-    # continue from the newest checkpoint in DIR that verifies
-    resume: bool = field(default=False, metadata=MAY_DIFFER)
-    # let --resume continue on other data than the run started with
-    allow_data_change: bool = field(default=False, metadata=MAY_DIFFER)
-    # progress bar, rank 0 (minidiff.plumbing.progress: tqdm in a terminal, else lines)
-    progress: bool = field(default=True, metadata=MAY_DIFFER)
+    resume: bool = field(default=False, metadata=MAY_DIFFER)  # continue from the newest verified checkpoint
+    allow_data_change: bool = field(default=False, metadata=MAY_DIFFER)  # --resume may continue on other data
+    progress: bool = field(default=True, metadata=MAY_DIFFER)  # progress bar on rank 0 (plumbing.progress)
 
 
 @dataclass
@@ -121,31 +100,23 @@ class TrainResult:
 
 
 # ----------------------------------------------------------------------------- objective
-
-
 def nelbo_objective(mask_id: int, *, schedule: str = "linear", loss_norm: str = "sequence",
                     stratified: bool = False, eps: float = 1e-3) -> Callable:
     """loss_fn(model, batch, generator) -> (loss, weight) for the NELBO (diffusion.nelbo_loss),
     computed by the chunked vocabulary loss (chunked_loss.nelbo_loss: the same value).
-
     batch: input_ids [B, S], maskable [B, S] bool (CPT: the real tokens; SFT: labels != -100),
-    optional attention_mask. weight is what nelbo_loss divided by: the maskable-token count
-    ("token") or the number of sequences ("sequence").
-    """
+    optional attention_mask. weight: what nelbo_loss divided by (maskable tokens, or sequences)."""
     def loss_fn(model, batch, generator):
         maskable, attention_mask = batch["maskable"], batch.get("attention_mask")
-        loss, _ = chunked_loss.nelbo_loss(
-            model, batch["input_ids"], mask_id, maskable=maskable, attention_mask=attention_mask,
-            schedule=schedule, normalize=loss_norm, stratified=stratified, eps=eps,
-            generator=generator)
+        loss, _ = chunked_loss.nelbo_loss(model, batch["input_ids"], mask_id, maskable=maskable,
+                                          attention_mask=attention_mask, schedule=schedule, normalize=loss_norm,
+                                          stratified=stratified, eps=eps, generator=generator)
         return loss, diffusion.nelbo_normalizer(maskable, loss_norm, attention_mask)
 
     return loss_fn
 
 
 # ----------------------------------------------------------------------------- distributed
-
-
 @dataclass
 class DistContext:
     rank: int
@@ -163,10 +134,9 @@ class DistContext:
 
 
 def distributed_context(device: str | None = None, *, join: bool = True) -> DistContext:
-    """Pick the device (device.resolve_device) and, when started by torchrun (WORLD_SIZE > 1)
-    and `join`, join the process group (nccl on GPU, gloo on CPU). The scripts pick early and
-    join only in `train`, after every rank has prepared its data: no collective (with its
-    timeout) waits while rank 0 tokenises a corpus. Idempotent."""
+    """Pick the device and, under torchrun (WORLD_SIZE > 1) and `join`, join the process group
+    (nccl on GPU, gloo on CPU). The scripts join only in `train`, once every rank has its data:
+    no collective (with its timeout) waits while rank 0 tokenises a corpus. Idempotent."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device, local_rank)
@@ -198,11 +168,9 @@ def derived_seed(*keys: int) -> int:
 
 
 # ----------------------------------------------------------------------------- output dir
-
-
 def check_out_dir(out_dir: str | Path, resume: bool) -> Path | None:
     """Refuse to overwrite a finished model or an unfinished run; returns the newest checkpoint
-    directory (None for a fresh run; `resume` verifies it and walks back when it is damaged)."""
+    directory (None for a fresh run)."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a directory; expected a directory for the run")
@@ -212,7 +180,8 @@ def check_out_dir(out_dir: str | Path, resume: bool) -> Path | None:
     if resume and not found:
         raise UserError(f"--resume was given but {out / 'checkpoints'} holds no complete checkpoint to continue from")
     if not resume and found:
-        raise UserError(f"--out {out} holds checkpoints of an unfinished run; pass --resume to continue it or choose a new --out")
+        raise UserError(f"--out {out} holds checkpoints of an unfinished run; pass --resume to continue it "
+                        "or choose a new --out")
     return found[-1][1] if found else None
 
 
@@ -230,29 +199,21 @@ def total_steps(config: TrainConfig, train_batches, world_size: int = 1) -> int:
     return max(1, math.ceil((config.epochs or 1.0) * per_epoch))
 
 
-def versions() -> dict:
-    return {"python": platform.python_version(), "torch": torch.__version__, "minidiff": __version__,
-            "numpy": np.__version__}
-
-
 def plot_losses(metrics_path: Path, png_path: Path) -> bool:
     """loss.png from metrics.jsonl when matplotlib is importable (extra "plot"); else False."""
     try:
         import matplotlib
-
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return False
     rows = [json.loads(line) for line in metrics_path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    train_rows = [r for r in rows if "loss" in r]
-    eval_rows = [r for r in rows if "eval_loss" in r]
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([r["step"] for r in train_rows], [r["loss"] for r in train_rows], label="train")
-    if eval_rows:
-        ax.plot([r["step"] for r in eval_rows], [r["eval_loss"] for r in eval_rows], "o-", label="eval")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("NELBO loss")
+    for key, style, label in (("loss", "-", "train"), ("eval_loss", "o-", "eval")):
+        points = [r for r in rows if key in r]
+        if points or key == "loss":
+            ax.plot([r["step"] for r in points], [r[key] for r in points], style, label=label)
+    ax.set(xlabel="optimizer step", ylabel="NELBO loss")
     ax.legend()
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)
@@ -261,8 +222,6 @@ def plot_losses(metrics_path: Path, png_path: Path) -> bool:
 
 
 # ----------------------------------------------------------------------------- evaluation
-
-
 @torch.no_grad()
 def evaluate(model, eval_batches: Iterable[dict], loss_fn, config: TrainConfig, ctx: DistContext) -> float | None:
     """Weighted mean loss over this rank's eval batches, summed over ranks; batch i always uses
@@ -284,12 +243,9 @@ def evaluate(model, eval_batches: Iterable[dict], loss_fn, config: TrainConfig, 
 
 
 # ----------------------------------------------------------------------------- the optimiser step
-
-
 @dataclass
 class Learner:
     """What an optimiser step reads and changes."""
-
     model: torch.nn.Module           # the model being trained (checkpoints and evaluation use it)
     ddp_model: torch.nn.Module       # the same model, wrapped in DistributedDataParallel under torchrun
     params: list                     # its trainable parameters
@@ -315,28 +271,16 @@ def make_learner(model, config: TrainConfig, ctx: DistContext, steps: int, warmu
     model.train()
     model.model.gradient_checkpointing = config.gradient_checkpointing
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = optim.AdamW(optim.param_groups(model, config.weight_decay), lr=config.lr,
-                            betas=(config.beta1, config.beta2), eps=config.adam_eps,
-                            weight_decay=config.weight_decay)
+    optimizer = optim.AdamW(optim.param_groups(model, config.weight_decay), lr=config.lr, eps=config.adam_eps,
+                            betas=(config.beta1, config.beta2), weight_decay=config.weight_decay)
     lr_schedule = optim.WarmupCosine(optimizer, warmup=warmup, total=steps, min_lr=config.min_lr)
     return Learner(model, model, params, optimizer, lr_schedule, torch.Generator(device=ctx.device))
 
 
-def data_parallel(model, ctx: DistContext):
-    """DistributedDataParallel(model) when several processes train, else the model itself."""
-    if not ctx.enabled:
-        return model
-    from torch.nn.parallel import DistributedDataParallel
-
-    return DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
-
-
 def _token_count(batch: dict) -> torch.Tensor:
     """Real tokens of a micro-batch, as a device tensor (no host copy)."""
-    mask = batch.get("attention_mask")
-    if mask is not None:
-        return mask.sum()
-    return batch["input_ids"].new_full((), batch["input_ids"].numel())
+    mask, ids = batch.get("attention_mask"), batch["input_ids"]
+    return mask.sum() if mask is not None else ids.new_full((), ids.numel())
 
 
 @dataclass
@@ -349,12 +293,9 @@ class StepResult:
 
 def optimizer_step(learner: Learner, batches, loss_fn, step: int, config: TrainConfig, ctx: DistContext) -> StepResult:
     """Optimiser step `step` (0-based): grad_accum micro-batches on each process, gradients
-    normalised over all of them, clipped, one AdamW step and one lr-schedule step.
-
-    A step whose loss or gradient norm is not finite is skipped (no update, no lr-schedule
-    step, gradients dropped): the one host read of the step, as torch.amp.GradScaler makes, after
-    all micro-batches are queued. Loss, tokens and norm stay device tensors.
-    """
+    normalised over all of them, clipped, one AdamW step and one lr-schedule step. A step whose
+    loss or gradient norm is not finite is skipped (no update, gradients dropped): the one host
+    read of the step, as torch.amp.GradScaler makes, after all micro-batches are queued."""
     totals = torch.zeros(3, device=ctx.device)  # [sum loss * weight, sum weight, tokens]
     for a in range(config.grad_accum):
         batch = next(batches)  # already on the device (asynchronous copy from pinned memory)
@@ -362,9 +303,7 @@ def optimizer_step(learner: Learner, batches, loss_fn, step: int, config: TrainC
         seed = derived_seed(config.seed, step, a * ctx.world_size + ctx.rank)
         learner.generator.manual_seed(seed)
         torch.manual_seed(seed)  # dropout (LoRA) draws from the global RNG
-        last_micro = a == config.grad_accum - 1
-        sync = nullcontext() if (last_micro or not ctx.enabled) else learner.ddp_model.no_sync()
-        with sync:
+        with nullcontext() if (a == config.grad_accum - 1 or not ctx.enabled) else learner.ddp_model.no_sync():
             with training_autocast(ctx.device, config.bf16):
                 loss, weight = loss_fn(learner.ddp_model, batch, learner.generator)
             # backprop loss_m * weight_m; divided by the global weight below
@@ -374,9 +313,9 @@ def optimizer_step(learner: Learner, batches, loss_fn, step: int, config: TrainC
     if ctx.enabled:
         dist.all_reduce(totals)  # DDP averaged the gradients over ranks: undo that below
     # grad = sum_m d(loss_m weight_m) / sum_m weight_m   (over all ranks)
-    grads = [p.grad for p in learner.params if p.grad is not None]
-    torch._foreach_mul_(grads, ctx.world_size / totals[1])
-    grad_norm = optim.clip_grad_norm(learner.params, config.clip) if config.clip > 0 else optim.grad_norm(learner.params)
+    params = learner.params
+    torch._foreach_mul_([p.grad for p in params if p.grad is not None], ctx.world_size / totals[1])
+    grad_norm = optim.clip_grad_norm(params, config.clip) if config.clip > 0 else optim.grad_norm(params)
     # L = sum_m loss_m weight_m / sum_m weight_m
     loss = totals[0] / totals[1]
     finite = bool(torch.isfinite(loss) & torch.isfinite(grad_norm))  # the step's one host read
@@ -388,9 +327,8 @@ def optimizer_step(learner: Learner, batches, loss_fn, step: int, config: TrainC
 
 
 class LossMeter:
-    """The training loss between two metrics lines, kept on the device: every applied step adds
-    to tensors, and the host reads them once per logged step (`read`). Skipped (non-finite)
-    steps are counted here too, in total and in a row."""
+    """The training loss between two metrics lines, kept on the device (the host reads it once per
+    logged step), and the skipped (non-finite) steps, in total and in a row."""
 
     def __init__(self, device: torch.device, skipped: int = 0, skipped_in_a_row: int = 0):
         self.loss = torch.zeros((), device=device)    # sum of step losses since the last read
@@ -418,8 +356,7 @@ class LossMeter:
                             f"the run stopped and the last good checkpoint in {ckpt_root} is kept (try a lower --lr)")
 
     def read(self) -> tuple[float | None, float]:
-        """(mean loss of the applied steps or None, tokens per second of training time) since
-        the last read; starts anew."""
+        """(mean loss of the applied steps or None, tokens/s of training time) since the last read."""
         elapsed = time.perf_counter() - self.start
         mean_loss = float(self.loss) / self.steps if self.steps else None
         tokens_per_s = float(self.tokens) / max(elapsed, 1e-9)
@@ -439,8 +376,7 @@ class LossMeter:
 
 
 def check_finite_weights(model, step: int, ckpt_root: Path) -> None:
-    """Never save or export non-finite weights: UserError if any trainable parameter holds a
-    nan/inf (one host read)."""
+    """UserError if any trainable parameter holds a nan/inf (one host read): never save or export them."""
     params = [p for p in model.parameters() if p.requires_grad]
     if params and not bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
         raise UserError(f"the weights became non-finite (nan/inf) by step {step}; nothing is saved or exported and "
@@ -448,13 +384,10 @@ def check_finite_weights(model, step: int, ckpt_root: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- resume
-
-
 @dataclass
 class Resumed:
     """Where a run continues: the first step to run, the eval losses so far, the checkpoint,
     the non-finite steps skipped so far (in total, and in a row at the checkpoint)."""
-
     step: int = 0
     eval_losses: list = field(default_factory=list)
     path: Path | None = None
@@ -462,24 +395,20 @@ class Resumed:
     skipped_in_a_row: int = 0
 
 
-def check_same_run(state: dict, path: Path, config: TrainConfig, identity: dict, ctx: DistContext,
-                   steps: int) -> None:
-    """UserError unless the checkpoint belongs to this run: the same settings (every field but
-    those declared MAY_DIFFER, and DATA under allow_data_change), base model, tokenizer and data
-    (unless allow_data_change), processes and length."""
+def check_same_run(state: dict, path: Path, config: TrainConfig, identity: dict, ctx: DistContext, steps: int) -> None:
+    """UserError unless the checkpoint belongs to this run: the same settings but MAY_DIFFER fields,
+    identity, processes and length (allow_data_change: DATA fields and the data may differ)."""
     allowed = {MAY_DIFFER[ON_RESUME]} | ({DATA[ON_RESUME]} if config.allow_data_change else set())
     may_differ = {f.name for f in fields(config) if f.metadata.get(ON_RESUME) in allowed}
     saved, now = state.get("config", {}), asdict(config)
     for name in sorted(set(saved) | set(now)):
-        if name not in may_differ and saved.get(name) != _jsonable(now.get(name)):
+        if name not in may_differ and saved.get(name) != json.loads(json.dumps(now.get(name), default=str)):
             raise UserError(
                 f"--{name.replace('_', '-')} is {now.get(name)!r} but the checkpoint {path} was trained with "
                 f"{saved.get(name)!r}; resume with the original settings")
     saved_identity = state.get("identity", {})
     for part, what in (("base_model", "base model (--model)"), ("tokenizer", "tokenizer"), ("data", "data")):
-        if part == "data" and config.allow_data_change:
-            continue
-        if saved_identity.get(part) != identity.get(part):
+        if saved_identity.get(part) != identity.get(part) and not (part == "data" and config.allow_data_change):
             hint = " (or pass --allow-data-change to continue on new data deliberately)" if part == "data" else ""
             raise UserError(f"the checkpoint {path} was trained with another {what} than this run's; "
                             f"resume with the original one{hint}")
@@ -491,17 +420,11 @@ def check_same_run(state: dict, path: Path, config: TrainConfig, identity: dict,
                         f"{state['total_steps']}; resume with the original --max-steps/--epochs")
 
 
-def _jsonable(value):
-    """A config value as it reads back from JSON (tuples become lists)."""
-    return json.loads(json.dumps(value, default=str))
-
-
 def resume(ckpt_root: Path, learner: Learner, train_batches, config: TrainConfig, ctx: DistContext,
            steps: int, identity: dict) -> Resumed:
-    """Load the newest checkpoint under ckpt_root that verifies (train_state.verify_checkpoint)
-    into `learner` (weights, AdamW, lr schedule, this rank's random states) and `train_batches`
-    (data position), after checking it belongs to this run (check_same_run). Each damaged
-    checkpoint is skipped with one line saying why; none left is a UserError."""
+    """Load the newest checkpoint that verifies and belongs to this run (check_same_run) into
+    `learner` (weights, AdamW, lr schedule, random states) and `train_batches` (data position).
+    Each damaged checkpoint is skipped with one line saying why; none left is a UserError."""
     skipped = []
     for _, path in reversed(train_state.candidates(ckpt_root)):
         try:
@@ -536,8 +459,6 @@ def _same_on_every_rank(step: int, ctx: DistContext) -> None:
 
 
 # ----------------------------------------------------------------------------- what the run writes
-
-
 def _trim_metrics(path: Path, last_step: int) -> None:
     """On resume, drop the lines logged after the checkpoint (they are logged again) and any
     line that does not parse (what a crash during an append leaves), with a warning."""
@@ -557,15 +478,12 @@ def _trim_metrics(path: Path, last_step: int) -> None:
 
 
 class RunWriter:
-    """Everything a run writes: DIR/run.json, DIR/metrics.jsonl, the progress bar, the
-    checkpoints (keep_last) and the final export. Rank 0 writes files; every rank takes part in
-    a checkpoint (its random states). Also keeps the eval losses, which checkpoints store."""
+    """Everything a run writes: run.json, metrics.jsonl, the progress bar, the checkpoints and the
+    export. Rank 0 writes files; every rank writes its random states into a checkpoint."""
 
-    def __init__(self, out: Path, config: TrainConfig, ctx: DistContext, steps: int, start: Resumed,
-                 identity: dict):
+    def __init__(self, out: Path, config: TrainConfig, ctx: DistContext, steps: int, start: Resumed, identity: dict):
         self.out, self.config, self.ctx, self.steps, self.identity = out, config, ctx, steps, identity
-        self.ckpt_root = out / "checkpoints"
-        self.metrics_path = out / "metrics.jsonl"
+        self.ckpt_root, self.metrics_path = out / "checkpoints", out / "metrics.jsonl"
         self.eval_losses = list(start.eval_losses)
         self.start_step, self.resumed_from = start.step, start.path
         self.bar = None
@@ -582,7 +500,9 @@ class RunWriter:
             files.write_json(self.out / "run.json", {
                 "config": asdict(config), "identity": self.identity, "total_steps": self.steps,
                 "warmup_steps": warmup, "world_size": ctx.world_size, "device": str(ctx.device), "argv": sys.argv,
-                "versions": versions(), "resumed_from": str(self.resumed_from) if self.resumed_from else None,
+                "versions": {"python": platform.python_version(), "torch": torch.__version__, "minidiff": __version__,
+                             "numpy": np.__version__},
+                "resumed_from": str(self.resumed_from) if self.resumed_from else None,
                 "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **(run_info or {})}, indent=1)
         _barrier(ctx)
         if ctx.is_main and config.progress:
@@ -602,9 +522,8 @@ class RunWriter:
 
     def log_train(self, step: int, loss: float | None, lr: float, tokens_per_s: float, epoch, grad_norm,
                   skipped: int) -> None:
-        record = {"step": step, "loss": loss, "lr": lr, "tokens_per_s": tokens_per_s, "epoch": epoch,
-                  "grad_norm": float(grad_norm), "skipped_steps": skipped}
-        self._append(record)
+        self._append({"step": step, "loss": loss, "lr": lr, "tokens_per_s": tokens_per_s, "epoch": epoch,
+                      "grad_norm": float(grad_norm), "skipped_steps": skipped})
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{loss:.4f}" if loss is not None else "-", lr=f"{lr:.2e}",
                                  tok_s=f"{tokens_per_s:.0f}")
@@ -618,8 +537,7 @@ class RunWriter:
             self.bar.write(f"step {step}: eval loss {value:.4f}")
 
     def checkpoint(self, step: int, learner: Learner, data_state: dict, meter: LossMeter) -> None:
-        """checkpoints/step-XXXXXX, atomically and with its manifest (minidiff.training.state);
-        older ones beyond keep_last go. Non-finite weights are never saved."""
+        """checkpoints/step-XXXXXX, atomically and verified (training.state), never of non-finite weights."""
         ctx, config = self.ctx, self.config
         check_finite_weights(learner.model, step, self.ckpt_root)
         tmp = self.ckpt_root / f".tmp-{train_state.step_dir_name(step)}"
@@ -631,10 +549,9 @@ class RunWriter:
         if ctx.is_main:
             train_state.finish_checkpoint(
                 tmp, step, learner.model, learner.optimizer, learner.lr_schedule,
-                {"data": data_state, "config": asdict(config), "identity": self.identity,
-                 "world_size": ctx.world_size, "eval_losses": self.eval_losses, "total_steps": self.steps,
-                 "skipped_steps": meter.skipped, "skipped_in_a_row": meter.skipped_in_a_row},
-                config.keep_last)
+                {"data": data_state, "config": asdict(config), "identity": self.identity, "world_size": ctx.world_size,
+                 "eval_losses": self.eval_losses, "total_steps": self.steps, "skipped_steps": meter.skipped,
+                 "skipped_in_a_row": meter.skipped_in_a_row}, config.keep_last)
         _barrier(ctx)
 
     def finish(self, model, *, tokenizer=None, lora: bool = False, base_model: str | None = None) -> None:
@@ -663,12 +580,9 @@ def export(model, out_dir: str | Path, *, tokenizer=None, lora: bool = False, ba
 
 
 # ----------------------------------------------------------------------------- the loop
-
-
 def evaluate_and_log(step: int, model, eval_batches, loss_fn, config: TrainConfig, ctx: DistContext,
                      writer: RunWriter) -> None:
-    """The evaluation loss at `step` into metrics.jsonl (nothing without eval data); a
-    non-finite one stops the run."""
+    """The evaluation loss at `step` into metrics.jsonl (if there is eval data); non-finite: stop."""
     if eval_batches is None:
         return
     value = evaluate(model, eval_batches, loss_fn, config, ctx)
@@ -681,15 +595,10 @@ def train(model, train_batches, eval_batches, loss_fn, config: TrainConfig, out_
           tokenizer=None, lora: bool = False, base_model: str | None = None,
           run_info: dict | None = None, identity: dict | None = None) -> TrainResult:
     """Train `model` on `train_batches` (a batches.Batches: endless, state_dict/load_state_dict,
-    steps_per_epoch) and write the run to `out_dir` (layout in the module docstring).
-
-    eval_batches: a list of collated batches (this rank's share) or None. lora: the model has
-    LoRA adapters (checkpoints hold the adapter only; the export merges them and also writes
-    DIR/adapter/). run_info: extra JSON recorded in run.json (e.g. the script's full config).
-    identity: what makes the run itself ({"base_model", "tokenizer", "data"}, see
-    train_cli.run_identity); default: the model's weights hash alone. --resume refuses a
-    checkpoint of another identity. Rank 0 holds DIR's lock for the whole run.
-    """
+    steps_per_epoch) into `out_dir` (docs/training.md, "The run directory"), locked by rank 0.
+    eval_batches: this rank's collated batches, or None. lora: checkpoints hold the adapter only;
+    the export merges it and also writes DIR/adapter/. run_info: extra JSON for run.json.
+    identity: what --resume compares (cli.run_identity); default: the model's weights hash."""
     ctx = distributed_context(config.device)
     out = Path(out_dir)
     identity = identity if identity is not None else {"base_model": train_state.weights_hash(model)}
@@ -709,11 +618,14 @@ def _train_locked(model, train_batches, eval_batches, loss_fn, config: TrainConf
     if ctx.is_main:  # under the lock no save is in progress: temporaries are from killed ones
         train_state.remove_unfinished(out / "checkpoints")
         files.remove_temporaries(out)
-    start = resume(out / "checkpoints", learner, train_batches, config, ctx, steps, identity) if config.resume else Resumed()
+    start = Resumed()
+    if config.resume:
+        start = resume(out / "checkpoints", learner, train_batches, config, ctx, steps, identity)
     writer = RunWriter(out, config, ctx, steps, start, identity)
     writer.start(warmup, run_info)
-    learner.ddp_model = data_parallel(model, ctx)
-
+    if ctx.enabled:
+        device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+        learner.ddp_model = DistributedDataParallel(model, device_ids=device_ids)
     step = start.step
     if step == 0:
         evaluate_and_log(step, model, eval_batches, loss_fn, config, ctx, writer)
@@ -735,7 +647,6 @@ def _train_locked(model, train_batches, eval_batches, loss_fn, config: TrainConf
                 evaluate_and_log(step, model, eval_batches, loss_fn, config, ctx, writer)
             if config.save_every and (step % config.save_every == 0 or step == steps):
                 writer.checkpoint(step, learner, batches.state_dict(), meter)
-
     evaluate_and_log(step, model, eval_batches, loss_fn, config, ctx, writer)
     writer.finish(model, **export_args)
     return TrainResult(step=step, train_loss=last_loss, eval_losses=writer.eval_losses, out_dir=out)
