@@ -26,7 +26,7 @@ import torch
 from minidiff.data.tokenizer import load_tokenizer
 from minidiff.errors import UserError, run_cli
 from minidiff.evaluation.answers import SCORINGS, score_answers
-from minidiff.evaluation.scoring import DEFAULT_MC_SAMPLES, DEFAULT_SCORING, MAX_BATCH_SIZE, fit_prompt
+from minidiff.evaluation.scoring import DEFAULT_MC_SAMPLES, DEFAULT_SCORING, MAX_BATCH_SIZE, fit_prompt, prompt_ids
 from minidiff.evaluation.tasks import LM_EVAL_TASK_DIR
 from minidiff.plumbing import checkpoint
 from minidiff.plumbing.device import enable_tf32, inference_precision
@@ -207,12 +207,6 @@ if HAVE_LM_EVAL and "minidiff" not in model_registry:
 
 
 # ----------------------------------------------------------------------------- requests as token ids
-def prompt_ids(tok, text: str) -> list[int]:
-    """<bos> + the text's own tokens (no <eos>: it would sit between prompt and answer)."""
-    ids = tok.encode(text, add_special_tokens=False)
-    return ([tok.bos_id] if tok.bos_id is not None else []) + ids
-
-
 def continuation_pair(tok, context: str, continuation: str, max_length: int) -> tuple[list[int], list[int]]:
     """A loglikelihood request as (prompt ids, answer ids), the prompt cut from the left to fit."""
     answer = tok.encode(continuation, add_special_tokens=False)

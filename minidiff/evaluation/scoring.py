@@ -104,19 +104,21 @@ MAX_BATCH_SIZE = 1024
 DEFAULT_SCORING, DEFAULT_MC_SAMPLES = "auto", 128
 
 
+def prompt_ids(tok, text: str) -> list[int]:
+    """<bos> + the text's own tokens (no <eos>: it would sit between prompt and answer)."""
+    return ([tok.bos_id] if tok.bos_id is not None else []) + tok.encode(text, add_special_tokens=False)
+
+
 def fit_prompt(prompt: list[int], room: int) -> list[int]:
     """The prompt cut to `room` tokens from the left, keeping its first token (<bos>)."""
     return prompt if len(prompt) <= room else prompt[:1] + prompt[len(prompt) - room + 1:]
 
 
 def choice_pairs(tok, example: Example, context: int | None = None) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, answer ids) per choice: `<bos>` + prompt and `" " + choice`, tokenised apart
-    without special tokens. With `context` (the model's length limit) the prompt loses its left
-    part after `<bos>` until prompt + answer fit; an answer that cannot fit is refused."""
-    prompt = tok.encode(example.prompt, add_special_tokens=False)
-    if tok.bos_id is not None:
-        prompt = [tok.bos_id] + prompt
-    pairs = []
+    """(prompt ids, answer ids) per choice: `prompt_ids` and `" " + choice` without special tokens.
+    With `context` (the model's length limit) the prompt loses its left part after `<bos>` until
+    prompt + answer fit; an answer that cannot fit is refused."""
+    prompt, pairs = prompt_ids(tok, example.prompt), []
     for choice in example.choices:
         answer = tok.encode(" " + choice, add_special_tokens=False)
         if not answer:
@@ -159,7 +161,7 @@ def score_items(model, tok, examples: Sequence[Example], *, mc_samples: int = 32
             num_samples=mc_samples, batch_size=batch_size, scoring=scoring, pair_seed=seed)
         offset = 0
         for ex, pairs in zip(chunk, per_item):
-            full = len(tok.encode(ex.prompt, add_special_tokens=False)) + (tok.bos_id is not None)
+            full = len(prompt_ids(tok, ex.prompt))
             scored.truncated += any(len(prompt) < full for prompt, _ in pairs)
             item = got[offset:offset + len(ex.choices)]
             scored.scores.append([a.loglik for a in item])
@@ -388,9 +390,18 @@ def run_task(model, tok, spec: TaskSpec, *, examples: Sequence[Example] | None =
     `items_out`, if given, receives one dict per multiple-choice item (scores and errors)."""
     context = model.config.max_position_embeddings
     if spec.kind == "perplexity":
-        return _run_perplexity(model, tok, spec, texts, max_len=min(max_len, context), asked=max_len,
-                               mask_prob=mask_prob, replace=mlm_replace, seed=seed,
-                               batch_size=batch_size, nelbo=nelbo, progress=progress)
+        block = min(max_len, context)
+        probe = mlm_perplexity(model, tok, texts, max_len=block, mask_prob=mask_prob, replace=mlm_replace,
+                               seed=seed, batch_size=batch_size, nelbo=nelbo, progress=progress)
+        title = spec.source if spec.source.startswith("hf://") else Path(spec.source).name
+        return {"kind": "perplexity", "title": title, "source": spec.source, "n": probe["n_masked"],
+                "metrics": {k: probe[k] for k in ("perplexity", "nelbo_perplexity") if k in probe},
+                "n_tokens": probe["n_tokens"], "n_blocks": probe["n_blocks"],
+                "settings": {"max_len": max_len, "block_len": probe["block_len"], "clamped_to_context": block < max_len,
+                             "mask_prob": mask_prob, "mask_count": "floor(p*n + 0.5) per block",
+                             "mlm_replace_80_10_10": mlm_replace, "mask_logit": "kept (as HF run_mlm)",
+                             "framing": "tokenizer post-processor per document", "seed": seed,
+                             "nelbo": "linear schedule, one t per block, / non-special tokens"}}
     scored = score_items(model, tok, examples, mc_samples=mc_samples, batch_size=batch_size,
                          seed=seed, scoring=scoring, context=context, progress=progress, desc=spec.key)
     if items_out is not None:  # None for an se from a single sample (unknown)
@@ -408,21 +419,6 @@ def run_task(model, tok, spec: TaskSpec, *, examples: Sequence[Example] | None =
                          "draws": "per choice, from a generator seeded with seed",
                          "errors": "bootstrap over items x N(loglik, se^2) per choice, 1000 runs",
                          "framing": "<bos> prompt | ' ' + choice (no <eos>)"}}
-
-
-def _run_perplexity(model, tok, spec: TaskSpec, texts, *, max_len: int, asked: int, mask_prob: float,
-                    replace: bool, seed: int, batch_size: int, nelbo: bool, progress: bool) -> dict:
-    probe = mlm_perplexity(model, tok, texts, max_len=max_len, mask_prob=mask_prob, replace=replace,
-                           seed=seed, batch_size=batch_size, nelbo=nelbo, progress=progress)
-    title = spec.source if spec.source.startswith("hf://") else Path(spec.source).name
-    return {"kind": "perplexity", "title": title, "source": spec.source, "n": probe["n_masked"],
-            "metrics": {k: probe[k] for k in ("perplexity", "nelbo_perplexity") if k in probe},
-            "n_tokens": probe["n_tokens"], "n_blocks": probe["n_blocks"],
-            "settings": {"max_len": asked, "block_len": probe["block_len"], "clamped_to_context": max_len < asked,
-                         "mask_prob": mask_prob, "mask_count": "floor(p*n + 0.5) per block",
-                         "mlm_replace_80_10_10": replace, "mask_logit": "kept (as HF run_mlm)",
-                         "framing": "tokenizer post-processor per document", "seed": seed,
-                         "nelbo": "linear schedule, one t per block, / non-special tokens"}}
 
 
 # ----------------------------------------------------------------------------- tables
