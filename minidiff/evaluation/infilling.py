@@ -178,8 +178,7 @@ def held_out_snippets(tok, texts: list[str], max_chars: int, count: int, seed: i
     """(up to `count` snippets of at most `max_chars` characters drawn with the seed, cut pieces
     left out because a character was not one token)."""
     char_ids = character_ids(tok)
-    pieces = cut_snippets(texts, max_chars)
-    snippets = [as_snippet(tok, text, char_ids) for text in pieces]
+    snippets = [as_snippet(tok, text, char_ids) for text in cut_snippets(texts, max_chars)]
     kept = [s for s in snippets if s is not None]
     chosen = sorted(random.Random(seed).sample(range(len(kept)), min(count, len(kept))))
     return [kept[i] for i in chosen], len(snippets) - len(kept)
@@ -199,12 +198,9 @@ def infill_table(model, tok, snippets: list[Snippet], train_texts: list[str], se
         masks = [draw(text, rate, rng) for text in truths]
         stepwise, _ = fill_by_model(model, tok, snippets, masks, id_chars, fill, one_step=False)
         at_once, _ = fill_by_model(model, tok, snippets, masks, id_chars, fill, one_step=True)
-        guesses = {
-            "most_frequent": [frequent * len(t) for t in truths],
-            "bigram": [bigram.fill(t, m) for t, m in zip(truths, masks)],
-            "model_one_step": at_once,
-            "model": stepwise,
-        }
+        guesses = {"most_frequent": [frequent * len(t) for t in truths],
+                   "bigram": [bigram.fill(t, m) for t, m in zip(truths, masks)], "model_one_step": at_once,
+                   "model": stepwise}
         rows.append({"masking": name, "masked_chars": sum(map(len, masks)),
                      **{k: masked_accuracy(truths, g, masks) for k, g in guesses.items()}})
         drawn.append(masks)

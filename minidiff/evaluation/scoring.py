@@ -8,10 +8,8 @@ files (tasks.py). Reader's page: docs/evaluation.md.
     perplexity = exp( sum_{masked i} -log p(x_i | corrupted block) / #masked )   15% of each block
     loglik(c)  = log p(" " + c | <bos> prompt)    (answers.score_answers: exact or Monte Carlo)
     acc = mean[argmax_c loglik(c) == label],  acc_norm = the same with loglik(c) / len(c) (chars)
-
-Error bars (`metric_errors`): each metric's standard deviation over 1000 resampled runs, items
-drawn with replacement and every choice's score redrawn from N(loglik, se^2): `se`; the same
-with the items fixed: `mc_se`, the Monte-Carlo part. Derivations: docs/math.md sections 4-5.
+    error bars (metric_errors): the metric's std over runs resampled from items and N(loglik, se^2)
+Derivations: docs/math.md sections 4-5.
 """
 from __future__ import annotations
 
@@ -63,8 +61,7 @@ def parse_task(text: str) -> TaskSpec:
 
 def load_examples(spec: TaskSpec, limit: int | None = None) -> list[Example]:
     """Read the task's rows (local file, or the hub when no file is given) and render them."""
-    task = spec.task
-    source = spec.source or task.hub_uri
+    task, source = spec.task, spec.source or spec.task.hub_uri
     if spec.source and not source.startswith("hf://") and not Path(source).exists():
         raise UserError(f"--task {spec.key}: file {source} does not exist")
     try:
@@ -302,12 +299,9 @@ def mlm_corrupt(ids, mask_id: int, maskable, *, mask_prob: float = 0.15, replace
 def mlm_loss(model, ids, mask_id: int, *, maskable, attention_mask=None, mask_prob: float = 0.15,
              replace: bool = False, vocab_size: int | None = None, exclude_mask_logit: bool = False,
              generator=None):
-    """BERT's fixed-ratio MLM loss: (mean CE over the targets, number of targets).
-
-    maskable [B, S] bool or None (every position), never padding under an attention_mask. The
-    softmax runs over the full vocabulary by default (HF run_mlm, the perplexity probe);
-    exclude_mask_logit=True removes <mask> as in the diffusion losses.
-    """
+    """BERT's fixed-ratio MLM loss: (mean CE over the targets, number of targets). maskable [B, S]
+    bool or None (every position), never padding under an attention_mask; the softmax runs over the
+    full vocabulary (HF run_mlm) unless exclude_mask_logit=True (as in the diffusion losses)."""
     if vocab_size is None:
         vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
     maskable = torch.ones_like(ids, dtype=torch.bool) if maskable is None else maskable.bool()
@@ -435,14 +429,11 @@ def _cell(result: dict | None, metric: str, first: dict | None = None) -> str:
     value = result["metrics"][metric]
     if metric.endswith("perplexity"):
         return f"{value:.2f}"
-    text, error = f"{100 * value:.2f}", _error(result, metric)
-    if error is not None:
-        text += f" ± {100 * error:.2f}"
-    if first is not None and first is not result and metric in first.get("metrics", {}):
-        other = _error(first, metric)
-        if error is not None and other is not None and \
-                abs(value - first["metrics"][metric]) < math.hypot(error, other):
-            text += " ≈"
+    error, other = _error(result, metric), _error(first, metric)
+    text = f"{100 * value:.2f}" + ("" if error is None else f" ± {100 * error:.2f}")
+    if first is not None and first is not result and metric in first.get("metrics", {}) and error is not None \
+            and other is not None and abs(value - first["metrics"][metric]) < math.hypot(error, other):
+        text += " ≈"
     return text
 
 

@@ -134,12 +134,16 @@ def render_news(row: dict) -> Example:
     return Example(prompt, NEWS_CHOICES, _index(label, NEWS_CHOICES, "label"))
 
 
+def _two_sentences(row: dict, first: str, second: str, question: str) -> str:
+    """The prompt MNLI_TR and STS_TR share: two quoted sentences, then the question."""
+    return (f"Aşağıda iki cümle verilmektedir:\n\nCümle 1: \"{_text(row, first)}\"\n"
+            f"Cümle 2: \"{_text(row, second)}\"\n\n{question}")
+
+
 def render_mnli(row: dict) -> Example:
     """Label 0..2, or -1 for the ~1.85% of pairs without a gold label: kept, as lm-eval keeps
     them (`{{label | int}}` = -1 matches no choice, so the item counts wrong)."""
-    prompt = ("Aşağıda iki cümle verilmektedir:\n\n"
-              f"Cümle 1: \"{_text(row, 'premise')}\"\nCümle 2: \"{_text(row, 'hypothesis')}\"\n\n"
-              "Bu iki cümle arasındaki ilişki nedir:")
+    prompt = _two_sentences(row, "premise", "hypothesis", "Bu iki cümle arasındaki ilişki nedir:")
     if str(row["label"]).strip() == str(NO_GOLD):
         return Example(prompt, NLI_CHOICES, NO_GOLD)
     return Example(prompt, NLI_CHOICES, _index(row["label"], NLI_CHOICES, "label"))
@@ -151,9 +155,7 @@ def sts_bin(score: float) -> int:
 
 
 def render_sts(row: dict) -> Example:
-    prompt = ("Aşağıda iki cümle verilmektedir:\n\n"
-              f"Cümle 1: \"{_text(row, 'sentence1')}\"\nCümle 2: \"{_text(row, 'sentence2')}\"\n\n"
-              "Bu iki cümle arasında ne kadar benzerlik vardır:")
+    prompt = _two_sentences(row, "sentence1", "sentence2", "Bu iki cümle arasında ne kadar benzerlik vardır:")
     try:
         score = float(row["score"])
     except (TypeError, ValueError):
