@@ -1,16 +1,12 @@
 """Scoring many (prompt, answer) pairs: log p(answer | prompt), the rows of all pairs in shared forwards.
 
 References: LLaDA (arXiv 2502.09992: the l/L estimator), the exact sum over the answer's masks
-(docs/math.md, section 4). The likelihoods are minidiff.diffusion's; this module only batches.
-Per pair, `use_exact` picks the enumeration (2^L - 1 rows, diffusion.all_masks) or the
-Monte-Carlo draws (num_samples rows, diffusion.draw_answer_masks). The rows of all pairs are
-packed, pair after pair, into forwards of batch_size rows (right-padded under an attention mask)
-and handed out range by range, so memory is set by batch_size whatever num_samples is. Each
-row's masked CE sum comes from the chunked vocabulary loss (minidiff/speed/chunked_loss.py).
+(docs/math.md, section 4). The likelihoods are minidiff.diffusion's; this module only batches:
+per pair `use_exact` picks the enumeration (2^L - 1 rows) or num_samples Monte-Carlo rows, and
+the rows of all pairs fill forwards of batch_size rows, pair after pair, right-padded under an
+attention mask (memory set by batch_size alone; the CE sums from minidiff/speed/chunked_loss.py).
 
-    scores = score_answers(model, [(prompt_ids, answer_ids), ...], tok.mask_id, pad_id=tok.pad_id,
-                           num_samples=32, scoring="auto", pair_seed=0)
-    scores[0].loglik, scores[0].se, scores[0].exact
+    scores = score_answers(model, [(prompt_ids, answer_ids), ...], tok.mask_id, pad_id=tok.pad_id)
 """
 from __future__ import annotations
 
@@ -30,23 +26,17 @@ SCORINGS = ("auto", "exact", "mc")
 
 @dataclass(frozen=True)
 class AnswerScore:
-    """One scored answer: loglik ~ log p(answer | prompt) (-NELBO over the answer positions),
-    se its Monte-Carlo standard error (0 when exact, nan from a single sample), exact whether it
-    was enumerated."""
+    """loglik ~ log p(answer | prompt) (-NELBO over the answer positions), se its Monte-Carlo
+    standard error (0 when exact, nan from a single sample), exact whether it was enumerated."""
 
     loglik: float
     se: float
     exact: bool
 
 
-def exact_rows(L: int) -> int:
-    """Forwards the exact sum over the answer's masks costs: 2^L - 1."""
-    return 2**L - 1
-
-
 def use_exact(L: int, scoring: str, num_samples: int) -> bool:
     """exact: always (L <= MAX_EXACT_LENGTH); mc: only L = 1 (one row, exact for any n);
-    auto: when the enumeration costs no more rows than the Monte-Carlo samples it replaces."""
+    auto: when the enumeration's 2^L - 1 rows are no more than the Monte-Carlo samples."""
     if scoring not in SCORINGS:
         raise UserError(f"scoring={scoring!r}: expected one of {', '.join(SCORINGS)}")
     if scoring == "exact":
@@ -54,7 +44,7 @@ def use_exact(L: int, scoring: str, num_samples: int) -> bool:
             raise UserError(f"exact scoring enumerates 2^L - 1 masks and accepts answers of at most "
                             f"{diffusion.MAX_EXACT_LENGTH} tokens; one has {L} (use scoring auto or mc)")
         return True
-    return L == 1 or (scoring == "auto" and exact_rows(L) <= num_samples)
+    return L == 1 or (scoring == "auto" and 2**L - 1 <= num_samples)
 
 
 def _pack_rows(pieces, pad_id: int, device):
@@ -113,38 +103,29 @@ def score_answers(model, pairs, mask_id: int, *, pad_id: int, num_samples: int =
                   pair_seed: int | None = None) -> list[AnswerScore]:
     """log p(answer | prompt) for each (prompt, answer) pair, with its standard error.
 
-    exact pairs: loglik = -sum_{M != {}} (|M|-1)!(L-|M|)!/L! sum_{i in M} CE_i over the masks of
-    the answer (diffusion.exact_nelbo restricted to the answer), se = 0. Monte-Carlo pairs
-    (diffusion.mc_loglik): v_j = (L / l_j) sum_{i in M_j} CE_i, loglik = -mean_j v_j,
-    se = std_j(v_j) / sqrt(n). Random draws are made pair after pair from `generator`, so pairs
-    scored one by one with one generator get the same values; with `pair_seed` every pair draws
-    from a fresh CPU generator seeded with it (common random numbers: a value does not depend on
-    the other pairs).
-    """
+    exact (diffusion.exact_nelbo on the answer): loglik = -sum_{M != {}} (|M|-1)!(L-|M|)!/L!
+    sum_{i in M} CE_i, se = 0. Monte Carlo (diffusion.mc_loglik): v_j = (L / l_j) sum_{i in M_j}
+    CE_i, loglik = -mean_j v_j, se = std_j(v_j) / sqrt(n). Draws come pair after pair from
+    `generator`; with `pair_seed` each pair draws from a fresh CPU generator seeded with it
+    (common random numbers: a value does not depend on the other pairs)."""
     diffusion.check_sample_counts(num_samples, batch_size)
     if len(pairs) == 0:
         return []
     device = model_device(model)
     lengths = [diffusion.answer_sequence(prompt, answer)[1] for prompt, answer in pairs]
     exact = [use_exact(L, scoring, num_samples) for L in lengths]
-    rows = [exact_rows(L) if flag else num_samples for L, flag in zip(lengths, exact)]
+    rows = [2**L - 1 if flag else num_samples for L, flag in zip(lengths, exact)]
     sources = _row_sources(pairs, exact, num_samples, generator, pair_seed, device)
     sums = torch.zeros(2, len(pairs), dtype=torch.float64, device=device)  # [2, P]: sum v, sum v^2
     for batch in _row_batches(sources, rows, batch_size):
-        x0, is_masked, attention, padded = _pack_rows([(seq, masks) for _, seq, masks, _ in batch],
-                                                      pad_id, device)
+        x0, is_masked, attention, padded = _pack_rows([(seq, masks) for _, seq, masks, _ in batch], pad_id, device)
         owners = torch.cat([torch.full((m.shape[0],), p, device=device) for p, _, m, _ in batch])  # [b]
         weights = torch.cat([w for *_, w in batch]).to(device)  # [b]
         # v = weight * sum_{i in M} CE_i per row
         values = weights * masked_ce_per_row(model, x0, is_masked, mask_id, attention if padded else None)
         sums.index_add_(1, owners, torch.stack([values, values * values]))
-    return _finish(sums, rows, exact)
-
-
-def _finish(sums, rows, exact) -> list[AnswerScore]:
-    """loglik and se per pair from sum v and sum v^2 (one host read for all pairs)."""
-    n = torch.tensor(rows, dtype=torch.float64, device=sums.device)  # [P]
-    is_exact = torch.tensor(exact, device=sums.device)  # [P]
+    n = torch.tensor(rows, dtype=torch.float64, device=device)  # [P]
+    is_exact = torch.tensor(exact, device=device)  # [P]
     # exact: -sum_M weight_M CE_M; Monte Carlo: -(1/n) sum_j v_j
     loglik = -torch.where(is_exact, sums[0], sums[0] / n)
     # sample variance of v: (sum v^2 - n mean^2) / (n - 1); se = sqrt(var / n)
@@ -152,17 +133,14 @@ def _finish(sums, rows, exact) -> list[AnswerScore]:
     var = ((sums[1] - n * mean * mean) / (n - 1).clamp(min=1)).clamp(min=0)
     # exact: 0; a single sample: unknown (nan)
     se = torch.where(is_exact, torch.zeros_like(var), torch.where(n < 2, math.nan, (var / n).sqrt()))
-    return [AnswerScore(value, error, flag)
-            for value, error, flag in zip(loglik.tolist(), se.tolist(), exact)]
+    # one host read for all pairs
+    return [AnswerScore(value, error, flag) for value, error, flag in zip(loglik.tolist(), se.tolist(), exact)]
 
 
-@torch.no_grad()
 def mc_loglik_many(model, pairs, mask_id: int, *, pad_id: int, num_samples: int = 32,
                    batch_size: int = 32, generator=None, pair_seed: int | None = None) -> list[float]:
-    """diffusion.mc_loglik for each (prompt, answer) pair (`score_answers` with scoring="mc",
-    values only). With `pair_seed`, a pair's estimate is
-    `mc_loglik(..., generator=torch.Generator().manual_seed(pair_seed))`, whatever the order or
-    grouping of the pairs."""
+    """diffusion.mc_loglik for each pair (`score_answers` with scoring="mc", values only); with
+    `pair_seed`, whatever the order or grouping of the pairs."""
     scores = score_answers(model, pairs, mask_id, pad_id=pad_id, num_samples=num_samples,
                            batch_size=batch_size, scoring="mc", generator=generator, pair_seed=pair_seed)
     return [score.loglik for score in scores]

@@ -1,12 +1,7 @@
-"""The demo's report: summary.md (perplexity, the infilling table and its example, sampled
-answers) and demo.png (the pre-training loss curve beside the example's denoising).
-
-References: none (presentation); what the numbers mean is in docs/benchmarks.md ("The demo")
-and docs/sampler.md ("Infilling, as the demo scores it").
-
-    loss_curve(run / "metrics.jsonl")  # a training run's curves, as summary.json holds them
-    render_summary(summary)            # the markdown of summary.md, from demo.py's summary dict
-    draw_picture(summary, path)        # demo.png with matplotlib (the "plot" extra), else None
+"""The demo's report, from demo.py's summary dict: summary.md (perplexity, the infilling table and
+its example, sampled answers) and demo.png (the pre-training loss curve beside the example's
+denoising). What the numbers mean: docs/benchmarks.md ("The demo") and docs/sampler.md
+("Infilling, as the demo scores it").
 """
 from __future__ import annotations
 
@@ -78,8 +73,7 @@ def render_infill(infill: dict) -> list[str]:
                      f"| {row['model_one_step']:.1%} | {row['model']:.1%} |")
     gaps = ", ".join(f"{100 * (row['model'] - row['bigram']):+.1f}" for row in infill["rows"])
     lines += ["", f"Model (one character per step) minus bigram, percentage points, row by row: {gaps}."]
-    example = infill["example"]
-    frames = example["frames"]
+    example, frames = infill["example"], infill["example"]["frames"]
     shown = sorted({round(k * (len(frames) - 1) / 4) for k in range(5)})
     labels = [f"step {i}/{len(frames) - 1}" for i in shown] + ["original"]
     width = max(map(len, labels)) + 2

@@ -1,20 +1,17 @@
 """minidiff as a model of EleutherAI's lm-evaluation-harness (lm-eval 0.4.13), and its launcher.
 
-References: EleutherAI's lm-evaluation-harness (the `LM` interface, `register_model`,
-`TaskManager`); CETVEL's task files (the Turkish benchmark Diffutron, arXiv 2603.20466,
-reports); LLaDA (arXiv 2502.09992) and dllm, whose lm-eval classes score answers with the same
-Monte-Carlo estimator. Reader's page: docs/evaluation.md ("lm-evaluation-harness").
+References: lm-evaluation-harness (the `LM` interface, `register_model`, `TaskManager`); CETVEL's
+task files (the Turkish benchmark of Diffutron, arXiv 2603.20466); LLaDA (arXiv 2502.09992) and
+dllm, whose lm-eval classes use the same Monte-Carlo estimator. Reader's page: docs/evaluation.md.
 
     python -m minidiff.evaluation.harness --model_args pretrained=runs/sft2,scoring=auto,mc_samples=128 \\
         --tasks cetvel_diffutron --batch_size 32 --output_path results/
     # every lm-eval flag works; the launcher adds --model minidiff and the CETVEL task folder
 
-The three request types, each on minidiff's own machinery, as evaluate.py and sample.py use it:
     loglikelihood(context, continuation)   <bos> + context and the continuation tokenised apart;
                                            log p(continuation | context) by answers.score_answers
     loglikelihood_rolling(text)            -NELBO over lm-eval's rolling windows: a lower bound
     generate_until(context, gen_kwargs)    sampler.generate, the answer cut at eos and at `until`
-On the CPU the linear weights get packed copies (minidiff/speed/packed.py), as in evaluate.py.
 """
 from __future__ import annotations
 
@@ -29,10 +26,10 @@ import torch
 from minidiff.data.tokenizer import load_tokenizer
 from minidiff.errors import UserError, run_cli
 from minidiff.evaluation.answers import SCORINGS, score_answers
-from minidiff.evaluation.scoring import DEFAULT_MC_SAMPLES, DEFAULT_SCORING, MAX_BATCH_SIZE, fit_prompt
+from minidiff.evaluation.scoring import DEFAULT_MC_SAMPLES, DEFAULT_SCORING, MAX_BATCH_SIZE, fit_prompt, prompt_ids
 from minidiff.evaluation.tasks import LM_EVAL_TASK_DIR
 from minidiff.plumbing import checkpoint
-from minidiff.plumbing.device import Precision, enable_tf32, inference_precision
+from minidiff.plumbing.device import enable_tf32, inference_precision
 from minidiff.plumbing.files import write_text
 from minidiff.sampler import SamplerConfig
 from minidiff.speed.sampling import generate
@@ -48,17 +45,10 @@ try:  # lm-eval is an optional extra; without it this module imports, the class 
 except ImportError:
     LM, HAVE_LM_EVAL = object, False
 
-
-def _register(cls):
-    """Register as "minidiff" once (under `python -m` this file runs as __main__, and a second
-    import must not collide with the first registration)."""
-    if HAVE_LM_EVAL and "minidiff" not in model_registry:
-        model_registry.register("minidiff")(cls)
-    return cls
-
 log = logging.getLogger(__name__)
 CETVEL_TASKS = ("belebele_tr", "exams_tr", "ironytr", "news_cat", "mnli_tr", "sts_tr", "xcopa_tr")
 LOCAL_FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+MODEL_ARGS = ("pretrained", "scoring", "mc_samples", "batch_size", "device", "dtype", "seed", "max_length", "preset")
 
 
 def _positive_int(name: str, value) -> int:
@@ -69,18 +59,6 @@ def _positive_int(name: str, value) -> int:
     if isinstance(value, bool) or number < 1 or str(number) != str(value).strip():
         raise UserError(f"model argument {name}={value!r}: expected a positive integer")
     return number
-
-
-def model_precision(dtype: str, device: torch.device) -> Precision:
-    """evaluate.py's `--dtype` as a model argument: auto | float32 | bfloat16 (float16 refused)."""
-    try:
-        return inference_precision(str(dtype), device, pack=True)
-    except UserError as err:
-        raise UserError(f"model argument {str(err).replace('--dtype ', 'dtype=', 1)}") from None
-
-
-MODEL_ARGS = ("pretrained", "scoring", "mc_samples", "batch_size", "device", "dtype", "seed",
-              "max_length", "preset")
 
 
 def parse_model_args(pretrained=None, scoring=DEFAULT_SCORING, mc_samples=DEFAULT_MC_SAMPLES, batch_size=32,
@@ -116,19 +94,22 @@ def parse_model_args(pretrained=None, scoring=DEFAULT_SCORING, mc_samples=DEFAUL
         seed = int(seed)
     except (TypeError, ValueError):
         raise UserError(f"model argument seed={seed!r}: expected an integer") from None
-    sampler = sampler.replace(seed=seed)  # one seed: the MC draws and the sampler's
     batch_size = 32 if auto else _positive_int("batch_size", batch_size)
     if batch_size > MAX_BATCH_SIZE:
         raise UserError(f"model argument batch_size={batch_size}: expected at most {MAX_BATCH_SIZE} "
                         "sequences per forward (Monte-Carlo samples beyond it run in further forwards)")
+    mc_samples = _positive_int("mc_samples", mc_samples)
+    try:  # evaluate.py's --dtype: auto | float32 | bfloat16 (float16 refused)
+        precision = inference_precision(str(dtype), torch.device(wanted), pack=True)
+    except UserError as err:
+        raise UserError(f"model argument {str(err).replace('--dtype ', 'dtype=', 1)}") from None
     return {"pretrained": str(pretrained), "scoring": scoring,
-            "mc_samples": _positive_int("mc_samples", mc_samples), "batch_size": batch_size,
-            "device": torch.device(wanted), "precision": model_precision(dtype, torch.device(wanted)), "seed": seed,
+            "mc_samples": mc_samples, "batch_size": batch_size,
+            "device": torch.device(wanted), "precision": precision, "seed": seed,
             "max_length": None if max_length is None else max(2, _positive_int("max_length", max_length)),
-            "sampler": sampler}
+            "sampler": sampler.replace(seed=seed)}  # one seed: the MC draws and the sampler's
 
 
-@_register
 class MinidiffLM(LM):
     """An lm-eval model backed by a minidiff checkpoint (a directory or a hub id)."""
 
@@ -137,9 +118,8 @@ class MinidiffLM(LM):
             raise UserError(INSTALL_HINT)
         super().__init__()
         settings = parse_model_args(**model_args)
-        self.pretrained = settings["pretrained"]
+        self.pretrained, self.batch_size = settings["pretrained"], settings["batch_size"]
         self.scoring, self.mc_samples = settings["scoring"], settings["mc_samples"]
-        self.batch_size = settings["batch_size"]
         self.seed, self.sampler = settings["seed"], settings["sampler"]
         self._device = settings["device"]  # LM.device is a read-only property since 0.4.12
         # evaluate.py's precision policy: weights cast (and packed on the CPU), then autocast per call
@@ -167,17 +147,14 @@ class MinidiffLM(LM):
     def tokenizer_name(self) -> str:
         return self.pretrained
 
-    # ----------------------------------------------------------------------- the three requests
-
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         pairs = [continuation_pair(self.tok, *request.args, self.max_length) for request in requests]
         return [(value, False) for value in self._score(pairs, disable_tqdm, "loglikelihood")]
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         pairs, owner = rolling_pairs(self.tok, [request.args[0] for request in requests], self.max_length)
-        values = self._score(pairs, disable_tqdm, "loglikelihood_rolling")
         totals = [0.0] * len(requests)
-        for r, value in zip(owner, values):
+        for r, value in zip(owner, self._score(pairs, disable_tqdm, "loglikelihood_rolling")):
             totals[r] += value  # -NELBO of the text = sum over windows
         return totals
 
@@ -205,12 +182,9 @@ class MinidiffLM(LM):
         bar.close()
         return out
 
-    # ----------------------------------------------------------------------- scoring
-
     def _score(self, pairs: list[tuple[list[int], list[int]]], disable_tqdm: bool, desc: str) -> list[float]:
-        """log p(answer | prompt) per pair, 64 pairs per call of answers.score_answers
-        (`scoring` auto | exact | mc, one-token answers exact); every pair's draws seeded with
-        `seed`, so grouping never changes a value. An empty answer has log-probability 0."""
+        """log p(answer | prompt) per pair, 64 pairs per call of answers.score_answers; every
+        pair's draws seeded with `seed`, so grouping never changes a value. An empty answer: 0."""
         from tqdm.auto import tqdm
 
         values = [0.0] * len(pairs)
@@ -227,15 +201,12 @@ class MinidiffLM(LM):
         return values
 
 
+# under `python -m` this file runs as __main__: a second import must not register again
+if HAVE_LM_EVAL and "minidiff" not in model_registry:
+    model_registry.register("minidiff")(MinidiffLM)
+
+
 # ----------------------------------------------------------------------------- requests as token ids
-
-
-def prompt_ids(tok, text: str) -> list[int]:
-    """<bos> + the text's own tokens (no <eos>: it would sit between prompt and answer)."""
-    ids = tok.encode(text, add_special_tokens=False)
-    return ([tok.bos_id] if tok.bos_id is not None else []) + ids
-
-
 def continuation_pair(tok, context: str, continuation: str, max_length: int) -> tuple[list[int], list[int]]:
     """A loglikelihood request as (prompt ids, answer ids), the prompt cut from the left to fit."""
     answer = tok.encode(continuation, add_special_tokens=False)
@@ -260,8 +231,6 @@ def rolling_pairs(tok, texts: list[str], max_length: int) -> tuple[list, list[in
 
 
 # ----------------------------------------------------------------------------- generation
-
-
 def generation_settings(sampler: SamplerConfig, kwargs: dict) -> tuple[SamplerConfig, list[str]]:
     """The sampler settings with the task's max_gen_toks and temperature laid over them, and
     the `until` strings."""
@@ -290,14 +259,11 @@ def cut_answer(tok, answer: list[int], until: list[str]) -> str:
 
 
 # ----------------------------------------------------------------------------- task folders
-
-
 def local_task_dir(files: dict[str, str], directory) -> Path:
-    """A complete CETVEL task folder in `directory`: for each NAME -> FILE a `cetvel_NAME.yaml`
-    that includes the shipped file and swaps its dataset for FILE (csv, json, jsonl or parquet,
-    in the hub dataset's own columns) as the test split; the other tasks and the group include
-    the shipped files unchanged. lm-eval's command line takes one --include_path, hence one
-    folder."""
+    """A complete CETVEL task folder in `directory` (lm-eval takes one --include_path): for each
+    NAME -> FILE a `cetvel_NAME.yaml` that includes the shipped file with FILE (csv, json, jsonl
+    or parquet, in the hub dataset's columns) as its test split; the other tasks and the group
+    include the shipped files unchanged."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     unknown = sorted(set(files) - set(CETVEL_TASKS))
@@ -305,10 +271,8 @@ def local_task_dir(files: dict[str, str], directory) -> Path:
         raise UserError(f"--cetvel_data {unknown[0]}=...: {unknown[0]!r} is not a CETVEL task; "
                         f"expected one of {', '.join(CETVEL_TASKS)}")
     for name in CETVEL_TASKS:
-        text = f"include: {LM_EVAL_TASK_DIR / f'cetvel_{name}.yaml'}\n"
-        if name in files:
-            text += _local_dataset(name, files[name])
-        write_text(directory / f"cetvel_{name}.yaml", text)
+        local = _local_dataset(name, files[name]) if name in files else ""
+        write_text(directory / f"cetvel_{name}.yaml", f"include: {LM_EVAL_TASK_DIR / f'cetvel_{name}.yaml'}\n{local}")
     group = (LM_EVAL_TASK_DIR / "cetvel_diffutron.yaml").read_text(encoding="utf-8")
     write_text(directory / "cetvel_diffutron.yaml", group)
     return directory
@@ -333,13 +297,10 @@ def task_path(data: dict[str, str] | None = None, directory=None) -> str:
     to local files) a folder written to `directory` (a new temporary one if None)."""
     if not data:
         return str(LM_EVAL_TASK_DIR)
-    directory = directory or tempfile.mkdtemp(prefix="minidiff-cetvel-")
-    return str(local_task_dir(data, directory))
+    return str(local_task_dir(data, directory or tempfile.mkdtemp(prefix="minidiff-cetvel-")))
 
 
 # ----------------------------------------------------------------------------- launcher
-
-
 def _take_cetvel_data(argv: list[str]) -> tuple[list[str], dict[str, str]]:
     """Remove `--cetvel_data NAME=FILE [NAME=FILE ...]` (ours, not lm-eval's) from argv."""
     rest, data, taking = [], {}, False
@@ -358,8 +319,7 @@ def _take_cetvel_data(argv: list[str]) -> tuple[list[str], dict[str, str]]:
 
 
 def _model_args_in(argv: list[str]) -> dict:
-    """The --model_args/-a values of argv ("k=v,k2=v2" or several "k=v" words), parsed as
-    lm-eval parses them."""
+    """The --model_args/-a values of argv ("k=v,k2=v2" or several "k=v" words), parsed as lm-eval does."""
     from lm_eval.utils import simple_parse_args_string
 
     words, taking = [], False
@@ -378,8 +338,7 @@ def _model_args_in(argv: list[str]) -> dict:
 def check_model_args(args: dict) -> None:
     """Fail before lm-eval indexes its thousands of tasks: the arguments, and for a local
     pretrained= that it is a model directory (config.json + weights)."""
-    settings = parse_model_args(**args)
-    name = settings["pretrained"]
+    name = parse_model_args(**args)["pretrained"]
     if Path(name).expanduser().exists() or checkpoint._looks_like_path(name):
         directory = checkpoint.resolve_model_dir(name)
         checkpoint.read_config(directory)
@@ -395,7 +354,8 @@ def main(argv: list[str] | None = None) -> int:
     if not HAVE_LM_EVAL:
         raise UserError(INSTALL_HINT)
     argv, data = _take_cetvel_data(argv)
-    if "-h" in argv or "--help" in argv:
+    asks_help = "-h" in argv or "--help" in argv
+    if asks_help:
         print("python -m minidiff.evaluation.harness: lm-eval with --model minidiff and the CETVEL tasks "
               f"({', '.join(f'cetvel_{n}' for n in CETVEL_TASKS)}, group cetvel_diffutron) on the "
               "include path; one flag of its own: --cetvel_data NAME=FILE [NAME=FILE ...] (local "
@@ -404,8 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     if subcommand in (None, "run"):
         if "--model" not in argv and "-M" not in argv:
             argv = argv[:1] + ["--model", "minidiff"] + argv[1:] if subcommand else ["--model", "minidiff", *argv]
-        if "--model" in argv and argv[argv.index("--model") + 1] == "minidiff" and "-h" not in argv \
-                and "--help" not in argv:
+        if "--model" in argv and argv[argv.index("--model") + 1] == "minidiff" and not asks_help:
             check_model_args(_model_args_in(argv))
     if "--include_path" in argv:
         if data:

@@ -1,17 +1,12 @@
 """Filling in masked characters of held-out text: what the NELBO bound measures, against two baselines.
 
-References: LLaDA (arXiv 2502.09992) for the sampler's unmasking; the demo's study, explained in
+References: LLaDA (arXiv 2502.09992) for the sampler's unmasking; the study is explained in
 docs/sampler.md ("Infilling, as the demo scores it").
 
 Snippets of held-out text (whole words, one token per character) are masked three ways
-(MASKINGS); the model fills each snippet as one block with the sampler's `infill`, greedy, all
-masks at once or one character per step, most confident first. The baselines are fitted to the
-training text: the most frequent character, and a character bigram model that fills each masked
-run from both known neighbours (`CharBigram`, forward-backward). The score is the accuracy on the
-masked characters. One snippet is also replayed step by step (`denoising_example`).
-
-The sampler comes in as `fill` (`minidiff.sampler.infill` or any function with its signature),
-so the caller chooses it.
+(MASKINGS) and filled by the model (`fill`: `minidiff.sampler.infill` or any function with its
+signature), by the most frequent character and by a two-sided character bigram (`CharBigram`);
+the score is the accuracy on the masked characters. One snippet is replayed step by step.
 """
 from __future__ import annotations
 
@@ -67,11 +62,6 @@ def character_ids(tok) -> dict[str, int]:
     """character -> id for every one-character token of the demo's tokenizer (space is "▁")."""
     vocab = tok.backend.get_vocab()
     return {(" " if piece == "▁" else piece): i for piece, i in vocab.items() if len(piece) == 1}
-
-
-def id_characters(tok) -> dict[int, str]:
-    """id -> character, the inverse of `character_ids`."""
-    return {i: c for c, i in character_ids(tok).items()}
 
 
 def as_snippet(tok, text: str, char_ids: dict[str, int]) -> Snippet | None:
@@ -168,47 +158,27 @@ def masked_accuracy(truths: list[str], guesses: list[str], masks: list[list[int]
     return correct / max(1, sum(len(m) for m in masks))
 
 
-def masked_rows(snippets: list[Snippet], masks: list[list[int]], mask_id: int) -> list[list[int]]:
-    """Each snippet's ids with <mask> at its masked characters."""
-    rows = []
-    for snippet, masked in zip(snippets, masks):
-        row = list(snippet.ids)
-        for i in masked:
-            row[snippet.offset + i] = mask_id
-        rows.append(row)
-    return rows
-
-
-def infill_config(rows: list[list[int]], masks: list[list[int]], *, one_step: bool) -> SamplerConfig:
-    """The whole snippet one block (both sides visible), greedy; "llada" unmasking with as many
-    steps as the most masks commits one character per step, most confident first; one step
-    commits every mask at once (each position's argmax)."""
-    steps = 1 if one_step else max(1, max(len(m) for m in masks))
-    return SamplerConfig(steps=steps, block_length=max(len(r) for r in rows), unmasking="llada", temperature=0.0)
-
-
-def infill_texts(out, snippets: list[Snippet], id_chars: dict[int, str]) -> list[str]:
-    """The filled canvas of each row as characters (a token that is no character: U+FFFD)."""
-    texts = []
-    for row, snippet in zip(out.sequences.tolist(), snippets):
-        ids = row[snippet.offset: snippet.offset + len(snippet.text)]
-        texts.append("".join(id_chars.get(t, NOT_A_CHARACTER) for t in ids))
-    return texts
-
-
 def fill_by_model(model, tok, snippets: list[Snippet], masks: list[list[int]], id_chars, fill, *, one_step: bool):
-    """(each snippet filled by `fill`, the sampler's `infill`; its GenerateOutput)."""
-    rows = masked_rows(snippets, masks, tok.mask_id)
-    out = fill(model, rows, infill_config(rows, masks, one_step=one_step), mask_id=tok.mask_id, eos_id=tok.eos_id)
-    return infill_texts(out, snippets, id_chars), out
+    """(each snippet filled by `fill`, as characters (a token that is no character: U+FFFD); its
+    GenerateOutput). The whole snippet is one block (both sides visible), greedy; "llada" unmasking
+    with as many steps as the most masks commits one character per step, most confident first;
+    one step commits every mask at once (each position's argmax)."""
+    rows = [list(snippet.ids) for snippet in snippets]
+    for row, snippet, masked in zip(rows, snippets, masks):
+        for i in masked:
+            row[snippet.offset + i] = tok.mask_id
+    steps = 1 if one_step else max(1, max(len(m) for m in masks))
+    config = SamplerConfig(steps=steps, block_length=max(len(r) for r in rows), unmasking="llada", temperature=0.0)
+    out = fill(model, rows, config, mask_id=tok.mask_id, eos_id=tok.eos_id)
+    canvases = [row[s.offset: s.offset + len(s.text)] for row, s in zip(out.sequences.tolist(), snippets)]
+    return ["".join(id_chars.get(t, NOT_A_CHARACTER) for t in ids) for ids in canvases], out
 
 
 def held_out_snippets(tok, texts: list[str], max_chars: int, count: int, seed: int) -> tuple[list[Snippet], int]:
     """(up to `count` snippets of at most `max_chars` characters drawn with the seed, cut pieces
     left out because a character was not one token)."""
     char_ids = character_ids(tok)
-    pieces = cut_snippets(texts, max_chars)
-    snippets = [as_snippet(tok, text, char_ids) for text in pieces]
+    snippets = [as_snippet(tok, text, char_ids) for text in cut_snippets(texts, max_chars)]
     kept = [s for s in snippets if s is not None]
     chosen = sorted(random.Random(seed).sample(range(len(kept)), min(count, len(kept))))
     return [kept[i] for i in chosen], len(snippets) - len(kept)
@@ -217,7 +187,7 @@ def held_out_snippets(tok, texts: list[str], max_chars: int, count: int, seed: i
 def infill_table(model, tok, snippets: list[Snippet], train_texts: list[str], seed: int, fill) -> dict:
     """Character accuracy on the masked positions, per masking: the model (one character per
     step, and all at once) against the most frequent character and the two-sided bigram."""
-    id_chars = id_characters(tok)
+    id_chars = {i: c for c, i in character_ids(tok).items()}
     truths = [s.text for s in snippets]
     bigram = CharBigram(train_texts, alphabet="".join(truths))
     frequent = most_frequent_character(train_texts)
@@ -228,12 +198,9 @@ def infill_table(model, tok, snippets: list[Snippet], train_texts: list[str], se
         masks = [draw(text, rate, rng) for text in truths]
         stepwise, _ = fill_by_model(model, tok, snippets, masks, id_chars, fill, one_step=False)
         at_once, _ = fill_by_model(model, tok, snippets, masks, id_chars, fill, one_step=True)
-        guesses = {
-            "most_frequent": [frequent * len(t) for t in truths],
-            "bigram": [bigram.fill(t, m) for t, m in zip(truths, masks)],
-            "model_one_step": at_once,
-            "model": stepwise,
-        }
+        guesses = {"most_frequent": [frequent * len(t) for t in truths],
+                   "bigram": [bigram.fill(t, m) for t, m in zip(truths, masks)], "model_one_step": at_once,
+                   "model": stepwise}
         rows.append({"masking": name, "masked_chars": sum(map(len, masks)),
                      **{k: masked_accuracy(truths, g, masks) for k, g in guesses.items()}})
         drawn.append(masks)
@@ -244,7 +211,7 @@ def infill_table(model, tok, snippets: list[Snippet], train_texts: list[str], se
 def denoising_example(model, tok, snippet: Snippet, masked: list[int], html_path: Path, fill) -> dict:
     """One snippet filled step by step: its canvas after every step (masks as MASK_SHOWN), also
     written as the sampler's HTML replay."""
-    id_chars = id_characters(tok)
+    id_chars = {i: c for c, i in character_ids(tok).items()}
     filled, out = fill_by_model(model, tok, [snippet], [masked], id_chars, fill, one_step=False)
     frames = []
     for canvas in out.frames():  # the canvas after each step, frame 0 = before the first

@@ -3,19 +3,13 @@
 References: Diffutron (arXiv 2603.20466, Table 4), BERT (1810.04805: the 80/10/10 masking),
 LLaDA (2502.09992: likelihood of an answer). Matches HF transformers' `run_mlm.py` (the
 perplexity probe), lm-evaluation-harness (multiple choice, acc / acc_norm) and CETVEL's task
-files (the task table is minidiff/evaluation/tasks.py). Reader's page: docs/evaluation.md.
-
-    tasks = [parse_task("belebele_tr:belebele_tur.jsonl"), parse_task("perplexity:essays.txt")]
-    result = run_task(model, tok, tasks[0], examples=load_examples(tasks[0]), scoring="auto")
-    result["metrics"]["acc"], result["errors"]["acc"]["se"]
+files (tasks.py). Reader's page: docs/evaluation.md.
 
     perplexity = exp( sum_{masked i} -log p(x_i | corrupted block) / #masked )   15% of each block
     loglik(c)  = log p(" " + c | <bos> prompt)    (answers.score_answers: exact or Monte Carlo)
     acc = mean[argmax_c loglik(c) == label],  acc_norm = the same with loglik(c) / len(c) (chars)
-
-Error bars (`metric_errors`): each metric's standard deviation over 1000 resampled runs, items
-drawn with replacement and every choice's score redrawn from N(loglik, se^2): `se`; the same
-with the items fixed: `mc_se`, the Monte-Carlo part. Derivations: docs/math.md sections 4-5.
+    error bars (metric_errors): the metric's std over runs resampled from items and N(loglik, se^2)
+Derivations: docs/math.md sections 4-5.
 """
 from __future__ import annotations
 
@@ -27,7 +21,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from minidiff.data import readers as data
+from minidiff.data.readers import read_rows
 from minidiff.errors import UserError
 from minidiff.evaluation.answers import score_answers
 from minidiff.evaluation.tasks import F1, GENERIC, TASKS, Example, TaskDef
@@ -67,12 +61,11 @@ def parse_task(text: str) -> TaskSpec:
 
 def load_examples(spec: TaskSpec, limit: int | None = None) -> list[Example]:
     """Read the task's rows (local file, or the hub when no file is given) and render them."""
-    task = spec.task
-    source = spec.source or task.hub_uri
+    task, source = spec.task, spec.source or spec.task.hub_uri
     if spec.source and not source.startswith("hf://") and not Path(source).exists():
         raise UserError(f"--task {spec.key}: file {source} does not exist")
     try:
-        rows = data.read_rows(source)
+        rows = read_rows(source)
     except UserError as err:
         raise UserError(f"--task {spec.key}: {err}") from None
     except (OSError, ConnectionError) as err:  # offline, or the hub refused
@@ -82,8 +75,7 @@ def load_examples(spec: TaskSpec, limit: int | None = None) -> list[Example]:
     if problems:  # a benchmark is scored on every row or not at all
         raise UserError(f"--task {spec.key}: {problems[0]} ({len(problems)} unreadable line(s) in "
                         f"{source}); fix or remove them")
-    if limit is not None:
-        rows = rows[:limit]
+    rows = rows if limit is None else rows[:limit]
     if not rows:
         raise UserError(f"--task {spec.key}: {source} has no rows")
     examples = []
@@ -102,13 +94,16 @@ def load_examples(spec: TaskSpec, limit: int | None = None) -> list[Example]:
 
 
 # ----------------------------------------------------------------------------- scoring
-
-# rows per forward at most (--batch-size, the harness's batch_size): far beyond what a forward
-# needs to keep a GPU busy, short of a single allocation that exhausts its memory
+# rows per forward at most (--batch-size): beyond what keeps a GPU busy, short of exhausting its memory
 MAX_BATCH_SIZE = 1024
-# evaluate.py's and the harness's defaults (docs/evaluation.md, "How many samples"): every
-# answer of up to 7 tokens exact (2^7 - 1 = 127 rows), longer ones 128 Monte-Carlo samples
+# the defaults (docs/evaluation.md, "How many samples"): answers of up to 7 tokens exact (2^7 - 1 = 127
+# rows), longer ones 128 Monte-Carlo samples
 DEFAULT_SCORING, DEFAULT_MC_SAMPLES = "auto", 128
+
+
+def prompt_ids(tok, text: str) -> list[int]:
+    """<bos> + the text's own tokens (no <eos>: it would sit between prompt and answer)."""
+    return ([tok.bos_id] if tok.bos_id is not None else []) + tok.encode(text, add_special_tokens=False)
 
 
 def fit_prompt(prompt: list[int], room: int) -> list[int]:
@@ -117,14 +112,10 @@ def fit_prompt(prompt: list[int], room: int) -> list[int]:
 
 
 def choice_pairs(tok, example: Example, context: int | None = None) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, answer ids) per choice: `<bos>` + prompt and `" " + choice`, each tokenised
-    alone without special tokens, so no special token ever sits inside the scored answer. With
-    `context` (the model's length limit) the prompt loses its left part after `<bos>` until
-    prompt + answer fit, as minidiff.evaluation.harness does; an answer that cannot fit is refused."""
-    prompt = tok.encode(example.prompt, add_special_tokens=False)
-    if tok.bos_id is not None:
-        prompt = [tok.bos_id] + prompt
-    pairs = []
+    """(prompt ids, answer ids) per choice: `prompt_ids` and `" " + choice` without special tokens.
+    With `context` (the model's length limit) the prompt loses its left part after `<bos>` until
+    prompt + answer fit; an answer that cannot fit is refused."""
+    prompt, pairs = prompt_ids(tok, example.prompt), []
     for choice in example.choices:
         answer = tok.encode(" " + choice, add_special_tokens=False)
         if not answer:
@@ -148,7 +139,6 @@ class ScoredItems:
     truncated: int = 0
 
     def counts(self) -> dict[str, int]:
-        """How many answers were scored each way."""
         flags = [flag for item in self.exact for flag in item]
         return {"exact": sum(flags), "mc": len(flags) - sum(flags)}
 
@@ -157,19 +147,19 @@ def score_items(model, tok, examples: Sequence[Example], *, mc_samples: int = 32
                 batch_size: int = 32, seed: int = 0, scoring: str = "mc", context: int | None = None,
                 rows_per_step: int = 64, progress: bool = True, desc: str = "mc") -> ScoredItems:
     """log p(" " + choice | prompt) with its standard error for every choice of every example
-    (answers.score_answers, `scoring` auto | exact | mc), batched across choices and rows;
-    every answer's draws seeded with `seed`."""
+    (answers.score_answers, `scoring` auto | exact | mc); every answer's draws seeded with `seed`."""
     scored = ScoredItems([], [], [])
     bar = progress_bar(total=len(examples), desc=desc, disable=not progress, unit="row")
     for start in range(0, len(examples), rows_per_step):
         chunk = examples[start:start + rows_per_step]
         per_item = [choice_pairs(tok, ex, context) for ex in chunk]
-        scored.truncated += sum(_was_cut(tok, ex, pairs) for ex, pairs in zip(chunk, per_item))
         got = score_answers(
             model, [pair for pairs in per_item for pair in pairs], tok.mask_id, pad_id=tok.pad_id,
             num_samples=mc_samples, batch_size=batch_size, scoring=scoring, pair_seed=seed)
         offset = 0
-        for ex in chunk:
+        for ex, pairs in zip(chunk, per_item):
+            full = len(prompt_ids(tok, ex.prompt))
+            scored.truncated += any(len(prompt) < full for prompt, _ in pairs)
             item = got[offset:offset + len(ex.choices)]
             scored.scores.append([a.loglik for a in item])
             scored.errors.append([a.se for a in item])
@@ -180,16 +170,9 @@ def score_items(model, tok, examples: Sequence[Example], *, mc_samples: int = 32
     return scored
 
 
-def _was_cut(tok, example: Example, pairs) -> bool:
-    full = len(tok.encode(example.prompt, add_special_tokens=False)) + (tok.bos_id is not None)
-    return any(len(prompt) < full for prompt, _ in pairs)
-
-
-def score_examples(model, tok, examples: Sequence[Example], *, mc_samples: int = 32,
-                   batch_size: int = 32, seed: int = 0, scoring: str = "mc",
-                   progress: bool = True, desc: str = "mc") -> list[list[float]]:
-    """The log-likelihoods of `score_items` alone: one-token answers exact, longer ones
-    `mc_samples` Monte-Carlo samples (scoring="mc"), or as `scoring` says."""
+def score_examples(model, tok, examples: Sequence[Example], *, mc_samples: int = 32, batch_size: int = 32,
+                   seed: int = 0, scoring: str = "mc", progress: bool = True, desc: str = "mc") -> list[list[float]]:
+    """The log-likelihoods of `score_items` alone."""
     return score_items(model, tok, examples, mc_samples=mc_samples, batch_size=batch_size, seed=seed,
                        scoring=scoring, progress=progress, desc=desc).scores
 
@@ -204,15 +187,9 @@ def binary_f1(gold: Sequence[int], pred: Sequence[int], positive: int = 1) -> fl
 
 
 def macro_f1(gold: Sequence[int], pred: Sequence[int]) -> float:
-    """Unweighted mean over the classes seen in gold or pred of 2 tp / (2 tp + fp + fn)."""
+    """Unweighted mean of `binary_f1` over the classes seen in gold or pred."""
     classes = sorted(set(gold) | set(pred))
-    f1s = []
-    for c in classes:
-        tp = sum(g == c and p == c for g, p in zip(gold, pred))
-        fp = sum(g != c and p == c for g, p in zip(gold, pred))
-        fn = sum(g == c and p != c for g, p in zip(gold, pred))
-        f1s.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
-    return sum(f1s) / len(f1s)
+    return sum(binary_f1(gold, pred, c) for c in classes) / len(classes)
 
 
 def mc_metrics(examples: Sequence[Example], scores: Sequence[Sequence[float]],
@@ -235,14 +212,11 @@ def mc_metrics(examples: Sequence[Example], scores: Sequence[Sequence[float]],
 
 
 # ----------------------------------------------------------------------------- error bars
-
-
 def _padded(examples: Sequence[Example], scored: ScoredItems):
     """(loglik, se, characters) as [n, C] arrays, C the most choices; missing choices -inf."""
     width = max(len(ex.choices) for ex in examples)
     mean = np.full((len(examples), width), -np.inf)
-    se = np.zeros((len(examples), width))
-    chars = np.ones((len(examples), width))
+    se, chars = np.zeros((len(examples), width)), np.ones((len(examples), width))
     for i, ex in enumerate(examples):
         k = len(ex.choices)
         mean[i, :k], se[i, :k], chars[i, :k] = scored.scores[i], scored.errors[i], [len(c) for c in ex.choices]
@@ -254,12 +228,9 @@ def _metric_draws(scores, chars, gold, metrics: Sequence[str]) -> dict[str, np.n
     [b, n, C], gold [b, n] -> {metric: [b]}."""
     pred = scores.argmax(-1)  # [b, n]  (first of ties, as mc_metrics)
     out = {"acc": (pred == gold).mean(1), "acc_norm": ((scores / chars).argmax(-1) == gold).mean(1)}
-    tp, fp, fn = [], [], []
-    for c in range(scores.shape[-1]):
-        tp.append(((gold == c) & (pred == c)).sum(1))
-        fp.append(((gold != c) & (pred == c)).sum(1))
-        fn.append(((gold == c) & (pred != c)).sum(1))
-    tp, fp, fn = np.stack(tp, 1), np.stack(fp, 1), np.stack(fn, 1)  # [b, C]
+    classes = np.arange(scores.shape[-1])[:, None, None]  # [C, 1, 1]
+    is_gold, is_pred = gold == classes, pred == classes  # [C, b, n]
+    tp, fp, fn = [counts.sum(-1).T for counts in (is_gold & is_pred, ~is_gold & is_pred, is_gold & ~is_pred)]  # [b, C]
     denominator = 2 * tp + fp + fn
     # F1_c = 2 tp / (2 tp + fp + fn), 0 when class c never occurs
     f1 = np.where(denominator > 0, 2 * tp / np.maximum(denominator, 1), 0.0)  # [b, C]
@@ -272,13 +243,11 @@ def _metric_draws(scores, chars, gold, metrics: Sequence[str]) -> dict[str, np.n
 
 def metric_errors(examples: Sequence[Example], scored: ScoredItems, metrics: Sequence[str] = F1, *,
                   draws: int = 1000, seed: int = 0, chunk: int = 50) -> dict[str, dict[str, float]]:
-    """Standard errors of every metric (docs/evaluation.md, "Error bars"), from `draws` runs
-    resampled two ways: {metric: {"se": total, "mc_se": Monte-Carlo noise alone}}.
-
-    mc_se: each choice's score redrawn from N(loglik, se^2), the items kept.
-    se:    the items resampled with replacement (the finite test set), then the same redraw.
-    Each is the standard deviation of the metric over the resampled runs (0 when all exact;
-    None when an answer's error is unknown, i.e. it was scored from a single sample)."""
+    """{metric: {"se": total, "mc_se": Monte-Carlo noise alone}} from `draws` resampled runs
+    (docs/evaluation.md, "Error bars"): mc_se redraws each choice's score from N(loglik, se^2)
+    with the items kept; se also resamples the items with replacement. Each is the standard
+    deviation of the metric over the runs (0 when all exact; None when an answer's error is
+    unknown, i.e. it was scored from a single sample)."""
     mean, se, chars = _padded(examples, scored)
     if np.isnan(se).any():
         names = ["acc", "acc_norm"] + [k for k in ("f1", "macro_f1") if k in metrics]
@@ -292,23 +261,19 @@ def metric_errors(examples: Sequence[Example], scored: ScoredItems, metrics: Seq
         for name, items in (("mc_se", every), ("se", rng.integers(len(examples), size=every.shape))):
             noisy = mean[items] + se[items] * rng.standard_normal(items.shape + mean.shape[1:])
             runs[name].append(_metric_draws(noisy, chars[items], gold[items], metrics))
-    keys = runs["se"][0].keys()
     return {k: {name: float(np.concatenate([r[k] for r in runs[name]]).std(ddof=1)) for name in runs}
-            for k in keys}
+            for k in runs["se"][0]}
 
 
 # ----------------------------------------------------------------------------- perplexity
-
-
 def mlm_corrupt(ids, mask_id: int, maskable, *, mask_prob: float = 0.15, replace: bool = False,
                 vocab_size: int | None = None, generator=None):
     """BERT's fixed-ratio masking: (corrupted ids [B, S], is_target [B, S] bool).
 
-    Each row gets exactly k = floor(p n + 0.5) targets among its n maskable positions, a
-    uniformly random k-subset (the k smallest of n iid uniforms). Positions not maskable
-    (special tokens, padding) are never targets. With replace=True the targets follow BERT's
-    80/10/10 rule (HF DataCollatorForLanguageModeling): 80% <mask>, 10% a token drawn uniformly
-    from [0, vocab_size), 10% left unchanged; otherwise every target becomes <mask>.
+    Each row gets exactly k = floor(p n + 0.5) targets among its n maskable positions (never
+    special tokens or padding), a uniformly random k-subset (the k smallest of n iid uniforms).
+    replace=True follows BERT's 80/10/10 rule (HF DataCollatorForLanguageModeling): 80% <mask>,
+    10% a token uniform in [0, vocab_size), 10% unchanged; otherwise every target becomes <mask>.
     """
     if not 0.0 <= mask_prob <= 1.0:
         raise UserError(f"mask_prob={mask_prob} is outside [0, 1]")
@@ -318,11 +283,9 @@ def mlm_corrupt(ids, mask_id: int, maskable, *, mask_prob: float = 0.15, replace
     # k_b = floor(p * n_b + 0.5)   (float64 so that p * n lands where a reader computes it)
     count = torch.floor(maskable.sum(1).double() * mask_prob + 0.5).long()  # [B]
     # rank the maskable positions by a uniform score; non-maskable ones (score 2) rank last
-    scores = torch.rand(ids.shape, generator=generator, device=ids.device)  # [B, S]
-    scores = scores.masked_fill(~maskable, 2.0)
+    scores = torch.rand(ids.shape, generator=generator, device=ids.device).masked_fill(~maskable, 2.0)  # [B, S]
     ranks = scores.argsort(dim=1).argsort(dim=1)  # [B, S] rank of each position in its row
     is_target = ranks < count[:, None]  # [B, S]
-
     if not replace:
         return torch.where(is_target, torch.full_like(ids, mask_id), ids), is_target
     choice = torch.rand(ids.shape, generator=generator, device=ids.device)  # [B, S]
@@ -336,12 +299,9 @@ def mlm_corrupt(ids, mask_id: int, maskable, *, mask_prob: float = 0.15, replace
 def mlm_loss(model, ids, mask_id: int, *, maskable, attention_mask=None, mask_prob: float = 0.15,
              replace: bool = False, vocab_size: int | None = None, exclude_mask_logit: bool = False,
              generator=None):
-    """BERT's fixed-ratio MLM loss: (mean CE over the targets, number of targets).
-
-    maskable [B, S] bool or None (every position), never padding under an attention_mask. The
-    softmax runs over the full vocabulary by default (HF run_mlm, the perplexity probe);
-    exclude_mask_logit=True removes <mask> as in the diffusion losses.
-    """
+    """BERT's fixed-ratio MLM loss: (mean CE over the targets, number of targets). maskable [B, S]
+    bool or None (every position), never padding under an attention_mask; the softmax runs over the
+    full vocabulary (HF run_mlm) unless exclude_mask_logit=True (as in the diffusion losses)."""
     if vocab_size is None:
         vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
     maskable = torch.ones_like(ids, dtype=torch.bool) if maskable is None else maskable.bool()
@@ -369,15 +329,12 @@ def perplexity_blocks(texts: Sequence[str], tok, max_len: int = 512) -> torch.Te
 
 def mask_blocks(blocks: torch.Tensor, tok, *, mask_prob: float = 0.15, replace: bool = False,
                 seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(corrupted, is_target, maskable): exactly floor(p n + 0.5) of each block's n non-special
-    tokens become targets (mlm_corrupt), all blocks drawn at once on the CPU so the
-    choice depends only on the seed, not on the batch size or device."""
+    """(corrupted, is_target, maskable): mlm_corrupt of each block's non-special tokens, all
+    blocks drawn at once on the CPU so the choice depends on the seed alone."""
     special = torch.tensor(sorted(tok.special_ids), dtype=torch.long)
-    maskable = ~torch.isin(blocks, special)                                         # [N, S]
-    generator = torch.Generator().manual_seed(seed)
-    corrupted, is_target = mlm_corrupt(
-        blocks, tok.mask_id, maskable, mask_prob=mask_prob, replace=replace,
-        vocab_size=tok.vocab_size, generator=generator)
+    maskable = ~torch.isin(blocks, special)  # [N, S]
+    corrupted, is_target = mlm_corrupt(blocks, tok.mask_id, maskable, mask_prob=mask_prob, replace=replace,
+                                       vocab_size=tok.vocab_size, generator=torch.Generator().manual_seed(seed))
     return corrupted, is_target, maskable
 
 
@@ -394,21 +351,17 @@ def mlm_perplexity(model, tok, texts: Sequence[str], *, max_len: int = 512, mask
     ce_sum = torch.zeros((), dtype=torch.float64, device=device)
     nelbo_sum = torch.zeros((), dtype=torch.float64, device=device)
     for start in progress_bar(range(0, len(blocks), batch_size), desc="perplexity", disable=not progress):
-        x0 = blocks[start:start + batch_size].to(device)
-        xt = corrupted[start:start + batch_size].to(device)
-        target = is_target[start:start + batch_size].to(device)
+        rows = slice(start, start + batch_size)
+        x0, xt, target, keep = (t[rows].to(device) for t in (blocks, corrupted, is_target, maskable))
         # sum_i CE_i, CE_i = -log softmax(logits_i)[x0_i] at the masked positions (full vocabulary)
-        ones = torch.ones((), dtype=torch.float64)
-        batch_ce, _ = chunked_loss.decoder_cross_entropy(model, xt, target, x0, ones)
+        batch_ce, _ = chunked_loss.decoder_cross_entropy(model, xt, target, x0, torch.ones((), dtype=torch.float64))
         ce_sum += batch_ce.double()
         if nelbo:
-            keep = maskable[start:start + batch_size].to(device)
             loss, _ = chunked_loss.nelbo_loss(model, x0, tok.mask_id, maskable=keep, schedule="linear",
-                                           normalize="token", generator=nelbo_gen)
+                                              normalize="token", generator=nelbo_gen)
             # token-normalised loss x this batch's non-special tokens = the batch's NELBO sum
             nelbo_sum += loss.double() * keep.sum()
-    n_masked = int(is_target.sum())
-    n_tokens = int(maskable.sum())
+    n_masked, n_tokens = int(is_target.sum()), int(maskable.sum())
     if n_masked == 0:
         raise UserError(f"the perplexity source has only {n_tokens} non-special tokens; "
                         f"masking {mask_prob:.0%} of them leaves nothing to score")
@@ -420,11 +373,9 @@ def mlm_perplexity(model, tok, texts: Sequence[str], *, max_len: int = 512, mask
 
 
 # ----------------------------------------------------------------------------- one task
-
-
 def run_task(model, tok, spec: TaskSpec, *, examples: Sequence[Example] | None = None,
-             texts: Sequence[str] | None = None, mc_samples: int = DEFAULT_MC_SAMPLES,
-             batch_size: int = 32, seed: int = 0, scoring: str = DEFAULT_SCORING, max_len: int = 512, mask_prob: float = 0.15,
+             texts: Sequence[str] | None = None, mc_samples: int = DEFAULT_MC_SAMPLES, batch_size: int = 32,
+             seed: int = 0, scoring: str = DEFAULT_SCORING, max_len: int = 512, mask_prob: float = 0.15,
              mlm_replace: bool = False, nelbo: bool = True, progress: bool = True,
              items_out: list | None = None) -> dict:
     """Evaluate one parsed task; returns {"kind", "title", "n", "metrics", "errors", "settings",
@@ -433,17 +384,27 @@ def run_task(model, tok, spec: TaskSpec, *, examples: Sequence[Example] | None =
     `items_out`, if given, receives one dict per multiple-choice item (scores and errors)."""
     context = model.config.max_position_embeddings
     if spec.kind == "perplexity":
-        return _run_perplexity(model, tok, spec, texts, max_len=min(max_len, context), asked=max_len,
-                               mask_prob=mask_prob, replace=mlm_replace, seed=seed,
-                               batch_size=batch_size, nelbo=nelbo, progress=progress)
+        block = min(max_len, context)
+        probe = mlm_perplexity(model, tok, texts, max_len=block, mask_prob=mask_prob, replace=mlm_replace,
+                               seed=seed, batch_size=batch_size, nelbo=nelbo, progress=progress)
+        title = spec.source if spec.source.startswith("hf://") else Path(spec.source).name
+        return {"kind": "perplexity", "title": title, "source": spec.source, "n": probe["n_masked"],
+                "metrics": {k: probe[k] for k in ("perplexity", "nelbo_perplexity") if k in probe},
+                "n_tokens": probe["n_tokens"], "n_blocks": probe["n_blocks"],
+                "settings": {"max_len": max_len, "block_len": probe["block_len"], "clamped_to_context": block < max_len,
+                             "mask_prob": mask_prob, "mask_count": "floor(p*n + 0.5) per block",
+                             "mlm_replace_80_10_10": mlm_replace, "mask_logit": "kept (as HF run_mlm)",
+                             "framing": "tokenizer post-processor per document", "seed": seed,
+                             "nelbo": "linear schedule, one t per block, / non-special tokens"}}
     scored = score_items(model, tok, examples, mc_samples=mc_samples, batch_size=batch_size,
                          seed=seed, scoring=scoring, context=context, progress=progress, desc=spec.key)
-    metrics = mc_metrics(examples, scored.scores, spec.task.metrics)
-    if items_out is not None:
-        items_out.extend(item_rows(spec.key, examples, scored))
+    if items_out is not None:  # None for an se from a single sample (unknown)
+        items_out.extend({"task": spec.key, "item": i, "label": ex.label, "choices": list(ex.choices),
+                          "loglik": scored.scores[i], "se": [None if math.isnan(e) else e for e in scored.errors[i]],
+                          "exact": scored.exact[i]} for i, ex in enumerate(examples))
     title = spec.task.title if spec.task is not GENERIC else Path(spec.source).name
     return {"kind": "mc", "title": title, "source": spec.source or spec.task.hub_uri,
-            "n": len(examples), "metrics": metrics,
+            "n": len(examples), "metrics": mc_metrics(examples, scored.scores, spec.task.metrics),
             "errors": metric_errors(examples, scored, spec.task.metrics, seed=seed),
             "answers_scored": scored.counts(), "truncated_prompts": scored.truncated,
             "unlabeled": sum(ex.label < 0 for ex in examples),
@@ -454,37 +415,9 @@ def run_task(model, tok, spec: TaskSpec, *, examples: Sequence[Example] | None =
                          "framing": "<bos> prompt | ' ' + choice (no <eos>)"}}
 
 
-def item_rows(key: str, examples: Sequence[Example], scored: ScoredItems) -> list[dict]:
-    """One JSON-ready dict per item: its choices' scores, errors (None: unknown, one sample)
-    and how each was scored."""
-    return [{"task": key, "item": i, "label": ex.label, "choices": list(ex.choices),
-             "loglik": scored.scores[i], "se": [None if math.isnan(e) else e for e in scored.errors[i]],
-             "exact": scored.exact[i]}
-            for i, ex in enumerate(examples)]
-
-
-def _run_perplexity(model, tok, spec: TaskSpec, texts, *, max_len: int, asked: int, mask_prob: float,
-                    replace: bool, seed: int, batch_size: int, nelbo: bool, progress: bool) -> dict:
-    probe = mlm_perplexity(model, tok, texts, max_len=max_len, mask_prob=mask_prob, replace=replace,
-                           seed=seed, batch_size=batch_size, nelbo=nelbo, progress=progress)
-    metrics = {k: probe[k] for k in ("perplexity", "nelbo_perplexity") if k in probe}
-    title = spec.source if spec.source.startswith("hf://") else Path(spec.source).name
-    return {"kind": "perplexity", "title": title,
-            "source": spec.source, "n": probe["n_masked"], "metrics": metrics,
-            "n_tokens": probe["n_tokens"], "n_blocks": probe["n_blocks"],
-            "settings": {"max_len": asked, "block_len": probe["block_len"],
-                         "clamped_to_context": max_len < asked,
-                         "mask_prob": mask_prob, "mask_count": "floor(p*n + 0.5) per block",
-                         "mlm_replace_80_10_10": replace, "mask_logit": "kept (as HF run_mlm)",
-                         "framing": "tokenizer post-processor per document", "seed": seed,
-                         "nelbo": "linear schedule, one t per block, / non-special tokens"}}
-
-
 # ----------------------------------------------------------------------------- tables
-
-
 def _error(result: dict | None, metric: str) -> float | None:
-    """The metric's total standard error, if the result has one (results before error bars do not)."""
+    """The metric's total standard error, if the result has one."""
     return ((result or {}).get("errors") or {}).get(metric, {}).get("se")
 
 
@@ -496,14 +429,11 @@ def _cell(result: dict | None, metric: str, first: dict | None = None) -> str:
     value = result["metrics"][metric]
     if metric.endswith("perplexity"):
         return f"{value:.2f}"
-    text, error = f"{100 * value:.2f}", _error(result, metric)
-    if error is not None:
-        text += f" ± {100 * error:.2f}"
-    if first is not None and first is not result and metric in first.get("metrics", {}):
-        other = _error(first, metric)
-        if error is not None and other is not None and \
-                abs(value - first["metrics"][metric]) < math.hypot(error, other):
-            text += " ≈"
+    error, other = _error(result, metric), _error(first, metric)
+    text = f"{100 * value:.2f}" + ("" if error is None else f" ± {100 * error:.2f}")
+    if first is not None and first is not result and metric in first.get("metrics", {}) and error is not None \
+            and other is not None and abs(value - first["metrics"][metric]) < math.hypot(error, other):
+        text += " ≈"
     return text
 
 
@@ -520,11 +450,8 @@ def _average(tasks: dict, keys: Sequence[str], metric: str) -> str:
 
 
 def markdown_tables(columns: Sequence[tuple[str, dict]], metric: str = "acc") -> str:
-    """Table 4 shape: the first run's multiple-choice tasks as rows, one column per run, the
-    average last (a column missing some rows says over how many); perplexity tasks in a table
-    of their own. Multiple-choice cells read `value ± standard error`; a compared run's cell
-    ends in `≈` when it differs from this run's by less than their combined error.
-    `columns`: [(header, results["tasks"]), ...]."""
+    """Table 4 shape: the first run's multiple-choice tasks as rows, one column per run (`columns`:
+    [(header, results["tasks"]), ...]), the average last; perplexity tasks in a table of their own."""
     lines: list[str] = []
     first = columns[0][1]  # rows: the tasks of the first column (this run)
     ppl_keys = [k for k, r in first.items() if r["kind"] == "perplexity"]

@@ -2,16 +2,11 @@
 
 A task is a row -> (prompt, choices, label) renderer plus its hub source and metrics. The
 prompts, choices and metrics follow CETVEL's lm-evaluation-harness task files (KUIS-AI/CETVEL,
-state of 2025-07-29); the same tasks ship as lm-eval YAML files in `minidiff/evaluation/lm_eval_tasks/`
-(see `LM_EVAL_TASK_DIR`), and tests check that both render every row identically.
+state of 2025-07-29); the same tasks ship as lm-eval YAML files in `LM_EVAL_TASK_DIR`, and tests
+check that both render every row identically. Metrics: acc and acc_norm everywhere; IronyTR adds
+f1 (binary, of "Evet", lm-eval's default f1), News_Cat macro_f1 (CETVEL's utils.py).
 
     task = TASKS["ironytr"]; example = task.render({"text": "...", "label": 1})
-    example.prompt, example.choices, example.label
-
-Metrics per task (CETVEL's metric lists):
-    acc, acc_norm        every task
-    f1                   IronyTR: binary F1 of the label "Evet" (index 1), lm-eval's default f1
-    macro_f1             News_Cat: unweighted mean of per-class F1 (CETVEL's utils.py)
 """
 from __future__ import annotations
 
@@ -24,6 +19,15 @@ from minidiff.errors import UserError
 
 # the lm-eval task files of the 7 tasks (pass as include_path / --include_path)
 LM_EVAL_TASK_DIR = Path(__file__).resolve().parent / "lm_eval_tasks"
+IRONY_CHOICES = ("Hayır", "Evet")
+NEWS_CHOICES = ("spor", "magazin", "siyaset", "sağlık", "ekonomi")
+# the hub dataset's English label names, in choice order (CETVEL's utils.py maps them to 0..4)
+NEWS_LABELS = ("sport", "magazine", "politics", "health", "economy")
+NLI_CHOICES = ("TUTARLI", "ALAKASIZ", "ÇELİŞKİLİ")  # entailment 0, neutral 1, contradiction 2
+NO_GOLD = -1  # nli_tr's label of a pair its annotators did not agree on
+STS_CHOICES = ("Benzerlik Yok", "Düşük Benzerlik", "Orta Benzerlik", "Yüksek Benzerlik",
+               "Çok Yüksek Benzerlik", "Mantıksal Olarak Aynı")
+XCOPA_CONNECTORS = {"cause": "çünkü", "effect": "bu yüzden"}
 
 
 @dataclass(frozen=True)
@@ -43,7 +47,7 @@ class TaskDef:
     name: str                       # --task name
     title: str                      # row name in the table (the paper's spelling)
     hub: str                        # hub dataset id, config, split (for the record)
-    hub_uri: str                    # what data.read_rows is given when no file is passed
+    hub_uri: str                    # what readers.read_rows is given when no file is passed
     required: tuple[str, ...]       # columns every row must have
     render: Callable[[dict], Example]
     metrics: tuple[str, ...] = ("acc", "acc_norm")
@@ -59,9 +63,7 @@ def _text(row: dict, key: str) -> str:
 
 def _index(value, choices: Sequence[str], key: str) -> int:
     """A label as a choice index: an int, a digit string (CSV), or the choice's own text."""
-    if isinstance(value, bool):
-        value = int(value)
-    if isinstance(value, float) and value.is_integer():
+    if isinstance(value, bool) or (isinstance(value, float) and value.is_integer()):
         value = int(value)
     if isinstance(value, str):
         text = value.strip()
@@ -106,8 +108,7 @@ def render_exams(row: dict) -> Example:
     if not isinstance(question, dict) or "stem" not in question or "choices" not in question:
         raise UserError("column 'question' should be an object with 'stem' and 'choices' "
                         "({'text': [...], 'label': [...]}) as in the exams dataset")
-    choices = question["choices"]
-    texts, labels = choices.get("text"), choices.get("label")
+    texts, labels = question["choices"].get("text"), question["choices"].get("label")
     if not isinstance(texts, list) or not isinstance(labels, list) or len(texts) != len(labels) or not texts:
         raise UserError("column 'question.choices' should hold equal-length lists 'text' and 'label'")
     key = str(row["answerKey"]).lstrip()
@@ -117,20 +118,10 @@ def render_exams(row: dict) -> Example:
     return Example(str(question["stem"]), tuple(str(t) for t in texts), label)
 
 
-IRONY_CHOICES = ("Hayır", "Evet")
-
-
 def render_irony(row: dict) -> Example:
     """`Cümle: {text}\\nSoru: Bu cümlede ironi var mı?\\n`; label 0 non-ironic (Hayır), 1 ironic."""
     prompt = f"Cümle: {_text(row, 'text')}\nSoru: Bu cümlede ironi var mı?\n"
     return Example(prompt, IRONY_CHOICES, _index(row["label"], IRONY_CHOICES, "label"))
-
-
-NEWS_CHOICES = ("spor", "magazin", "siyaset", "sağlık", "ekonomi")
-
-
-# the hub dataset's English label names, in choice order (CETVEL's utils.py maps them to 0..4)
-NEWS_LABELS = ("sport", "magazine", "politics", "health", "economy")
 
 
 def render_news(row: dict) -> Example:
@@ -143,25 +134,19 @@ def render_news(row: dict) -> Example:
     return Example(prompt, NEWS_CHOICES, _index(label, NEWS_CHOICES, "label"))
 
 
-NLI_CHOICES = ("TUTARLI", "ALAKASIZ", "ÇELİŞKİLİ")  # entailment 0, neutral 1, contradiction 2
-
-
-NO_GOLD = -1  # nli_tr's label of a pair its annotators did not agree on
+def _two_sentences(row: dict, first: str, second: str, question: str) -> str:
+    """The prompt MNLI_TR and STS_TR share: two quoted sentences, then the question."""
+    return (f"Aşağıda iki cümle verilmektedir:\n\nCümle 1: \"{_text(row, first)}\"\n"
+            f"Cümle 2: \"{_text(row, second)}\"\n\n{question}")
 
 
 def render_mnli(row: dict) -> Example:
     """Label 0..2, or -1 for the ~1.85% of pairs without a gold label: kept, as lm-eval keeps
     them (`{{label | int}}` = -1 matches no choice, so the item counts wrong)."""
-    prompt = ("Aşağıda iki cümle verilmektedir:\n\n"
-              f"Cümle 1: \"{_text(row, 'premise')}\"\nCümle 2: \"{_text(row, 'hypothesis')}\"\n\n"
-              "Bu iki cümle arasındaki ilişki nedir:")
+    prompt = _two_sentences(row, "premise", "hypothesis", "Bu iki cümle arasındaki ilişki nedir:")
     if str(row["label"]).strip() == str(NO_GOLD):
         return Example(prompt, NLI_CHOICES, NO_GOLD)
     return Example(prompt, NLI_CHOICES, _index(row["label"], NLI_CHOICES, "label"))
-
-
-STS_CHOICES = ("Benzerlik Yok", "Düşük Benzerlik", "Orta Benzerlik", "Yüksek Benzerlik",
-               "Çok Yüksek Benzerlik", "Mantıksal Olarak Aynı")
 
 
 def sts_bin(score: float) -> int:
@@ -170,9 +155,7 @@ def sts_bin(score: float) -> int:
 
 
 def render_sts(row: dict) -> Example:
-    prompt = ("Aşağıda iki cümle verilmektedir:\n\n"
-              f"Cümle 1: \"{_text(row, 'sentence1')}\"\nCümle 2: \"{_text(row, 'sentence2')}\"\n\n"
-              "Bu iki cümle arasında ne kadar benzerlik vardır:")
+    prompt = _two_sentences(row, "sentence1", "sentence2", "Bu iki cümle arasında ne kadar benzerlik vardır:")
     try:
         score = float(row["score"])
     except (TypeError, ValueError):
@@ -180,9 +163,6 @@ def render_sts(row: dict) -> Example:
     if not 0.0 <= score <= 5.0:
         raise UserError(f"column 'score' = {score} is outside the 0..5 similarity range")
     return Example(prompt, STS_CHOICES, sts_bin(score))
-
-
-XCOPA_CONNECTORS = {"cause": "çünkü", "effect": "bu yüzden"}
 
 
 def render_xcopa(row: dict) -> Example:
@@ -194,8 +174,7 @@ def render_xcopa(row: dict) -> Example:
     premise = _text(row, "premise").strip()
     premise = premise[:-1] if premise.endswith(".") else premise
     choices = tuple(c[:1].lower() + c[1:] for c in (_text(row, "choice1"), _text(row, "choice2")))
-    return Example(f"{premise} {XCOPA_CONNECTORS[question]}", choices,
-                   _index(row["label"], choices, "label"))
+    return Example(f"{premise} {XCOPA_CONNECTORS[question]}", choices, _index(row["label"], choices, "label"))
 
 
 def render_generic(row: dict) -> Example:
@@ -211,33 +190,27 @@ def render_generic(row: dict) -> Example:
 
 F1 = ("acc", "acc_norm", "macro_f1")  # News_Cat (and the default of mc_metrics)
 IRONY_METRICS = ("acc", "acc_norm", "f1")  # f1: binary, of label 1 ("Evet"), lm-eval's f1
+# hub, hub_uri and required columns of both Belebele tasks
+BELEBELE = ("facebook/belebele tur_Latn, test", "hf://datasets/facebook/belebele/data/tur_Latn.jsonl",
+            ("flores_passage", "question", "mc_answer1", "mc_answer2", "mc_answer3", "mc_answer4",
+             "correct_answer_num"))
 TASKS: dict[str, TaskDef] = {t.name: t for t in [
-    TaskDef("belebele_tr", "Belebele_TR", "facebook/belebele tur_Latn, test",
-            "hf://datasets/facebook/belebele/data/tur_Latn.jsonl",
-            ("flores_passage", "question", "mc_answer1", "mc_answer2", "mc_answer3", "mc_answer4",
-             "correct_answer_num"), render_belebele, paper=(27.00, 55.78)),
-    TaskDef("belebele_tr_cetvel", "Belebele_TR (CETVEL's prompt before 2024-12-10)", "facebook/belebele tur_Latn, test",
-            "hf://datasets/facebook/belebele/data/tur_Latn.jsonl",
-            ("flores_passage", "question", "mc_answer1", "mc_answer2", "mc_answer3", "mc_answer4",
-             "correct_answer_num"), render_belebele_cetvel),
+    TaskDef("belebele_tr", "Belebele_TR", *BELEBELE, render_belebele, paper=(27.00, 55.78)),
+    TaskDef("belebele_tr_cetvel", "Belebele_TR (CETVEL's prompt before 2024-12-10)", *BELEBELE, render_belebele_cetvel),
     TaskDef("exams_tr", "EXAMS_TR", "exams (mhardalov/exams) crosslingual_tr, validation",
             "hf://datasets/mhardalov/exams/crosslingual_tr/validation-00000-of-00001.parquet",
             ("question", "answerKey"), render_exams, paper=(27.74, 30.03)),
-    TaskDef("ironytr", "IronyTR", "mcemilg/IronyTR, validation",
-            "hf://datasets/mcemilg/IronyTR/val.csv", ("text", "label"), render_irony, IRONY_METRICS,
-            paper=(52.00, 52.17)),
-    TaskDef("news_cat", "News_Cat", "mcemilg/news-cat, test",
-            "hf://datasets/mcemilg/news-cat/test.jsonl", ("text", "label"), render_news, F1,
-            paper=(32.40, 81.20)),
+    TaskDef("ironytr", "IronyTR", "mcemilg/IronyTR, validation", "hf://datasets/mcemilg/IronyTR/val.csv",
+            ("text", "label"), render_irony, IRONY_METRICS, paper=(52.00, 52.17)),
+    TaskDef("news_cat", "News_Cat", "mcemilg/news-cat, test", "hf://datasets/mcemilg/news-cat/test.jsonl",
+            ("text", "label"), render_news, F1, paper=(32.40, 81.20)),
     TaskDef("mnli_tr", "MNLI_TR", "nli_tr (boun-tabi/nli_tr) multinli_tr, validation_matched",
             "hf://datasets/boun-tabi/nli_tr/multinli_tr/validation_matched-00000-of-00001.parquet",
             ("premise", "hypothesis", "label"), render_mnli, paper=(32.81, 36.42)),
-    TaskDef("sts_tr", "STS_TR", "emrecan/stsb-mt-turkish, test",
-            "hf://datasets/emrecan/stsb-mt-turkish/test.csv",
+    TaskDef("sts_tr", "STS_TR", "emrecan/stsb-mt-turkish, test", "hf://datasets/emrecan/stsb-mt-turkish/test.csv",
             ("sentence1", "sentence2", "score"), render_sts, paper=(18.78, 18.78)),
     TaskDef("xcopa_tr", "XCOPA_TR", "xcopa (cambridgeltl/xcopa) tr, test",
             "hf://datasets/cambridgeltl/xcopa/tr/test-00000-of-00001.parquet",
-            ("premise", "choice1", "choice2", "question", "label"), render_xcopa,
-            paper=(52.00, 64.20)),
+            ("premise", "choice1", "choice2", "question", "label"), render_xcopa, paper=(52.00, 64.20)),
 ]}
 GENERIC = TaskDef("mc", "mc", "user file", "", ("prompt", "choices", "label"), render_generic)
