@@ -114,9 +114,6 @@ def chat_prompt_ids(messages: list[dict], tokenizer) -> list[int]:
                                  add_special_tokens=False))
 
 
-# ----------------------------------------------------------------------------- the sampler's stop rules
-
-
 def _find_stop(tokenizer, ids: list[int], stop_strings) -> int | None:
     """Index into ids of the first token where any stop string begins (decoded text), or None."""
     text = tokenizer.decode(ids, skip_special_tokens=False)

@@ -43,9 +43,6 @@ class Examples:
     def __iter__(self):
         return (self._get(i) for i in range(len(self)))
 
-    def take(self, indices) -> "Take":
-        return Take(self, indices)
-
 
 def _doc(shard, d: int) -> np.ndarray:
     return np.asarray(shard.tokens[shard.offsets[d]:shard.offsets[d + 1]], dtype=np.int64)  # [len_d]

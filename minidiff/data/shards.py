@@ -109,9 +109,8 @@ class Shard:
 
 
 def _map(path: Path, dtype, count: int) -> np.ndarray:
-    if count == 0:  # np.memmap refuses an empty file
-        return np.zeros(0, dtype=dtype)
-    return np.memmap(path, dtype=dtype, mode="r", shape=(count,))
+    # np.memmap refuses an empty file
+    return np.memmap(path, dtype=dtype, mode="r", shape=(count,)) if count else np.zeros(0, dtype=dtype)
 
 
 def _read_manifest(path: Path) -> dict:
@@ -180,9 +179,7 @@ def read_entry(path: Path) -> Shard | None:
 
 
 def _ids_problem(blocks, vocab_size: int) -> str | None:
-    top = -1
-    for ids in blocks:
-        top = max(top, int(ids.max()))
+    top = max((int(ids.max()) for ids in blocks), default=-1)
     # every id < vocab_size (the embedding's rows)
     if top >= vocab_size:
         return f"tokens.bin holds token id {top}, not below the tokenizer's vocabulary size {vocab_size}"
@@ -362,10 +359,9 @@ def write_entry(identity: dict, tokenizer, target: Path, *, progress: bool = Fal
             bar.close()
             written = writer.close()
         _check_sources_unchanged(identity)
-        _check_not_empty(identity, writer.documents, problems, label)
         manifest = {**identity, "dtype": dtype.name, "vocab_size": tokenizer.vocab_size,
                     "documents": writer.documents, "tokens": writer.total, "skipped": len(problems),
-                    "read_summary": _read_summary(identity, writer.documents, problems),
+                    "read_summary": _read_summary(identity, writer.documents, problems, label),
                     "seconds": round(time.perf_counter() - started, 3), "files": written,
                     "entry_id": uuid.uuid4().hex}
         write_json(tmp / MANIFEST, manifest, indent=1, fsync=True)
@@ -385,22 +381,16 @@ def write_entry(identity: dict, tokenizer, target: Path, *, progress: bool = Fal
                         "remove it and run again") from None
 
 
-def _check_not_empty(identity: dict, documents: int, problems: list[str], label: str) -> None:
-    """The errors read_documents / read_rows raise when nothing is left."""
-    if documents:
-        return
+def _read_summary(identity: dict, documents: int, problems: list[str], label: str) -> str:
+    """What read_documents / read_rows would say of these sources, or raise when nothing is left."""
     files = [s["path"] for s in identity["sources"]]
+    rows, name = readers.Rows(problems=problems, files=files), label or ", ".join(files)
+    if not documents and identity["kind"] == "sft":
+        raise UserError(f"no rows found in {name} ({rows.summary(1)})")
+    if not documents:
+        raise readers.nothing_left(name, problems)
     if identity["kind"] == "sft":
-        raise UserError(f"no rows found in {label or ', '.join(files)} "
-                        f"({readers.Rows(problems=problems, files=files).summary(1)})")
-    raise readers.nothing_left(label or ", ".join(files), problems)
-
-
-def _read_summary(identity: dict, documents: int, problems: list[str]) -> str:
-    files = [s["path"] for s in identity["sources"]]
-    if identity["kind"] == "sft":
-        return readers.Rows(problems=problems, files=files).summary().replace(
-            "read 0 rows", f"read {documents:,} rows", 1)
+        return rows.summary().replace("read 0 rows", f"read {documents:,} rows", 1)
     return readers.ReadResult(texts=range(documents), problems=problems, files=files).summary()
 
 
