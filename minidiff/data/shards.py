@@ -537,7 +537,8 @@ def main(argv=None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("prepare", help="tokenise one training source into a shard directory")
     p.add_argument("--tokenizer", required=True, help="tokenizer directory (tokenizer.json), the model's")
-    p.add_argument("--data", required=True, nargs="+", help="files/directories forming ONE source (run once per source to mix)")
+    p.add_argument("--data", required=True, nargs="+",
+                   help="files/directories forming ONE source (run once per source to mix)")
     p.add_argument("--out", help="shard directory to write (default: the cache entry, printed)")
     p.add_argument("--overwrite", action="store_true", help="replace the shards of other data in --out")
     p.add_argument("--cache-dir", help=f"cache directory when no --out (default: {default_cache_dir()})")
