@@ -2,15 +2,12 @@
 
 References: dllm's `DataCollatorForSeq2Seq` padding for SFT (the padding is trained, so the
 model learns to end its answers); torch's DistributedSampler for the last batch of an epoch.
-docs/training.md, "Data".
+docs/training.md, "Data" ("Batches").
 
     batches = Batches(examples, 16, seed=0, rank=r, world_size=w,
                       collate=lambda b: collate_sft(b, tok.pad_id))
     batch = next(batches)          # input_ids [B, S], labels [B, S], maskable [B, S]
     state = batches.state_dict()   # the next batch's position: a resumed run continues there
-
-One global step takes batch_size * world_size examples; rank r takes the r-th contiguous slice,
-so the ranks of one step hold exactly the batch of one process with the global batch size.
 """
 from __future__ import annotations
 
@@ -25,9 +22,9 @@ from minidiff.errors import UserError
 
 
 def collate_cpt(batch: Sequence[Sequence[int]], pad_id: int, pad_to: int | None = None) -> dict:
-    """Right-pad to the longest sequence (or to `pad_to`): input_ids [B, S] long,
-    attention_mask [B, S] long, maskable [B, S] bool (= the real tokens). A batch with no
-    padding (packed rows) has attention_mask None, so attention runs unmasked (fused kernels)."""
+    """Right-pad to the longest sequence (or to `pad_to`): input_ids [B, S] long, attention_mask
+    [B, S] long (None without padding, as packed rows: attention runs unmasked), maskable [B, S]
+    bool (= the real tokens)."""
     length = max(len(seq) for seq in batch) if pad_to is None else pad_to
     input_ids = torch.full((len(batch), length), pad_id, dtype=torch.long)  # [B, S]
     attention_mask = torch.zeros((len(batch), length), dtype=torch.long)  # [B, S]
@@ -41,9 +38,8 @@ def collate_cpt(batch: Sequence[Sequence[int]], pad_id: int, pad_to: int | None 
 
 def collate_sft(batch: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int, eos_id: int | None = None,
                 *, fill: str = "pad", pad_to: int | None = None) -> dict:
-    """Right-pad (input_ids, labels) pairs to the longest (or to `pad_to`) with the pad token
-    (`fill="pad"`, what dllm's collator does with mmBERT's <pad>) or with eos (`fill="eos"`).
-    The padding is part of the labels (dllm: trained, so the model learns to end answers):
+    """Right-pad (input_ids, labels) pairs to the longest (or to `pad_to`) with pad (`fill="pad"`,
+    dllm's collator with mmBERT's <pad>) or eos (`fill="eos"`), in the labels too (trained):
     input_ids [B, S] long, labels [B, S] long (IGNORE on the prompt), maskable [B, S] bool =
     labels != IGNORE, attention_mask None (SFT attends to everything, padding included)."""
     if fill not in ("pad", "eos") or (fill == "eos" and eos_id is None):
@@ -61,16 +57,12 @@ def collate_sft(batch: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: in
 class Batches:
     """Deterministic, resumable, shardable batches over a sequence of examples; endless.
 
-    Epoch e visits the examples in a permutation drawn from (seed, e). Global step s of an
-    epoch takes positions [s * G, (s + 1) * G) of it, G = batch_size * world_size, and rank r
-    gets the contiguous slice [s * G + r * batch_size, s * G + (r + 1) * batch_size): the
-    ranks together see exactly the global batch of a single process with batch_size * G.
-    drop_last=True leaves out the last n % G examples of each epoch (a different few each
-    epoch); drop_last=False completes the last global batch with examples from the start of
-    the epoch's order (as torch's DistributedSampler does), so every batch has the same size.
-    `state_dict()` is the position of the next batch in global steps, so a run can resume
-    (even with another world size, as long as the global batch is the same).
-    """
+    Epoch e is a permutation drawn from (seed, e); global step s takes its positions
+    [s * G, (s + 1) * G), G = batch_size * world_size, rank r the r-th contiguous slice of
+    batch_size. drop_last=True leaves out the last n % G examples of each epoch; drop_last=False
+    completes the last global batch from the start of the epoch's order (as torch's
+    DistributedSampler does). `state_dict()` counts global steps, so a run resumes at any world
+    size with the same global batch."""
 
     def __init__(self, examples: Sequence, batch_size: int, *, seed: int = 0, rank: int = 0,
                  world_size: int = 1, drop_last: bool = True, collate: Callable | None = None):
@@ -84,8 +76,7 @@ class Batches:
         if steps == 0:
             raise UserError(f"only {n} examples: fewer than one global batch of {batch_size} x {world_size} "
                             "processes; lower --batch-size or add data")
-        self._steps = steps
-        self.epoch, self.step_in_epoch = 0, 0
+        self._steps, self.epoch, self.step_in_epoch = steps, 0, 0
         self._order_epoch, self._order = None, None
 
     @property

@@ -1,18 +1,13 @@
 """The chat format: template, SFT rendering, prompt ids, end of turn and stop strings.
 
 References: dllm's plain-text chat template for BERT-style models (what Diffutron's SFT used);
-Diffutron (arXiv 2603.20466: SFT on this template, and its dllm fork's stop strings). The
-markers are ordinary text, not special tokens, and a rendering holds no <bos>/<eos>:
+Diffutron (arXiv 2603.20466) and its dllm fork's stop strings. The markers are ordinary text,
+not special tokens, and a rendering holds no <bos>/<eos>:
 
     [SYS]\\n{system}\\n[/SYS]\\n\\n          (only when the first message is a system one)
     [Question]\\n{user}\\n[/Question]\\n\\n  (each user turn)
     [Answer]\\n{assistant}\\n[/Answer]\\n\\n (each assistant turn)
     [Answer]\\n                            (generation prompt, unless the last turn is the assistant's)
-
-    render_chat(messages)                          # the text above; Tokenizer.apply_chat_template
-    sft_messages(row, "alpaca")                    # an SFT row -> [{"role", "content"}, ...]
-    prompt, answer = render_sft(row, "alpaca", tok)  # prompt ends "[Answer]\\n"; answer ends "[/Answer]\\n\\n"
-    chat_prompt_ids(messages, tok)                 # the prompt's ids exactly as SFT training saw them
 
 The sampler's stop rules (`StopRules`, after each block) end an answer at END_OF_TURN, and with
 the fork's settings cut it at the first of FORK_STOP_STRINGS (sampler.py's presets), writing
@@ -117,9 +112,6 @@ def chat_prompt_ids(messages: list[dict], tokenizer) -> list[int]:
     no special tokens): what a sampler or scorer should feed the model."""
     return list(tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True),
                                  add_special_tokens=False))
-
-
-# ----------------------------------------------------------------------------- the sampler's stop rules
 
 
 def _find_stop(tokenizer, ids: list[int], stop_strings) -> int | None:

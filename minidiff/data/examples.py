@@ -2,15 +2,10 @@
 held-out split and SFT rows, computed with numpy on the document offsets; an example's ids are
 gathered from the memory map only when a batch asks for it.
 
-References: nanoGPT's memory-mapped token files (train.bin / np.memmap); the Diffutron paper
-(arXiv 2603.20466) for the drop rule, dllm's tokenize_and_group (insert_eos) for packing and
-its SFT collator for the labels. docs/training.md, "Examples as index views".
-- drop: `<bos> doc <eos>`, kept when it fits in max_len;
-- pack: `doc <eos> doc <eos> ...` cut into full max_len blocks, the last partial block left out;
-- SFT: prompt ids then answer ids, labels IGNORE on the prompt (never masked, no loss);
-- mixing and the held-out split draw from Python's random.Random(seed) on example indices.
-tests/data_oracle.py writes the same rules over Python lists; tests/test_shards.py checks that
-for the same data and seed both hold the same examples in the same order.
+References: nanoGPT's memory-mapped token files; the Diffutron paper (arXiv 2603.20466) for the
+drop rule, dllm's tokenize_and_group (insert_eos) for packing and its SFT collator for the labels.
+The rules and their equations: docs/training.md, "Examples as index views"; tests/data_oracle.py
+writes them over Python lists, and tests/test_shards.py holds the two equal, example for example.
 
     views = [PackExamples(shard, 512, eos_id=1) for shard in shards]
     train = mix(views, ratios=[0.7, 0.3], seed=0)          # a Take over a Concat
@@ -40,8 +35,7 @@ class Examples:
         raise NotImplementedError
 
     def __getitem__(self, i):
-        i = int(i)
-        n = len(self)
+        i, n = int(i), len(self)
         if not -n <= i < n:
             raise IndexError(f"example {i} of {n}")
         return self._get(i % n)
@@ -49,17 +43,13 @@ class Examples:
     def __iter__(self):
         return (self._get(i) for i in range(len(self)))
 
-    def take(self, indices) -> "Take":
-        return Take(self, indices)
-
 
 def _doc(shard, d: int) -> np.ndarray:
     return np.asarray(shard.tokens[shard.offsets[d]:shard.offsets[d + 1]], dtype=np.int64)  # [len_d]
 
 
 class DropExamples(Examples):
-    """`<bos> doc <eos>` (no bos when bos_id is None) of every non-empty document whose framed
-    length is <= max_len."""
+    """`<bos> doc <eos>` (no bos when bos_id is None) of every non-empty document that fits in max_len."""
 
     def __init__(self, shard, max_len: int, *, eos_id: int, bos_id: int | None = None):
         if max_len < 2:
@@ -80,16 +70,15 @@ class DropExamples(Examples):
 
 
 class PackExamples(Examples):
-    """Block b = positions [b * max_len, (b + 1) * max_len) of the stream `doc <eos> doc <eos>
-    ...` over the non-empty documents; only full blocks."""
+    """Block b = positions [b * max_len, (b + 1) * max_len) of the stream `doc <eos> doc <eos> ...`
+    over the non-empty documents; only full blocks."""
 
     def __init__(self, shard, max_len: int, *, eos_id: int):
         if max_len < 2:
             raise UserError(f"max_len={max_len} is too small; expected at least 2 tokens")
         self.shard, self.max_len, self.eos_id = shard, max_len, eos_id
-        lengths = shard.lengths
-        kept = np.flatnonzero(lengths > 0)  # [K] documents in the stream
-        self.lengths = lengths[kept]  # [K]
+        kept = np.flatnonzero(shard.lengths > 0)  # [K] documents in the stream
+        self.lengths = shard.lengths[kept]  # [K]
         self.token_start = np.asarray(shard.offsets[kept], dtype=np.int64)  # [K] where doc k starts in tokens.bin
         # stream_start[k] = sum_{j<k} (len_j + 1): each document is followed by one eos
         self.stream_start = np.concatenate([[0], np.cumsum(self.lengths + 1)[:-1]]).astype(np.int64)  # [K]
@@ -131,9 +120,8 @@ LONG_PROMPTS = ("drop", "cut")  # what happens to a row whose prompt alone fills
 
 class SFTExamples(Examples):
     """(input_ids, labels) of every row: prompt ids then answer ids right-truncated to max_len,
-    labels IGNORE on the prompt. A prompt of max_len tokens or more leaves no room for its answer:
-    long_prompts="drop" leaves the row out, "cut" keeps the prompt's last max_len // 2 tokens
-    (cut from the left, as evaluation fits a prompt to its context)."""
+    labels IGNORE on the prompt. A prompt of max_len tokens or more: long_prompts="drop" leaves
+    the row out, "cut" keeps the prompt's last max_len // 2 tokens."""
 
     def __init__(self, shard, max_len: int, long_prompts: str = "drop"):
         if long_prompts not in LONG_PROMPTS:
@@ -230,8 +218,8 @@ def mix_counts(sizes: Sequence[int], counts: Sequence[int] | None = None,
 def mix_indices(sizes: Sequence[int], counts: Sequence[int] | None = None,
                 ratios: Sequence[float] | None = None, seed: int = 0) -> np.ndarray:
     """Indices into the concatenation of sources of these sizes: count_i of source i (the whole
-    source count_i // size_i times, then a random.Random(seed) sample of the remainder, in
-    source order), all shuffled once with the same generator."""
+    source count_i // size_i times, then a random.Random(seed) sample of the rest, in order),
+    all shuffled once with the same generator."""
     counts = mix_counts(sizes, counts, ratios)
     rng = random.Random(seed)
     parts, start = [], 0

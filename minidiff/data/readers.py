@@ -2,9 +2,8 @@
 directories of them and hub datasets, one small reader per format.
 
 Nothing a reader cannot use stops the read: an invalid UTF-8 line, an empty document, a row
-without the field is skipped and listed as "FILE:LINE: what", so a user sees what was left out.
-A source that cannot be read at all (missing, unknown extension, unparseable JSON) and a
-source with nothing left are one sentence (UserError). docs/training.md, "Data".
+without the field is skipped and listed as "FILE:LINE: what". A source that cannot be read at
+all, or with nothing left, is one sentence (UserError). docs/training.md, "Data".
 
     docs = read_documents("wiki.txt")              # one document per line; per="file": per file
     print(docs.summary())                          # kept / skipped, with FILE:LINE
@@ -23,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+import huggingface_hub
+
 from minidiff.errors import UserError
 
 TEXT_EXTENSIONS = (".txt",)
@@ -33,7 +34,9 @@ HF_PREFIX = "hf://"
 _BAD_BYTES = re.compile("[\udc80-\udcff]")  # what surrogateescape makes of invalid UTF-8 bytes
 
 
-# ============================================================================ what a read returns
+def _listing(text: str, problems: list[str], show: int) -> str:
+    """`text`, then the first `show` problems, one per line."""
+    return "\n  ".join([text] + problems[:show] + (["..."] if len(problems) > show else []))
 
 
 @dataclass
@@ -51,7 +54,7 @@ class ReadResult:
             return text + "; nothing skipped"
         kinds = Counter(p.rsplit(": ", 1)[-1] for p in self.problems)
         text += f"; skipped {len(self.problems):,} (" + ", ".join(f"{n:,} {k}" for k, n in kinds.items()) + ")"
-        return "\n  ".join([text] + self.problems[:show] + (["..."] if len(self.problems) > show else []))
+        return _listing(text, self.problems, show)
 
 
 class Rows(list):
@@ -67,37 +70,33 @@ class Rows(list):
         text = f"read {len(self):,} rows from {len(self.files)} file(s)"
         if not self.problems:
             return text + "; nothing skipped"
-        text += f"; skipped {len(self.problems):,}"
-        return "\n  ".join([text] + self.problems[:show] + (["..."] if len(self.problems) > show else []))
+        return _listing(text + f"; skipped {len(self.problems):,}", self.problems, show)
 
 
-# ============================================================================ reading sources
+def nothing_left(name: str, problems: list[str]) -> UserError:
+    """The error of a CPT source `name` of which every line/row was skipped."""
+    first = f"; the first: {problems[0]}" if problems else ""
+    return UserError(f"no documents left in {name}: {len(problems):,} lines/rows were "
+                     f"skipped{first}; expected at least one non-empty document")
 
 
 def read_documents(source, *, field: str = "text", per: str = "line") -> ReadResult:
-    """Read text documents from `source`: a path, a list of paths, a directory (its supported
-    files, recursively, in sorted order) or `hf://datasets/ORG/NAME[/path]`.
-
-    .txt files give one document per line (`per="line"`, the default) or per file
-    (`per="file"`); .jsonl/.json/.csv/.parquet give one document per row, read from column
-    `field`. Invalid UTF-8 lines, empty documents and rows without `field` are skipped and
-    listed in `.problems` as "FILE:LINE: what". Raises UserError for a missing file, an
-    unknown extension, a file that cannot be parsed at all, or when nothing is left."""
+    """Text documents of `source` (see resolve_sources): .txt gives one per line (`per="line"`)
+    or per file (`per="file"`), a row file one per row, from column `field`. Skipped lines/rows
+    are listed in `.problems`; UserError when nothing is left."""
     if per not in ("line", "file", "row"):
         raise UserError(f"per={per!r} is not a document unit; expected 'line', 'file' or 'row'")
     paths = resolve_sources(source)
     result = ReadResult(files=[str(path) for path in paths])
     result.texts = list(iter_documents(paths, result.problems, field=field, per=per))
     if not result.texts:
-        first = f"; the first: {result.problems[0]}" if result.problems else ""
-        raise UserError(f"no documents left in {source_name(source)}: {len(result.problems):,} lines/rows were "
-                        f"skipped{first}; expected at least one non-empty document")
+        raise nothing_left(source_name(source), result.problems)
     return result
 
 
 def iter_documents(paths: Sequence[Path], problems: list[str], *, field: str = "text", per: str = "line"):
-    """The documents of these files in order, each file read by its format's reader (.txt one
-    line at a time); the skipped lines/rows are appended to `problems` as "FILE:LINE: what"."""
+    """The documents of these files in order, each read by its format's reader (.txt one line at
+    a time); the skipped lines/rows are appended to `problems` as "FILE:LINE: what"."""
     for path in paths:
         if path.suffix.lower() not in TEXT_EXTENSIONS:
             yield from _row_documents(path, field, problems)
@@ -127,18 +126,22 @@ def iter_rows(paths: Sequence[Path], problems: list[str]):
     return ((where, row) for path, read in zip(paths, readers) for where, row in read(path, problems))
 
 
+def _unsupported(name) -> UserError:
+    return UserError(f"{name} has an unsupported extension; expected one of {', '.join(SUPPORTED_EXTENSIONS)}")
+
+
 def _row_reader(path: Path):
     suffix = path.suffix.lower()
     if suffix in TEXT_EXTENSIONS:
         raise UserError(f"{path} is plain text; rows must come from a .jsonl, .json, .csv or .parquet file")
     if suffix not in ROW_READERS:
-        raise UserError(f"{path} has an unsupported extension; expected one of {', '.join(SUPPORTED_EXTENSIONS)}")
+        raise _unsupported(path)
     return ROW_READERS[suffix]
 
 
 def _row_documents(path: Path, field: str, problems: list[str]):
-    """The string `field` of each row of a row file; rows without it, with a non-string or an
-    empty value are reported in `problems` (FILE:ROW: what is wrong)."""
+    """The string `field` of each row of a row file; a row without it, or with a non-string or an
+    empty value, is a problem."""
     for where, row in _row_reader(path)(path, problems):
         value = row.get(field)
         if value is None:
@@ -152,8 +155,8 @@ def _row_documents(path: Path, field: str, problems: list[str]):
 
 
 def resolve_sources(source) -> list[Path]:
-    """The files a source names: a file, a directory (supported files, sorted), an hf:// id,
-    or a list of those. UserError for a missing path or an unsupported extension."""
+    """The files a source names: a file, a directory (its supported files, recursively, sorted,
+    hidden ones left out), `hf://datasets/ORG/NAME[/path]`, or a list of those."""
     if isinstance(source, (list, tuple)):
         if not source:
             raise UserError("no data source given; expected at least one file, directory or hf:// id")
@@ -167,20 +170,17 @@ def resolve_sources(source) -> list[Path]:
     if not path.exists():
         raise UserError(f"data file {path} does not exist")
     if path.suffix.lower() not in SUPPORTED_EXTENSIONS:
-        raise UserError(f"{path} has an unsupported extension; expected one of {', '.join(SUPPORTED_EXTENSIONS)}")
+        raise _unsupported(path)
     return [path]
 
 
 def _files_in(path: Path, name: str) -> list[Path]:
     if path.is_file():
         if path.suffix.lower() not in SUPPORTED_EXTENSIONS:
-            raise UserError(f"{name} has an unsupported extension; expected one of {', '.join(SUPPORTED_EXTENSIONS)}")
+            raise _unsupported(name)
         return [path]
-    files = sorted(
-        p for p in path.rglob("*")
-        if p.is_file() and p.suffix.lower() in SUPPORTED_EXTENSIONS
-        and not any(part.startswith(".") for part in p.relative_to(path).parts)
-    )
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in SUPPORTED_EXTENSIONS
+                   and not any(part.startswith(".") for part in p.relative_to(path).parts))
     if not files:
         raise UserError(f"{name} contains no {', '.join(SUPPORTED_EXTENSIONS)} files")
     return files
@@ -191,9 +191,6 @@ def source_name(source) -> str:
     return ", ".join(map(str, source)) if isinstance(source, (list, tuple)) else str(source)
 
 
-# ============================================================================ one reader per format
-
-
 def download_hub_dataset(uri: str) -> Path:
     """Download `hf://datasets/ORG/NAME[/path]` with huggingface_hub into its normal cache and
     return the local file or directory. UserError when the id is malformed or unreachable."""
@@ -201,8 +198,6 @@ def download_hub_dataset(uri: str) -> Path:
     if len(parts) < 3 or parts[0] != "datasets" or not parts[1] or not parts[2]:
         raise UserError(f"{uri} is not a hub dataset id; expected hf://datasets/ORG/NAME[/path/in/repo]")
     repo_id, inner = f"{parts[1]}/{parts[2]}", "/".join(parts[3:])
-    import huggingface_hub
-
     patterns = [inner, f"{inner}/*"] if inner else None
     try:
         local = huggingface_hub.snapshot_download(repo_id=repo_id, repo_type="dataset", allow_patterns=patterns)
@@ -216,36 +211,30 @@ def download_hub_dataset(uri: str) -> Path:
     return path
 
 
-def _lines(path: Path):
-    """(number, line) of each line of a file, read one at a time (memory independent of the
-    file size): split on "\\n" only; invalid UTF-8 bytes become lone surrogates (_BAD_BYTES)."""
+def _utf8_lines(path: Path, problems: list[str]):
+    """(number, line) of each valid UTF-8 line of a file, read one at a time (memory independent
+    of the file size) and split on "\\n" only; an invalid line is a problem instead."""
     with open(path, "rb") as handle:
         for number, raw in enumerate(handle, start=1):  # binary iteration splits on b"\n" only
-            yield number, raw.removesuffix(b"\n").decode("utf-8", errors="surrogateescape")
+            line = raw.removesuffix(b"\n").decode("utf-8", errors="surrogateescape")
+            if _BAD_BYTES.search(line):
+                problems.append(f"{path}:{number}: invalid UTF-8")
+            else:
+                yield number, line
 
 
 def txt_line_documents(path: Path, problems: list[str]):
     """.txt, one document per line ("\\r\\n" endings too); invalid UTF-8 and blank lines skipped."""
-    for number, line in _lines(path):
-        line = line.rstrip("\r")
-        if _BAD_BYTES.search(line):
-            problems.append(f"{path}:{number}: invalid UTF-8")
-        elif not line.strip():
-            problems.append(f"{path}:{number}: empty document")
+    for number, line in _utf8_lines(path, problems):
+        if line.rstrip("\r").strip():
+            yield line.rstrip("\r")
         else:
-            yield line
+            problems.append(f"{path}:{number}: empty document")
 
 
 def txt_file_document(path: Path, problems: list[str]):
     """.txt, the whole file as one document, less its invalid UTF-8 lines."""
-    kept = []
-    for number, line in _lines(path):
-        line = line.rstrip("\r")
-        if _BAD_BYTES.search(line):
-            problems.append(f"{path}:{number}: invalid UTF-8")
-        else:
-            kept.append(line)
-    text = "\n".join(kept)
+    text = "\n".join(line.rstrip("\r") for _, line in _utf8_lines(path, problems))
     if text.strip():
         yield text
     else:
@@ -254,22 +243,18 @@ def txt_file_document(path: Path, problems: list[str]):
 
 def jsonl_rows(path: Path, problems: list[str]):
     """.jsonl, one JSON object per line; blank lines are no rows."""
-    for number, line in _lines(path):
-        where = f"{path}:{number}"
-        if _BAD_BYTES.search(line):
-            problems.append(f"{where}: invalid UTF-8")
-            continue
+    for number, line in _utf8_lines(path, problems):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
-            problems.append(f"{where}: not valid JSON")
+            problems.append(f"{path}:{number}: not valid JSON")
             continue
-        if not isinstance(row, dict):
-            problems.append(f"{where}: not a JSON object")
-            continue
-        yield where, row
+        if isinstance(row, dict):
+            yield f"{path}:{number}", row
+        else:
+            problems.append(f"{path}:{number}: not a JSON object")
 
 
 def json_rows(path: Path, problems: list[str]):
@@ -291,11 +276,10 @@ def json_rows(path: Path, problems: list[str]):
     if not isinstance(data, list):
         raise UserError(f"{path} holds a JSON {type(data).__name__}; expected a list of objects")
     for index, row in enumerate(data, start=1):
-        where = f"{path}:item {index}"
         if isinstance(row, dict):
-            yield where, row
+            yield f"{path}:item {index}", row
         else:
-            problems.append(f"{where}: not a JSON object")
+            problems.append(f"{path}:item {index}: not a JSON object")
 
 
 def csv_rows(path: Path, problems: list[str]):
@@ -309,12 +293,11 @@ def csv_rows(path: Path, problems: list[str]):
     reader = csv.DictReader(io.StringIO(text, newline=""))
     start = 2
     for row in reader:
-        where = f"{path}:{start}"
-        start = reader.line_num + 1
+        where, start = f"{path}:{start}", reader.line_num + 1
         if any(_BAD_BYTES.search(v or "") for v in row.values() if isinstance(v, str)):
             problems.append(f"{where}: invalid UTF-8")
-            continue
-        yield where, {k: v for k, v in row.items() if k is not None}
+        else:
+            yield where, {k: v for k, v in row.items() if k is not None}
 
 
 def parquet_rows(path: Path, problems: list[str]):

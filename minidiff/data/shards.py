@@ -1,22 +1,17 @@
 """Token shards on disk: a corpus tokenised once into flat memory-mapped token files, kept in a
 cache that is either complete and verified or rebuilt.
 
-References: nanoGPT's data/*/prepare.py (one flat `train.bin` of uint16 token ids read back with
-`np.memmap`), Hugging Face datasets (an Arrow cache keyed by a fingerprint of the inputs).
-docs/training.md, "Token shards".
+References: nanoGPT's data/*/prepare.py (one flat `train.bin` of uint16 ids read with `np.memmap`),
+Hugging Face datasets (an Arrow cache keyed by a fingerprint of the inputs).
 
     python -m minidiff.data.shards prepare --tokenizer DIR --data wiki.txt --out shards/wiki
     shard = shards.open_source("wiki.txt", "cpt", {"field": "text", "per": "line"}, tok)  # cached
     shard.tokens, shard.offsets     # memmaps: document d is tokens[offsets[d]:offsets[d + 1]]
     shard.content_key               # what it was made from + what it holds: record it with a run
 
-An entry is one directory: tokens.bin (uint16 or uint32 ids, no special tokens), offsets.bin
-(int64 [documents + 1]), prompt_lengths.bin (SFT only) and manifest.json, written last (the
-sources, options and tokenizer, and each .bin file's size and BLAKE2b hash). It is written into
-a private temporary directory and published with one rename, under a lock so that concurrent
-processes tokenise once. Before a process uses an entry, `verify_entry` checks the hashes, the
-offsets' order, every id against the vocabulary and every prompt length; a cache entry that
-fails is rebuilt, a prepared directory refused. Every rule: docs/training.md ("Token shards").
+An entry is one directory: tokens.bin, offsets.bin, prompt_lengths.bin (SFT) and manifest.json,
+written last into a private temporary directory, published with one rename under a lock, and
+checked by `verify_entry` before use. The layout and every rule: docs/training.md ("Token shards").
 """
 from __future__ import annotations
 
@@ -68,13 +63,10 @@ def _file_names(kind: str) -> tuple[str, ...]:
     return ("tokens.bin", "offsets.bin") + (("prompt_lengths.bin",) if kind == "sft" else ())
 
 
-# ============================================================================ hashing
-
-
 def _blocks(path: Path, dtype, digest, chunk: int = READ_CHUNK):
     """The file as arrays of `dtype`, `chunk` bytes at a time, every byte also fed to `digest`.
-    One buffer is reused (read into, never mapped: a verified file adds nothing to the process's
-    resident memory), so each array is valid until the next one is yielded."""
+    One buffer is reused (read into, never mapped: verifying adds nothing to the resident memory),
+    so each array is valid until the next one is yielded."""
     dtype = np.dtype(dtype)
     buffer = bytearray(chunk)
     view = memoryview(buffer)
@@ -82,9 +74,6 @@ def _blocks(path: Path, dtype, digest, chunk: int = READ_CHUNK):
         while size := handle.readinto(view):  # full chunks until the last (BufferedReader)
             digest.update(view[:size])
             yield np.frombuffer(buffer, dtype=dtype, count=size // dtype.itemsize)
-
-
-# ============================================================================ reading an entry
 
 
 class EntryProblem(Exception):
@@ -111,8 +100,7 @@ class Shard:
 
     @property
     def content_key(self) -> str:
-        """`<key>-<hash of the files' hashes>`: what the entry was made from, then what it holds;
-        equal keys mean the same token ids, so a run records it and refuses to resume on other data."""
+        """`<key>-<hash of the files' hashes>`: what the entry was made from, then what it holds."""
         files = self.manifest["files"]
         # content = BLAKE2b("name:hash;name:hash..." over the entry's files, sorted by name)
         listing = ";".join(f"{name}:{files[name]['blake2b']}" for name in sorted(files))
@@ -121,9 +109,8 @@ class Shard:
 
 
 def _map(path: Path, dtype, count: int) -> np.ndarray:
-    if count == 0:  # np.memmap refuses an empty file
-        return np.zeros(0, dtype=dtype)
-    return np.memmap(path, dtype=dtype, mode="r", shape=(count,))
+    # np.memmap refuses an empty file
+    return np.memmap(path, dtype=dtype, mode="r", shape=(count,)) if count else np.zeros(0, dtype=dtype)
 
 
 def _read_manifest(path: Path) -> dict:
@@ -170,8 +157,7 @@ def load_entry(path: Path) -> Shard:
     if manifest.get("format_version") != FORMAT_VERSION:
         raise EntryProblem(f"it has shard format {manifest.get('format_version')}; this minidiff reads "
                            f"format {FORMAT_VERSION}")
-    sizes = _expected_sizes(manifest)
-    for name, size in sizes.items():
+    for name, size in _expected_sizes(manifest).items():
         try:
             actual = (path / name).stat().st_size
         except OSError:
@@ -192,13 +178,8 @@ def read_entry(path: Path) -> Shard | None:
         return None
 
 
-# ============================================================================ verifying an entry
-
-
 def _ids_problem(blocks, vocab_size: int) -> str | None:
-    top = -1
-    for ids in blocks:
-        top = max(top, int(ids.max()))
+    top = max((int(ids.max()) for ids in blocks), default=-1)
     # every id < vocab_size (the embedding's rows)
     if top >= vocab_size:
         return f"tokens.bin holds token id {top}, not below the tokenizer's vocabulary size {vocab_size}"
@@ -246,9 +227,6 @@ def verify_entry(entry: Shard, vocab_size: int) -> None:
             raise EntryProblem(problem)
 
 
-# ============================================================================ the cache key
-
-
 def tokenizer_hash(tokenizer) -> str:
     """Hash of tokenizer.json and the config files next to it (they decide ids and specials)."""
     file = Path(tokenizer.source)
@@ -267,11 +245,8 @@ def describe(source, kind: str, options: dict, tokenizer) -> dict:
     the tokenizer's hash; `key` is their hash."""
     if kind not in KINDS:
         raise UserError(f"shard kind {kind!r} is unknown; expected one of {', '.join(KINDS)}")
-    identity = {
-        "format_version": FORMAT_VERSION, "kind": kind, "options": dict(sorted(options.items())),
-        "sources": _source_files(readers.resolve_sources(source)),
-        "tokenizer": tokenizer_hash(tokenizer),
-    }
+    identity = {"format_version": FORMAT_VERSION, "kind": kind, "options": dict(sorted(options.items())),
+                "sources": _source_files(readers.resolve_sources(source)), "tokenizer": tokenizer_hash(tokenizer)}
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:32]
     return {**identity, "key": key}
 
@@ -281,13 +256,9 @@ def _check_sources_unchanged(identity: dict) -> None:
     tokenising: it changed while it was read, and the ids may mix its old and new content."""
     for source in identity["sources"]:
         path = Path(source["path"])
-        current = _source_files([path])[0] if path.is_file() else None
-        if current != source:
+        if (_source_files([path])[0] if path.is_file() else None) != source:
             raise UserError(f"{path} changed while it was being tokenised, so nothing was saved; "
                             "run again once it no longer changes")
-
-
-# ============================================================================ writing an entry
 
 
 def _batches(items, size=len):
@@ -341,8 +312,7 @@ class _Writer:
 
 
 def _write_cpt(files, options: dict, tokenizer, writer: _Writer, bar, problems: list[str]) -> None:
-    texts = readers.iter_documents(files, problems, field=options.get("field", "text"),
-                                   per=options.get("per", "line"))
+    texts = readers.iter_documents(files, problems, field=options.get("field", "text"), per=options.get("per", "line"))
     for batch in _batches(texts):
         writer.add(tokenize_documents(batch, tokenizer))
         bar.update(len(batch))
@@ -355,8 +325,7 @@ def _write_sft(files, options: dict, tokenizer, writer: _Writer, bar, problems: 
     fmt = options["format"]
     if fmt not in SFT_FORMATS:
         raise UserError(f"SFT format {fmt!r} is unknown; expected one of {', '.join(SFT_FORMATS)}")
-    rows = readers.iter_rows(files, problems)
-    for batch in _batches(rows, size=lambda pair: 1):
+    for batch in _batches(readers.iter_rows(files, problems), size=lambda pair: 1):
         texts = [render_sft(row, fmt, tokenizer, where) for where, row in batch]
         prompt_ids = tokenize_documents([p for p, _ in texts], tokenizer)
         full_ids = tokenize_documents([p + a for p, a in texts], tokenizer)
@@ -390,10 +359,9 @@ def write_entry(identity: dict, tokenizer, target: Path, *, progress: bool = Fal
             bar.close()
             written = writer.close()
         _check_sources_unchanged(identity)
-        _check_not_empty(identity, writer.documents, problems, label)
         manifest = {**identity, "dtype": dtype.name, "vocab_size": tokenizer.vocab_size,
                     "documents": writer.documents, "tokens": writer.total, "skipped": len(problems),
-                    "read_summary": _read_summary(identity, writer.documents, problems),
+                    "read_summary": _read_summary(identity, writer.documents, problems, label),
                     "seconds": round(time.perf_counter() - started, 3), "files": written,
                     "entry_id": uuid.uuid4().hex}
         write_json(tmp / MANIFEST, manifest, indent=1, fsync=True)
@@ -413,24 +381,16 @@ def write_entry(identity: dict, tokenizer, target: Path, *, progress: bool = Fal
                         "remove it and run again") from None
 
 
-def _check_not_empty(identity: dict, documents: int, problems: list[str], label: str) -> None:
-    """The errors read_documents / read_rows raise when nothing is left."""
-    if documents:
-        return
-    name = label or ", ".join(s["path"] for s in identity["sources"])
-    if identity["kind"] == "sft":
-        rows = readers.Rows(problems=problems, files=[s["path"] for s in identity["sources"]])
-        raise UserError(f"no rows found in {name} ({rows.summary(1)})")
-    first = f"; the first: {problems[0]}" if problems else ""
-    raise UserError(f"no documents left in {name}: {len(problems):,} lines/rows were "
-                    f"skipped{first}; expected at least one non-empty document")
-
-
-def _read_summary(identity: dict, documents: int, problems: list[str]) -> str:
+def _read_summary(identity: dict, documents: int, problems: list[str], label: str) -> str:
+    """What read_documents / read_rows would say of these sources, or raise when nothing is left."""
     files = [s["path"] for s in identity["sources"]]
+    rows, name = readers.Rows(problems=problems, files=files), label or ", ".join(files)
+    if not documents and identity["kind"] == "sft":
+        raise UserError(f"no rows found in {name} ({rows.summary(1)})")
+    if not documents:
+        raise readers.nothing_left(name, problems)
     if identity["kind"] == "sft":
-        return readers.Rows(problems=problems, files=files).summary().replace(
-            "read 0 rows", f"read {documents:,} rows", 1)
+        return rows.summary().replace("read 0 rows", f"read {documents:,} rows", 1)
     return readers.ReadResult(texts=range(documents), problems=problems, files=files).summary()
 
 
@@ -439,37 +399,16 @@ def _host() -> str:
 
 
 def _remove_dead_temporaries(folder: Path) -> None:
-    """Delete temporary directories (.tmp-NAME-HOST-PID-SUFFIX) of killed preparations on this
-    host: those whose pid is gone."""
+    """Delete the temporary directories (.tmp-NAME-HOST-PID-SUFFIX) of this host's dead processes."""
     host = _host()
     for tmp in folder.glob(".tmp-*"):
         parts = tmp.name.rsplit("-", 3)
-        if len(parts) != 4 or parts[1] != host or not parts[2].isdigit():
-            continue
-        if not pid_alive(int(parts[2])):
+        if len(parts) == 4 and parts[1] == host and parts[2].isdigit() and not pid_alive(int(parts[2])):
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _set_aside(folder: Path) -> None:
-    """Move `folder` out of the way under a temporary name (one rename), then delete it."""
-    aside = folder.parent / f".tmp-{folder.name}-{_host()}-{os.getpid()}-old{uuid.uuid4().hex[:8]}"
-    os.rename(folder, aside)
-    shutil.rmtree(aside, ignore_errors=True)
-
-
-# ============================================================================ the cache
 
 
 def _warn(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-def _verification_problem(entry: Shard, vocab_size: int) -> str | None:
-    try:
-        verify_entry(entry, vocab_size)
-    except EntryProblem as problem:
-        return str(problem)
-    return None
 
 
 def _find_or_write(identity: dict, folder: Path, tokenizer, *, damaged: str | None = None,
@@ -491,8 +430,10 @@ def _find_or_write(identity: dict, folder: Path, tokenizer, *, damaged: str | No
         if (entry is not None and entry.manifest.get("key") == identity["key"]
                 and (damaged is None or entry.manifest.get("entry_id") != damaged)):
             return entry, False
-        if folder.exists():
-            _set_aside(folder)
+        if folder.exists():  # set aside under a temporary name (one rename), then deleted
+            aside = folder.parent / f".tmp-{folder.name}-{_host()}-{os.getpid()}-old{uuid.uuid4().hex[:8]}"
+            os.rename(folder, aside)
+            shutil.rmtree(aside, ignore_errors=True)
         return write_entry(identity, tokenizer, folder, progress=progress, label=label), True
 
 
@@ -518,13 +459,11 @@ def _check_out_folder(folder: Path, identity: dict, overwrite: bool) -> None:
 
 def prepare(source, kind: str, options: dict, tokenizer, *, out=None, cache_dir=None, overwrite: bool = False,
             progress: bool = False, say=None) -> Shard:
-    """The entry for `source` (a path, directory or list of them: one training source): reused
-    from `out` or the cache (CACHE/<key>, key = describe's hash of what decides the contents)
-    when it is complete, its key matches and it passes verify_entry, else written now (a
-    damaged one is rebuilt, with a line on stderr). Concurrent callers take a lock (fcntl.flock
-    on .<entry>.lock) and tokenise once; each verifies the entry it finds outside the lock.
-    Temporary directories of dead (killed) preparations next to the entry are removed first.
-    `out` refuses a directory holding other shards unless `overwrite`."""
+    """The entry for `source` (one training source: a path, directory or list of them): reused
+    from `out` or the cache (CACHE/<describe's key>) when complete, of this key and passing
+    verify_entry, else written now (a damaged one rebuilt, with a line on stderr), under the
+    entry's lock. Dead preparations' temporaries are removed first; `out` refuses a directory
+    holding other shards unless `overwrite`."""
     identity = describe(source, kind, options, tokenizer)
     folder = Path(out).expanduser() if out is not None else Path(cache_dir or default_cache_dir()) / identity["key"]
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -534,14 +473,16 @@ def prepare(source, kind: str, options: dict, tokenizer, *, out=None, cache_dir=
     label = readers.source_name(source)
     entry, written = _find_or_write(identity, folder, tokenizer, progress=progress, label=label)
     while not written:  # found, not written by this call: verified before use
-        problem = _verification_problem(entry, tokenizer.vocab_size)
-        if problem is None:
-            if say is not None:
-                say(f"{label}: token shards found and verified, {folder}")
-            return entry
-        _warn(f"{folder}: {problem}; tokenising {label} again")
-        entry, written = _find_or_write(identity, folder, tokenizer, damaged=entry.manifest["entry_id"],
-                                        progress=progress, label=label)
+        try:
+            verify_entry(entry, tokenizer.vocab_size)
+        except EntryProblem as problem:
+            _warn(f"{folder}: {problem}; tokenising {label} again")
+            entry, written = _find_or_write(identity, folder, tokenizer, damaged=entry.manifest["entry_id"],
+                                            progress=progress, label=label)
+            continue
+        if say is not None:
+            say(f"{label}: token shards found and verified, {folder}")
+        return entry
     if say is not None:
         m = entry.manifest
         say(f"prepared {label}: {m['documents']:,} documents, {m['tokens']:,} tokens, "
@@ -581,15 +522,11 @@ def open_prepared(path, kind: str, options: dict, tokenizer) -> Shard:
 def open_source(source, kind: str, options: dict, tokenizer, *, cache_dir=None, progress: bool = False,
                 say=None) -> Shard:
     """A training source as a verified Shard: a prepared shard directory as is, anything else
-    through the cache. Under torchrun every process calls this: the entry's lock lets the first
-    one tokenise while the others wait on the lock (no barrier, so no timeout however long the
-    tokenising takes), then each verifies and maps the same files."""
+    through the cache. Under torchrun every process calls this: the first tokenises while the
+    others wait on the entry's lock (no barrier, so no timeout), then each verifies and maps it."""
     if is_shard_dir(source):
         return open_prepared(source, kind, options, tokenizer)
     return prepare(source, kind, options, tokenizer, cache_dir=cache_dir, progress=progress, say=say)
-
-
-# ============================================================================ command line
 
 
 def main(argv=None) -> int:
@@ -600,7 +537,8 @@ def main(argv=None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("prepare", help="tokenise one training source into a shard directory")
     p.add_argument("--tokenizer", required=True, help="tokenizer directory (tokenizer.json), the model's")
-    p.add_argument("--data", required=True, nargs="+", help="files/directories forming ONE source (run once per source to mix)")
+    p.add_argument("--data", required=True, nargs="+",
+                   help="files/directories forming ONE source (run once per source to mix)")
     p.add_argument("--out", help="shard directory to write (default: the cache entry, printed)")
     p.add_argument("--overwrite", action="store_true", help="replace the shards of other data in --out")
     p.add_argument("--cache-dir", help=f"cache directory when no --out (default: {default_cache_dir()})")

@@ -1,8 +1,7 @@
 """A thin wrapper over a `tokenizers.Tokenizer` (tokenizer.json): special ids, batching, chat text.
 
-References: mmBERT (arXiv 2509.06888: Gemma vocabulary, special ids). Wraps HF `tokenizers`;
-`apply_chat_template` renders dllm's plain-text template for BERT-style models, which lives in
-minidiff/data/chat.py.
+References: mmBERT (arXiv 2509.06888: Gemma vocabulary, special ids); HF `tokenizers`. The chat
+template is dllm's, in minidiff/data/chat.py.
 
     tok = load_tokenizer("jhu-clsp/mmBERT-base")     # or a directory holding tokenizer.json
     tok.mask_id, tok.pad_id, tok.eos_id, tok.bos_id  # 4, 0, 1, 2 for mmBERT
@@ -11,9 +10,8 @@ minidiff/data/chat.py.
     tokenize_documents(texts, tok)                    # ids of each document, no special tokens
     tok.apply_chat_template([{"role": "user", "content": "Soru?"}])   # "[Question]\\nSoru?\\n..."
 
-Special ids are looked up by their token strings (`<mask>` then `[MASK]`, ...), falling back
-to the names in tokenizer_config.json / special_tokens_map.json: in some Gemma-vocabulary
-files `<mask>` is an ordinary vocabulary entry, not flagged special.
+Special ids are found by their token strings (`<mask>`, `[MASK]`, ...), then by the config files'
+names: in some Gemma-vocabulary files `<mask>` is an ordinary vocabulary entry, not flagged special.
 """
 from __future__ import annotations
 
@@ -22,6 +20,8 @@ import os
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer as Backend
+from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from minidiff.data.chat import render_chat
 from minidiff.errors import UserError
@@ -32,22 +32,13 @@ TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json")
 # mmBERT's special tokens and their ids: <pad> 0, <eos> 1, <bos> 2, <unk> 3, <mask> 4
 MMBERT_RESERVED_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]
+ROLES = ("pad", "eos", "bos", "unk", "mask")
 # token strings tried for each role, in order, before the names the config files give
-CONVENTIONAL = {
-    "pad": ["<pad>", "[PAD]"],
-    "eos": ["<eos>", "</s>", "[SEP]"],
-    "bos": ["<bos>", "<s>", "[CLS]"],
-    "unk": ["<unk>", "[UNK]"],
-    "mask": ["<mask>", "[MASK]"],
-}
+CONVENTIONAL = {"pad": ["<pad>", "[PAD]"], "eos": ["<eos>", "</s>", "[SEP]"], "bos": ["<bos>", "<s>", "[CLS]"],
+                "unk": ["<unk>", "[UNK]"], "mask": ["<mask>", "[MASK]"]}
 # config-file keys that name each role (eos/bos fall back to sep/cls, as BERT-style files do)
-CONFIG_KEYS = {
-    "pad": ["pad_token"],
-    "eos": ["eos_token", "sep_token"],
-    "bos": ["bos_token", "cls_token"],
-    "unk": ["unk_token"],
-    "mask": ["mask_token"],
-}
+CONFIG_KEYS = {"pad": ["pad_token"], "eos": ["eos_token", "sep_token"], "bos": ["bos_token", "cls_token"],
+               "unk": ["unk_token"], "mask": ["mask_token"]}
 
 
 def _token_string(value) -> str | None:
@@ -65,23 +56,19 @@ class Tokenizer:
         self.config = dict(config or {})  # merged tokenizer_config.json + special_tokens_map.json
         self.source = source
         self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
-        self.pad_token, self.pad_id = self._lookup("pad")
-        self.eos_token, self.eos_id = self._lookup("eos")
-        self.bos_token, self.bos_id = self._lookup("bos")
-        self.unk_token, self.unk_id = self._lookup("unk")
-        self.mask_token, self.mask_id = self._lookup("mask")
+        for role in ROLES:  # self.pad_token, self.pad_id, ..., self.mask_token, self.mask_id
+            token, token_id = self._lookup(role)
+            setattr(self, f"{role}_token", token)
+            setattr(self, f"{role}_id", token_id)
         if self.mask_id is None:
-            raise UserError(
-                f"{source} has no mask token (looked for <mask>, [MASK] and a mask_token in "
-                "tokenizer_config.json); a masked diffusion model needs one"
-            )
+            raise UserError(f"{source} has no mask token (looked for <mask>, [MASK] and a mask_token in "
+                            "tokenizer_config.json); a masked diffusion model needs one")
         if self.pad_id is None:  # pad with eos when the vocabulary has no pad token
             self.pad_token, self.pad_id = self.eos_token, self.eos_id
         if self.pad_id is None:
             raise UserError(f"{source} has neither a pad nor an eos token; batches cannot be padded")
         flagged = {i for i, added in backend.get_added_tokens_decoder().items() if added.special}
-        roles = {self.pad_id, self.eos_id, self.bos_id, self.unk_id, self.mask_id}
-        self.special_ids = flagged | {i for i in roles if i is not None}
+        self.special_ids = flagged | {getattr(self, f"{role}_id") for role in ROLES} - {None}
 
     def _lookup(self, role: str) -> tuple[str | None, int | None]:
         """(token string, id) for a role: conventional strings first, then the config files'."""
@@ -99,11 +86,8 @@ class Tokenizer:
         return (f"Tokenizer({self.source}, vocab_size={self.vocab_size}, pad={self.pad_id}, eos={self.eos_id}, "
                 f"bos={self.bos_id}, unk={self.unk_id}, mask={self.mask_id})")
 
-    # ------------------------------------------------------------------ text <-> ids
-
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        """Token ids; with add_special_tokens the file's post-processor frames them (mmBERT:
-        `<bos> ... <eos>`)."""
+        """Token ids; with add_special_tokens framed by the file's post-processor (mmBERT: `<bos> ... <eos>`)."""
         if not isinstance(text, str):
             raise TypeError(f"encode expects a str, got {type(text).__name__}")
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
@@ -111,19 +95,14 @@ class Tokenizer:
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         """Text of `ids` (a list or a 1-D tensor); special ids (incl. an unflagged <mask>) dropped
         when skip_special_tokens."""
-        if torch.is_tensor(ids):
-            ids = ids.tolist()
-        ids = [int(i) for i in ids]
+        ids = [int(i) for i in (ids.tolist() if torch.is_tensor(ids) else ids)]
         if skip_special_tokens:
             ids = [i for i in ids if i not in self.special_ids]
         return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def batch_encode(self, texts, add_special_tokens: bool = True, max_length: int | None = None):
-        """(ids, attention_mask), LongTensors [B, S], right-padded with pad_id to the longest row.
-
-        max_length truncates each text on the right, keeping the framing tokens (the content
-        is cut so that content + specials fit).
-        """
+        """(ids, attention_mask), LongTensors [B, S], right-padded with pad_id to the longest row;
+        max_length cuts each text's content on the right so that content + framing tokens fit."""
         if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
             raise TypeError("batch_encode expects a list of str")
         specials = 0
@@ -147,20 +126,15 @@ class Tokenizer:
             attention_mask[b, : len(row)] = 1
         return ids, attention_mask
 
-    # ------------------------------------------------------------------ chat
-
     def apply_chat_template(self, messages, add_generation_prompt: bool = True) -> str:
         """dllm's plain-text template, as transformers' method of the same name: see chat.render_chat."""
         return render_chat(messages, add_generation_prompt)
 
-    # ------------------------------------------------------------------ files
-
     def save(self, directory) -> Path:
         """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json to `directory`."""
         directory = Path(directory)
-        special = {f"{role}_token": token for role, token in
-                   [("pad", self.pad_token), ("eos", self.eos_token), ("bos", self.bos_token),
-                    ("unk", self.unk_token), ("mask", self.mask_token)] if token is not None}
+        special = {f"{role}_token": getattr(self, f"{role}_token") for role in ROLES
+                   if getattr(self, f"{role}_token") is not None}
         write_text(directory / TOKENIZER_FILE, self.backend.to_str() + "\n")  # each file atomically
         write_json(directory / "tokenizer_config.json", {**self.config, **special})
         write_json(directory / "special_tokens_map.json", special)
@@ -186,8 +160,6 @@ def _read_json(file: Path) -> dict:
 
 def load_tokenizer(name_or_path, revision: str | None = None) -> Tokenizer:
     """A Tokenizer from a directory holding tokenizer.json (or that file itself, or a hub id)."""
-    from tokenizers import Tokenizer as Backend
-
     path = Path(os.path.expanduser(str(name_or_path)))
     if path.is_file():
         file, directory = path, path.parent
@@ -211,25 +183,17 @@ def load_tokenizer(name_or_path, revision: str | None = None) -> Tokenizer:
 
 def train_tokenizer(texts, vocab_size: int, out_dir=None) -> Tokenizer:
     """Train a small byte-fallback BPE with mmBERT's layout (<pad> 0, <eos> 1, <bos> 2, <unk> 3,
-    <mask> 4; spaces as "▁"; framing `<bos> $A <eos>`), e.g. for the CPU demo.
-
-    vocab_size counts everything: the 5 specials, the learned pieces and the 256 byte pieces
-    `<0x00>`..`<0xFF>` (ordinary vocabulary entries, as in Gemma's file, appended after
-    training). A tiny corpus can give fewer; an alphabet larger than the budget gives more.
-    Written to `out_dir` (tokenizer.json + configs) when given.
-    """
-    from tokenizers import Tokenizer as Backend
-    from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
-
+    <mask> 4; spaces as "▁"; framing `<bos> $A <eos>`), e.g. for the CPU demo; saved to `out_dir`
+    when given. vocab_size counts the 5 specials, the learned pieces and the 256 byte pieces
+    `<0x00>`..`<0xFF>` (ordinary entries, as in Gemma's file); a tiny corpus can give fewer."""
     texts = list(texts)
     if not texts:
         raise UserError("train_tokenizer needs at least one text")
     backend = Backend(models.BPE(unk_token="<unk>", byte_fallback=True))
     backend.normalizer = normalizers.Replace(" ", "▁")
     backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
-    backend.decoder = decoders.Sequence(
-        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
-    )
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(" ", 1, 0)])
     trainer = trainers.BpeTrainer(vocab_size=max(vocab_size - 256, len(MMBERT_RESERVED_TOKENS)),
                                   special_tokens=MMBERT_RESERVED_TOKENS, show_progress=False)
     backend.train_from_iterator(texts, trainer)
@@ -241,9 +205,7 @@ def train_tokenizer(texts, vocab_size: int, out_dir=None) -> Tokenizer:
     backend = Backend.from_str(json.dumps(spec))
     bos, eos = MMBERT_RESERVED_TOKENS.index("<bos>"), MMBERT_RESERVED_TOKENS.index("<eos>")
     backend.post_processor = processors.TemplateProcessing(
-        single="<bos> $A <eos>", pair="<bos> $A <eos> $B <eos>",
-        special_tokens=[("<bos>", bos), ("<eos>", eos)],
-    )
+        single="<bos> $A <eos>", pair="<bos> $A <eos> $B <eos>", special_tokens=[("<bos>", bos), ("<eos>", eos)])
     config = {"pad_token": "<pad>", "eos_token": "<eos>", "bos_token": "<bos>", "unk_token": "<unk>",
               "mask_token": "<mask>", "model_max_length": 8192}
     tok = Tokenizer(backend, config, source="trained tokenizer")
