@@ -34,3 +34,13 @@ def test_no_pointers_to_documents_outside_the_repository():
     hits = [f"{f.relative_to(ROOT)}:{n}: {line.strip()}" for f in files if f.is_file()
             for n, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1) if pointer.search(line)]
     assert not hits, "\n".join(hits)
+
+
+def test_the_reading_order_names_every_module():
+    """README's reading order names each module of the package (and each script) as it now stands."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    reading = readme[readme.index("## Reading order"):readme.index("| equation | code |")]
+    modules = [p for p in (ROOT / "minidiff").rglob("*.py") if p.name != "__init__.py" and "lm_eval_tasks" not in p.parts]
+    missing = [str(p.relative_to(ROOT)) for p in modules if f"`{p.name}`" not in reading]
+    scripts = [p.name for p in ROOT.glob("*.py") if f"`{p.name}`" not in reading]
+    assert not missing and not scripts, (missing, scripts)
