@@ -242,3 +242,14 @@ def test_packing_swaps_a_models_linears_and_unpacking_restores_them():
     wide = tiny_model(0).double()  # float64: no oneDNN layout to pack into
     assert pack_weights(wide) == 0
     assert all(type(m) is nn.Linear for m in wide.modules() if isinstance(m, nn.Linear))
+
+
+def test_weights_off_the_cpu_stay_plain_linear_layers():
+    """A model whose weights are not on the CPU (the meta device stands in for CUDA here) is left
+    exactly as built: nothing packed, every layer a plain nn.Linear, so its product is F.linear's."""
+    from helpers import tiny_model
+
+    model = tiny_model().to("meta")
+    assert pack_weights(model) == 0
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(type(m) is torch.nn.Linear for m in linears)
