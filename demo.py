@@ -64,7 +64,7 @@ class DemoConfig:
     cpt_steps: int = 2000
     cpt_batch_size: int = 16
     cpt_lr: float = 2e-3
-    cpt_warmup: int = 0              # linear warm-up steps of pre-training (0: 5% of cpt_steps)
+    cpt_warmup: int = 800            # linear warm-up steps of pre-training (docs/benchmarks.md, the sweep)
     cpt_min_lr_ratio: float = 0.1    # pre-training's final lr, as a fraction of cpt_lr
     sft_epochs: float = 20.0
     sft_batch_size: int = 16
@@ -88,7 +88,7 @@ HELP = {
     "samples": "answers sampled at the end", "new_tokens": "tokens per sampled answer",
     "block_length": "block length of the sampler", "progress": "show progress bars",
     "long": "the longer run for those who wait: 4 x --cpt-steps and --cpt-warmup (docs/benchmarks.md)",
-    "cpt_warmup": "linear warm-up steps of pre-training (0: 5%% of --cpt-steps)",
+    "cpt_warmup": "linear warm-up steps of pre-training (0: 5%% of --cpt-steps; a short one stalls, docs/training.md)",
     "cpt_min_lr_ratio": "the final learning rate of pre-training's cosine, as a fraction of --cpt-lr",
 }
 
@@ -245,11 +245,12 @@ def run_script(script: str, argv: list[str], config: DemoConfig) -> None:
 def pretrain(out: Path, split: Split, config: DemoConfig) -> Path:
     """train_cpt.py on the training speeches from the fresh config in base/: full, packed blocks."""
     cpt_dir, steps = out / "cpt", config.cpt_steps
+    warmup = ["--warmup", str(config.cpt_warmup)] if config.cpt_warmup else ["--warmup-ratio", "0.05"]
     run_script("train_cpt.py", [
         "--from-scratch", str(out / "base" / "config.json"), "--full", "--data", str(split.train_file),
         "--out", str(cpt_dir), "--pack", "--max-len", str(config.max_len), "--batch-size", str(config.cpt_batch_size),
         "--max-steps", str(steps), "--lr", str(config.cpt_lr), "--min-lr", str(config.cpt_lr * config.cpt_min_lr_ratio),
-        *(["--warmup", str(config.cpt_warmup)] if config.cpt_warmup else ["--warmup-ratio", "0.05"]), "--weight-decay", "0.01", "--eval-data", str(split.held_file),
+        *warmup, "--weight-decay", "0.01", "--eval-data", str(split.held_file),
         "--eval-every", str(max(1, steps // 4)), "--save-every", str(max(1, steps // 2)),
         "--keep-last", "1", "--log-every", str(max(1, steps // 30)), "--loss-norm", "token"], config)
     return cpt_dir

@@ -156,7 +156,8 @@ def sft_report(views: Sequence[SFTExamples]) -> SFTReport:
         for name in ("rows", "kept", "dropped_prompt_too_long", "cut_prompt_too_long", "truncated"):
             setattr(report, name, getattr(report, name) + getattr(view.report, name))
     if not report.kept:
-        raise UserError(f"all {report.rows:,} SFT rows were dropped: every prompt is >= max_len={report.max_len} tokens")
+        raise UserError(f"all {report.rows:,} SFT rows were dropped: "
+                        f"every prompt is >= max_len={report.max_len} tokens")
     return report
 
 
