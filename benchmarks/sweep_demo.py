@@ -7,13 +7,14 @@ the seconds of each stage.
 
 Cells change one thing at a time around a centre: pre-training's warm-up, its peak and final
 learning rate, the batch size (steps scaled to the same number of tokens) and width x depth
-(steps scaled to the centre's seconds of pre-training, from a short timing run of each shape made
-back to back in the same sweep). Everything else is the demo's default.
+(steps scaled to the centre's seconds per pre-training step, from the trainer's tokens per second
+in a short run of each shape made back to back in the same sweep). Everything else is the demo's default.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -40,6 +41,7 @@ CELLS = {  # name -> changes to the centre
     **SHAPES,
 }
 TIMING_STEPS = 150
+DEMO_MAX_LEN = 64  # tokens per pre-training row (demo.py --max-len)
 
 
 def run_demo(out: Path, settings: dict) -> dict:
@@ -51,10 +53,14 @@ def run_demo(out: Path, settings: dict) -> dict:
 
 
 def seconds_per_step(out: Path, settings: dict) -> float:
-    """Seconds per pre-training step of this shape, from a short demo run."""
+    """Seconds per pre-training step of this shape: the trainer's median tokens/s over a short demo
+    run (process start-up and data preparation left out)."""
     short = {**settings, "cpt_steps": TIMING_STEPS, "cpt_warmup": 10, "sft_epochs": 1, "infill_snippets": 1,
              "samples": 1}
-    return run_demo(out, short)["seconds"]["pre-training"] / TIMING_STEPS
+    run_demo(out, short)
+    rows = [json.loads(line) for line in (out / "cpt" / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    tokens_per_second = statistics.median(r["tokens_per_s"] for r in rows if "tokens_per_s" in r)
+    return settings["cpt_batch_size"] * DEMO_MAX_LEN / tokens_per_second
 
 
 def equal_time_steps(out: Path, names) -> dict[str, int]:

@@ -22,7 +22,7 @@ def loss_curve(metrics_path: Path) -> dict:
 
 
 def render_summary(s: dict) -> str:
-    ppl, cpt, sft = s["perplexity"], s["cpt_curve"]["eval"], s["sft_curve"]["eval"]
+    ppl, cpt, sft, data = s["perplexity"], s["cpt_curve"]["eval"], s["sft_curve"]["eval"], s["sft_data"]
     lines = [
         f"# minidiff demo ({s['parameters']:,} parameters, vocabulary {s['vocab_size']:,}, "
         f"{s['total_seconds']:.0f} s)",
@@ -35,11 +35,13 @@ def render_summary(s: dict) -> str:
         "",
         *render_infill(s["infill"]),
         "",
-        f"Instruction tuning, held-out pairs, NELBO loss: {sft[0][1]:.3f} -> {sft[-1][1]:.3f}. "
-        f"A model of {s['parameters']:,} parameters trained for minutes on a CPU learns Turkish spelling, "
-        "not meaning: expect letters, not answers, below.",
+        f"Instruction tuning on all {data['rows']:,} pairs ({data['cut_prompt_too_long']:,} prompts cut from the left "
+        f"to {data['max_len'] // 2} tokens, {data['truncated']:,} answers cut at {data['max_len']} tokens, "
+        f"{data['dropped_prompt_too_long']:,} dropped). Held-out pairs, NELBO loss: {sft[0][1]:.3f} (the pre-trained "
+        f"model) -> {sft[-1][1]:.3f}. A model of {s['parameters']:,} parameters trained for minutes on a CPU learns "
+        "Turkish spelling, not meaning: expect letters, not answers, below.",
         "",
-        "| question | answer (greedy, block sampler) | reference |",
+        "| question | answer (Diffutron's diffutron-short settings, seeded) | reference |",
         "|---|---|---|",
     ]
 
@@ -96,8 +98,9 @@ def render_infill(infill: dict) -> list[str]:
 
 
 def draw_picture(summary: dict, path: Path) -> str | None:
-    """The pre-training loss curve beside the example's denoising, as a PNG at `path`, when
-    matplotlib is importable (the "plot" extra); returns the file name, or None without it."""
+    """The pre-training loss curve, the infilling accuracy against both baselines and the
+    example's denoising, as a PNG at `path`, when matplotlib is importable (the "plot" extra);
+    returns the file name, or None without it."""
     try:  # optional: the demo runs without matplotlib (which brings Pillow)
         import matplotlib
 
@@ -106,8 +109,10 @@ def draw_picture(summary: dict, path: Path) -> str | None:
         from PIL import Image
     except ImportError:
         return None
-    fig, (curve, canvas) = plt.subplots(1, 2, figsize=(12, 4.2), dpi=110, gridspec_kw={"width_ratios": [1, 2.2]})
+    fig, (curve, bars, canvas) = plt.subplots(1, 3, figsize=(16, 4.2), dpi=110,
+                                              gridspec_kw={"width_ratios": [1, 1, 2.2]})
     draw_loss_curve(curve, summary)
+    draw_infill_bars(bars, summary["infill"]["rows"])
     draw_denoising(canvas, summary["infill"]["example"])
     fig.tight_layout()
     fig.canvas.draw()
@@ -116,6 +121,24 @@ def draw_picture(summary: dict, path: Path) -> str | None:
     with files.atomic_path(path) as tmp:  # 128 colours: a third of the bytes
         pixels.quantize(colors=128, method=Image.Quantize.FASTOCTREE).save(tmp, format="PNG", optimize=True)
     return path.name
+
+
+def draw_infill_bars(ax, rows: list[dict]) -> None:
+    """Accuracy on the masked characters per masking: most frequent character, bigram, model."""
+    kinds = [("most_frequent", "most frequent char", "#bbbbbb"), ("bigram", "bigram, both neighbours", "#dd8452"),
+             ("model", "model, one char per step", "#4c72b0")]
+    x = np.arange(len(rows))
+    for k, (key, label, colour) in enumerate(kinds):
+        values = [100 * row[key] for row in rows]
+        ax.bar(x + (k - 1) * 0.27, values, 0.27, color=colour, label=label)
+        for xi, v in zip(x + (k - 1) * 0.27, values):
+            ax.text(xi, v + 0.8, f"{v:.0f}", ha="center", fontsize=7)
+    ax.set_xticks(x, [row["masking"].replace(", 20% of the words", "").replace("random characters, ", "random ")
+                      for row in rows], fontsize=8)
+    ax.set_ylim(0, 1.4 * max(100 * row["model"] for row in rows))  # room for the legend above the bars
+    ax.set_ylabel("masked characters right (%)")
+    ax.set_title("held-out infilling, 128 snippets")
+    ax.legend(frameon=False, fontsize=8, loc="upper right")
 
 
 def draw_loss_curve(ax, summary: dict) -> None:
