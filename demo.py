@@ -88,7 +88,8 @@ HELP = {
     "samples": "answers sampled at the end", "new_tokens": "tokens per sampled answer",
     "block_length": "block length of the sampler", "progress": "show progress bars",
     "long": "the longer run for those who wait: 4 x --cpt-steps and --cpt-warmup (docs/benchmarks.md)",
-    "cpt_warmup": "linear warm-up steps of pre-training (0: 5%% of --cpt-steps; a short one stalls, docs/training.md)",
+    "cpt_warmup": "linear warm-up steps of pre-training, at most 40%% of --cpt-steps (0: 5%%; a short one stalls, "
+                  "docs/training.md)",
     "cpt_min_lr_ratio": "the final learning rate of pre-training's cosine, as a fraction of --cpt-lr",
 }
 
@@ -245,7 +246,9 @@ def run_script(script: str, argv: list[str], config: DemoConfig) -> None:
 def pretrain(out: Path, split: Split, config: DemoConfig) -> Path:
     """train_cpt.py on the training speeches from the fresh config in base/: full, packed blocks."""
     cpt_dir, steps = out / "cpt", config.cpt_steps
-    warmup = ["--warmup", str(config.cpt_warmup)] if config.cpt_warmup else ["--warmup-ratio", "0.05"]
+    # at most 40% of the run (the default's share), so a short --cpt-steps still has a warm-up that fits
+    warmup = min(config.cpt_warmup, 2 * steps // 5)
+    warmup = ["--warmup", str(warmup)] if warmup else ["--warmup-ratio", "0.05"]
     run_script("train_cpt.py", [
         "--from-scratch", str(out / "base" / "config.json"), "--full", "--data", str(split.train_file),
         "--out", str(cpt_dir), "--pack", "--max-len", str(config.max_len), "--batch-size", str(config.cpt_batch_size),
