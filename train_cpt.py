@@ -7,6 +7,7 @@ mmBERT (2509.06888). Matches dllm's BERT pre-training recipe. Reader's page: doc
     python train_cpt.py --preset diffutron-cpt --model jhu-clsp/mmBERT-base --data ... --out runs/cpt
     torchrun --nproc_per_node=8 train_cpt.py ...                  # data parallel, same global batch
     python train_cpt.py ... --resume                              # continue from the newest checkpoint
+    torchrun --max-restarts=3 train_cpt.py ... --resume auto      # that, or a fresh start if there is none
 
 LoRA (r=256, alpha=256, dropout 0.05 on Wqkv, Wo, Wi) by default, `--full` for full fine-tuning.
 Each document is framed `<bos> doc <eos>` and dropped when longer than --max-len (the paper), or
@@ -26,7 +27,7 @@ from minidiff.data import examples, shards
 from minidiff.data.batches import collate_cpt
 from minidiff.errors import UserError, run_cli
 from minidiff.training import cli as train_cli
-from minidiff.training.trainer import DATA, MAY_DIFFER
+from minidiff.training.resume import DATA, MAY_DIFFER
 
 
 @dataclass

@@ -25,7 +25,7 @@ from minidiff.data.batches import collate_sft
 from minidiff.data.chat import SFT_FORMATS
 from minidiff.errors import UserError, run_cli
 from minidiff.training import cli as train_cli
-from minidiff.training.trainer import DATA, MAY_DIFFER
+from minidiff.training.resume import DATA, MAY_DIFFER
 
 
 @dataclass

@@ -1,20 +1,13 @@
 """What a verified checkpoint costs: save and verification time per GB, beside the disk's bounds.
 
-References: none (plumbing); the checkpoint format is minidiff/training/state.py's.
+References: none (plumbing); the format is minidiff/training/state.py's. Findings:
+docs/benchmarks.md ("Verification: checkpoints and token shards").
 
     python benchmarks/bench_checkpoint.py                  # 54.1M trainable parameters (mmBERT-base, LoRA r=256)
     python benchmarks/bench_checkpoint.py --params 100000  # smoke size
     python benchmarks/bench_checkpoint.py --json checkpoint.json  # the figures as JSON too
 
-The trainable parameters are those of LoRA r=256 on mmBERT-base's 22 layers (A and B of Wqkv,
-Wo, Wi and the MLP's Wo), fp32, with AdamW's two moments filled by one step, so a checkpoint is
-what a Diffutron CPT run writes every --save-every steps. Measured in this process:
-- save: train_state.begin_checkpoint + write_rng + finish_checkpoint (safetensors, torch.save,
-  state.json, fsync of every file, hashing every file for checkpoint.json, rename);
-- verify: train_state.verify_checkpoint (reads and hashes every file; the resume's check);
-- bounds in the same run: writing the same number of bytes with one np.ndarray.tofile + fsync
-  (sequential write), and hashing them (hashlib.blake2b over the file, the verify's floor).
-Each time is the median of --repeats runs; the page cache is warm for the read-side figures.
+Bounds, measured in the same run: the same bytes written with one tofile + fsync, and BLAKE2b over them.
 """
 from __future__ import annotations
 
@@ -29,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import MMBERT_BASE, add_flags, banner, timed, use_threads, write_results
+from common import MMBERT_BASE, banner, parse, seconds, table_head, write_results
 
 from minidiff import optim
 from minidiff.plumbing import files
@@ -54,7 +47,7 @@ def lora_model(params: int, r: int = 256) -> torch.nn.Module:
 
 
 def median_seconds(fn, repeats: int) -> float:
-    return statistics.median(timed(fn)[1] for _ in range(repeats))
+    return statistics.median(seconds(fn, None, repeats))
 
 
 def main(argv=None) -> int:
@@ -62,10 +55,7 @@ def main(argv=None) -> int:
     p.add_argument("--params", type=int, default=54_067_200, help="trainable parameters (default: LoRA r=256)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dir", help="where to write (default: a temporary directory)")
-    add_flags(p)
-    args = p.parse_args(argv)
-    use_threads(args.threads)
-
+    args = parse(p, argv)
     model = lora_model(args.params)
     for q in model:
         q.grad = torch.randn_like(q)
@@ -104,14 +94,13 @@ def main(argv=None) -> int:
         shutil.rmtree(work, ignore_errors=True)
 
     gb = nbytes / 1e9
-    rows = [{"what": name, "seconds": seconds, "seconds_per_gb": seconds / gb, "gb_per_s": gb / seconds}
-            for name, seconds in [("save a verified checkpoint", save_s), ("verify it (resume's check)", verify_s),
+    rows = [{"what": name, "seconds": s, "seconds_per_gb": s / gb, "gb_per_s": gb / s}
+            for name, s in [("save a verified checkpoint", save_s), ("verify it (resume's check)", verify_s),
                                   ("bound: write the same bytes + fsync", write_s),
                                   ("bound: BLAKE2b of the file", hash_s), ("bound: BLAKE2b in memory", hashlib_s)]]
     print(f"# {args.params:,} trainable parameters, checkpoint {nbytes / 1e6:.1f} MB, median of {args.repeats}")
     print(f"# {banner()}")
-    print("| what | s | s per GB | GB/s |")
-    print("|---|---:|---:|---:|")
+    print(table_head("what", "s", "s per GB", "GB/s", right=3))
     for row in rows:
         print(f"| {row['what']} | {row['seconds']:.3f} | {row['seconds_per_gb']:.2f} | {row['gb_per_s']:.2f} |")
     write_results(args.json, {"params": args.params, "checkpoint_bytes": nbytes, "repeats": args.repeats,

@@ -1,7 +1,6 @@
 """Memory and speed of the CPT data path: token shards against the list-based pipeline.
 
-References: nanoGPT's tokenise-once, memory-map-everywhere data path, which minidiff.data.shards
-follows.
+References: nanoGPT's tokenise-once, memory-map-everywhere data path (minidiff.data.shards).
 
     python benchmarks/bench_data.py                              # 2M and 20M tokens, --pack, one step
     python benchmarks/bench_data.py --sizes 20000 60000          # smoke size
@@ -16,10 +15,8 @@ process; its peak RSS comes from os.wait4:
 - shards, cold cache: the first run tokenises into an empty cache;
 - shards, warm cache: a second run maps the cached shards.
 Growth per token = (peak RSS at the large size - at the small size) / (token difference).
-Also: tokenisation throughput of shards.prepare in this process (cold: writing the entry;
-warm: the cache check, which hashes the source) and the warm run's wall time from process start
-to the end of its first step. The reference and shard runs must log the same step-1 loss
-(same examples, same order), which the script asserts.
+Also: shards.prepare's tokens/s in this process (cold: writing; warm: the cache check) and the
+warm run's wall time to the end of step 1. Reference and shard runs must log the same step-1 loss.
 """
 from __future__ import annotations
 
@@ -121,10 +118,18 @@ def main() -> None:
     parser.add_argument("--no-reference", action="store_true", help="skip the list-pipeline runs")
     add_flags(parser, threads=1, threads_help="OMP threads of the training processes")
     args = parser.parse_args()
-
     work = Path(tempfile.mkdtemp(prefix="bench-data-"))
+    tok, tokens_per_word = setup(work, args.vocab)
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT)}
+    results = [measure_size(work, index, size, tok, tokens_per_word, args, env) for index, size in enumerate(args.sizes)]
+    report(results, args, tok)
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def setup(work: Path, vocab: int):
+    """A BPE tokenizer trained on the word list and a tiny model config, in `work`."""
     sample = [" ".join(np.random.default_rng(i).choice(WORDS, 40)) for i in range(400)]
-    tok = train_tokenizer(sample, args.vocab, work / "tok")
+    tok = train_tokenizer(sample, vocab, work / "tok")
     tokens_per_word = len(tok.encode(" ".join(sample), add_special_tokens=False)) / (40 * 400)
     config = ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                          num_attention_heads=2, max_position_embeddings=512, local_attention=16,
@@ -133,37 +138,41 @@ def main() -> None:
                          mask_token_id=tok.mask_id)
     (work / "config.json").write_text(json.dumps(config.to_dict()))
     (work / "reference.py").write_text(REFERENCE.format(tests=str(ROOT / "tests")))
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT)}
+    return tok, tokens_per_word
 
-    results = []
-    for index, size in enumerate(args.sizes):
-        corpus = work / f"corpus{index}.txt"
-        write_corpus(corpus, int(size), tokens_per_word, seed=index)
-        cache = work / f"cache{index}"
-        flags = ["--from-scratch", str(work / "config.json"), "--full", "--tokenizer", str(work / "tok"),
-                 "--data", str(corpus), "--pack", "--max-len", str(args.max_len), "--batch-size", str(args.batch_size),
-                 "--max-steps", "1", "--no-progress", "--shard-cache", str(cache)]
-        row = {"size": size}
 
-        def prepare():
-            return shards.prepare(corpus, "cpt", shards.cpt_options(), tok, cache_dir=work / f"throughput{index}")
+def measure_size(work: Path, index: int, size: float, tok, tokens_per_word: float, args, env) -> dict:
+    """One corpus size: tokenisation throughput, then the cold, warm and reference training processes."""
+    corpus = work / f"corpus{index}.txt"
+    write_corpus(corpus, int(size), tokens_per_word, seed=index)
+    cache = work / f"cache{index}"
+    flags = ["--from-scratch", str(work / "config.json"), "--full", "--tokenizer", str(work / "tok"),
+             "--data", str(corpus), "--pack", "--max-len", str(args.max_len), "--batch-size", str(args.batch_size),
+             "--max-steps", "1", "--no-progress", "--shard-cache", str(cache)]
+    row = {"size": size}
 
-        entry, cold = timed(prepare)
-        row["tokens"] = entry.manifest["tokens"]
-        row["cold_tok_s"] = row["tokens"] / cold
-        row["warm_tok_s"] = row["tokens"] / timed(prepare)[1]
-        row["cold_rss"], row["cold_s"], _ = run_measured([sys.executable, "train_cpt.py", *flags, "--out", str(work / f"cold{index}")], env)
-        row["warm_rss"], row["warm_s"], _ = run_measured([sys.executable, "train_cpt.py", *flags, "--out", str(work / f"warm{index}")], env)
-        loss = first_loss(work / f"warm{index}")
-        assert loss == first_loss(work / f"cold{index}")
-        if not args.no_reference:
-            row["ref_rss"], row["ref_s"], _ = run_measured(
-                [sys.executable, str(work / "reference.py"), *flags, "--out", str(work / f"ref{index}")], env)
-            assert loss == first_loss(work / f"ref{index}"), "the list pipeline and the shards trained on different data"
-        results.append(row)
-        print(f"{row['tokens']:,} tokens: " + ", ".join(f"{k} {v:.1f}" for k, v in row.items() if k not in ("size", "tokens")),
-              file=sys.stderr, flush=True)
+    def prepare():
+        return shards.prepare(corpus, "cpt", shards.cpt_options(), tok, cache_dir=work / f"throughput{index}")
 
+    entry, cold = timed(prepare)
+    row["tokens"] = entry.manifest["tokens"]
+    row["cold_tok_s"] = row["tokens"] / cold
+    row["warm_tok_s"] = row["tokens"] / timed(prepare)[1]
+    row["cold_rss"], row["cold_s"], _ = run_measured([sys.executable, "train_cpt.py", *flags, "--out", str(work / f"cold{index}")], env)
+    row["warm_rss"], row["warm_s"], _ = run_measured([sys.executable, "train_cpt.py", *flags, "--out", str(work / f"warm{index}")], env)
+    loss = first_loss(work / f"warm{index}")
+    assert loss == first_loss(work / f"cold{index}")
+    if not args.no_reference:
+        row["ref_rss"], row["ref_s"], _ = run_measured(
+            [sys.executable, str(work / "reference.py"), *flags, "--out", str(work / f"ref{index}")], env)
+        assert loss == first_loss(work / f"ref{index}"), "the list pipeline and the shards trained on different data"
+    print(f"{row['tokens']:,} tokens: " + ", ".join(f"{k} {v:.1f}" for k, v in row.items() if k not in ("size", "tokens")),
+          file=sys.stderr, flush=True)
+    return row
+
+
+def report(results: list[dict], args, tok) -> None:
+    """The table (growth per extra token between the two sizes) and the JSON."""
     small, large = results
     extra = large["tokens"] - small["tokens"]
     names = [("reference: Python lists", "ref")] * (not args.no_reference) + [
@@ -185,7 +194,6 @@ def main() -> None:
               f"cache check {row['warm_tok_s']:,.0f} tokens/s warm; warm run start to end of step 1: {row['warm_s']:.1f} s")
     write_results(args.json, {"settings": {k: getattr(args, k) for k in ("max_len", "batch_size", "vocab", "threads")},
                               "sizes": results, "pipelines": pipelines})
-    shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

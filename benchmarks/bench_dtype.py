@@ -1,42 +1,13 @@
 """bf16 against fp32 inference on this machine: speed at mmBERT-base shape, agreement on a trained model.
 
-References: minidiff/plumbing/device.py (what `--dtype bfloat16` means: bf16 weights, fp32 LayerNorms and
-residual stream, bf16 autocast); LLaDA (arXiv 2502.09992) for the sampler and the
-Monte-Carlo log-likelihood; mmBERT (2509.06888) for the shape. Findings: docs/benchmarks.md.
+References: minidiff/plumbing/device.py (what `--dtype bfloat16` means); LLaDA (arXiv 2502.09992);
+mmBERT (2509.06888). Findings and each workload: docs/benchmarks.md ("bf16 on the CPU").
 
     python benchmarks/bench_dtype.py --threads 1                 # speed, mmBERT-base shape (22 layers)
-    python benchmarks/bench_dtype.py --threads 1 --layers 4 --repeats 5
     python benchmarks/bench_dtype.py --model runs/demo/cpt --mc-data morphology_tr.jsonl   # agreement only
-    python benchmarks/bench_dtype.py --toy --model DIR --mc-data FILE                     # seconds
-    python benchmarks/bench_dtype.py --tokens-per-second --threads 1 --batches 1 8        # what a user feels
-    python benchmarks/bench_dtype.py --tokens-per-second --batches 1 --caches none dual --compile  # + torch.compile
-    python benchmarks/bench_dtype.py --toy --json dtype.json     # any of the above, the tables as JSON too
-
-Speed (random weights, the same in both precisions): each workload runs once per precision per
-repeat, fp32 and bf16 interleaved, so a busy moment of the machine hits both; the median is
-reported with fp32 time / bf16 time (> 1: bf16 is faster). The workloads:
-    decoder product   the vocabulary projection of one block, [32, H] x [H, V]
-    sampler step      `sampler.generate`, prompt 64, one block of 32, 4 steps: time / num_forward
-    scoring batch     `answers.mc_loglik_many`, 32 samples of a 48-token prompt + 16-token answer in one forward
-
-Tokens per second (--tokens-per-second, random weights): `generate` at temperature 0 on prompts
-of mixed lengths (16 to 64 tokens), --new-tokens answer tokens in as many steps, for each
---batches size x --caches (none / prefix / dual) x fp32 / bf16, eager and with --compile also
-compiled (`SamplerConfig.compile`: torch.compile of the step, logits over the whole block); one
-timed call each, after one short warm-up call per precision and cache (and, compiled, one
-untimed call that compiles for the shapes).
-
-Agreement (--model, a trained model directory), each run against fp32 with Monte-Carlo seed 0:
-bf16 (`--dtype bfloat16`), and two yardsticks for what a difference means: fp64 weights (how
-far fp32's own rounding moves the results) and fp32 with seed 1 (the Monte-Carlo noise).
-    greedy tokens     `generate` at temperature 0 (diffutron-short: 64 tokens, 64 steps, block 32,
-                      no stopping) on the first --num-prompts prompts of --mc-data; the fraction of
-                      committed tokens equal to fp32's, and of prompts equal throughout
-    log-likelihoods   `evaluation.score_examples` on the --mc-data rows (common random numbers):
-                      mean and max |loglik - loglik_fp32| over the choices, the fraction of rows
-                      whose argmax choice differs, and the accuracy
-    threshold         the same prompts with threshold decoding (--threshold, default 0.9): answer
-                      tokens committed per forward in each precision
+    python benchmarks/bench_dtype.py --tokens-per-second --batches 1 --caches none dual --compile
+    python benchmarks/bench_dtype.py --tokens-per-second --compile --device cuda   # gpu_check.sh --timings
+    python benchmarks/bench_dtype.py --toy --json dtype.json     # any of the above at a tiny shape, as JSON too
 """
 from __future__ import annotations
 
@@ -46,27 +17,24 @@ import statistics
 from contextlib import nullcontext
 
 import torch
-from common import add_flags, banner, mmbert_base, timed, tiny_shape, use_threads, write_results
+from common import banner, mmbert_base, parse, table_head, timed, tiny_shape, write_results
 
 import minidiff
+from minidiff.diffusion import DEFAULT_MC_SAMPLES
 from minidiff.errors import UserError, run_cli
 from minidiff.evaluation.answers import mc_loglik_many
 from minidiff.evaluation.scoring import choice_pairs, load_examples, parse_task, score_examples
 from minidiff.model import ModernBertMLM
-from minidiff.plumbing.device import inference_precision
-from minidiff.sampler import SamplerConfig
-from minidiff.speed.sampling import generate
+from minidiff.plumbing.device import check_available, enable_tf32, inference_precision, resolve_device
+from minidiff.speed.sampling import FastConfig, generate
 
 CPU = torch.device("cpu")
 PRECISIONS = ("float32", "bfloat16")
 
 
-def machine_line(packed: bool) -> str:
+def machine_line(packed: bool, device: torch.device = CPU) -> str:
     """The machine banner and the weights' layout, for every table."""
-    return f"{banner()}; {'packed weights' if packed else 'weights as stored'}"
-
-
-# ----------------------------------------------------------------------------- speed
+    return f"{banner(device)}; {'packed weights' if packed else 'weights as stored'}"
 
 
 def random_model_config(args):
@@ -74,12 +42,11 @@ def random_model_config(args):
     return tiny_shape() if args.toy else mmbert_base(num_hidden_layers=args.layers)
 
 
-def both_precisions(model: torch.nn.Module, pack: bool) -> dict:
-    """name -> (model, Precision): fp32 as given and a bf16 copy prepared as `--dtype bfloat16`,
-    both with packed weights if `pack` (as sample.py and evaluate.py by default)."""
+def both_precisions(model: torch.nn.Module, pack: bool, device: torch.device = CPU) -> dict:
+    """name -> (model, Precision): fp32 as given and a copy prepared as `--dtype bfloat16`, packed if `pack`."""
     models = {}
     for name in PRECISIONS:
-        precision = inference_precision(name, CPU, pack=pack)
+        precision = inference_precision(name, device, pack=pack)
         models[name] = (precision.prepare(copy.deepcopy(model) if name != "float32" else model), precision)
     return models
 
@@ -90,7 +57,7 @@ def workloads(model: ModernBertMLM, L: int = 32) -> dict:
     g = torch.Generator().manual_seed(1)
     x = torch.randn(L, config.hidden_size, generator=g)  # [32, H] one block's head outputs
     prompt = [config.bos_token_id] + torch.randint(5, config.vocab_size, (63,), generator=g).tolist()
-    sampler = SamplerConfig.preset("diffutron-long", temperature=0.0, stop_strings=(), stop_at_eos=False,
+    sampler = FastConfig.preset("diffutron-long", temperature=0.0, stop_strings=(), stop_at_eos=False,
                                    max_new_tokens=L, steps=4, block_length=L)
     mask, eos = config.mask_token_id, config.eos_token_id
 
@@ -126,17 +93,13 @@ def speed(args) -> dict:
                     times[job, name].append(seconds)
     print(f"\nbf16 vs fp32 speed, random weights, hidden {config.hidden_size}, {config.num_hidden_layers} layers, "
           f"vocabulary {config.vocab_size}; {machine_line(not args.no_packed_weights)}; median of {args.repeats} interleaved repeats\n")
-    print("| workload | fp32 ms | bf16 ms | fp32 / bf16 |")
-    print("|---|---|---|---|")
+    print(table_head("workload", "fp32 ms", "bf16 ms", "fp32 / bf16"))
     rows = []
     for job in jobs:
         fp32, bf16 = (statistics.median(times[job, name]) for name in PRECISIONS)
         rows.append({"workload": job, "fp32_ms": fp32 * 1e3, "bf16_ms": bf16 * 1e3, "fp32_over_bf16": fp32 / bf16})
         print(f"| {job} | {fp32 * 1e3:.1f} | {bf16 * 1e3:.1f} | {fp32 / bf16:.2f}x |")
     return {"config": config.to_dict(), "repeats": args.repeats, "rows": rows}
-
-
-# ----------------------------------------------------------------------------- tokens per second
 
 
 def mixed_prompts(config, batch: int, g: torch.Generator) -> list[list[int]]:
@@ -148,14 +111,15 @@ def mixed_prompts(config, batch: int, g: torch.Generator) -> list[list[int]]:
 
 @torch.no_grad()
 def tokens_per_second(args) -> dict:
-    """Answer tokens per second of `generate` for each batch size x cache x precision (x eager /
-    compiled with --compile), in one run."""
-    config = random_model_config(args)
+    """Answer tokens per second of `generate`, batch x cache x precision (x eager / compiled with --compile)."""
+    config, device = random_model_config(args), resolve_device(args.device)
+    check_available(device)
+    enable_tf32(device)
     torch.manual_seed(0)
-    models = both_precisions(ModernBertMLM(config).eval(), not args.no_packed_weights)
+    models = both_precisions(ModernBertMLM(config).eval(), not args.no_packed_weights, device)
     g = torch.Generator().manual_seed(2)
     prompts = {batch: mixed_prompts(config, batch, g) for batch in args.batches}
-    sampler = SamplerConfig.preset(args.preset, temperature=0.0, stop_strings=(), stop_at_eos=False,
+    sampler = FastConfig.preset(args.preset, temperature=0.0, stop_strings=(), stop_at_eos=False,
                                    max_new_tokens=args.new_tokens, steps=args.new_tokens)
     mask, eos = config.mask_token_id, config.eos_token_id
     for model, precision in models.values():  # warm-up: one short call per precision and cache
@@ -166,9 +130,8 @@ def tokens_per_second(args) -> dict:
     print(f"\ntokens per second, `generate`, random weights, hidden {config.hidden_size}, "
           f"{config.num_hidden_layers} layers, vocabulary {config.vocab_size}; {args.preset} at temperature 0 with "
           f"{args.new_tokens} new tokens in {args.new_tokens} steps, prompts of 16-64 tokens; "
-          f"{machine_line(not args.no_packed_weights)}\n")
-    print("| batch | cache | mode | forwards | fp32 tokens/s | bf16 tokens/s | bf16 / fp32 |")
-    print("|---|---|---|---|---|---|---|", flush=True)
+          f"{machine_line(not args.no_packed_weights, device)}\n")
+    print(table_head("batch", "cache", "mode", "forwards", "fp32 tokens/s", "bf16 tokens/s", "bf16 / fp32"), flush=True)
     rows = []
     for batch in args.batches:
         for cache in args.caches:
@@ -179,8 +142,9 @@ def tokens_per_second(args) -> dict:
                     with precision.autocast():
                         run = lambda: generate(model, prompts[batch], config_here, mask_id=mask, eos_id=eos)  # noqa: E731
                         if compiled:
+                            torch._dynamo.reset()  # each setting compiles cold, within its own recompile budget
                             run()  # compiles for these shapes (untimed)
-                        out, seconds = timed(run)
+                        out, seconds = timed(run, device)
                     cells.append(batch * args.new_tokens / seconds)
                 mode = "compiled" if compiled else "eager"
                 rows.append({"batch": batch, "cache": cache, "mode": mode, "forwards": out.num_forward,
@@ -188,9 +152,6 @@ def tokens_per_second(args) -> dict:
                 print(f"| {batch} | {cache} | {mode} | {out.num_forward} | {cells[0]:.1f} | {cells[1]:.1f} | "
                       f"{cells[1] / cells[0]:.2f}x |", flush=True)  # row by row: a long run shows its progress
     return {"config": config.to_dict(), "preset": args.preset, "new_tokens": args.new_tokens, "rows": rows}
-
-
-# ----------------------------------------------------------------------------- agreement
 
 
 # each run: (label, --dtype value or "float64", Monte-Carlo seed); each later run is compared with the first
@@ -211,7 +172,7 @@ def agreement(args) -> dict:
     every = load_examples(parse_task(f"mc:{args.mc_data}"))
     examples = every[: args.rows]  # scored; the greedy prompts come from the first rows whatever --rows says
     prompts = [choice_pairs(tok, ex)[0][0] for ex in every[: args.num_prompts]]  # <bos> + prompt ids
-    sampler = SamplerConfig.preset("diffutron-short", temperature=0.0, stop_strings=(), stop_at_eos=False)
+    sampler = FastConfig.preset("diffutron-short", temperature=0.0, stop_strings=(), stop_at_eos=False)
     answers, scores, per_forward = {}, {}, {}
     for label, dtype, seed in RUNS:
         model, context = load_in(args.model, dtype, not args.no_packed_weights)
@@ -226,9 +187,8 @@ def agreement(args) -> dict:
     print(f"\nbf16 vs fp32 agreement, {args.model} ({model.num_parameters():,} parameters), {len(prompts)} greedy "
           f"prompts x {sampler.max_new_tokens} tokens (diffutron-short, temperature 0), {len(examples)} rows of "
           f"{args.mc_data} ({args.mc_samples} samples per multi-token choice); {machine_line(not args.no_packed_weights)}\n")
-    print("| compared with fp32, seed 0 | greedy tokens equal | prompts all equal | mean / max abs loglik diff | "
-          "rows whose argmax flips | accuracy |")
-    print("|---|---|---|---|---|---|")
+    print(table_head("compared with fp32, seed 0", "greedy tokens equal", "prompts all equal",
+                     "mean / max abs loglik diff", "rows whose argmax flips", "accuracy"))
     reference = RUNS[0][0]
     rows = [{"run": label, "greedy": greedy_agreement(answers, reference, label),
              "scores": score_agreement(scores[reference], scores[label], examples)} for label, _, _ in RUNS]
@@ -282,7 +242,8 @@ def main(argv=None) -> int:
     p.add_argument("--model", help="a trained model directory: measure agreement (and skip speed unless --speed)")
     p.add_argument("--mc-data", help="with --model: rows {\"prompt\", \"choices\", \"label\"} to score and prompt from")
     p.add_argument("--num-prompts", type=int, default=10, help="greedy generations per precision (default 10)")
-    p.add_argument("--mc-samples", type=int, default=32, help="Monte-Carlo samples per multi-token choice")
+    p.add_argument("--mc-samples", type=int, default=DEFAULT_MC_SAMPLES,
+                   help=f"Monte-Carlo samples per multi-token choice (default {DEFAULT_MC_SAMPLES})")
     p.add_argument("--threshold", type=float, default=0.9, help="with --model: threshold decoding's confidence")
     p.add_argument("--rows", type=int, default=None, help="score only the first ROWS rows of --mc-data")
     p.add_argument("--speed", action="store_true", help="with --model: measure speed too")
@@ -295,15 +256,14 @@ def main(argv=None) -> int:
                    help="with --tokens-per-second: also the compiled sampler (torch.compile; each shape compiles once, untimed)")
     p.add_argument("--new-tokens", type=int, default=32, help="with --tokens-per-second: tokens per answer")
     p.add_argument("--preset", default="diffutron-short", help="with --tokens-per-second: the sampler preset")
-    add_flags(p)
-    args = p.parse_args(argv)
+    p.add_argument("--device", default="cpu", help="with --tokens-per-second: cpu (default), cuda or cuda:N")
+    args = parse(p, argv)
     if min(args.repeats, args.layers, args.num_prompts, args.mc_samples, args.rows or 1, args.new_tokens,
            *args.batches) < 1:
         raise UserError("--repeats, --layers, --num-prompts, --mc-samples, --rows, --new-tokens and --batches "
                         "must be at least 1.")
     if args.model and not args.mc_data:
         raise UserError("--model needs --mc-data FILE.jsonl (rows {\"prompt\", \"choices\", \"label\"}) to compare on.")
-    use_threads(args.threads)
     results = {}
     if args.tokens_per_second:
         results["tokens_per_second"] = tokens_per_second(args)

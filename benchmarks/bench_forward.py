@@ -1,21 +1,15 @@
 """minidiff vs transformers forward speed on the same weights (CPU by default), in one run.
 
-References: ModernBERT (arXiv 2412.13663); the reference is transformers'
-`ModernBertForMaskedLM` (modeling_modernbert, sdpa).
+References: ModernBERT (arXiv 2412.13663); the reference is transformers' `ModernBertForMaskedLM`.
+Findings: docs/benchmarks.md ("Forward pass at mmBERT-base shape").
 
     python benchmarks/bench_forward.py                      # mmBERT-small depth/width, vocab 32k, 4 x 512
     python benchmarks/bench_forward.py --vocab 256000 --batch 1   # the real vocabulary width
     python benchmarks/bench_forward.py --base --batch 1 --threads 1  # mmBERT-base: hidden 768, 12 heads, vocab 256k
     python benchmarks/bench_forward.py --json forward.json  # the table as JSON too
 
-Both models get the same random weights (mmBERT-small shape: hidden 384, 6 heads, 22 layers,
-intermediate 1152, local window 128, a global layer every 3; --base: mmBERT-base's hidden 768
-and 12 heads, vocabulary 256,000 unless --vocab says otherwise), transformers with
-attn_implementation="sdpa". Timings are interleaved (A, B, C, A, B, C, ...) after a warm-up and
-the median of the repeats is reported, so machine load drifts hit every variant alike.
-Printed: a markdown table of medians and ratios (transformers time / minidiff time; > 1 means
-minidiff is faster) for dense logits [B, S, V] and for `logits_at` on 15% of the positions (what
-training and sampling use) against transformers' dense output.
+Medians of interleaved repeats after a warm-up; speed-up = transformers' dense time / the variant's,
+for dense logits [B, S, V] and for `logits_at` on --frac of the positions.
 """
 from __future__ import annotations
 
@@ -24,23 +18,20 @@ import statistics
 
 import torch
 import transformers
-from common import MMBERT_BASE, add_flags, banner, mmbert_base, timed, use_threads, write_results
+from common import MMBERT_BASE, banner, interleaved, mmbert_base, parse, table_head, write_results
 
 from minidiff.model import ModernBertMLM
 
 
-def build(args):
-    small = {} if args.base else {"hidden_size": 384, "num_attention_heads": 6}  # mmBERT-small's width
-    config = mmbert_base(vocab_size=args.vocab, **small)
-    torch.manual_seed(0)
-    ours = ModernBertMLM(config).eval()
-    hf_config = transformers.ModernBertConfig(**config.to_dict())
-    hf_config._attn_implementation = args.attn
+def transformers_twin(ours: ModernBertMLM, attn: str = "sdpa") -> transformers.ModernBertForMaskedLM:
+    """transformers' ModernBertForMaskedLM with `ours`'s config and weights (the decoder tied)."""
+    hf_config = transformers.ModernBertConfig(**ours.config.to_dict())
+    hf_config._attn_implementation = attn
     hf = transformers.ModernBertForMaskedLM(hf_config)
     missing, unexpected = hf.load_state_dict(ours.state_dict(), strict=False)
     assert not unexpected and set(missing) <= {"decoder.weight"}, (missing, unexpected)
     hf.tie_weights()
-    return ours, hf.eval()
+    return hf
 
 
 def main():
@@ -53,12 +44,12 @@ def main():
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats per variant (median)")
     parser.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"], help="transformers attention")
     parser.add_argument("--padding", action="store_true", help="right-pad rows to 100%%, 90%%, 75%%, ... of seq")
-    add_flags(parser)
-    args = parser.parse_args()
+    args = parse(parser)
     args.vocab = args.vocab or (MMBERT_BASE["vocab_size"] if args.base else 32000)
-    use_threads(args.threads)
-
-    ours, hf = build(args)
+    small = {} if args.base else {"hidden_size": 384, "num_attention_heads": 6}  # mmBERT-small's width
+    torch.manual_seed(0)
+    ours = ModernBertMLM(mmbert_base(vocab_size=args.vocab, **small)).eval()
+    hf = transformers_twin(ours, args.attn).eval()
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(5, args.vocab, (args.batch, args.seq), generator=g)
     attention_mask = torch.ones_like(ids)
@@ -74,27 +65,21 @@ def main():
         "minidiff logits_at": lambda: ours(ids, attention_mask, logits_at=sel),
     }
     with torch.no_grad():
-        # correctness first: same numbers (fp32)
-        real = attention_mask.bool()
+        # correctness first (same numbers, fp32): also the warm-up
         want = variants["transformers dense"]()
-        diff = (variants["minidiff dense"]() - want)[real].abs().max().item()
+        diff = (variants["minidiff dense"]() - want)[attention_mask.bool()].abs().max().item()
         diff_at = (variants["minidiff logits_at"]() - want[sel]).abs().max().item()
         del want
-        times = {name: [] for name in variants}
-        for _ in range(args.repeats):
-            for name, run in variants.items():
-                times[name].append(timed(run)[1])  # the output is freed before the next variant runs
+        times = interleaved(variants, args.repeats, warmup=0)  # each output freed before the next variant runs
     med = {name: statistics.median(t) for name, t in times.items()}
-    ref = med["transformers dense"]
-    rows = [{"variant": name, "median_s": med[name], "min_s": min(times[name]), "speedup": ref / med[name]}
-            for name in variants]
-    shape = "mmBERT-base" if args.base else "mmBERT-small"
-    print(f"\nforward, no grad, fp32: B={args.batch} S={args.seq} V={args.vocab}, {shape} layers, "
+    rows = [{"variant": name, "median_s": med[name], "min_s": min(times[name]),
+             "speedup": med["transformers dense"] / med[name]} for name in variants]
+    print(f"\nforward, no grad, fp32: B={args.batch} S={args.seq} V={args.vocab}, "
+          f"{'mmBERT-base' if args.base else 'mmBERT-small'} layers, "
           f"transformers attn={args.attn}, padding={'yes' if args.padding else 'no'}; "
           f"logits_at on {sel.sum().item()} of {ids.numel()} positions; max |diff| dense {diff:.1e}, "
           f"logits_at {diff_at:.1e}; median of {args.repeats} interleaved repeats\n{banner()}\n")
-    print("| variant | median s | min s | speed-up vs transformers dense |")
-    print("|---|---|---|---|")
+    print(table_head("variant", "median s", "min s", "speed-up vs transformers dense"))
     for row in rows:
         print(f"| {row['variant']} | {row['median_s']:.3f} | {row['min_s']:.3f} | {row['speedup']:.2f}x |")
     write_results(args.json, {"settings": {k: getattr(args, k) for k in (

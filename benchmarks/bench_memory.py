@@ -1,25 +1,15 @@
 """Peak memory and step time of one LoRA CPT micro-batch: dense vocabulary logits vs the
 chunked linear + cross-entropy (minidiff.speed.chunked_loss), each measured in a fresh process.
 
-References: Liger-Kernel's fused linear cross-entropy (arXiv 2410.10989) and Cut
-Cross-Entropy (arXiv 2411.09009), the prior art for a loss without [N, V] logits.
+References: Liger-Kernel's fused linear cross-entropy (arXiv 2410.10989), Cut Cross-Entropy
+(2411.09009). Findings and the method: docs/benchmarks.md ("Vocabulary-loss memory").
 
     python benchmarks/bench_memory.py                      # hidden 768, vocab 256000, 2 layers, r=256
     python benchmarks/bench_memory.py --layers 4 --paths chunked
     python benchmarks/bench_memory.py --json memory.json   # the tables as JSON too
 
-Model: mmBERT-base's shape (hidden 768, 12 heads, intermediate 1152, the 256,000-token
-vocabulary) with few layers, LoRA r=alpha=256, dropout 0.05 on Wqkv, Wo, Wi, fp32 on the CPU.
-One micro-batch of B x S random ids at t = 0.5 (half the tokens masked), forward + backward:
-- dense (the reference, written here; what diffusion.nelbo_loss computes): the model's
-  logits [N, V] at the N masked rows, <mask> column removed, F.cross_entropy, the NELBO weight;
-- chunked: chunked_loss.nelbo_loss, which asks the model for the head features [N, H] and sweeps
-  the vocabulary chunk by chunk without ever holding [N, V].
-Each (path, batch) runs in its own process: after the model and data are built, the peak RSS
-is reset to the resident size (/proc/self/clear_refs), and the growth is ru_maxrss after one
-step minus that size. Growth per masked token is the slope between the two batch sizes, so
-fixed costs cancel. Both paths see the same masks; the script checks that their losses agree.
-The step time is measured in one more process, dense and chunked steps alternating.
+Each (path, batch) runs in its own process: the growth is ru_maxrss after one step minus the
+resident size once the model is built; per masked token, the slope between the two batch sizes.
 """
 from __future__ import annotations
 
@@ -34,7 +24,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import MMBERT_BASE, add_flags, banner, mmbert_base, timed, use_threads, write_results
+from common import MMBERT_BASE, banner, interleaved, mmbert_base, parse, table_head, write_results
 
 from minidiff import diffusion, lora
 from minidiff.model import ModernBertMLM
@@ -89,39 +79,28 @@ def chunked_loss(model, x0, t, generator):
     return chunked_module.nelbo_loss(model, x0, MASK_ID, t=t, generator=generator)
 
 
-def step(model, loss_fn, x0, t):
-    """One forward + backward: (seconds, loss, masked tokens)."""
+def step(model, loss_fn, x0, t) -> tuple[float, int]:
+    """One forward + backward: (loss, masked tokens)."""
     model.zero_grad(set_to_none=True)
-
-    def forward_backward():
-        loss, masked = loss_fn(model, x0, t, torch.Generator().manual_seed(3))
-        loss.backward()
-        return loss, masked
-
-    (loss, masked), seconds = timed(forward_backward)
-    return seconds, loss.item(), int(masked)
+    loss, masked = loss_fn(model, x0, t, torch.Generator().manual_seed(3))
+    loss.backward()
+    return loss.item(), int(masked)
 
 
 def worker(args) -> None:
-    """--worker dense|chunked: the peak memory of one step; --worker time: both paths' step times,
-    alternating so that machine load affects both alike. Prints one JSON line."""
-    use_threads(args.threads)
+    """--worker dense|chunked: one step's peak memory; --worker time: both paths' step times. One JSON line."""
     chunked_module.LOGITS_BUDGET_BYTES = int(args.budget_mib * 2**20)
     model = build(args)
     x0 = torch.randint(5, args.vocab, (args.worker_batch, args.seq), generator=torch.Generator().manual_seed(2))
     t = torch.full((args.worker_batch,), args.t)
     if args.worker == "time":
-        times = {"dense": [], "chunked": []}
-        for i in range(args.repeats + 1):  # round 0 is a warm-up
-            for name, loss_fn in (("dense", dense_loss), ("chunked", chunked_loss)):
-                seconds = step(model, loss_fn, x0, t)[0]
-                if i > 0:
-                    times[name].append(seconds)
+        times = interleaved({name: lambda loss_fn=loss_fn: step(model, loss_fn, x0, t)
+                             for name, loss_fn in (("dense", dense_loss), ("chunked", chunked_loss))}, args.repeats)
         print(json.dumps({name: statistics.median(v) for name, v in times.items()}))
         return
     reset = reset_peak_rss()
     base_rss = rss_mib()
-    _, loss, masked = step(model, dense_loss if args.worker == "dense" else chunked_loss, x0, t)
+    loss, masked = step(model, dense_loss if args.worker == "dense" else chunked_loss, x0, t)
     print(json.dumps({"path": args.worker, "batch": args.worker_batch, "masked": masked,
                       "growth_mib": peak_rss_mib() - base_rss, "peak_reset": reset, "loss": loss}))
 
@@ -150,11 +129,9 @@ def saved_activations_kib(args, layers: int, batch: int, autocast: bool, checkpo
 def activations_table(args) -> dict:
     """Saved activations per token per layer: the slope over layers (1 -> 4) and batch (1 -> 3),
     so weight casts and [S, S] masks, which do not grow with the tokens, cancel."""
-    use_threads(args.threads)
     print(f"encoder activations saved for backward, hidden {args.hidden}, LoRA r={args.rank}, "
           f"sequence {args.seq} (autograd saved_tensors_hooks)\n{banner()}\n")
-    print("| precision | gradient checkpointing | KiB per token per layer |")
-    print("|---|---|---:|")
+    print(table_head("precision", "gradient checkpointing", "KiB per token per layer", right=1))
     tokens = 2 * args.seq
     rows = []
     for autocast, checkpointing in ((False, False), (True, False), (True, True)):
@@ -198,8 +175,7 @@ def main() -> None:
                    help="only count the encoder's saved activations per token per layer (seconds)")
     p.add_argument("--worker", choices=["dense", "chunked", "time"], help=argparse.SUPPRESS)
     p.add_argument("--worker-batch", type=int, help=argparse.SUPPRESS)
-    add_flags(p, threads=1)
-    args = p.parse_args()
+    args = parse(p, threads=1)
     if not 0.0 < args.t <= 1.0 or args.batches[0] >= args.batches[1]:
         p.error(f"--t must lie in (0, 1] and --batches must be increasing; got {args.t} and {args.batches}")
     if args.worker:
@@ -225,8 +201,7 @@ def print_tables(args, memory: list[dict], timing: dict | None) -> None:
     print(f"LoRA CPT micro-batch, hidden {args.hidden}, {args.layers} layers, vocab {args.vocab:,}, r={args.rank}, "
           f"batches {args.batches[0]} and {args.batches[1]} x {args.seq} at t = {args.t}, fp32 CPU, "
           f"{args.threads} thread(s), chunk budget {args.budget_mib:g} MiB\n{banner()}\n")
-    print("| loss | masked tokens | peak growth (MiB) | MiB per masked token (slope) |")
-    print("|---|---:|---:|---:|")
+    print(table_head("loss", "masked tokens", "peak growth (MiB)", "MiB per masked token (slope)", right=3))
     for r in memory:
         flag = "" if r["peak_reset"] else " (peak not resettable: includes model construction)"
         print(f"| {r['path']} | {r['masked']:,} | {r['growth_mib']:,.0f}{flag} | "
@@ -234,8 +209,7 @@ def print_tables(args, memory: list[dict], timing: dict | None) -> None:
     if timing:
         print(f"\nstep time (forward + backward), batch {args.batches[1]}, median of {args.repeats} "
               f"alternating rounds in one process after a warm-up:\n")
-        print("| loss | s / step | speed vs dense |")
-        print("|---|---:|---:|")
+        print(table_head("loss", "s / step", "speed vs dense", right=2))
         for path in ("dense", "chunked"):
             print(f"| {path} | {timing[path]:.2f} | {timing['dense'] / timing[path]:.2f}x |")
 

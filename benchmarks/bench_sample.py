@@ -1,32 +1,15 @@
 """Sampling speed: minidiff.sampler.generate vs a reference with full-canvas logits, threshold decoding, key/value caches.
 
-References: LLaDA (arXiv 2502.09992), Fast-dLLM (2505.22618); the reference is dllm's
-LLaDA sampler and the Diffutron fork's step, written plainly here.
+References: LLaDA (arXiv 2502.09992), Fast-dLLM (2505.22618); the reference is dllm's LLaDA
+sampler and the Diffutron fork's step, written plainly here. Findings: docs/benchmarks.md.
 
     python benchmarks/bench_sample.py                    # random mmBERT-shaped model (768 hidden, 256k vocab, 2 layers)
-    python benchmarks/bench_sample.py --layers 4 --max-new-tokens 64
     python benchmarks/bench_sample.py --layers 22 --cache none prefix dual --threads 1   # mmBERT-base depth
     python benchmarks/bench_sample.py --model DIR --text-data speeches.jsonl --cache none prefix dual
-    python benchmarks/bench_sample.py --model DIR        # a trained model (e.g. the demo's) and its tokenizer
     python benchmarks/bench_sample.py --model runs/demo/sft --chat-data runs/demo/data/sft_train.jsonl
     python benchmarks/bench_sample.py --json sample.json # any of the above, the table as JSON too
 
-The reference is the dllm / Diffutron step written plainly: the MLM head and the 256k-way
-vocabulary projection run on every canvas position every step, the repetition penalty loops over
-rows, top-k per row. Both use the diffutron-long settings (128 tokens, 128 steps, block 32,
-penalty 1.2) at temperature 0, so they must commit identical tokens (asserted). Threshold decoding
-(0.9) is reported with its agreement with the reference. Prints a markdown table.
-
---cache adds `generate` with each key/value cache (Fast-dLLM, arXiv 2505.22618; approximate,
-so their agreement with the reference is reported, not asserted), each also with every threshold.
-
-With --text-data (rows with a "text" field, e.g. held-out speeches) the prompts are
---prompt-length-token windows spread over the texts, continued as plain text (no chat template).
-
-With --chat-data (rows in the messages format, e.g. the demo's SFT split) the prompts are the
-first --num-prompts questions rendered with the chat template exactly as SFT saw them, each
-generated alone (batch 1); times and calls are summed over the prompts and --show prints what
-each sampler wrote.
+Both run diffutron-long at temperature 0, so their tokens must be equal (asserted); the rest report agreement.
 """
 from __future__ import annotations
 
@@ -34,7 +17,7 @@ import argparse
 import math
 
 import torch
-from common import add_flags, banner, mmbert_base, timed, use_threads, write_results
+from common import banner, mmbert_base, parse, timed, write_results
 from roofline import Counter  # FLOPs counted from the dispatched ops
 
 import minidiff
@@ -44,7 +27,7 @@ from minidiff.errors import UserError, run_cli
 from minidiff.model import ModernBertMLM
 from minidiff.sampler import SamplerConfig, transfer_counts
 from minidiff.speed.packed import pack_weights
-from minidiff.speed.sampling import generate
+from minidiff.speed.sampling import FastConfig, generate
 
 
 @torch.no_grad()
@@ -74,6 +57,21 @@ def reference_generate(model, prompt: list[int], config: SamplerConfig, mask_id:
 
 
 def main() -> None:
+    args = parse_args()
+    model, tok, mask_id, eos_id, prompts, what = model_and_prompts(args)
+    if not args.no_packed_weights:
+        pack_weights(model)  # every sampler, the reference too, multiplies with packed weights (as sample.py)
+    config = FastConfig.preset("diffutron-long", temperature=0.0, stop_strings=(), stop_at_eos=False,
+                               max_new_tokens=args.max_new_tokens, steps=args.max_new_tokens)
+    generate(model, [prompts[0]], config.replace(max_new_tokens=4, steps=4), mask_id=mask_id, eos_id=eos_id)  # warm-up
+    samplers = all_samplers(model, config, args, prompts, mask_id, eos_id)
+    names = list(samplers)
+    flops = {name: count_flops(lambda: samplers[name](prompts[0])) for name in names} if args.flops else {}
+    best, calls, answers = run_samplers(samplers, prompts, config.max_new_tokens, args.repeats)
+    report(args, what, tok, prompts, config.max_new_tokens, best, calls, answers, flops)
+
+
+def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="a trained model directory (with tokenizer); default: random mmBERT-shaped")
     p.add_argument("--layers", type=int, default=2, help="layers of the random model (mmBERT-base: 22)")
@@ -95,10 +93,11 @@ def main() -> None:
                    help="every sampler multiplies with the weights as stored (default: packed copies, as sample.py)")
     p.add_argument("--repeats", type=int, default=1,
                    help="run the three samplers this many times, interleaved, and keep each one's fastest")
-    add_flags(p)
-    args = p.parse_args()
-    use_threads(args.threads)
+    return parse(p)
 
+
+def model_and_prompts(args):
+    """(model, tokenizer or None, mask id, eos id, prompt ids, what the model is)."""
     if args.model:
         model = minidiff.load_model(args.model)
         tok = minidiff.load_tokenizer(args.model)
@@ -119,16 +118,11 @@ def main() -> None:
         prompts = [[config.bos_token_id] + torch.randint(5, config.vocab_size, (args.prompt_length - 1,),
                                                          generator=g).tolist()]
         what = f"random mmBERT-shaped, {args.layers} layers ({model.num_parameters():,} parameters)"
+    return model, tok, mask_id, eos_id, prompts, what
 
-    if not args.no_packed_weights:
-        pack_weights(model)  # every sampler, the reference too, multiplies with packed weights (as sample.py)
 
-    config = SamplerConfig.preset("diffutron-long", temperature=0.0, stop_strings=(), stop_at_eos=False,
-                                  max_new_tokens=args.max_new_tokens, steps=args.max_new_tokens)
-    n = config.max_new_tokens
-    generate(model, [prompts[0]], config.replace(max_new_tokens=4, steps=4), mask_id=mask_id, eos_id=eos_id)  # warm-up
-
-    # the samplers: name -> function(prompt) -> (sequences [1, T], model calls)
+def all_samplers(model, config, args, prompts, mask_id: int, eos_id: int) -> dict:
+    """name -> function(prompt) -> (sequences [1, T], model calls); the reference first."""
     def run_generate(sampler_config):
         def run(prompt):
             out = generate(model, [prompt], sampler_config, mask_id=mask_id, eos_id=eos_id)
@@ -144,12 +138,16 @@ def main() -> None:
             generate(model, [prompts[0]], cached.replace(max_new_tokens=4, steps=4), mask_id=mask_id, eos_id=eos_id)
         for threshold in args.threshold:
             samplers[f"{name.split(' (')[0]}, threshold {threshold}"] = run_generate(cached.replace(threshold=threshold))
+    return samplers
+
+
+def run_samplers(samplers: dict, prompts: list, n: int, repeats: int):
+    """Each sampler's fastest total time over `repeats` interleaved rounds, its model calls and answers."""
     names = list(samplers)
-    flops = {name: count_flops(lambda: samplers[name](prompts[0])) for name in names} if args.flops else {}
     best = dict.fromkeys(names, math.inf)  # fastest time over the repeats, summed over prompts
     calls = dict.fromkeys(names, 0)
     answers = {name: [] for name in names}
-    for repeat in range(args.repeats):  # interleaved, so a busy moment of the machine hits all of them
+    for repeat in range(repeats):  # interleaved, so a busy moment of the machine hits all of them
         total = dict.fromkeys(names, 0.0)
         for prompt in prompts:
             answer = slice(len(prompt), len(prompt) + n)
@@ -163,7 +161,12 @@ def main() -> None:
             if repeat == 0 and exact in names and not torch.equal(answers[exact][-1], answers[names[0]][-1]):
                 raise AssertionError("generate and the reference committed different tokens")
         best = {name: min(best[name], total[name]) for name in names}
+    return best, calls, answers
 
+
+def report(args, what: str, tok, prompts: list, n: int, best: dict, calls: dict, answers: dict, flops: dict) -> None:
+    """The table (and --show's answers), and the JSON."""
+    names = list(best)
     tokens = n * len(prompts)
     reference = answers[names[0]]
     equal = {name: sum(int((a == r).sum()) for a, r in zip(answers[name], reference)) for name in names}
@@ -228,15 +231,13 @@ def generic_prompt(tok, length: int) -> list[int]:
 
 
 def chat_prompts(tok, args) -> list[list[int]]:
-    """The first --num-prompts rows of --chat-data (messages format), without their last
-    (assistant) turn, as the SFT prompt ids."""
+    """The SFT prompt ids of the first --num-prompts rows of --chat-data, their last (assistant) turn left out."""
     rows = read_rows(args.chat_data)[: args.num_prompts]  # UserError (one sentence) when empty
     return [chat.chat_prompt_ids(chat.sft_messages(row, "messages")[:-1], tok) for row in rows]
 
 
 def text_prompts(tok, args) -> list[list[int]]:
-    """--num-prompts windows of --prompt-length tokens (after <bos>), evenly spread over the
-    concatenated texts of --text-data."""
+    """--num-prompts windows of --prompt-length tokens (after <bos>), evenly spread over --text-data's texts."""
     ids = []
     for row in read_rows(args.text_data):
         if not isinstance(row.get("text"), str):

@@ -1,19 +1,16 @@
 """Multiple-choice accuracy against the number of Monte-Carlo samples, and exact/auto scoring.
 
-References: LLaDA (arXiv 2502.09992: the l/L estimator); docs/evaluation.md "How many samples".
+References: LLaDA (arXiv 2502.09992: the l/L estimator). Findings: docs/benchmarks.md
+("Scoring: how many samples"), docs/evaluation.md ("How many samples").
 
     python benchmarks/bench_scoring.py --model runs/demo/cpt --task benchmarks/data/morphology_tr.jsonl \\
         --samples 8 16 32 64 128 256 --seeds 0 1 2 --auto 32 [--json scoring.json]
-
-For each (scoring, samples, seed): acc and acc_norm with their standard errors (total, and the
-Monte-Carlo part alone; evaluation.metric_errors), how many answers were scored exactly, and
-the seconds it took. Printed as markdown rows (and with --json PATH written as JSON).
 """
 from __future__ import annotations
 
 import argparse
 
-from common import add_flags, banner, timed, use_threads, write_results
+from common import banner, parse, table_head, timed, write_results
 
 import minidiff
 from minidiff.evaluation import scoring
@@ -46,14 +43,12 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--auto", type=int, nargs="*", default=[32], help="sample counts for scoring=auto")
     p.add_argument("--exact", action="store_true", help="also the exact enumeration (one seed)")
-    add_flags(p, threads=1)
-    args = p.parse_args()
-    use_threads(args.threads)
+    args = parse(p, threads=1)
     model, tok = minidiff.load_model(args.model).eval(), minidiff.load_tokenizer(args.model)
     examples = scoring.load_examples(scoring.parse_task(f"mc:{args.task}"))
     print(banner() + "\n")
-    print("| scoring | samples | seed | acc ± se (mc part) | acc_norm ± se (mc part) | exact answers | s |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print(table_head("scoring", "samples", "seed", "acc ± se (mc part)", "acc_norm ± se (mc part)", "exact answers",
+                     "s", right=6))
     runs = [("mc", n, s) for n in args.samples for s in args.seeds]
     runs += [("auto", n, s) for n in args.auto for s in args.seeds]
     runs += [("exact", 0, args.seeds[0])] if args.exact else []

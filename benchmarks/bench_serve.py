@@ -1,21 +1,15 @@
 """Serving throughput and latency: serve.py under 1, 4, 16, 64 concurrent clients against the same
 requests run one after another through speed.sampling.generate.
 
-References: none (a measurement); the server is serve.py (docs/serving.md), its batching at block
-boundaries minidiff/serving/engine.py.
+References: none (a measurement); the server is serve.py (docs/serving.md). Findings:
+docs/benchmarks.md ("Serving").
 
     python benchmarks/bench_serve.py                        # a small random model on this CPU
     python benchmarks/bench_serve.py --clients 1 4 16 64 --threads 1 --json serve.json
     python benchmarks/bench_serve.py --model DIR             # a trained model directory
 
-Each client sends one streamed chat completion (a different prompt each, all at once) and times
-its first block (the first chunk) and its whole answer; tokens per second are the answers'
-tokens over the wall time from the first request sent to the last answer received. The baseline
-runs the same prompts one after another through generate (batch 1) in this process, with the
-same settings, threads and precision, and once more as one batch of generate (untimed). At
-temperature 0 the answers are compared with each prompt's alone: a row that differs under the
-server and under generate's batch alike differs by the kernels' rounding under padding
-(docs/serving.md, "Why answers are exact"). Prints a markdown table; --json writes the numbers.
+At temperature 0 each answer is compared with its prompt's alone, served and in one batch of
+generate: a row differing in both differs by rounding under padding (docs/serving.md).
 """
 from __future__ import annotations
 
@@ -34,18 +28,13 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import torch
-from common import add_flags, banner, tiny_shape, use_threads, write_results
+from common import banner, parse, tiny_shape, write_results
 
 from minidiff.data.tokenizer import train_tokenizer
 from minidiff.errors import run_cli
 from minidiff.model import ModernBertMLM
 from minidiff.plumbing.checkpoint import save_pretrained
-from minidiff.plumbing.sampling_cli import (
-    answer_ids,
-    answer_text,
-    load_for_sampling,
-    prompt_ids,
-)
+from minidiff.plumbing.sampling_cli import answer_ids, answer_text, load_for_sampling, prompt_ids
 from minidiff.sampler import SamplerConfig
 from minidiff.speed.sampling import generate
 
@@ -62,13 +51,13 @@ def parse_args(argv=None):
     p.add_argument("--block-length", type=int, default=32)
     p.add_argument("--repetition-penalty", type=float, default=1.2)
     p.add_argument("--dtype", default="float32", help="as serve.py's --dtype (both sides use it)")
-    add_flags(p, threads=1, threads_help="torch threads of the server and of the baseline")
-    return p.parse_args(argv)
+    p.add_argument("--length-bucket", type=int, default=16, help="serve.py --length-bucket (0: rows padded to "
+                   "the batch's longest; run with several to see the cost of batch invariance)")
+    return parse(p, argv, threads=1, threads_help="torch threads of the server and of the baseline")
 
 
 def small_model_dir(directory: Path) -> Path:
-    """A tokenizer trained on the benchmark's Turkish prompts and a random model of the benchmarks'
-    tiny shape (width 64, 2 layers) sized to it."""
+    """A tokenizer trained on the benchmark's Turkish prompts and a random tiny-shaped model sized to it."""
     texts = [json.loads(line)["prompt"] for line in TEXTS.read_text(encoding="utf-8").splitlines()]
     tok = train_tokenizer(texts, vocab_size=1000, out_dir=directory)
     torch.manual_seed(0)
@@ -88,7 +77,10 @@ class Server:
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
         command = [sys.executable, str(ROOT / "serve.py"), "--model", str(model_dir), "--host", "127.0.0.1",
                    "--port", "0", "--device", "cpu", "--dtype", args.dtype, "--batch-size", str(batch_size),
-                   "--queue-size", str(batch_size), *settings_flags(args)]
+                   "--queue-size", str(batch_size), "--log-level", "warning", "--max-new-tokens", str(args.max_tokens),
+                   "--steps", str(args.steps), "--block-length", str(args.block_length), "--repetition-penalty",
+                   str(args.repetition_penalty), "--temperature", "0"]
+        command += ["--length-bucket", str(args.length_bucket)]
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)
         line = self.process.stdout.readline()
         if "http://" not in line:
@@ -118,11 +110,6 @@ class Server:
     def close(self) -> None:
         self.process.terminate()
         self.process.wait(timeout=60)
-
-
-def settings_flags(args) -> list[str]:
-    return ["--max-new-tokens", str(args.max_tokens), "--steps", str(args.steps), "--block-length",
-            str(args.block_length), "--repetition-penalty", str(args.repetition_penalty), "--temperature", "0"]
 
 
 def concurrent(server: Server, texts: list[str]) -> dict:
@@ -163,7 +150,7 @@ def batched(model, tok, precision, texts: list[str], config: SamplerConfig) -> l
     return [answer_text(tok, ids) for ids in out.answers()]
 
 
-def row(clients: int, served: dict, alone: dict, together: list[str]) -> dict:
+def row(clients: int, served: dict, alone: dict, together: list[str], served_alone: list[str]) -> dict:
     firsts = [a["first"] for a in served["answers"]]
     totals = [a["total"] for a in served["answers"]]
     tokens = sum(a["tokens"] for a in served["answers"])
@@ -174,25 +161,26 @@ def row(clients: int, served: dict, alone: dict, together: list[str]) -> dict:
             "one_by_one_wall_s": alone["wall"], "one_by_one_tokens_per_s": tokens / alone["wall"],
             "speedup": alone["wall"] / served["wall"],
             "served_equal_alone": sum(a["text"] == b["text"] for a, b in zip(served["answers"], alone["answers"])),
+            "served_equal_served_alone": sum(a["text"] == b for a, b in zip(served["answers"], served_alone)),
             "batch_equal_alone": sum(t == b["text"] for t, b in zip(together, alone["answers"]))}
 
 
 def table(rows: list[dict]) -> str:
     lines = ["| clients | tokens | server: wall s | tokens/s | first block median / max s | answer median / max s "
-             "| one by one: wall s | tokens/s | speedup | equal to alone: served, generate's batch |",
-             "|" + "---:|" * 9 + "---|"]
+             "| one by one: wall s | tokens/s | speedup | equal to the server alone | equal to generate alone: served, "
+             "generate's batch |", "|" + "---:|" * 10 + "---|"]
     for r in rows:
         lines.append(f"| {r['clients']} | {r['tokens']} | {r['server_wall_s']:.2f} | {r['server_tokens_per_s']:.0f} | "
                      f"{r['first_block_median_s']:.2f} / {r['first_block_max_s']:.2f} | "
                      f"{r['total_median_s']:.2f} / {r['total_max_s']:.2f} | {r['one_by_one_wall_s']:.2f} | "
                      f"{r['one_by_one_tokens_per_s']:.0f} | {r['speedup']:.1f}x | "
+                     f"{r['served_equal_served_alone']} of {r['clients']} | "
                      f"{r['served_equal_alone']}, {r['batch_equal_alone']} of {r['clients']} |")
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    use_threads(args.threads)
     with tempfile.TemporaryDirectory() as scratch:
         model_dir = Path(args.model) if args.model else small_model_dir(Path(scratch) / "small")
         options = argparse.Namespace(model=str(model_dir), device="cpu", dtype=args.dtype, no_packed_weights=False)
@@ -207,7 +195,8 @@ def main(argv=None) -> int:
                 texts = prompts(clients)
                 served = concurrent(server, texts)
                 alone = one_by_one(model, tok, precision, texts, config)
-                rows.append(row(clients, served, alone, batched(model, tok, precision, texts, config)))
+                served_alone = [server.ask(text)["text"] for text in texts]  # untimed: each prompt alone
+                rows.append(row(clients, served, alone, batched(model, tok, precision, texts, config), served_alone))
                 print(table(rows[-1:]).splitlines()[-1], flush=True)
         finally:
             server.close()

@@ -1,33 +1,26 @@
 """One LoRA CPT training step: minidiff against transformers + peft + torch.optim.AdamW, same model.
 
-References: LoRA (arXiv 2106.09685), AdamW (1711.05101), MDLM (2406.07524); the reference is
-peft on transformers' `ModernBertForMaskedLM` with `torch.optim.AdamW`.
+References: LoRA (arXiv 2106.09685), AdamW (1711.05101), MDLM (2406.07524). Findings:
+docs/benchmarks.md ("Training step").
 
     python benchmarks/bench_train.py                       # mmBERT-shaped, 2 layers, vocab 256000
     python benchmarks/bench_train.py --layers 4 --seq 512 --batch 2 --steps 5
     python benchmarks/bench_train.py --json train.json     # the table as JSON too
 
-Both sides get the same weights (hidden 768, 12 heads, intermediate 1152, mmBERT's vocabulary
-size but few layers, so the vocabulary projection weighs as it does in mmBERT-base: see docs/math.md),
-LoRA r=256/alpha=256/dropout 0.05 on Wqkv, Wo, Wi, the same batch and the same masks (t and
-the corruption drawn from identically seeded generators), fp32 on the CPU.
-- reference: peft model on transformers' ModernBertForMaskedLM, dense logits [B, S, V], then
-  the NELBO cross-entropy at the masked positions, torch.optim.AdamW;
-- minidiff: chunked_loss.nelbo_loss (head features at the masked positions, chunked vocabulary loss),
-  minidiff.optim.AdamW (multi-tensor).
-Steps alternate between the two so machine load affects both alike; the median is reported.
+The same weights, LoRA adapters, batch and masks on both sides, fp32 on the CPU; the reference
+computes dense logits [B, S, V]. Steps alternate between the two; the median is reported.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
-from functools import partial
 
 import peft
 import torch
 import torch.nn.functional as F
-import transformers
-from common import MMBERT_BASE, add_flags, banner, mmbert_base, timed, use_threads, write_results
+from bench_forward import transformers_twin
+from common import MMBERT_BASE, banner, interleaved, mmbert_base, parse, table_head, write_results
 
 from minidiff import diffusion, lora, optim
 from minidiff.model import ModernBertMLM
@@ -37,16 +30,9 @@ MASK_ID = MMBERT_BASE["mask_token_id"]
 
 
 def build(args):
-    config = mmbert_base(vocab_size=args.vocab, num_hidden_layers=args.layers)
     torch.manual_seed(0)
-    ours = ModernBertMLM(config)
-    hf_config = transformers.ModernBertConfig(**config.to_dict())
-    hf_config._attn_implementation = "sdpa"
-    ref = transformers.ModernBertForMaskedLM(hf_config)
-    missing, unexpected = ref.load_state_dict(ours.state_dict(), strict=False)
-    assert not unexpected and set(missing) <= {"decoder.weight"}, (missing, unexpected)
-    ref.tie_weights()
-
+    ours = ModernBertMLM(mmbert_base(vocab_size=args.vocab, num_hidden_layers=args.layers))
+    ref = transformers_twin(ours)
     targets = ["Wqkv", "Wo", "Wi"]
     torch.manual_seed(1)
     lora.apply_lora(ours, r=args.rank, alpha=args.rank, dropout=0.05, targets=targets)
@@ -101,10 +87,7 @@ def main():
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--rank", type=int, default=256)
     parser.add_argument("--steps", type=int, default=5)
-    add_flags(parser, threads=2)
-    args = parser.parse_args()
-    use_threads(args.threads)
-
+    args = parse(parser, threads=2)
     ours, ours_opt, ref, ref_opt = build(args)
     x0 = torch.randint(5, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(2))
 
@@ -114,25 +97,18 @@ def main():
         a = chunked_loss.nelbo_loss(ours, x0, MASK_ID, generator=torch.Generator().manual_seed(9))[0]
         b = ref_loss(ref, x0, 9)
     ours.train(), ref.train()
-
-    times = {"minidiff": [], "transformers+peft": []}
-    for i in range(args.steps + 1):  # step 0 of each is a warm-up
-        for name, step, model, opt in (("minidiff", ours_step, ours, ours_opt),
-                                       ("transformers+peft", ref_step, ref, ref_opt)):
-            _, seconds = timed(partial(step, model, opt, x0, 100 + i))
-            if i > 0:
-                times[name].append(seconds)
-
-    tokens = args.batch * args.seq
-    ref_median = statistics.median(times["transformers+peft"])
-    rows = [{"implementation": name, "seconds_per_step": statistics.median(times[name]),
-             "tokens_per_s": tokens / statistics.median(times[name]),
-             "speedup": ref_median / statistics.median(times[name])} for name in ("transformers+peft", "minidiff")]
+    seeds = {name: itertools.count(100) for name in ("minidiff", "transformers+peft")}  # round i: seed 100 + i
+    times = interleaved({"minidiff": lambda: ours_step(ours, ours_opt, x0, next(seeds["minidiff"])),
+                         "transformers+peft": lambda: ref_step(ref, ref_opt, x0, next(seeds["transformers+peft"]))},
+                        args.steps)
+    median = {name: statistics.median(t) for name, t in times.items()}
+    rows = [{"implementation": name, "seconds_per_step": median[name],
+             "tokens_per_s": args.batch * args.seq / median[name],
+             "speedup": median["transformers+peft"] / median[name]} for name in ("transformers+peft", "minidiff")]
     print(f"LoRA CPT step, hidden 768, {args.layers} layers, vocab {args.vocab:,}, batch {args.batch} x {args.seq}, "
           f"r={args.rank}, fp32 CPU, median of {args.steps} steps\n{banner()}")
     print(f"loss parity (dropout off): minidiff {a.item():.6f} vs reference {b.item():.6f}\n")
-    print("| implementation | s / step | tokens / s | speed-up |")
-    print("|---|---|---|---|")
+    print(table_head("implementation", "s / step", "tokens / s", "speed-up"))
     for row in rows:
         print(f"| {row['implementation']} | {row['seconds_per_step']:.3f} | {row['tokens_per_s']:,.0f} | "
               f"{row['speedup']:.2f}x |")

@@ -1,15 +1,7 @@
-"""What every benchmark shares: the timer, the machine banner, threads, --json and mmBERT-base's shape.
+"""What every benchmark shares: the timer, the machine banner, threads, --json, mmBERT-base's shape
+and markdown table heads. The scripts import it as a sibling (`from common import ...`).
 
 References: mmBERT (arXiv 2509.06888) for the shape; docs/benchmarks.md for what the benchmarks found.
-The scripts import it as a sibling (`from common import ...`: Python puts a script's folder first
-on its path).
-
-    result, seconds = timed(fn, device)   # one call; on CUDA the queue is drained before and after
-    add_flags(parser, threads=0)          # --threads N (0: torch's default) and --json PATH
-    use_threads(args.threads)             # torch's intra-op threads
-    print(banner(device))                 # CPU (native bf16), CPUs, threads, load, versions, date
-    write_results(args.json, results)     # the results as JSON, with the machine, if --json was given
-    mmbert_base(num_hidden_layers=2)      # mmBERT-base's shape, any field changed; tiny_shape(): seconds
 """
 from __future__ import annotations
 
@@ -55,13 +47,17 @@ def synchronize(device) -> None:
 
 
 def timed(fn: Callable, device=None):
-    """(fn(), the wall seconds it took); on a CUDA device its queue is drained before and after,
-    so the time is the work's, not its launch's."""
+    """(fn(), its wall seconds), a CUDA device's queue drained before and after (the work's time, not its launch's)."""
     synchronize(device)
     start = time.perf_counter()
     result = fn()
     synchronize(device)
     return result, time.perf_counter() - start
+
+
+def seconds(fn: Callable, device, repeats: int) -> list[float]:
+    """Wall time of each of `repeats` calls (the device's queue drained around each)."""
+    return [timed(fn, device)[1] for _ in range(repeats)]
 
 
 def add_flags(parser: argparse.ArgumentParser, *, threads: int = 0,
@@ -77,6 +73,31 @@ def use_threads(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
+def parse(parser: argparse.ArgumentParser, argv=None, **flags) -> argparse.Namespace:
+    """The flags parsed, --threads and --json added first (add_flags), torch's threads set."""
+    add_flags(parser, **flags)
+    args = parser.parse_args(argv)
+    use_threads(args.threads)
+    return args
+
+
+def interleaved(runs: dict[str, Callable], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+    """name -> seconds per round, each run once a round (A, B, A, B, ...); the first `warmup` rounds dropped."""
+    times = {name: [] for name in runs}
+    for round_ in range(warmup + repeats):
+        for name, run in runs.items():
+            elapsed = timed(run)[1]
+            if round_ >= warmup:
+                times[name].append(elapsed)
+    return times
+
+
+def table_head(*columns: str, right: int = 0) -> str:
+    """A markdown table's header and rule, the last `right` columns aligned right."""
+    rule = ["---"] * (len(columns) - right) + ["---:"] * right
+    return f"| {' | '.join(columns)} |\n|{'|'.join(rule)}|"
+
+
 def cpu_model() -> str:
     """The CPU's model name (/proc/cpuinfo), else what `platform` knows."""
     try:
@@ -88,8 +109,7 @@ def cpu_model() -> str:
 
 
 def machine(device=None) -> dict:
-    """The machine a benchmark ran on: CPU, native bf16 flags, CPUs, torch threads, load average,
-    versions, date; on CUDA also the GPU."""
+    """The machine: CPU, native bf16 flags, CPUs, torch threads, load average, versions, date (on CUDA the GPU)."""
     info = {"cpu": cpu_model(), "native_bf16": [f for f in NATIVE_BF16_FLAGS if f in cpu_flags()],
             "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "load_average": list(os.getloadavg()),
             "torch": torch.__version__, "python": platform.python_version(), "numpy": np.__version__,

@@ -1,38 +1,50 @@
 #!/usr/bin/env bash
-# The first run on a new GPU, in stages; each prints its result as it ends, so a run cut short
-# still says what passed (details: benchmarks/gpu_check.py, docs/devices.md).
+# The first run on a new GPU in stages, each saying how it ended as it ends; the stages and the
+# venv (.venv-gpu, by setup.sh): docs/devices.md ("On a new GPU, run this first").
 #
-#   1. preflight  CUDA, driver >= torch's CUDA runtime, a C compiler and Python's headers for
-#                 Triton, free memory (seconds)
-#   2. check      every script on CUDA, padded == unpadded on the fused backends, no host sync in a
-#                 sampler step and peak memory at mmBERT-base shape, the compiled sampler on a tiny
-#                 model (compiler caches reset, graphs counted): bounded, under 5 minutes on one GPU
-#   3. timings    opt-in (--timings): the sampler's ms/step at full shape per cache mode, eager and
-#                 compiled, then the roofline of the hot paths (JSON to $ROOFLINE_JSON)
-#
-#   bash benchmarks/gpu_check.sh                 # stages 1 and 2 on cuda
-#   bash benchmarks/gpu_check.sh --timings       # and stage 3
-#   bash benchmarks/gpu_check.sh --out /tmp/gc   # keep the runs it writes
-#
-# Without .venv it makes one with only what the check needs: torch (from pip's index: the CUDA
-# build on Linux) and minidiff's runtime dependencies, no test or harness extras.
+#   bash benchmarks/gpu_check.sh                 # driver, preflight, tests
+#   bash benchmarks/gpu_check.sh --timings       # and the timings (JSON to $GPU_CHECK_OUT, default runs/)
+#   bash benchmarks/gpu_check.sh --dry-run       # preflight and tests on the CPU at a tiny shape, in .venv
 set -uo pipefail
 cd "$(dirname "$0")/.."
-if [ ! -x .venv/bin/python ]; then
-    python3 -m venv .venv && .venv/bin/python -m pip install -q "${TORCH_REQUIREMENT:-torch==2.13.0}" &&
-        .venv/bin/python -m pip install -q -c constraints.txt -e . || { echo "could not install minidiff"; exit 1; }
-fi
-timings=0
-args=()
+timings=0 device=cuda venv=.venv-gpu
 for arg in "$@"; do
-    if [ "$arg" = "--timings" ]; then timings=1; else args+=("$arg"); fi
+    case "$arg" in
+        --timings) timings=1 ;;
+        --dry-run) device=cpu venv=.venv ;;
+        *) echo "unknown argument $arg; expected --timings or --dry-run"; exit 2 ;;
+    esac
 done
-check() { .venv/bin/python benchmarks/gpu_check.py --device cuda "$@"; }
-check --stage preflight || { echo "preflight failed: fix the above before the GPU check can run"; exit 1; }
+stage() { echo "== stage $1: $2"; }
+if [ "$device" = cuda ]; then
+    if ! smi=$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1); then
+        stage driver "failed: nvidia-smi does not answer ($smi); install or load the NVIDIA driver"
+        exit 1
+    fi
+    stage driver "ok ($smi)"
+    if [ ! -x "$venv/bin/python" ]; then
+        VENV=$venv EXTRAS=test bash setup.sh || { stage install "failed: could not install minidiff in $venv"; exit 1; }
+    fi
+fi
+py="$venv/bin/python"
+"$py" benchmarks/gpu_check.py --device "$device" ||
+    { stage preflight "failed: fix the above before the tests can run"; exit 1; }
+stage preflight ok
 status=0
-check --stage check "${args[@]}" || status=1
+if MINIDIFF_TEST_DEVICE=$device "$py" -m pytest -m cuda -q -rs -p no:cacheprovider tests/test_cuda.py; then
+    stage tests ok
+else
+    stage tests failed; status=1
+fi
 if [ "$timings" = 1 ]; then
-    check --stage timings "${args[@]}" || status=1
-    .venv/bin/python benchmarks/roofline.py --device cuda --json "${ROOFLINE_JSON:-runs/roofline_cuda.json}" || status=1
+    out=${GPU_CHECK_OUT:-runs}
+    mkdir -p "$out"
+    if "$py" benchmarks/bench_dtype.py --tokens-per-second --compile --preset diffutron-long --new-tokens 128 \
+            --device "$device" --json "$out/tokens_per_second_$device.json" &&
+        "$py" benchmarks/roofline.py --device "$device" --json "$out/roofline_$device.json"; then
+        stage timings ok
+    else
+        stage timings failed; status=1
+    fi
 fi
 exit "$status"

@@ -1,11 +1,8 @@
 """A Turkish vowel-harmony multiple-choice task from held-out text: pick a word's right suffix.
 
-References: none (a fixture of this project, docs/evaluation.md "How many samples"). Every item
-is a word of the text that ends in a harmonising suffix (plural -ler/-lar, locative -de/-da/-te/
--ta, ablative, genitive, copula, past, evidential, infinitive); the choices are the word with
-each variant of that suffix, only one of which obeys the harmony the text used. The prompt is
-the text before the word (at most --context characters, cut at a word boundary). Rows are
-evaluate.py's own multiple-choice format, {"prompt", "choices", "label"}:
+References: none (a fixture of this project, docs/evaluation.md "How many samples"). The choices
+are the word with each variant of its suffix (FAMILIES), the prompt the text before it; rows are
+evaluate.py's multiple-choice format, {"prompt", "choices", "label"}:
 
     python benchmarks/make_morphology_mc.py runs/demo/data/speeches_heldout.jsonl \\
         benchmarks/data/morphology_tr.jsonl

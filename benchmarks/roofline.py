@@ -1,33 +1,16 @@
 """Roofline: each hot path's FLOPs and bytes, counted from the shapes it runs, against this machine.
 
-References: the roofline model (Williams, Waterman and Patterson, CACM 2009); ModernBERT
-(arXiv 2412.13663) and mmBERT (2509.06888) for the default shape; LLaDA (2502.09992) and
-Fast-dLLM (2505.22618) for the sampler step. Findings: docs/benchmarks.md ("Roofline").
+References: the roofline model (Williams et al., CACM 2009); mmBERT (arXiv 2509.06888), LLaDA
+(2502.09992), Fast-dLLM (2505.22618). Findings and the method: docs/benchmarks.md ("Roofline").
 
     python benchmarks/roofline.py --threads 1           # mmBERT-base shape on the CPU (3 minutes on 2 busy cores)
     python benchmarks/roofline.py --toy                 # a tiny shape (seconds)
-    python benchmarks/roofline.py --json cpu.json --plot roofline.png
     python benchmarks/roofline.py --device cuda --json gpu.json     # what gpu_check.sh runs
     python benchmarks/roofline.py --compare gpu.json    # adds that run's measured columns
-    python benchmarks/roofline.py --products            # small-row product formulations (minidiff/speed/packed.py)
 
-The machine, measured in the same run: the rate of a large square matmul in fp32 and bf16 (the
-fastest of the kernels this build has: aten's, and on the CPU oneDNN's on a plain and on a packed
-weight), the read bandwidth (a sum over a tensor far larger than the caches), the thread count.
-The model's linears hold packed weights on the CPU, as in sample.py and evaluate.py
-(`--no-packed-weights`: as stored).
-The hot paths: the decoder (vocabulary projection) at M rows; one encoder layer on a sequence of
-M tokens; one sampler step (`generate` with each cache, time / num_forward); a LoRA training
-micro-batch, forward + backward; the chunked vocabulary loss; a Monte-Carlo scoring batch.
-Counting, in each path's first (untimed) run, every op it dispatches (TorchDispatchMode):
-    FLOPs = 2 M K N per matrix product (mm, addmm, bmm, baddbmm, oneDNN linear)
-            + 4 B h Sq Sk d per attention (q k^T and the weighted sum of v; backward twice that)
-    bytes = every op's operands and results (views cost nothing): eager PyTorch's traffic if no
-            cache kept anything between ops
+Each hot path is counted op by op (TorchDispatchMode) in its first, untimed call, then timed
+(median of --repeats); the machine's peak FLOP/s and read bandwidth are measured in the same run:
     bound = max(FLOPs / peak FLOP/s, bytes / read bandwidth)   (C: compute, M: memory bound)
-with the peak of the dtype the path computes in; the H200 column applies the same counts to
-4.8 TB/s and 990 dense bf16 TFLOP/s. Times are medians of --repeats calls after the counted one.
---products instead times each small-row product (decoder, layers) by several formulations.
 """
 from __future__ import annotations
 
@@ -40,8 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
-from common import add_flags, banner, machine, mmbert_base, timed, tiny_shape, use_threads, write_results
+from common import banner, machine, mmbert_base, parse, seconds, timed, tiny_shape, write_results
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from minidiff.errors import UserError, run_cli
@@ -49,16 +31,10 @@ from minidiff.evaluation.answers import mc_loglik_many
 from minidiff.lora import apply_lora, lora_modules
 from minidiff.model import ModelConfig, ModernBertMLM
 from minidiff.plumbing.device import check_available, inference_precision, resolve_device
-from minidiff.plumbing.files import atomic_path
-from minidiff.sampler import SamplerConfig
 from minidiff.speed.chunked_loss import linear_cross_entropy, nelbo_loss
-from minidiff.speed.packed import PACK_ROWS
-from minidiff.speed.sampling import generate
+from minidiff.speed.sampling import FastConfig, generate
 
 H200 = {"name": "H200", "flops": 990e12, "bytes_per_s": 4.8e12}  # dense bf16, HBM3e
-
-
-# ----------------------------------------------------------------------------- counting
 
 
 def storage_key(t: torch.Tensor) -> int:
@@ -100,7 +76,8 @@ def _tensors(tree):
 
 
 class Counter(TorchDispatchMode):
-    """FLOPs of the products and bytes of every op that runs inside it (see the module docstring)."""
+    """FLOPs of the products (product_flops) and bytes of every op that runs inside it: each op's
+    operands and results, views free (eager PyTorch's traffic)."""
 
     def __init__(self):
         super().__init__()
@@ -125,21 +102,6 @@ class Counter(TorchDispatchMode):
         return out
 
 
-# ----------------------------------------------------------------------------- the machine
-
-
-def seconds(fn: Callable, device: torch.device, repeats: int) -> list[float]:
-    """Wall time of each of `repeats` calls (the device's queue drained around each)."""
-    return [timed(fn, device)[1] for _ in range(repeats)]
-
-
-def machine_sizes(device: torch.device, toy: bool) -> tuple[int, int]:
-    """The square matmul's side and the bytes read for measure_machine."""
-    if toy:
-        return 256, 2**25
-    return (8192, 2**32) if device.type == "cuda" else (2048, 2**30)
-
-
 def square_products(a: torch.Tensor, b: torch.Tensor) -> list[Callable]:
     """Every kernel this build offers for a @ b^T: aten's (MKL or cuBLAS), and on the CPU oneDNN's
     on b as stored and on b packed (minidiff/speed/packed.py). The machine's rate is the fastest."""
@@ -152,8 +114,7 @@ def square_products(a: torch.Tensor, b: torch.Tensor) -> list[Callable]:
 
 
 def measure_machine(device: torch.device, n: int, read_bytes: int, repeats: int = 3) -> dict:
-    """Peak matmul FLOP/s (fp32, bf16; n x n, the fastest kernel) and read bytes/s: the best of
-    `repeats` runs each."""
+    """Peak matmul FLOP/s (fp32, bf16; n x n, the fastest kernel) and read bytes/s, best of `repeats` each."""
     rates = {}
     for dtype in (torch.float32, torch.bfloat16):
         a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
@@ -179,9 +140,6 @@ def bound(flops: float, nbytes: float, peak_flops: float, bytes_per_s: float) ->
     return (compute, "C") if compute >= memory else (memory, "M")
 
 
-# ----------------------------------------------------------------------------- the hot paths
-
-
 @dataclass
 class HotPath:
     name: str
@@ -192,7 +150,7 @@ class HotPath:
 @dataclass
 class Shapes:
     """The sizes each path runs at (mmBERT-base by default, small with --toy)."""
-
+    mc_samples: int  # mc_loglik's samples, one batch
     decoder_rows: tuple = (1, 8, 32, 128, 512)
     layer_tokens: tuple = (32, 128, 512)
     prompt: int = 64  # the sampler's prompt: bench_sample.py's shape (prompt 64, blocks of 32)
@@ -201,20 +159,14 @@ class Shapes:
     sampler_steps: int = 8
     score_prompt: int = 16  # mc_loglik's prompt and answer
     answer: int = 16
-    mc_samples: int = 8
     loss_rows: int = 128
     train_batch: tuple = (1, 128)
     lora_rank: int = 256  # Diffutron's r (arXiv 2603.20466)
 
 
-TOY_SHAPES = Shapes(layer_tokens=(8, 16, 32), prompt=8, block=8, new_tokens=16, sampler_steps=4, score_prompt=8, answer=4,
-                    loss_rows=16, train_batch=(2, 16), lora_rank=8)
-
-
-def one_layer_config(config: ModelConfig) -> ModelConfig:
-    """The same layer shape with one (global) layer and a small vocabulary (only looked up)."""
-    return ModelConfig.from_dict({**config.to_dict(), "num_hidden_layers": 1, "layer_types": None,
-                                  "vocab_size": 512})
+BASE_SHAPES = Shapes(mc_samples=8)
+TOY_SHAPES = Shapes(mc_samples=8, layer_tokens=(8, 16, 32), prompt=8, block=8, new_tokens=16, sampler_steps=4,
+                    score_prompt=8, answer=4, loss_rows=16, train_batch=(2, 16), lora_rank=8)
 
 
 def hot_paths(config: ModelConfig, shapes: Shapes, device: torch.device, precision) -> list[HotPath]:
@@ -223,7 +175,9 @@ def hot_paths(config: ModelConfig, shapes: Shapes, device: torch.device, precisi
     torch.manual_seed(0)
     with torch.device(device):
         model = precision.prepare(ModernBertMLM(config)).eval()
-        layer_model = precision.prepare(ModernBertMLM(one_layer_config(config))).eval()
+        # the same layer shape, one (global) layer, a small vocabulary (only looked up)
+        one_layer = {**config.to_dict(), "num_hidden_layers": 1, "layer_types": None, "vocab_size": 512}
+        layer_model = precision.prepare(ModernBertMLM(ModelConfig.from_dict(one_layer))).eval()
     H, V, mask_id, eos_id = config.hidden_size, config.vocab_size, config.mask_token_id, config.eos_token_id
     ids = lambda *shape: torch.randint(5, V, shape, device=device)  # noqa: E731
 
@@ -243,8 +197,8 @@ def hot_paths(config: ModelConfig, shapes: Shapes, device: torch.device, precisi
     for batch in (1, 8):
         prompts = [ids(shapes.prompt).tolist() for _ in range(batch)]
         for cache in ("none", "prefix", "dual"):
-            sampler = SamplerConfig(cache=cache, max_new_tokens=shapes.new_tokens, block_length=shapes.block,
-                                    steps=shapes.sampler_steps)
+            sampler = FastConfig(cache=cache, max_new_tokens=shapes.new_tokens, block_length=shapes.block,
+                                 steps=shapes.sampler_steps)
             run = inference(lambda p=prompts, c=sampler: generate(model, p, c, mask_id=mask_id, eos_id=eos_id))
             paths.append(HotPath(f"sampler step, cache {cache}, batch {batch}", run, lambda out: out.num_forward))
     prompt, answer = ids(shapes.score_prompt), ids(shapes.answer)
@@ -274,8 +228,7 @@ def chunked_loss_path(model, rows: int, mask_id: int, precision) -> HotPath:
 
 def training_path(model, shapes: Shapes, mask_id: int, precision) -> HotPath:
     """One LoRA CPT micro-batch: nelbo_loss at t = 0.5 (same masks every call), forward + backward.
-    LoRA goes onto `model` (in train mode) at the first call, so every path before it measures
-    the plain model in eval mode."""
+    LoRA goes onto `model` (train mode) at the first call: the paths before it measure the plain model."""
     rank = shapes.lora_rank
     device = next(model.parameters()).device
     batch, seq = shapes.train_batch
@@ -293,9 +246,6 @@ def training_path(model, shapes: Shapes, mask_id: int, precision) -> HotPath:
     return HotPath(f"LoRA micro-batch {batch} x {seq} (r={rank}), fwd + bwd", run)
 
 
-# ----------------------------------------------------------------------------- measuring
-
-
 def measure(path: HotPath, device: torch.device, repeats: int) -> dict:
     """Counts from the first call (inside Counter), the median time of the next `repeats`."""
     with Counter() as counter:
@@ -311,9 +261,6 @@ def add_bounds(row: dict, machine: dict, compute_dtype: torch.dtype) -> dict:
     row["h200_bound_seconds"], row["h200_bound_kind"] = bound(row["flops"], row["bytes"], H200["flops"],
                                                               H200["bytes_per_s"])
     return row
-
-
-# ----------------------------------------------------------------------------- output
 
 
 def read_compare(path: str | None) -> dict:
@@ -347,136 +294,6 @@ def print_table(rows: list[dict], compare: dict, other: str) -> None:
         print(line)
 
 
-def pyplot():
-    """matplotlib.pyplot without a display, or the one sentence saying it is missing."""
-    try:  # optional extra: only --plot needs it
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise UserError("--plot needs matplotlib, which is not installed; install it or leave out --plot.") from None
-    return plt
-
-
-def plot(plt, rows: list[dict], machine: dict, path: str) -> None:
-    """Achieved FLOP/s against FLOPs per byte, under the machine's roofs (fp32 and bf16)."""
-    bandwidth = machine["read_bytes_per_s"]
-    intensity = [r["flops"] / r["bytes"] for r in rows if r["bytes"] > 0]
-    grid = [10 ** (k / 20) for k in range(-40, 80)]
-    fig, ax = plt.subplots(figsize=(9, 6))
-    for key, style in (("matmul_flops_float32", "-"), ("matmul_flops_bfloat16", "--")):
-        # roof(I) = min(peak, I * bandwidth)
-        ax.plot(grid, [min(machine[key], i * bandwidth) / 1e9 for i in grid], "k" + style,
-                label=f"roof, {key.rsplit('_', 1)[1]} ({machine[key] / 1e9:.0f} GFLOP/s, {bandwidth / 1e9:.0f} GB/s)")
-    for r, i in zip([r for r in rows if r["bytes"] > 0], intensity):
-        ax.plot(i, r["flops"] / r["seconds"] / 1e9, "o")
-        ax.annotate(r["name"], (i, r["flops"] / r["seconds"] / 1e9), fontsize=6)
-    ax.set(xscale="log", yscale="log", xlabel="FLOPs per byte", ylabel="GFLOP/s",
-           title=f"roofline, {machine['device']}, {machine['threads']} threads")
-    ax.legend(fontsize=7)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
-
-
-# ----------------------------------------------------------------------------- --products
-
-
-def _vocabulary_chunks(x, weight, chunk: int = 8192):
-    """(W_c x^T)^T for chunks of 8192 weight rows (a chunk's W_c [8192, K] stays in the L2/L3 cache)."""
-    out = torch.empty(weight.shape[0], x.shape[0])  # [N, M]
-    for start in range(0, weight.shape[0], chunk):
-        torch.mm(weight[start:start + chunk], x.t(), out=out[start:start + chunk])
-    return out.t()
-
-
-def product_candidates(rows: int) -> dict:
-    """name -> (prepare(W) -> what the product reads, product(x, prepared) -> [M, N], dtype)."""
-    mkldnn = torch.ops.mkldnn
-    same = lambda w: w  # noqa: E731
-    candidates = {
-        "F.linear (MKL sgemm)": (same, lambda x, w: F.linear(x, w), torch.float32),
-        "(W @ x^T)^T": (same, lambda x, w: (w @ x.t()).t(), torch.float32),
-        "x @ W^T stored [K, N]": (lambda w: w.t().contiguous(), lambda x, wt: x @ wt, torch.float32),
-        "(W_c @ x^T)^T, 8192-row chunks": (same, _vocabulary_chunks, torch.float32),
-        "oneDNN, plain W (minidiff.speed.packed at M > 1)": (
-            same, lambda x, w: mkldnn._linear_pointwise(x, w, None, "none", [], ""), torch.float32),
-        "oneDNN, W prepacked for M": (lambda w: mkldnn._reorder_linear_weight(w, rows),
-                                      lambda x, p: mkldnn._linear_pointwise(x, p, None, "none", [], ""),
-                                      torch.float32),
-        "oneDNN, W packed for 32 rows (pack_weights)": (
-            lambda w: mkldnn._reorder_linear_weight(w, PACK_ROWS),
-            lambda x, p: mkldnn._linear_pointwise(x, p, None, "none", [], ""), torch.float32),
-        "bf16 F.linear (oneDNN)": (lambda w: w.bfloat16(), lambda x, w: F.linear(x.bfloat16(), w), torch.bfloat16),
-        "bf16, W packed for 32 rows (pack_weights)": (
-            lambda w: mkldnn._reorder_linear_weight(w.bfloat16(), PACK_ROWS),
-            lambda x, p: mkldnn._linear_pointwise(x.bfloat16(), p, None, "none", [], ""), torch.bfloat16),
-    }
-    if torch.backends.mkl.is_available():
-        candidates["MKL packed W (cblas_sgemm_pack)"] = (
-            lambda w: (torch.ops.mkl._mkl_reorder_linear_weight(w, rows), w),
-            lambda x, p: torch.ops.mkl._mkl_linear(x, p[0], p[1], None, rows), torch.float32)
-    return candidates
-
-
-def time_products(runs: dict, dtypes: dict, shape: tuple, repeats: int, toy: bool) -> tuple[dict, dict]:
-    """Seconds and time / bound of each run, in `repeats` interleaved rounds, each round's bound
-    from a fresh (quick) measure_machine; shape = (M, K, N, copies of W)."""
-    m, K, N, copies = shape
-    times, ratios = {name: [] for name in runs}, {name: [] for name in runs}
-    for _ in range(repeats):
-        machine = measure_machine(torch.device("cpu"), *((256, 2**25) if toy else (1024, 2**28)), repeats=2)
-        for name, run in runs.items():
-            dtype = dtypes[name]
-            peak = machine["matmul_flops_" + str(dtype).replace("torch.", "")]
-            # 2 M K N FLOPs; read W, x and write y, in the product's dtype
-            limit, _ = bound(2 * m * K * N * copies, copies * (N * K + m * N + m * K) * dtype.itemsize, peak,
-                             machine["read_bytes_per_s"])
-            t = seconds(run, torch.device("cpu"), 1)[0]
-            times[name].append(t)
-            ratios[name].append(t / limit)
-    return times, ratios
-
-
-def compare_products(config: ModelConfig, repeats: int, toy: bool) -> None:
-    """Each small-row product of the model (the decoder; each layer's four, over all layers so
-    the weights come from memory as in a forward) by every candidate formulation: median ms and
-    median time / bound, the bound re-measured in each interleaved round."""
-    H, I, L, V = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.vocab_size
-    products = {f"decoder [M, {H}] x [{H}, {V}]": (V, H, 1), f"Wqkv [M, {H}] x [{H}, {3 * H}], x{L}": (3 * H, H, L),
-                f"attention Wo [M, {H}] x [{H}, {H}], x{L}": (H, H, L),
-                f"Wi [M, {H}] x [{H}, {2 * I}], x{L}": (2 * I, H, L), f"MLP Wo [M, {I}] x [{I}, {H}], x{L}": (H, I, L)}
-    print(f"\nsmall-row products, fp32 unless named, {torch.get_num_threads()} threads; "
-          f"ms (time / bound), median of {repeats} interleaved rounds; error: max |y - y64| / max |y64|")
-    for title, (N, K, copies) in products.items():
-        g = torch.Generator().manual_seed(0)
-        weights = [torch.randn(N, K, generator=g) * 0.02 for _ in range(copies)]
-        cells, errors = {}, {}
-        for m in (1, 8, 32):
-            x = torch.randn(m, K, generator=g)
-            want = F.linear(x.double(), weights[0].double())  # [M, N] float64 reference
-            candidates = product_candidates(m)
-            runs = {}
-            with torch.no_grad():
-                for name, (prepare, product, _) in candidates.items():
-                    prepared = [prepare(w) for w in weights]
-                    got = product(x, prepared[0]).double()
-                    errors[name] = max(errors.get(name, 0.0), ((got - want).abs().max() / want.abs().max()).item())
-                    runs[name] = lambda product=product, prepared=prepared: [product(x, p) for p in prepared]
-                times, ratios = time_products(runs, {n: c[2] for n, c in candidates.items()}, (m, K, N, copies),
-                                              repeats, toy)
-            for name in runs:
-                cells.setdefault(name, []).append(f"{1e3 * statistics.median(times[name]):.3g} "
-                                                  f"({statistics.median(ratios[name]):.2f}x)")
-            del runs
-        print(f"\n{title}\n\n| formulation | M = 1 | M = 8 | M = 32 | error |\n|---|---|---|---|---|")
-        for name, row in cells.items():
-            print(f"| {name} | {' | '.join(row)} | {errors[name]:.1e} |")
-
-
-# ----------------------------------------------------------------------------- main
-
-
 def model_config(args) -> ModelConfig:
     if args.config is None:
         return tiny_shape() if args.toy else mmbert_base()
@@ -497,28 +314,21 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="auto", help="auto (cuda: bf16 autocast; cpu: bf16 with avx512_bf16 "
                    "or amx_bf16, else fp32), float32, bfloat16")
     p.add_argument("--repeats", type=int, default=1, help="timed calls per path after the counted one (median)")
-    p.add_argument("--plot", default=None, help="draw the roofline picture to this PNG (needs matplotlib)")
     p.add_argument("--compare", default=None, help="another run's --json (e.g. the GPU's): its measured columns")
-    p.add_argument("--products", action="store_true", help="compare formulations of the small-row products instead")
     p.add_argument("--no-packed-weights", action="store_true",
                    help="the model's linears multiply with their weights as stored (as sample.py --no-packed-weights)")
-    add_flags(p)  # --json: the machine, counts and times (what --compare reads)
-    args = p.parse_args(argv)
+    args = parse(p, argv)  # --json: the machine, counts and times (what --compare reads)
     if args.repeats < 1:
         raise UserError(f"--repeats must be at least 1, got {args.repeats}.")
-    use_threads(args.threads)
     config = model_config(args)
-    if args.products:
-        compare_products(config, args.repeats, args.toy)
-        return 0
     compare = read_compare(args.compare)
-    plt = pyplot() if args.plot else None  # before the minutes of measuring
     device = resolve_device(args.device)
     check_available(device)
     precision = inference_precision(args.dtype, device, pack=not args.no_packed_weights)
     compute_dtype = precision.autocast_dtype or precision.weights
-    machine_rates = measure_machine(device, *machine_sizes(device, args.toy))
-    shapes = TOY_SHAPES if args.toy else Shapes()
+    side, read_bytes = (256, 2**25) if args.toy else (8192, 2**32) if device.type == "cuda" else (2048, 2**30)
+    machine_rates = measure_machine(device, side, read_bytes)
+    shapes = TOY_SHAPES if args.toy else BASE_SHAPES
     rows = []
     for path in hot_paths(config, shapes, device, precision):
         row, elapsed = timed(lambda: add_bounds(measure(path, device, args.repeats), machine_rates, compute_dtype))
@@ -531,8 +341,6 @@ def main(argv=None) -> int:
     print_table(rows, compare, Path(args.compare).stem if compare else "")
     write_results(args.json, {"machine": {**machine(device), **machine_rates}, "precision": precision.describe(),
                               "config": config.to_dict(), "h200": H200, "paths": rows})
-    if args.plot:
-        plot(plt, rows, machine_rates, args.plot)
     return 0
 
 

@@ -1,14 +1,11 @@
-"""The sweep behind the demo's defaults: each cell is one `demo.py` run with a few flags changed;
-its summary.json gives the held-out NELBO, the infilling accuracy against the two baselines, and
-the seconds of each stage.
+"""The sweep behind the demo's defaults: each cell is one `demo.py` run with a few flags changed.
+Findings and the cells: docs/benchmarks.md ("The demo's settings: a sweep").
 
     python benchmarks/sweep_demo.py --out runs/sweep --json runs/sweep/sweep.json   # about 35 minutes
     python benchmarks/sweep_demo.py --only "centre" "peak lr 4e-3"                  # some cells
 
-Cells change one thing at a time around a centre: pre-training's warm-up, its peak and final
-learning rate, the batch size (steps scaled to the same number of tokens) and width x depth
-(steps scaled to the centre's seconds per pre-training step, from the trainer's tokens per second
-in a short run of each shape made back to back in the same sweep). Everything else is the demo's default.
+Cells change one thing at a time around a centre; the width x depth cells get the centre's
+seconds of pre-training, timed by short runs of each shape made in the same sweep.
 """
 from __future__ import annotations
 
@@ -19,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from common import add_flags, banner, write_results
+from common import banner, parse, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 CENTRE = {"cpt_steps": 2000, "cpt_warmup": 400, "cpt_lr": 2e-3, "cpt_min_lr_ratio": 0.1,
@@ -53,8 +50,7 @@ def run_demo(out: Path, settings: dict) -> dict:
 
 
 def seconds_per_step(out: Path, settings: dict) -> float:
-    """Seconds per pre-training step of this shape: the trainer's median tokens/s over a short demo
-    run (process start-up and data preparation left out)."""
+    """Seconds per pre-training step of this shape, from the trainer's median tokens/s in a short demo run."""
     short = {**settings, "cpt_steps": TIMING_STEPS, "cpt_warmup": 10, "sft_epochs": 1, "infill_snippets": 1,
              "samples": 1}
     run_demo(out, short)
@@ -68,13 +64,6 @@ def equal_time_steps(out: Path, names) -> dict[str, int]:
     centre = seconds_per_step(out / "timing-centre", CENTRE)
     return {name: int(round(CENTRE["cpt_steps"] * centre / seconds_per_step(
         out / f"timing-{i}", {**CENTRE, **SHAPES[name]}), -1)) for i, name in enumerate(names)}
-
-
-def cell_settings(name: str, steps: dict[str, int]) -> dict:
-    settings = {**CENTRE, **CELLS[name]}
-    if name in steps:  # the centre's share of warm-up (a fifth)
-        settings.update(cpt_steps=steps[name], cpt_warmup=steps[name] // 5)
-    return settings
 
 
 def row(name: str, settings: dict, summary: dict) -> dict:
@@ -105,15 +94,16 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/sweep", help="where each cell's demo run goes (default runs/sweep)")
     parser.add_argument("--only", nargs="+", choices=sorted(CELLS), help="run only these cells")
-    add_flags(parser)
-    args = parser.parse_args(argv)
+    args = parse(parser, argv)
     out = Path(args.out).resolve()
     print(banner(), flush=True)
     names = args.only or list(CELLS)
     steps = equal_time_steps(out, [n for n in names if n in SHAPES])
     rows = []
     for i, name in enumerate(names):
-        settings = cell_settings(name, steps)
+        settings = {**CENTRE, **CELLS[name]}
+        if name in steps:  # the centre's share of warm-up (a fifth)
+            settings.update(cpt_steps=steps[name], cpt_warmup=steps[name] // 5)
         rows.append(row(name, settings, run_demo(out / f"cell-{i:02d}", settings)))
         print(markdown(rows[-1:]).splitlines()[-1], flush=True)
         write_results(args.json, {"rows": rows, "equal_time_steps": steps})

@@ -1,13 +1,10 @@
 """Masked diffusion in one file: build a small ModernBERT, train it on Turkish text with the
-NELBO, watch the bound fall, then let the block sampler write.
+NELBO, watch the bound fall, then let the block sampler write. It uses the algorithm modules only;
+the equations are in docs/math.md, the sampler in docs/sampler.md, the production loop
+(accumulation, DDP, resume) in minidiff/training/trainer.py.
 
-References: MDLM (arXiv 2406.07524: the loss), LLaDA (2502.09992: the sampler), ModernBERT
-(2412.13663: the encoder). The equations behind each step are in docs/math.md, the sampler in
-docs/sampler.md; the production loop (accumulation, DDP, resume) in minidiff/training/trainer.py.
-
-    python docs/walkthrough.py                          # about a minute on a laptop CPU
-    python docs/walkthrough.py --steps 40 --eval-every 20 --hidden 32   # seconds
-    python docs/walkthrough.py --text my_turkish.txt    # your own UTF-8 text instead of the one below
+    python docs/walkthrough.py --steps 100              # under a minute on a laptop CPU
+    python docs/walkthrough.py --text my_turkish.txt    # your own UTF-8 text instead of walkthrough.txt
 """
 from __future__ import annotations
 
@@ -22,43 +19,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from minidiff import diffusion, optim  # noqa: E402
 from minidiff.errors import UserError, run_cli  # noqa: E402
 from minidiff.model import ModelConfig, ModernBertMLM  # noqa: E402
-from minidiff.sampler import SamplerConfig  # noqa: E402
-from minidiff.speed.sampling import generate  # noqa: E402
+from minidiff.sampler import SamplerConfig, generate  # noqa: E402
 
-# A few kB of plain Turkish, written for this file.
-TEXT = """\
-Türkiye, Asya ile Avrupa arasında bir köprü gibi uzanan geniş bir ülkedir. Başkenti Ankara'dır.
-En kalabalık şehri İstanbul'dur; şehir, Boğaz'ın iki yakasına yayılır ve iki kıtaya dokunur.
-Karadeniz kıyısında yağmur boldur, çay bahçeleri yamaçlardan denize doğru iner.
-Akdeniz'de yazlar uzun ve sıcaktır, kışlar ılık geçer, portakal ağaçları her yerde görülür.
-Doğu Anadolu'nun yaylaları yüksektir; kış orada erken gelir ve kar aylarca yerde kalır.
-İç Anadolu'da bozkır uzanır, buğday tarlaları rüzgârda dalgalanır, köyler birbirine uzaktır.
-Kapadokya'da peri bacaları vardır; sabahları gökyüzü sıcak hava balonlarıyla dolar.
-Ege'nin zeytinlikleri eski kentlerin kalıntılarını çevreler, deniz ise masmavidir.
-Sabah olunca annem çayı demler, babam ekmek almaya fırına gider, kardeşim henüz uyur.
-Kahvaltıda peynir, zeytin, domates, salatalık, bal ve tereyağı yeriz; sohbet uzun sürer.
-Okul yolunda arkadaşlarımla buluşurum, birlikte yürür, dünkü maçı konuşuruz.
-Öğretmenimiz bugün bize suyun döngüsünü anlattı: su buharlaşır, bulut olur, yağmur yağar.
-Öğleden sonra kütüphaneye gittim ve eski bir tarih kitabı okudum; sayfaları sararmıştı.
-Akşam yemeğinde mercimek çorbası, pilav ve fırında sebze vardı; tatlı olarak baklava yedik.
-Dedem bahçede domates, biber ve fasulye yetiştirir; her sabah onları sular.
-Ninem bize eski masallar anlatır; masallarında devler, cüceler ve konuşan kuşlar olur.
-Kış gelince sokaklar karla örtülür, çocuklar kızak kayar, kartopu oynar, kardan adam yapar.
-Bahar gelince ağaçlar çiçek açar, kırlangıçlar döner, tarlalarda işler yeniden başlar.
-Yaz tatilinde denize gideriz; kumda kaleler yapar, dalgalarla oynar, akşamları balık yeriz.
-Sonbaharda yapraklar sararır ve düşer, havalar serinler, okullar yeniden açılır.
-Kitap okumak insanın ufkunu genişletir; her kitap başka bir dünyaya açılan bir kapıdır.
-Bilim, merak eden ve soru soran insanların emeğiyle ilerler; her cevap yeni bir soru getirir.
-Şehrin pazarında sebze ve meyve satılır; satıcılar yüksek sesle mallarını över.
-Vapurla karşıya geçerken martılara simit atarız; martılar havada yakalar.
-Trenle yolculuk yavaş ama güzeldir; pencereden dağlar, ovalar ve nehirler geçer.
-Dostluk, zor günde yanında olmaktır; iyi bir dost, sevinci de üzüntüyü de paylaşır.
-Türkçe, sondan eklemeli bir dildir; kelimelerin sonuna ekler gelir ve anlam değişir.
-Evlerimiz, evlerimizden, evlerimizdeki gibi kelimeler bu eklerle kurulur.
-Yarın sabah erkenden kalkacağız, köye gidip dedemin bahçesinde ona yardım edeceğiz.
-Güneş batarken gökyüzü kızıla boyanır, ezan okunur, sokak lambaları birer birer yanar.
-"""
-
+TEXT = Path(__file__).with_name("walkthrough.txt")  # a few kB of plain Turkish, written for this file
 RESERVED_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]  # mmBERT's first five ids
 PAD, EOS, BOS, UNK, MASK = range(5)
 
@@ -73,7 +36,7 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--eval-every", type=int, default=100, help="steps between held-out bounds")
     p.add_argument("--sample-tokens", type=int, default=48, help="characters the sampler writes")
-    p.add_argument("--text", type=Path, default=None, help="a UTF-8 text file to train on instead")
+    p.add_argument("--text", type=Path, default=TEXT, help="the UTF-8 text to train on")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -87,7 +50,7 @@ def windows(ids: torch.Tensor, count: int, length: int, generator) -> torch.Tens
 
 @torch.no_grad()
 def held_out_bound(model, x0: torch.Tensor) -> float:
-    """NELBO per character on fixed held-out windows (same masks each time, so values compare):
+    """NELBO per character on fixed held-out windows (the same masks each time, so values compare):
     E_t E_xt[ w(t) sum_masked -log p(x0_i | x_t) ] / #tokens >= -log p(x0) / #tokens."""
     model.eval()
     draws = [diffusion.nelbo_loss(model, x0, MASK, normalize="token", stratified=True,
@@ -98,26 +61,24 @@ def held_out_bound(model, x0: torch.Tensor) -> float:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if args.text is not None and not args.text.is_file():
+    if not args.text.is_file():
         raise UserError(f"--text {args.text}: no such file; expected a UTF-8 text file")
-    text = args.text.read_text(encoding="utf-8") if args.text is not None else TEXT
+    text = args.text.read_text(encoding="utf-8")
     if len(text) < 4 * args.seq_len:
         raise UserError(f"the text has {len(text)} characters; expected at least 4 x --seq-len")
     torch.manual_seed(args.seed)
+    torch.set_num_threads(1)  # matrices this small: extra threads wait on one another, worst on a busy machine
 
     # 1. A character-level vocabulary after mmBERT's five special tokens.
-    chars = sorted(set(text))
-    itos = RESERVED_TOKENS + chars
+    itos = RESERVED_TOKENS + sorted(set(text))
     stoi = {c: i for i, c in enumerate(itos)}
     ids = torch.tensor([stoi[c] for c in text])
-    split = int(0.9 * len(ids))
-    train_ids, held_ids = ids[:split], ids[split:]
+    train_ids, held_ids = ids[: int(0.9 * len(ids))], ids[int(0.9 * len(ids)):]
 
     # 2. A small ModernBERT: alternating local (window 16) and global attention, tied decoder.
     config = ModelConfig(vocab_size=len(itos), hidden_size=args.hidden, intermediate_size=2 * args.hidden,
-                         num_hidden_layers=args.layers, num_attention_heads=4,
-                         max_position_embeddings=args.seq_len, local_attention=16,
-                         global_attn_every_n_layers=2, pad_token_id=PAD, eos_token_id=EOS,
+                         num_hidden_layers=args.layers, num_attention_heads=4, max_position_embeddings=args.seq_len,
+                         local_attention=16, global_attn_every_n_layers=2, pad_token_id=PAD, eos_token_id=EOS,
                          bos_token_id=BOS, cls_token_id=BOS, sep_token_id=EOS, mask_token_id=MASK)
     model = ModernBertMLM(config).train()
     print(f"model: {model.num_parameters():,} parameters, vocabulary {len(itos)} "
@@ -148,10 +109,10 @@ def main(argv=None) -> None:
     model.eval()
     prompt = "Türkiye"
     prompt_ids = [BOS] + [stoi.get(c, UNK) for c in prompt]
-    sampler = SamplerConfig(max_new_tokens=args.sample_tokens, steps=args.sample_tokens,
-                            block_length=16, repetition_penalty=1.2)
+    sampler = SamplerConfig(max_new_tokens=args.sample_tokens, steps=args.sample_tokens, block_length=16,
+                            repetition_penalty=1.2)
     out = generate(model, [prompt_ids], sampler, mask_id=MASK, eos_id=EOS)
-    answer = out.answers()[0]
+    answer = out.sequences[0, len(prompt_ids):].tolist()  # [max_new_tokens]
     written = "".join(itos[i] for i in answer if i >= len(RESERVED_TOKENS))
     print(f"sampled {len(answer)} tokens ({len(written)} characters) in {out.num_forward} model calls:")
     print(prompt + written)

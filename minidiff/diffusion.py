@@ -1,21 +1,14 @@
 """Absorbing-state (masked) diffusion: schedules, the forward process, the NELBO, likelihoods.
-
 References: MDLM (arXiv 2406.07524: the NELBO, the schedules, stratified t), LLaDA (2502.09992:
 the l/L likelihood estimator), ARDM (2110.02037) and RADD (2406.03736): the any-order identity.
-Forward process: each maskable token of x0 stays itself with probability alpha(t), else becomes
-<mask>; t ~ U(eps, 1), one t per sequence. The continuous-time NELBO bounds -log p(x0):
-    NELBO = E_t E_{x_t} [ w(t) * sum_{i masked} -log p(x0_i | x_t) ],   w(t) = -alpha'(t) / (1 - alpha(t))
-Summed over the subsets M of masked positions it is exact and schedule-free (`exact_nelbo`):
-    NELBO = sum_{M != {}} (|M|-1)! (L-|M|)! / L! * sum_{i in M} -log p(x0_i | x0 with M masked)
-LLaDA's estimator (`mc_loglik`) draws |M| = l uniform in 1..L and M uniform of that size, and
-scores (L / l) * sum_{i in M} CE. The model never predicts <mask>: its logit leaves every softmax.
+Derivations, and the test of each identity: docs/math.md. The model never predicts <mask>: its
+logit leaves every softmax.
 
     loss, n = nelbo_loss(model, ids, tok.mask_id, maskable=labels != -100)
-    logp = mc_loglik(model, prompt_ids, answer_ids, tok.mask_id, num_samples=32)
+    logp = mc_loglik(model, prompt_ids, answer_ids, tok.mask_id)
 
-The losses here read dense logits at the masked positions; minidiff/speed/chunked_loss.py computes
-the same values without the [N, V] logits. Derivations: docs/math.md.
-"""
+The losses here read dense logits at the masked positions; minidiff/speed/chunked_loss.py passes
+`nelbo_loss` a cross-entropy that computes the same values without the [N, V] logits."""
 from __future__ import annotations
 
 import math
@@ -25,23 +18,17 @@ import torch
 import torch.nn.functional as F
 
 from minidiff.errors import UserError
+from minidiff.model import model_device
 
-# ---------------------------------------------------------------------------------------------
-# Schedules: alpha(t) = P(token still itself at time t), decreasing from ~1 at t=0 to ~0 at t=1.
-# Each class gives mask_prob(t) = 1 - alpha(t) in closed form (no cancellation at small t).
-# ---------------------------------------------------------------------------------------------
+DEFAULT_MC_SAMPLES = 128  # Monte-Carlo samples per answer when a caller names none (every script's default)
+
+# --- Schedules: alpha(t) = P(token still itself at time t), from ~1 at t=0 to ~0 at t=1; each
+# gives mask_prob(t) = 1 - alpha(t) in closed form (no cancellation at small t). docs/math.md, 2.
 
 
 class Schedule:
-    """alpha(t), alpha'(t) and the NELBO weight w(t) = -alpha'(t) / (1 - alpha(t))."""
-
-    name = "schedule"
-
-    def mask_prob(self, t):
-        raise NotImplementedError
-
-    def alpha_prime(self, t):
-        raise NotImplementedError
+    """alpha(t) and the NELBO weight w(t) = -alpha'(t) / (1 - alpha(t)) from a subclass's
+    mask_prob(t) = 1 - alpha(t) and alpha_prime(t)."""
 
     def alpha(self, t):
         # alpha(t) = 1 - P(masked at t)
@@ -54,9 +41,7 @@ class Schedule:
 
 @dataclass
 class LinearSchedule(Schedule):
-    """alpha(t) = 1 - t: mask probability t, weight 1/t (dllm's default, what Diffutron ran)."""
-
-    name = "linear"
+    """alpha(t) = 1 - t: weight 1/t (dllm's default, what Diffutron ran)."""
 
     def mask_prob(self, t):
         # 1 - alpha(t) = t
@@ -69,9 +54,7 @@ class LinearSchedule(Schedule):
 
 @dataclass
 class CosineSchedule(Schedule):
-    """alpha(t) = 1 - cos(pi/2 (1 - t)): mask probability sin(pi t / 2), weight (pi/2) cot(pi t / 2)."""
-
-    name = "cosine"
+    """alpha(t) = 1 - cos(pi/2 (1 - t)): weight (pi/2) cot(pi t / 2)."""
 
     def mask_prob(self, t):
         # 1 - alpha(t) = cos(pi/2 (1 - t)) = sin(pi t / 2)
@@ -84,14 +67,9 @@ class CosineSchedule(Schedule):
 
 @dataclass
 class LogLinearSchedule(Schedule):
-    """MDLM's LogLinearNoise: total noise sigma(t) = -log(1 - (1-eps) t), alpha(t) = exp(-sigma(t)).
-
-    So alpha(t) = 1 - (1-eps) t: linear with the mask probability capped at 1 - eps at t=1, and
-    weight -alpha'/(1-alpha) = (1-eps) / ((1-eps) t) = 1/t, the same as the linear schedule.
-    """
+    """MDLM's LogLinearNoise: sigma(t) = -log(1 - (1-eps) t), alpha(t) = exp(-sigma(t)) = 1 - (1-eps) t."""
 
     eps: float = 1e-3
-    name = "loglinear"
 
     def mask_prob(self, t):
         # 1 - alpha(t) = 1 - exp(-sigma(t)) = (1 - eps) t
@@ -114,9 +92,7 @@ def get_schedule(schedule: str | Schedule = "linear") -> Schedule:
     return SCHEDULES[schedule]()
 
 
-# ---------------------------------------------------------------------------------------------
-# Time sampling and the forward (masking) process.
-# ---------------------------------------------------------------------------------------------
+# --- Time sampling and the forward (masking) process.
 
 
 def _draw_device(generator, device):
@@ -126,12 +102,8 @@ def _draw_device(generator, device):
 
 
 def sample_t(batch: int, eps: float = 1e-3, stratified: bool = False, generator=None, device=None):
-    """Diffusion times [batch] in [eps, 1).
-
-    iid (dllm):        t_i = eps + (1 - eps) u_i
-    stratified (MDLM): t_i = eps + (1 - eps) (u_i + i) / n, one draw in each of n equal strata
-    (MDLM's `_sample_t` with antithetic_sampling: `(u / n + arange(n) / n) % 1`).
-    """
+    """Diffusion times [batch] in [eps, 1): iid (dllm), or one in each of `batch` equal strata
+    (MDLM's `_sample_t` with antithetic_sampling)."""
     u = torch.rand(batch, generator=generator, device=_draw_device(generator, device))  # [B]
     if stratified:
         # (u_i + i) / n: sample i lands in the stratum [i/n, (i+1)/n)
@@ -149,11 +121,8 @@ def _maskable_or_all(x0, maskable, attention_mask=None):
 
 
 def corrupt(x0, t, mask_id: int, maskable=None, generator=None, schedule="linear"):
-    """Forward process q(x_t | x0): (xt [B, S], is_masked [B, S] bool).
-
-    Each maskable token is replaced by mask_id independently with probability 1 - alpha(t_b)
-    (t: [B], one time per sequence); positions not maskable (SFT prompt, padding) never change.
-    """
+    """Forward process q(x_t | x0), one time per row (t [B]): (xt [B, S], is_masked [B, S] bool).
+    Positions not maskable (SFT prompt, padding) never change."""
     schedule = get_schedule(schedule)
     maskable = _maskable_or_all(x0, maskable)
     # P(masked) = 1 - alpha(t), per row
@@ -164,29 +133,25 @@ def corrupt(x0, t, mask_id: int, maskable=None, generator=None, schedule="linear
     return xt, is_masked
 
 
-def token_cross_entropy(logits, targets, excluded_id: int | None):
-    """-log softmax(logits)[target] per row, the column excluded_id (<mask>) removed from the
-    softmax unless None: logits [N, V], targets [N] -> [N] in >= fp32."""
+def masked_cross_entropy(model, xt, is_masked, x0, weights, *, attention_mask=None, excluded_id=None):
+    """(sum_i w_i CE_i, CE [N]) at the masked positions of xt [B, S], from dense logits [N, V] in >= fp32,
+    excluded_id (<mask>) out of the softmax unless None; weights [B, S] or broadcastable, read where masked."""
+    logits = model(xt, attention_mask, logits_at=is_masked)  # [N, V]
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     if excluded_id is not None:
-        is_excluded = torch.arange(logits.shape[-1], device=logits.device) == excluded_id  # [V]
-        logits = logits.masked_fill(is_excluded, float("-inf"))
-    return F.cross_entropy(logits, targets, reduction="none")
+        logits = logits.masked_fill(torch.arange(logits.shape[-1], device=logits.device) == excluded_id, float("-inf"))
+    # CE_i = -log p(x0_i | x_t)
+    token_ce = F.cross_entropy(logits, x0[is_masked], reduction="none")  # [N]
+    weight = torch.as_tensor(weights, device=xt.device).expand(is_masked.shape)[is_masked]  # [N]
+    return (weight.to(token_ce) * token_ce).sum(), token_ce
 
 
-# ---------------------------------------------------------------------------------------------
-# The training objective.
-# ---------------------------------------------------------------------------------------------
+# --- The training objective (docs/math.md, sections 2 and 6).
 
 
 def nelbo_normalizer(maskable, normalize: str = "sequence", attention_mask=None) -> torch.Tensor:
-    """What `nelbo_loss` divides the batch's weighted CE sum by (0-d float32, no host copy).
-
-    "token": the maskable-token count of the batch; "sequence": the number of rows (each row's
-    sum is first divided by its own maskable count). A trainer that accumulates micro-batches
-    weights micro-batch m by this number, so that sum_m loss_m * n_m / sum_m n_m is the loss
-    of the whole batch.
-    """
+    """What `nelbo_loss` divides the batch's weighted CE sum by (0-d float32, no host copy):
+    "token": the batch's maskable-token count; "sequence": its number of rows."""
     if normalize not in ("sequence", "token"):
         raise UserError(f"normalize={normalize!r} is not known; expected 'sequence' or 'token'")
     maskable = _maskable_or_all(maskable, maskable, attention_mask)  # [B, S]
@@ -195,17 +160,13 @@ def nelbo_normalizer(maskable, normalize: str = "sequence", attention_mask=None)
     return maskable.new_full((), maskable.shape[0], dtype=torch.float32)
 
 
-def nelbo_draw(x0, mask_id: int, *, maskable=None, attention_mask=None, schedule="linear",
+def nelbo_loss(model, x0, mask_id: int, *, maskable=None, attention_mask=None, schedule="linear",
                normalize: str = "sequence", stratified: bool = False, eps: float = 1e-3, t=None,
-               generator=None):
-    """One draw of the NELBO's times and masks: (xt [B, S], is_masked [B, S], row weight [B] f64).
-
-    The loss of the draw is sum_b weight_b * sum_{i masked in row b} CE_i, with
-    normalize="sequence" (dllm): weight_b = w(t_b) / |maskable_b| / B (the mean over rows);
-    normalize="token" (MDLM):    weight_b = w(t_b) / sum_b |maskable_b|.
-    maskable [B, S] bool defaults to every position (never padding under an attention_mask);
-    t [B] (or a number) overrides the drawn times.
-    """
+               generator=None, cross_entropy=masked_cross_entropy):
+    """One Monte-Carlo draw of the continuous-time NELBO: (loss, num_masked). x0 [B, S] clean ids;
+    maskable [B, S] bool (default every position, never padding under an attention_mask); t [B] (or a
+    number) overrides the drawn times; cross_entropy: as `masked_cross_entropy`. An empty draw gives a
+    zero that still backpropagates."""
     schedule = get_schedule(schedule)
     maskable = _maskable_or_all(x0, maskable, attention_mask)  # [B, S]
     denominator = nelbo_normalizer(maskable, normalize).double()  # rows, or maskable tokens
@@ -217,49 +178,26 @@ def nelbo_draw(x0, mask_id: int, *, maskable=None, attention_mask=None, schedule
     if normalize == "sequence":
         # w(t_b) / |maskable_b|: each row's per-token mean, before the mean over rows
         weight = weight / maskable.sum(1).clamp(min=1)
-    # / B (sequence) or / sum_b |maskable_b| (token)
-    return xt, is_masked, weight / denominator
+    # loss = sum_b weight_b / denominator * sum_{i masked in row b} CE_i
+    loss, _ = cross_entropy(model, xt, is_masked, x0, (weight / denominator)[:, None],
+                            attention_mask=attention_mask, excluded_id=mask_id)
+    return loss, is_masked.sum()
 
 
-def nelbo_loss(model, x0, mask_id: int, *, maskable=None, attention_mask=None, schedule="linear",
-               normalize: str = "sequence", stratified: bool = False, eps: float = 1e-3, t=None,
-               generator=None):
-    """One Monte-Carlo draw of the continuous-time NELBO (MDLM; docs/math.md): (loss, num_masked).
-
-    x0 [B, S] clean ids; the other arguments are `nelbo_draw`'s. An empty draw gives a zero that
-    still backpropagates.
-    """
-    xt, is_masked, row_weight = nelbo_draw(
-        x0, mask_id, maskable=maskable, attention_mask=attention_mask, schedule=schedule,
-        normalize=normalize, stratified=stratified, eps=eps, t=t, generator=generator)
-    logits = model(xt, attention_mask, logits_at=is_masked)  # [N, V] at the masked positions
-    # CE_i = -log p(x0_i | x_t), the <mask> column out of the softmax
-    token_ce = token_cross_entropy(logits, x0[is_masked], mask_id)  # [N]
-    weight = row_weight[:, None].expand_as(x0)[is_masked]  # [N] each position's row weight
-    # loss = sum_b weight_b sum_{i masked in row b} CE_i
-    return (weight.to(token_ce) * token_ce).sum(), is_masked.sum()
-
-
-# ---------------------------------------------------------------------------------------------
-# Likelihoods: the exact NELBO and the likelihood of an answer.
-# ---------------------------------------------------------------------------------------------
+# --- Likelihoods: the exact NELBO and the likelihood of an answer (docs/math.md, sections 3-4).
 
 MAX_EXACT_LENGTH = 16  # 2^16 - 1 masks: the longest sequence the exact sums enumerate
 
 
-def _model_device(model) -> torch.device:
-    param = next(iter(model.parameters()), None)
-    return param.device if param is not None else torch.device("cpu")
-
-
-def masked_ce_per_row(model, x0, is_masked, mask_id: int, attention_mask=None):
+def masked_ce_per_row(model, x0, is_masked, mask_id: int, attention_mask=None, *,
+                      cross_entropy=masked_cross_entropy):
     """C(M_b) = sum_{i masked in row b} -log p(x0_i | x0 with M_b masked) per row: [B] float64,
-    for x0 [B, S] and the masks is_masked [B, S] (<mask> out of the softmax)."""
+    for x0 [B, S] and the masks is_masked [B, S]."""
     xt = torch.where(is_masked, torch.full_like(x0, mask_id), x0)  # [B, S]
-    logits = model(xt, attention_mask, logits_at=is_masked)  # [N, V]
-    token_ce = token_cross_entropy(logits, x0[is_masked], mask_id).double()  # [N]
+    _, token_ce = cross_entropy(model, xt, is_masked, x0, torch.zeros((), dtype=torch.float64),
+                                attention_mask=attention_mask, excluded_id=mask_id)  # [N]
     per_position = torch.zeros(x0.shape, dtype=torch.float64, device=x0.device)  # [B, S]
-    return per_position.masked_scatter(is_masked, token_ce).sum(1)
+    return per_position.masked_scatter(is_masked, token_ce.double()).sum(1)
 
 
 def all_masks(L: int, subsets: range | None = None, device=None):
@@ -276,14 +214,8 @@ def all_masks(L: int, subsets: range | None = None, device=None):
 
 @torch.no_grad()
 def exact_nelbo(model, x0, mask_id: int, maskable=None, *, batch_size: int = 256) -> float:
-    """The NELBO of one sequence x0 [S], exactly, by enumerating the 2^L - 1 masks (L <= 16).
-
-        NELBO(x0) = sum_{M != {}} (|M|-1)! (L-|M|)! / L!  *  sum_{i in M} -log p(x0_i | x0 with M masked)
-
-    over the subsets M of the L maskable positions. (|M|-1)!(L-|M|)!/L! = int_0^1 w(t) t^|M|
-    (1-t)^(L-|M|) dt for the linear schedule, and the continuous NELBO is the same for every
-    schedule. It equals the any-order-autoregressive NLL averaged over all orders.
-    """
+    """The NELBO of one sequence x0 [S], exactly, by enumerating the 2^L - 1 masks of its L <= 16
+    maskable positions:  sum_{M != {}} (|M|-1)! (L-|M|)! / L! * C(M)  (the same for every schedule)."""
     x0 = torch.as_tensor(x0, dtype=torch.long).reshape(-1)  # [S]
     maskable = _maskable_or_all(x0, None if maskable is None else torch.as_tensor(maskable).reshape(-1))
     positions = maskable.nonzero().flatten()  # [L]
@@ -291,7 +223,7 @@ def exact_nelbo(model, x0, mask_id: int, maskable=None, *, batch_size: int = 256
     if L > MAX_EXACT_LENGTH:
         raise UserError(f"exact_nelbo enumerates 2^L masks and accepts at most {MAX_EXACT_LENGTH} "
                         f"maskable positions; this sequence has {L}")
-    device = _model_device(model)
+    device = model_device(model)
     x0, positions = x0.to(device), positions.to(device)
     total = torch.zeros((), dtype=torch.float64, device=device)
     for start in range(0, 2**L - 1, batch_size):
@@ -303,37 +235,13 @@ def exact_nelbo(model, x0, mask_id: int, maskable=None, *, batch_size: int = 256
     return float(total)
 
 
-def answer_sequence(prompt_ids, answer_ids):
-    """(prompt + answer ids [S] long, L): the sequence whose last L tokens are the answer scored."""
-    prompt = torch.as_tensor(prompt_ids, dtype=torch.long).reshape(-1)
-    answer = torch.as_tensor(answer_ids, dtype=torch.long).reshape(-1)
-    if answer.numel() == 0:
-        raise UserError("an answer to score is empty; expected at least one answer token")
-    return torch.cat([prompt, answer]), answer.numel()
-
-
-def check_sample_counts(num_samples: int, batch_size: int) -> None:
-    if num_samples < 1 or batch_size < 1:
-        raise UserError(f"num_samples={num_samples} and batch_size={batch_size} must both be >= 1")
-
-
-def stratum_offset(L: int, generator=None) -> torch.Tensor:
-    """k ~ U{0 .. L-1} [1], drawn once per answer before its masks: it staggers their sizes
-    (`draw_answer_masks`). On the generator's device (the CPU without one)."""
-    return torch.randint(L, (1,), generator=generator, device=_draw_device(generator, None))
-
-
 def draw_answer_masks(L: int, num_samples: int, offset, draws: range | None = None, generator=None):
-    """LLaDA's draws j in `draws` (default all num_samples) for an answer of L tokens, offset k from
-    `stratum_offset`: (masked [c, L] bool, weight L / l_j [c] float64).
-
-    Draw j masks a uniform l_j-subset of the answer, l_j = ((k + floor(j L / n)) mod L) + 1: each
-    l_j is uniform on 1..L and together they cover 1..L evenly. Drawing range after range consumes
-    the generator as drawing them all at once, so memory can be set by the range, not by n.
-    """
+    """LLaDA's draws j in `draws` (default all num_samples) for an answer of L tokens, given the
+    offset k ~ U{0..L-1} [1] drawn once per answer: (masked [c, L] bool, weight L / l_j [c] float64).
+    Drawing range after range consumes the generator as drawing them all at once."""
     draws = range(num_samples) if draws is None else draws
     j = torch.arange(draws.start, draws.stop, device=offset.device)  # [c]
-    # l_j = ((k + floor(j L / n)) mod L) + 1
+    # l_j = ((k + floor(j L / n)) mod L) + 1: each uniform on 1..L, together covering 1..L evenly
     num_masked = (offset + (j * L) // num_samples) % L + 1  # [c]
     # a uniform l-subset: the answer positions holding the l smallest uniform scores
     scores = torch.rand(len(draws), L, generator=generator, device=offset.device)  # [c, L]
@@ -342,22 +250,22 @@ def draw_answer_masks(L: int, num_samples: int, offset, draws: range | None = No
 
 
 @torch.no_grad()
-def mc_loglik(model, prompt_ids, answer_ids, mask_id: int, *, num_samples: int = 32,
+def mc_loglik(model, prompt_ids, answer_ids, mask_id: int, *, num_samples: int = DEFAULT_MC_SAMPLES,
               batch_size: int = 32, generator=None) -> float:
-    """LLaDA's Monte-Carlo estimate of log p(answer | prompt) (`get_log_likelihood.py`; docs/math.md).
-
-    Sample j: l_j ~ U{1..L} (stratified over the samples), exactly l_j answer tokens masked, the
-    prompt never; it scores v_j = (L / l_j) * sum_masked CE, the estimate is -mean_j v_j and its
-    expectation -exact_nelbo over the answer positions, a lower bound on log p(answer | prompt).
-    L = 1 is exact for any num_samples. Forwards of batch_size rows.
-    """
-    check_sample_counts(num_samples, batch_size)
-    sequence, L = answer_sequence(prompt_ids, answer_ids)
+    """LLaDA's Monte-Carlo estimate of log p(answer | prompt) (`get_log_likelihood.py`), a lower
+    bound in expectation: -mean_j (L / l_j) C(M_j), M_j l_j answer positions (the prompt never).
+    L = 1 is exact for any num_samples. Forwards of batch_size rows."""
+    answer = torch.as_tensor(answer_ids, dtype=torch.long).reshape(-1)
+    L = answer.numel()
+    if L == 0:
+        raise UserError("an answer to score is empty; expected at least one answer token")
+    sequence = torch.cat([torch.as_tensor(prompt_ids, dtype=torch.long).reshape(-1), answer])  # [S]
     if L == 1:  # the one mask is the whole answer: exact
         return -exact_nelbo(model, sequence, mask_id, torch.arange(sequence.numel()) == sequence.numel() - 1)
-    device = _model_device(model)
-    sequence, offset = sequence.to(device), stratum_offset(L, generator)
-    total = torch.zeros((), dtype=torch.float64, device=device)
+    device = model_device(model)
+    # k ~ U{0..L-1}, once per answer, before its masks
+    offset = torch.randint(L, (1,), generator=generator, device=_draw_device(generator, None))
+    sequence, total = sequence.to(device), torch.zeros((), dtype=torch.float64, device=device)
     for start in range(0, num_samples, batch_size):
         draws = range(start, min(start + batch_size, num_samples))
         masks, weight = draw_answer_masks(L, num_samples, offset, draws, generator)  # [b, L], [b]

@@ -1,20 +1,7 @@
-"""LoRA (Hu et al. 2021) for the encoder's linears: the layer, applying, merging, unmerging.
-
-References: LoRA (arXiv 2106.09685). Matches peft's `tuners/lora/layer.py` (`Linear`: init,
-scaling alpha / r, dropout, merge). A LoRA layer keeps the pretrained W frozen and learns
-
-    y = x W^T + b + (alpha / r) * dropout(x) A^T B^T        A: [r, in], B: [out, r]
-
-A starts kaiming-uniform (a = sqrt(5), as peft) and B at zero, so training starts from the
-pretrained model exactly. Merging folds the correction into the weight, W <- W + (alpha/r) B A
-(unmerge subtracts it back). Diffutron (2603.20466) adapts every per-layer linear: attn.Wqkv,
-attn.Wo, mlp.Wi and mlp.Wo ("Wo" matches both, as peft's `target_modules` matching does); the
-MLM head is not adapted. Parameter names follow peft, so adapters cross in both directions:
-    model.layers.0.attn.Wqkv.weight         the frozen base weight (plain transformers key)
-    model.layers.0.attn.Wqkv.lora_A.weight  [r, in]
-    model.layers.0.attn.Wqkv.lora_B.weight  [out, r]
-peft's adapter files (adapter_config.json, adapter_model.safetensors): minidiff/plumbing/peft_io.py.
-"""
+"""LoRA (Hu et al., arXiv 2106.09685) for the encoder's linears: the layer, applying, merging,
+unmerging. Matches peft's `tuners/lora/layer.py` (`Linear`: init, scaling alpha / r, dropout,
+merge); parameter names follow peft, so adapters cross in both directions. The equations, the
+adapted linears and the names: docs/math.md section 7; peft's adapter files: plumbing/peft_io.py."""
 from __future__ import annotations
 
 import math
@@ -28,21 +15,15 @@ DEFAULT_TARGETS = ("Wqkv", "Wo", "Wi")
 
 
 class LoRALinear(nn.Module):
-    """A frozen linear plus a trainable rank-r correction (see the module docstring).
-
-    The base `weight` and `bias` are the wrapped linear's own Parameter objects (not copies),
-    registered directly on this module so their state-dict keys stay `...Wqkv.weight`.
-    """
+    """A frozen linear plus a trainable rank-r correction. The base `weight` and `bias` are the
+    wrapped linear's own Parameters, registered here so their keys stay `...Wqkv.weight`."""
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0):
         super().__init__()
-        self.in_features = base.in_features
-        self.out_features = base.out_features
-        self.weight = base.weight  # [out, in]
-        self.bias = base.bias  # [out] or None
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias  # [out, in], [out] or None
         self.r, self.alpha, self.dropout_p = r, alpha, dropout
-        # scaling = alpha / r  (plain LoRA, not rsLoRA's alpha / sqrt(r))
-        self.scaling = alpha / r
+        self.scaling = alpha / r  # plain LoRA, not rsLoRA's alpha / sqrt(r)
         like = {"device": base.weight.device, "dtype": base.weight.dtype}
         self.lora_A = nn.Linear(self.in_features, r, bias=False, **like)  # A: [r, in]
         self.lora_B = nn.Linear(r, self.out_features, bias=False, **like)  # B: [out, r]
@@ -107,10 +88,9 @@ def target_linears(model: nn.Module, targets) -> list[tuple[str, nn.Module]]:
             matched.add(last)
     missing = [t for t in targets if t not in matched]
     if missing:
-        raise UserError(
-            f"LoRA target {missing[0]!r} matches no linear layer of the encoder; expected names "
-            f"among {sorted({n.rsplit('.', 1)[-1] for n, m in layers.named_modules() if isinstance(m, nn.Linear)})}"
-        )
+        names = sorted({n.rsplit(".", 1)[-1] for n, m in layers.named_modules() if isinstance(m, nn.Linear)})
+        raise UserError(f"LoRA target {missing[0]!r} matches no linear layer of the encoder; "
+                        f"expected names among {names}")
     return found
 
 
@@ -123,32 +103,22 @@ def check_hyperparameters(r, alpha, dropout) -> None:
         raise UserError(f"LoRA dropout must lie in [0, 1), got {dropout!r}")
 
 
-def _normalize_targets(targets) -> tuple[str, ...]:
+def apply_lora(model: nn.Module, r: int, alpha: float, dropout: float = 0.0,
+               targets=DEFAULT_TARGETS) -> nn.Module:
+    """Replace the target linears of every encoder layer by LoRALinear (in place; returns the
+    model); afterwards exactly the lora_A / lora_B weights require grad."""
+    check_hyperparameters(r, alpha, dropout)
     targets = (targets,) if isinstance(targets, str) else tuple(targets)
     if not targets:
         raise UserError("LoRA targets are empty; expected module names such as ('Wqkv', 'Wo', 'Wi')")
-    return targets
-
-
-def apply_lora(model: nn.Module, r: int, alpha: float, dropout: float = 0.0,
-               targets=DEFAULT_TARGETS) -> nn.Module:
-    """Replace the target linears of every encoder layer by LoRALinear and freeze the rest.
-
-    In place; returns the model. Afterwards exactly the lora_A / lora_B weights require grad
-    (base weights, norms, embeddings and the head are frozen).
-    """
-    check_hyperparameters(r, alpha, dropout)
-    targets = _normalize_targets(targets)
     if lora_modules(model):
         raise UserError("LoRA is already applied to this model; apply it once (or load_adapter into it)")
     for name, linear in target_linears(model, targets):
         parent_name, _, child = name.rpartition(".")
-        model.get_submodule(parent_name).register_module(child, LoRALinear(linear, r, alpha, dropout).train(linear.training))
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for _, m in lora_modules(model):
-        m.lora_A.weight.requires_grad_(True)
-        m.lora_B.weight.requires_grad_(True)
+        adapted = LoRALinear(linear, r, alpha, dropout).train(linear.training)
+        model.get_submodule(parent_name).register_module(child, adapted)
+    for name, p in model.named_parameters():
+        p.requires_grad_(".lora_A." in name or ".lora_B." in name)
     return model
 
 
@@ -175,11 +145,8 @@ def lora_report(model: nn.Module) -> str:
 
 
 def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The merged base weights under the plain transformers keys, lora tensors left out.
-
-    What `checkpoint.save_pretrained(model, dir, state_dict=...)` needs to export a LoRA-trained model as
-    an ordinary checkpoint. The model itself is not changed.
-    """
+    """The merged base weights under the plain transformers keys, lora tensors left out (an ordinary
+    checkpoint of a LoRA-trained model); the model is not changed."""
     state = {k: v for k, v in model.state_dict().items() if ".lora_A." not in k and ".lora_B." not in k}
     for name, m in lora_modules(model):
         if not m.merged:
@@ -190,8 +157,5 @@ def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The lora_A / lora_B weights under minidiff's (= transformers-relative) names."""
-    out = {}
-    for name, m in lora_modules(model):
-        out[f"{name}.lora_A.weight"] = m.lora_A.weight.detach()
-        out[f"{name}.lora_B.weight"] = m.lora_B.weight.detach()
-    return out
+    return {f"{name}.{part}.weight": getattr(m, part).weight.detach()
+            for name, m in lora_modules(model) for part in ("lora_A", "lora_B")}

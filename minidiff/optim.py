@@ -1,21 +1,8 @@
-"""AdamW, its parameter groups, the warmup + cosine learning-rate schedule and gradient clipping.
-
-References: AdamW (arXiv 1711.05101), Adam (1412.6980). Matches `torch.optim.AdamW` (bitwise),
-transformers' `get_cosine_schedule_with_warmup` and `torch.nn.utils.clip_grad_norm_`.
-
-AdamW (Loshchilov & Hutter 2019), the update torch.optim.AdamW performs, for step t = 1, 2, ...:
-
-    p   <- p - lr * wd * p                      decoupled weight decay (not through the gradient)
-    m   <- beta1 m + (1 - beta1) g              first moment
-    v   <- beta2 v + (1 - beta2) g^2            second moment
-    p   <- p - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)   bias-corrected step
-
-State is fp32 whatever the parameter dtype. For a bf16/fp16 parameter the optimizer also keeps
-an fp32 master copy of it: the update is applied to the master and the result rounded into the
-parameter, so updates smaller than the parameter's rounding step (lr * 1 vs a bf16 ulp of
-|p| / 256) accumulate instead of being lost. Cost: 12 bytes of state per such parameter
-(m, v, master), 8 per fp32 parameter. No 8-bit or paged state.
-"""
+"""AdamW with fp32 state (and fp32 master copies of bf16/fp16 parameters), its parameter groups,
+the warmup + cosine learning-rate schedule and gradient clipping: the update and why the master
+copies, docs/math.md section 7. References: AdamW (arXiv 1711.05101), Adam (1412.6980). Matches
+`torch.optim.AdamW` (bitwise), transformers' `get_cosine_schedule_with_warmup` and
+`torch.nn.utils.clip_grad_norm_`."""
 from __future__ import annotations
 
 import math
@@ -33,12 +20,9 @@ def state_dtype(p: torch.Tensor) -> torch.dtype:
 
 
 class AdamW(torch.optim.Optimizer):
-    """AdamW with multi-tensor (`torch._foreach_*`) updates and fp32 state.
-
-    Per-parameter state: `step` (a Python int, so bias corrections need no device sync),
-    `exp_avg`, `exp_avg_sq` (fp32) and, for low-precision parameters, `master` (fp32).
-    `state_dict()` / `load_state_dict()` round-trip exactly (state stays fp32 on load).
-    """
+    """AdamW with multi-tensor (`torch._foreach_*`) updates. Per-parameter state: `step` (a Python
+    int: bias corrections need no device sync), fp32 `exp_avg`, `exp_avg_sq` and, for bf16/fp16
+    parameters, `master`."""
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.01):
@@ -70,8 +54,7 @@ class AdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
-            beta1, beta2 = group["betas"]
+            lr, wd, eps, (beta1, beta2) = group["lr"], group["weight_decay"], group["eps"], group["betas"]
             weights, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
             lowp_params, lowp_masters = [], []
             for p in group["params"]:
@@ -84,14 +67,12 @@ class AdamW(torch.optim.Optimizer):
                 steps.append(state["step"])
                 exp_avgs.append(state["exp_avg"])
                 exp_avg_sqs.append(state["exp_avg_sq"])
-                if "master" in state:  # bf16/fp16 parameter: update the fp32 master
-                    weights.append(state["master"])
-                    grads.append(p.grad.to(state["master"].dtype))
+                master = state.get("master")  # bf16/fp16 parameter: the update goes to its fp32 master
+                weights.append(p if master is None else master)
+                grads.append(p.grad if master is None else p.grad.to(master.dtype))
+                if master is not None:
                     lowp_params.append(p)
-                    lowp_masters.append(state["master"])
-                else:
-                    weights.append(p)
-                    grads.append(p.grad)
+                    lowp_masters.append(master)
             if not weights:
                 continue
             # p <- p (1 - lr wd)
@@ -115,9 +96,7 @@ class AdamW(torch.optim.Optimizer):
         return loss
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Restore a `state_dict()`; unlike torch's default, state tensors stay fp32 for
-        bf16/fp16 parameters (torch would cast them to the parameter's dtype, rounding m, v
-        and the master copy)."""
+        """Restore a `state_dict()`, state kept fp32 (torch's default casts it to a bf16 parameter's dtype)."""
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups) or any(
             len(s["params"]) != len(g["params"]) for s, g in zip(saved_groups, self.param_groups)
@@ -146,13 +125,10 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Trainable parameters split into a decayed group (matrices) and an undecayed one
     (norm weights, biases, embeddings). Tied parameters appear once; empty groups are dropped."""
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    decay, no_decay, seen = [], [], set()
-    for p in model.parameters():  # parameters() already yields a tied tensor once
-        if not p.requires_grad or id(p) in seen:
-            continue
-        seen.add(id(p))
-        # no decay for vectors (norm weights, biases) and embedding tables
-        (no_decay if p.ndim < 2 or id(p) in embeddings else decay).append(p)
+    decay, no_decay = [], []
+    for p in model.parameters():  # a tied tensor comes once
+        if p.requires_grad:  # no decay for vectors (norm weights, biases) and embedding tables
+            (no_decay if p.ndim < 2 or id(p) in embeddings else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
 
@@ -169,27 +145,18 @@ def _check_lr_schedule(warmup: int, total: int, peak_lr: float, min_lr: float) -
 
 
 def warmup_cosine(step: int, *, warmup: int, total: int, peak_lr: float, min_lr: float = 0.0) -> float:
-    """The lr schedule: the learning rate used for optimizer step `step` (0-based).
-
-    step < warmup:          peak * step / warmup                             (0 -> peak)
-    warmup <= step <= total: min + (peak - min) * (1 + cos(pi * progress)) / 2,
-                            progress = (step - warmup) / (total - warmup)    (peak -> min)
-    step > total:           min
-    """
+    """The learning rate of optimizer step `step` (0-based): 0 -> peak linearly, then cosine to min."""
     _check_lr_schedule(warmup, total, peak_lr, min_lr)
     if step < warmup:
         return peak_lr * step / warmup
+    # min + (peak - min) (1 + cos(pi progress)) / 2,  progress = (step - warmup) / (total - warmup) <= 1
     progress = min(1.0, (step - warmup) / (total - warmup))
     return min_lr + (peak_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 class WarmupCosine(torch.optim.lr_scheduler.LRScheduler):
-    """The lr schedule object: warmup_cosine applied to every parameter group, with that
-    group's initial lr as peak.
-
-    Call `lr_schedule.step()` after each `optimizer.step()`; the k-th optimizer step (k = 0, 1,
-    ...) then runs with warmup_cosine(k). `state_dict()` / `load_state_dict()` resume it.
-    """
+    """warmup_cosine for every parameter group, its initial lr as peak: after `lr_schedule.step()`
+    follows each `optimizer.step()`, the k-th optimizer step (k = 0, 1, ...) runs with warmup_cosine(k)."""
 
     def __init__(self, optimizer, *, warmup: int, total: int, min_lr: float = 0.0, last_epoch: int = -1):
         for group in optimizer.param_groups:
@@ -200,8 +167,6 @@ class WarmupCosine(torch.optim.lr_scheduler.LRScheduler):
     def get_lr(self) -> list[float]:
         return [warmup_cosine(self.last_epoch, warmup=self.warmup, total=self.total, peak_lr=base,
                               min_lr=self.min_lr) for base in self.base_lrs]
-
-    _get_closed_form_lr = get_lr
 
 
 @torch.no_grad()
@@ -214,32 +179,19 @@ def grad_norm(params) -> torch.Tensor:
     # per-tensor norms (in fp32 at least, even for bf16 grads), then the norm of those norms
     wide = torch.promote_types(grads[0].dtype, torch.float32)
     norms = torch._foreach_norm(grads, 2, dtype=wide)
-    device = grads[0].device
-    return torch.linalg.vector_norm(torch.stack([n.to(device, wide) for n in norms]), 2)
+    return torch.linalg.vector_norm(torch.stack([n.to(grads[0].device, wide) for n in norms]), 2)
 
 
 @torch.no_grad()
 def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
-    """Scale all gradients together so their global 2-norm is at most max_norm.
-
-    total = ||(g_1, ..., g_n)||_2;   g_i <- g_i * min(1, max_norm / (total + 1e-6))
-    Returns `total` (before clipping) as a tensor; no host sync, non-finite norms pass through
-    (check the returned value if you want to skip such steps).
-    """
+    """g_i <- g_i min(1, max_norm / (total + 1e-6)), total = grad_norm(params), which it returns
+    (before clipping; no host sync; a non-finite norm passes through)."""
     params = [params] if torch.is_tensor(params) else list(params)
-    grads = [p.grad for p in params if p.grad is not None]
     total = grad_norm(params)
-    if not grads:
-        return total
-    # scale = min(1, max_norm / (total + 1e-6))
     scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-    for dev_dtype, group in _by_device_and_dtype(grads).items():
-        torch._foreach_mul_(group, scale.to(*dev_dtype))
+    by_kind = defaultdict(list)  # one _foreach call per device and dtype
+    for grad in (p.grad for p in params if p.grad is not None):
+        by_kind[(grad.device, grad.dtype)].append(grad)
+    for (device, dtype), grads in by_kind.items():
+        torch._foreach_mul_(grads, scale.to(device, dtype))
     return total
-
-
-def _by_device_and_dtype(tensors) -> dict:
-    groups = defaultdict(list)
-    for t in tensors:
-        groups[(t.device, t.dtype)].append(t)
-    return groups

@@ -17,7 +17,7 @@ from helpers import MASK, PAD, tiny_model
 
 from minidiff import diffusion
 from minidiff.evaluation import answers
-from minidiff.evaluation.scoring import mlm_corrupt, mlm_loss
+from minidiff.evaluation.perplexity import mlm_corrupt
 from minidiff.lora import apply_lora
 from minidiff.speed import chunked_loss
 
@@ -45,6 +45,27 @@ def chunk_rows(monkeypatch, request):
         return seen
 
     return set_rows
+
+
+def mlm_loss(model, ids, mask_id: int, *, maskable, attention_mask=None, mask_prob: float = 0.15,
+             replace: bool = False, vocab_size: int | None = None, exclude_mask_logit: bool = False,
+             generator=None):
+    """BERT's fixed-ratio MLM loss through the chunked loss: (mean CE over the targets, number of
+    targets). maskable [B, S] bool or None (every position), never padding under an attention_mask;
+    the softmax runs over the full vocabulary unless exclude_mask_logit=True."""
+    if vocab_size is None:
+        vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
+    maskable = torch.ones_like(ids, dtype=torch.bool) if maskable is None else maskable.bool()
+    if attention_mask is not None:
+        maskable = maskable & attention_mask.bool()
+    corrupted, is_target = mlm_corrupt(ids, mask_id, maskable, mask_prob=mask_prob,
+                                       replace=replace, vocab_size=vocab_size, generator=generator)
+    # mean over targets: sum_i CE_i / N
+    weight = torch.tensor(1.0 / max(int(is_target.sum()), 1), dtype=torch.float64)
+    loss, _ = chunked_loss.decoder_cross_entropy(model, corrupted, is_target, ids, weight,
+                                                 attention_mask=attention_mask,
+                                                 excluded_id=mask_id if exclude_mask_logit else None)
+    return loss, is_target.sum()
 
 
 def dense_ce(logits, targets, excluded):
@@ -114,15 +135,13 @@ def test_rows_per_chunk_follows_the_budget():
 # ----------------------------------------------------------------------------- the model side
 
 
-def test_features_at_is_the_decoder_input():
+def test_decode_false_gives_the_decoder_input():
     model = tiny_model(1).double()
     ids = torch.randint(5, 64, (2, 9))
     sel = torch.rand(2, 9) < 0.5
-    flat = sel.flatten().nonzero().squeeze(1)
-    by_mask = model(ids, features_at=sel)
-    by_index = model(ids, features_at=flat)
-    assert torch.equal(by_mask, by_index)
-    assert torch.equal(model.decoder(by_mask), model(ids, logits_at=sel))
+    features = model(ids, logits_at=sel, decode=False)
+    assert features.shape == (int(sel.sum()), model.config.hidden_size)
+    assert torch.equal(model.decoder(features), model(ids, logits_at=sel))
 
 
 def model_under_test(kind):
@@ -275,7 +294,7 @@ def test_mc_loglik_equals_dense(chunk_rows, rows):
 
 
 def test_wrapped_model_is_asked_through_its_forward():
-    """A wrapper with .module (as DistributedDataParallel) sees the features_at call."""
+    """A wrapper with .module (as DistributedDataParallel) sees the features call (decode=False)."""
     calls = []
 
     class Wrapper(torch.nn.Module):
@@ -294,7 +313,7 @@ def test_wrapped_model_is_asked_through_its_forward():
                                          generator=torch.Generator().manual_seed(1))
     plain, _ = chunked_loss.nelbo_loss(model, x0, MASK, attention_mask=attention, t=t,
                                        generator=torch.Generator().manual_seed(1))
-    assert calls == [["features_at"]]
+    assert calls == [["decode", "logits_at"]]
     assert torch.equal(wrapped, plain)
 
 

@@ -289,14 +289,45 @@ def test_mps_is_refused_in_one_sentence():
         device.check_available(torch.device("mps"))
 
 
-def test_tf32_is_switched_on_without_the_legacy_setters(recwarn):
-    before = torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
+def test_tf32_leaves_the_precision_readable_as_inductor_reads_it(recwarn):
+    """After the TF32 call for a CUDA device (no GPU needed to set the flags), the two legacy
+    reads Inductor's matmul lowering makes answer instead of raising "mix of the legacy and new
+    APIs", and say TF32; nothing warns."""
+    before = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
     try:
-        device.enable_tf32(torch.device("cuda", 0))
-        assert (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision) == ("tf32",) * 2
+        device.enable_tf32(torch.device("cuda"))
+        assert torch.get_float32_matmul_precision() == "high"
+        assert torch.backends.cuda.matmul.allow_tf32 is True and torch.backends.cudnn.allow_tf32 is True
         assert not [w for w in recwarn if "tf32" in str(w.message).lower()]
     finally:
-        torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = before
+        torch.set_float32_matmul_precision(before[0])
+        torch.backends.cudnn.allow_tf32 = before[1]
+
+
+def test_no_source_sets_tf32_through_fp32_precision():
+    """One API family everywhere: a `fp32_precision` setter anywhere in the package, the scripts
+    or the benchmarks would bring back the mix."""
+    sources = [*ROOT.glob("*.py"), *ROOT.glob("minidiff/**/*.py"), *ROOT.glob("benchmarks/*.py")]
+    assert len(sources) > 20
+    setters = [path.name for path in sources if "fp32_precision =" in path.read_text(encoding="utf-8")]
+    assert setters == []
+
+
+def test_a_gpu_this_machine_lacks_is_one_sentence_before_any_cuda_query(monkeypatch):
+    """cuda:7 on a one-GPU machine: the precision lookup (which asks the card's capability) says
+    which GPUs exist instead of passing CUDA's own error on."""
+    fake_gpus(monkeypatch, 1)
+
+    def capability(d=None):  # what CUDA does for an index it does not have
+        if torch.device(d).index not in (None, 0):
+            raise RuntimeError("CUDA error: invalid device ordinal")
+        return (9, 0)
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", capability)
+    for call in (lambda d: device.inference_precision("auto", d), lambda d: device.check_training_precision(d, True)):
+        with pytest.raises(UserError, match=r"cuda:7 does not exist: this machine has 1 GPU\(s\) \(cuda:0 .. cuda:0\)"):
+            call(torch.device("cuda", 7))
+        call(torch.device("cuda", 0))
 
 
 def test_the_process_group_is_bound_to_the_ranks_gpu(monkeypatch):

@@ -1,5 +1,5 @@
 """minidiff.diffusion (with the batched answer scorer, minidiff.evaluation.answers, and BERT's
-masking, minidiff.evaluation.scoring) against independent references: exact enumerations over
+masking, minidiff.evaluation.perplexity) against independent references: exact enumerations over
 orders, a toy model holding the exact conditionals of a known joint, hand-computed losses, finite
 differences, and the formulas of MDLM / BERT written out again here."""
 from __future__ import annotations
@@ -11,12 +11,13 @@ import math
 import pytest
 import torch
 from helpers import BOS, EOS, MASK, PAD, tiny_model
+from test_chunked_loss import mlm_loss
 from torch import nn
 
 from minidiff import diffusion as D
 from minidiff.errors import UserError
 from minidiff.evaluation import answers
-from minidiff.evaluation.scoring import mlm_corrupt, mlm_loss
+from minidiff.evaluation.perplexity import mlm_corrupt
 
 V = 12  # tiny vocabulary: ids 0..4 are mmBERT's specials (mask = 4), 5..11 ordinary tokens
 
@@ -518,14 +519,14 @@ def test_exact_score_is_the_any_order_average_over_the_answer(model):
 
 def test_exact_scores_do_not_depend_on_the_seed(model):
     pairs = [([BOS, 5, 6], [9, 7, 11]), ([BOS], [7, 8])]
-    a = answers.score_answers(model, pairs, MASK, pad_id=PAD, scoring="exact", pair_seed=0)
-    b = answers.score_answers(model, pairs, MASK, pad_id=PAD, scoring="exact", pair_seed=1)
+    a = answers.score_answers(model, pairs, MASK, pad_id=PAD, scoring="exact", seeds=[0, 1])
+    b = answers.score_answers(model, pairs, MASK, pad_id=PAD, scoring="exact", seeds=[2, 3])
     assert a == b
 
 
 def test_auto_is_exact_when_no_dearer_than_the_samples_it_replaces(model):
     pairs = [([BOS, 5], [9]), ([BOS, 5], [9, 7]), ([BOS, 5], [9, 7, 11]), ([BOS, 5], [9, 7, 11, 6])]
-    got = answers.score_answers(model, pairs, MASK, pad_id=PAD, num_samples=7, scoring="auto", pair_seed=2)
+    got = answers.score_answers(model, pairs, MASK, pad_id=PAD, num_samples=7, scoring="auto", seeds=[2] * 4)
     # 2^L - 1 = 1, 3, 7, 15 forwards against 7 samples
     assert [s.exact for s in got] == [True, True, True, False]
     assert got[3].se > 0
@@ -537,9 +538,9 @@ def test_mc_standard_error_is_the_spread_of_its_samples(model):
     """se = std(v_j, ddof=1) / sqrt(n), v_j = (L / l_j) sum_masked CE recomputed here row by row."""
     prompt, answer, n = [BOS, 5, 6], [9, 7, 11, 8], 10
     got = answers.score_answers(model, [(prompt, answer)], MASK, pad_id=PAD, num_samples=n, batch_size=3,
-                          scoring="mc", pair_seed=4)[0]
+                          scoring="mc", seeds=[4])[0]
     generator = torch.Generator().manual_seed(4)
-    masks, weights = D.draw_answer_masks(len(answer), n, D.stratum_offset(len(answer), generator), generator=generator)
+    masks, weights = D.draw_answer_masks(len(answer), n, answers.stratum_offset(len(answer), generator), generator=generator)
     values = []
     for mask, weight in zip(masks, weights):
         x = torch.tensor(prompt + answer)
@@ -556,9 +557,9 @@ def test_mc_standard_error_is_the_spread_of_its_samples(model):
 
 def test_draws_in_chunks_are_the_draws_at_once():
     generator = torch.Generator().manual_seed(8)
-    whole = D.draw_answer_masks(5, 23, D.stratum_offset(5, generator), generator=generator)
+    whole = D.draw_answer_masks(5, 23, answers.stratum_offset(5, generator), generator=generator)
     generator = torch.Generator().manual_seed(8)
-    offset = D.stratum_offset(5, generator)
+    offset = answers.stratum_offset(5, generator)
     parts = [D.draw_answer_masks(5, 23, offset, range(a, b), generator) for a, b in ((0, 4), (4, 5), (5, 23))]
     assert torch.equal(torch.cat([m for m, _ in parts]), whole[0])
     assert torch.equal(torch.cat([w for _, w in parts]), whole[1])
@@ -585,5 +586,5 @@ def test_a_billion_samples_run_in_forwards_of_batch_size_rows(model):
     guard = RowLimit(model, rows=8, forwards=3)
     with pytest.raises(StopIteration):
         answers.score_answers(guard, [([BOS, 5], [9, 7, 11])], MASK, pad_id=PAD, num_samples=10**9,
-                        batch_size=8, scoring="mc", pair_seed=0)
+                        batch_size=8, scoring="mc", seeds=[0])
     assert guard.left < 0

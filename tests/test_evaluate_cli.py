@@ -2,6 +2,7 @@
 --compare), and bad inputs: one `error:` sentence, exit status 2, no traceback, no results file."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -102,18 +103,37 @@ BAD = {  # case: (arguments given the tmp dir, words the error sentence must con
 }
 
 
-def run_in_process(argv, capsys):
-    """evaluate.py's main under run_cli, in this process (the subprocess start costs seconds)."""
-    import importlib.util
-
-    from minidiff.errors import run_cli
-
+def evaluate_script():
+    """evaluate.py loaded as a module (a script, not part of the package)."""
     spec = importlib.util.spec_from_file_location("evaluate_script", ROOT / "evaluate.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
+    return script
+
+
+def run_in_process(argv, capsys):
+    """evaluate.py's main under run_cli, in this process (the subprocess start costs seconds)."""
+    from minidiff.errors import run_cli
+
+    script = evaluate_script()
     with pytest.raises(SystemExit) as exit_info:
         run_cli(lambda: script.main([str(a) for a in argv]))
     return exit_info.value.code, capsys.readouterr().err
+
+
+def test_markdown_table_shape():
+    run = {"belebele_tr": {"kind": "mc", "title": "Belebele_TR", "metrics": {"acc": 0.27}},
+           "ironytr": {"kind": "mc", "title": "IronyTR", "metrics": {"acc": 0.52}}}
+    old = {"belebele_tr": {"kind": "mc", "title": "Belebele_TR", "metrics": {"acc": 0.5}},
+           "xcopa_tr": {"kind": "mc", "title": "XCOPA_TR", "metrics": {"acc": 0.9}}}  # not a row
+    table = evaluate_script().markdown_tables([("new", run), ("old", old)])
+    assert table.splitlines() == [
+        "| task (acc x 100) | new | old |",
+        "|---|---:|---:|",
+        "| Belebele_TR | 27.00 | 50.00 |",
+        "| IronyTR | 52.00 | - |",
+        "| **Average** | 39.50 | 50.00 (1/2) |",
+    ]
 
 
 @pytest.mark.parametrize("case", list(BAD))

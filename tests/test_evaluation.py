@@ -1,4 +1,4 @@
-"""minidiff.evaluation.scoring: task rendering (hand-written rows in each dataset's own schema, compared
+"""minidiff.evaluation.scoring and .perplexity: task rendering (hand-written rows in each dataset's own schema, compared
 with hand-written prompts), token boundaries, scoring with a model crafted to prefer a known
 answer, metrics against hand-computed values, and the perplexity probe against a direct
 recomputation from full logits."""
@@ -12,10 +12,12 @@ import math
 import pytest
 import torch
 from helpers import BOS, EOS, MASK, TURKISH_TEXT, make_model_dir
+from test_evaluate_cli import evaluate_script
 from tokenizers import Tokenizer
 
 import minidiff
 from minidiff.errors import UserError
+from minidiff.evaluation import perplexity
 from minidiff.evaluation import scoring as evaluation
 from minidiff.evaluation.scoring import Example, parse_task
 from minidiff.evaluation.tasks import sts_bin
@@ -316,20 +318,20 @@ def test_metrics_against_hand_counts():
 
 
 def test_blocks_are_the_framed_documents_cut_in_order(tok, raw_tok):
-    blocks = evaluation.perplexity_blocks(TURKISH_TEXT, tok, max_len=32)
+    blocks = perplexity.perplexity_blocks(TURKISH_TEXT, tok, max_len=32)
     stream = [i for t in TURKISH_TEXT for i in raw_tok.encode(t).ids]  # <bos> doc <eos> each
     assert stream[0] == BOS and stream[-1] == EOS
     full = len(stream) // 32
     assert blocks.shape == (full, 32)
     assert blocks.flatten().tolist() == stream[: full * 32]
     # fewer tokens than one block: the one short block is kept
-    short = evaluation.perplexity_blocks(TURKISH_TEXT[:1], tok, max_len=512)
+    short = perplexity.perplexity_blocks(TURKISH_TEXT[:1], tok, max_len=512)
     assert short.flatten().tolist() == raw_tok.encode(TURKISH_TEXT[0]).ids
 
 
 def test_masking_is_exactly_15_percent_of_non_special_tokens(tok):
-    blocks = evaluation.perplexity_blocks(TURKISH_TEXT * 3, tok, max_len=40)
-    corrupted, target, maskable = evaluation.mask_blocks(blocks, tok, seed=3)
+    blocks = perplexity.perplexity_blocks(TURKISH_TEXT * 3, tok, max_len=40)
+    corrupted, target, maskable = perplexity.mask_blocks(blocks, tok, seed=3)
     special = (blocks <= 4)  # pad eos bos unk mask
     assert torch.equal(maskable, ~special)
     for row in range(blocks.shape[0]):
@@ -339,27 +341,30 @@ def test_masking_is_exactly_15_percent_of_non_special_tokens(tok):
     assert torch.equal(corrupted[target], torch.full_like(corrupted[target], MASK))
     assert torch.equal(corrupted[~target], blocks[~target])
     # the seed fixes the choice; another seed changes it
-    assert torch.equal(evaluation.mask_blocks(blocks, tok, seed=3)[1], target)
-    assert not torch.equal(evaluation.mask_blocks(blocks, tok, seed=4)[1], target)
+    assert torch.equal(perplexity.mask_blocks(blocks, tok, seed=3)[1], target)
+    assert not torch.equal(perplexity.mask_blocks(blocks, tok, seed=4)[1], target)
 
 
 def test_perplexity_matches_a_direct_recomputation(model, tok):
-    result = evaluation.mlm_perplexity(model, tok, TURKISH_TEXT, max_len=32, seed=5, batch_size=3,
+    result = perplexity.mlm_perplexity(model, tok, TURKISH_TEXT, max_len=32, seed=5, batch_size=3,
                                        progress=False)
-    again = evaluation.mlm_perplexity(model, tok, TURKISH_TEXT, max_len=32, seed=5, batch_size=7,
+    again = perplexity.mlm_perplexity(model, tok, TURKISH_TEXT, max_len=32, seed=5, batch_size=7,
                                       nelbo=False, progress=False)
-    repeat = evaluation.mlm_perplexity(model, tok, TURKISH_TEXT, max_len=32, seed=5, batch_size=3,
+    repeat = perplexity.mlm_perplexity(model, tok, TURKISH_TEXT, max_len=32, seed=5, batch_size=3,
                                        progress=False)
     assert repeat == result  # deterministic for a seed (and batch size: the NELBO's t draws)
     # the masks do not depend on the batch size, so the MLM column agrees up to float rounding
     assert again["perplexity"] == pytest.approx(result["perplexity"], rel=1e-5)
-    blocks = evaluation.perplexity_blocks(TURKISH_TEXT, tok, max_len=32)
-    corrupted, target, _ = evaluation.mask_blocks(blocks, tok, seed=5)
-    # direct: full logits of every corrupted block, softmax over the whole vocabulary (<mask>
-    # included, as run_mlm), -log p of the original token at each chosen position, plain mean
+    blocks = perplexity.perplexity_blocks(TURKISH_TEXT, tok, max_len=32)
+    corrupted, target, _ = perplexity.mask_blocks(blocks, tok, seed=5)
+    # direct: full logits of every corrupted block, the <mask> column cut out of the vocabulary (as
+    # the training loss), softmax over the rest, -log p of the original token at each chosen
+    # position (ids above <mask> one place lower), plain mean
     with torch.no_grad():
-        probs = torch.softmax(model(corrupted).double(), dim=-1)  # [N, S, V]
-    nll = [-math.log(probs[b, s, blocks[b, s]].item()) for b, s in target.nonzero().tolist()]
+        logits = model(corrupted).double()  # [N, S, V]
+    probs = torch.softmax(torch.cat([logits[..., :MASK], logits[..., MASK + 1:]], dim=-1), dim=-1)  # [N, S, V-1]
+    column = [int(x) - (int(x) > MASK) for x in blocks.flatten()]  # id -> its column without <mask>
+    nll = [-math.log(probs[b, s, column[b * blocks.shape[1] + s]].item()) for b, s in target.nonzero().tolist()]
     assert result["n_masked"] == len(nll)
     assert result["perplexity"] == pytest.approx(math.exp(sum(nll) / len(nll)), rel=1e-5)
     assert math.isfinite(result["nelbo_perplexity"]) and result["nelbo_perplexity"] > 1.0
@@ -369,34 +374,20 @@ def test_nelbo_column_is_the_token_normalised_bound(model, tok):
     """One batch holding every block: the column is exp(nelbo_loss(normalize="token"))."""
     from minidiff import diffusion
 
-    result = evaluation.mlm_perplexity(model, tok, TURKISH_TEXT, max_len=32, seed=2, batch_size=1000,
+    result = perplexity.mlm_perplexity(model, tok, TURKISH_TEXT, max_len=32, seed=2, batch_size=1000,
                                        progress=False)
-    blocks = evaluation.perplexity_blocks(TURKISH_TEXT, tok, max_len=32)
+    blocks = perplexity.perplexity_blocks(TURKISH_TEXT, tok, max_len=32)
     with torch.no_grad():
         loss, _ = diffusion.nelbo_loss(model, blocks, MASK, maskable=blocks > 4, normalize="token",
                                        generator=torch.Generator().manual_seed(3))
     assert result["nelbo_perplexity"] == pytest.approx(math.exp(loss.item()), rel=1e-6)
 
 
-def test_markdown_table_shape():
-    run = {"belebele_tr": {"kind": "mc", "title": "Belebele_TR", "metrics": {"acc": 0.27}},
-           "ironytr": {"kind": "mc", "title": "IronyTR", "metrics": {"acc": 0.52}}}
-    old = {"belebele_tr": {"kind": "mc", "title": "Belebele_TR", "metrics": {"acc": 0.5}},
-           "xcopa_tr": {"kind": "mc", "title": "XCOPA_TR", "metrics": {"acc": 0.9}}}  # not a row
-    table = evaluation.markdown_tables([("new", run), ("old", old)])
-    assert table.splitlines() == [
-        "| task (acc x 100) | new | old |",
-        "|---|---:|---:|",
-        "| Belebele_TR | 27.00 | 50.00 |",
-        "| IronyTR | 52.00 | - |",
-        "| **Average** | 39.50 | 50.00 (1/2) |",
-    ]
-
-
 def test_a_choice_score_does_not_depend_on_the_other_rows(task_files, model, tok):
-    """Every choice draws from a generator seeded with `seed`: scoring a row alone or with
-    others gives the same numbers, each equal to diffusion.mc_loglik with that seed."""
+    """Every item draws from a generator seeded with item_seed(seed, prompt): scoring a row alone
+    or with others gives the same numbers, each equal to diffusion.mc_loglik with that seed."""
     from minidiff import diffusion
+    from minidiff.evaluation.answers import item_seed
 
     examples = load("mnli_tr", task_files["mnli_tr"])
     together = evaluation.score_examples(model, tok, examples, mc_samples=4, seed=9, progress=False)
@@ -404,8 +395,39 @@ def test_a_choice_score_does_not_depend_on_the_other_rows(task_files, model, tok
     assert alone[0] == pytest.approx(together[2], abs=1e-4)
     for (prompt, answer), value in zip(evaluation.choice_pairs(tok, examples[2]), together[2]):
         reference = diffusion.mc_loglik(model, prompt, answer, MASK, num_samples=1 if len(answer) == 1 else 4,
-                                        generator=torch.Generator().manual_seed(9))
+                                        generator=torch.Generator().manual_seed(item_seed(9, examples[2].prompt)))
         assert value == pytest.approx(reference, abs=1e-4)
+
+
+class MaskRecorder(torch.nn.Module):
+    """Logits from `model` (not a ModernBertMLM, so the dense path); records every input row."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.config, self.rows = model, model.config, []
+
+    def forward(self, input_ids, attention_mask=None, logits_at=None):
+        self.rows += input_ids.tolist()
+        return self.model(input_ids, attention_mask, logits_at=logits_at)
+
+
+def test_items_draw_independent_masks_whatever_the_batching(model, tok):
+    """Two items whose answers have the same length: different l_j and masked positions (each
+    item its own stream); the scores are the same for any batch size and rows per step."""
+    items = [Example("Kedi", ("miyavlar", "havlar"), 0), Example("Köpek", ("miyavlar", "havlar"), 1)]
+    answers_of = [[answer for _, answer in evaluation.choice_pairs(tok, ex)] for ex in items]
+    assert len(answers_of[0][0]) > 1 and answers_of[0] == answers_of[1]  # the same answers, L > 1
+    recorder, n = MaskRecorder(model), 6
+    first = evaluation.score_items(recorder, tok, items, mc_samples=n, scoring="mc", batch_size=100, progress=False)
+    L = len(answers_of[0][0])
+    masks = [[tuple(token == MASK for token in row if token != tok.pad_id)[-L:] for row in rows]
+             for rows in (recorder.rows[:n], recorder.rows[2 * n:3 * n])]  # choice 0 of each item
+    assert len(recorder.rows) == 4 * n and masks[0] != masks[1]
+    for batch_size, rows_per_step in ((1, 64), (5, 1), (7, 2)):
+        again = evaluation.score_items(model, tok, items, mc_samples=n, scoring="mc", batch_size=batch_size,
+                                       rows_per_step=rows_per_step, progress=False)
+        for got, want in ((again.scores, first.scores), (again.errors, first.errors)):
+            assert sum(got, []) == pytest.approx(sum(want, []), abs=1e-5)
 
 
 # ----------------------------------------------------------------------------- error bars
@@ -485,4 +507,4 @@ def test_one_sample_gives_no_error_bar(model, tok):
     errors = evaluation.metric_errors(SUFFIX_ITEMS[:3], scored, ("acc", "acc_norm"))
     assert errors == {"acc": {"mc_se": None, "se": None}, "acc_norm": {"mc_se": None, "se": None}}
     result = {"kind": "mc", "title": "t", "metrics": {"acc": 0.5}, "errors": errors}
-    assert "| t | 50.00 |" in evaluation.markdown_tables([("run", {"t": result})])
+    assert "| t | 50.00 |" in evaluate_script().markdown_tables([("run", {"t": result})])

@@ -92,8 +92,8 @@ def crashed_run(tok, out, after_step=5, cfg=None):
     assert not (out / "model.safetensors").exists()
 
 
-def resume_and_compare(tok, out, reference, cfg=None):
-    run(tok, out, replace(cfg or config(), resume=True))
+def resume_and_compare(tok, out, reference, cfg=None, mode=True):
+    run(tok, out, replace(cfg or config(), resume=mode))
     final = load_file(str(out / "model.safetensors"))
     assert final.keys() == reference.keys()
     for key in final:
@@ -125,27 +125,52 @@ DAMAGE = {
 }
 
 
-@pytest.mark.parametrize("damage", sorted(DAMAGE))
-def test_damaged_newest_checkpoint_resumes_from_the_previous_one(tok, tmp_path, reference, damage, capsys):
+def resumed_from(out: Path):
+    return json.loads((out / "run.json").read_text())["resumed_from"]
+
+
+@pytest.mark.parametrize("damage, mode", [*((d, True) for d in sorted(DAMAGE)),
+                                          ("same-size change in the weights", "auto")])
+def test_damaged_newest_checkpoint_resumes_from_the_previous_one(tok, tmp_path, reference, damage, mode, capsys):
     out = tmp_path / "run"
     crashed_run(tok, out)  # checkpoints at steps 2 and 4
     DAMAGE[damage](out / "checkpoints" / "step-000004")
     assert train_state.verify_checkpoint(out / "checkpoints" / "step-000004") is not None
     assert train_state.verify_checkpoint(out / "checkpoints" / "step-000002") is None
-    resume_and_compare(tok, out, reference)
+    resume_and_compare(tok, out, reference, mode=mode)
+    assert resumed_from(out).endswith("step-000002")
     skipped = [line for line in capsys.readouterr().err.splitlines() if "skipping" in line]
     assert len(skipped) == 1 and "step-000004" in skipped[0]
 
 
-def test_every_checkpoint_damaged_is_one_sentence(tok, tmp_path):
+@pytest.mark.parametrize("mode", [True, "auto"])
+def test_every_checkpoint_damaged_is_one_sentence(tok, tmp_path, mode):
+    """--resume auto too: checkpoints exist but none verifies, so a restart must not start over."""
     out = tmp_path / "run"
     crashed_run(tok, out)
     for step in (2, 4):
         truncate(out / "checkpoints" / f"step-00000{step}" / "trainable.safetensors")
     with pytest.raises(UserError, match="step-000004, step-000002.* all damaged") as info:
-        run(tok, out, config(resume=True))
+        run(tok, out, config(resume=mode))
     assert "\n" not in str(info.value)
     assert not (out / "model.safetensors").exists()
+
+
+# ----------------------------------------------------------------------------- --resume auto (torchrun restarts)
+
+
+def test_resume_auto_on_an_empty_folder_starts_fresh(tok, tmp_path, reference):
+    out = tmp_path / "run"
+    resume_and_compare(tok, out, reference, mode="auto")
+    assert resumed_from(out) is None
+
+
+def test_resume_auto_continues_a_crashed_run_bitwise(tok, tmp_path, reference):
+    out = tmp_path / "run"
+    crashed_run(tok, out, cfg=config(resume="auto"))  # started fresh, died after its step-4 checkpoint
+    assert resumed_from(out) is None
+    resume_and_compare(tok, out, reference, mode="auto")
+    assert resumed_from(out).endswith("step-000004")
 
 
 # ----------------------------------------------------------------------------- crash points of a save
@@ -217,7 +242,7 @@ def test_stale_temporaries_are_removed_at_start(tok, tmp_path, reference):
     (out / "checkpoints" / ".tmp-step-000006").mkdir()
     (out / "checkpoints" / ".tmp-step-000006" / "trainable.safetensors").write_bytes(b"half")
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    stale = out / f"model.safetensors{files.TEMPORARY_MARK}{int(dead.stdout)}"
+    stale = out / f"{files.TEMPORARY_MARK}model.safetensors-{files.writer_id(int(dead.stdout))}"
     stale.write_bytes(b"half a model")
     resume_and_compare(tok, out, reference)
     assert not stale.exists() and not (out / "checkpoints" / ".tmp-step-000006").exists()

@@ -23,9 +23,10 @@ from minidiff import diffusion  # noqa: E402
 from minidiff.errors import UserError, run_cli  # noqa: E402
 from minidiff.evaluation import harness
 from minidiff.evaluation import scoring as evaluation
+from minidiff.evaluation.answers import item_seed
 from minidiff.evaluation.tasks import LM_EVAL_TASK_DIR, TASKS  # noqa: E402
 from minidiff.sampler import SamplerConfig  # noqa: E402
-from minidiff.speed.sampling import generate  # noqa: E402
+from minidiff.speed.sampling import FastConfig, generate  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MC_SAMPLES, SEED, ROLLING_MAX = 3, 5, 8
@@ -111,12 +112,13 @@ def evaluate(model_dir, task_dirs, tasks, **model_args):
 
 
 def minidiff_loglik(model, raw_tok, prompt: str, answer: str) -> float:
-    """minidiff's own scorer on ids from the tokenizers library: <bos> + prompt | answer."""
+    """minidiff's own scorer on ids from the tokenizers library: <bos> + prompt | answer, drawn
+    from the prompt's stream (evaluate.py's)."""
     prompt_ids = [BOS] + raw_tok.encode(prompt, add_special_tokens=False).ids
     answer_ids = raw_tok.encode(answer, add_special_tokens=False).ids
     samples = 1 if len(answer_ids) == 1 else MC_SAMPLES
     return diffusion.mc_loglik(model, prompt_ids, answer_ids, MASK, num_samples=samples,
-                               generator=torch.Generator().manual_seed(SEED))
+                               generator=torch.Generator().manual_seed(item_seed(SEED, prompt)))
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +174,7 @@ def test_model_arguments_win_over_lm_evals_flags(model_dir):
         f"pretrained={model_dir},batch_size=2,mc_samples=4,steps=16,preset=diffutron-short",
         {"batch_size": "1", "max_batch_size": None, "device": "cuda:0"})
     assert (lm.batch_size, lm.mc_samples) == (2, 4)
-    assert lm.sampler == SamplerConfig.preset("diffutron-short", steps=16, seed=0)
+    assert lm.sampler == FastConfig.preset("diffutron-short", steps=16, seed=0)
     assert lm.device == (torch.device("cuda:0") if torch.cuda.is_available() else torch.device("cpu"))
     lm = harness.MinidiffLM.create_from_arg_string(f"pretrained={model_dir}", {"batch_size": "auto:4"})
     assert lm.batch_size == 32
@@ -209,10 +211,10 @@ def test_rolling_is_the_windowed_nelbo_bound(mc_and_rolling, model, raw_tok):
         assert sum(len(new) for _, new in windows) == len(tokens)  # each token scored once
         assert all(len(c) + len(n) <= ROLLING_MAX for c, n in windows)
         expected = 0.0
-        for context, new in windows:
+        for number, (context, new) in enumerate(windows):  # each window its own stream
             samples_n = 1 if len(new) == 1 else MC_SAMPLES
-            expected += diffusion.mc_loglik(model, context, new, MASK, num_samples=samples_n,
-                                            generator=torch.Generator().manual_seed(SEED))
+            stream = torch.Generator().manual_seed(item_seed(SEED, text, number))
+            expected += diffusion.mc_loglik(model, context, new, MASK, num_samples=samples_n, generator=stream)
         assert sample["resps"][0][0] == pytest.approx(expected, abs=1e-4)
         checked_multi_window |= len(windows) >= 3
     assert checked_multi_window
@@ -441,6 +443,8 @@ def run_launcher(argv, capsys):
     ("pretrained={model},batch_size=100000", "expected at most 1024"),
     ("pretrained={model},scoring=best", "expected one of auto, exact, mc"),
     ("mc_samples=4", "needs pretrained="),
+    ("pretrained={model},device=mps", "device=mps is not supported"),  # evaluate.py's device check
+    ("pretrained={model},device=abacus", "device='abacus' is not a device name"),
 ])
 def test_bad_model_arguments_are_one_sentence(model_args, words, model_dir, tmp_path, capsys):
     args = model_args.format(empty=tmp_path, model=model_dir)

@@ -13,9 +13,8 @@ from helpers import BOS, EOS, MASK, tiny_model
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from minidiff.sampler import SamplerConfig
 from minidiff.speed.packed import PackedLinear, linear, pack_weights, packed_weights, unpack_weights
-from minidiff.speed.sampling import generate
+from minidiff.speed.sampling import FastConfig, generate
 
 
 class OpNames(TorchDispatchMode):
@@ -202,7 +201,7 @@ def test_packed_weights_leave_training_and_copies_alone():
 def test_sampling_with_packed_weights_commits_the_same_tokens():
     model = tiny_model(0).eval()
     prompts = [[BOS, 11, 12, 13], [BOS, 21, 22]]
-    config = SamplerConfig(max_new_tokens=8, steps=8, block_length=4, temperature=0.0, cache="dual")
+    config = FastConfig(max_new_tokens=8, steps=8, block_length=4, temperature=0.0, cache="dual")
     ids = torch.tensor([[BOS, 11, 12, MASK, 14, MASK, 16]])
     with torch.no_grad():
         plain = generate(model, prompts, config, mask_id=MASK, eos_id=EOS).sequences

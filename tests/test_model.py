@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 import transformers
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import minidiff
 from minidiff.model import ModelConfig, ModernBertMLM
@@ -162,15 +163,59 @@ def test_config_missing_local_rope_theta(tmp_path):
 
 def test_rotary_stays_fp32_when_model_is_cast_to_bf16():
     """model.to(bf16) must not round the rotary frequencies: compare the angles' cos at position
-    511 with a float64 computation written out here."""
+    511 (fp32 inputs) with a float64 computation written out here."""
     torch.manual_seed(0)
     model = ModernBertMLM(ModelConfig(vocab_size=64, hidden_size=64, intermediate_size=48, num_hidden_layers=1,
                                       num_attention_heads=2, global_rope_theta=160000.0)).to(torch.bfloat16)
-    cos, _ = model.model.rotary_global.cos_sin(512, torch.device("cpu"), torch.float32)
+    (cos, _), _ = model.model.rotary_and_masks(torch.zeros(1, 512, 64), None)[True]
     d = 32
     inv = 1.0 / (160000.0 ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
     expected = torch.cos(511 * inv)
     assert torch.allclose(cos[511, : d // 2].double(), expected, atol=1e-4)
+
+
+class Created(TorchDispatchMode):
+    """The shapes and dtypes of every tensor an operation returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.made = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.made += [(tuple(t.shape), t.dtype) for t in torch.utils._pytree.tree_leaves(out) if torch.is_tensor(t)]
+        return out
+
+
+def test_rotary_and_padded_masks_are_built_once_per_forward_in_the_compute_dtype():
+    """A padded [B, S] batch under bf16 autocast: as many [B, 1, S, S] tensors are made at 2 layers
+    as at 5 (the local mask is built once per forward and shared by the layers), and no fp32
+    [B, heads, S, d] tensor appears (rotary runs in bf16, as the projections)."""
+    B, S = 3, 12
+    mask = (torch.arange(S)[None] < torch.tensor([12, 7, 2])[:, None]).long()
+    squares = []
+    for layers in (2, 5):
+        torch.manual_seed(0)
+        config = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
+                             num_attention_heads=2, local_attention=4, global_attn_every_n_layers=2, pad_token_id=0)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), Created() as created:
+            ModernBertMLM(config).eval()(torch.randint(5, 64, (B, S)), mask)
+        squares.append(sum(1 for shape, _ in created.made if shape == (B, 1, S, S)))
+        assert ((B, 2, S, 16), torch.float32) not in created.made
+        assert ((B, 2, S, 16), torch.bfloat16) in created.made
+    assert 0 < squares[0] == squares[1]
+
+
+def test_decode_false_is_the_decoder_input():
+    """decode=False: the head's output at the selection, which the decoder maps to the logits."""
+    model = ModernBertMLM(ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                      num_attention_heads=2)).double().eval()
+    ids = torch.randint(5, 64, (2, 9))
+    sel = torch.rand(2, 9) < 0.5
+    features = model(ids, logits_at=sel, decode=False)
+    assert features.shape == (int(sel.sum()), 32)
+    assert torch.equal(model.decoder(features), model(ids, logits_at=sel))
+    assert torch.equal(model(ids, decode=False), model.head(model.hidden(ids)))
 
 
 def test_config_transformers5_layout(tmp_path):
@@ -181,20 +226,3 @@ def test_config_transformers5_layout(tmp_path):
     assert c.global_rope_theta == 160000.0 and c.local_rope_theta == 10000.0
     assert c.layer_types == ["full_attention", "sliding_attention", "full_attention"]
     assert c.pad_token_id == 115
-
-
-def test_the_key_value_cache_holds_two_hidden_vectors_per_token_per_layer():
-    """Bytes the filled cache keeps alive (every distinct storage behind its tensors) against the
-    count written by hand: keys and values, hidden_size values each, per token and layer."""
-    from helpers import tiny_model
-
-    from minidiff.model import KVCache
-
-    model = tiny_model()
-    B, T, H = 3, 40, model.config.hidden_size
-    cache = KVCache()
-    with torch.no_grad():
-        model.hidden(torch.randint(5, model.config.vocab_size, (B, T)), None, cache=cache)
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in cache.keys + cache.values}
-    per_token_per_layer = sum(storages.values()) / (B * T * model.config.num_hidden_layers * 4)  # fp32 values
-    assert per_token_per_layer == 2 * H

@@ -16,7 +16,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 LENGTHS = [14, 3, 1]  # row 2: 13 padding positions, window half-width 2
 WINDOW = 4            # local_attention: |i - j| <= 2
 # the SDPA backends torch has for CPU tensors; the CUDA-only ones (memory-efficient, cuDNN) are
-# checked on a GPU by benchmarks/gpu_check.py ("padded == unpadded, SDPA ...")
+# checked on a GPU by tests/test_cuda.py::test_padded_rows_equal_each_row_alone
 BACKENDS = {"math": SDPBackend.MATH, "flash": SDPBackend.FLASH_ATTENTION}
 
 

@@ -14,7 +14,7 @@ from helpers import make_model_dir
 import minidiff
 from minidiff.errors import UserError
 from minidiff.sampler import SamplerConfig
-from minidiff.speed.sampling import generate
+from minidiff.speed.sampling import FastConfig, generate
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "sample.py"
@@ -54,7 +54,7 @@ def test_prompts_json_match_generate(model_dir):
     tok, model = minidiff.load_tokenizer(model_dir), minidiff.load_model(model_dir)
     ids = [[tok.bos_id] + tok.encode(f"[Question]\n{p}\n[/Question]\n\n[Answer]\n", add_special_tokens=False)
            for p in prompts]
-    config = SamplerConfig.preset("diffutron-short", temperature=0.0, max_new_tokens=24, steps=12, block_length=8)
+    config = FastConfig.preset("diffutron-short", temperature=0.0, max_new_tokens=24, steps=12, block_length=8)
     out = generate(model, ids, config, mask_id=tok.mask_id, eos_id=tok.eos_id, tokenizer=tok)
     for r, answer in zip(data["results"], out.answers()):
         assert r["ids"] == answer and len(answer) == 24
@@ -138,7 +138,7 @@ def test_bad_inputs_in_process(sample_module, model_dir, args, words):
 
 def test_cache_flags(sample_module, model_dir, capsys):
     """--cache dual --cache-refresh 1 (a cache refilled at every step) writes the exact answer;
-    the flags reach SamplerConfig; a bad refresh interval is one sentence."""
+    the flags reach FastConfig; a bad refresh interval is one sentence."""
     base = ["--model", str(model_dir), "--prompt", "Merhaba", "--temperature", "0", "--max-new-tokens",
             "8", "--steps", "8", "--block-length", "4", "--json"]
     answers = []

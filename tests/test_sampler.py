@@ -7,8 +7,10 @@ the very same tokens at temperature 0.
 """
 from __future__ import annotations
 
+import copy
 import math
 import random
+from dataclasses import fields
 
 import numpy as np
 import pytest
@@ -28,7 +30,7 @@ from minidiff.sampler import (
     transfer_counts,
 )
 from minidiff.speed import sampling
-from minidiff.speed.sampling import most_left
+from minidiff.speed.sampling import FastConfig, FastOptions, most_left
 
 V = 64
 
@@ -76,6 +78,8 @@ def ref_denoise(model, x, attention, windows, steps_per_block, *, schedule="dllm
                     ids = [t for t in torch.unique(x[j]).tolist() if t not in (MASK, EOS)]
                     sl = logits[j][:, ids]
                     logits[j][:, ids] = torch.where(sl > 0, sl / penalty, sl * penalty)
+            logits = logits.clone()
+            logits[:, :, MASK] = -math.inf  # never <mask> (MDLM's rule; dllm keeps the column)
             x0 = logits.argmax(-1)
             p = torch.softmax(logits, -1).gather(-1, x0[..., None])[..., 0]
             for j, (lo, hi) in enumerate(block):
@@ -138,7 +142,7 @@ def test_generate_equals_reference(model, name):
     n_new, steps, L = case.pop("n_new"), case.pop("steps"), case.pop("L")
     prompts = [prompt(1, 6), prompt(2, 6)]
     expected, calls = ref_generate(model, prompts, n_new, steps, L, **case)
-    config = SamplerConfig(max_new_tokens=n_new, steps=steps, block_length=L, stop_at_eos=False,
+    config = SamplerConfig(max_new_tokens=n_new, steps=steps, block_length=L,
                            unmasking=case.get("schedule", "dllm"), cfg_scale=case.get("cfg", 0.0),
                            repetition_penalty=case.get("penalty", 1.0))
     out = generate(model, prompts, config, mask_id=MASK, eos_id=EOS)
@@ -150,7 +154,7 @@ def test_generate_equals_reference(model, name):
 @pytest.mark.parametrize("penalty", [1.0, 1.2])
 def test_batch_of_different_lengths(model, penalty):
     prompts = [prompt(3, 4), prompt(4, 9), prompt(5, 6)]
-    config = SamplerConfig(max_new_tokens=10, steps=10, block_length=4, stop_at_eos=False,
+    config = SamplerConfig(max_new_tokens=10, steps=10, block_length=4,
                            repetition_penalty=penalty)
     out = generate(model, prompts, config, mask_id=MASK, eos_id=EOS)
     expected, _ = ref_generate(model, prompts, 10, 10, 4, penalty=penalty)
@@ -207,7 +211,7 @@ def test_steps_beyond_a_block_are_capped(model):
     assert sampler.steps_per_block(5, 12, 4) == (2, 2) and sampler.steps_per_block(7, 3, 8) == (7, 3)
     prompts = [prompt(22, 5), prompt(23, 8)]
     for unmasking in ("dllm", "llada"):
-        config = SamplerConfig(max_new_tokens=12, steps=12, block_length=4, stop_at_eos=False,
+        config = SamplerConfig(max_new_tokens=12, steps=12, block_length=4,
                                unmasking=unmasking)
         capped = generate(model, prompts, config, mask_id=MASK, eos_id=EOS)
         huge = generate(model, prompts, config.replace(steps=10**9), mask_id=MASK, eos_id=EOS)
@@ -236,7 +240,7 @@ def test_plain_loop_equals_fast_loop(model, name):
     the fast one with cache "none" (speed/sampling.py: logits at the still-masked positions only)
     commit the same tokens in the same number of model calls: generate on prompts of three
     lengths, infill with masks anywhere (first and last positions, a row of masks only)."""
-    config = SamplerConfig(stop_at_eos=False, **FAST_CASES[name])
+    config = FastConfig(stop_at_eos=False, **FAST_CASES[name])
     prompts = [prompt(30, 3), prompt(31, 9), prompt(32, 6)]
     plain = generate(model, prompts, config, mask_id=MASK, eos_id=EOS)
     fast = sampling.generate(model, prompts, config, mask_id=MASK, eos_id=EOS)
@@ -260,7 +264,7 @@ def test_plain_loop_with_the_stop_rules_equals_fast_loop(model):
     prompts = [prompt(35, 5), prompt(36, 7)]
     for forced, stop_strings in ((ForceToken(model, EOS, position=5 + 6), ()),
                                  (ForceToken(model, stop_token, position=5 + 9), ("</s>",))):
-        config = SamplerConfig(max_new_tokens=16, steps=16, block_length=4, stop_strings=stop_strings)
+        config = FastConfig(max_new_tokens=16, steps=16, block_length=4, stop_strings=stop_strings)
         stops = StopRules.make(config, tok, None, EOS)
         plain = generate(forced, prompts, config, mask_id=MASK, eos_id=EOS, end_of_block=stops.end_of_block)
         fast = sampling.generate(forced, prompts, config, mask_id=MASK, eos_id=EOS, tokenizer=tok)
@@ -268,10 +272,232 @@ def test_plain_loop_with_the_stop_rules_equals_fast_loop(model):
         assert fast.num_forward < 16  # the rules did stop early
 
 
-def test_plain_loop_refuses_the_fast_loops_settings(model):
-    for changes in (dict(cache="dual"), dict(cache="prefix", cache_refresh=2), dict(compile=True)):
-        with pytest.raises(UserError, match="minidiff.speed.sampling"):
-            generate(model, [prompt(37, 4)], SamplerConfig(**changes), mask_id=MASK, eos_id=EOS)
+def test_the_algorithms_settings_hold_none_of_the_fast_loops():
+    """Caches, compile and the stop rules are the fast loop's options: SamplerConfig has no such
+    field, so the plain loop cannot be asked for them; FastConfig holds both sets."""
+    for changes in (dict(cache="dual"), dict(cache="prefix", cache_refresh=2), dict(compile=True),
+                    dict(stop_strings=("</s>",)), dict(stop_at_eos=False)):
+        with pytest.raises(TypeError):
+            SamplerConfig(**changes)
+        assert FastConfig(**changes)
+    algorithm, fast = {f.name for f in fields(SamplerConfig)}, {f.name for f in fields(FastOptions)}
+    assert not algorithm & fast and {f.name for f in fields(FastConfig)} == algorithm | fast
+
+
+# ----------------------------------------------------------------------------- never <mask>
+
+
+@pytest.fixture(scope="module")
+def mask_loving(model):
+    """The tiny model with its decoder bias pushing <mask> far above every other token."""
+    biased = copy.deepcopy(model)
+    with torch.no_grad():
+        biased.decoder.bias[MASK] += 50.0
+    return biased
+
+
+@pytest.mark.parametrize("settings", [dict(), dict(temperature=0.7, seed=5), dict(threshold=0.5)],
+                         ids=["greedy", "temperature 0.7", "threshold 0.5"])
+def test_mask_is_never_an_answer_token(mask_loving, settings):
+    """<mask> wins every argmax of this model, yet no loop commits it: every answer is free of it."""
+    prompts = [prompt(40, 5), prompt(41, 8)]
+    config = FastConfig(max_new_tokens=16, steps=16, block_length=8, stop_at_eos=False, **settings)
+    ids = torch.tensor([prompts[0] + [MASK] * 3])
+    assert (mask_loving(ids)[0, -3:].argmax(-1) == MASK).all()  # the bias does win
+    runs = [generate(mask_loving, prompts, config, mask_id=MASK, eos_id=EOS)]
+    runs += [sampling.generate(mask_loving, prompts, config.replace(cache=cache), mask_id=MASK, eos_id=EOS)
+             for cache in ("none", "prefix", "dual")]
+    for out in runs:
+        for r, p in enumerate(prompts):
+            assert MASK not in out.sequences[r, len(p): len(p) + 16].tolist()
+
+
+def test_mask_column_is_left_out_of_the_confidence():
+    """Logits (2, 1, 0, -1) and 50 for <mask> (id 4) at three positions: by hand, the confidence
+    of token 0 without the <mask> column is e^2 / (e^2 + e + 1 + 1/e) = 0.644 >= 0.6, so a
+    threshold of 0.6 commits all three at once; with the column it would be e^-48, one commit."""
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0, 50.0])
+    assert abs(math.exp(2) / (math.exp(2) + math.e + 1 + 1 / math.e) - 0.6439) < 1e-4
+
+    def fixed(ids, attention_mask, positions):
+        return logits.expand(*positions.shape, -1).clone()
+
+    config = SamplerConfig(threshold=0.6)
+    canvas = build_canvas([[MASK] * 3], [0], 3, [0], config, mask_id=MASK, eos_id=EOS, device="cpu")
+    committed = denoise_step(fixed, canvas.ids, canvas, torch.arange(3)[None], None, config)
+    assert committed.all() and canvas.ids.tolist() == [[0, 0, 0]]
+
+
+# ----------------------------------------------------------------------------- the rules, against their sources
+
+
+def fastdllm_transfer(confidence: torch.Tensor, masked: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Fast-dLLM's get_transfer_index with a threshold, one row [N]: take the top-k of the masked
+    confidences (k = every mask), keep the first, drop each later one whose confidence is < threshold."""
+    transfer = torch.zeros_like(masked)
+    confidence = torch.where(masked, confidence, torch.full_like(confidence, -math.inf))
+    _, select = torch.topk(confidence, k=int(masked.sum()))
+    for n, index in enumerate(select.tolist()):
+        if n == 0 or not confidence[index] < threshold:
+            transfer[index] = True
+    return transfer
+
+
+def ref_threshold_generate(model, prompts, n_new, L, threshold):
+    """Fast-dLLM's generate loop (no cache, greedy): per block, steps until it has no mask."""
+    lengths = [len(p) for p in prompts]
+    T = max(lengths) + n_new
+    x = torch.full((len(prompts), T), EOS)
+    attention = torch.zeros(len(prompts), T, dtype=torch.long)
+    for j, p in enumerate(prompts):
+        x[j, : len(p)], x[j, len(p): len(p) + n_new], attention[j, : len(p) + n_new] = torch.tensor(p), MASK, 1
+    calls = 0
+    for b in range(math.ceil(n_new / L)):
+        window = torch.zeros_like(x, dtype=torch.bool)
+        for j, n in enumerate(lengths):
+            window[j, n + b * L: n + min((b + 1) * L, n_new)] = True
+        while (x[window] == MASK).any():
+            logits = model(x, attention)
+            logits[..., MASK] = -math.inf
+            x0 = logits.argmax(-1)
+            p = torch.softmax(logits.double(), -1).gather(-1, x0[..., None])[..., 0]
+            for j in range(len(prompts)):
+                transfer = fastdllm_transfer(p[j], window[j] & (x[j] == MASK), threshold)
+                x[j, transfer] = x0[j, transfer]
+            calls += 1
+    return x, calls
+
+
+class TiedLogits(torch.nn.Module):
+    """Logits with exact ties: at odd positions two tokens share the top (confidence exactly 1/2),
+    at an even position p, 3 + p do; every other token is far below (its share underflows to 0)."""
+
+    config = None
+
+    def forward(self, ids, attention_mask=None):
+        B, T = ids.shape
+        logits = torch.full((B, T, V), -1e4)
+        for p in range(T):
+            for t in range(2 if p % 2 else 3 + p):
+                logits[:, p, 5 + (p + t) % 50] = 0.0
+        return logits
+
+    def logits_at_positions(self, ids, attention_mask, positions):
+        logits = self(ids, attention_mask)
+        return logits.gather(1, positions[..., None].expand(-1, -1, V))
+
+
+@pytest.mark.parametrize("seed, threshold", [(7, 0.3), (8, 0.5), (9, 0.15)])
+def test_threshold_decoding_equals_fastdllm(seed, threshold):
+    """Greedy threshold decoding equals Fast-dLLM's rule, token for token and call for call, on
+    random models (an inverted comparison fails here) and on exact ties at the threshold (a
+    strict comparison commits one token per step there instead of every tied one)."""
+    for model in (tiny_model(seed), TiedLogits()):
+        prompts = [prompt(seed, 4), prompt(seed + 1, 7)]
+        config = FastConfig(max_new_tokens=12, steps=12, block_length=6, threshold=threshold, stop_at_eos=False)
+        expected, calls = ref_threshold_generate(model, prompts, 12, 6, 0.5 if isinstance(model, TiedLogits)
+                                                 else threshold)
+        if isinstance(model, TiedLogits):
+            config = config.replace(threshold=0.5)
+        out = generate(model, prompts, config, mask_id=MASK, eos_id=EOS)
+        assert torch.equal(out.sequences, expected) and out.num_forward == calls
+
+
+def step_at_temperature(logits, T, threshold, seed):
+    """denoise_step on fixed logits [N, V] (one row of N masked positions) at temperature T."""
+    N = logits.shape[0]
+    config = SamplerConfig(temperature=T, threshold=threshold)
+    canvas = build_canvas([[MASK] * N], [0], N, [0], config, mask_id=MASK, eos_id=EOS, device="cpu")
+    committed = denoise_step(lambda ids, a, positions: logits[None].clone(), canvas.ids, canvas,
+                             torch.arange(N)[None], None, config, torch.Generator().manual_seed(seed))
+    return canvas.ids[0], committed[0]
+
+
+def ref_gumbel(logits, T, seed):
+    """The candidates at temperature T from float64 uniforms u drawn first with the step's seed:
+    argmax of log-probabilities l/T plus Gumbel noise g = -log(-log u), <mask> left out."""
+    u = torch.rand(logits.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    scores = logits.double() / T - torch.log(-torch.log(u))
+    scores[:, MASK] = -math.inf
+    return scores.argmax(-1)
+
+
+def test_confidence_at_temperature_is_untempered():
+    """At T = 0.5 the committed set is the candidates whose softmax(l) (not softmax(l / T)) is at
+    least the threshold; the logits are chosen so that the two sets differ."""
+    torch.manual_seed(0)
+    logits = torch.randn(40, V) * 2.5
+    T, threshold, seed = 0.5, 0.3, 3
+    candidates = ref_gumbel(logits, T, seed)
+    masked_out = logits.clone()
+    masked_out[:, MASK] = -math.inf
+    untempered = masked_out.softmax(-1).gather(1, candidates[:, None])[:, 0]
+    tempered = (masked_out / T).softmax(-1).gather(1, candidates[:, None])[:, 0]
+    expected = (untempered >= threshold) | (untempered == untempered.max())
+    assert not torch.equal(expected, (tempered >= threshold) | (tempered == tempered.max()))
+    ids, committed = step_at_temperature(logits, T, threshold, seed)
+    assert torch.equal(committed, expected) and torch.equal(ids[committed], candidates[committed])
+
+
+def test_gumbel_noise_is_drawn_in_float64():
+    """Near-flat logits, so the noise picks the winner: the candidates are exactly those of
+    float64 uniforms drawn first from the step's generator (float32 draws give other winners)."""
+    logits = torch.linspace(0, 0.01, V).expand(200, V).contiguous()
+    ids, committed = step_at_temperature(logits, 0.7, 1e-9, seed=4)  # a tiny threshold: commit all
+    assert committed.all()
+    assert torch.equal(ids, ref_gumbel(logits, 0.7, seed=4))
+    u32 = torch.rand(logits.shape, generator=torch.Generator().manual_seed(4))
+    assert not torch.equal(ids, (logits / 0.7 - torch.log(-torch.log(u32))).argmax(-1))
+
+
+def ref_top_k_top_p(logits, k, p, T):
+    """Hand-written filter, one position at a time: the tokens not below the k-th largest logit,
+    then of those, in order of likelihood, each one whose predecessors' mass under softmax(l / T)
+    (renormalised over the kept tokens) is still below p; everything else -inf."""
+    out = torch.full_like(logits, -math.inf)
+    for n, row in enumerate(logits.double().tolist()):
+        tokens = sorted((t for t in range(V) if t != MASK), key=lambda t: -row[t])
+        if k:
+            tokens = [t for t in tokens if row[t] >= row[tokens[min(k, len(tokens)) - 1]]]
+        weights = [math.exp((row[t] - row[tokens[0]]) / T) for t in tokens]
+        total, before = sum(weights), 0.0
+        for t, w in zip(tokens, weights):
+            if before / total >= p:
+                break
+            out[n, t] = logits[n, t]
+            before += w
+    return out
+
+
+@pytest.mark.parametrize("k, p", [(5, 1.0), (0, 0.6), (12, 0.8), (1, 1.0), (0, 1e-6)])
+def test_top_k_top_p_equal_a_hand_written_filter(k, p):
+    """With the same float64 uniforms, the step's draws equal Gumbel-max over the hand-filtered
+    logits; the candidates stay inside the kept set."""
+    torch.manual_seed(1)
+    logits, T = torch.randn(60, V) * 1.5, 0.8
+    kept = ref_top_k_top_p(logits, k, p, T)
+    config = SamplerConfig(temperature=T, threshold=1e-9, top_k=k, top_p=p)
+    canvas = build_canvas([[MASK] * 60], [0], 60, [0], config, mask_id=MASK, eos_id=EOS, device="cpu")
+    denoise_step(lambda ids, a, positions: logits[None].clone(), canvas.ids, canvas, torch.arange(60)[None],
+                 None, config, torch.Generator().manual_seed(6))
+    expected = ref_gumbel(kept, T, seed=6)
+    assert torch.equal(canvas.ids[0], expected)
+    assert torch.isfinite(kept.gather(1, expected[:, None])).all()
+    if k == 1 or p < 1e-3:
+        assert torch.equal(expected, kept.argmax(-1)) and (torch.isfinite(kept).sum(-1) == 1).all()
+
+
+def test_top_k_1_and_tiny_top_p_give_the_greedy_answer(model):
+    """At temperature 1, top_k 1 and top_p 1e-6 leave only the most likely token: the greedy answer."""
+    prompts = [prompt(42, 5), prompt(43, 8)]
+    base = FastConfig(max_new_tokens=12, steps=12, block_length=6, stop_at_eos=False, repetition_penalty=1.2)
+    greedy = generate(model, prompts, base, mask_id=MASK, eos_id=EOS).sequences
+    for narrow in (dict(top_k=1), dict(top_p=1e-6)):
+        config = base.replace(temperature=1.0, seed=3, **narrow)
+        assert torch.equal(generate(model, prompts, config, mask_id=MASK, eos_id=EOS).sequences, greedy)
+        assert torch.equal(sampling.generate(model, prompts, config, mask_id=MASK, eos_id=EOS).sequences, greedy)
+    sampled = generate(model, prompts, base.replace(temperature=1.0, seed=3), mask_id=MASK, eos_id=EOS).sequences
+    assert not torch.equal(sampled, greedy)  # without them, temperature 1 does draw
 
 
 # ----------------------------------------------------------------------------- the extras
@@ -279,7 +505,7 @@ def test_plain_loop_refuses_the_fast_loops_settings(model):
 
 def test_temperature_seed_reproducible(model):
     prompts = [prompt(8, 5), prompt(9, 7)]
-    config = SamplerConfig(max_new_tokens=12, steps=8, block_length=6, temperature=0.8, seed=11,
+    config = FastConfig(max_new_tokens=12, steps=8, block_length=6, temperature=0.8, seed=11,
                            remasking="random", stochastic=True, stop_at_eos=False)
     a = generate(model, prompts, config, mask_id=MASK, eos_id=EOS).sequences
     b = generate(model, prompts, config, mask_id=MASK, eos_id=EOS).sequences
@@ -299,19 +525,20 @@ def test_gumbel_max_samples_softmax_over_temperature():
         return logits.expand(*positions.shape, -1).clone()
 
     n, T = 4000, 0.7
-    config = SamplerConfig(temperature=T, stop_at_eos=False)
+    config = SamplerConfig(temperature=T)
     canvas = build_canvas([[MASK]] * n, [0] * n, 1, [0] * n, config, mask_id=MASK, eos_id=EOS, device="cpu")
     positions = torch.zeros(n, 1, dtype=torch.long)
     denoise_step(fixed, canvas.ids, canvas, positions, torch.ones(n, dtype=torch.long), config,
                  torch.Generator().manual_seed(0))
     freq = torch.bincount(canvas.ids[:, 0], minlength=5).double() / n
-    expected = torch.softmax(logits.double() / T, -1)
+    expected = torch.softmax(logits.double() / T, -1)  # over the columns but <mask> (id 4)
+    expected = torch.cat([expected[:MASK] / expected[:MASK].sum(), torch.zeros(1)])
     assert (freq - expected).abs().max() < 0.03  # ~4 standard errors
 
 
 def test_threshold_uses_fewer_calls(model):
     prompts = [prompt(10, 6), prompt(11, 6)]
-    base = SamplerConfig(max_new_tokens=16, steps=16, block_length=8, stop_at_eos=False)
+    base = FastConfig(max_new_tokens=16, steps=16, block_length=8, stop_at_eos=False)
     plain = sampling.generate(model, prompts, base, mask_id=MASK, eos_id=EOS)
     fast = sampling.generate(model, prompts, base.replace(threshold=0.4), mask_id=MASK, eos_id=EOS)
     assert plain.num_forward == 16
@@ -364,7 +591,7 @@ def test_host_reads_do_not_grow_with_steps(model, monkeypatch):
         with monkeypatch.context() as m:
             for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__"):
                 m.setattr(torch.Tensor, name, counting(getattr(torch.Tensor, name)))
-            config = SamplerConfig(max_new_tokens=24, steps=steps, block_length=12, cfg_scale=0.5,
+            config = FastConfig(max_new_tokens=24, steps=steps, block_length=12, cfg_scale=0.5,
                                    repetition_penalty=1.2, stop_at_eos=False)
             out = sampling.generate(model, [prompt(20, 5), prompt(21, 3)], config, mask_id=MASK, eos_id=EOS)
         assert out.num_forward == steps
@@ -408,7 +635,7 @@ class ForceToken(torch.nn.Module):
 def test_early_stop_at_eos(model):
     biased = ForceToken(model, EOS, position=5 + 6)  # every row's 7th answer token is eos
     prompts = [prompt(14, 5), prompt(15, 5)]
-    config = SamplerConfig(max_new_tokens=24, steps=24, block_length=4, stop_at_eos=False)
+    config = FastConfig(max_new_tokens=24, steps=24, block_length=4, stop_at_eos=False)
     full = sampling.generate(biased, prompts, config, mask_id=MASK, eos_id=EOS)
     early = sampling.generate(biased, prompts, config.replace(stop_at_eos=True), mask_id=MASK, eos_id=EOS)
     assert early.num_forward < full.num_forward
@@ -426,7 +653,7 @@ def test_stop_strings(model):
     stop_token = tok.pieces.index("</s>")
     forced = ForceToken(model, stop_token, position=6 + 9)  # the 10th answer token
     p = [prompt(16, 6)]
-    config = SamplerConfig(max_new_tokens=16, steps=16, block_length=4, stop_at_eos=False)
+    config = FastConfig(max_new_tokens=16, steps=16, block_length=4, stop_at_eos=False)
     plain = sampling.generate(forced, p, config, mask_id=MASK, eos_id=EOS, tokenizer=tok)
     stopped = sampling.generate(forced, p, config.replace(stop_strings=("</s>",)), mask_id=MASK, eos_id=EOS,
                                 tokenizer=tok)
@@ -458,7 +685,8 @@ def test_trace_frames_replay(model):
     (dict(unmasking="cosine"), "schedule"), (dict(max_new_tokens=0), "max_new_tokens"),
     (dict(threshold=1.5), "threshold"), (dict(repetition_penalty=0.0), "repetition_penalty"),
     (dict(stochastic=True, unmasking="llada"), "stochastic"), (dict(cfg_scale=-1.0), "cfg_scale"),
-    (dict(seed=-1), "seed"), (dict(seed=2**64), "seed"),
+    (dict(seed=-1), "seed"), (dict(seed=2**64), "seed"), (dict(top_k=-1), "top_k"), (dict(top_k=1.5), "top_k"),
+    (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
 ])
 def test_bad_config(kwargs, words):
     with pytest.raises(UserError, match=words):
@@ -473,6 +701,11 @@ def test_presets():
     assert SamplerConfig.preset("diffutron-short", temperature=0.0).temperature == 0.0
     with pytest.raises(UserError, match="preset"):
         SamplerConfig.preset("fast")
+    # the algorithm's settings hold no stop rule; the fast loop's presets add the fork's stop strings
+    assert not hasattr(long, "stop_strings") and not hasattr(long, "cache")
+    fast = FastConfig.preset("diffutron-long", temperature=0.0)
+    assert fast.stop_strings == sampler.FORK_STOP_STRINGS and fast.temperature == 0.0 and fast.steps == 128
+    assert FastConfig.preset("diffutron-short").replace(cache="dual").cache == "dual"
 
 
 def test_bad_inputs(model):

@@ -6,6 +6,8 @@ recomputed here from hooked layer inputs with rotary written as a complex rotati
 """
 from __future__ import annotations
 
+import functools
+import itertools
 import random
 
 import pytest
@@ -13,10 +15,9 @@ import torch
 from helpers import EOS, MASK, tiny_model
 
 from minidiff.errors import UserError
-from minidiff.model import KVCache
 from minidiff.sampler import SamplerConfig, build_canvas
-from minidiff.speed.kv_cache import BlockLogits
-from minidiff.speed.sampling import LateCount, block_step, generate
+from minidiff.speed.kv_cache import BlockLogits, KVCache, cached_hidden
+from minidiff.speed.sampling import FastConfig, LateCount, block_step, generate
 
 V = 64
 
@@ -57,7 +58,7 @@ def canvas_of(prompts, n_new):
 @pytest.mark.parametrize("mode", ["dual", "prefix"])
 @pytest.mark.parametrize("threshold", [None, 0.3])
 def test_refresh_every_step_is_the_exact_sampler(model, batch, mode, threshold):
-    config = SamplerConfig(max_new_tokens=12, steps=12, block_length=4, stop_at_eos=False,
+    config = FastConfig(max_new_tokens=12, steps=12, block_length=4, stop_at_eos=False,
                            repetition_penalty=1.2, threshold=threshold)
     exact = generate(model, BATCHES[batch], config, mask_id=MASK, eos_id=EOS)
     cached = generate(model, BATCHES[batch], config.replace(cache=mode, cache_refresh=1),
@@ -79,12 +80,12 @@ def test_hidden_states_from_the_cache_equal_the_full_forward(model, batch, mode)
     x[:, 2] = MASK  # a mask inside the prompt too
     full = model.hidden(x, mask)  # [B, T, H], the exact path
     cache = KVCache()
-    torch.testing.assert_close(model.hidden(x, mask, cache=cache), full, rtol=0, atol=0)
+    torch.testing.assert_close(cached_hidden(model, x, mask, cache), full, rtol=0, atol=0)
     starts = torch.tensor(lengths)[:, None] + 4  # the second block of 4
     width = 4 if mode == "dual" else x.shape[1] - min(lengths) - 4
     positions = starts + torch.arange(width)[None]  # [B, Q]; prefix: past the end = unused
     ids = x.gather(1, positions.clamp(max=x.shape[1] - 1))
-    h = model.hidden(ids, mask, cache=cache.at(positions))
+    h = cached_hidden(model, ids, mask, cache.at(positions))
     for r in range(len(prompts)):
         own = positions[r] < lengths[r] + 12  # the row's own canvas (not its eos padding)
         torch.testing.assert_close(h[r][own], full[r, positions[r][own]], rtol=1e-5, atol=1e-5)
@@ -113,7 +114,7 @@ def test_cached_keys_values_equal_a_full_forward(model, batch):
     for h in hooks:
         h.remove()
     cache = KVCache()
-    model.hidden(x, mask, cache=cache)
+    cached_hidden(model, x, mask, cache)
     c, heads = model.config, model.config.num_attention_heads
     for i, layer in enumerate(model.model.layers):
         B, T, H = inputs[i].shape
@@ -125,7 +126,7 @@ def test_cached_keys_values_equal_a_full_forward(model, batch):
     for r, p in enumerate(prompts):  # the batch row equals the prompt alone
         alone_x, _, _ = canvas_of([p], 8)
         alone = KVCache()
-        model.hidden(alone_x, None, cache=alone)
+        cached_hidden(model, alone_x, None, alone)
         n = alone_x.shape[1]
         for i in range(len(model.model.layers)):
             torch.testing.assert_close(cache.keys[i][r, :, :n], alone.keys[i][0], rtol=1e-5, atol=1e-5)
@@ -135,7 +136,7 @@ def test_cached_keys_values_equal_a_full_forward(model, batch):
 def test_batch_rows_equal_each_prompt_alone(model, mode):
     """The approximate caches too: a row of a batch of different lengths = that prompt alone."""
     prompts = BATCHES["three lengths, attention mask"]
-    config = SamplerConfig(max_new_tokens=12, steps=12, block_length=4, stop_at_eos=False, cache=mode)
+    config = FastConfig(max_new_tokens=12, steps=12, block_length=4, stop_at_eos=False, cache=mode)
     out = generate(model, prompts, config, mask_id=MASK, eos_id=EOS)
     for r, p in enumerate(prompts):
         alone = generate(model, [p], config, mask_id=MASK, eos_id=EOS).sequences[0]
@@ -144,14 +145,14 @@ def test_batch_rows_equal_each_prompt_alone(model, mode):
 
 def test_cache_modes_fill_every_mask_and_validate(model):
     for mode in ("dual", "prefix"):
-        config = SamplerConfig(max_new_tokens=10, steps=5, block_length=4, stop_at_eos=False,
+        config = FastConfig(max_new_tokens=10, steps=5, block_length=4, stop_at_eos=False,
                                cache=mode, cfg_scale=0.5)
         out = generate(model, [prompt(5, 3), prompt(6, 7)], config, mask_id=MASK, eos_id=EOS)
         assert not (out.sequences == MASK).any() and out.num_forward == 6  # 3 blocks x 2 steps
     with pytest.raises(UserError, match="cache must be one of"):
-        SamplerConfig(cache="kv")
+        FastConfig(cache="kv")
     with pytest.raises(UserError, match="cache_refresh"):
-        SamplerConfig(cache="dual", cache_refresh=0)
+        FastConfig(cache="dual", cache_refresh=0)
 
 
 # ----------------------------------------------------------------------------- static step
@@ -165,7 +166,7 @@ def test_step_makes_no_host_read(model, monkeypatch):
                           [len(p) for p in prompts], SamplerConfig(block_length=4), mask_id=MASK,
                           eos_id=EOS, device="cpu")
     block, counts = canvas.blocks[0], torch.tensor([1, 2, 1])
-    configs = [SamplerConfig(cache=mode, threshold=threshold, repetition_penalty=1.2, cfg_scale=0.5)
+    configs = [FastConfig(cache=mode, threshold=threshold, repetition_penalty=1.2, cfg_scale=0.5)
                for mode, threshold in (("dual", None), ("prefix", 0.5), ("none", None))]
     # made before the patch: prefix mode reads the block's start once per block
     sources = [BlockLogits(model, config, block, canvas.ids.shape[1]) for config in configs]
@@ -190,7 +191,7 @@ def test_compiled_step_same_tokens_no_recompile(model):
     from torch._dynamo.utils import counters
 
     prompts = BATCHES["three lengths, attention mask"]
-    config = SamplerConfig(max_new_tokens=12, steps=12, block_length=4, stop_at_eos=False,
+    config = FastConfig(max_new_tokens=12, steps=12, block_length=4, stop_at_eos=False,
                            repetition_penalty=1.2, cache="dual")
     eager = generate(model, prompts, config, mask_id=MASK, eos_id=EOS)
     torch._dynamo.reset()
@@ -200,6 +201,40 @@ def test_compiled_step_same_tokens_no_recompile(model):
     # 3 blocks x 3 cached steps of one shape: traced once, never recompiled
     assert counters["stats"]["unique_graphs"] == 1
     assert sum(counters["recompiles"].values()) == 0
+
+
+def test_compiled_step_graphs_are_bounded(model, monkeypatch):
+    """Twelve request settings (three caches x greedy, temperature 0.7, threshold 0.9, penalty 1.2)
+    on batches of 1 and 3 rows, twice over: the numbers travel as tensors and shapes are bucketed,
+    so the first pass makes one graph per logits source and batch bucket (3 x 2), the second none,
+    and nothing hits dynamo's limit. Graphs are dynamo's, whatever the backend: aot_eager keeps the
+    test fast (inductor: the slow test above). Each answer equals the uncompiled loop's."""
+    from torch._dynamo.utils import counters
+
+    from minidiff.speed import sampling
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    monkeypatch.setattr(sampling, "_COMPILED", {})
+    torch._dynamo.reset()
+    counters.clear()
+    batches = [[prompt(1, 5)], BATCHES["three lengths, attention mask"]]
+    settings = [dict(), dict(temperature=0.7), dict(threshold=0.9), dict(repetition_penalty=1.2)]
+    graphs = []
+    for rep in range(2):
+        for cache in ("none", "prefix", "dual"):
+            for setting, batch in itertools.product(settings, batches):
+                config = FastConfig(max_new_tokens=12, steps=12, block_length=4, stop_at_eos=False, cache=cache,
+                                    **setting)
+                compiled = generate(model, batch, config.replace(compile=True), mask_id=MASK, eos_id=EOS)
+                assert compiled.sequences.shape == (len(batch), max(map(len, batch)) + 12)
+                if rep == 0 and "temperature" not in setting:  # bucketing changes no answer
+                    eager = generate(model, batch, config, mask_id=MASK, eos_id=EOS)
+                    assert torch.equal(compiled.sequences, eager.sequences)
+                    assert [s.committed.sum() for s in compiled.trace] == [s.committed.sum() for s in eager.trace]
+                elif "temperature" in setting:
+                    assert not (compiled.sequences == MASK).any()
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs == [6, 6]
 
 
 # ----------------------------------------------------------------------------- late reads on CUDA

@@ -11,6 +11,7 @@ import minidiff
 from minidiff.data.chat import StopRules
 from minidiff.plumbing.sampling_cli import answer_text
 from minidiff.sampler import SamplerConfig, build_canvas
+from minidiff.speed.sampling import FastConfig
 from minidiff.serving.settled import open_prefix, settled_text
 
 BLOCK = 4
@@ -76,7 +77,7 @@ def test_streamed_text_is_never_taken_back(tok, stop_strings):
     assert tok.decode([first_byte, tok.backend.token_to_id("<0x9F>")]) == "ğ"
     byte_a = tok.backend.token_to_id("<0x61>")  # "a" as a byte: [<0x61>, <0xC4>] decodes to U+FFFD twice
     pool += [[tok.eos_id], [first_byte], [first_byte] + glued(tok, "a"), glued(tok, "ğ"), [byte_a]]
-    config = SamplerConfig(max_new_tokens=24, steps=24, block_length=BLOCK, stop_strings=stop_strings)
+    config = FastConfig(max_new_tokens=24, steps=24, block_length=BLOCK, stop_strings=stop_strings)
     generator, streamed, early = random.Random(0), 0, 0
     for _ in range(150):
         answer = [t for _ in range(24) for t in generator.choice(pool)][:24]

@@ -228,15 +228,15 @@ def test_prepare_out_refuses_another_sources_shards_unless_overwrite(setup, tmp_
 
 CHANGING = """
 import sys
-from minidiff.data import readers, shards
+from minidiff.data import readers, shard_writer, shards
 from minidiff.errors import run_cli
-shards.BATCH_DOCUMENTS = 10
+shard_writer.BATCH_DOCUMENTS = 10
 source = sys.argv[1]
 original = readers.iter_documents
 def read_then_change(*args, **kwargs):  # the source gains a line once the first batch is read
     for number, text in enumerate(original(*args, **kwargs), start=1):
         yield text
-        if number == shards.BATCH_DOCUMENTS:
+        if number == shard_writer.BATCH_DOCUMENTS:
             with open(source, "a", encoding="utf-8") as handle:
                 handle.write("Yeni eklenen satır.\\n")
 readers.iter_documents = read_then_change
@@ -284,10 +284,10 @@ def test_temporaries_of_dead_preparations_are_removed_at_start(setup, tmp_path, 
     kwargs = {"out": folder / "wiki"} if where == "out" else {"cache_dir": folder}
     if entry_exists:
         shards.prepare(setup["a"], "cpt", CPT, setup["tok"], **kwargs)
-    host = socket.gethostname().replace("-", "_")
-    dead = folder / f".tmp-wiki-{host}-{dead_pid()}-0a1b2c3d"
-    alive = folder / f".tmp-wiki-{host}-{os.getpid()}-0a1b2c3d"
-    elsewhere = folder / f".tmp-wiki-otherhost-{dead_pid()}-0a1b2c3d"
+    host = socket.gethostname().replace("-", "_")  # temporaries are .tmp-NAME-HOST-PID
+    dead = folder / f".tmp-wiki-{host}-{dead_pid()}"
+    alive = folder / f".tmp-wiki-{host}-{os.getppid()}"  # a live process, not this writer
+    elsewhere = folder / f".tmp-wiki-otherhost-{dead_pid()}"
     for tmp in (dead, alive, elsewhere):
         tmp.mkdir(parents=True)
         (tmp / "tokens.bin").write_bytes(b"\0" * 10)

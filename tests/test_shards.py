@@ -317,14 +317,14 @@ def test_a_shard_directory_is_checked_against_the_run(corpus, tmp_path, capsys):
 
 PREPARE = """
 import sys, time
-from minidiff.data import shards
+from minidiff.data import shard_writer, shards
 from minidiff.data.tokenizer import load_tokenizer
-shards.BATCH_DOCUMENTS = 50
-original = shards._Writer.add
+shard_writer.BATCH_DOCUMENTS = 50
+original = shard_writer.Writer.add
 def slow_add(self, *a):
     time.sleep(float(sys.argv[4]))
     return original(self, *a)
-shards._Writer.add = slow_add
+shard_writer.Writer.add = slow_add
 entry = shards.prepare(sys.argv[1], "cpt", shards.cpt_options(), load_tokenizer(sys.argv[2]), cache_dir=sys.argv[3])
 print(entry.path, flush=True)
 """

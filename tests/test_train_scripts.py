@@ -85,6 +85,48 @@ def test_sigkill_then_resume_equals_uninterrupted_run(setup, tmp_path):
         assert torch.allclose(merged(ids), adapted(ids), atol=1e-4)
 
 
+# ----------------------------------------------------------------------------- torchrun --max-restarts
+
+RESTART_HARNESS = """
+import os, sys
+from minidiff.data.batches import Batches
+original = Batches.__next__
+fetched = [0]
+def next_or_die(self):
+    fetched[0] += 1
+    if fetched[0] > {die_after} and os.environ["TORCHELASTIC_RESTART_COUNT"] == "0":
+        os._exit(1)  # the first attempt dies as a killed process would
+    return original(self)
+Batches.__next__ = next_or_die
+import train_cpt
+from minidiff.errors import run_cli
+sys.argv = ["train_cpt.py"] + {argv!r}
+run_cli(train_cpt.main)
+"""
+
+
+@pytest.mark.slow
+def test_torchrun_restart_with_resume_auto_equals_uninterrupted_run(setup, tmp_path):
+    """torchrun --max-restarts reruns the same command line: --resume auto starts the first attempt
+    afresh and continues the restarted one from its newest checkpoint."""
+    common = ["--model", str(setup["model"]), "--data", str(setup["train"]), *SMALL, *LORA_SMALL,
+              "--batch-size", "3", "--grad-accum", "2", "--max-steps", "6", "--save-every", "2", "--keep-last", "5"]
+    full = subprocess.Popen([sys.executable, "train_cpt.py", *common, "--out", str(tmp_path / "full")], cwd=ROOT,
+                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    out = tmp_path / "restarted"
+    harness = tmp_path / "harness.py"
+    # 2 micro-batches per step, one fetched ahead: the 11th fetch comes after the step-4 checkpoint
+    harness.write_text(RESTART_HARNESS.format(die_after=10, argv=[*common, "--out", str(out), "--resume", "auto"]))
+    restarted = run_script(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "--max-restarts=1",
+                            str(harness)], timeout=300)
+    assert restarted.returncode == 0, restarted.stderr[-3000:]
+    assert full.wait(timeout=300) == 0, full.stderr.read()
+    assert json.loads((out / "run.json").read_text())["resumed_from"].endswith("step-000004")
+    assert_same_weights(tmp_path / "full" / "model.safetensors", out / "model.safetensors")
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows if "loss" in row] == [1, 2, 3, 4, 5, 6]
+
+
 # ----------------------------------------------------------------------------- torchrun
 
 
@@ -188,6 +230,17 @@ def test_noise_schedule_flag_sets_the_field():
     config, _ = train_cpt.train_cli.parse_config(train_cpt.CPTConfig, parser, ["--preset", "diffutron-cpt"],
                                                  train_cpt.PRESETS)
     assert config.noise_schedule == "linear"
+
+
+@pytest.mark.parametrize("script, config_class", [(train_cpt, "CPTConfig"), (train_sft, "SFTConfig")])
+def test_resume_flag_is_true_auto_or_false(script, config_class):
+    cls = getattr(script, config_class)
+    parser = script.train_cli.config_parser(cls, "x", "", script.HELP, script.PRESETS)
+    for argv, expected in (([], False), (["--resume"], True), (["--resume", "auto"], "auto"), (["--no-resume"], False),
+                           (["--resume", "--seed", "3"], True)):
+        assert script.train_cli.parse_config(cls, parser, argv, script.PRESETS)[0].resume == expected, argv
+    with pytest.raises(UserError, match="--resume: invalid choice: 'yes'"):
+        script.train_cli.parse_config(cls, parser, ["--resume", "yes"], script.PRESETS)
 
 
 # ----------------------------------------------------------------------------- bad inputs

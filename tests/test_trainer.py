@@ -7,7 +7,9 @@
 - SFT batches: the prompt is never masked, the answer and its padding are, and "token"
   normalisation counts exactly the non-prompt positions;
 - a non-finite step is skipped (the weights and lr schedule do not move) and counted; several
-  in a row stop the run naming the steps and keep the last good checkpoint.
+  in a row stop the run naming the steps and keep the last good checkpoint;
+- the prefetcher hands out the source's batches at the source's positions (CPU; CUDA, where the
+  copy runs on a side stream).
 """
 from __future__ import annotations
 
@@ -25,6 +27,8 @@ from minidiff import diffusion
 from minidiff.data.batches import Batches, collate_cpt, collate_sft
 from minidiff.data.tokenizer import load_tokenizer, tokenize_documents
 from minidiff.errors import UserError
+from minidiff.plumbing.device import Prefetcher
+from minidiff.training import resume as resume_policy
 from minidiff.training import state as train_state
 from minidiff.training import trainer
 
@@ -280,18 +284,18 @@ def test_non_finite_steps_in_a_row_stop_the_run(tok, tmp_path):
 def test_output_dir_rules(tok, tmp_path):
     out = tmp_path / "run"
     with pytest.raises(UserError, match="no complete checkpoint"):
-        trainer.check_out_dir(out, resume=True)
+        resume_policy.check_out_dir(out, resume=True)
     (out / "checkpoints" / ".tmp-step-000002").mkdir(parents=True)  # an interrupted write is not a checkpoint
     with pytest.raises(UserError, match="no complete checkpoint"):
-        trainer.check_out_dir(out, resume=True)
+        resume_policy.check_out_dir(out, resume=True)
     trainer.train(model_for(tok), cpt_batches(tok), None, trainer.nelbo_objective(MASK),
                   config(max_steps=2, save_every=1, keep_last=1), out)
     with pytest.raises(UserError, match="finished model"):
-        trainer.check_out_dir(out, resume=False)
+        resume_policy.check_out_dir(out, resume=False)
     (out / "model.safetensors").unlink()
     with pytest.raises(UserError, match="unfinished run"):
-        trainer.check_out_dir(out, resume=False)
-    assert trainer.check_out_dir(out, resume=True).name == "step-000002"  # the final step's
+        resume_policy.check_out_dir(out, resume=False)
+    assert resume_policy.check_out_dir(out, resume=True).name == "step-000002"  # the final step's
 
 
 @dataclass
@@ -299,8 +303,8 @@ class ConfigWithNewFields(trainer.TrainConfig):
     """A config as a script grows it: fields that no list in the trainer names."""
 
     new_setting: int = 0  # no metadata: --resume requires the checkpoint's value
-    new_path: str = field(default="a", metadata=trainer.MAY_DIFFER)
-    new_data_rule: int = field(default=0, metadata=trainer.DATA)
+    new_path: str = field(default="a", metadata=resume_policy.MAY_DIFFER)
+    new_data_rule: int = field(default=0, metadata=resume_policy.DATA)
 
 
 def test_resume_rule_of_a_new_field_is_read_from_its_metadata(tok, tmp_path):
@@ -350,3 +354,38 @@ def test_a_cpt_batch_without_padding_reaches_attention_unmasked(tok, monkeypatch
     seen.clear()
     loss_fn(model, collate_cpt([[7] * 40, [8] * 30], tok.pad_id), torch.Generator().manual_seed(0))
     assert all(m is not None for m in seen)
+
+
+class NumberedBatches:
+    """An endless batch source with a position, as batches.Batches: batch i is drawn from seed i."""
+
+    def __init__(self, numel: int):
+        self.numel, self.position = numel, 0
+
+    def state_dict(self) -> dict:
+        return {"position": self.position}
+
+    def __next__(self) -> dict:
+        x = torch.randn(self.numel, generator=torch.Generator().manual_seed(self.position))
+        self.position += 1
+        return {"x": x, "ids": torch.arange(8) + self.position, "epoch": 0}
+
+
+NEEDS_CUDA = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=NEEDS_CUDA)])
+def test_prefetched_batches_equal_the_unprefetched_ones(device):
+    """Each batch is the source's, on the device, and used at once on the compute stream (on CUDA
+    the copy runs on a side stream: without the wait, the product below could read a partial copy);
+    state_dict() is the position before the batch handed out next."""
+    plain, prefetched = NumberedBatches(1 << 22), Prefetcher(NumberedBatches(1 << 22), torch.device(device))
+    for _ in range(4):
+        position = plain.state_dict()
+        expected = next(plain)
+        assert prefetched.state_dict() == position
+        batch = next(prefetched)
+        doubled = batch["x"] * 2  # queued on the compute stream right after the hand-over
+        assert batch["x"].device.type == device and batch["epoch"] == 0
+        assert torch.equal(doubled.cpu(), expected["x"] * 2) and torch.equal(batch["ids"].cpu(), expected["ids"])
+

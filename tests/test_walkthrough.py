@@ -37,3 +37,17 @@ def test_walkthrough_bad_text_path_is_one_sentence(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"error: --text {tmp_path / 'missing.txt'}: no such file; "
                                                   "expected a UTF-8 text file"]
+
+
+def test_walkthrough_imports_only_the_algorithm():
+    """The modules of the package loaded by the walkthrough's imports: the algorithm's, nothing else."""
+    code = ("import runpy, sys; runpy.run_path(sys.argv[1], run_name='walkthrough'); "
+            "print(' '.join(sorted(m for m in sys.modules if m.split('.')[0] == 'minidiff')))")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-c", code, str(ROOT / "docs" / "walkthrough.py")],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    algorithm = {"minidiff", "minidiff.model", "minidiff.diffusion", "minidiff.lora", "minidiff.optim",
+                 "minidiff.sampler", "minidiff.errors"}
+    loaded = set(result.stdout.split())
+    assert {"minidiff.model", "minidiff.sampler"} <= loaded <= algorithm, sorted(loaded - algorithm)

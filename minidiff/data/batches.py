@@ -1,11 +1,8 @@
-"""Batches: the order in which a run visits its examples, and the padding that makes tensors of them.
+"""Batches: the order in which a run visits its examples, and the padding that makes tensors of them
+(docs/training.md, "Batches"). References: dllm's `DataCollatorForSeq2Seq` padding for SFT; torch's
+DistributedSampler for the last batch.
 
-References: dllm's `DataCollatorForSeq2Seq` padding for SFT (the padding is trained, so the
-model learns to end its answers); torch's DistributedSampler for the last batch of an epoch.
-docs/training.md, "Data" ("Batches").
-
-    batches = Batches(examples, 16, seed=0, rank=r, world_size=w,
-                      collate=lambda b: collate_sft(b, tok.pad_id))
+    batches = Batches(examples, 16, seed=0, rank=r, world_size=w, collate=lambda b: collate_sft(b, tok.pad_id))
     batch = next(batches)          # input_ids [B, S], labels [B, S], maskable [B, S]
     state = batches.state_dict()   # the next batch's position: a resumed run continues there
 """
@@ -22,9 +19,7 @@ from minidiff.errors import UserError
 
 
 def collate_cpt(batch: Sequence[Sequence[int]], pad_id: int, pad_to: int | None = None) -> dict:
-    """Right-pad to the longest sequence (or to `pad_to`): input_ids [B, S] long, attention_mask
-    [B, S] long (None without padding, as packed rows: attention runs unmasked), maskable [B, S]
-    bool (= the real tokens)."""
+    """Right-pad to the longest (or `pad_to`); attention_mask is None without padding; maskable = real tokens."""
     length = max(len(seq) for seq in batch) if pad_to is None else pad_to
     input_ids = torch.full((len(batch), length), pad_id, dtype=torch.long)  # [B, S]
     attention_mask = torch.zeros((len(batch), length), dtype=torch.long)  # [B, S]
@@ -38,10 +33,7 @@ def collate_cpt(batch: Sequence[Sequence[int]], pad_id: int, pad_to: int | None 
 
 def collate_sft(batch: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int, eos_id: int | None = None,
                 *, fill: str = "pad", pad_to: int | None = None) -> dict:
-    """Right-pad (input_ids, labels) pairs to the longest (or to `pad_to`) with pad (`fill="pad"`,
-    dllm's collator with mmBERT's <pad>) or eos (`fill="eos"`), in the labels too (trained):
-    input_ids [B, S] long, labels [B, S] long (IGNORE on the prompt), maskable [B, S] bool =
-    labels != IGNORE, attention_mask None (SFT attends to everything, padding included)."""
+    """Right-pad (input_ids, labels) pairs with pad or eos, labels too (the padding is trained); no attention mask."""
     if fill not in ("pad", "eos") or (fill == "eos" and eos_id is None):
         raise UserError(f"fill={fill!r} is not valid; expected 'pad', or 'eos' together with eos_id")
     fill_id = pad_id if fill == "pad" else eos_id
@@ -55,14 +47,7 @@ def collate_sft(batch: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: in
 
 
 class Batches:
-    """Deterministic, resumable, shardable batches over a sequence of examples; endless.
-
-    Epoch e is a permutation drawn from (seed, e); global step s takes its positions
-    [s * G, (s + 1) * G), G = batch_size * world_size, rank r the r-th contiguous slice of
-    batch_size. drop_last=True leaves out the last n % G examples of each epoch; drop_last=False
-    completes the last global batch from the start of the epoch's order (as torch's
-    DistributedSampler does). `state_dict()` counts global steps, so a run resumes at any world
-    size with the same global batch."""
+    """Deterministic, resumable, shardable, endless batches; drop_last=False fills an epoch's last from its start."""
 
     def __init__(self, examples: Sequence, batch_size: int, *, seed: int = 0, rank: int = 0,
                  world_size: int = 1, drop_last: bool = True, collate: Callable | None = None):
@@ -76,25 +61,16 @@ class Batches:
         if steps == 0:
             raise UserError(f"only {n} examples: fewer than one global batch of {batch_size} x {world_size} "
                             "processes; lower --batch-size or add data")
-        self._steps, self.epoch, self.step_in_epoch = steps, 0, 0
+        self.steps_per_epoch, self.epoch, self.step_in_epoch = steps, 0, 0
         self._order_epoch, self._order = None, None
 
-    @property
-    def steps_per_epoch(self) -> int:
-        return self._steps
-
-    def __len__(self) -> int:
-        return self._steps
-
     def order(self, epoch: int) -> np.ndarray:
-        """The epoch's permutation of example indices (numpy's PCG64 seeded with [seed, epoch])."""
         if self._order_epoch != epoch:
             self._order = np.random.default_rng([self.seed, epoch]).permutation(len(self.examples))
             self._order_epoch = epoch
         return self._order
 
     def indices(self, epoch: int, step: int) -> list[int]:
-        """Example indices of this rank's batch at global step `step` of `epoch`."""
         order = self.order(epoch)
         start = step * self.global_batch_size + self.rank * self.batch_size
         positions = [(start + i) % len(order) for i in range(self.batch_size)]  # wraps only when drop_last=False
@@ -104,15 +80,14 @@ class Batches:
         return self
 
     def __next__(self):
-        """The next (collated) batch of this rank; after an epoch's last step the next epoch starts."""
-        if self.step_in_epoch >= self._steps:
+        if self.step_in_epoch >= self.steps_per_epoch:
             self.epoch, self.step_in_epoch = self.epoch + 1, 0
         batch = [self.examples[i] for i in self.indices(self.epoch, self.step_in_epoch)]
         self.step_in_epoch += 1
         return self.collate(batch) if self.collate is not None else batch
 
     def state_dict(self) -> dict:
-        """The position of the next batch (in global steps) plus what it is only valid for."""
+        """The next batch's position (in global steps) plus what it is only valid for."""
         return {"epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "seed": self.seed,
                 "num_examples": len(self.examples), "global_batch_size": self.global_batch_size}
 

@@ -9,9 +9,7 @@ not special tokens, and a rendering holds no <bos>/<eos>:
     [Answer]\\n{assistant}\\n[/Answer]\\n\\n (each assistant turn)
     [Answer]\\n                            (generation prompt, unless the last turn is the assistant's)
 
-The sampler's stop rules (`StopRules`, after each block) end an answer at END_OF_TURN, and with
-the fork's settings cut it at the first of FORK_STOP_STRINGS (sampler.py's presets), writing
-FORK_STOP_REPLACEMENT in its place (docs/sampler.md). SFT side: docs/training.md.
+`StopRules` end an answer at END_OF_TURN or cut it at the first of FORK_STOP_STRINGS (docs/sampler.md).
 """
 from __future__ import annotations
 
@@ -28,8 +26,7 @@ SFT_FORMATS = ("alpaca", "instructurca", "messages")
 
 
 def render_chat(messages, add_generation_prompt: bool = True) -> str:
-    """The template above; contents stripped of surrounding whitespace. UserError for a message
-    that is not a {role, content: str} dict or has an unknown or misplaced role."""
+    """The template above; contents stripped of surrounding whitespace."""
     if not isinstance(messages, (list, tuple)):
         raise UserError("chat messages must be a list of {'role': ..., 'content': ...} dicts")
     parts = []
@@ -53,11 +50,7 @@ def render_chat(messages, add_generation_prompt: bool = True) -> str:
 
 
 def sft_messages(row: dict, fmt: str, where: str = "row") -> list[dict]:
-    """The conversation of one SFT row as [{"role", "content"}], ending with the assistant turn.
-
-    alpaca (LlamaTurk): user = instruction (+ "\\n\\n" + input when input is not empty),
-    assistant = output. instructurca: user = Input, assistant = Output (column names matched
-    case-insensitively). messages: row["messages"] as is (system/user/assistant)."""
+    """One SFT row's conversation: alpaca (instruction [+ input], output), instructurca (Input, Output), messages."""
     if fmt not in SFT_FORMATS:
         raise UserError(f"SFT format {fmt!r} is unknown; expected one of {', '.join(SFT_FORMATS)}")
     if fmt == "alpaca":
@@ -69,9 +62,8 @@ def sft_messages(row: dict, fmt: str, where: str = "row") -> list[dict]:
         return [{"role": "user", "content": user}, {"role": "assistant", "content": _text_field(row, "output", where)}]
     if fmt == "instructurca":
         lower = {str(k).lower(): k for k in row}
-        for name in ("input", "output"):
-            if name not in lower:
-                raise UserError(f"{where}: no field 'Input'/'Output' for format instructurca (has {sorted(row)})")
+        if not {"input", "output"} <= lower.keys():
+            raise UserError(f"{where}: no field 'Input'/'Output' for format instructurca (has {sorted(row)})")
         return [{"role": "user", "content": _text_field(row, lower["input"], where)},
                 {"role": "assistant", "content": _text_field(row, lower["output"], where)}]
     messages = row.get("messages")
@@ -96,9 +88,7 @@ def _text_field(row: dict, name: str, where: str) -> str:
 
 
 def render_sft(row: dict, fmt: str, tokenizer, where: str = "row") -> tuple[str, str]:
-    """(prompt_text, answer_text) of one SFT row in dllm's chat template (docs/training.md): prompt is the
-    conversation before the last assistant turn plus the generation prompt "[Answer]\\n"; the
-    answer is the rest of the full rendering, i.e. that turn's content + "\\n[/Answer]\\n\\n"."""
+    """(prompt, answer) texts of one SFT row: the generation prompt's rendering, then the rest of the full one."""
     messages = sft_messages(row, fmt, where)
     prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True)
     full = tokenizer.apply_chat_template(messages, add_generation_prompt=False)
@@ -108,8 +98,7 @@ def render_sft(row: dict, fmt: str, tokenizer, where: str = "row") -> tuple[str,
 
 
 def chat_prompt_ids(messages: list[dict], tokenizer) -> list[int]:
-    """Token ids of a chat prompt exactly as SFT training saw it (template + generation prompt,
-    no special tokens): what a sampler or scorer should feed the model."""
+    """Token ids of a chat prompt as SFT training saw it (template + generation prompt, no specials)."""
     return list(tokenizer.encode(tokenizer.apply_chat_template(messages, add_generation_prompt=True),
                                  add_special_tokens=False))
 
@@ -128,8 +117,7 @@ def _find_stop(tokenizer, ids: list[int], stop_strings) -> int | None:
 
 
 def _ended(tokenizer, ids: list[int], eos_id: int, pad_id: int) -> bool:
-    """Has this answer ended? eos, pad (SFT trains the model to emit padding after the answer,
-    docs/training.md) or the end-of-turn string."""
+    """Has this answer ended: eos, pad (SFT trains padding) or END_OF_TURN?"""
     if eos_id in ids or pad_id in ids:
         return True
     return tokenizer is not None and END_OF_TURN in tokenizer.decode(ids, skip_special_tokens=False)
@@ -137,10 +125,7 @@ def _ended(tokenizer, ids: list[int], eos_id: int, pad_id: int) -> bool:
 
 @dataclass
 class StopRules:
-    """What ends the answers, checked once per block on the host: the fork's stop strings (cut,
-    replaced by the end-of-turn `replacement`, then padding) and the early stop once every row
-    has ended (`stop_at_eos`)."""
-
+    """What ends the answers, checked once per block on the host: stop strings, and `stop_at_eos`."""
     stop_strings: tuple[str, ...]
     stop_at_eos: bool
     tokenizer: object | None  # decodes the answers (stop strings, "[/Answer]"); None: eos and pad only
@@ -149,17 +134,15 @@ class StopRules:
 
     @classmethod
     def make(cls, config: SamplerConfig, tokenizer, pad_id: int | None, eos_id: int) -> "StopRules":
-        replacement = None
-        if config.stop_strings and tokenizer is not None:
-            replacement = tokenizer.encode(FORK_STOP_REPLACEMENT, add_special_tokens=False)
+        stops = config.stop_strings and tokenizer is not None
+        replacement = tokenizer.encode(FORK_STOP_REPLACEMENT, add_special_tokens=False) if stops else None
         # the pad id: given, else the tokenizer's, else eos
         pad_id = getattr(tokenizer, "pad_id", None) if pad_id is None else pad_id
         return cls(config.stop_strings, config.stop_at_eos, tokenizer, eos_id if pad_id is None else pad_id,
                    replacement)
 
     def cut_at_stop_string(self, ids, r: int, row: list[int], start: int, end: int, answer_end: int) -> bool:
-        """The fork's rule, in place on row r (whose ids are `row`): from the first stop string in
-        row[start:end] to the row's answer end, write the end-of-turn replacement, then pad."""
+        """In place on row r: from the first stop string in row[start:end] to the answer end, replacement + pad."""
         cut = _find_stop(self.tokenizer, row[start:end], self.stop_strings)
         if cut is None:
             return False
@@ -169,8 +152,7 @@ class StopRules:
         return True
 
     def end_of_block(self, ids, canvas: Canvas, block, last: bool) -> bool:
-        """After the block [B, K], in place on ids [B, T]: cut at stop strings, then the early
-        stop (the rest of every answer padded with eos). True: stop now."""
+        """After the block [B, K], in place on ids [B, T]: cut at stop strings, then the early stop. True: stop now."""
         if not (self.replacement is not None or self.stop_at_eos):
             return False
         block_end, rows = block[:, -1].tolist(), ids.tolist()

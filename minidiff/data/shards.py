@@ -1,28 +1,16 @@
-"""Token shards on disk: a corpus tokenised once into flat memory-mapped token files, kept in a
-cache that is either complete and verified or rebuilt.
+"""Token shards: the on-disk format of a tokenised corpus, its verification, and the cache of entries
+(the layout and every rule: docs/training.md, "Token shards"), and the `prepare` command.
+References: nanoGPT's prepare.py (one flat uint16 `train.bin`, `np.memmap`), datasets' fingerprinted cache.
 
-References: nanoGPT's data/*/prepare.py (one flat `train.bin` of uint16 ids read with `np.memmap`),
-Hugging Face datasets (an Arrow cache keyed by a fingerprint of the inputs).
-
-    python -m minidiff.data.shards prepare --tokenizer DIR --data wiki.txt --out shards/wiki
-    shard = shards.open_source("wiki.txt", "cpt", {"field": "text", "per": "line"}, tok)  # cached
+    shard = shards.open_source("wiki.txt", "cpt", shards.cpt_options(), tok)  # cached, verified
     shard.tokens, shard.offsets     # memmaps: document d is tokens[offsets[d]:offsets[d + 1]]
-    shard.content_key               # what it was made from + what it holds: record it with a run
-
-An entry is one directory: tokens.bin, offsets.bin, prompt_lengths.bin (SFT) and manifest.json,
-written last into a private temporary directory, published with one rename under a lock, and
-checked by `verify_entry` before use. The layout and every rule: docs/training.md ("Token shards").
 """
 from __future__ import annotations
 
-import argparse
-import fcntl
 import hashlib
-import itertools
 import json
 import os
 import shutil
-import socket
 import sys
 import time
 import uuid
@@ -32,22 +20,21 @@ from pathlib import Path
 import numpy as np
 
 from minidiff.data import readers
-from minidiff.data.chat import SFT_FORMATS, render_sft
-from minidiff.data.tokenizer import CONFIG_FILES, load_tokenizer, tokenize_documents
+from minidiff.data.shard_writer import FILE_NAMES, write_files
+from minidiff.data.chat import SFT_FORMATS
+from minidiff.data.tokenizer import CONFIG_FILES, load_tokenizer
 from minidiff.errors import UserError, run_cli
-from minidiff.plumbing.files import file_hash, fsync_dir, new_digest, no_locks, pid_alive, write_json
-from minidiff.plumbing.progress import bar as progress_bar
+from minidiff.plumbing import files
+from minidiff.plumbing.files import file_hash, new_digest
+from minidiff.plumbing.flags import Parser
 
 FORMAT_VERSION = 2                  # 2: the manifest holds each .bin file's size and hash
 MANIFEST = "manifest.json"
-BATCH_DOCUMENTS = 2048             # documents per encode_batch call: the writer's memory bound
-BATCH_CHARACTERS = 8 * 1024 * 1024  # ... or this many characters, whichever comes first
 READ_CHUNK = 8 * 1024 * 1024       # bytes per read when hashing or verifying (a multiple of 8)
 KINDS = ("cpt", "sft")
 
 
 def default_cache_dir() -> Path:
-    """$MINIDIFF_SHARD_CACHE, else $MINIDIFF_CACHE/shards, else ~/.cache/minidiff/shards."""
     if os.environ.get("MINIDIFF_SHARD_CACHE"):
         return Path(os.environ["MINIDIFF_SHARD_CACHE"]).expanduser()
     root = os.environ.get("MINIDIFF_CACHE") or Path.home() / ".cache" / "minidiff"
@@ -55,20 +42,12 @@ def default_cache_dir() -> Path:
 
 
 def token_dtype(vocab_size: int):
-    """uint16 when every id fits (vocab <= 65536), else uint32."""
-    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
-
-
-def _file_names(kind: str) -> tuple[str, ...]:
-    return ("tokens.bin", "offsets.bin") + (("prompt_lengths.bin",) if kind == "sft" else ())
+    return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
 
 
 def _blocks(path: Path, dtype, digest, chunk: int = READ_CHUNK):
-    """The file as arrays of `dtype`, `chunk` bytes at a time, every byte also fed to `digest`.
-    One buffer is reused (read into, never mapped: verifying adds nothing to the resident memory),
-    so each array is valid until the next one is yielded."""
-    dtype = np.dtype(dtype)
-    buffer = bytearray(chunk)
+    """The file as arrays of `dtype`, `chunk` bytes at a time, fed to `digest`; one reused buffer."""
+    dtype, buffer = np.dtype(dtype), bytearray(chunk)
     view = memoryview(buffer)
     with open(path, "rb") as handle:
         while size := handle.readinto(view):  # full chunks until the last (BufferedReader)
@@ -82,8 +61,6 @@ class EntryProblem(Exception):
 
 @dataclass
 class Shard:
-    """An opened entry: memory-mapped arrays plus its manifest."""
-
     path: Path
     manifest: dict
     tokens: np.ndarray          # [T] uint16/uint32 memmap
@@ -101,15 +78,14 @@ class Shard:
     @property
     def content_key(self) -> str:
         """`<key>-<hash of the files' hashes>`: what the entry was made from, then what it holds."""
-        files = self.manifest["files"]
+        listed = self.manifest["files"]
         # content = BLAKE2b("name:hash;name:hash..." over the entry's files, sorted by name)
-        listing = ";".join(f"{name}:{files[name]['blake2b']}" for name in sorted(files))
+        listing = ";".join(f"{name}:{listed[name]['blake2b']}" for name in sorted(listed))
         content = hashlib.blake2b(listing.encode(), digest_size=10).hexdigest()
         return f"{self.manifest['key']}-{content}"
 
 
-def _map(path: Path, dtype, count: int) -> np.ndarray:
-    # np.memmap refuses an empty file
+def _map(path: Path, dtype, count: int) -> np.ndarray:  # np.memmap refuses an empty file
     return np.memmap(path, dtype=dtype, mode="r", shape=(count,)) if count else np.zeros(0, dtype=dtype)
 
 
@@ -126,8 +102,7 @@ def _read_manifest(path: Path) -> dict:
 
 
 def _expected_sizes(manifest: dict) -> dict[str, int]:
-    """Each .bin file's size in bytes as the manifest's kind, dtype and counts make it, once the
-    manifest is found to hold every field a reader uses (EntryProblem otherwise)."""
+    """Each .bin file's size as the manifest's kind, dtype and counts make it (EntryProblem when a field is bad)."""
     missing = [name for name in ("key", "entry_id", "kind", "dtype", "documents", "tokens", "files")
                if name not in manifest]
     if missing:
@@ -136,7 +111,7 @@ def _expected_sizes(manifest: dict) -> dict[str, int]:
         kind, dtype = manifest["kind"], np.dtype(manifest["dtype"])
         docs, total = int(manifest["documents"]), int(manifest["tokens"])
         stated = {name: (int(manifest["files"][name]["size"]), str(manifest["files"][name]["blake2b"]))
-                  for name in _file_names(kind)}
+                  for name in FILE_NAMES[kind]}
     except (KeyError, TypeError, ValueError) as err:
         raise EntryProblem(f"{MANIFEST} holds a malformed field ({err!r})") from None
     if kind not in KINDS or dtype not in (np.uint16, np.uint32) or docs < 0 or total < 0:
@@ -150,8 +125,7 @@ def _expected_sizes(manifest: dict) -> dict[str, int]:
 
 
 def load_entry(path: Path) -> Shard:
-    """The entry at `path`, checked for shape only (no file is read): a manifest of this format
-    version and files of exactly the sizes it states. EntryProblem otherwise."""
+    """The entry at `path` if its manifest is of this format and its files of the sizes it states; no file is read."""
     path = Path(path)
     manifest = _read_manifest(path)
     if manifest.get("format_version") != FORMAT_VERSION:
@@ -171,7 +145,6 @@ def load_entry(path: Path) -> Shard:
 
 
 def read_entry(path: Path) -> Shard | None:
-    """load_entry, or None when the entry is missing or incomplete."""
     try:
         return load_entry(path)
     except EntryProblem:
@@ -210,9 +183,7 @@ def _prompts_problem(blocks, lengths: np.ndarray) -> str | None:
 
 
 def verify_entry(entry: Shard, vocab_size: int) -> None:
-    """Read each file of `entry` once: its BLAKE2b must be the manifest's, offsets must run from 0
-    to the number of tokens without decreasing, every token id must be below `vocab_size` and
-    every prompt length within its row. EntryProblem names the first file that fails."""
+    """Read each file once to check hashes, offsets, ids and prompt lengths; EntryProblem names the first failure."""
     m = entry.manifest
     checks = [("tokens.bin", np.dtype(m["dtype"]), lambda blocks: _ids_problem(blocks, vocab_size)),
               ("offsets.bin", np.int64, lambda blocks: _offsets_problem(blocks, entry.offsets, int(m["tokens"])))]
@@ -236,13 +207,12 @@ def tokenizer_hash(tokenizer) -> str:
     return digest.hexdigest()
 
 
-def _source_files(files) -> list[dict]:
-    return [{"path": str(p.resolve()), "size": p.stat().st_size, "blake2b": file_hash(p)} for p in files]
+def _source_files(paths) -> list[dict]:  # what a source's identity records of each file
+    return [{"path": str(p.resolve()), "size": p.stat().st_size, "blake2b": file_hash(p)} for p in paths]
 
 
 def describe(source, kind: str, options: dict, tokenizer) -> dict:
-    """What decides an entry's contents: kind, reading options, each file (path, size, hash),
-    the tokenizer's hash; `key` is their hash."""
+    """What decides an entry's contents (kind, options, sources, tokenizer), and `key`, their hash."""
     if kind not in KINDS:
         raise UserError(f"shard kind {kind!r} is unknown; expected one of {', '.join(KINDS)}")
     identity = {"format_version": FORMAT_VERSION, "kind": kind, "options": dict(sorted(options.items())),
@@ -251,123 +221,24 @@ def describe(source, kind: str, options: dict, tokenizer) -> dict:
     return {**identity, "key": key}
 
 
-def _check_sources_unchanged(identity: dict) -> None:
-    """UserError when a source's size or hash is no longer the one `describe` read before
-    tokenising: it changed while it was read, and the ids may mix its old and new content."""
-    for source in identity["sources"]:
-        path = Path(source["path"])
-        if (_source_files([path])[0] if path.is_file() else None) != source:
-            raise UserError(f"{path} changed while it was being tokenised, so nothing was saved; "
-                            "run again once it no longer changes")
-
-
-def _batches(items, size=len):
-    """Lists of up to BATCH_DOCUMENTS items or BATCH_CHARACTERS characters."""
-    batch, chars = [], 0
-    for item in items:
-        batch.append(item)
-        chars += size(item)
-        if len(batch) >= BATCH_DOCUMENTS or chars >= BATCH_CHARACTERS:
-            yield batch
-            batch, chars = [], 0
-    if batch:
-        yield batch
-
-
-class _Writer:
-    """Appends documents (id lists) to tokens.bin / offsets.bin (and prompt lengths) in `folder`,
-    hashing every byte it writes."""
-
-    def __init__(self, folder: Path, dtype, sft: bool):
-        self.dtype, self.documents, self.total = dtype, 0, 0
-        self.handles = {name: open(folder / name, "wb") for name in _file_names("sft" if sft else "cpt")}
-        self.digests = {name: new_digest() for name in self.handles}
-        self._write("offsets.bin", np.zeros(1, np.int64))
-
-    def _write(self, name: str, array: np.ndarray) -> None:
-        raw = array.tobytes()
-        self.handles[name].write(raw)
-        self.digests[name].update(raw)
-
-    def add(self, id_lists: list[list[int]], prompt_lengths: list[int] | None = None) -> None:
-        lengths = np.fromiter(map(len, id_lists), dtype=np.int64, count=len(id_lists))  # [n]
-        flat = np.fromiter(itertools.chain.from_iterable(id_lists), dtype=self.dtype, count=int(lengths.sum()))
-        self._write("tokens.bin", flat)
-        # offsets[d + 1] = offsets[d] + len(doc d)
-        self._write("offsets.bin", self.total + np.cumsum(lengths))
-        if "prompt_lengths.bin" in self.handles:
-            self._write("prompt_lengths.bin", np.asarray(prompt_lengths, dtype=np.int64))
-        self.documents += len(id_lists)
-        self.total += int(lengths.sum())
-
-    def close(self) -> dict:
-        """Flush and close every file; their sizes and hashes, the manifest's `files`."""
-        files = {}
-        for name, handle in self.handles.items():
-            handle.flush()
-            os.fsync(handle.fileno())
-            files[name] = {"size": handle.tell(), "blake2b": self.digests[name].hexdigest()}
-            handle.close()
-        return files
-
-
-def _write_cpt(files, options: dict, tokenizer, writer: _Writer, bar, problems: list[str]) -> None:
-    texts = readers.iter_documents(files, problems, field=options.get("field", "text"), per=options.get("per", "line"))
-    for batch in _batches(texts):
-        writer.add(tokenize_documents(batch, tokenizer))
-        bar.update(len(batch))
-
-
-def _write_sft(files, options: dict, tokenizer, writer: _Writer, bar, problems: list[str]) -> None:
-    """Each row as prompt ids + answer ids. The prompt is tokenised alone, as a sampler sees it;
-    the answer is the rest of the whole text's ids, or (when a BPE merge crosses the boundary,
-    so that those ids do not start with the prompt's) the answer tokenised alone."""
-    fmt = options["format"]
-    if fmt not in SFT_FORMATS:
-        raise UserError(f"SFT format {fmt!r} is unknown; expected one of {', '.join(SFT_FORMATS)}")
-    for batch in _batches(readers.iter_rows(files, problems), size=lambda pair: 1):
-        texts = [render_sft(row, fmt, tokenizer, where) for where, row in batch]
-        prompt_ids = tokenize_documents([p for p, _ in texts], tokenizer)
-        full_ids = tokenize_documents([p + a for p, a in texts], tokenizer)
-        joined = []
-        for (_, answer), prompt, full in zip(texts, prompt_ids, full_ids):
-            if full[:len(prompt)] != prompt:
-                full = prompt + list(tokenizer.encode(answer, add_special_tokens=False))
-            joined.append(full)
-        writer.add(joined, [len(p) for p in prompt_ids])
-        bar.update(len(batch))
-
-
 def write_entry(identity: dict, tokenizer, target: Path, *, progress: bool = False, label: str = "") -> Shard:
-    """Tokenise the sources `identity` names into `target` (which must not exist yet): a private
-    temporary directory next to it, manifest last, then one rename. Nothing is published when a
-    source changed meanwhile (UserError). If another process published `target` first, this
-    copy is discarded and theirs returned."""
-    files = [Path(s["path"]) for s in identity["sources"]]
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".tmp-{target.name}-{_host()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    """Tokenise into a temporary directory, manifest last, renamed to `target` (or theirs, if another won)."""
+    tmp = files.temporary_directory(target)
     try:
-        started, problems = time.perf_counter(), []
-        dtype = token_dtype(tokenizer.vocab_size)
-        writer = _Writer(tmp, dtype, identity["kind"] == "sft")
-        bar = progress_bar(desc=f"tokenising {label or files[0].name}", unit="docs", disable=not progress)
-        try:
-            (_write_sft if identity["kind"] == "sft" else _write_cpt)(
-                files, identity["options"], tokenizer, writer, bar, problems)
-        finally:
-            bar.close()
-            written = writer.close()
-        _check_sources_unchanged(identity)
-        manifest = {**identity, "dtype": dtype.name, "vocab_size": tokenizer.vocab_size,
-                    "documents": writer.documents, "tokens": writer.total, "skipped": len(problems),
-                    "read_summary": _read_summary(identity, writer.documents, problems, label),
-                    "seconds": round(time.perf_counter() - started, 3), "files": written,
-                    "entry_id": uuid.uuid4().hex}
-        write_json(tmp / MANIFEST, manifest, indent=1, fsync=True)
+        started, dtype = time.perf_counter(), token_dtype(tokenizer.vocab_size)
+        counts = write_files(tmp, [Path(s["path"]) for s in identity["sources"]], identity["kind"],
+                             identity["options"], tokenizer, dtype, progress=progress, label=label)
+        for source in identity["sources"]:
+            path = Path(source["path"])
+            if (_source_files([path])[0] if path.is_file() else None) != source:
+                raise UserError(f"{path} changed while it was being tokenised, so nothing was saved; "
+                                "run again once it no longer changes")
+        manifest = {**identity, "dtype": dtype.name, "vocab_size": tokenizer.vocab_size, **counts,
+                    "seconds": round(time.perf_counter() - started, 3), "entry_id": uuid.uuid4().hex}
+        files.write_json(tmp / MANIFEST, manifest, indent=1)
         try:
             os.rename(tmp, target)  # atomic; fails when target exists (another process won)
-            fsync_dir(target.parent)
+            files.fsync_dir(target.parent)
         except OSError:
             if read_entry(target) is None:
                 raise
@@ -381,65 +252,25 @@ def write_entry(identity: dict, tokenizer, target: Path, *, progress: bool = Fal
                         "remove it and run again") from None
 
 
-def _read_summary(identity: dict, documents: int, problems: list[str], label: str) -> str:
-    """What read_documents / read_rows would say of these sources, or raise when nothing is left."""
-    files = [s["path"] for s in identity["sources"]]
-    rows, name = readers.Rows(problems=problems, files=files), label or ", ".join(files)
-    if not documents and identity["kind"] == "sft":
-        raise UserError(f"no rows found in {name} ({rows.summary(1)})")
-    if not documents:
-        raise readers.nothing_left(name, problems)
-    if identity["kind"] == "sft":
-        return rows.summary().replace("read 0 rows", f"read {documents:,} rows", 1)
-    return readers.ReadResult(texts=range(documents), problems=problems, files=files).summary()
-
-
-def _host() -> str:
-    return socket.gethostname().replace("-", "_")  # no "-": temporary names are split on it
-
-
-def _remove_dead_temporaries(folder: Path) -> None:
-    """Delete the temporary directories (.tmp-NAME-HOST-PID-SUFFIX) of this host's dead processes."""
-    host = _host()
-    for tmp in folder.glob(".tmp-*"):
-        parts = tmp.name.rsplit("-", 3)
-        if len(parts) == 4 and parts[1] == host and parts[2].isdigit() and not pid_alive(int(parts[2])):
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _warn(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
 def _find_or_write(identity: dict, folder: Path, tokenizer, *, damaged: str | None = None,
                    progress: bool = False, label: str = "") -> tuple[Shard, bool]:
-    """Holding an exclusive lock on <folder>.lock: (the entry at `folder`, False) when it is
-    complete, made from `identity` and not the one found damaged (`damaged`: its entry_id);
-    else (a new entry written there, True), whatever was there set aside and deleted."""
-    with open(folder.parent / f".{folder.name}.lock", "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        except OSError as err:
-            raise UserError(no_locks(folder.parent, err)) from None
+    """Under the entry's lock: (`folder`'s entry, False) if complete, of this key, not `damaged`; else (new, True)."""
+    with files.hold_lock(folder.parent / f".{folder.name}.lock", str(folder), wait=True):
         try:
             entry = load_entry(folder)
         except EntryProblem as problem:
             entry = None
             if folder.exists() and any(folder.iterdir()):  # not a new (or empty --out) directory
-                _warn(f"{folder}: {problem}; tokenising {label} again")
+                print(f"{folder}: {problem}; tokenising {label} again", file=sys.stderr, flush=True)
         if (entry is not None and entry.manifest.get("key") == identity["key"]
                 and (damaged is None or entry.manifest.get("entry_id") != damaged)):
             return entry, False
-        if folder.exists():  # set aside under a temporary name (one rename), then deleted
-            aside = folder.parent / f".tmp-{folder.name}-{_host()}-{os.getpid()}-old{uuid.uuid4().hex[:8]}"
-            os.rename(folder, aside)
-            shutil.rmtree(aside, ignore_errors=True)
+        if folder.exists():
+            files.remove_tree(folder)
         return write_entry(identity, tokenizer, folder, progress=progress, label=label), True
 
 
 def _check_out_folder(folder: Path, identity: dict, overwrite: bool) -> None:
-    """UserError unless `folder` (prepare's --out) is new, empty, or holds the shards of this very
-    data (same sources, options and tokenizer), or `overwrite` allows replacing other shards."""
     if not folder.exists() or not any(folder.iterdir()):
         return
     if not (folder / MANIFEST).is_file():
@@ -459,15 +290,11 @@ def _check_out_folder(folder: Path, identity: dict, overwrite: bool) -> None:
 
 def prepare(source, kind: str, options: dict, tokenizer, *, out=None, cache_dir=None, overwrite: bool = False,
             progress: bool = False, say=None) -> Shard:
-    """The entry for `source` (one training source: a path, directory or list of them): reused
-    from `out` or the cache (CACHE/<describe's key>) when complete, of this key and passing
-    verify_entry, else written now (a damaged one rebuilt, with a line on stderr), under the
-    entry's lock. Dead preparations' temporaries are removed first; `out` refuses a directory
-    holding other shards unless `overwrite`."""
+    """The entry of one source at `out` or CACHE/<key>: reused when verified, else written (damaged: rebuilt)."""
     identity = describe(source, kind, options, tokenizer)
     folder = Path(out).expanduser() if out is not None else Path(cache_dir or default_cache_dir()) / identity["key"]
     folder.parent.mkdir(parents=True, exist_ok=True)
-    _remove_dead_temporaries(folder.parent)
+    files.remove_temporaries(folder.parent)
     if out is not None:
         _check_out_folder(folder, identity, overwrite)
     label = readers.source_name(source)
@@ -476,7 +303,7 @@ def prepare(source, kind: str, options: dict, tokenizer, *, out=None, cache_dir=
         try:
             verify_entry(entry, tokenizer.vocab_size)
         except EntryProblem as problem:
-            _warn(f"{folder}: {problem}; tokenising {label} again")
+            print(f"{folder}: {problem}; tokenising {label} again", file=sys.stderr, flush=True)
             entry, written = _find_or_write(identity, folder, tokenizer, damaged=entry.manifest["entry_id"],
                                             progress=progress, label=label)
             continue
@@ -495,8 +322,7 @@ def is_shard_dir(source) -> bool:
 
 
 def open_prepared(path, kind: str, options: dict, tokenizer) -> Shard:
-    """A directory written by `prepare --out`: complete, of this format, kind and options, made
-    with this tokenizer, and passing verify_entry; else UserError."""
+    """A directory written by `prepare --out`, of this kind, options and tokenizer, verified; else UserError."""
     folder = Path(str(path)).expanduser()
     try:
         entry = load_entry(folder)
@@ -521,24 +347,29 @@ def open_prepared(path, kind: str, options: dict, tokenizer) -> Shard:
 
 def open_source(source, kind: str, options: dict, tokenizer, *, cache_dir=None, progress: bool = False,
                 say=None) -> Shard:
-    """A training source as a verified Shard: a prepared shard directory as is, anything else
-    through the cache. Under torchrun every process calls this: the first tokenises while the
-    others wait on the entry's lock (no barrier, so no timeout), then each verifies and maps it."""
+    """A source as a verified Shard: a prepared directory as is, anything else through the cache."""
     if is_shard_dir(source):
         return open_prepared(source, kind, options, tokenizer)
     return prepare(source, kind, options, tokenizer, cache_dir=cache_dir, progress=progress, say=say)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m minidiff.data.shards",
-        description="Tokenise training sources once into memory-mapped token shards (e.g. on a CPU "
-                    "machine before a GPU job); pass the --out directory as --data of train_cpt.py / train_sft.py.")
+def cpt_options(text_field: str = "text", per_file: bool = False) -> dict:
+    return {"field": text_field, "per": "file" if per_file else "line"}
+
+
+def sft_options(fmt: str) -> dict:
+    return {"format": fmt}
+
+
+def parser() -> Parser:
+    parser = Parser(prog="python -m minidiff.data.shards", description="Tokenise training sources once into "
+                    "memory-mapped token shards (e.g. on a CPU machine before a GPU job); pass the --out directory "
+                    "as --data of train_cpt.py / train_sft.py.")
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("prepare", help="tokenise one training source into a shard directory")
     p.add_argument("--tokenizer", required=True, help="tokenizer directory (tokenizer.json), the model's")
-    p.add_argument("--data", required=True, nargs="+",
-                   help="files/directories forming ONE source (run once per source to mix)")
+    p.add_argument("--data", required=True, nargs="+", help="files/directories forming ONE source (run once per "
+                   "source to mix)")
     p.add_argument("--out", help="shard directory to write (default: the cache entry, printed)")
     p.add_argument("--overwrite", action="store_true", help="replace the shards of other data in --out")
     p.add_argument("--cache-dir", help=f"cache directory when no --out (default: {default_cache_dir()})")
@@ -547,11 +378,11 @@ def main(argv=None) -> int:
     p.add_argument("--per-file", action="store_true", help="CPT: a whole .txt file is one document")
     p.add_argument("--format", choices=SFT_FORMATS, default="alpaca", help="SFT: row format")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
 
-    def error(message):
-        raise UserError(f"{message} (see --help)")
-    parser.error = p.error = error
-    args = parser.parse_args(argv)
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
     tok = load_tokenizer(args.tokenizer)
     options = cpt_options(args.text_field, args.per_file) if args.kind == "cpt" else sft_options(args.format)
     started = time.perf_counter()
@@ -563,14 +394,6 @@ def main(argv=None) -> int:
           f"({m['dtype']}), {m['skipped']:,} lines/rows skipped; tokenised in {m['seconds']:.1f} s, "
           f"this call {seconds:.1f} s -> {entry.path}")
     return 0
-
-
-def cpt_options(text_field: str = "text", per_file: bool = False) -> dict:
-    return {"field": text_field, "per": "file" if per_file else "line"}
-
-
-def sft_options(fmt: str) -> dict:
-    return {"format": fmt}
 
 
 if __name__ == "__main__":

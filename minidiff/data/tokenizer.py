@@ -1,17 +1,8 @@
 """A thin wrapper over a `tokenizers.Tokenizer` (tokenizer.json): special ids, batching, chat text.
-
-References: mmBERT (arXiv 2509.06888: Gemma vocabulary, special ids); HF `tokenizers`. The chat
-template is dllm's, in minidiff/data/chat.py.
+References: mmBERT (arXiv 2509.06888: Gemma vocabulary, special ids); HF `tokenizers`; the template: chat.py.
 
     tok = load_tokenizer("jhu-clsp/mmBERT-base")     # or a directory holding tokenizer.json
     tok.mask_id, tok.pad_id, tok.eos_id, tok.bos_id  # 4, 0, 1, 2 for mmBERT
-    tok.encode("Merhaba dünya")                       # [bos, ..., eos]: the file's own framing
-    ids, attention_mask = tok.batch_encode(texts)     # right-padded with pad_id, LongTensors [B, S]
-    tokenize_documents(texts, tok)                    # ids of each document, no special tokens
-    tok.apply_chat_template([{"role": "user", "content": "Soru?"}])   # "[Question]\\nSoru?\\n..."
-
-Special ids are found by their token strings (`<mask>`, `[MASK]`, ...), then by the config files'
-names: in some Gemma-vocabulary files `<mask>` is an ordinary vocabulary entry, not flagged special.
 """
 from __future__ import annotations
 
@@ -23,6 +14,7 @@ import torch
 from tokenizers import Tokenizer as Backend
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
 
+from minidiff.data.batches import collate_cpt
 from minidiff.data.chat import render_chat
 from minidiff.errors import UserError
 from minidiff.plumbing.checkpoint import TOKENIZER_FILES, resolve_model_dir
@@ -30,10 +22,9 @@ from minidiff.plumbing.files import write_json, write_text
 
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json")
-# mmBERT's special tokens and their ids: <pad> 0, <eos> 1, <bos> 2, <unk> 3, <mask> 4
 MMBERT_RESERVED_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]
 ROLES = ("pad", "eos", "bos", "unk", "mask")
-# token strings tried for each role, in order, before the names the config files give
+# token strings tried for each role before the config files' names (Gemma files may not flag <mask> as special)
 CONVENTIONAL = {"pad": ["<pad>", "[PAD]"], "eos": ["<eos>", "</s>", "[SEP]"], "bos": ["<bos>", "<s>", "[CLS]"],
                 "unk": ["<unk>", "[UNK]"], "mask": ["<mask>", "[MASK]"]}
 # config-file keys that name each role (eos/bos fall back to sep/cls, as BERT-style files do)
@@ -42,7 +33,7 @@ CONFIG_KEYS = {"pad": ["pad_token"], "eos": ["eos_token", "sep_token"], "bos": [
 
 
 def _token_string(value) -> str | None:
-    """A config entry is a string or an AddedToken-like dict {"content": ...}."""
+    # a config entry is a string or an AddedToken-like dict {"content": ...}
     if isinstance(value, dict):
         value = value.get("content")
     return value if isinstance(value, str) else None
@@ -71,10 +62,7 @@ class Tokenizer:
         self.special_ids = flagged | {getattr(self, f"{role}_id") for role in ROLES} - {None}
 
     def _lookup(self, role: str) -> tuple[str | None, int | None]:
-        """(token string, id) for a role: conventional strings first, then the config files'."""
-        candidates = list(CONVENTIONAL[role])
-        candidates += [_token_string(self.config.get(key)) for key in CONFIG_KEYS[role]]
-        for token in candidates:
+        for token in CONVENTIONAL[role] + [_token_string(self.config.get(key)) for key in CONFIG_KEYS[role]]:
             if token is not None and self.backend.token_to_id(token) is not None:
                 return token, self.backend.token_to_id(token)
         return None, None
@@ -93,16 +81,14 @@ class Tokenizer:
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        """Text of `ids` (a list or a 1-D tensor); special ids (incl. an unflagged <mask>) dropped
-        when skip_special_tokens."""
+        """Text of `ids` (a list or a 1-D tensor); special ids (an unflagged <mask> too) skippable."""
         ids = [int(i) for i in (ids.tolist() if torch.is_tensor(ids) else ids)]
         if skip_special_tokens:
             ids = [i for i in ids if i not in self.special_ids]
         return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def batch_encode(self, texts, add_special_tokens: bool = True, max_length: int | None = None):
-        """(ids, attention_mask), LongTensors [B, S], right-padded with pad_id to the longest row;
-        max_length cuts each text's content on the right so that content + framing tokens fit."""
+        """(ids, attention_mask) [B, S], right-padded; max_length cuts each text so that it fits with its framing."""
         if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
             raise TypeError("batch_encode expects a list of str")
         specials = 0
@@ -118,20 +104,14 @@ class Tokenizer:
             if add_special_tokens:
                 encoding = self.backend.post_process(encoding, add_special_tokens=True)
             rows.append(encoding.ids)
-        width = max((len(r) for r in rows), default=0)
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for b, row in enumerate(rows):
-            ids[b, : len(row)] = torch.tensor(row, dtype=torch.long)
-            attention_mask[b, : len(row)] = 1
-        return ids, attention_mask
+        batch = collate_cpt(rows, self.pad_id, pad_to=max((len(r) for r in rows), default=0))
+        return batch["input_ids"], batch["maskable"].long()
 
     def apply_chat_template(self, messages, add_generation_prompt: bool = True) -> str:
         """dllm's plain-text template, as transformers' method of the same name: see chat.render_chat."""
         return render_chat(messages, add_generation_prompt)
 
     def save(self, directory) -> Path:
-        """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json to `directory`."""
         directory = Path(directory)
         special = {f"{role}_token": getattr(self, f"{role}_token") for role in ROLES
                    if getattr(self, f"{role}_token") is not None}
@@ -142,8 +122,7 @@ class Tokenizer:
 
 
 def tokenize_documents(texts, tokenizer) -> list[list[int]]:
-    """Token ids of each document, without special tokens (the CPT examples add the framing).
-    Uses the `tokenizers` backend's batched (multi-threaded) encoder when the tokenizer has one."""
+    """Token ids of each document, no special tokens (the backend's batched encoder when it has one)."""
     backend = getattr(tokenizer, "backend", None)
     if hasattr(backend, "encode_batch"):
         return [encoding.ids for encoding in backend.encode_batch(list(texts), add_special_tokens=False)]
@@ -182,10 +161,8 @@ def load_tokenizer(name_or_path, revision: str | None = None) -> Tokenizer:
 
 
 def train_tokenizer(texts, vocab_size: int, out_dir=None) -> Tokenizer:
-    """Train a small byte-fallback BPE with mmBERT's layout (<pad> 0, <eos> 1, <bos> 2, <unk> 3,
-    <mask> 4; spaces as "▁"; framing `<bos> $A <eos>`), e.g. for the CPU demo; saved to `out_dir`
-    when given. vocab_size counts the 5 specials, the learned pieces and the 256 byte pieces
-    `<0x00>`..`<0xFF>` (ordinary entries, as in Gemma's file); a tiny corpus can give fewer."""
+    """A small byte-fallback BPE with mmBERT's layout (specials 0-4, "▁", `<bos> $A <eos>`), saved to `out_dir`;
+    vocab_size counts specials, learned pieces and 256 byte pieces (a tiny corpus can give fewer)."""
     texts = list(texts)
     if not texts:
         raise UserError("train_tokenizer needs at least one text")

@@ -1,24 +1,23 @@
 """Scoring many (prompt, answer) pairs: log p(answer | prompt), the rows of all pairs in shared forwards.
 
-References: LLaDA (arXiv 2502.09992: the l/L estimator), the exact sum over the answer's masks
-(docs/math.md, section 4). The likelihoods are minidiff.diffusion's; this module only batches:
-per pair `use_exact` picks the enumeration (2^L - 1 rows) or num_samples Monte-Carlo rows, and
-the rows of all pairs fill forwards of batch_size rows, pair after pair, right-padded under an
-attention mask (memory set by batch_size alone; the CE sums from minidiff/speed/chunked_loss.py).
-
-    scores = score_answers(model, [(prompt_ids, answer_ids), ...], tok.mask_id, pad_id=tok.pad_id)
+References: LLaDA (arXiv 2502.09992: the l/L estimator); docs/math.md, section 4. The likelihoods are
+minidiff.diffusion's; this module packs each pair's 2^L - 1 exact or num_samples Monte-Carlo rows into
+right-padded forwards of batch_size rows. A pair's own seed makes its value independent of the rest.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from dataclasses import dataclass
 from functools import partial
+from typing import Sequence
 
 import torch
 
 from minidiff import diffusion
 from minidiff.errors import UserError
-from minidiff.plumbing.device import model_device
+from minidiff.model import model_device
 from minidiff.speed.chunked_loss import masked_ce_per_row
 
 SCORINGS = ("auto", "exact", "mc")
@@ -26,17 +25,35 @@ SCORINGS = ("auto", "exact", "mc")
 
 @dataclass(frozen=True)
 class AnswerScore:
-    """loglik ~ log p(answer | prompt) (-NELBO over the answer positions), se its Monte-Carlo
-    standard error (0 when exact, nan from a single sample), exact whether it was enumerated."""
+    """loglik ~ log p(answer | prompt), se its Monte-Carlo standard error (0 exact, nan from one sample)."""
 
     loglik: float
     se: float
     exact: bool
 
 
+def item_seed(seed: int, *item: str | int) -> int:
+    """The seed of an item's random stream (the item named by its text, e.g. its prompt), the same everywhere."""
+    digest = hashlib.blake2b(json.dumps([seed, *item]).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def answer_sequence(prompt_ids, answer_ids):
+    """(prompt + answer ids [S] long, L): the sequence whose last L tokens are the answer scored."""
+    prompt = torch.as_tensor(prompt_ids, dtype=torch.long).reshape(-1)
+    answer = torch.as_tensor(answer_ids, dtype=torch.long).reshape(-1)
+    if answer.numel() == 0:
+        raise UserError("an answer to score is empty; expected at least one answer token")
+    return torch.cat([prompt, answer]), answer.numel()
+
+
+def stratum_offset(L: int, generator=None) -> torch.Tensor:
+    """k ~ U{0 .. L-1} [1], drawn once per answer before its masks, as diffusion.mc_loglik draws it."""
+    return torch.randint(L, (1,), generator=generator, device=generator.device if generator is not None else "cpu")
+
+
 def use_exact(L: int, scoring: str, num_samples: int) -> bool:
-    """exact: always (L <= MAX_EXACT_LENGTH); mc: only L = 1 (one row, exact for any n);
-    auto: when the enumeration's 2^L - 1 rows are no more than the Monte-Carlo samples."""
+    """exact: always; mc: only L = 1 (one row); auto: when 2^L - 1 rows are no more than num_samples."""
     if scoring not in SCORINGS:
         raise UserError(f"scoring={scoring!r}: expected one of {', '.join(SCORINGS)}")
     if scoring == "exact":
@@ -48,8 +65,7 @@ def use_exact(L: int, scoring: str, num_samples: int) -> bool:
 
 
 def _pack_rows(pieces, pad_id: int, device):
-    """One forward's rows from pieces (sequence [S_p], answer masks [c_p, L_p]), c_p rows each:
-    (x0 [b, W] right-padded with pad_id, is_masked [b, W], attention [b, W], padded?)."""
+    """Pieces (sequence [S_p], answer masks [c_p, L_p]) -> x0, is_masked, attention [b, W] (right-padded), padded?"""
     lengths = [seq.numel() for seq, _ in pieces]
     width, b = max(lengths), sum(masks.shape[0] for _, masks in pieces)
     x0 = torch.full((b, width), pad_id, dtype=torch.long, device=device)  # [b, W]
@@ -65,23 +81,21 @@ def _pack_rows(pieces, pad_id: int, device):
     return x0, is_masked, attention, min(lengths) != width
 
 
-def _row_sources(pairs, exact, num_samples: int, generator, pair_seed, device):
-    """Per pair, lazily in pair order (the draws of pair p before those of p + 1): (sequence [S],
-    rows(range) -> (answer masks [c, L], weights [c]), the pair's rows numbered in the range)."""
-    for (prompt, answer), enumerate_all in zip(pairs, exact):
-        sequence, L = diffusion.answer_sequence(prompt, answer)
+def _row_sources(pairs, exact, num_samples: int, generator, seeds, device):
+    """Per pair, lazily in pair order: (sequence [S], rows(range) -> (answer masks [c, L], weights [c]))."""
+    for p, ((prompt, answer), enumerate_all) in enumerate(zip(pairs, exact)):
+        sequence, L = answer_sequence(prompt, answer)
         if enumerate_all:
             yield sequence.to(device), partial(diffusion.all_masks, L)
             continue
-        if pair_seed is not None:
-            generator = torch.Generator().manual_seed(pair_seed)
-        offset = diffusion.stratum_offset(L, generator)
+        if seeds is not None:
+            generator = torch.Generator().manual_seed(seeds[p])
+        offset = stratum_offset(L, generator)
         yield sequence.to(device), partial(diffusion.draw_answer_masks, L, num_samples, offset, generator=generator)
 
 
 def _row_batches(sources, rows, batch_size: int):
-    """Forwards of at most batch_size rows, filled pair after pair: lists of pieces
-    (pair index, sequence [S], answer masks [c, L], weights [c])."""
+    """Forwards of at most batch_size rows, pair after pair: [(pair, sequence [S], masks [c, L], weights [c])]."""
     batch, room = [], batch_size
     for p, (sequence, rows_of) in enumerate(sources):
         taken = 0
@@ -98,24 +112,21 @@ def _row_batches(sources, rows, batch_size: int):
 
 
 @torch.no_grad()
-def score_answers(model, pairs, mask_id: int, *, pad_id: int, num_samples: int = 32,
+def score_answers(model, pairs, mask_id: int, *, pad_id: int, num_samples: int = diffusion.DEFAULT_MC_SAMPLES,
                   batch_size: int = 32, scoring: str = "mc", generator=None,
-                  pair_seed: int | None = None) -> list[AnswerScore]:
-    """log p(answer | prompt) for each (prompt, answer) pair, with its standard error.
-
-    exact (diffusion.exact_nelbo on the answer): loglik = -sum_{M != {}} (|M|-1)!(L-|M|)!/L!
-    sum_{i in M} CE_i, se = 0. Monte Carlo (diffusion.mc_loglik): v_j = (L / l_j) sum_{i in M_j}
-    CE_i, loglik = -mean_j v_j, se = std_j(v_j) / sqrt(n). Draws come pair after pair from
-    `generator`; with `pair_seed` each pair draws from a fresh CPU generator seeded with it
-    (common random numbers: a value does not depend on the other pairs)."""
-    diffusion.check_sample_counts(num_samples, batch_size)
+                  seeds: Sequence[int] | None = None) -> list[AnswerScore]:
+    """diffusion.exact_nelbo or .mc_loglik of each (prompt, answer) pair; pair p draws from `generator` or seeds[p]."""
+    if num_samples < 1 or batch_size < 1:
+        raise UserError(f"num_samples={num_samples} and batch_size={batch_size} must both be >= 1")
+    if seeds is not None and len(seeds) != len(pairs):
+        raise ValueError(f"{len(seeds)} seeds for {len(pairs)} pairs; expected one seed per pair")
     if len(pairs) == 0:
         return []
     device = model_device(model)
-    lengths = [diffusion.answer_sequence(prompt, answer)[1] for prompt, answer in pairs]
+    lengths = [answer_sequence(prompt, answer)[1] for prompt, answer in pairs]
     exact = [use_exact(L, scoring, num_samples) for L in lengths]
     rows = [2**L - 1 if flag else num_samples for L, flag in zip(lengths, exact)]
-    sources = _row_sources(pairs, exact, num_samples, generator, pair_seed, device)
+    sources = _row_sources(pairs, exact, num_samples, generator, seeds, device)
     sums = torch.zeros(2, len(pairs), dtype=torch.float64, device=device)  # [2, P]: sum v, sum v^2
     for batch in _row_batches(sources, rows, batch_size):
         x0, is_masked, attention, padded = _pack_rows([(seq, masks) for _, seq, masks, _ in batch], pad_id, device)
@@ -137,10 +148,9 @@ def score_answers(model, pairs, mask_id: int, *, pad_id: int, num_samples: int =
     return [AnswerScore(value, error, flag) for value, error, flag in zip(loglik.tolist(), se.tolist(), exact)]
 
 
-def mc_loglik_many(model, pairs, mask_id: int, *, pad_id: int, num_samples: int = 32,
-                   batch_size: int = 32, generator=None, pair_seed: int | None = None) -> list[float]:
-    """diffusion.mc_loglik for each pair (`score_answers` with scoring="mc", values only); with
-    `pair_seed`, whatever the order or grouping of the pairs."""
+def mc_loglik_many(model, pairs, mask_id: int, *, pad_id: int, num_samples: int = diffusion.DEFAULT_MC_SAMPLES,
+                   batch_size: int = 32, generator=None, seeds: Sequence[int] | None = None) -> list[float]:
+    """diffusion.mc_loglik for each pair (`score_answers` with scoring="mc", values only)."""
     scores = score_answers(model, pairs, mask_id, pad_id=pad_id, num_samples=num_samples,
-                           batch_size=batch_size, scoring="mc", generator=generator, pair_seed=pair_seed)
+                           batch_size=batch_size, scoring="mc", generator=generator, seeds=seeds)
     return [score.loglik for score in scores]

@@ -1,7 +1,5 @@
-"""The demo's report, from demo.py's summary dict: summary.md (perplexity, the infilling table and
-its example, sampled answers) and demo.png (the pre-training loss curve beside the example's
-denoising). What the numbers mean: docs/benchmarks.md ("The demo") and docs/sampler.md
-("Infilling, as the demo scores it").
+"""The demo's report from demo.py's summary dict: summary.md and demo.png. What the numbers mean:
+docs/benchmarks.md ("The demo") and docs/sampler.md ("Infilling, as the demo scores it").
 """
 from __future__ import annotations
 
@@ -98,10 +96,8 @@ def render_infill(infill: dict) -> list[str]:
 
 
 def draw_picture(summary: dict, path: Path) -> str | None:
-    """The pre-training loss curve, the infilling accuracy against both baselines and the
-    example's denoising, as a PNG at `path`, when matplotlib is importable (the "plot" extra);
-    returns the file name, or None without it."""
-    try:  # optional: the demo runs without matplotlib (which brings Pillow)
+    """The loss curve, infilling bars and denoising as a PNG at `path`: its name, or None without matplotlib."""
+    try:
         import matplotlib
 
         matplotlib.use("Agg")
@@ -124,7 +120,6 @@ def draw_picture(summary: dict, path: Path) -> str | None:
 
 
 def draw_infill_bars(ax, rows: list[dict]) -> None:
-    """Accuracy on the masked characters per masking: most frequent character, bigram, model."""
     kinds = [("most_frequent", "most frequent char", "#bbbbbb"), ("bigram", "bigram, both neighbours", "#dd8452"),
              ("model", "model, one char per step", "#4c72b0")]
     x = np.arange(len(rows))
@@ -153,8 +148,7 @@ def draw_loss_curve(ax, summary: dict) -> None:
 
 
 def draw_denoising(ax, example: dict, rows: int = 8) -> None:
-    """Some of the example's frames, one per line: masks grey, the characters filled since the line
-    above on yellow, the filled characters of the last step green (right) or red (wrong)."""
+    """Some of the example's frames, one per line (the colours: the title's)."""
     frames, text = example["frames"], example["text"]
     shown = sorted({round(k * (len(frames) - 1) / (rows - 1)) for k in range(rows)})
     last, masked = len(frames) - 1, set(example["masked"])

@@ -1,17 +1,10 @@
 """minidiff as a model of EleutherAI's lm-evaluation-harness (lm-eval 0.4.13), and its launcher.
 
-References: lm-evaluation-harness (the `LM` interface, `register_model`, `TaskManager`); CETVEL's
-task files (the Turkish benchmark of Diffutron, arXiv 2603.20466); LLaDA (arXiv 2502.09992) and
-dllm, whose lm-eval classes use the same Monte-Carlo estimator. Reader's page: docs/evaluation.md.
+References: lm-evaluation-harness (`LM`, the model registry); CETVEL's task files (Diffutron, arXiv
+2603.20466); LLaDA (2502.09992) and dllm (the same estimator). Reader's page: docs/evaluation.md.
 
-    python -m minidiff.evaluation.harness --model_args pretrained=runs/sft2,scoring=auto,mc_samples=128 \\
-        --tasks cetvel_diffutron --batch_size 32 --output_path results/
-    # every lm-eval flag works; the launcher adds --model minidiff and the CETVEL task folder
-
-    loglikelihood(context, continuation)   <bos> + context and the continuation tokenised apart;
-                                           log p(continuation | context) by answers.score_answers
-    loglikelihood_rolling(text)            -NELBO over lm-eval's rolling windows: a lower bound
-    generate_until(context, gen_kwargs)    sampler.generate, the answer cut at eos and at `until`
+    python -m minidiff.evaluation.harness --model_args pretrained=runs/sft2,scoring=auto \\
+        --tasks cetvel_diffutron --batch_size 32 --output_path results/   # any lm-eval flag works
 """
 from __future__ import annotations
 
@@ -22,17 +15,18 @@ import tempfile
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from minidiff.data.tokenizer import load_tokenizer
+from minidiff.diffusion import DEFAULT_MC_SAMPLES
 from minidiff.errors import UserError, run_cli
-from minidiff.evaluation.answers import SCORINGS, score_answers
-from minidiff.evaluation.scoring import DEFAULT_MC_SAMPLES, DEFAULT_SCORING, MAX_BATCH_SIZE, fit_prompt, prompt_ids
+from minidiff.evaluation.answers import SCORINGS, item_seed, score_answers
+from minidiff.evaluation.scoring import DEFAULT_SCORING, MAX_BATCH_SIZE, fit_prompt, prompt_ids
 from minidiff.evaluation.tasks import LM_EVAL_TASK_DIR
 from minidiff.plumbing import checkpoint
-from minidiff.plumbing.device import enable_tf32, inference_precision
+from minidiff.plumbing.device import check_available, enable_tf32, inference_precision
 from minidiff.plumbing.files import write_text
-from minidiff.sampler import SamplerConfig
-from minidiff.speed.sampling import generate
+from minidiff.speed.sampling import FastConfig, generate
 
 INSTALL_HINT = 'lm-evaluation-harness is not installed; install it with: pip install "minidiff[harness]"'
 
@@ -40,7 +34,7 @@ try:  # lm-eval is an optional extra; without it this module imports, the class 
     import lm_eval.models  # noqa: F401  lm-eval's own models first: registering ours keeps them
     from lm_eval.api.model import LM
     from lm_eval.api.registry import model_registry
-    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window, simple_parse_args_string
     HAVE_LM_EVAL = True
 except ImportError:
     LM, HAVE_LM_EVAL = object, False
@@ -64,9 +58,8 @@ def _positive_int(name: str, value) -> int:
 def parse_model_args(pretrained=None, scoring=DEFAULT_SCORING, mc_samples=DEFAULT_MC_SAMPLES, batch_size=32,
                      max_batch_size=None, device=None, dtype="auto", seed=0, max_length=None,
                      preset=None, **sampler_args) -> dict:
-    """Check --model_args (plus lm-eval's batch_size/max_batch_size/device) and return the
-    settings; every mistake is one UserError sentence. Sampler fields are SamplerConfig's."""
-    fields = {f.name for f in dataclasses.fields(SamplerConfig)}
+    """The checked --model_args (with lm-eval's batch_size/max_batch_size/device); sampler fields are FastConfig's."""
+    fields = {f.name for f in dataclasses.fields(FastConfig)}
     unknown = sorted(set(sampler_args) - fields)
     if unknown:
         raise UserError(f"unknown model argument {unknown[0]!r}; expected one of "
@@ -75,13 +68,11 @@ def parse_model_args(pretrained=None, scoring=DEFAULT_SCORING, mc_samples=DEFAUL
         raise UserError("--model_args needs pretrained=DIR_OR_HUB_ID (a minidiff/mmBERT model)")
     if scoring not in SCORINGS:
         raise UserError(f"model argument scoring={scoring!r}: expected one of {', '.join(SCORINGS)}")
-    # lm-eval passes --batch_size as a string; "auto"/"auto:N" (no memory probing here) means 32
-    auto = isinstance(batch_size, str) and batch_size.startswith("auto")
     if preset is not None:
-        sampler = SamplerConfig.preset(str(preset), **sampler_args)
+        sampler = FastConfig.preset(str(preset), **sampler_args)
     else:
         try:
-            sampler = SamplerConfig(**sampler_args)
+            sampler = FastConfig(**sampler_args)
         except TypeError as err:
             raise UserError(f"sampler model arguments {sampler_args}: {err}") from None
     # without --device lm-eval says "cuda:0": use the CPU when there is no GPU
@@ -94,18 +85,25 @@ def parse_model_args(pretrained=None, scoring=DEFAULT_SCORING, mc_samples=DEFAUL
         seed = int(seed)
     except (TypeError, ValueError):
         raise UserError(f"model argument seed={seed!r}: expected an integer") from None
+    # lm-eval passes --batch_size as a string; "auto"/"auto:N" (no memory probing here) means 32
+    auto = isinstance(batch_size, str) and batch_size.startswith("auto")
     batch_size = 32 if auto else _positive_int("batch_size", batch_size)
     if batch_size > MAX_BATCH_SIZE:
         raise UserError(f"model argument batch_size={batch_size}: expected at most {MAX_BATCH_SIZE} "
                         "sequences per forward (Monte-Carlo samples beyond it run in further forwards)")
     mc_samples = _positive_int("mc_samples", mc_samples)
-    try:  # evaluate.py's --dtype: auto | float32 | bfloat16 (float16 refused)
-        precision = inference_precision(str(dtype), torch.device(wanted), pack=True)
+    try:
+        resolved = torch.device(wanted)
+    except (RuntimeError, ValueError):
+        raise UserError(f"model argument device={wanted!r} is not a device name; expected cpu or cuda[:N]") from None
+    try:  # evaluate.py's --device and --dtype checks (dtype auto | float32 | bfloat16)
+        check_available(resolved)
+        precision = inference_precision(str(dtype), resolved, pack=True)
     except UserError as err:
-        raise UserError(f"model argument {str(err).replace('--dtype ', 'dtype=', 1)}") from None
-    return {"pretrained": str(pretrained), "scoring": scoring,
-            "mc_samples": mc_samples, "batch_size": batch_size,
-            "device": torch.device(wanted), "precision": precision, "seed": seed,
+        words = str(err).replace("--dtype ", "dtype=", 1).replace("--device ", "device=")
+        raise UserError(f"model argument {words}") from None
+    return {"pretrained": str(pretrained), "scoring": scoring, "mc_samples": mc_samples, "batch_size": batch_size,
+            "device": resolved, "precision": precision, "seed": seed,
             "max_length": None if max_length is None else max(2, _positive_int("max_length", max_length)),
             "sampler": sampler.replace(seed=seed)}  # one seed: the MC draws and the sampler's
 
@@ -122,8 +120,7 @@ class MinidiffLM(LM):
         self.scoring, self.mc_samples = settings["scoring"], settings["mc_samples"]
         self.seed, self.sampler = settings["seed"], settings["sampler"]
         self._device = settings["device"]  # LM.device is a read-only property since 0.4.12
-        # evaluate.py's precision policy: weights cast (and packed on the CPU), then autocast per call
-        self.precision = settings["precision"]
+        self.precision = settings["precision"]  # evaluate.py's: weights cast (packed on the CPU), autocast per call
         enable_tf32(self._device)
         self.model = self.precision.prepare(checkpoint.load_model(self.pretrained).eval())
         self.tok = load_tokenizer(self.pretrained)
@@ -132,14 +129,11 @@ class MinidiffLM(LM):
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
-        from lm_eval.utils import simple_parse_args_string
-
         return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
 
     @classmethod
     def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None):
-        """lm-eval's flags (--batch_size, whose default is 1, --device) under --model_args: a
-        model argument wins (lm-eval's own version raises when both name batch_size)."""
+        """lm-eval's flags (--batch_size, default 1; --device) under --model_args, which win."""
         flags = {k: v for k, v in (additional_config or {}).items() if v is not None}
         return cls(**{**flags, **arg_dict})
 
@@ -149,18 +143,23 @@ class MinidiffLM(LM):
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         pairs = [continuation_pair(self.tok, *request.args, self.max_length) for request in requests]
-        return [(value, False) for value in self._score(pairs, disable_tqdm, "loglikelihood")]
+        # one stream per context, shared by its continuations: evaluate.py's item_seed(seed, prompt)
+        seeds = [item_seed(self.seed, request.args[0]) for request in requests]
+        return [(value, False) for value in self._score(pairs, seeds, disable_tqdm, "loglikelihood")]
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         pairs, owner = rolling_pairs(self.tok, [request.args[0] for request in requests], self.max_length)
+        first = {}  # each text's first window (owner lists a text's windows together)
+        for w, r in enumerate(owner):
+            first.setdefault(r, w)
+        # one stream per window: (text, window number in it)
+        seeds = [item_seed(self.seed, requests[r].args[0], w - first[r]) for w, r in enumerate(owner)]
         totals = [0.0] * len(requests)
-        for r, value in zip(owner, self._score(pairs, disable_tqdm, "loglikelihood_rolling")):
+        for r, value in zip(owner, self._score(pairs, seeds, disable_tqdm, "loglikelihood_rolling")):
             totals[r] += value  # -NELBO of the text = sum over windows
         return totals
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        from tqdm.auto import tqdm
-
         out = [""] * len(requests)
         groups: dict[str, list[int]] = {}
         for i, request in enumerate(requests):  # requests with the same settings share batches
@@ -182,20 +181,16 @@ class MinidiffLM(LM):
         bar.close()
         return out
 
-    def _score(self, pairs: list[tuple[list[int], list[int]]], disable_tqdm: bool, desc: str) -> list[float]:
-        """log p(answer | prompt) per pair, 64 pairs per call of answers.score_answers; every
-        pair's draws seeded with `seed`, so grouping never changes a value. An empty answer: 0."""
-        from tqdm.auto import tqdm
-
+    def _score(self, pairs: list[tuple], seeds: list[int], disable_tqdm: bool, desc: str) -> list[float]:
+        """log p(answer | prompt) per pair (0 for an empty answer), pair i drawing from seeds[i]."""
         values = [0.0] * len(pairs)
         index = [i for i, (_, answer) in enumerate(pairs) if answer]
         for start in tqdm(range(0, len(index), 64), desc=desc, disable=disable_tqdm):
             chunk = index[start:start + 64]
             with self.precision.autocast():
-                got = score_answers(
-                    self.model, [pairs[i] for i in chunk], self.tok.mask_id, pad_id=self.tok.pad_id,
-                    num_samples=self.mc_samples, batch_size=self.batch_size, scoring=self.scoring,
-                    pair_seed=self.seed)
+                got = score_answers(self.model, [pairs[i] for i in chunk], self.tok.mask_id, pad_id=self.tok.pad_id,
+                                    num_samples=self.mc_samples, batch_size=self.batch_size, scoring=self.scoring,
+                                    seeds=[seeds[i] for i in chunk])
             for i, answer in zip(chunk, got):
                 values[i] = answer.loglik
         return values
@@ -217,8 +212,7 @@ def continuation_pair(tok, context: str, continuation: str, max_length: int) -> 
 
 
 def rolling_pairs(tok, texts: list[str], max_length: int) -> tuple[list, list[int]]:
-    """lm-eval's rolling windows of every text as (context ids, new ids) pairs, and the text
-    each pair belongs to: every token predicted once; context + new tokens <= max_length."""
+    """lm-eval's rolling windows of every text as (context ids, new ids) pairs, and each pair's text."""
     pairs, owner = [], []
     prefix = tok.bos_id if tok.bos_id is not None else tok.eos_id
     for r, text in enumerate(texts):
@@ -231,9 +225,8 @@ def rolling_pairs(tok, texts: list[str], max_length: int) -> tuple[list, list[in
 
 
 # ----------------------------------------------------------------------------- generation
-def generation_settings(sampler: SamplerConfig, kwargs: dict) -> tuple[SamplerConfig, list[str]]:
-    """The sampler settings with the task's max_gen_toks and temperature laid over them, and
-    the `until` strings."""
+def generation_settings(sampler: FastConfig, kwargs: dict) -> tuple[FastConfig, list[str]]:
+    """(the sampler settings with the task's max_gen_toks and temperature laid over, the `until` strings)."""
     until = kwargs.pop("until", None) or []
     until = [until] if isinstance(until, str) else list(until)
     changes = {}
@@ -259,27 +252,25 @@ def cut_answer(tok, answer: list[int], until: list[str]) -> str:
 
 
 # ----------------------------------------------------------------------------- task folders
-def local_task_dir(files: dict[str, str], directory) -> Path:
-    """A complete CETVEL task folder in `directory` (lm-eval takes one --include_path): for each
-    NAME -> FILE a `cetvel_NAME.yaml` that includes the shipped file with FILE (csv, json, jsonl
-    or parquet, in the hub dataset's columns) as its test split; the other tasks and the group
-    include the shipped files unchanged."""
-    directory = Path(directory)
+def task_path(data: dict[str, str] | None = None, directory=None) -> str:
+    """lm-eval's include path: the shipped CETVEL folder, or a full copy reading `data`'s files as test splits."""
+    if not data:
+        return str(LM_EVAL_TASK_DIR)
+    directory = Path(directory or tempfile.mkdtemp(prefix="minidiff-cetvel-"))
     directory.mkdir(parents=True, exist_ok=True)
-    unknown = sorted(set(files) - set(CETVEL_TASKS))
+    unknown = sorted(set(data) - set(CETVEL_TASKS))
     if unknown:
         raise UserError(f"--cetvel_data {unknown[0]}=...: {unknown[0]!r} is not a CETVEL task; "
                         f"expected one of {', '.join(CETVEL_TASKS)}")
     for name in CETVEL_TASKS:
-        local = _local_dataset(name, files[name]) if name in files else ""
+        local = _local_dataset(name, data[name]) if name in data else ""
         write_text(directory / f"cetvel_{name}.yaml", f"include: {LM_EVAL_TASK_DIR / f'cetvel_{name}.yaml'}\n{local}")
     group = (LM_EVAL_TASK_DIR / "cetvel_diffutron.yaml").read_text(encoding="utf-8")
     write_text(directory / "cetvel_diffutron.yaml", group)
-    return directory
+    return str(directory)
 
 
 def _local_dataset(name: str, file: str) -> str:
-    """The YAML lines that make task `name` read the local `file` as its test split."""
     path = Path(file).expanduser().resolve()
     if not path.is_file():
         raise UserError(f"--cetvel_data {name}={file}: the file does not exist")
@@ -290,14 +281,6 @@ def _local_dataset(name: str, file: str) -> str:
     return (f"dataset_path: {builder}\ndataset_name: null\n"
             f"dataset_kwargs:\n  data_files:\n    test: {str(path)!r}\n"
             "test_split: test\nvalidation_split: null\ntraining_split: null\nfewshot_split: null\n")
-
-
-def task_path(data: dict[str, str] | None = None, directory=None) -> str:
-    """The include path for lm-eval: the shipped CETVEL folder, or (when `data` maps task names
-    to local files) a folder written to `directory` (a new temporary one if None)."""
-    if not data:
-        return str(LM_EVAL_TASK_DIR)
-    return str(local_task_dir(data, directory or tempfile.mkdtemp(prefix="minidiff-cetvel-")))
 
 
 # ----------------------------------------------------------------------------- launcher
@@ -320,8 +303,6 @@ def _take_cetvel_data(argv: list[str]) -> tuple[list[str], dict[str, str]]:
 
 def _model_args_in(argv: list[str]) -> dict:
     """The --model_args/-a values of argv ("k=v,k2=v2" or several "k=v" words), parsed as lm-eval does."""
-    from lm_eval.utils import simple_parse_args_string
-
     words, taking = [], False
     for arg in argv:
         if arg in ("--model_args", "-a"):
@@ -336,8 +317,7 @@ def _model_args_in(argv: list[str]) -> dict:
 
 
 def check_model_args(args: dict) -> None:
-    """Fail before lm-eval indexes its thousands of tasks: the arguments, and for a local
-    pretrained= that it is a model directory (config.json + weights)."""
+    """Fail before lm-eval indexes its tasks: the arguments, and a local pretrained= being a model directory."""
     name = parse_model_args(**args)["pretrained"]
     if Path(name).expanduser().exists() or checkpoint._looks_like_path(name):
         directory = checkpoint.resolve_model_dir(name)
@@ -348,8 +328,7 @@ def check_model_args(args: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`lm_eval --model minidiff ...` with the CETVEL tasks as the include path (unless the
-    user gives an --include_path of their own)."""
+    """`lm_eval --model minidiff ...` with the CETVEL tasks as the include path (unless one is given)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not HAVE_LM_EVAL:
         raise UserError(INSTALL_HINT)

@@ -1,12 +1,8 @@
 """Filling in masked characters of held-out text: what the NELBO bound measures, against two baselines.
 
-References: LLaDA (arXiv 2502.09992) for the sampler's unmasking; the study is explained in
-docs/sampler.md ("Infilling, as the demo scores it").
-
-Snippets of held-out text (whole words, one token per character) are masked three ways
-(MASKINGS) and filled by the model (`fill`: `minidiff.sampler.infill` or any function with its
-signature), by the most frequent character and by a two-sided character bigram (`CharBigram`);
-the score is the accuracy on the masked characters. One snippet is replayed step by step.
+References: LLaDA (arXiv 2502.09992, the unmasking); the study: docs/sampler.md ("Infilling, as the
+demo scores it"). `fill` is the fast loop's `minidiff.speed.sampling.infill` (whose trace the replay
+needs) or any function with its signature.
 """
 from __future__ import annotations
 
@@ -40,8 +36,7 @@ class Snippet:
 
 
 def cut_snippets(texts: list[str], max_chars: int) -> list[str]:
-    """Each text's words (whitespace collapsed to one space) packed greedily into pieces of at
-    most max_chars characters; a word longer than max_chars is dropped."""
+    """Each text's words packed greedily into pieces of at most max_chars characters (longer words dropped)."""
     pieces = []
     for text in texts:
         current = ""
@@ -79,8 +74,7 @@ def mask_characters(text: str, rate: float, rng: random.Random) -> list[int]:
 
 
 def mask_words(text: str, rate: float, rng: random.Random) -> list[int]:
-    """Every character of round(rate * words) words (at least one), drawn uniformly; a word is a
-    run of letters and digits (\\w+), so spaces and punctuation stay visible."""
+    """Every character of round(rate * words) words (at least one), drawn uniformly; spaces and punctuation stay."""
     words = [m.span() for m in re.finditer(r"\w+", text)]
     if not words:
         return []
@@ -93,14 +87,9 @@ def most_frequent_character(texts: list[str]) -> str:
 
 
 class CharBigram:
-    """Character bigrams with add-one smoothing, fitted to `texts` over `alphabet` (+ their characters).
-
-    A run of masked characters x_1..x_m between known neighbours a (left) and b (right) is filled
-    position by position with the most probable character under the posterior
-        p(x_k | a, b) ∝ sum over the other x of P(x_1 | a) prod_k P(x_k | x_k-1) P(b | x_m),
-    by forward-backward; a missing left neighbour (the snippet's start) uses P(x_1), a missing
-    right one drops P(b | x_m). For a single masked character: argmax_c P(c | a) P(b | c).
-    """
+    """Character bigrams with add-one smoothing over `alphabet` + the texts' characters; each position of a
+    masked run x_1..x_m between known a and b gets argmax p(x_k | a, b), by forward-backward, where
+        p(x_k | a, b) ∝ sum over the other x of P(x_1 | a) prod_k P(x_k | x_k-1) P(b | x_m)   (no a: P(x_1); no b: 1)"""
 
     def __init__(self, texts: list[str], alphabet=()):
         self.chars = sorted(set(alphabet).union(*map(set, texts)))
@@ -117,7 +106,6 @@ class CharBigram:
         self.unigram = (singles + 1) / (singles.sum() + A)  # [A]
 
     def fill(self, text: str, masked: list[int]) -> str:
-        """`text` with each masked position replaced by its most probable character."""
         out = list(text)
         for start, end in _runs(masked):  # the neighbours of a maximal run are never masked
             left = self.index[text[start - 1]] if start > 0 else None
@@ -153,16 +141,12 @@ def _runs(positions: list[int]) -> list[tuple[int, int]]:
 
 
 def masked_accuracy(truths: list[str], guesses: list[str], masks: list[list[int]]) -> float:
-    """correct masked characters / masked characters, over all snippets."""
     correct = sum(t[i] == g[i] for t, g, m in zip(truths, guesses, masks) for i in m)
     return correct / max(1, sum(len(m) for m in masks))
 
 
 def fill_by_model(model, tok, snippets: list[Snippet], masks: list[list[int]], id_chars, fill, *, one_step: bool):
-    """(each snippet filled by `fill`, as characters (a token that is no character: U+FFFD); its
-    GenerateOutput). The whole snippet is one block (both sides visible), greedy; "llada" unmasking
-    with as many steps as the most masks commits one character per step, most confident first;
-    one step commits every mask at once (each position's argmax)."""
+    """(the snippets filled by `fill`, greedy, one character per step or all at once, as text; the output)."""
     rows = [list(snippet.ids) for snippet in snippets]
     for row, snippet, masked in zip(rows, snippets, masks):
         for i in masked:
@@ -175,8 +159,7 @@ def fill_by_model(model, tok, snippets: list[Snippet], masks: list[list[int]], i
 
 
 def held_out_snippets(tok, texts: list[str], max_chars: int, count: int, seed: int) -> tuple[list[Snippet], int]:
-    """(up to `count` snippets of at most `max_chars` characters drawn with the seed, cut pieces
-    left out because a character was not one token)."""
+    """(up to `count` snippets drawn with the seed, the pieces left out because a character was not one token)."""
     char_ids = character_ids(tok)
     snippets = [as_snippet(tok, text, char_ids) for text in cut_snippets(texts, max_chars)]
     kept = [s for s in snippets if s is not None]
@@ -185,8 +168,7 @@ def held_out_snippets(tok, texts: list[str], max_chars: int, count: int, seed: i
 
 
 def infill_table(model, tok, snippets: list[Snippet], train_texts: list[str], seed: int, fill) -> dict:
-    """Character accuracy on the masked positions, per masking: the model (one character per
-    step, and all at once) against the most frequent character and the two-sided bigram."""
+    """Character accuracy on the masked positions per masking: the model against both baselines."""
     id_chars = {i: c for c, i in character_ids(tok).items()}
     truths = [s.text for s in snippets]
     bigram = CharBigram(train_texts, alphabet="".join(truths))
@@ -209,8 +191,7 @@ def infill_table(model, tok, snippets: list[Snippet], train_texts: list[str], se
 
 
 def denoising_example(model, tok, snippet: Snippet, masked: list[int], html_path: Path, fill) -> dict:
-    """One snippet filled step by step: its canvas after every step (masks as MASK_SHOWN), also
-    written as the sampler's HTML replay."""
+    """One snippet's canvas after every step (masks as MASK_SHOWN), also written as the HTML replay."""
     id_chars = {i: c for c, i in character_ids(tok).items()}
     filled, out = fill_by_model(model, tok, [snippet], [masked], id_chars, fill, one_step=False)
     frames = []
@@ -224,8 +205,7 @@ def denoising_example(model, tok, snippet: Snippet, masked: list[int], html_path
 
 def infill_study(model, tok, snippets: list[Snippet], train_speeches: list[str], seed: int, html_path: Path,
                  fill) -> dict:
-    """The infilling table and the step-by-step example (also written as an HTML replay to
-    `html_path`): the first snippet (no choosing), masked as in EXAMPLE_MASKING's row of the table."""
+    """The infilling table and the step-by-step example: the first snippet, masked as in row EXAMPLE_MASKING."""
     train_texts = [" ".join(s.split()) for s in train_speeches]
     table = infill_table(model, tok, snippets, train_texts, seed, fill)
     example = denoising_example(model, tok, snippets[0], table.pop("masks")[EXAMPLE_MASKING][0], html_path, fill)

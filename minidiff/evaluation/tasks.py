@@ -1,12 +1,9 @@
 """The CETVEL multiple-choice tasks Diffutron reports (arXiv 2603.20466, Table 4), as data.
 
-A task is a row -> (prompt, choices, label) renderer plus its hub source and metrics. The
-prompts, choices and metrics follow CETVEL's lm-evaluation-harness task files (KUIS-AI/CETVEL,
-state of 2025-07-29); the same tasks ship as lm-eval YAML files in `LM_EVAL_TASK_DIR`, and tests
-check that both render every row identically. Metrics: acc and acc_norm everywhere; IronyTR adds
-f1 (binary, of "Evet", lm-eval's default f1), News_Cat macro_f1 (CETVEL's utils.py).
-
-    task = TASKS["ironytr"]; example = task.render({"text": "...", "label": 1})
+A task is a row -> (prompt, choices, label) renderer plus its hub source and metrics, following
+CETVEL's lm-evaluation-harness task files (KUIS-AI/CETVEL, state of 2025-07-29), which also ship in
+`LM_EVAL_TASK_DIR` (the tests check both render every row identically). Metrics: acc and acc_norm;
+IronyTR adds f1 (binary, of "Evet"), News_Cat macro_f1 (CETVEL's utils.py).
 """
 from __future__ import annotations
 
@@ -32,8 +29,7 @@ XCOPA_CONNECTORS = {"cause": "çünkü", "effect": "bu yüzden"}
 
 @dataclass(frozen=True)
 class Example:
-    """One multiple-choice item: the prompt, the choice strings and the index of the right one;
-    label -1 (NO_GOLD) when the dataset has no gold answer (MNLI_TR), wrong for every metric."""
+    """One multiple-choice item; label NO_GOLD (MNLI_TR) counts wrong for every metric."""
 
     prompt: str
     choices: tuple[str, ...]
@@ -69,10 +65,8 @@ def _index(value, choices: Sequence[str], key: str) -> int:
         text = value.strip()
         if text.lstrip("-").isdigit():
             value = int(text)
-        else:
-            names = [c.casefold() for c in choices]
-            if text.casefold() in names:
-                return names.index(text.casefold())
+        elif text.casefold() in (names := [c.casefold() for c in choices]):
+            return names.index(text.casefold())
     if isinstance(value, int) and 0 <= value < len(choices):
         return value
     raise UserError(f"label {key!r} = {value!r} is not one of the {len(choices)} choices "
@@ -80,7 +74,6 @@ def _index(value, choices: Sequence[str], key: str) -> int:
 
 
 def render_belebele(row: dict) -> Example:
-    """`P: {passage}\\nQ: {question}\\nA: ..\\nD: {a4}\\nAnswer:`; correct_answer_num is "1".."4"."""
     answers = [_text(row, f"mc_answer{i}") for i in (1, 2, 3, 4)]
     prompt = (f"P: {_text(row, 'flores_passage')}\nQ: {_text(row, 'question').strip()}\n"
               + "".join(f"{letter}: {a}\n" for letter, a in zip("ABCD", answers)) + "Answer:")
@@ -92,8 +85,7 @@ def render_belebele(row: dict) -> Example:
 
 
 def render_belebele_cetvel(row: dict) -> Example:
-    """The Turkish template CETVEL's belebele_tr.yaml used before 2024-12-10 (since then it uses
-    lm-eval's English one, `render_belebele`): `Paragraf: ..\nSoru: ..\nA: ..\nD: ..\nCevap:`."""
+    """The Turkish template of CETVEL's belebele_tr.yaml before 2024-12-10 (since: `render_belebele`'s)."""
     example = render_belebele(row)
     head, _, rest = example.prompt.partition("\nQ: ")
     question, _, answers = rest.partition("\n")
@@ -102,8 +94,7 @@ def render_belebele_cetvel(row: dict) -> Example:
 
 
 def render_exams(row: dict) -> Example:
-    """Prompt = question.stem, choices = question.choices.text; answerKey names a choice label.
-    CETVEL's rule for a key missing from the labels (corrupted rows) is kept: index 3."""
+    """CETVEL's rule for an answerKey missing from the labels (corrupted rows) is kept: index 3."""
     question = row["question"]
     if not isinstance(question, dict) or "stem" not in question or "choices" not in question:
         raise UserError("column 'question' should be an object with 'stem' and 'choices' "
@@ -119,14 +110,12 @@ def render_exams(row: dict) -> Example:
 
 
 def render_irony(row: dict) -> Example:
-    """`Cümle: {text}\\nSoru: Bu cümlede ironi var mı?\\n`; label 0 non-ironic (Hayır), 1 ironic."""
     prompt = f"Cümle: {_text(row, 'text')}\nSoru: Bu cümlede ironi var mı?\n"
     return Example(prompt, IRONY_CHOICES, _index(row["label"], IRONY_CHOICES, "label"))
 
 
 def render_news(row: dict) -> Example:
-    """`Cümle: {text}\\nSoru: Bu cümlenin konusu nedir?\\n Cevap:`; label an index 0..4, an
-    English name (sport, magazine, politics, health, economy) or the Turkish choice itself."""
+    """label: an index 0..4, an English name (NEWS_LABELS) or the Turkish choice itself."""
     prompt = f"Cümle: {_text(row, 'text')}\nSoru: Bu cümlenin konusu nedir?\n Cevap:"
     label = row["label"]
     if isinstance(label, str) and label.strip().casefold() in NEWS_LABELS:
@@ -141,8 +130,7 @@ def _two_sentences(row: dict, first: str, second: str, question: str) -> str:
 
 
 def render_mnli(row: dict) -> Example:
-    """Label 0..2, or -1 for the ~1.85% of pairs without a gold label: kept, as lm-eval keeps
-    them (`{{label | int}}` = -1 matches no choice, so the item counts wrong)."""
+    """Label 0..2, or -1 (no gold label) kept as lm-eval keeps it: it matches no choice, so counts wrong."""
     prompt = _two_sentences(row, "premise", "hypothesis", "Bu iki cümle arasındaki ilişki nedir:")
     if str(row["label"]).strip() == str(NO_GOLD):
         return Example(prompt, NLI_CHOICES, NO_GOLD)
@@ -166,8 +154,7 @@ def render_sts(row: dict) -> Example:
 
 
 def render_xcopa(row: dict) -> Example:
-    """premise without its final period + " çünkü" (cause) / " bu yüzden" (effect); the two
-    alternatives with their first letter lower-cased (lm-eval's xcopa_tr)."""
+    """lm-eval's xcopa_tr."""
     question = _text(row, "question")
     if question not in XCOPA_CONNECTORS:
         raise UserError(f"column 'question' = {question!r} should be 'cause' or 'effect'")

@@ -1,17 +1,14 @@
 """Find a model (local directory or hub id), read its weights, build a ModernBertMLM; save one.
 
-References: ModernBERT (arXiv 2412.13663), mmBERT (2509.06888). Matches the checkpoint layout of
-transformers' `ModernBertForMaskedLM` (`save_pretrained`) and huggingface_hub's snapshot cache.
+References: ModernBERT (arXiv 2412.13663), mmBERT (2509.06888); the layout of transformers'
+`ModernBertForMaskedLM.save_pretrained` and huggingface_hub's snapshot cache.
 
-    resolve_model_dir("jhu-clsp/mmBERT-base")   -> Path of a directory (the hub cache snapshot)
-    load_weights(directory)                     -> {key: tensor} from model.safetensors or its shards
     load_model("path/or/hub-id", dtype=torch.bfloat16, device="cuda")  -> model in eval mode
-    save_pretrained(model, "out/dir")           -> config.json + model.safetensors, transformers' layout
+    export(model, "runs/cpt", tokenizer=tok, lora=True)  -> a finished run's model folder (LoRA merged)
     python -m minidiff.plumbing.checkpoint convert DIR   # DIR/pytorch_model.bin -> DIR/model.safetensors
 
 Weights are read with safetensors only; the converter (mmBERT ships only a pickled .bin) is the one
-place a `.bin` is opened, with `torch.load(weights_only=True)` (tensors and plain containers only).
-Every problem a user can cause is a `UserError` naming the file or key and what was expected.
+place a `.bin` is opened, with `torch.load(weights_only=True)`.
 """
 from __future__ import annotations
 
@@ -28,8 +25,10 @@ import safetensors.torch
 import torch
 
 from minidiff.errors import UserError, run_cli
+from minidiff.lora import base_state_dict
 from minidiff.model import ModelConfig, ModernBertMLM
-from minidiff.plumbing.files import atomic_path, write_json
+from minidiff.plumbing import peft_io
+from minidiff.plumbing.files import atomic_path, first_line, read_safetensors, write_json
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -45,16 +44,10 @@ HEAD_KEYS = ("head.", "decoder.")
 
 
 # ----------------------------------------------------------------------------- resolving
-
-
-def _env_true(name: str) -> bool:
-    return os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
-
-
 def _hub_offline() -> bool:
     """HF_HUB_OFFLINE as set now (huggingface_hub reads it only once, at import)."""
-    offline = huggingface_hub.constants.HF_HUB_OFFLINE
-    return _env_true("HF_HUB_OFFLINE") or _env_true("TRANSFORMERS_OFFLINE") or offline
+    set_now = [os.environ.get(name, "").strip().upper() for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")]
+    return any(value in {"1", "ON", "YES", "TRUE"} for value in set_now) or huggingface_hub.constants.HF_HUB_OFFLINE
 
 
 def _hub_cache_dir() -> str | None:
@@ -66,18 +59,12 @@ def _hub_cache_dir() -> str | None:
     return os.path.join(os.path.expanduser(home), "hub") if home else None
 
 
-def _first_line(err: Exception) -> str:
-    """An exception's first line, for a one-sentence UserError (its type when it says nothing)."""
-    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-
-
 def _looks_like_path(name: str) -> bool:
     return name.startswith(("/", "./", "../", "~")) or name.endswith(os.sep) or os.sep + os.sep in name
 
 
 def resolve_model_dir(name_or_path, revision: str | None = None, *, allow_patterns=None) -> Path:
-    """`name_or_path` itself when it is a directory, else the hub snapshot of that repo id (only
-    the cache when offline). allow_patterns: the repo files to fetch (default MODEL_FILES)."""
+    """`name_or_path` if a directory, else the hub snapshot of that id of the files in allow_patterns."""
     path = Path(os.path.expanduser(str(name_or_path)))
     if path.is_dir():
         return path
@@ -103,24 +90,11 @@ def resolve_model_dir(name_or_path, revision: str | None = None, *, allow_patter
     except Exception as err:  # validation, not found, gated, offline cache miss, network down
         rev = f" at revision {revision}" if revision else ""
         raise UserError(f"{name}{rev} is neither a local directory nor a model found {where} "
-                        f"({type(err).__name__}: {_first_line(err)})") from None
+                        f"({type(err).__name__}: {first_line(err)})") from None
     return directory
 
 
 # ----------------------------------------------------------------------------- reading weights
-
-
-def read_safetensors(file: Path) -> dict[str, torch.Tensor]:
-    """The tensors of one safetensors file, on the CPU; a UserError for a missing or unreadable file."""
-    if not file.is_file():
-        raise UserError(f"weights file {file} does not exist")
-    try:
-        return safetensors.torch.load_file(str(file))
-    except Exception as err:  # SafetensorError (truncated header/data), OSError
-        raise UserError(f"{file} is not a readable safetensors file (truncated or corrupt?): "
-                        f"{_first_line(err)}") from None
-
-
 def _shards(index: Path) -> tuple[dict[str, str], list[str]]:
     """(weight_map {key: shard file}, the shard files in order) of a safetensors or pickle index."""
     try:
@@ -156,7 +130,6 @@ def load_weights(directory) -> dict[str, torch.Tensor]:
 
 
 def read_config(directory) -> ModelConfig:
-    """ModelConfig from `directory`/config.json, with a one-sentence error for a bad file."""
     file = Path(directory) / CONFIG_FILE
     if not file.is_file():
         raise UserError(f"{file} is missing; a model directory needs config.json next to its weights")
@@ -167,8 +140,6 @@ def read_config(directory) -> ModelConfig:
 
 
 # ----------------------------------------------------------------------------- building the model
-
-
 def _as_dtype(dtype) -> torch.dtype:
     if dtype is None or isinstance(dtype, torch.dtype):
         return torch.float32 if dtype is None else dtype
@@ -177,13 +148,6 @@ def _as_dtype(dtype) -> torch.dtype:
     if str(dtype) not in named:
         raise UserError(f"dtype {dtype!r} is not supported; expected one of {', '.join(named)}")
     return named[str(dtype)]
-
-
-def _match_layout(state: dict) -> tuple[dict, bool]:
-    """(state, headless): a headless ModernBertModel state (no `model.` prefix) on ModernBertMLM keys."""
-    if any(k.startswith("model.") for k in state) or "embeddings.tok_embeddings.weight" not in state:
-        return state, False
-    return {f"model.{k}": v for k, v in state.items()}, True
 
 
 def _check_state(state: dict, reference: dict, source: str, allow_missing: set[str]) -> None:
@@ -203,12 +167,7 @@ def _check_state(state: dict, reference: dict, source: str, allow_missing: set[s
 
 def load_model(name_or_path, *, dtype=None, device=None, revision=None,
                allow_missing_head: bool = False) -> ModernBertMLM:
-    """ModernBertMLM in eval mode, weights from a local directory or a hub id.
-
-    dtype: parameter dtype (default float32; the rotary frequencies stay float32); device: default CPU.
-    A headless `ModernBertModel` checkpoint is refused (its MLM head would be random) unless
-    `allow_missing_head=True`: head and decoder bias then get transformers' random init, with a warning.
-    """
+    """ModernBertMLM in eval mode; a headless checkpoint only with `allow_missing_head` (a random head)."""
     directory = resolve_model_dir(name_or_path, revision)
     config = read_config(directory)
     state, source = _read_weights(directory)
@@ -217,7 +176,10 @@ def load_model(name_or_path, *, dtype=None, device=None, revision=None,
     with torch.device("meta"):  # shapes only: no time spent on a random init we overwrite
         skeleton = ModernBertMLM(config)
     reference = skeleton.state_dict()
-    state, headless = _match_layout(state)
+    # a headless ModernBertModel state (no `model.` prefix) on ModernBertMLM keys
+    headless = not any(k.startswith("model.") for k in state) and "embeddings.tok_embeddings.weight" in state
+    if headless:
+        state = {f"model.{k}": v for k, v in state.items()}
     tied = config.tie_word_embeddings
     if tied:
         state.pop(TIED_KEY, None)  # transformers ties the decoder to the embeddings, whatever the file holds
@@ -250,14 +212,8 @@ def load_model(name_or_path, *, dtype=None, device=None, revision=None,
 
 
 # ----------------------------------------------------------------------------- saving and converting
-
-
 def save_pretrained(model: ModernBertMLM, directory: str | Path, state_dict: dict | None = None) -> None:
-    """Write config.json + model.safetensors in the transformers layout, each atomically.
-
-    `state_dict` overrides what is saved (e.g. lora.base_state_dict, the merged base weights).
-    The tied decoder weight is left out (transformers re-ties it on load).
-    """
+    """config.json + model.safetensors (`state_dict`, default the model's) in the transformers layout."""
     directory = Path(directory)  # atomic_path makes it where it is missing
     state = model.state_dict() if state_dict is None else state_dict
     state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
@@ -269,16 +225,14 @@ def save_pretrained(model: ModernBertMLM, directory: str | Path, state_dict: dic
         safetensors.torch.save_file(state, str(tmp), metadata={"format": "pt"})
 
 
-def _atomic_save_safetensors(state: dict, file: Path) -> None:
-    """Write `file` under atomic_path's temporary name, verify it reads back equal, then publish."""
-    with atomic_path(file) as tmp:
-        safetensors.torch.save_file(state, str(tmp), metadata={"format": "pt"})
-        with safetensors.safe_open(str(tmp), framework="pt") as f:
-            if set(f.keys()) != set(state):
-                raise RuntimeError(f"round trip of {file.name} lost tensors")
-            for key in f.keys():
-                if not torch.equal(f.get_tensor(key), state[key]):
-                    raise RuntimeError(f"round trip of {file.name} changed tensor {key}")
+def export(model, out_dir: str | Path, *, tokenizer=None, lora: bool = False, base_model: str | None = None) -> None:
+    """A trained model, model.safetensors (merged) last: its presence means the run finished."""
+    out = Path(out_dir)
+    if tokenizer is not None:
+        tokenizer.save(out)
+    if lora:
+        peft_io.save_adapter(model, out / "adapter", base_model=base_model)
+    save_pretrained(model, out, state_dict=base_state_dict(model) if lora else model.state_dict())
 
 
 def _torch_load(file: Path) -> dict:
@@ -291,15 +245,14 @@ def _torch_load(file: Path) -> dict:
                         "objects other than tensors, which minidiff refuses to unpickle") from None
     except Exception as err:  # zip/EOF errors: truncated or not a torch.save file
         raise UserError(f"{file} could not be read as a PyTorch state dict with weights_only=True (truncated or "
-                        f"not a torch.save file: {_first_line(err).split('. ')[0]})") from None
+                        f"not a torch.save file: {first_line(err).split('. ')[0]})") from None
     if not isinstance(obj, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items()):
         raise UserError(f"{file} does not hold a flat state dict (expected a dict of name -> tensor)")
     return obj
 
 
 def convert(directory, overwrite: bool = False) -> Path:
-    """DIR/pytorch_model.bin (or its shards) -> DIR/model.safetensors; returns the written path.
-    The tied `decoder.weight` is dropped when config.json ties it, as transformers' save_pretrained does."""
+    """DIR/pytorch_model.bin (or its shards) -> DIR/model.safetensors, without a tied decoder.weight."""
     directory = Path(directory)
     if not directory.is_dir():
         raise UserError(f"{directory} is not a directory; expected a model directory holding {PICKLE_FILE}")
@@ -326,7 +279,14 @@ def convert(directory, overwrite: bool = False) -> Path:
                           "dropping it as transformers does")
         del state[TIED_KEY]
     state = {k: v.contiguous() for k, v in state.items()}
-    _atomic_save_safetensors(state, out)
+    with atomic_path(out) as tmp:  # published only once it reads back equal
+        safetensors.torch.save_file(state, str(tmp), metadata={"format": "pt"})
+        with safetensors.safe_open(str(tmp), framework="pt") as f:
+            if set(f.keys()) != set(state):
+                raise RuntimeError(f"round trip of {out.name} lost tensors")
+            for key in f.keys():
+                if not torch.equal(f.get_tensor(key), state[key]):
+                    raise RuntimeError(f"round trip of {out.name} changed tensor {key}")
     size = out.stat().st_size / 2**20
     print(f"wrote {out} ({len(state)} tensors, {size:.1f} MiB){'; dropped the tied ' + TIED_KEY if dropped else ''}")
     return out

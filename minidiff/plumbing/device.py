@@ -66,15 +66,21 @@ def check_available(device: torch.device) -> None:
 
 
 def cuda_has_bf16(device: torch.device) -> bool:
-    """True on a CUDA device with compute capability >= 8.0 (not V100 or T4), or without CUDA."""
-    return not torch.cuda.is_available() or torch.cuda.get_device_capability(device)[0] >= 8
+    """True on a CUDA device with compute capability >= 8.0 (not V100 or T4), or without CUDA.
+    The device is checked first, so a GPU this machine lacks is one sentence, not a CUDA error."""
+    if not torch.cuda.is_available():
+        return True
+    check_available(device)
+    return torch.cuda.get_device_capability(device)[0] >= 8
 
 
 def enable_tf32(device: torch.device) -> None:
-    """TF32 tensor-core matmuls and convolutions on CUDA (fp32 range, 10-bit mantissa inputs)."""
+    """TF32 tensor-core matmuls and convolutions on CUDA (fp32 range, 10-bit mantissa inputs),
+    through the one API family Inductor reads: setting `fp32_precision` as well would make
+    `torch.get_float32_matmul_precision()` raise (docs/devices.md, "TF32")."""
     if device.type == "cuda":
-        torch.backends.cuda.matmul.fp32_precision = "tf32"
-        torch.backends.cudnn.conv.fp32_precision = "tf32"
+        torch.set_float32_matmul_precision("high")
+        torch.backends.cudnn.allow_tf32 = True
 
 
 def autocast(device: torch.device, enabled: bool = True, dtype: torch.dtype = torch.bfloat16):
@@ -189,25 +195,38 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 
 class Prefetcher:
-    """Iterates a batches.Batches-like source with the next batch already on its way to the device
-    (on CUDA pinned and copied non_blocking one step ahead, overlapping the previous step's compute).
+    """Iterates a batches.Batches-like source with the next batch already on its way to the device.
+    On CUDA the batch is pinned and copied one step ahead on a side stream, overlapping the previous
+    step's compute; the compute stream waits for that copy before using the batch.
     state_dict() is the source's position before the batch held in advance (resume point)."""
 
     def __init__(self, source, device: torch.device):
-        self.source, self.device, self._pinned = source, device, device.type == "cuda"
+        self.source, self.device = source, device
+        self._copies = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._fetch()
 
     def _fetch(self) -> None:
         self._state, batch = self.source.state_dict(), next(self.source)
-        if self._pinned:  # page-locked host memory, so the non_blocking copy is truly async
-            batch = {k: (v.pin_memory() if torch.is_tensor(v) else v) for k, v in batch.items()}
-        self._next = to_device(batch, self.device)
+        if self._copies is None:
+            self._next = to_device(batch, self.device)
+            return
+        # page-locked host memory, so the non_blocking copy is truly async
+        batch = {k: (v.pin_memory() if torch.is_tensor(v) else v) for k, v in batch.items()}
+        with torch.cuda.stream(self._copies):
+            self._next = to_device(batch, self.device)
+        self._copied = self._copies.record_event()
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict:
         batch = self._next
+        if self._copies is not None:
+            compute = torch.cuda.current_stream(self.device)
+            compute.wait_event(self._copied)
+            for value in batch.values():
+                if torch.is_tensor(value):  # allocated on the side stream, used on this one
+                    value.record_stream(compute)
         self._fetch()
         return batch
 

@@ -1,18 +1,13 @@
 """Command-line flags made from a dataclass: one flag per field, laid over a preset.
 
-References: none (plumbing); Python's argparse.
-
     parser = flags.Parser(prog="demo.py", description=__doc__)
     flags.add_preset_flag(parser, PRESETS, help="start from these settings")
     flags.add_fields(parser, DemoConfig, helps={"out": "output directory"})
-    given = flags.parse_given(parser, argv, DemoConfig)            # tuples for tuple fields
+    given = flags.parse_given(parser, argv, DemoConfig)            # only the flags given
     values = flags.with_preset({k: v for k, v in given.items() if k != "preset"}, PRESETS, given.get("preset"))
 
-A field `max_len: int = 512` becomes `--max-len MAX_LEN` with the help "(default: 512)"; a
-`bool` becomes the pair `--x / --no-x`; `list[T]` or `tuple[T, ...]` takes one or more values
-(`nargs="+"`, or as given in `nargs`); `T | None` is read as T. A flag that is not on the command
-line is absent from what `parse_given` returns (argparse.SUPPRESS), so it can be laid over a
-preset. Errors are UserErrors: one sentence, exit status 2 through run_cli, no usage dump.
+`max_len: int = 512` becomes `--max-len MAX_LEN` "(default: 512)"; a bool the pair `--x / --no-x`;
+`list[T]` or `tuple[T, ...]` one or more values; `T | None` is read as T.
 """
 from __future__ import annotations
 
@@ -37,7 +32,6 @@ def flag_name(name: str) -> str:
 
 
 def field_default(f):
-    """A dataclass field's default value (None when it has none)."""
     if f.default is not MISSING:
         return f.default
     if f.default_factory is not MISSING:
@@ -57,8 +51,7 @@ def base_type(annotation) -> tuple[type, bool]:
 
 def add_fields(target, cls, *, helps: dict[str, str] | None = None, names=None, show_defaults: bool = True,
                choices: dict[str, list] | None = None, nargs: dict[str, str] | None = None) -> None:
-    """One flag per field of dataclass `cls` (only `names`, in that order, when given) on `target`,
-    a parser or an argument group; helps, choices and nargs (instead of "+") per field."""
+    """One flag per field of dataclass `cls` (or of `names`) on a parser or group; helps, choices, nargs per field."""
     hints = typing.get_type_hints(cls)
     by_name = {f.name: f for f in fields(cls)}
     helps, choices, nargs = helps or {}, choices or {}, nargs or {}
@@ -81,7 +74,6 @@ def add_fields(target, cls, *, helps: dict[str, str] | None = None, names=None, 
 
 
 def add_preset_flag(target, presets: dict[str, dict], *, help: str, flag: str = "--preset") -> None:
-    """`--preset NAME`, one of the presets' names (absent from parse_given when not given)."""
     target.add_argument(flag, choices=sorted(presets), default=argparse.SUPPRESS, help=help)
 
 
@@ -96,7 +88,6 @@ def parse_given(parser: argparse.ArgumentParser, argv, cls=None) -> dict:
 
 
 def _is_tuple(annotation) -> bool:
-    """tuple[...] or tuple[...] | None."""
     union = isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union
     return any(typing.get_origin(a) is tuple for a in (typing.get_args(annotation) if union else (annotation,)))
 

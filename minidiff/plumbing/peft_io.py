@@ -1,15 +1,11 @@
 """LoRA adapters in peft's file layout: adapter_config.json + adapter_model.safetensors.
 
-References: peft's `PeftModel.save_pretrained` / `from_pretrained` (`LoraConfig`, the
-"base_model.model." key prefix of a model wrapped without a task type). The layer itself is
-minidiff/lora.py; its parameter names are peft's, so the files cross in both directions:
+References: peft's `PeftModel.save_pretrained` / `from_pretrained`. The layer is minidiff/lora.py,
+whose parameter names are peft's, so the files cross in both directions:
 
     save_adapter(model, "runs/cpt/adapter", base_model="jhu-clsp/mmBERT-base")
     load_adapter(load_model("jhu-clsp/mmBERT-base"), "runs/cpt/adapter")   # adds the LoRA layers
     PeftModel.from_pretrained(transformers_model, "runs/cpt/adapter")    # peft reads it too
-
-Only plain LoRA is read (no DoRA, rsLoRA, rank patterns, bias or extra trained modules); every key
-and shape is checked against the model before anything changes (a UserError naming file or key).
 """
 from __future__ import annotations
 
@@ -23,8 +19,7 @@ from torch import nn
 
 from minidiff.errors import UserError
 from minidiff.lora import adapter_state_dict, apply_lora, check_hyperparameters, lora_modules, target_linears
-from minidiff.plumbing.checkpoint import read_safetensors
-from minidiff.plumbing.files import atomic_path, write_json
+from minidiff.plumbing.files import atomic_path, read_safetensors, write_json
 
 PEFT_PREFIX = "base_model.model."  # peft's key prefix for a model wrapped without a task type
 ADAPTER_CONFIG = "adapter_config.json"
@@ -35,7 +30,8 @@ BEYOND_PLAIN_LORA = ("use_dora", "use_rslora", "fan_in_fan_out", "lora_bias", "r
                      "target_parameters", "trainable_token_indices")
 
 
-def _adapter_settings(model: nn.Module) -> dict:
+def save_adapter(model: nn.Module, directory, base_model: str | None = None) -> Path:
+    """Write the adapter in peft's layout, each file atomically, weights first and config last."""
     modules = lora_modules(model)
     if not modules:
         raise UserError("the model has no LoRA layers; call apply_lora (or load_adapter) first")
@@ -43,26 +39,17 @@ def _adapter_settings(model: nn.Module) -> dict:
     if len(settings) != 1:
         raise UserError(f"LoRA layers disagree on (r, alpha, dropout): {sorted(settings)}; peft's layout needs one")
     r, alpha, dropout = settings.pop()
-    targets = sorted({name.rsplit(".", 1)[-1] for name, _ in modules})
-    return {"r": r, "alpha": alpha, "dropout": dropout, "targets": targets}
-
-
-def save_adapter(model: nn.Module, directory, base_model: str | None = None) -> Path:
-    """Write `adapter_config.json` + `adapter_model.safetensors` in peft's layout (each atomically,
-    weights first and config last); peft's `PeftModel.from_pretrained` loads it, so does load_adapter."""
-    settings = _adapter_settings(model)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    config = {
-        "peft_type": "LORA", "task_type": None,
-        "auto_mapping": {"base_model_class": "ModernBertForMaskedLM",
-                         "parent_library": "transformers.models.modernbert.modeling_modernbert"},
-        "base_model_name_or_path": base_model, "revision": None, "inference_mode": True,
-        "r": settings["r"], "lora_alpha": settings["alpha"], "lora_dropout": settings["dropout"],
-        "target_modules": settings["targets"], "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
-        "use_dora": False, "init_lora_weights": True, "modules_to_save": None, "layers_to_transform": None,
-        "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {},
-    }
+    config = {"peft_type": "LORA", "task_type": None,
+              "auto_mapping": {"base_model_class": "ModernBertForMaskedLM",
+                               "parent_library": "transformers.models.modernbert.modeling_modernbert"},
+              "base_model_name_or_path": base_model, "revision": None, "inference_mode": True,
+              "r": r, "lora_alpha": alpha, "lora_dropout": dropout,
+              "target_modules": sorted({name.rsplit(".", 1)[-1] for name, _ in modules}), "bias": "none",
+              "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "init_lora_weights": True,
+              "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
+              "rank_pattern": {}, "alpha_pattern": {}}
     tensors = {PEFT_PREFIX + k: v.contiguous().cpu() for k, v in adapter_state_dict(model).items()}
     with atomic_path(directory / ADAPTER_WEIGHTS) as tmp:
         save_file(tensors, str(tmp), metadata={"format": "pt"})
@@ -85,12 +72,6 @@ def _read_adapter(directory: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return config, read_safetensors(weights_path)
 
 
-def _same_base(a: str, b: str) -> bool:
-    """Equal ids/paths, or the same final component (a hub id and its local copy)."""
-    a, b = a.rstrip("/"), b.rstrip("/")
-    return a == b or a.rsplit("/", 1)[-1] == b.rsplit("/", 1)[-1]
-
-
 def _plain_lora_settings(config: dict, directory: Path, base_model: str | None) -> tuple:
     """(r, alpha, dropout) of a plain LoRA adapter config trained on `base_model` (when given)."""
     where = directory / ADAPTER_CONFIG
@@ -102,7 +83,9 @@ def _plain_lora_settings(config: dict, directory: Path, base_model: str | None) 
     if config.get("bias") not in (None, "none"):
         raise UserError(f"{where} sets bias={config['bias']!r}; minidiff loads only adapters with bias 'none'")
     named_base = config.get("base_model_name_or_path")
-    if base_model is not None and named_base and not _same_base(str(base_model), str(named_base)):
+    # the same id or path, or the same final component (a hub id and its local copy)
+    a, b = str(base_model).rstrip("/"), str(named_base).rstrip("/")
+    if base_model is not None and named_base and a != b and a.rsplit("/", 1)[-1] != b.rsplit("/", 1)[-1]:
         raise UserError(f"adapter {directory} was trained on {named_base!r}, not on the base model {base_model!r}")
     r, alpha, dropout = config.get("r"), config.get("lora_alpha"), config.get("lora_dropout", 0.0) or 0.0
     check_hyperparameters(r, alpha, dropout)
@@ -120,14 +103,6 @@ def _adapter_tensors(tensors: dict, directory: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _targets(config: dict, state: dict) -> tuple[str, ...]:
-    """The adapted module names: target_modules, or (a regex, or nothing) the keys' last names."""
-    target_modules = config.get("target_modules")
-    if isinstance(target_modules, str) or not target_modules:
-        return tuple(sorted({key.rsplit(".", 2)[0].rsplit(".", 1)[-1] for key in state}))
-    return tuple(target_modules)
-
-
 def _expected_shapes(model: nn.Module, r: int, alpha: float, targets, where: Path) -> dict[str, tuple]:
     """{lora key: shape} the model has, or will have once LoRA is applied with these settings."""
     existing = lora_modules(model)
@@ -140,11 +115,8 @@ def _expected_shapes(model: nn.Module, r: int, alpha: float, targets, where: Pat
         layers = [(name, m.in_features, m.out_features, m.r) for name, m in existing]
     else:
         layers = [(name, m.in_features, m.out_features, r) for name, m in target_linears(model, targets)]
-    expected = {}
-    for name, fan_in, fan_out, rank in layers:
-        expected[f"{name}.lora_A.weight"] = (rank, fan_in)
-        expected[f"{name}.lora_B.weight"] = (fan_out, rank)
-    return expected
+    expected = {f"{name}.lora_A.weight": (rank, fan_in) for name, fan_in, _, rank in layers}
+    return expected | {f"{name}.lora_B.weight": (fan_out, rank) for name, _, fan_out, rank in layers}
 
 
 def _check_keys(state: dict, expected: dict, directory: Path) -> None:
@@ -162,14 +134,15 @@ def _check_keys(state: dict, expected: dict, directory: Path) -> None:
 
 
 def load_adapter(model: nn.Module, directory, base_model: str | None = None) -> nn.Module:
-    """Load a peft LoRA adapter (saved by peft or by save_adapter) into the model, in place; LoRA
-    layers are added (the adapter's r, lora_alpha, lora_dropout, target_modules) where the model has
-    none. `base_model`, when given, must agree with the adapter's `base_model_name_or_path`."""
+    """Load a peft LoRA adapter into the model in place (adding LoRA layers where it has none)."""
     directory = Path(directory)
     config, tensors = _read_adapter(directory)
     r, alpha, dropout = _plain_lora_settings(config, directory, base_model)
     state = _adapter_tensors(tensors, directory)
-    targets = _targets(config, state)
+    targets = config.get("target_modules")  # the adapted module names; a regex or nothing: the keys' last names
+    if isinstance(targets, str) or not targets:
+        targets = sorted({key.rsplit(".", 2)[0].rsplit(".", 1)[-1] for key in state})
+    targets = tuple(targets)
     _check_keys(state, _expected_shapes(model, r, alpha, targets, directory / ADAPTER_CONFIG), directory)
     if not lora_modules(model):
         apply_lora(model, r, alpha, dropout, targets)

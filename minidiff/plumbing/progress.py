@@ -1,13 +1,7 @@
-"""Progress reporting that suits where the output goes: a live bar in a terminal, lines in a log.
-
-References: none (plumbing). In a terminal this is tqdm (it comes with huggingface-hub); when
-the stream is not a terminal (CI, a file, a pipe) a carriage-return bar would write thousands of
-updates into the log, so `LineProgress` prints one plain line at most every `interval` seconds
-and a last line when it closes.
+"""Progress reporting that suits where the output goes: tqdm in a terminal, a line every few seconds in a log.
 
     bar = progress.bar(total=steps, desc="train")             # bar.update(), .set_postfix(), .write(), .close()
     for start in progress.bar(range(0, n, b), desc="perplexity"):   # or wrap an iterable
-        ...
 """
 from __future__ import annotations
 
@@ -19,17 +13,8 @@ from tqdm.auto import tqdm
 INTERVAL_S = 5.0  # seconds between two lines when the output is not a terminal
 
 
-def _is_terminal(stream) -> bool:
-    isatty = getattr(stream, "isatty", None)
-    try:
-        return bool(isatty and isatty())
-    except (ValueError, OSError):  # a closed stream
-        return False
-
-
 class LineProgress:
-    """tqdm's small interface (update, set_postfix, write, close, iteration), writing lines:
-    `desc: n/total [k=v ...]`, at most one every `interval` seconds, plus a last one at close."""
+    """tqdm's small interface, writing lines `desc: n/total unit [k=v ...]`."""
 
     def __init__(self, iterable=None, *, total=None, desc: str = "", initial: int = 0,
                  file=None, interval: float = INTERVAL_S, clock=time.monotonic, unit: str = "it"):
@@ -89,6 +74,11 @@ def bar(iterable=None, *, total=None, desc: str = "", disable: bool = False, ini
     file = file if file is not None else sys.stderr
     if disable:
         return _Silent(iterable, total=total, desc=desc, initial=initial, file=file)
-    if _is_terminal(file):
+    isatty = getattr(file, "isatty", None)
+    try:
+        terminal = bool(isatty and isatty())
+    except (ValueError, OSError):  # a closed stream
+        terminal = False
+    if terminal:
         return tqdm(iterable, total=total, desc=desc, initial=initial, file=file, unit=unit, dynamic_ncols=True)
     return LineProgress(iterable, total=total, desc=desc, initial=initial, file=file, unit=unit, interval=interval)

@@ -1,9 +1,9 @@
 """What the sampling scripts (sample.py, serve.py) share: the sampler's flags, a prompt's ids and
 an answer's text, so that the same settings and prompt give the same answer through either.
-References: none (plumbing); SamplerConfig (minidiff/sampler.py), the chat format (data/chat.py).
+References: none (plumbing); FastConfig (minidiff/speed/sampling.py), the chat format (data/chat.py).
 
-    add_sampler_flags(parser)              # --preset and one flag per SamplerConfig field
-    config = sampler_config(args)          # the preset with the flags given laid over it
+    add_sampler_flags(parser)              # --preset and one flag per FastConfig field
+    config = sampler_config(args)          # a FastConfig: the preset with the flags given laid over it
     model, tok, precision = load_for_sampling(args)  # --model, --device, --dtype, --no-packed-weights
     ids = prompt_ids(tok, "Merhaba", raw=False)
     text = answer_text(tok, out.answers()[0])
@@ -17,13 +17,15 @@ from minidiff.data.chat import END_OF_TURN, chat_prompt_ids
 from minidiff.errors import UserError
 from minidiff.plumbing import flags
 from minidiff.plumbing.device import check_available, enable_tf32, inference_precision, resolve_device
-from minidiff.sampler import CACHES, SamplerConfig
+from minidiff.speed.sampling import CACHES, FastConfig
 
-SAMPLER_HELP = {  # help texts of the SamplerConfig fields (the flags override the preset)
+SAMPLER_HELP = {  # help texts of the FastConfig fields (the flags override the preset)
     "remasking": "low_confidence | random",
     "stochastic": "Binomial transfer counts",
     "unmasking": "unmasking schedule (how many tokens each step commits): dllm | llada",
     "threshold": "parallel decoding: commit every candidate this confident",
+    "top_k": "with --temperature: draw from the K most likely tokens only (0: all)",
+    "top_p": "with --temperature: draw from the most likely tokens holding this mass only (1: all)",
     "stop_strings": "strings that end the answer (none: give the flag alone)",
     "stop_at_eos": "stop once every answer has eos or [/Answer] in a finished block",
     "cache": "key/value cache across a block's steps (Fast-dLLM, approximate): none = exact, "
@@ -34,20 +36,20 @@ SAMPLER_HELP = {  # help texts of the SamplerConfig fields (the flags override t
 
 
 def add_sampler_flags(parser):
-    """--preset and, in their own group, one flag per SamplerConfig field; returns the group."""
-    parser.add_argument("--preset", choices=sorted(SamplerConfig.PRESETS), help="start from these sampler settings")
-    group = parser.add_argument_group("sampler (SamplerConfig fields; override the preset)")
-    flags.add_fields(group, SamplerConfig, helps=SAMPLER_HELP, choices={"cache": list(CACHES)},
+    """--preset and, in their own group, one flag per FastConfig field; returns the group."""
+    parser.add_argument("--preset", choices=sorted(FastConfig.PRESETS), help="start from these sampler settings")
+    group = parser.add_argument_group("sampler (the algorithm's and the fast loop's settings; override the preset)")
+    flags.add_fields(group, FastConfig, helps=SAMPLER_HELP, choices={"cache": list(CACHES)},
                      nargs={"stop_strings": "*"})
     return group
 
 
-def sampler_config(args) -> SamplerConfig:
+def sampler_config(args) -> FastConfig:
     """The preset (or the defaults) with every flag that was given laid over it."""
-    chosen = {f.name: getattr(args, f.name) for f in fields(SamplerConfig) if getattr(args, f.name, None) is not None}
+    chosen = {f.name: getattr(args, f.name) for f in fields(FastConfig) if getattr(args, f.name, None) is not None}
     if "stop_strings" in chosen:
         chosen["stop_strings"] = tuple(chosen["stop_strings"])
-    return SamplerConfig.preset(args.preset, **chosen) if args.preset else SamplerConfig(**chosen)
+    return FastConfig.preset(args.preset, **chosen) if args.preset else FastConfig(**chosen)
 
 
 def load_for_sampling(args):

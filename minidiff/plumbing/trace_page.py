@@ -1,12 +1,7 @@
 """A self-contained HTML page that replays a sampler run: the final tokens, each revealed at its step.
 
-References: none (plumbing); the sampler's trace (`GenerateOutput.trace`, minidiff/sampler.py)
-says which positions each step committed. Reader's page: docs/sampler.md.
-
-    write_trace_html(path, tok, out, prompts_text)   # out: a GenerateOutput; one prompt text per row
-
-The page needs no server and no network: the data sit in the page as JSON, a slider and a play
-button step through them, masks show as light blocks and the tokens of the current step on yellow.
+The sampler's trace (`GenerateOutput.trace`) says which positions each step committed; the page holds
+it as JSON (no server, no network) with a slider and a play button. Reader's page: docs/sampler.md.
 """
 from __future__ import annotations
 
@@ -15,8 +10,7 @@ from pathlib import Path
 
 from minidiff.plumbing.files import write_text
 
-# how a row of the canvas looks: the prompt grey, masks as light blocks, a step's tokens on yellow
-# (also the live page of serve.py, minidiff/serving/page.py)
+# a canvas row: the prompt grey, masks as light blocks, a step's tokens on yellow (also serve.py's live page)
 STYLE = """body{font-family:system-ui,sans-serif;margin:2em;max-width:60em}
 .row{white-space:pre-wrap;font-family:ui-monospace,monospace;border:1px solid #ccc;padding:.6em;margin:.6em 0}
 .prompt{color:#777}.mask{color:#bbb}.new{background:#ffe08a}"""

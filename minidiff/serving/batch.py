@@ -1,24 +1,29 @@
 """One block for a batch of requests, each row at its own block: one canvas, the fast loop's steps.
 
 A row sees exactly the canvas its request alone sees (prompt | committed blocks | masks of its
-later blocks; other rows are outside its attention mask) and takes the same steps per block, so
-at temperature 0 its answer is generate's. Reader's page: docs/serving.md ("Batching at block
-boundaries").
+later blocks | its suffix, if any; other rows are outside its attention mask) and takes the same
+steps per block; padded to a length bucket, its arithmetic is its own alone (`invariant_key`). A
+block runs a step at a time (`BlockRun.advance`), so that groups take turns. Reader's page:
+docs/serving.md ("Batching", "Batch invariance").
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 from minidiff.data.chat import StopRules
 from minidiff.sampler import Canvas, SamplerConfig, build_canvas, plan_block, random_generators, steps_per_block
 from minidiff.speed.sampling import Denoiser, GenerateOutput
 
+# MKL's fp32 product (unpacked weights) may round a row differently in a product of few rows unless
+# their count is a multiple of this (measured: docs/serving.md, "Batch invariance")
+PRODUCT_ROWS = 4
 # the settings one block's steps read (plan_block, denoise_step, the caches, the compiled step)
 STEP_FIELDS = ("temperature", "remasking", "stochastic", "cfg_scale", "repetition_penalty", "unmasking",
-               "threshold", "cache", "cache_refresh", "compile")
+               "threshold", "top_k", "top_p", "cache", "cache_refresh", "compile")
 
 
 def own_draws(config: SamplerConfig) -> bool:
@@ -39,13 +44,20 @@ class Row:
     finished: bool = False
     generator: torch.Generator | None = None  # the step's draws, when it has its own (own_draws)
     host_generator: torch.Generator | None = None  # stochastic counts, likewise
+    suffix: list[int] = field(default_factory=list)  # given after the answer: the answer fills the middle
 
     @classmethod
-    def start(cls, prompt: list[int], config: SamplerConfig, stops: StopRules, mask_id: int, device) -> "Row":
+    def start(cls, prompt: list[int], config: SamplerConfig, stops: StopRules, mask_id: int, device,
+              suffix: list[int] = ()) -> "Row":
         n = config.max_new_tokens
         _, steps = steps_per_block(config.steps, n, config.block_length)
         generator, host = random_generators(config.seed, device) if own_draws(config) else (None, None)
-        return cls(list(prompt), config, stops, [mask_id] * n, steps, 0, False, generator, host)
+        return cls(list(prompt), config, stops, [mask_id] * n, steps, 0, False, generator, host, list(suffix))
+
+    @property
+    def tokens(self) -> int:
+        """The positions of its canvas."""
+        return len(self.prompt) + len(self.answer) + len(self.suffix)
 
     @property
     def width(self) -> int:
@@ -68,7 +80,7 @@ class Row:
         alone = replace(canvas, ids=ids, attention_mask=None, blocks=[block],
                         answer_start=[len(self.prompt)], answer_end=[ids.shape[1]])
         stopped = self.stops.end_of_block(ids, alone, block, self.last_block)
-        self.answer = ids[0, len(self.prompt):].tolist()
+        self.answer = ids[0, len(self.prompt):len(self.prompt) + len(self.answer)].tolist()
         # a stop string with stop_at_eos off fills the rest: later blocks would take no step
         self.finished = stopped or self.last_block or canvas.mask_id not in self.answer
         self.block += 1
@@ -77,35 +89,72 @@ class Row:
 def batch_key(row: Row) -> tuple:
     """Rows with equal keys can share one block: same width, steps and step settings."""
     alone = id(row) if row.generator is not None else None
-    return (row.width, row.steps, alone) + tuple(getattr(row.config, name) for name in STEP_FIELDS)
+    return (row.width, row.steps, alone) + tuple(getattr(row.config, name, None) for name in STEP_FIELDS)
 
 
-def batch_canvas(rows: list[Row], mask_id: int, eos_id: int, device) -> Canvas:
-    """One canvas of the rows: row r is its prompt and answer so far, its one block its next."""
+def padded_length(row: Row, bucket: int) -> int:
+    """Its canvas length rounded up to a multiple of `bucket` (0: its own length, padded by the batch)."""
+    return -(-row.tokens // bucket) * bucket if bucket else row.tokens
+
+
+def invariant_key(row: Row, bucket: int, exact_products: bool) -> tuple:
+    """What rows must share besides batch_key so that a row's logits are its own alone, bit for bit
+    (docs/serving.md, "Batch invariance"): the padded length; prefix mode's window (the block's
+    start); and, where a product's rounding depends on its row count, each product's row count."""
+    if not bucket:
+        return ()
+    length = padded_length(row, bucket)
+    start = row.block_start if row.config.cache == "prefix" else None
+    # the products' row counts per row: the canvas (a refresh), the block, prefix mode's window
+    counts = (length, row.width) + ((length - row.block_start,) if start is not None else ())
+    alone = None if exact_products or all(m % PRODUCT_ROWS == 0 for m in counts) else id(row)
+    return length, start, alone
+
+
+def batch_canvas(rows: list[Row], mask_id: int, eos_id: int, device, bucket: int = 0) -> Canvas:
+    """One canvas of the rows: row r is its prompt, answer so far and suffix, its one block its next;
+    with `bucket`, eos-padded to a multiple of it and always with an attention mask."""
     lead = rows[0]
     prompts = [len(row.prompt) for row in rows]
-    canvas = build_canvas([row.prompt + row.answer for row in rows], [row.block_start for row in rows],
+    canvas = build_canvas([row.prompt + row.answer + row.suffix for row in rows], [row.block_start for row in rows],
                           lead.width, prompts, lead.config, mask_id=mask_id, eos_id=eos_id, device=device)
+    if bucket > 1:  # the same padding and mask kernel alone as in any batch
+        extra = max(padded_length(row, bucket) for row in rows) - canvas.ids.shape[1]
+        ids = F.pad(canvas.ids, (0, extra), value=eos_id)  # [B, T'], T' a multiple of bucket
+        lengths = torch.tensor(canvas.answer_end, device=device)[:, None]  # [B, 1]
+        own = (torch.arange(ids.shape[1], device=device)[None, :] < lengths).long()  # [B, T']
+        canvas = replace(canvas, ids=ids, attention_mask=own, given=F.pad(canvas.given.long(), (0, extra)).bool())
     span = torch.arange(canvas.ids.shape[1], device=device)[None, :]  # [1, T]
-    # cfg's unconditional pass masks the prompt only, as on a run's canvas (built before any commit)
-    in_prompt = span < torch.tensor(prompts, device=device)[:, None]  # [B, T]
-    return replace(canvas, given=canvas.given & in_prompt, steps_per_block=lead.steps)
+    # cfg's unconditional pass masks what was given (prompt, suffix) only, as on a run's canvas
+    start = torch.tensor(prompts, device=device)[:, None]  # [B, 1]
+    end = start + torch.tensor([len(row.answer) for row in rows], device=device)[:, None]
+    return replace(canvas, given=canvas.given & ((span < start) | (span >= end)), steps_per_block=lead.steps)
 
 
-@torch.no_grad()
-def denoise_block(model, rows: list[Row], mask_id: int, eos_id: int,
-                  callback: Callable[[GenerateOutput], None] | None = None) -> None:
-    """The next block of every row (one batch_key): its steps, then each row's stop rules."""
-    lead = rows[0]
-    device = next(iter(model.parameters()), torch.empty(0)).device
-    canvas = batch_canvas(rows, mask_id, eos_id, device)
-    denoiser = Denoiser(model, canvas, lead.config.replace(seed=None), None, callback)
-    denoiser.generator = lead.generator  # None, or the lone row's own draws
-    block = canvas.blocks[0]  # [B, K]
-    plan = plan_block(canvas.ids, block, lead.steps, lead.config, mask_id, lead.host_generator)
-    ids = denoiser.run_block(canvas.ids.clone(), 0, block, plan)  # [B, T]
-    for r, row in enumerate(rows):
-        row.end_block(ids[r:r + 1, :canvas.answer_end[r]], block[r:r + 1], canvas)
+class BlockRun:
+    """The next block of every row of one batch_key, run a step at a time (`advance`)."""
+
+    def __init__(self, model, rows: list[Row], mask_id: int, eos_id: int,
+                 callback: Callable[[GenerateOutput], None] | None = None, bucket: int = 0):
+        lead = rows[0]
+        device = next(iter(model.parameters()), torch.empty(0)).device
+        self.rows, self.canvas = rows, batch_canvas(rows, mask_id, eos_id, device, bucket)
+        denoiser = Denoiser(model, self.canvas, lead.config.replace(seed=None), None, callback)
+        denoiser.generator = lead.generator  # None, or the lone row's own draws
+        self.block = self.canvas.blocks[0]  # [B, K]
+        plan = plan_block(self.canvas.ids, self.block, lead.steps, lead.config, mask_id, lead.host_generator)
+        self.ids = self.canvas.ids.clone()  # [B, T]
+        self.steps = denoiser.block_steps(self.ids, 0, self.block, plan)
+
+    @torch.no_grad()
+    def advance(self, pause: Callable[[], bool] = lambda: False) -> bool:
+        """Steps until pause() after one (False) or the block's end (True: each row's stop rules ran)."""
+        for self.ids in self.steps:
+            if pause():
+                return False
+        for r, row in enumerate(self.rows):
+            row.end_block(self.ids[r:r + 1, :self.canvas.answer_end[r]], self.block[r:r + 1], self.canvas)
+        return True
 
 
 def step_callback(rows: list[Row], traced: list[int], send: Callable[[int, list[int], list[int]], None]):

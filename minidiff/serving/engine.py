@@ -1,18 +1,30 @@
 """The batcher: one worker owns the model; requests join and leave the batch at block boundaries.
 
-At every boundary the worker drops the rows whose client left, admits waiting ones while the
-batch has room and runs the next block of the group (batch.batch_key) holding the row served
-longest ago, in the model's own thread. Each row then gets a `Committed` event; a traced row also
-a `Stepped` event per step. A full queue is `Busy` (429). Reader's page: docs/serving.md.
+Waiting requests are admitted oldest first while the batch has rows and tokens to spare. Active
+rows at a block boundary form groups (batch.batch_key, and batch.invariant_key: one padded canvas
+length, so that batching never changes an answer); a group's block is a `BlockRun`, and the
+runs take turns a step at a time, the one holding the row that waited longest first, so a short
+request beside a long block waits a few steps. Each row gets a `Committed` event per block (a
+traced row a `Stepped` per step). A full queue is `Busy` (429). Reader's page: docs/serving.md.
 """
 from __future__ import annotations
 
 import asyncio
+import logging
+import threading
+import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from minidiff.serving.batch import Row, batch_key, denoise_block, step_callback
+from torch import nn
+
+from minidiff.serving.batch import BlockRun, Row, batch_key, invariant_key, padded_length, step_callback
+from minidiff.speed.packed import PackedLinear
+
+log = logging.getLogger("minidiff.serve")
+STEP_BACKLOG = 256  # trace frames a request's queue holds at most; later ones are dropped until it drains
+FAILING = 3  # blocks failed in a row after which /health says the server is failing
 
 
 @dataclass
@@ -42,98 +54,159 @@ class Busy(Exception):
 
 @dataclass
 class Ticket:
-    """What a request holds while the engine works on it: its row and its events."""
+    """One row of a request while the engine works on it; its events go to the request's queue
+    as (index, event)."""
     row: Row
+    index: int
+    events: asyncio.Queue
+    request: str = ""  # the request's id, for the log
     trace: bool = False
-    events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False
-    served: int = -1  # the boundary after its last block (-1: not run yet)
+    since: float = field(default_factory=time.monotonic)  # waiting since (arrival, or its last turn)
 
 
 class Engine:
-    """The batch (at most `batch_size` rows), the queue (at most `queue_size` waiting) and the
-    seconds an idle worker waits for requests sent together (`gather`)."""
+    """The batch (at most `batch_size` rows and `token_budget` canvas positions), the queue (at
+    most `queue_size` rows waiting), the seconds an idle worker waits for requests sent together;
+    `bucket`: canvases padded to a multiple of it, groups of one padded length (0: padded to the
+    batch's longest, any lengths together)."""
 
     def __init__(self, model, mask_id: int, eos_id: int, precision, batch_size: int, queue_size: int,
-                 gather: float = 0.0):
+                 gather: float = 0.0, token_budget: int | None = None, metrics=None, bucket: int = 0):
         self.model, self.mask_id, self.eos_id, self.precision = model, mask_id, eos_id, precision
         self.batch_size, self.queue_size, self.gather = batch_size, queue_size, gather
+        self.token_budget, self.metrics, self.bucket = token_budget, metrics, bucket
+        # packed (oneDNN) products round a row alike whatever the row count; MKL's may not
+        self.exact_products = all(isinstance(m, PackedLinear) and m.packed_weight() is not None
+                                  for m in model.modules() if isinstance(m, nn.Linear))
         self.waiting: deque[Ticket] = deque()
         self.active: list[Ticket] = []
-        self.blocks = 0  # blocks run (of any group)
-        self.wake = asyncio.Event()
+        self.runs: dict[tuple, tuple[BlockRun, list[Ticket], float]] = {}  # key -> run, its tickets, start
+        self.blocks, self.failures, self.worker = 0, 0, None  # blocks run; failed in a row; the task
+        self.wake, self.arrived = asyncio.Event(), threading.Event()
         self.thread = ThreadPoolExecutor(1, thread_name_prefix="minidiff-model")
 
-    def submit(self, row: Row, trace: bool = False) -> Ticket:
-        """Queue a request; Busy when `queue_size` requests already wait."""
-        if len(self.waiting) >= self.queue_size:
-            raise Busy(f"{len(self.waiting)} requests are waiting, the most this server queues")
-        ticket = Ticket(row, trace)
-        self.waiting.append(ticket)
+    def submit(self, rows: list[Row], request: str = "", trace: bool = False) -> list[Ticket]:
+        """Queue a request's rows (one queue of events for all); Busy when they do not fit."""
+        if len(self.waiting) + len(rows) > self.queue_size:
+            raise Busy(f"{len(self.waiting)} rows are waiting, at most {self.queue_size} may")
+        events = asyncio.Queue()
+        tickets = [Ticket(row, i, events, request, trace) for i, row in enumerate(rows)]
+        self.waiting.extend(tickets)
         self.wake.set()
-        return ticket
+        self.arrived.set()
+        return tickets
 
-    def cancel(self, ticket: Ticket) -> None:
-        """The client left: a waiting request goes now, an active row at the next boundary."""
-        ticket.cancelled = True
-        if ticket in self.waiting:
-            self.waiting.remove(ticket)
+    def cancel(self, tickets: list[Ticket]) -> None:
+        """The client left: waiting rows go now, active ones at the next boundary."""
+        for ticket in tickets:
+            ticket.cancelled = True
+            if ticket in self.waiting:
+                self.waiting.remove(ticket)
+        self.arrived.set()
+
+    def alive(self) -> bool:
+        return self.worker is not None and not self.worker.done() and self.failures < FAILING
 
     def stats(self) -> dict:
         return {"active": len(self.active), "waiting": len(self.waiting), "blocks": self.blocks}
 
     def admit(self) -> None:
+        """Drop rows whose client left; admit waiting rows, oldest first, while rows and tokens allow."""
         self.active = [t for t in self.active if not t.cancelled]
+        for key in [k for k, (_, tickets, _) in self.runs.items() if all(t.cancelled for t in tickets)]:
+            del self.runs[key]
+        used = sum(padded_length(t.row, self.bucket) for t in self.active)
         while self.waiting and len(self.active) < self.batch_size:
+            tokens = padded_length(self.waiting[0].row, self.bucket)
+            if self.active and self.token_budget and used + tokens > self.token_budget:
+                break
             self.active.append(self.waiting.popleft())
+            used += tokens
 
-    def next_group(self) -> list[Ticket]:
-        """The active rows sharing the batch key of the row served longest ago."""
+    def candidates(self) -> list[tuple[tuple, list[Ticket]]]:
+        """The runs under way, and new groups of rows at a boundary whose key runs nothing."""
+        running = {id(t) for _, tickets, _ in self.runs.values() for t in tickets}
         groups: dict[tuple, list[Ticket]] = {}
         for ticket in self.active:
-            groups.setdefault(batch_key(ticket.row), []).append(ticket)
-        return min(groups.values(), key=lambda group: min(t.served for t in group))
+            key = batch_key(ticket.row) + invariant_key(ticket.row, self.bucket, self.exact_products)
+            if id(ticket) not in running and key not in self.runs:
+                groups.setdefault(key, []).append(ticket)
+        return [(key, tickets) for key, (_, tickets, _) in self.runs.items()] + list(groups.items())
 
     async def run(self) -> None:
-        """The worker: block after block while rows are active, asleep otherwise."""
+        """The worker: turn after turn while rows are active, asleep otherwise."""
+        self.worker = asyncio.current_task()
         while True:
+            self.arrived.clear()  # before the candidates: a later arrival pauses the turn
             self.admit()
-            if not self.active:
+            candidates = self.candidates()
+            if not candidates:
                 self.wake.clear()
                 await self.wake.wait()
                 await asyncio.sleep(self.gather)
                 continue
-            await self.run_group(self.next_group())
+            key, tickets = min(candidates, key=lambda c: min(t.since for t in c[1]))
+            await self.turn(key, tickets, contended=len(candidates) > 1)
 
-    async def run_group(self, group: list[Ticket]) -> None:
-        """One block of the group in the model's thread, then each row's event."""
+    async def turn(self, key: tuple, tickets: list[Ticket], contended: bool) -> None:
+        """Steps of one group in the model's thread (one if others wait); at its block's end, events."""
         loop = asyncio.get_running_loop()
-        rows = [t.row for t in group]
-        traced = [r for r, t in enumerate(group) if t.trace]
-
-        def send(r: int, answer: list[int], new: list[int]) -> None:  # from the model's thread
-            start = rows[r].block * rows[r].config.block_length
-            step = Stepped(answer, new, (start, start + rows[r].width))
-            loop.call_soon_threadsafe(group[r].events.put_nowait, step)
-
-        callback = step_callback(rows, traced, send) if traced else None
         try:
-            await loop.run_in_executor(self.thread, self.denoise, rows, callback)
-            events = [Committed(row.answer, row.finished) for row in rows]
+            done = await loop.run_in_executor(self.thread, self.advance, key, tickets, contended, loop)
         except Exception as error:  # the model's failure ends these requests, not the server
-            events = [Failed(f"the model failed on this request's block: {error}")] * len(rows)
-            for row in rows:
-                row.finished = True
-        self.blocks += 1
-        for ticket, event in zip(group, events):
-            ticket.served = self.blocks
-            ticket.events.put_nowait(event)
+            self.runs.pop(key, None)
+            self.failed(tickets, error)
+            return
+        now = time.monotonic()
+        for ticket in tickets:
+            ticket.since = now
+        if done:
+            self.ended(key, tickets, now)
+
+    def advance(self, key: tuple, tickets: list[Ticket], contended: bool, loop) -> bool:
+        """In the model's thread (autocast is per thread): start the group's run if new, then step it."""
+        with self.precision.autocast():
+            if key not in self.runs:
+                rows = [t.row for t in tickets]
+                traced = [r for r, t in enumerate(tickets) if t.trace]
+                callback = step_callback(rows, traced, self.sender(tickets, loop)) if traced else None
+                run = BlockRun(self.model, rows, self.mask_id, self.eos_id, callback, self.bucket)
+                self.runs[key] = (run, tickets, time.monotonic())
+            return self.runs[key][0].advance(lambda: contended or self.arrived.is_set())
+
+    def sender(self, tickets: list[Ticket], loop):
+        """A step_callback's send: the Stepped event of row r, from the model's thread."""
+        def send(r: int, answer: list[int], new: list[int]) -> None:
+            ticket, row = tickets[r], tickets[r].row
+            start = row.block * row.config.block_length
+            if ticket.events.qsize() < STEP_BACKLOG:  # a reader that lags loses frames, not memory
+                step = Stepped(answer, new, (start, start + row.width))
+                loop.call_soon_threadsafe(ticket.events.put_nowait, (ticket.index, step))
+        return send
+
+    def ended(self, key: tuple, tickets: list[Ticket], now: float) -> None:
+        """A run's block is over: each row's Committed event; finished rows leave."""
+        _, _, started = self.runs.pop(key)
+        self.blocks, self.failures = self.blocks + 1, 0
+        if self.metrics is not None:
+            self.metrics.block_seconds.observe(now - started)
+        for ticket in tickets:
+            ticket.events.put_nowait((ticket.index, Committed(ticket.row.answer, ticket.row.finished)))
         self.active = [t for t in self.active if not t.row.finished]
 
-    def denoise(self, rows: list[Row], callback) -> None:
-        """In the model's thread (autocast is per thread)."""
-        with self.precision.autocast():
-            denoise_block(self.model, rows, self.mask_id, self.eos_id, callback)
+    def failed(self, tickets: list[Ticket], error: Exception) -> None:
+        """The model failed on a run: its requests get Failed and leave; the failure is logged."""
+        self.failures += 1
+        if self.metrics is not None:
+            self.metrics.failures.inc()
+        requests = sorted({t.request for t in tickets})
+        log.error("model failure on requests %s: %r", " ".join(requests), error, exc_info=error)
+        for ticket in tickets:
+            ticket.row.finished = True
+            message = f"the model failed on this request's block: {error}"
+            ticket.events.put_nowait((ticket.index, Failed(message)))
+        self.active = [t for t in self.active if not t.row.finished]
 
     def close(self) -> None:
         self.thread.shutdown(wait=False, cancel_futures=True)

@@ -1,6 +1,7 @@
 """The live page (GET /): type a prompt and watch the canvas fill, step by step.
 
-It streams /v1/chat/completions with trace on and draws each `event: step` as sample.py's
+It streams its own route /page/chat (a chat completion with trace on, the server's API key
+when one is set: the key field) and draws each `event: step` as sample.py's
 --trace-html replay draws a step (plumbing/trace_page.py); a slider replays the steps received.
 One self-contained document. Reader's page: docs/serving.md ("The page").
 """
@@ -20,6 +21,7 @@ __STYLE__
 <form id="ask"><textarea id="prompt" rows="3" placeholder="Türkiye'nin başkenti neresidir?"></textarea>
 <p>max tokens <input id="max_tokens" type="number" min="1" placeholder="server's">
 steps <input id="steps" type="number" min="1" placeholder="server's">
+API key <input id="key" type="password" placeholder="if the server has one">
 <button id="go" type="submit">generate</button> <span id="status"></span></p></form>
 <p>step <span id="n">0</span> / <span id="total">0</span>
 <input id="slider" type="range" min="0" max="0" value="0" style="width:30em"></p>
@@ -67,8 +69,9 @@ $("ask").onsubmit = async ev => {
   const body = {model: MODEL, messages: [{role: "user", content: $("prompt").value}], stream: true, trace: true};
   for (const k of ["max_tokens", "steps"]) if ($(k).value) body[k] = +$(k).value;
   $("asked").textContent = $("prompt").value + "\\n";
-  const reply = await fetch("/v1/chat/completions", {method: "POST",
-    headers: {"Content-Type": "application/json"}, body: JSON.stringify(body)});
+  const headers = {"Content-Type": "application/json"};
+  if ($("key").value) headers.Authorization = "Bearer " + $("key").value;
+  const reply = await fetch("/page/chat", {method: "POST", headers, body: JSON.stringify(body)});
   if (!reply.ok) { $("status").textContent = "error: " + (await reply.json()).error.message; return; }
   const reader = reply.body.getReader(), decoder = new TextDecoder();
   let buffer = "";

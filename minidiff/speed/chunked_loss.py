@@ -126,34 +126,24 @@ def decoder_cross_entropy(model, xt, selected, targets, weights, *, attention_ma
     """(sum_i w_i CE_i, CE [N]) at the selected positions (bool [B, S]) of the model's input xt
     [B, S]; targets [B, S] and weights ([B, S] or broadcastable) are read where selected. A
     ModernBertMLM (possibly inside DistributedDataParallel) gives head features for
-    `linear_cross_entropy`; any other model gives logits [N, V] (diffusion.token_cross_entropy)."""
-    flat_index = selected.flatten().nonzero().squeeze(1)  # [N] row-major positions
-    targets = targets.flatten()[flat_index]  # [N]
-    weights = torch.as_tensor(weights, device=xt.device).expand(selected.shape).flatten()[flat_index]  # [N]
+    `linear_cross_entropy`; any other model gives logits [N, V] (diffusion.masked_cross_entropy)."""
     inner = getattr(model, "module", model)  # DistributedDataParallel keeps the model in .module
-    if isinstance(inner, ModernBertMLM):
-        features = model(xt, attention_mask, features_at=flat_index)  # [N, H]
-        return linear_cross_entropy(features, inner.decoder.weight, inner.decoder.bias, targets,
-                                    weights, excluded_column=excluded_id)
-    logits = model(xt, attention_mask, logits_at=selected)  # [N, V]
-    token_ce = diffusion.token_cross_entropy(logits, targets, excluded_id)  # [N]
-    return (weights.to(token_ce) * token_ce).sum(), token_ce
+    if not isinstance(inner, ModernBertMLM):
+        return diffusion.masked_cross_entropy(model, xt, selected, targets, weights, attention_mask=attention_mask,
+                                              excluded_id=excluded_id)
+    targets = targets[selected]  # [N], row-major
+    weights = torch.as_tensor(weights, device=xt.device).expand(selected.shape)[selected]  # [N]
+    features = model(xt, attention_mask, logits_at=selected, decode=False)  # [N, H]
+    return linear_cross_entropy(features, inner.decoder.weight, inner.decoder.bias, targets,
+                                weights, excluded_column=excluded_id)
 
 
-def nelbo_loss(model, x0, mask_id: int, *, attention_mask=None, **draw):
+def nelbo_loss(model, x0, mask_id: int, **options):
     """diffusion.nelbo_loss, chunk by chunk: (loss, num_masked), same arguments, draws and value."""
-    xt, is_masked, row_weight = diffusion.nelbo_draw(x0, mask_id, attention_mask=attention_mask, **draw)
-    # loss = sum_b weight_b sum_{i masked in row b} CE_i
-    loss, _ = decoder_cross_entropy(model, xt, is_masked, x0, row_weight[:, None],
-                                    attention_mask=attention_mask, excluded_id=mask_id)
-    return loss, is_masked.sum()
+    return diffusion.nelbo_loss(model, x0, mask_id, cross_entropy=decoder_cross_entropy, **options)
 
 
 def masked_ce_per_row(model, x0, is_masked, mask_id: int, attention_mask=None):
     """diffusion.masked_ce_per_row, chunk by chunk: sum_{i masked in row b} CE_i per row [B] float64."""
-    xt = torch.where(is_masked, torch.full_like(x0, mask_id), x0)  # [B, S]
-    no_weight = torch.zeros((), dtype=torch.float64)
-    _, token_ce = decoder_cross_entropy(model, xt, is_masked, x0, no_weight, attention_mask=attention_mask,
-                                        excluded_id=mask_id)
-    per_position = torch.zeros(x0.shape, dtype=torch.float64, device=x0.device)  # [B, S]
-    return per_position.masked_scatter(is_masked, token_ce.double()).sum(1)
+    return diffusion.masked_ce_per_row(model, x0, is_masked, mask_id, attention_mask,
+                                       cross_entropy=decoder_cross_entropy)

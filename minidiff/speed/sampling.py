@@ -1,26 +1,84 @@
 """The fast block loop: minidiff/sampler.py's algorithm without the work a step does not need.
 References: Fast-dLLM (arXiv 2505.22618: key/value caches, threshold decoding), LLaDA (2502.09992).
 `generate` and `infill` run the blocks as `sampler.denoise` does, with `sampler.denoise_step`, and
-commit the same tokens with cache="none" (tests/test_sampler.py). What they add:
+commit the same tokens with cache="none" (tests/test_sampler.py). Its options are `FastOptions`;
+`FastConfig` holds them with the algorithm's settings. What they add:
 
     logits only at the still-masked block positions   `_masked_first`, as many as the plan allows
     the key/value caches as the logits' source        kv_cache.BlockLogits (cache="prefix" | "dual")
-    compile=True                                      `block_step` (fixed shapes) under torch.compile
+    compile=True                                      `block_step` under torch.compile: bucketed
+                                                      shapes, the numbers as tensors (StepNumbers)
     threshold decoding's count, read one step late    `LateCount` (cached or compiled loop)
     the stop rules after each block; a trace          data/chat.py StopRules; GenerateOutput
 Reader's page: docs/sampler.md ("Why it is fast", "Key/value caches").
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable
+import functools
+import math
+from dataclasses import dataclass, field, replace
+from typing import Callable, NamedTuple
 
 import torch
 
 from minidiff.data.chat import StopRules
 from minidiff.errors import UserError
-from minidiff.sampler import BlockPlan, Canvas, SamplerConfig, denoise_step, model_canvas, plan_block, random_generators
+from minidiff.sampler import (
+    FORK_STOP_STRINGS,
+    BlockPlan,
+    Canvas,
+    SamplerConfig,
+    denoise_step,
+    model_canvas,
+    plan_block,
+    random_generators,
+)
 from minidiff.speed.kv_cache import BlockLogits
+
+
+CACHES = ("none", "prefix", "dual")
+
+
+@dataclass
+class FastOptions:
+    """The fast loop's own options (the algorithm's settings are SamplerConfig's)."""
+
+    cache: str = "none"  # key/value caches (kv_cache.BlockLogits): "none" | "prefix" | "dual"
+    cache_refresh: int | None = None  # refill them every n steps of a block (None: at its start only)
+    compile: bool = False  # the compiled step (`compiled_block_step`)
+    stop_strings: tuple[str, ...] = ()  # the fork's stop rule (data/chat.py StopRules; needs a tokenizer)
+    stop_at_eos: bool = True  # StopRules: stop once every row has eos / [/Answer] in a finished block
+
+    def __post_init__(self) -> None:
+        self.stop_strings = (self.stop_strings,) if isinstance(self.stop_strings, str) else tuple(self.stop_strings)
+        for name, ok, expected in [
+            ("cache", self.cache in CACHES, f"one of {', '.join(CACHES)}"),
+            ("cache_refresh", self.cache_refresh is None or (isinstance(self.cache_refresh, int)
+                                                              and self.cache_refresh >= 1), "None or an integer >= 1"),
+            ("stop_strings", all(isinstance(s, str) and s for s in self.stop_strings), "non-empty strings"),
+        ]:
+            if not ok:
+                raise UserError(f"sampler config: {name} must be {expected}, got {getattr(self, name)!r}.")
+
+
+@dataclass
+class FastConfig(FastOptions, SamplerConfig):
+    """The algorithm's settings and the fast loop's options together, as the scripts and the server
+    pass them; the presets add the fork's stop strings."""
+
+    PRESETS = {name: {**preset, "stop_strings": FORK_STOP_STRINGS} for name, preset in SamplerConfig.PRESETS.items()}
+
+    def __post_init__(self) -> None:
+        SamplerConfig.__post_init__(self)
+        FastOptions.__post_init__(self)
+        if self.compile and self.seed is not None and (self.temperature > 0 or self.remasking == "random"):
+            raise UserError("sampler config: compile must be False with a seed and random draws, got True "
+                            "(the compiled step's draws cannot follow a seed).")
+
+
+def options_of(config: SamplerConfig) -> FastOptions:
+    """The fast loop's options a config carries (a FastConfig), else the defaults."""
+    return config if isinstance(config, FastOptions) else FastOptions()
 
 
 @dataclass
@@ -75,27 +133,92 @@ def _masked_first(ids: torch.Tensor, block: torch.Tensor, width: int, mask_id: i
 
 
 def block_step(logits_fn, ids: torch.Tensor, canvas: Canvas, block: torch.Tensor, counts: torch.Tensor | None,
-               config: SamplerConfig, generator=None, logit_width: int | None = None):
+               config: SamplerConfig, generator=None, logit_width: int | None = None, numbers=None):
     """`denoise_step` on the block [B, K], into new tensors: (ids [B, T], the positions it looked at
     [B, N], committed [B, N], masks left in the fullest row's block, 0-d); logits over the whole block
     (logit_width None: fixed shapes) or each row's first `logit_width` still-masked positions. No host
-    read, no write into an input: torch.compile(fullgraph=True) captures it."""
+    read, no write into an input: torch.compile(fullgraph=True) captures it (`numbers`: denoise_step's)."""
     positions = block if logit_width is None else _masked_first(ids, block, logit_width, canvas.mask_id)
     ids = ids.clone()
-    committed = denoise_step(logits_fn, ids, canvas, positions, counts, config, generator)
+    committed = denoise_step(logits_fn, ids, canvas, positions, counts, config, generator, numbers)
     left = (ids.gather(1, block) == canvas.mask_id).sum(1).amax()
     return ids, positions, committed, left
 
 
 _COMPILED = {}
+BUCKET = 64  # the compiled step's canvases are a multiple of this long, its batches a power of two
+RECOMPILE_LIMIT = 64  # graphs per step: logits sources x step kinds x shape buckets (docs/sampler.md)
 
 
 def compiled_block_step(device: torch.device):
-    """block_step under torch.compile(fullgraph=True); CUDA graphs on CUDA ("reduce-overhead")."""
+    """block_step under torch.compile(fullgraph=True, dynamic=False); CUDA graphs on CUDA ("reduce-overhead")."""
     mode = "reduce-overhead" if device.type == "cuda" else None
     if mode not in _COMPILED:
-        _COMPILED[mode] = torch.compile(block_step, fullgraph=True, mode=mode)
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+        _COMPILED[mode] = torch.compile(block_step, fullgraph=True, dynamic=False, mode=mode)
     return _COMPILED[mode]
+
+
+class StepNumbers(NamedTuple):
+    """A step's numbers as [B, 1, 1] tensors (threshold [B, 1]), the compiled step's inputs: one graph
+    serves greedy and sampled requests, any penalty or threshold (T 0, penalty 1, top_k 0, top_p 1,
+    threshold inf: off)."""
+
+    cfg_scale: torch.Tensor
+    temperature: torch.Tensor
+    repetition_penalty: torch.Tensor
+    top_k: torch.Tensor
+    top_p: torch.Tensor
+    threshold: torch.Tensor
+
+    @classmethod
+    def of(cls, config: SamplerConfig, rows: int, device) -> "StepNumbers":
+        threshold = math.inf if config.threshold is None else config.threshold
+        values = (config.cfg_scale, config.temperature, config.repetition_penalty, config.top_k or 0, config.top_p)
+        return cls(*(torch.full((rows, 1, 1), float(v), device=device) for v in values),
+                   torch.full((rows, 1), float(threshold), device=device))
+
+
+@functools.lru_cache(maxsize=None)
+def _kind(cfg: bool, remasking: str, filtered: bool) -> SamplerConfig:
+    # every stage a request may use switched on (the draw, the penalty, the threshold); StepNumbers
+    # holds the numbers, so a stage left at its "off" number changes nothing
+    return SamplerConfig(cfg_scale=float(cfg), remasking=remasking, top_k=1 if filtered else None,
+                         temperature=1.0, repetition_penalty=2.0, threshold=1.0)
+
+
+def step_kind(config: SamplerConfig) -> SamplerConfig:
+    """What shapes the compiled graph besides its inputs: cfg on (a doubled batch), the remasking,
+    top-k/top-p on; one object per kind, so that the graph's guards see the same values."""
+    return _kind(config.cfg_scale > 0, config.remasking, bool(config.top_k) or config.top_p < 1)
+
+
+def bucketed(canvas: Canvas, ids: torch.Tensor, block: torch.Tensor, plan: BlockPlan):
+    """(canvas, ids, block, plan) padded to a power-of-two batch and a multiple of BUCKET positions.
+    New rows hold eos only (nothing to fill, an ended answer) and see their first position; new
+    positions are eos, hidden from every row; so no real row's tokens change."""
+    B, T = ids.shape
+    extra_rows, extra_cols = (1 << (B - 1).bit_length()) - B, -T % BUCKET
+
+    def pad(x: torch.Tensor, value) -> torch.Tensor:  # [B, T] -> [B + extra_rows, T + extra_cols]
+        return torch.nn.functional.pad(x, (0, extra_cols, 0, extra_rows), value=value)
+
+    mask = pad(torch.ones_like(ids) if canvas.attention_mask is None else canvas.attention_mask, 0)
+    mask[B:, 0] = 1
+    padded = replace(canvas, ids=pad(canvas.ids, canvas.eos_id), attention_mask=mask,
+                     given=pad(canvas.given.long(), 0).bool(), answer_start=canvas.answer_start + [0] * extra_rows,
+                     answer_end=canvas.answer_end + [1] * extra_rows)
+    counts = plan.counts_on_device
+    counts = None if counts is None else torch.nn.functional.pad(counts, (0, 0, 0, extra_rows))  # [B', steps]
+    block = torch.cat([block, block[:1].expand(extra_rows, -1)])  # [B', K]
+    return padded, pad(ids, canvas.eos_id), block, replace(plan, counts_on_device=counts)
+
+
+def source_length(block: torch.Tensor, length: int) -> int:
+    """The canvas length BlockLogits sees: prefix mode's window (from the block's first position to
+    the end) rounded up to a multiple of BUCKET, so that the compiled step sees few windows."""
+    start = int(block[:, 0].min())
+    return start + -(-(length - start) // BUCKET) * BUCKET
 
 
 class LateCount:
@@ -143,12 +266,12 @@ class Denoiser:
     """One generate/infill call: the blocks (`run`), each one's steps (`run_block`), each step (`step`)."""
 
     def __init__(self, model, canvas: Canvas, config: SamplerConfig, end_of_block, callback):
-        self.model, self.canvas, self.config = model, canvas, config
+        self.model, self.canvas, self.config, self.options = model, canvas, config, options_of(config)
         self.end_of_block, self.callback = end_of_block, callback
         self.generator, self.host_generator = random_generators(config.seed, canvas.ids.device)
-        self.compiled = compiled_block_step(canvas.ids.device) if config.compile else None
+        self.compiled = compiled_block_step(canvas.ids.device) if self.options.compile else None
         # the cached / compiled loop reads threshold decoding's count one step late
-        self.reads_late = config.cache != "none" or config.compile
+        self.reads_late = self.options.cache != "none" or self.options.compile
         self.out = GenerateOutput(canvas.ids, 0, [], canvas.ids, list(canvas.answer_start), list(canvas.answer_end),
                                   canvas.mask_id)
 
@@ -168,7 +291,20 @@ class Denoiser:
 
     def run_block(self, ids: torch.Tensor, b: int, block: torch.Tensor, plan: BlockPlan) -> torch.Tensor:
         """Block b's steps, while the host knows a row may still hold a mask; returns the new ids."""
-        logits = BlockLogits(self.model, self.config, block, ids.shape[1])
+        for ids in self.block_steps(ids, b, block, plan):
+            pass
+        return ids
+
+    def block_steps(self, ids: torch.Tensor, b: int, block: torch.Tensor, plan: BlockPlan):
+        """run_block one step at a time: yields the ids after each step (a caller may pause between)."""
+        (rows, length), seen = ids.shape, ids.shape[1]
+        self.current = self.canvas, self.config, None, rows, length
+        if self.compiled is not None:  # the compiled step's few shapes, its numbers as tensors
+            canvas, ids, block, plan = bucketed(self.canvas, ids, block, plan)
+            numbers = StepNumbers.of(self.config, ids.shape[0], ids.device)
+            self.current = canvas, step_kind(self.config), numbers, rows, length
+            seen = source_length(block, ids.shape[1]) if self.options.cache == "prefix" else ids.shape[1]
+        logits = BlockLogits(self.model, self.options, block, seen)
         late = LateCount(ids.device) if plan.counts is None and self.reads_late else None
         bound = most_left(plan, 0)  # masks left in the fullest row, or an upper bound of it
         for i in range(plan.num_steps):
@@ -179,21 +315,25 @@ class Denoiser:
             ids, left = self.step(ids, b, block, plan, i, logits, bound)
             if plan.counts is None:  # threshold decoding: the count is data-dependent
                 bound = _masks_left(late, left, plan)
-        return ids
+            yield ids[:rows, :length]
 
     def step(self, ids, b: int, block, plan: BlockPlan, i: int, logits: BlockLogits, bound: int):
         """Step i of block b, recorded: eager at the `bound` first still-masked positions, or compiled
-        over the whole block (one shape per block; a cache refresh runs eagerly)."""
-        config = self.config
+        over the whole (bucketed) block with the numbers as tensors (a cache refresh runs eagerly)."""
+        canvas, config, numbers, rows, length = self.current
         counts = None if plan.counts_on_device is None else plan.counts_on_device[:, i]  # [B]
+        if numbers is not None:  # one layout (strides are guarded): threshold's "at least one" as a tensor
+            counts = (torch.ones(ids.shape[0], dtype=torch.long, device=ids.device) if counts is None
+                      else counts.clone(memory_format=torch.contiguous_format))
         step_fn = block_step if self.compiled is None or logits.refreshes(i) else self.compiled
-        width = None if config.compile else bound
-        outputs = step_fn(logits.at_step(i), ids, self.canvas, block, counts, config, self.generator, width)
-        if config.compile:  # copies: a CUDA graph reuses its output buffers at the next replay
+        width = None if self.options.compile else bound
+        generator = self.generator if numbers is None else None  # compiled draws follow no seed
+        outputs = step_fn(logits.at_step(i), ids, canvas, block, counts, config, generator, width, numbers)
+        if self.options.compile:  # copies: a CUDA graph reuses its output buffers at the next replay
             outputs = [t.clone() for t in outputs]
         ids, positions, committed, left = outputs
-        self.out.sequences, self.out.num_forward = ids, self.out.num_forward + 1
-        self.out.trace.append(TraceStep(b, positions, ids.gather(1, positions), committed))
+        self.out.sequences, self.out.num_forward = ids[:rows, :length], self.out.num_forward + 1
+        self.out.trace.append(TraceStep(b, positions[:rows], ids.gather(1, positions)[:rows], committed[:rows]))
         if self.callback is not None:
             self.callback(self.out)
         return ids, left
@@ -231,12 +371,12 @@ def _checked_rows(model, items, new_tokens: int, mask_id, eos_id, what: str) -> 
 def generate(model, prompts, config: SamplerConfig | None = None, *, mask_id: int, eos_id: int, tokenizer=None,
              pad_id: int | None = None, callback: Callable[[GenerateOutput], None] | None = None) -> GenerateOutput:
     """`max_new_tokens` after each prompt (token-id lists): sequences [B, max prompt + max_new_tokens]
-    (eos-padded), model calls, a trace. Stop rules: `config.stop_at_eos`; with a `tokenizer`,
-    `config.stop_strings` and "[/Answer]". `callback(out)` runs after every step (it may sync)."""
+    (eos-padded), model calls, a trace. Options (caches, compile, stop rules): a FastConfig's, else
+    FastOptions(); stop strings and "[/Answer]" need a `tokenizer`. `callback(out)` runs after every step."""
     config = config or SamplerConfig()
     rows = _checked_rows(model, prompts, config.max_new_tokens, mask_id, eos_id, "prompt")
     canvas = model_canvas(model, rows, config, mask_id=mask_id, eos_id=eos_id, infill=False)
-    stops = StopRules.make(config, tokenizer, pad_id, eos_id)
+    stops = StopRules.make(options_of(config), tokenizer, pad_id, eos_id)
     return Denoiser(model, canvas, config, stops.end_of_block, callback).run()
 
 

@@ -1,1 +1,1 @@
-"""The trainer, its verified checkpoints and the training scripts' shared command line."""
+"""The training loop, its resume policy, the run directory, verified checkpoints, the scripts' shared flags."""

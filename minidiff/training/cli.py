@@ -1,10 +1,6 @@
 """What train_cpt.py and train_sft.py share: flags generated from their config dataclass (one flag
 per field: minidiff.plumbing.flags), model building (load, from scratch, LoRA), evaluation batches.
-
 References: Diffutron (arXiv 2603.20466) for the presets' values; otherwise plumbing (docs/training.md).
-
-    parser = config_parser(CPTConfig, "train_cpt.py", __doc__, HELP, PRESETS)
-    config, given = parse_config(CPTConfig, parser, argv, PRESETS)   # given: flags set explicitly
 """
 from __future__ import annotations
 
@@ -25,9 +21,11 @@ from minidiff.errors import UserError
 from minidiff.model import ModelConfig, ModernBertMLM
 from minidiff.plumbing import flags
 from minidiff.plumbing.checkpoint import load_model
+from minidiff.plumbing.distributed import distributed_context, finish_distributed
 from minidiff.training import trainer
+from minidiff.training.resume import AUTO, DATA, MAY_DIFFER, check_out_dir
 from minidiff.training.state import weights_hash
-from minidiff.training.trainer import DATA, MAY_DIFFER, TrainConfig
+from minidiff.training.trainer import TrainConfig
 
 TRAIN_HELP = {  # help texts of the TrainConfig fields, shared by both scripts
     "lr": "peak learning rate of the lr schedule (linear warmup, then cosine decay)",
@@ -47,15 +45,15 @@ TRAIN_HELP = {  # help texts of the TrainConfig fields, shared by both scripts
                          "the run stops",
     "allow_data_change": "with --resume: continue on other data (or other data settings) than the checkpoint's",
     "bf16": "bf16 autocast on CUDA", "gradient_checkpointing": "recompute activations in backward (less memory)",
-    "resume": "continue from the newest checkpoint in --out that verifies",
+    "resume": "continue from the newest checkpoint in --out that verifies; --resume auto: that, or start afresh "
+              "when --out holds no checkpoint (for torchrun --max-restarts)",
     "device": "cpu, cuda, cuda:1 ... (default: cuda when available; a bare cuda under torchrun: cuda:LOCAL_RANK)",
 }
 
 
 @dataclass
 class ScriptConfig(TrainConfig):
-    """The fields both train scripts have on top of the loop's: where things come from and go,
-    evaluation data, LoRA settings, device. Each script's config adds its own."""
+    """The fields both train scripts have on top of the loop's; each script's config adds its own."""
     model: str | None = field(default=None, metadata=MAY_DIFFER)
     tokenizer: str | None = field(default=None, metadata=MAY_DIFFER)
     data: list[str] | None = field(default=None, metadata=MAY_DIFFER)
@@ -79,16 +77,20 @@ SCRIPT_HELP = {  # help texts of the ScriptConfig fields the scripts do not word
 
 
 def config_parser(cls, prog: str, description: str, helps: dict[str, str], presets: dict[str, dict]):
-    """One flag per field of a script's config (minidiff.plumbing.flags): the script's own fields first,
-    then the loop's (TrainConfig); --preset NAME chooses among `presets`, listed in the help."""
+    """One flag per config field: the script's own first, then the loop's; --preset NAME among `presets`."""
     parser = flags.Parser(prog=prog, description=description, epilog=flags.format_presets(presets),
                           formatter_class=argparse.RawDescriptionHelpFormatter)
     loop_names = [f.name for f in fields(TrainConfig)]
     script_names = [f.name for f in fields(cls) if f.name not in loop_names]
     flags.add_fields(parser.add_argument_group("model, data and output"), cls, helps=helps, names=script_names,
                      choices={"preset": sorted(presets)})
-    flags.add_fields(parser.add_argument_group("training loop (minidiff.training.trainer.TrainConfig)"), cls,
-                     helps=helps, names=loop_names)
+    loop = parser.add_argument_group("training loop (minidiff.training.trainer.TrainConfig)")
+    flags.add_fields(loop, cls, helps=helps, names=[n for n in loop_names if n != "resume"])
+    # --resume (True), --resume auto ("auto") and --no-resume (False) for TrainConfig.resume
+    loop.add_argument("--resume", dest="resume", nargs="?", const=True, choices=[AUTO], metavar=AUTO,
+                      default=argparse.SUPPRESS, help=f"{helps.get('resume', '')} (default: False)".strip())
+    loop.add_argument("--no-resume", dest="resume", action="store_false", default=argparse.SUPPRESS,
+                      help="a fresh run only (the default)")
     return parser
 
 
@@ -99,20 +101,16 @@ def parse_config(cls, parser, argv, presets: dict[str, dict]):
 
 
 def start(cls, prog: str, description: str, helps: dict[str, str], presets: dict[str, dict], check, argv):
-    """What both scripts do first: parse the flags, validate them with check(config, given), pick
-    the device (the trainer joins the process group later) and refuse an --out that a run would
-    overwrite. Returns (config, distributed context)."""
+    """Parse and check(config, given) the flags, pick the device, refuse an --out a run would overwrite."""
     parser = config_parser(cls, prog, description, helps, presets)
     config, given = parse_config(cls, parser, argv, presets)
     check(config, given)
-    ctx = trainer.distributed_context(config.device, join=False)
-    trainer.check_out_dir(config.out, config.resume)
+    ctx = distributed_context(config.device, join=False)
+    check_out_dir(config.out, config.resume)
     return config, ctx
 
 
 def split_held_out(train: examples.Examples, config, read_eval) -> tuple[examples.Examples, list]:
-    """(training, evaluation) examples: --eval-data read with read_eval(sources), else a
-    --eval-fraction split of the training examples, else no evaluation set."""
     if config.eval_data:
         return train, read_eval(config.eval_data)
     if config.eval_fraction > 0:
@@ -120,24 +118,32 @@ def split_held_out(train: examples.Examples, config, read_eval) -> tuple[example
     return train, []
 
 
-def positive(config, *names: str) -> None:
-    for name in names:
-        value = getattr(config, name)
-        if value is not None and value <= 0:
-            raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
-
-
 def check_common(config, given: set[str]) -> None:
-    """Flag combinations both scripts refuse."""
     if "max_steps" in given and "epochs" in given:
         raise UserError("--max-steps and --epochs both given; choose one way to set the run length")
     if config.max_steps is not None and config.epochs is not None:
         config.epochs = None  # a preset's epochs give way to an explicit --max-steps
     if "warmup" in given and "warmup_ratio" in given:
         raise UserError("--warmup and --warmup-ratio both given; choose one")
-    positive(config, "batch_size", "grad_accum", "max_steps", "epochs", "lr", "max_len", "log_every", "keep_last",
-             "max_skipped_steps")
-    check_optimizer_settings(config)
+    for name in ("batch_size", "grad_accum", "max_steps", "epochs", "lr", "max_len", "log_every", "keep_last",
+                 "max_skipped_steps"):
+        value = getattr(config, name)
+        if value is not None and value <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    ranges = {"lr": (0.0, False), "min_lr": (0.0, True), "adam_eps": (0.0, False), "weight_decay": (0.0, True),
+              "clip": (0.0, True), "time_eps": (0.0, False)}  # name: (lower bound, bound allowed)
+    for name, (low, inclusive) in ranges.items():
+        value = getattr(config, name)
+        if not (math.isfinite(value) and (value >= low if inclusive else value > low)):
+            raise UserError(f"--{name.replace('_', '-')} must be a finite number {'>=' if inclusive else '>'} {low:g}, "
+                            f"got {value!r}")
+    if config.min_lr > config.lr:
+        raise UserError(f"--min-lr {config.min_lr!r} is above --lr {config.lr!r}; the cosine decays from lr to min-lr")
+    for name in ("beta1", "beta2"):
+        if not 0.0 <= getattr(config, name) < 1.0:
+            raise UserError(f"--{name} must lie in [0, 1), got {getattr(config, name)!r}")
+    if not config.time_eps < 1.0:
+        raise UserError(f"--time-eps must lie in (0, 1), got {config.time_eps!r}")
     for name in ("eval_every", "save_every", "warmup"):
         if getattr(config, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(config, name)}")
@@ -153,34 +159,14 @@ def check_common(config, given: set[str]) -> None:
         raise UserError(f"--eval-fraction must lie in [0, 1), got {config.eval_fraction}")
 
 
-def check_optimizer_settings(config) -> None:
-    """Learning rates, betas, eps, weight decay and clipping are finite and in range."""
-    ranges = {"lr": (0.0, False), "min_lr": (0.0, True), "adam_eps": (0.0, False), "weight_decay": (0.0, True),
-              "clip": (0.0, True), "time_eps": (0.0, False)}  # name: (lower bound, bound allowed)
-    for name, (low, inclusive) in ranges.items():
-        value = getattr(config, name)
-        if not (math.isfinite(value) and (value >= low if inclusive else value > low)):
-            raise UserError(f"--{name.replace('_', '-')} must be a finite number {'>=' if inclusive else '>'} {low:g}, "
-                            f"got {value!r}")
-    if config.min_lr > config.lr:
-        raise UserError(f"--min-lr {config.min_lr!r} is above --lr {config.lr!r}; the cosine decays from lr to min-lr")
-    for name in ("beta1", "beta2"):
-        if not 0.0 <= getattr(config, name) < 1.0:
-            raise UserError(f"--{name} must lie in [0, 1), got {getattr(config, name)!r}")
-    if not config.time_eps < 1.0:
-        raise UserError(f"--time-eps must lie in (0, 1), got {config.time_eps!r}")
-
-
 def check_lora_flags(lora_on: bool, given: set[str], switch: str) -> None:
-    """LoRA hyper-parameters make no sense when LoRA is off."""
     for name in ("lora_r", "lora_alpha", "lora_dropout", "lora_targets"):
         if not lora_on and name in given:
             raise UserError(f"--{name.replace('_', '-')} was given but LoRA is off ({switch}); drop one of them")
 
 
 def build_model(model_name: str | None, from_scratch: str | None, tokenizer, seed: int, max_len: int):
-    """Load `model_name` (directory or hub id), or build a fresh model from a config.json;
-    check it fits the tokenizer and --max-len (check_fits)."""
+    """Load `model_name` (directory or hub id), or build a fresh model from a config.json; check that it fits."""
     if from_scratch:
         path = Path(from_scratch)
         if not path.is_file():
@@ -193,18 +179,13 @@ def build_model(model_name: str | None, from_scratch: str | None, tokenizer, see
         model = ModernBertMLM(config)
     else:
         model = load_model(model_name)
-    check_fits(model, tokenizer, max_len)
-    return model
-
-
-def check_fits(model, tokenizer, max_len: int) -> None:
-    """The model covers the tokenizer's ids and --max-len positions, else one sentence."""
     if max_len > model.config.max_position_embeddings:
         raise UserError(f"--max-len {max_len} exceeds the model's context of {model.config.max_position_embeddings} "
                         "positions (max_position_embeddings in its config.json); lower --max-len")
     if model.config.vocab_size < tokenizer.vocab_size:
         raise UserError(f"the model's vocab_size {model.config.vocab_size} is smaller than the tokenizer's "
                         f"{tokenizer.vocab_size}; use a matching --tokenizer")
+    return model
 
 
 def seed_everything(seed: int) -> None:
@@ -223,15 +204,13 @@ def apply_lora_from(config, model):
 
 
 def run_identity(model, tok, train, held_out) -> dict:
-    """What makes a run itself, compared on --resume (docs/training.md, "The same run, or none"): the
-    base model's weights hash, the tokenizer's, and the content keys of the examples' token shards."""
+    """What --resume compares (docs/training.md, "The same run, or none"): base weights, tokenizer, shards."""
     return {"base_model": weights_hash(model), "tokenizer": shards.tokenizer_hash(tok),
             "data": {"train": shard_keys(train), "eval": shard_keys(held_out)}}
 
 
 def shard_keys(view) -> list[str]:
-    """The keys of the token shards under a view of minidiff.data.examples (mixes, splits and
-    concatenations are decided by the config, which --resume compares separately)."""
+    """The content keys of the token shards under a view (mixes and splits are the config's, compared apart)."""
     if isinstance(view, examples.Take):
         return shard_keys(view.base)
     if isinstance(view, examples.Concat):
@@ -241,21 +220,18 @@ def shard_keys(view) -> list[str]:
 
 
 def eval_batches(held_out, batch_size: int, rank: int, world_size: int, collate) -> list[dict]:
-    """This rank's share (every world_size-th example) of the evaluation set, collated."""
     mine = list(held_out)[rank::world_size]
     return [collate(mine[i:i + batch_size]) for i in range(0, len(mine), batch_size)]
 
 
 def say(rank: int, message: str) -> None:
-    """Print on rank 0 only (stderr, so stdout stays for results)."""
     if rank == 0:
         print(message, file=sys.stderr, flush=True)
 
 
 def run_training(config, ctx, model, tok, train, held_out, collate, *, lora: bool, script: str,
                  data_report: dict | None = None) -> int:
-    """What both scripts do once examples and model exist: batches, the NELBO objective, the loop, a
-    one-line summary. data_report (for run.json): what the data rules kept, cut and dropped."""
+    """Batches, the NELBO objective, the loop, a summary line; data_report (run.json): what the data rules kept."""
     batches = Batches(train, config.batch_size, seed=config.seed, rank=ctx.rank, world_size=ctx.world_size,
                       drop_last=True, collate=collate)
     evals = eval_batches(held_out, config.batch_size, ctx.rank, ctx.world_size, collate) if held_out else None
@@ -270,5 +246,5 @@ def run_training(config, ctx, model, tok, train, held_out, collate, *, lora: boo
         last_eval = f", eval loss {result.eval_losses[-1][1]:.4f}" if result.eval_losses else ""
         train_loss = f"{result.train_loss:.4f}" if result.train_loss is not None else "- (no step left to run)"
         print(f"done: {result.step} steps, train loss {train_loss}{last_eval}; model in {config.out}")
-    trainer.finish_distributed()
+    finish_distributed()
     return 0

@@ -1,16 +1,9 @@
-"""Training checkpoints: save and restore the complete state of a run, atomically and verified.
-
-References: none (plumbing); what a checkpoint holds and why: docs/training.md ("Resume").
+"""Training checkpoints: save and restore the complete state of a run, atomically and verified
+(what a checkpoint holds and why: docs/training.md, "Resume").
 
     tmp = begin_checkpoint(ckpt_root, step)     # fresh .tmp-step-XXXXXX (rank 0)
     write_rng(tmp, rank, generator)             # every rank: its own rng-rank-R.pt
     finish_checkpoint(tmp, step, model, optimizer, lr_schedule, state, keep_last)   # rank 0: rename
-    for step, path in candidates(ckpt_root): ...    # every step-XXXXXX directory, oldest first
-    reason = verify_checkpoint(path)            # None, or why it cannot be trusted
-    state = load_training_state(path, model, optimizer, lr_schedule, rank, generator)  # -> state.json
-
-checkpoint.json, written last, holds the size and BLAKE2b hash of every other file; a checkpoint
-is trusted only when it lists exactly the files present, with the sizes and hashes they have now.
 """
 from __future__ import annotations
 
@@ -40,11 +33,6 @@ class DamagedCheckpoint(Exception):
     """A checkpoint whose files cannot be trusted or read; the resume skips it."""
 
 
-def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The parameters with requires_grad (named_parameters lists a tied tensor once), on the CPU."""
-    return {name: p.detach().to("cpu").contiguous() for name, p in model.named_parameters() if p.requires_grad}
-
-
 def rng_state(generator: torch.Generator | None) -> dict:
     """Every random state of this process: python, numpy, torch CPU, CUDA, the masking generator."""
     np_state, py_state = np.random.get_state(), random.getstate()
@@ -56,10 +44,8 @@ def rng_state(generator: torch.Generator | None) -> dict:
 
 
 def set_rng_state(state: dict, generator: torch.Generator | None, fallback_seed: int = 0) -> None:
-    """Restore what rng_state returned on this machine: python, numpy and torch CPU; CUDA for the
-    GPUs present; the masking generator only if saved from the same device type (the state formats
-    differ), else reseeded with `fallback_seed` and a warning (docs/training.md, "Resuming on
-    another device": the loop reseeds it before every micro-batch anyway)."""
+    """Restore what rng_state returned: CUDA for the GPUs present; the masking generator only if saved from the
+    same device type, else reseeded with `fallback_seed` (docs/training.md, "Resuming on another device")."""
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     name, keys, pos, has_gauss, cached = state["numpy"]
@@ -85,8 +71,7 @@ def step_dir_name(step: int) -> str:
 
 
 def candidates(ckpt_root: str | Path) -> list[tuple[int, Path]]:
-    """Every published checkpoint directory (step-XXXXXX) under ckpt_root as (step, path),
-    oldest first, whatever its contents (`verify_checkpoint` says which to trust)."""
+    """Every step-XXXXXX directory under ckpt_root as (step, path), oldest first, whatever its contents."""
     root = Path(ckpt_root)
     if not root.is_dir():
         return []
@@ -95,9 +80,7 @@ def candidates(ckpt_root: str | Path) -> list[tuple[int, Path]]:
 
 
 def list_checkpoints(ckpt_root: str | Path) -> list[tuple[int, Path]]:
-    """Checkpoints with every required file present, as (step, path), oldest first."""
-    return [(step, path) for step, path in candidates(ckpt_root)
-            if all((path / f).is_file() for f in REQUIRED_FILES)]
+    return [(step, path) for step, path in candidates(ckpt_root) if all((path / f).is_file() for f in REQUIRED_FILES)]
 
 
 def latest_checkpoint(ckpt_root: str | Path) -> Path | None:
@@ -113,9 +96,8 @@ def write_manifest(folder: Path) -> None:
 
 
 def verify_checkpoint(path: str | Path) -> str | None:
-    """None when the checkpoint can be trusted: checkpoint.json lists exactly the files
-    present, every required one among them, each with the size and hash it has now.
-    Otherwise the reason, as a phrase."""
+    """None when checkpoint.json lists exactly the files present, every required one among them, each with
+    the size and hash it has now; otherwise the reason, as a phrase."""
     path = Path(path)
     try:
         manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
@@ -140,7 +122,6 @@ def verify_checkpoint(path: str | Path) -> str | None:
 
 
 def read_state(path: str | Path) -> dict:
-    """state.json of a verified checkpoint."""
     try:
         state = json.loads((Path(path) / "state.json").read_text(encoding="utf-8"))
         if not isinstance(state, dict) or "step" not in state:
@@ -150,24 +131,12 @@ def read_state(path: str | Path) -> dict:
         raise DamagedCheckpoint(f"its state.json cannot be read ({err})") from None
 
 
-def remove_unfinished(ckpt_root: str | Path) -> None:
-    """Delete the .tmp-step-XXXXXX directories of saves that were killed (call it while holding
-    the run's lock: then no save is in progress)."""
-    for tmp in Path(ckpt_root).glob(".tmp-step-*"):
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def begin_checkpoint(ckpt_root: str | Path, step: int) -> Path:
-    """Create (afresh) the temporary directory `.tmp-step-XXXXXX` a checkpoint is written into."""
-    tmp = Path(ckpt_root) / f".tmp-{step_dir_name(step)}"
-    if tmp.exists():
-        shutil.rmtree(tmp)  # left over from a run killed while writing
-    tmp.mkdir(parents=True)
-    return tmp
+    """Create (afresh) `.tmp-step-XXXXXX`, the one name every rank computes (files.temporary_path, shared)."""
+    return files.temporary_directory(Path(ckpt_root) / step_dir_name(step), shared=True)
 
 
 def write_rng(tmp: Path, rank: int, generator: torch.Generator | None) -> None:
-    """Rank `rank`'s random state into the checkpoint folder rank 0 made (a shared filesystem)."""
     if not tmp.is_dir():
         raise UserError(f"rank {rank} cannot see the checkpoint folder {tmp} that rank 0 created; "
                         "--out must be on a filesystem that every node shares")
@@ -177,7 +146,9 @@ def write_rng(tmp: Path, rank: int, generator: torch.Generator | None) -> None:
 def finish_checkpoint(tmp: Path, step: int, model, optimizer, lr_schedule, state: dict,
                       keep_last: int | None) -> Path:
     """Write weights, optimizer and state.json into `tmp`, rename it to step-XXXXXX, prune old ones."""
-    save_file(trainable_state_dict(model), str(tmp / "trainable.safetensors"), metadata={"format": "pt"})
+    # the parameters with requires_grad (named_parameters lists a tied tensor once), on the CPU
+    trainable = {name: p.detach().to("cpu").contiguous() for name, p in model.named_parameters() if p.requires_grad}
+    save_file(trainable, str(tmp / "trainable.safetensors"), metadata={"format": "pt"})
     torch.save({"optimizer": optimizer.state_dict(),
                 "scheduler": lr_schedule.state_dict() if lr_schedule is not None else None}, tmp / "optimizer.pt")
     files.write_json(tmp / "state.json", {"step": step, **state}, indent=1)
@@ -198,8 +169,7 @@ def finish_checkpoint(tmp: Path, step: int, model, optimizer, lr_schedule, state
 
 
 def check_shapes(path: Path, model) -> None:
-    """The checkpoint's trainable tensors have this model's names and shapes (read from the
-    safetensors header alone), else UserError: other LoRA settings or another model."""
+    """UserError unless the checkpoint's trainable tensors have this model's names and shapes (header only)."""
     try:
         with safe_open(str(path / "trainable.safetensors"), framework="pt") as f:
             saved = {name: list(f.get_slice(name).get_shape()) for name in f.keys()}
@@ -217,9 +187,8 @@ def check_shapes(path: Path, model) -> None:
 
 def load_training_state(path: str | Path, model, optimizer, lr_schedule, rank: int,
                         generator: torch.Generator | None, fallback_seed: int = 0) -> dict:
-    """Load weights, optimizer, lr schedule and this rank's random states from a verified
-    checkpoint (onto the model's device, whatever device wrote it); returns state.json. An
-    unreadable file raises DamagedCheckpoint; another model's checkpoint UserError (check_shapes)."""
+    """Load weights, optimizer, lr schedule and this rank's random states onto the model's device; returns
+    state.json. An unreadable file raises DamagedCheckpoint; another model's checkpoint UserError."""
     path = Path(path)
     check_shapes(path, model)
     try:
@@ -243,8 +212,7 @@ def load_training_state(path: str | Path, model, optimizer, lr_schedule, rank: i
 
 
 def weights_hash(model) -> str:
-    """BLAKE2b over every parameter and buffer of `model` except LoRA's (names, dtypes, shapes,
-    bytes, in name order): the base model in a run's identity (cli.run_identity)."""
+    """BLAKE2b over every parameter and buffer except LoRA's (names, dtypes, shapes, bytes, in name order)."""
     digest = files.new_digest()
     for name, tensor in sorted(model.state_dict().items()):
         if "lora_" in name:

@@ -1,7 +1,6 @@
 """Functions the CETVEL task files call with `!function utils.NAME` (lm-evaluation-harness).
 
-Self-contained (no minidiff import), so this folder also works as a plain lm-eval include
-path. minidiff/evaluation/tasks.py renders the same rows for evaluate.py; the tests check both agree.
+Self-contained, so this folder is a plain lm-eval include path; the tests check it agrees with tasks.py.
 """
 import math
 
@@ -23,8 +22,7 @@ def news_label(doc) -> int:
 
 
 def macro_f1(items) -> float:
-    """Unweighted mean over the classes in gold or pred of each class's F1 (sklearn's
-    f1_score(average="macro")); items are lm-eval's (gold, pred) pairs."""
+    """sklearn's macro F1 of lm-eval's (gold, pred) pairs."""
     from sklearn.metrics import f1_score
 
     gold, pred = zip(*items)
@@ -37,12 +35,10 @@ def sts_label(doc) -> int:
 
 
 def xcopa_text(doc) -> str:
-    """The premise without its final period, then the connector of the question."""
     premise = doc["premise"].strip()
     premise = premise[:-1] if premise.endswith(".") else premise
     return f"{premise} {XCOPA_CONNECTORS[doc['question']]}"
 
 
 def xcopa_choices(doc) -> list:
-    """Both alternatives with their first letter lower-cased."""
     return [c[:1].lower() + c[1:] for c in (doc["choice1"], doc["choice2"])]
