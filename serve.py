@@ -53,8 +53,8 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=16, help="rows denoised together at most (the memory of a "
                    "step grows with it)")
     p.add_argument("--queue-size", type=int, default=64, help="requests waiting for a row at most; past it: 429")
-    p.add_argument("--gather-ms", type=float, default=10.0, help="an idle server waits this long after a request "
-                   "for others sent with it, so that they start in one batch")
+    p.add_argument("--gather-ms", type=float, default=10.0, help="an idle server woken by a request waits until "
+                   "none has arrived for this long (at most 10 times): requests sent together start in one batch")
     p.add_argument("--max-batch-tokens", type=int, default=None, help="canvas positions of the rows in the "
                    "batch at most (default: --batch-size times the context)")
     p.add_argument("--length-bucket", type=int, default=16, help="every canvas is padded to a multiple of this "

@@ -8,8 +8,9 @@ docs/benchmarks.md ("Serving").
     python benchmarks/bench_serve.py --clients 1 4 16 64 --threads 1 --json serve.json
     python benchmarks/bench_serve.py --model DIR             # a trained model directory
 
-At temperature 0 each answer is compared with its prompt's alone, served and in one batch of
-generate: a row differing in both differs by rounding under padding (docs/serving.md).
+At temperature 0 each answer is compared with its prompt sent alone to the server (equal bit for
+bit under --length-bucket), and with generate's alone, served and in one batch of generate: a row
+differing there differs by rounding under padding (docs/serving.md, "Batch invariance").
 """
 from __future__ import annotations
 

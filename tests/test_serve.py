@@ -786,7 +786,7 @@ def test_a_stream_sends_keep_alive_comments_while_a_slow_block_runs(model_dir):
         connection = running.connect()
         slow = {"model": MODEL, "prompt": "Ankara", "max_tokens": 448, "steps": 448, "block_length": 448,
                 "stream": True}
-        connection.request("POST", "/v1/completions", body=json.dumps(slow), headers={"Content-Type": "application/json"})
+        connection.request("POST", "/v1/completions", json.dumps(slow), {"Content-Type": "application/json"})
         reply = connection.getresponse()
         started, lines = time.monotonic(), []
         while not (lines and lines[-1].startswith(b"data: {")):  # up to the block's chunk

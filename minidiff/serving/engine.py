@@ -144,10 +144,18 @@ class Engine:
             if not candidates:
                 self.wake.clear()
                 await self.wake.wait()
-                await asyncio.sleep(self.gather)
+                await self.gathered()
                 continue
             key, tickets = min(candidates, key=lambda c: min(t.since for t in c[1]))
             await self.turn(key, tickets, contended=len(candidates) > 1)
+
+    async def gathered(self) -> None:
+        """Requests sent together: sleep until none arrived for `gather` seconds (at most 10 of them)."""
+        for _ in range(10):
+            self.arrived.clear()
+            await asyncio.sleep(self.gather)
+            if not self.arrived.is_set():
+                return
 
     async def turn(self, key: tuple, tickets: list[Ticket], contended: bool) -> None:
         """Steps of one group in the model's thread (one if others wait); at its block's end, events."""
