@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 from minidiff.errors import UserError, run_cli
+from minidiff.model import model_device
 from minidiff.plumbing import flags
 from minidiff.plumbing.device import add_precision_flags
 from minidiff.plumbing.sampling_cli import (
@@ -137,7 +138,7 @@ def main(argv=None) -> int:
                     args.length_bucket)
     limits = Limits(context, min(args.max_tokens_limit or context, context), args.queue_size, args.allow_trace)
     service = Service(args.served_model_name or Path(args.model.rstrip("/")).name, tok, config, limits, engine,
-                      next(iter(model.parameters())).device, metrics, args.api_key or None, args.max_body_bytes,
+                      model_device(model), metrics, args.api_key or None, args.max_body_bytes,
                       args.request_timeout)
     asyncio.run(serve(make_app(service), sock, service, args.shutdown_timeout))
     return 0

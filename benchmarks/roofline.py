@@ -29,7 +29,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from minidiff.errors import UserError, run_cli
 from minidiff.evaluation.answers import mc_loglik_many
 from minidiff.lora import apply_lora, lora_modules
-from minidiff.model import ModelConfig, ModernBertMLM
+from minidiff.model import ModelConfig, ModernBertMLM, model_device
 from minidiff.plumbing.device import check_available, inference_precision, resolve_device
 from minidiff.speed.chunked_loss import linear_cross_entropy, nelbo_loss
 from minidiff.speed.sampling import FastConfig, generate
@@ -230,7 +230,7 @@ def training_path(model, shapes: Shapes, mask_id: int, precision) -> HotPath:
     """One LoRA CPT micro-batch: nelbo_loss at t = 0.5 (same masks every call), forward + backward.
     LoRA goes onto `model` (train mode) at the first call: the paths before it measure the plain model."""
     rank = shapes.lora_rank
-    device = next(model.parameters()).device
+    device = model_device(model)
     batch, seq = shapes.train_batch
     x0 = torch.randint(5, model.config.vocab_size, (batch, seq), device=device)
     t = torch.full((batch,), 0.5, device=device)

@@ -11,6 +11,7 @@ from typing import NamedTuple
 import torch
 
 from minidiff.errors import UserError
+from minidiff.model import model_device
 
 REMASKING = ("low_confidence", "random")
 UNMASKING = ("dllm", "llada")  # unmasking schedules
@@ -102,7 +103,7 @@ def build_canvas(rows: list[list[int]], block_starts: list[int], span: int, answ
 
 def model_canvas(model, rows, config: SamplerConfig, *, mask_id: int, eos_id: int, infill: bool) -> Canvas:
     """generate's canvas (each prompt then max_new_tokens <mask>) or infill's (<mask> anywhere, blocks from 0)."""
-    lengths, device = [len(r) for r in rows], next(iter(model.parameters()), torch.empty(0)).device
+    lengths, device = [len(r) for r in rows], model_device(model)
     if infill:
         first_mask = [row.index(mask_id) if mask_id in row else n for row, n in zip(rows, lengths)]
         return build_canvas(rows, [0] * len(rows), max(lengths), first_mask, config,

@@ -213,7 +213,7 @@ def test_resume_a_gpu_checkpoint_on_the_cpu_equals_an_uninterrupted_run(tok, tmp
         assert torch.equal(a[key], b[key]), key
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cpu_rng_state_with_a_cuda_generator_reseeds():
     state = train_state.rng_state(torch.Generator())
     generator = torch.Generator(device="cuda")

@@ -232,9 +232,3 @@ class Prefetcher:
 
     def state_dict(self) -> dict:
         return self._state
-
-
-def model_device(model) -> torch.device:
-    """The device a model's parameters live on (the CPU for a model without parameters)."""
-    param = next(iter(model.parameters()), None)
-    return param.device if param is not None else torch.device("cpu")

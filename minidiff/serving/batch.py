@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from minidiff.data.chat import StopRules
+from minidiff.model import model_device
 from minidiff.sampler import Canvas, SamplerConfig, build_canvas, plan_block, random_generators, steps_per_block
 from minidiff.speed.sampling import Denoiser, GenerateOutput
 
@@ -137,7 +138,7 @@ class BlockRun:
     def __init__(self, model, rows: list[Row], mask_id: int, eos_id: int,
                  callback: Callable[[GenerateOutput], None] | None = None, bucket: int = 0):
         lead = rows[0]
-        device = next(iter(model.parameters()), torch.empty(0)).device
+        device = model_device(model)
         self.rows, self.canvas = rows, batch_canvas(rows, mask_id, eos_id, device, bucket)
         denoiser = Denoiser(model, self.canvas, lead.config.replace(seed=None), None, callback)
         denoiser.generator = lead.generator  # None, or the lone row's own draws
