@@ -10,7 +10,8 @@ sampler matches dllm's LLaDA generator and the Diffutron fork. Reader's page: do
     python sample.py --model DIR --prompt "..." --cache dual --threshold 0.9 --compile
 
 Prompts go through dllm's chat template (`[Question]...[/Question]` then `[Answer]`)
-unless --raw. Many --prompt flags run in batches of --batch-size; steps beyond a block's
+unless --raw. Many --prompt flags run in batches of --batch-size, each answer its prompt's alone
+(--length-bucket); steps beyond a block's
 positions are capped (a note on stderr says so). In a terminal the canvas is redrawn after every step (masks as dim blocks);
 when stdout is not a terminal only the answers are printed (or JSON with --json).
 """

@@ -9,7 +9,7 @@ NAME is the model directory's name (GET /v1/models; --served-model-name). The sa
 (sample.py's) are every request's defaults; the request's fields override them. Requests that
 arrive together are denoised in one batch, joining and leaving at block boundaries; at
 temperature 0 an answer is the same alone or in any batch, bit for bit (--length-bucket), and
-sample.py's for the same prompt and settings up to rounding. GET / is a page
+sample.py's for the same prompt and settings. GET / is a page
 that shows the denoising live; GET /health, /ready and /metrics are for operators. Needs the
 serve extra (pip install -e ".[serve]"). Reader's page: docs/serving.md.
 """
@@ -58,9 +58,6 @@ def parse_args(argv=None):
                    "none has arrived for this long (at most 10 times): requests sent together start in one batch")
     p.add_argument("--max-batch-tokens", type=int, default=None, help="canvas positions of the rows in the "
                    "batch at most (default: --batch-size times the context)")
-    p.add_argument("--length-bucket", type=int, default=16, help="every canvas is padded to a multiple of this "
-                   "and only rows of one padded length share a step, so an answer is the same alone or in any "
-                   "batch, bit for bit (0: pad to the batch's longest, equal up to rounding)")
     p.add_argument("--batch-by-length", dest="length_bucket", action="store_const", const=1,
                    help="--length-bucket 1: only rows of one canvas length share a step (no padding)")
     p.add_argument("--api-key", default=os.environ.get("MINIDIFF_API_KEY"), help="every /v1 route (and the page's) "
@@ -118,8 +115,6 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if uvicorn is None:
         raise UserError(f"serve.py needs the serve extra ({MISSING}); install it with pip install -e \".[serve]\".")
-    if args.length_bucket < 0:
-        raise UserError(f"--length-bucket must be an integer >= 0, got {args.length_bucket}.")
     for name in ("batch_size", "queue_size", "max_batch_tokens", "max_tokens_limit", "max_body_bytes"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be an integer >= 1, got {getattr(args, name)}.")
@@ -135,7 +130,7 @@ def main(argv=None) -> int:
     metrics = Metrics()
     engine = Engine(model, tok.mask_id, tok.eos_id, precision, args.batch_size, args.queue_size,
                     args.gather_ms / 1000, args.max_batch_tokens or args.batch_size * context, metrics,
-                    args.length_bucket)
+                    config.length_bucket)
     limits = Limits(context, min(args.max_tokens_limit or context, context), args.queue_size, args.allow_trace)
     service = Service(args.served_model_name or Path(args.model.rstrip("/")).name, tok, config, limits, engine,
                       model_device(model), metrics, args.api_key or None, args.max_body_bytes,

@@ -61,8 +61,9 @@ def main() -> None:
     model, tok, mask_id, eos_id, prompts, what = model_and_prompts(args)
     if not args.no_packed_weights:
         pack_weights(model)  # every sampler, the reference too, multiplies with packed weights (as sample.py)
+    # length_bucket 0: the reference's unpadded canvas (a batch of one needs no bucket to equal alone)
     config = FastConfig.preset("diffutron-long", temperature=0.0, stop_strings=(), stop_at_eos=False,
-                               max_new_tokens=args.max_new_tokens, steps=args.max_new_tokens)
+                               max_new_tokens=args.max_new_tokens, steps=args.max_new_tokens, length_bucket=0)
     generate(model, [prompts[0]], config.replace(max_new_tokens=4, steps=4), mask_id=mask_id, eos_id=eos_id)  # warm-up
     samplers = all_samplers(model, config, args, prompts, mask_id, eos_id)
     names = list(samplers)

@@ -8,9 +8,10 @@ docs/benchmarks.md ("Serving").
     python benchmarks/bench_serve.py --clients 1 4 16 64 --threads 1 --json serve.json
     python benchmarks/bench_serve.py --model DIR             # a trained model directory
 
-At temperature 0 each answer is compared with its prompt sent alone to the server (equal bit for
-bit under --length-bucket), and with generate's alone, served and in one batch of generate: a row
-differing there differs by rounding under padding (docs/serving.md, "Batch invariance").
+At temperature 0 each answer is compared with its prompt sent alone to the server, and with
+generate's alone, served and in one batch of generate (timed: sample.py --batch-size): with
+--length-bucket all equal bit for bit, with 0 a row may differ by rounding under padding
+(docs/serving.md, "Batch invariance").
 """
 from __future__ import annotations
 
@@ -36,8 +37,7 @@ from minidiff.errors import run_cli
 from minidiff.model import ModernBertMLM
 from minidiff.plumbing.checkpoint import save_pretrained
 from minidiff.plumbing.sampling_cli import answer_ids, answer_text, load_for_sampling, prompt_ids
-from minidiff.sampler import SamplerConfig
-from minidiff.speed.sampling import generate
+from minidiff.speed.sampling import FastConfig, generate
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXTS = ROOT / "benchmarks" / "data" / "morphology_tr.jsonl"
@@ -52,8 +52,8 @@ def parse_args(argv=None):
     p.add_argument("--block-length", type=int, default=32)
     p.add_argument("--repetition-penalty", type=float, default=1.2)
     p.add_argument("--dtype", default="float32", help="as serve.py's --dtype (both sides use it)")
-    p.add_argument("--length-bucket", type=int, default=16, help="serve.py --length-bucket (0: rows padded to "
-                   "the batch's longest; run with several to see the cost of batch invariance)")
+    p.add_argument("--length-bucket", type=int, default=16, help="serve.py's and generate's --length-bucket "
+                   "(0: rows padded to the batch's longest; run with several to see the cost of batch invariance)")
     return parse(p, argv, threads=1, threads_help="torch threads of the server and of the baseline")
 
 
@@ -127,7 +127,7 @@ def concurrent(server: Server, texts: list[str]) -> dict:
     return {"wall": time.perf_counter() - start, "answers": answers}
 
 
-def one_by_one(model, tok, precision, texts: list[str], config: SamplerConfig) -> dict:
+def one_by_one(model, tok, precision, texts: list[str], config: FastConfig) -> dict:
     """The same requests one after another through generate (batch 1), as sample.py runs one."""
     answers = []
     start = time.perf_counter()
@@ -142,16 +142,17 @@ def one_by_one(model, tok, precision, texts: list[str], config: SamplerConfig) -
     return {"wall": time.perf_counter() - start, "answers": answers}
 
 
-def batched(model, tok, precision, texts: list[str], config: SamplerConfig) -> list[str]:
-    """The same prompts as one batch of generate (untimed): its rows against each prompt alone
-    tell the kernels' rounding under padding apart from the server's batching."""
+def batched(model, tok, precision, texts: list[str], config: FastConfig) -> dict:
+    """The same prompts as one batch of generate (sample.py --batch-size): its wall time, and its
+    rows to hold against each prompt alone."""
+    start = time.perf_counter()
     with precision.autocast():
         out = generate(model, [prompt_ids(tok, p, raw=False) for p in texts], config, mask_id=tok.mask_id,
                        eos_id=tok.eos_id, tokenizer=tok, pad_id=tok.pad_id)
-    return [answer_text(tok, ids) for ids in out.answers()]
+    return {"wall": time.perf_counter() - start, "texts": [answer_text(tok, ids) for ids in out.answers()]}
 
 
-def row(clients: int, served: dict, alone: dict, together: list[str], served_alone: list[str]) -> dict:
+def row(clients: int, served: dict, alone: dict, together: dict, served_alone: list[str]) -> dict:
     firsts = [a["first"] for a in served["answers"]]
     totals = [a["total"] for a in served["answers"]]
     tokens = sum(a["tokens"] for a in served["answers"])
@@ -160,21 +161,22 @@ def row(clients: int, served: dict, alone: dict, together: list[str], served_alo
             "first_block_median_s": statistics.median(firsts), "first_block_max_s": max(firsts),
             "total_median_s": statistics.median(totals), "total_max_s": max(totals),
             "one_by_one_wall_s": alone["wall"], "one_by_one_tokens_per_s": tokens / alone["wall"],
-            "speedup": alone["wall"] / served["wall"],
+            "speedup": alone["wall"] / served["wall"], "generate_batch_wall_s": together["wall"],
             "served_equal_alone": sum(a["text"] == b["text"] for a, b in zip(served["answers"], alone["answers"])),
             "served_equal_served_alone": sum(a["text"] == b for a, b in zip(served["answers"], served_alone)),
-            "batch_equal_alone": sum(t == b["text"] for t, b in zip(together, alone["answers"]))}
+            "batch_equal_alone": sum(t == b["text"] for t, b in zip(together["texts"], alone["answers"]))}
 
 
 def table(rows: list[dict]) -> str:
     lines = ["| clients | tokens | server: wall s | tokens/s | first block median / max s | answer median / max s "
-             "| one by one: wall s | tokens/s | speedup | equal to the server alone | equal to generate alone: served, "
-             "generate's batch |", "|" + "---:|" * 10 + "---|"]
+             "| one by one: wall s | tokens/s | speedup | generate's one batch: wall s "
+             "| equal to the server alone | equal to generate alone: served, generate's batch |",
+             "|" + "---:|" * 11 + "---|"]
     for r in rows:
         lines.append(f"| {r['clients']} | {r['tokens']} | {r['server_wall_s']:.2f} | {r['server_tokens_per_s']:.0f} | "
                      f"{r['first_block_median_s']:.2f} / {r['first_block_max_s']:.2f} | "
                      f"{r['total_median_s']:.2f} / {r['total_max_s']:.2f} | {r['one_by_one_wall_s']:.2f} | "
-                     f"{r['one_by_one_tokens_per_s']:.0f} | {r['speedup']:.1f}x | "
+                     f"{r['one_by_one_tokens_per_s']:.0f} | {r['speedup']:.1f}x | {r['generate_batch_wall_s']:.2f} | "
                      f"{r['served_equal_served_alone']} of {r['clients']} | "
                      f"{r['served_equal_alone']}, {r['batch_equal_alone']} of {r['clients']} |")
     return "\n".join(lines)
@@ -186,8 +188,8 @@ def main(argv=None) -> int:
         model_dir = Path(args.model) if args.model else small_model_dir(Path(scratch) / "small")
         options = argparse.Namespace(model=str(model_dir), device="cpu", dtype=args.dtype, no_packed_weights=False)
         model, tok, precision = load_for_sampling(options)
-        config = SamplerConfig(max_new_tokens=args.max_tokens, steps=args.steps, block_length=args.block_length,
-                               repetition_penalty=args.repetition_penalty)
+        config = FastConfig(max_new_tokens=args.max_tokens, steps=args.steps, block_length=args.block_length,
+                            repetition_penalty=args.repetition_penalty, length_bucket=args.length_bucket)
         print(banner(), flush=True)
         server, rows = Server(model_dir, args, max(args.clients)), []
         try:

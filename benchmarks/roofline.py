@@ -198,7 +198,7 @@ def hot_paths(config: ModelConfig, shapes: Shapes, device: torch.device, precisi
         prompts = [ids(shapes.prompt).tolist() for _ in range(batch)]
         for cache in ("none", "prefix", "dual"):
             sampler = FastConfig(cache=cache, max_new_tokens=shapes.new_tokens, block_length=shapes.block,
-                                 steps=shapes.sampler_steps)
+                                 steps=shapes.sampler_steps, length_bucket=0)  # the step on its own canvas
             run = inference(lambda p=prompts, c=sampler: generate(model, p, c, mask_id=mask_id, eos_id=eos_id))
             paths.append(HotPath(f"sampler step, cache {cache}, batch {batch}", run, lambda out: out.num_forward))
     prompt, answer = ids(shapes.score_prompt), ids(shapes.answer)

@@ -10,11 +10,12 @@ from __future__ import annotations
 import copy
 import math
 import random
-from dataclasses import fields
+from dataclasses import fields, replace
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import EOS, MASK, PAD, tiny_model
 
 from minidiff import sampler
@@ -23,9 +24,11 @@ from minidiff.errors import UserError
 from minidiff.sampler import (
     SamplerConfig,
     build_canvas,
+    denoise,
     denoise_step,
     generate,
     infill,
+    model_canvas,
     plan_block,
     transfer_counts,
 )
@@ -240,7 +243,7 @@ def test_plain_loop_equals_fast_loop(model, name):
     the fast one with cache "none" (speed/sampling.py: logits at the still-masked positions only)
     commit the same tokens in the same number of model calls: generate on prompts of three
     lengths, infill with masks anywhere (first and last positions, a row of masks only)."""
-    config = FastConfig(stop_at_eos=False, **FAST_CASES[name])
+    config = FastConfig(stop_at_eos=False, length_bucket=0, **FAST_CASES[name])  # one canvas, as the plain loop
     prompts = [prompt(30, 3), prompt(31, 9), prompt(32, 6)]
     plain = generate(model, prompts, config, mask_id=MASK, eos_id=EOS)
     fast = sampling.generate(model, prompts, config, mask_id=MASK, eos_id=EOS)
@@ -254,6 +257,24 @@ def test_plain_loop_equals_fast_loop(model, name):
     fast = sampling.infill(model, rows, config, mask_id=MASK, eos_id=EOS)
     assert torch.equal(plain.sequences, fast.sequences) and plain.num_forward == fast.num_forward
     assert not (plain.sequences == MASK).any()
+
+
+def test_length_buckets_give_each_row_its_answer_alone(model):
+    """The default length bucket: prompts of mixed lengths in one call (greedy, threshold, seeded
+    draws); each row equals the plain loop on its prompt's canvas alone, eos-padded to 16 positions
+    with its attention mask; the trace of the groups replays to the sequences."""
+    prompts = [prompt(40, 3), prompt(41, 20), prompt(42, 9), prompt(43, 19)]
+    for settings in (dict(), dict(threshold=0.4), dict(temperature=0.8, seed=5)):
+        config = FastConfig(max_new_tokens=10, steps=10, block_length=4, stop_at_eos=False, **settings)
+        out = sampling.generate(model, prompts, config, mask_id=MASK, eos_id=EOS)
+        for r, p in enumerate(prompts):
+            canvas = model_canvas(model, [p], config, mask_id=MASK, eos_id=EOS, infill=False)
+            own = F.pad(canvas.ids, (0, -canvas.ids.shape[1] % 16), value=EOS)  # [1, a multiple of 16]
+            mask = (torch.arange(own.shape[1]) < canvas.ids.shape[1]).long()[None, :]
+            alone = denoise(model, replace(canvas, ids=own, attention_mask=mask,
+                                           given=F.pad(canvas.given, (0, own.shape[1] - canvas.ids.shape[1]))), config)
+            assert out.sequences[r, :len(p) + 10].tolist() == alone.sequences[0, :len(p) + 10].tolist()
+        assert out.frames()[-1] == out.sequences.tolist()
 
 
 def test_plain_loop_with_the_stop_rules_equals_fast_loop(model):

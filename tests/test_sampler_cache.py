@@ -58,7 +58,7 @@ def canvas_of(prompts, n_new):
 @pytest.mark.parametrize("mode", ["dual", "prefix"])
 @pytest.mark.parametrize("threshold", [None, 0.3])
 def test_refresh_every_step_is_the_exact_sampler(model, batch, mode, threshold):
-    config = FastConfig(max_new_tokens=12, steps=12, block_length=4, stop_at_eos=False,
+    config = FastConfig(max_new_tokens=12, steps=12, block_length=4, stop_at_eos=False, length_bucket=0,
                            repetition_penalty=1.2, threshold=threshold)
     exact = generate(model, BATCHES[batch], config, mask_id=MASK, eos_id=EOS)
     cached = generate(model, BATCHES[batch], config.replace(cache=mode, cache_refresh=1),
@@ -145,7 +145,7 @@ def test_batch_rows_equal_each_prompt_alone(model, mode):
 
 def test_cache_modes_fill_every_mask_and_validate(model):
     for mode in ("dual", "prefix"):
-        config = FastConfig(max_new_tokens=10, steps=5, block_length=4, stop_at_eos=False,
+        config = FastConfig(max_new_tokens=10, steps=5, block_length=4, stop_at_eos=False, length_bucket=0,
                                cache=mode, cfg_scale=0.5)
         out = generate(model, [prompt(5, 3), prompt(6, 7)], config, mask_id=MASK, eos_id=EOS)
         assert not (out.sequences == MASK).any() and out.num_forward == 6  # 3 blocks x 2 steps
@@ -191,7 +191,7 @@ def test_compiled_step_same_tokens_no_recompile(model):
     from torch._dynamo.utils import counters
 
     prompts = BATCHES["three lengths, attention mask"]
-    config = FastConfig(max_new_tokens=12, steps=12, block_length=4, stop_at_eos=False,
+    config = FastConfig(max_new_tokens=12, steps=12, block_length=4, stop_at_eos=False, length_bucket=0,
                            repetition_penalty=1.2, cache="dual")
     eager = generate(model, prompts, config, mask_id=MASK, eos_id=EOS)
     torch._dynamo.reset()
@@ -223,8 +223,8 @@ def test_compiled_step_graphs_are_bounded(model, monkeypatch):
     for rep in range(2):
         for cache in ("none", "prefix", "dual"):
             for setting, batch in itertools.product(settings, batches):
-                config = FastConfig(max_new_tokens=12, steps=12, block_length=4, stop_at_eos=False, cache=cache,
-                                    **setting)
+                config = FastConfig(max_new_tokens=12, steps=12, block_length=4, stop_at_eos=False,
+                                    length_bucket=0, cache=cache, **setting)
                 compiled = generate(model, batch, config.replace(compile=True), mask_id=MASK, eos_id=EOS)
                 assert compiled.sequences.shape == (len(batch), max(map(len, batch)) + 12)
                 if rep == 0 and "temperature" not in setting:  # bucketing changes no answer

@@ -8,6 +8,7 @@ chromium and chromium-driver are installed (skipped with the reason otherwise).
 """
 from __future__ import annotations
 
+import functools
 import http.client
 import json
 import os
@@ -670,7 +671,7 @@ def test_sixteen_prompts_at_once_each_equal_alone_bit_for_bit(tmp_path, options,
 
     import minidiff
     from minidiff.speed.packed import pack_weights, unpack_weights
-    from minidiff.speed.sampling import FastConfig
+    from minidiff.speed.sampling import FastConfig, generate
 
     directory = make_model_dir(tmp_path / "m", seed=0)
     model, tok = minidiff.load_model(str(directory), device="cpu"), minidiff.load_tokenizer(str(directory))
@@ -683,6 +684,11 @@ def test_sixteen_prompts_at_once_each_equal_alone_bit_for_bit(tmp_path, options,
     alone = engine_answers(model, tok, prompts, config, 16, together=False)
     assert engine_answers(model, tok, prompts, config, 16, together=True) == alone
     assert len({tuple(a) for a in alone}) > 2  # the prompts lead to different answers: a mix-up would show
+    # sample.py's: generate's one batch and each prompt alone give the served answers, bit for bit
+    ask = functools.partial(generate, model, config=config, mask_id=tok.mask_id, eos_id=tok.eos_id, tokenizer=tok,
+                            pad_id=tok.pad_id)
+    assert ask(prompts).answers() == alone
+    assert [ask([p]).answers()[0] for p in prompts] == alone
 
 
 def test_a_model_failure_ends_its_block_only_and_is_logged(tmp_path, caplog):

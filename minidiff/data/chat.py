@@ -163,11 +163,12 @@ class StopRules:
                 row = ids[r].tolist()
             finished.append(_ended(self.tokenizer, row[start:end], canvas.eos_id, self.pad_id) or
                             (self.replacement is not None and canvas.mask_id not in row[start:answer_end]))
-        if not (self.stop_at_eos and all(finished) and not last):
+        if not self.stop_at_eos or last or not any(finished):
             return False
-        # the rest of every answer is padding (masks a prompt may hold stay as they are)
+        # the rest of a finished answer is padding now, as alone (masks a prompt may hold stay as they are)
         span = torch.arange(ids.shape[1], device=ids.device)[None, :]  # [1, T]
         answers = ((span >= torch.tensor(canvas.answer_start, device=ids.device)[:, None]) &
                    (span < torch.tensor(canvas.answer_end, device=ids.device)[:, None]))  # [B, T]
-        ids.masked_fill_(answers & (ids == canvas.mask_id), canvas.eos_id)
-        return True
+        done = torch.tensor(finished, device=ids.device)[:, None]  # [B, 1]
+        ids.masked_fill_(answers & done & (ids == canvas.mask_id), canvas.eos_id)
+        return all(finished)

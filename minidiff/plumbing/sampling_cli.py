@@ -32,6 +32,8 @@ SAMPLER_HELP = {  # help texts of the FastConfig fields (the flags override the 
              "prefix = reuse what precedes the block, dual = run only the block",
     "cache_refresh": "with --cache: refill the cache every N steps of a block (default: block start only)",
     "compile": "torch.compile the fixed-shape step (CUDA graphs on a GPU); the first call compiles",
+    "length_bucket": "pad every canvas to a multiple of this and batch only rows of one padded length, so that "
+                     "an answer is the same alone or in any batch, bit for bit (0: pad to the batch's longest)",
 }
 
 

@@ -12,25 +12,16 @@ from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from minidiff.data.chat import StopRules
 from minidiff.model import model_device
 from minidiff.sampler import Canvas, SamplerConfig, build_canvas, plan_block, random_generators, steps_per_block
+from minidiff.speed.invariance import own_draws, pad_to_bucket, padded_length, products_alike
 from minidiff.speed.sampling import Denoiser, GenerateOutput
 
-# MKL's fp32 product (unpacked weights) may round a row differently in a product of few rows unless
-# their count is a multiple of this (measured: docs/serving.md, "Batch invariance")
-PRODUCT_ROWS = 4
 # the settings one block's steps read (plan_block, denoise_step, the caches, the compiled step)
 STEP_FIELDS = ("temperature", "remasking", "stochastic", "cfg_scale", "repetition_penalty", "unmasking",
                "threshold", "top_k", "top_p", "cache", "cache_refresh", "compile")
-
-
-def own_draws(config: SamplerConfig) -> bool:
-    """Does this request need its own random generators (a seed, and draws that follow it)?"""
-    draws = config.temperature > 0 or config.remasking == "random" or config.stochastic
-    return draws and config.seed is not None
 
 
 @dataclass
@@ -93,38 +84,27 @@ def batch_key(row: Row) -> tuple:
     return (row.width, row.steps, alone) + tuple(getattr(row.config, name, None) for name in STEP_FIELDS)
 
 
-def padded_length(row: Row, bucket: int) -> int:
-    """Its canvas length rounded up to a multiple of `bucket` (0: its own length, padded by the batch)."""
-    return -(-row.tokens // bucket) * bucket if bucket else row.tokens
-
-
 def invariant_key(row: Row, bucket: int, exact_products: bool) -> tuple:
     """What rows must share besides batch_key so that a row's logits are its own alone, bit for bit
-    (docs/serving.md, "Batch invariance"): the padded length; prefix mode's window (the block's
-    start); and, where a product's rounding depends on its row count, each product's row count."""
+    (speed/invariance.py): the padded length; prefix mode's window (the block's start); and, where a
+    product's rounding depends on its row count, each product's row count."""
     if not bucket:
         return ()
-    length = padded_length(row, bucket)
+    length = padded_length(row.tokens, bucket)
     start = row.block_start if row.config.cache == "prefix" else None
     # the products' row counts per row: the canvas (a refresh), the block, prefix mode's window
     counts = (length, row.width) + ((length - row.block_start,) if start is not None else ())
-    alone = None if exact_products or all(m % PRODUCT_ROWS == 0 for m in counts) else id(row)
-    return length, start, alone
+    return length, start, None if products_alike(counts, exact_products) else id(row)
 
 
 def batch_canvas(rows: list[Row], mask_id: int, eos_id: int, device, bucket: int = 0) -> Canvas:
     """One canvas of the rows: row r is its prompt, answer so far and suffix, its one block its next;
-    with `bucket`, eos-padded to a multiple of it and always with an attention mask."""
+    padded to the length bucket (invariance.pad_to_bucket)."""
     lead = rows[0]
     prompts = [len(row.prompt) for row in rows]
     canvas = build_canvas([row.prompt + row.answer + row.suffix for row in rows], [row.block_start for row in rows],
                           lead.width, prompts, lead.config, mask_id=mask_id, eos_id=eos_id, device=device)
-    if bucket > 1:  # the same padding and mask kernel alone as in any batch
-        extra = max(padded_length(row, bucket) for row in rows) - canvas.ids.shape[1]
-        ids = F.pad(canvas.ids, (0, extra), value=eos_id)  # [B, T'], T' a multiple of bucket
-        lengths = torch.tensor(canvas.answer_end, device=device)[:, None]  # [B, 1]
-        own = (torch.arange(ids.shape[1], device=device)[None, :] < lengths).long()  # [B, T']
-        canvas = replace(canvas, ids=ids, attention_mask=own, given=F.pad(canvas.given.long(), (0, extra)).bool())
+    canvas = pad_to_bucket(canvas, bucket)  # the same padding and mask kernel alone as in any batch
     span = torch.arange(canvas.ids.shape[1], device=device)[None, :]  # [1, T]
     # cfg's unconditional pass masks what was given (prompt, suffix) only, as on a run's canvas
     start = torch.tensor(prompts, device=device)[:, None]  # [B, 1]

@@ -17,10 +17,8 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from torch import nn
-
-from minidiff.serving.batch import BlockRun, Row, batch_key, invariant_key, padded_length, step_callback
-from minidiff.speed.packed import PackedLinear
+from minidiff.serving.batch import BlockRun, Row, batch_key, invariant_key, step_callback
+from minidiff.speed.invariance import exact_products, padded_length
 
 log = logging.getLogger("minidiff.serve")
 STEP_BACKLOG = 256  # trace frames a request's queue holds at most; later ones are dropped until it drains
@@ -77,8 +75,7 @@ class Engine:
         self.batch_size, self.queue_size, self.gather = batch_size, queue_size, gather
         self.token_budget, self.metrics, self.bucket = token_budget, metrics, bucket
         # packed (oneDNN) products round a row alike whatever the row count; MKL's may not
-        self.exact_products = all(isinstance(m, PackedLinear) and m.packed_weight() is not None
-                                  for m in model.modules() if isinstance(m, nn.Linear))
+        self.exact_products = exact_products(model)
         self.waiting: deque[Ticket] = deque()
         self.active: list[Ticket] = []
         self.runs: dict[tuple, tuple[BlockRun, list[Ticket], float]] = {}  # key -> run, its tickets, start
@@ -116,9 +113,9 @@ class Engine:
         self.active = [t for t in self.active if not t.cancelled]
         for key in [k for k, (_, tickets, _) in self.runs.items() if all(t.cancelled for t in tickets)]:
             del self.runs[key]
-        used = sum(padded_length(t.row, self.bucket) for t in self.active)
+        used = sum(padded_length(t.row.tokens, self.bucket) for t in self.active)
         while self.waiting and len(self.active) < self.batch_size:
-            tokens = padded_length(self.waiting[0].row, self.bucket)
+            tokens = padded_length(self.waiting[0].row.tokens, self.bucket)
             if self.active and self.token_budget and used + tokens > self.token_budget:
                 break
             self.active.append(self.waiting.popleft())

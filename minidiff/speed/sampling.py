@@ -10,6 +10,7 @@ commit the same tokens with cache="none" (tests/test_sampler.py). Its options ar
                                                       shapes, the numbers as tensors (StepNumbers)
     threshold decoding's count, read one step late    `LateCount` (cached or compiled loop)
     the stop rules after each block; a trace          data/chat.py StopRules; GenerateOutput
+    length_bucket: each answer as alone               speed/invariance.py; `denoise_groups`
 Reader's page: docs/sampler.md ("Why it is fast", "Key/value caches").
 """
 from __future__ import annotations
@@ -33,6 +34,7 @@ from minidiff.sampler import (
     plan_block,
     random_generators,
 )
+from minidiff.speed.invariance import PRODUCT_ROWS, exact_products, pad_to_bucket, share_keys
 from minidiff.speed.kv_cache import BlockLogits
 
 
@@ -48,6 +50,7 @@ class FastOptions:
     compile: bool = False  # the compiled step (`compiled_block_step`)
     stop_strings: tuple[str, ...] = ()  # the fork's stop rule (data/chat.py StopRules; needs a tokenizer)
     stop_at_eos: bool = True  # StopRules: stop once every row has eos / [/Answer] in a finished block
+    length_bucket: int = 16  # canvases padded to a multiple of it; only rows of one padded length share one
 
     def __post_init__(self) -> None:
         self.stop_strings = (self.stop_strings,) if isinstance(self.stop_strings, str) else tuple(self.stop_strings)
@@ -56,6 +59,7 @@ class FastOptions:
             ("cache_refresh", self.cache_refresh is None or (isinstance(self.cache_refresh, int)
                                                               and self.cache_refresh >= 1), "None or an integer >= 1"),
             ("stop_strings", all(isinstance(s, str) and s for s in self.stop_strings), "non-empty strings"),
+            ("length_bucket", isinstance(self.length_bucket, int) and self.length_bucket >= 0, "an integer >= 0"),
         ]:
             if not ok:
                 raise UserError(f"sampler config: {name} must be {expected}, got {getattr(self, name)!r}.")
@@ -326,7 +330,8 @@ class Denoiser:
             counts = (torch.ones(ids.shape[0], dtype=torch.long, device=ids.device) if counts is None
                       else counts.clone(memory_format=torch.contiguous_format))
         step_fn = block_step if self.compiled is None or logits.refreshes(i) else self.compiled
-        width = None if self.options.compile else bound
+        # a multiple of PRODUCT_ROWS positions per row: the head's product rounds a row as alone
+        width = None if self.options.compile else min(-(-bound // PRODUCT_ROWS) * PRODUCT_ROWS, block.shape[1])
         generator = self.generator if numbers is None else None  # compiled draws follow no seed
         outputs = step_fn(logits.at_step(i), ids, canvas, block, counts, config, generator, width, numbers)
         if self.options.compile:  # copies: a CUDA graph reuses its output buffers at the next replay
@@ -368,16 +373,63 @@ def _checked_rows(model, items, new_tokens: int, mask_id, eos_id, what: str) -> 
     return rows
 
 
+def denoise_groups(model, rows: list[list[int]], make_canvas, spans: list[int], config: SamplerConfig,
+                   end_of_block, callback) -> GenerateOutput:
+    """The rows in groups that may share a canvas (invariance.share_keys; `spans`: the positions each
+    row's blocks cover alone), each group's canvas make_canvas(its rows) padded to the length bucket
+    and denoised as one; their outputs as make_canvas(rows)'s (callback after every step of any group)."""
+    options, canvas = options_of(config), make_canvas(rows)
+    keys = share_keys(canvas, config, options.length_bucket, exact_products(model), options.cache == "prefix")
+    groups: dict[tuple, list[int]] = {}
+    for r, key in enumerate(keys):
+        groups.setdefault(key + (spans[r],) if key else key, []).append(r)
+    if len(groups) == 1:  # every row together, as one canvas
+        part = Denoiser(model, pad_to_bucket(canvas, options.length_bucket), config, end_of_block, callback).run()
+        return _cropped(part, canvas.ids.shape[1])
+    whole = GenerateOutput(canvas.ids.clone(), 0, [], canvas.ids, list(canvas.answer_start), list(canvas.answer_end),
+                           canvas.mask_id)
+    for index in groups.values():
+        group = pad_to_bucket(make_canvas([rows[r] for r in index]), options.length_bucket)
+        chosen = torch.tensor(index, device=canvas.ids.device)
+        merge = functools.partial(_merge, whole, chosen, whole.num_forward, callback)
+        part = Denoiser(model, group, config, end_of_block, merge).run()
+        merge(part)
+        whole.trace += [_widened(step, chosen, len(rows)) for step in part.trace]
+    return whole
+
+
+def _merge(whole: GenerateOutput, rows: torch.Tensor, calls_before: int, callback, part: GenerateOutput) -> None:
+    """A group's output (rows `rows` of the whole) into the whole output, then the caller's callback."""
+    width = min(whole.sequences.shape[1], part.sequences.shape[1])
+    whole.sequences[rows, :width] = part.sequences[:, :width]
+    whole.num_forward = calls_before + part.num_forward
+    if callback is not None:
+        callback(whole)
+
+
+def _widened(step: TraceStep, rows: torch.Tensor, B: int) -> TraceStep:
+    """A group's trace step as the whole batch's: other rows look at position 0 and commit nothing."""
+    full = [torch.zeros(B, *t.shape[1:], dtype=t.dtype, device=t.device).index_copy_(0, rows, t)
+            for t in (step.positions, step.tokens, step.committed)]  # each [B, N]
+    return TraceStep(step.block, *full)
+
+
+def _cropped(out: GenerateOutput, width: int) -> GenerateOutput:
+    """The output without the length bucket's padding: sequences and the initial canvas [B, width]."""
+    return replace(out, sequences=out.sequences[:, :width], initial=out.initial[:, :width])
+
+
 def generate(model, prompts, config: SamplerConfig | None = None, *, mask_id: int, eos_id: int, tokenizer=None,
              pad_id: int | None = None, callback: Callable[[GenerateOutput], None] | None = None) -> GenerateOutput:
     """`max_new_tokens` after each prompt (token-id lists): sequences [B, max prompt + max_new_tokens]
-    (eos-padded), model calls, a trace. Options (caches, compile, stop rules): a FastConfig's, else
-    FastOptions(); stop strings and "[/Answer]" need a `tokenizer`. `callback(out)` runs after every step."""
+    (eos-padded), model calls, a trace. Options (caches, compile, stop rules, the length bucket): a
+    FastConfig's, else FastOptions(); stop strings and "[/Answer]" need a `tokenizer`. With a length
+    bucket each answer is the prompt's alone, bit for bit. `callback(out)` runs after every step."""
     config = config or SamplerConfig()
     rows = _checked_rows(model, prompts, config.max_new_tokens, mask_id, eos_id, "prompt")
-    canvas = model_canvas(model, rows, config, mask_id=mask_id, eos_id=eos_id, infill=False)
     stops = StopRules.make(options_of(config), tokenizer, pad_id, eos_id)
-    return Denoiser(model, canvas, config, stops.end_of_block, callback).run()
+    make = functools.partial(model_canvas, model, config=config, mask_id=mask_id, eos_id=eos_id, infill=False)
+    return denoise_groups(model, rows, make, [config.max_new_tokens] * len(rows), config, stops.end_of_block, callback)
 
 
 def infill(model, ids_with_masks, config: SamplerConfig | None = None, *, mask_id: int, eos_id: int, tokenizer=None,
@@ -387,5 +439,5 @@ def infill(model, ids_with_masks, config: SamplerConfig | None = None, *, mask_i
     a block's width). No stop rule applies and `max_new_tokens`, `tokenizer` and `pad_id` are unused."""
     config = config or SamplerConfig()
     rows = _checked_rows(model, ids_with_masks, 0, mask_id, eos_id, "sequence")
-    canvas = model_canvas(model, rows, config, mask_id=mask_id, eos_id=eos_id, infill=True)
-    return Denoiser(model, canvas, config, None, callback).run()
+    make = functools.partial(model_canvas, model, config=config, mask_id=mask_id, eos_id=eos_id, infill=True)
+    return denoise_groups(model, rows, make, [len(row) for row in rows], config, None, callback)
