@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -219,3 +220,27 @@ def test_bench_dtype_tokens_per_second_compiled_tiny(tmp_path):
     rows = report["tokens_per_second"]["rows"]
     assert [(r["batch"], r["cache"], r["mode"]) for r in rows] == [(1, "dual", "eager"), (1, "dual", "compiled")]
     assert all(r["forwards"] == 8 and r["fp32_tokens_per_s"] > 0 and r["bf16_tokens_per_s"] > 0 for r in rows)
+
+
+@pytest.mark.parametrize("script, args, message", [
+    ("serve_acceptance.py", ["--model", "missing-dir"], "error: --model missing-dir has no tokenizer.json"),
+    ("bench_replicas.py", ["--clients", "0"], "error: --clients, --rounds and --max-tokens must be integers >= 1"),
+    ("bench_replicas.py", ["--nginx", "missing-nginx"], "error: nginx is not at missing-nginx"),
+])
+def test_serving_benchmarks_bad_flags(script, args, message):
+    done = run(*args, script=ROOT / "benchmarks" / script, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.startswith(message) and done.stderr.count("\n") == 1
+
+
+@pytest.mark.slow  # three serve.py start-ups and nginx
+def test_bench_replicas_splits_between_replicas_tiny(tmp_path):
+    """4 clients at once through nginx's least_conn upstream: every answer 200 in both
+    configurations; the replicas' own /metrics count the 4 requests between them, each some."""
+    if shutil.which("nginx") is None and not Path("/usr/sbin/nginx").is_file():
+        pytest.skip("needs nginx (apt-get install nginx)")
+    report = run_json(tmp_path, "bench_replicas.py", "--clients", 4, "--rounds", 1, "--max-tokens", 32)
+    assert [(r["config"], r["clients"], r["ok"], r["requests"]) for r in report["rows"]] == [
+        ("2 replicas x 1 thread", 4, 4, 4), ("1 replica x 2 threads", 4, 4, 4)]
+    assert sum(report["split"]) == 4 and min(report["split"]) >= 1
+    assert all(r["p95_s"] >= r["p50_s"] > 0 and r["tokens_per_s"][0] > 0 for r in report["rows"])
