@@ -164,13 +164,14 @@ def plan_block(ids: torch.Tensor, block: torch.Tensor, steps: int, config: Sampl
 
 
 def keep_top(logits, top_k, top_p, temperature) -> torch.Tensor:
-    """-inf but for the top_k largest logits (0, None: all), then the fewest likeliest holding top_p of softmax(l/T)."""
+    """-inf but for the top_k largest logits (0, None: all), then the fewest likeliest holding top_p of
+    softmax(l/T); tied logits rank by token id, as argmax breaks ties (top_k 1 keeps argmax's token)."""
     top_k, top_p, T = (torch.as_tensor(0 if x is None else x, device=logits.device)
                        for x in (top_k, top_p, temperature))
-    ordered, order = logits.sort(-1, descending=True)  # [B, K, V]
-    k = torch.where(top_k > 0, top_k, logits.shape[-1]).clamp(max=logits.shape[-1]).long()
-    kth = ordered.gather(-1, (k - 1).expand(*ordered.shape[:2], 1))  # [B, K, 1] the k-th largest
-    ordered = ordered.masked_fill(ordered < kth, -math.inf)
+    ordered, order = logits.sort(dim=-1, descending=True, stable=True)  # [B, K, V]
+    V = logits.shape[-1]
+    k = torch.where(top_k > 0, top_k, V).long()
+    ordered = ordered.masked_fill(torch.arange(V, device=logits.device) >= k, -math.inf)  # the k first
     p = (ordered / torch.where(T > 0, T, 1.0)).softmax(-1)
     ordered = ordered.masked_fill(p.cumsum(-1) - p >= top_p, -math.inf)  # the mass before it >= top_p
     return torch.empty_like(logits).scatter(-1, order, ordered)

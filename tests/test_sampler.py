@@ -472,14 +472,14 @@ def test_gumbel_noise_is_drawn_in_float64():
 
 
 def ref_top_k_top_p(logits, k, p, T):
-    """Hand-written filter, one position at a time: the tokens not below the k-th largest logit,
-    then of those, in order of likelihood, each one whose predecessors' mass under softmax(l / T)
-    (renormalised over the kept tokens) is still below p; everything else -inf."""
+    """Hand-written filter, one position at a time: the k largest logits (ties: the lower token id
+    first, as argmax), then of those, in that order, each one whose predecessors' mass under
+    softmax(l / T) (renormalised over the kept tokens) is still below p; everything else -inf."""
     out = torch.full_like(logits, -math.inf)
     for n, row in enumerate(logits.double().tolist()):
         tokens = sorted((t for t in range(V) if t != MASK), key=lambda t: -row[t])
         if k:
-            tokens = [t for t in tokens if row[t] >= row[tokens[min(k, len(tokens)) - 1]]]
+            tokens = tokens[:k]  # sorted() is stable: tied tokens in id order
         weights = [math.exp((row[t] - row[tokens[0]]) / T) for t in tokens]
         total, before = sum(weights), 0.0
         for t, w in zip(tokens, weights):
@@ -490,12 +490,16 @@ def ref_top_k_top_p(logits, k, p, T):
     return out
 
 
+@pytest.mark.parametrize("ties", [False, True], ids=["distinct", "tied"])
 @pytest.mark.parametrize("k, p", [(5, 1.0), (0, 0.6), (12, 0.8), (1, 1.0), (0, 1e-6)])
-def test_top_k_top_p_equal_a_hand_written_filter(k, p):
+def test_top_k_top_p_equal_a_hand_written_filter(k, p, ties):
     """With the same float64 uniforms, the step's draws equal Gumbel-max over the hand-filtered
-    logits; the candidates stay inside the kept set."""
+    logits; the candidates stay inside the kept set. Tied: logits on a coarse grid (as bf16's
+    often are), where top_k 1 and a tiny top_p must keep argmax's token."""
     torch.manual_seed(1)
     logits, T = torch.randn(60, V) * 1.5, 0.8
+    if ties:
+        logits = (logits * 2).round() / 2  # many exact ties, at the top too
     kept = ref_top_k_top_p(logits, k, p, T)
     config = SamplerConfig(temperature=T, threshold=1e-9, top_k=k, top_p=p)
     canvas = build_canvas([[MASK] * 60], [0], 60, [0], config, mask_id=MASK, eos_id=EOS, device="cpu")
@@ -506,6 +510,7 @@ def test_top_k_top_p_equal_a_hand_written_filter(k, p):
     assert torch.isfinite(kept.gather(1, expected[:, None])).all()
     if k == 1 or p < 1e-3:
         assert torch.equal(expected, kept.argmax(-1)) and (torch.isfinite(kept).sum(-1) == 1).all()
+        assert torch.equal(expected, logits.masked_fill(torch.arange(V) == MASK, -math.inf).argmax(-1))
 
 
 def test_top_k_1_and_tiny_top_p_give_the_greedy_answer(model):
