@@ -25,11 +25,15 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import openai
-from common import banner, parse, timed, write_results
+import torch
+from common import banner, parse, seconds, timed, write_results
 from prometheus_client.parser import text_string_to_metric_families
+from roofline import Counter as FlopCounter
+from roofline import measure_machine
 from tokenizers import Tokenizer
 
 from minidiff.errors import UserError, run_cli
+from minidiff.plumbing.sampling_cli import load_for_sampling, prompt_ids
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY, ROUTES = "acceptance-key", ("/health", "/metrics", "/v1/chat/completions", "/v1/completions")
@@ -121,7 +125,35 @@ def text(reply: dict, i: int = 0) -> str:
     return choice["message"]["content"] if "message" in choice else choice["text"]
 
 
-def check_batching(s: Served, tokens: Tokenizer) -> tuple[list, dict]:
+@torch.no_grad()
+def batching_ceiling(args) -> str:
+    """What batching can give at most here: the model's step (logits at one block of 32) on the
+    prompts' median canvas (chat prompt + 128 new tokens), 16 rows against 1, in serve.py's
+    precision; its GFLOP/s beside this machine's matmul peak, measured before the server starts."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    options = argparse.Namespace(model=args.model, device="cpu", dtype=args.dtype, no_packed_weights=False)
+    model, tok, precision = load_for_sampling(options)
+    length = sorted(len(prompt_ids(tok, p, raw=False)) for p in PROMPTS)[len(PROMPTS) // 2] + 128
+    rates = {}
+    for rows in (1, 16):
+        ids, mask = torch.randint(5, model.config.vocab_size, (rows, length)), torch.ones(rows, length, dtype=torch.long)
+        at = torch.arange(length - 32, length).expand(rows, -1)  # [rows, 32]
+        with precision.autocast():
+            step = lambda: model.logits_at_positions(ids, mask, at)  # noqa: E731
+            step()
+            best = min(seconds(step, None, 5))
+            with FlopCounter() as count:
+                step()
+        rates[rows] = count.flops / best
+    peak = measure_machine(torch.device("cpu"), 1024, 1 << 26)
+    bf16 = torch.bfloat16 in (precision.weights, precision.autocast_dtype)
+    peak = peak["matmul_flops_bfloat16" if bf16 else "matmul_flops_float32"]
+    return (f"the step alone gives at most {rates[16] / rates[1]:.2f}x at 16 rows of {length} positions "
+            f"({rates[1] / 1e9:.0f} -> {rates[16] / 1e9:.0f} GFLOP/s; matmul peak {peak / 1e9:.0f})")
+
+
+def check_batching(s: Served, tokens: Tokenizer, ceiling: str) -> tuple[list, dict]:
     """The 16 prompts one by one, then at once; plain against streamed; usage against the text's tokens."""
     alone, one_by_one = timed(lambda: {p: s.chat(p)[1] for p in PROMPTS})
     barrier = threading.Barrier(len(PROMPTS))
@@ -139,7 +171,7 @@ def check_batching(s: Served, tokens: Tokenizer) -> tuple[list, dict]:
     return [("plain = streamed (the OpenAI client)", all(streamed), f"{sum(streamed)} of {len(streamed)}", "all"),
             ("16 different prompts at once: each equal to the prompt alone", equal == 16, f"{equal} of 16", "16 of 16"),
             ("16 different prompts at once: faster than one by one", one_by_one / at_once >= 2,
-             f"{one_by_one:.2f} s one by one, {at_once:.2f} s at once: {one_by_one / at_once:.2f}x", ">= 2x"),
+             f"{one_by_one:.2f} s one by one, {at_once:.2f} s at once: {one_by_one / at_once:.2f}x; {ceiling}", ">= 2x"),
             ("usage.completion_tokens = the tokens of the text", all(a == b for a, b in counted),
              f"{sum(a == b for a, b in counted)} of {len(counted)} ({sum(a for a, _ in counted)} tokens)", "all")], \
         {p: text(r) for p, r in alone.items()}
@@ -273,11 +305,12 @@ def main(argv=None) -> int:
                         "config.json, model.safetensors).")
     tokens = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
     print(banner(), flush=True)
+    ceiling = batching_ceiling(args)
     server, rows = Served(model_dir, "--max-tokens-limit", "448", "--batch-size", "4", "--dtype", args.dtype,
                           key=KEY, threads=args.threads), []
     try:
         server.chat(PROMPTS[0])  # warm up
-        batching, greedy = check_batching(server, tokens)  # the answers alone, which later checks compare with
+        batching, greedy = check_batching(server, tokens, ceiling)  # the answers alone, which later checks compare with
         for check in (check_keys_and_fields, check_choices_and_suffix, check_limits_and_bad_input,
                       lambda _, __: batching, check_turns, check_metrics, check_sigterm):
             try:
