@@ -37,7 +37,7 @@ try:
 
     from minidiff.serving.api import Limits
     from minidiff.serving.app import Service, make_app
-    from minidiff.serving.engine import Engine
+    from minidiff.serving.engine import Engine, model_thread
     from minidiff.serving.ops import Metrics
 except ImportError as missing:  # the serve extra is optional
     uvicorn = None
@@ -125,12 +125,13 @@ def main(argv=None) -> int:
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
     config = sampler_config(args)
     sock = listening_socket(args.host, args.port)
-    model, tok, precision = load_for_sampling(args)
+    thread = model_thread()  # loads the model and runs it: one thread starts its OpenMP work
+    model, tok, precision = thread.submit(load_for_sampling, args).result()
     context = model.config.max_position_embeddings
     metrics = Metrics()
     engine = Engine(model, tok.mask_id, tok.eos_id, precision, args.batch_size, args.queue_size,
                     args.gather_ms / 1000, args.max_batch_tokens or args.batch_size * context, metrics,
-                    config.length_bucket)
+                    config.length_bucket, thread)
     limits = Limits(context, min(args.max_tokens_limit or context, context), args.queue_size, args.allow_trace)
     service = Service(args.served_model_name or Path(args.model.rstrip("/")).name, tok, config, limits, engine,
                       model_device(model), metrics, args.api_key or None, args.max_body_bytes,

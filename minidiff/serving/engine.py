@@ -63,6 +63,13 @@ class Ticket:
     since: float = field(default_factory=time.monotonic)  # waiting since (arrival, or its last turn)
 
 
+def model_thread() -> ThreadPoolExecutor:
+    """The one thread that runs the model. Load the model in it too (`submit(load).result()`): on
+    the CPU, OpenMP work started from a second thread ran a step 2x slower on 2 cores (measured:
+    docs/serving.md, "One worker owns the model")."""
+    return ThreadPoolExecutor(1, thread_name_prefix="minidiff-model")
+
+
 class Engine:
     """The batch (at most `batch_size` rows and `token_budget` canvas positions), the queue (at
     most `queue_size` rows waiting), the seconds an idle worker waits for requests sent together;
@@ -70,7 +77,8 @@ class Engine:
     batch's longest, any lengths together)."""
 
     def __init__(self, model, mask_id: int, eos_id: int, precision, batch_size: int, queue_size: int,
-                 gather: float = 0.0, token_budget: int | None = None, metrics=None, bucket: int = 0):
+                 gather: float = 0.0, token_budget: int | None = None, metrics=None, bucket: int = 0,
+                 thread: ThreadPoolExecutor | None = None):
         self.model, self.mask_id, self.eos_id, self.precision = model, mask_id, eos_id, precision
         self.batch_size, self.queue_size, self.gather = batch_size, queue_size, gather
         self.token_budget, self.metrics, self.bucket = token_budget, metrics, bucket
@@ -81,7 +89,7 @@ class Engine:
         self.runs: dict[tuple, tuple[BlockRun, list[Ticket], float]] = {}  # key -> run, its tickets, start
         self.blocks, self.failures, self.worker = 0, 0, None  # blocks run; failed in a row; the task
         self.wake, self.arrived = asyncio.Event(), threading.Event()
-        self.thread = ThreadPoolExecutor(1, thread_name_prefix="minidiff-model")
+        self.thread = thread or model_thread()
 
     def submit(self, rows: list[Row], request: str = "", trace: bool = False) -> list[Ticket]:
         """Queue a request's rows (one queue of events for all); Busy when they do not fit."""
