@@ -627,6 +627,38 @@ def test_batch_by_length_shares_steps_only_between_equal_canvases(guarded_server
     assert blocks_for([short, long]) == sum(alone) and blocks_for([long, long]) < 2 * alone[1]
 
 
+def test_admission_takes_the_oldest_then_the_rows_of_its_group(tmp_path):
+    """--batch-size 3, waiting rows A1 B1 A2 A3 B2 (A and B two canvas buckets): the oldest (A1),
+    then its group (A2, A3); once room frees, B1 (now the oldest) with B2. A token budget that holds
+    two A's admits A1 and A2, then B1 alone (the oldest always fits an empty batch)."""
+    import torch
+
+    import minidiff
+    from minidiff.data.chat import StopRules
+    from minidiff.plumbing.device import Precision
+    from minidiff.serving.batch import Row
+    from minidiff.serving.engine import Engine
+    from minidiff.speed.sampling import FastConfig
+
+    directory = make_model_dir(tmp_path / "m", seed=0)
+    model, tok = minidiff.load_model(str(directory), device="cpu"), minidiff.load_tokenizer(str(directory))
+    config = FastConfig(max_new_tokens=8, steps=8, block_length=8)
+    stops = StopRules.make(config, tok, tok.pad_id, tok.eos_id)
+    lengths = {"A": 4, "B": 30}  # canvases of 12 and 38 positions: buckets 16 and 48
+    order = ["A1", "B1", "A2", "A3", "B2"]
+    for budget, first, then in ((None, ["A1", "A2", "A3"], ["B1", "B2"]), (2 * 16, ["A1", "A2"], ["B1"])):
+        engine = Engine(model, tok.mask_id, tok.eos_id, Precision(torch.device("cpu"), torch.float32, None), 3, 8,
+                        token_budget=budget, bucket=16)
+        tickets = engine.submit([Row.start([7] * lengths[n[0]], config, stops, tok.mask_id, "cpu") for n in order])
+        name = {id(t): n for t, n in zip(tickets, order)}
+        engine.admit()
+        assert [name[id(t)] for t in engine.active] == first
+        engine.active.clear()  # their answers are over
+        engine.admit()
+        assert [name[id(t)] for t in engine.active] == then  # B1 the oldest now; alone over the budget
+        engine.close()
+
+
 def engine_answers(model, tok, prompts: list[list[int]], config, bucket: int, together: bool) -> list[list[int]]:
     """Each prompt's answer through an in-process Engine: all submitted at once, or one after another."""
     import asyncio

@@ -117,24 +117,37 @@ class Engine:
         return {"active": len(self.active), "waiting": len(self.waiting), "blocks": self.blocks}
 
     def admit(self) -> None:
-        """Drop rows whose client left; admit waiting rows, oldest first, while rows and tokens allow."""
+        """Drop rows whose client left; admit waiting rows while rows and tokens allow: the oldest,
+        then the waiting rows that would share its group (oldest first), then the next oldest..."""
         self.active = [t for t in self.active if not t.cancelled]
         for key in [k for k, (_, tickets, _) in self.runs.items() if all(t.cancelled for t in tickets)]:
             del self.runs[key]
         used = sum(padded_length(t.row.tokens, self.bucket) for t in self.active)
-        while self.waiting and len(self.active) < self.batch_size:
-            tokens = padded_length(self.waiting[0].row.tokens, self.bucket)
-            if self.active and self.token_budget and used + tokens > self.token_budget:
-                break
-            self.active.append(self.waiting.popleft())
-            used += tokens
+        while self.waiting and self.fits(self.waiting[0], used):
+            group = self.key(self.waiting[0])
+            for ticket in [t for t in self.waiting if self.key(t) == group]:  # the oldest first: it fits
+                if not self.fits(ticket, used):
+                    break
+                self.waiting.remove(ticket)
+                self.active.append(ticket)
+                used += padded_length(ticket.row.tokens, self.bucket)
+
+    def fits(self, ticket: Ticket, used: int) -> bool:
+        """Is there a row, and (unless the batch is empty) room in the token budget, for it?"""
+        tokens = padded_length(ticket.row.tokens, self.bucket)
+        budget_ok = not self.active or not self.token_budget or used + tokens <= self.token_budget
+        return len(self.active) < self.batch_size and budget_ok
+
+    def key(self, ticket: Ticket) -> tuple:
+        """Its group: rows of one key share a block's steps (batch.batch_key, batch.invariant_key)."""
+        return batch_key(ticket.row) + invariant_key(ticket.row, self.bucket, self.exact_products)
 
     def candidates(self) -> list[tuple[tuple, list[Ticket]]]:
         """The runs under way, and new groups of rows at a boundary whose key runs nothing."""
         running = {id(t) for _, tickets, _ in self.runs.values() for t in tickets}
         groups: dict[tuple, list[Ticket]] = {}
         for ticket in self.active:
-            key = batch_key(ticket.row) + invariant_key(ticket.row, self.bucket, self.exact_products)
+            key = self.key(ticket)
             if id(ticket) not in running and key not in self.runs:
                 groups.setdefault(key, []).append(ticket)
         return [(key, tickets) for key, (_, tickets, _) in self.runs.items()] + list(groups.items())
