@@ -142,7 +142,7 @@ def batching_ceiling(args) -> str:
         with precision.autocast():
             step = lambda: model.logits_at_positions(ids, mask, at)  # noqa: E731
             step()
-            best = min(seconds(step, None, 5))
+            best = min(seconds(step, None, 20))
             with FlopCounter() as count:
                 step()
         rates[rows] = count.flops / best
