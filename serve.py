@@ -62,6 +62,9 @@ def parse_args(argv=None):
                    help="--length-bucket 1: only rows of one canvas length share a step (no padding)")
     p.add_argument("--api-key", default=os.environ.get("MINIDIFF_API_KEY"), help="every /v1 route (and the page's) "
                    "needs Authorization: Bearer KEY (default: $MINIDIFF_API_KEY; none: open)")
+    p.add_argument("--allowed-hosts", nargs="+", help="Host header names a request may carry (default: localhost, "
+                   "127.0.0.1 and ::1 when --host is one of them, which keeps web pages from calling a local server "
+                   "through a rebound name; else any; '*': any)")
     p.add_argument("--max-tokens-limit", type=int, default=None, help="max_tokens and steps a request may ask "
                    "for at most (default: the model's context)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request bodies at most; past it: 413")
@@ -111,6 +114,16 @@ async def serve(app, sock: socket.socket, service, shutdown_timeout: float) -> N
     await task
 
 
+LOOPBACK = ("localhost", "127.0.0.1", "::1")
+
+
+def allowed_hosts(args) -> tuple[str, ...] | None:
+    """--allowed-hosts, lower case; by default the loopback names for a loopback --host, else any (None)."""
+    if args.allowed_hosts:
+        return None if "*" in args.allowed_hosts else tuple(h.lower() for h in args.allowed_hosts)
+    return LOOPBACK if args.host.lower() in LOOPBACK else None
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if uvicorn is None:
@@ -134,7 +147,7 @@ def main(argv=None) -> int:
                     config.length_bucket, thread)
     limits = Limits(context, min(args.max_tokens_limit or context, context), args.queue_size, args.allow_trace)
     service = Service(args.served_model_name or Path(args.model.rstrip("/")).name, tok, config, limits, engine,
-                      model_device(model), metrics, args.api_key or None, args.max_body_bytes,
+                      model_device(model), metrics, args.api_key or None, allowed_hosts(args), args.max_body_bytes,
                       args.request_timeout)
     asyncio.run(serve(make_app(service), sock, service, args.shutdown_timeout))
     return 0

@@ -31,7 +31,7 @@ from serve_acceptance import Endpoint, Served, requests_counted
 
 from minidiff.errors import UserError, run_cli
 
-PROXY = ("proxy_http_version 1.1; proxy_buffering off; proxy_read_timeout 600s; "
+PROXY = ("proxy_http_version 1.1; proxy_set_header Host $host; proxy_buffering off; proxy_read_timeout 600s; "
          "proxy_next_upstream http_429 http_503 non_idempotent;")
 
 

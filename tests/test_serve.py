@@ -534,6 +534,10 @@ def test_keys_and_limits(guarded_server):
     client = openai.OpenAI(base_url=server.url + "v1", api_key=KEY, max_retries=0, timeout=120)
     assert client.completions.create(**body).choices[0].text is not None
     auth = {**json_type, "Authorization": f"Bearer {KEY}"}
+    # a web page's name rebound to 127.0.0.1: refused (a loopback --host answers to loopback names only)
+    status, reply = raw_request(server, "/v1/completions", data, {**auth, "Host": "pages.example:80"})
+    assert status == 400 and reply["error"]["code"] == "invalid_host"
+    assert raw_request(server, "/v1/completions", data, {**auth, "Host": f"localhost:{server.port}"})[0] == 200
     assert raw_request(server, "/v1/completions", data, {**auth, "Content-Type": "text/plain"})[0] == 415
     assert raw_request(server, "/v1/completions", b"{" + b" " * (2 << 20) + b"}", auth)[0] == 413
     for name, value in (("max_tokens", 65), ("steps", 65)):
@@ -542,6 +546,14 @@ def test_keys_and_limits(guarded_server):
     with pytest.raises(openai.BadRequestError):  # the page's route: the key too
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}],
                                        extra_body={"trace": True})
+
+
+@pytest.mark.parametrize("host, name", [(b"127.0.0.1:8000", "127.0.0.1"), (b"[::1]:8000", "::1"),
+                                        (b"LocalHost", "localhost"), (b"pages.example:80", "pages.example"), (b"", "")])
+def test_the_host_header_is_read_without_its_port(host, name):
+    from minidiff.serving.ops import host_name
+
+    assert host_name({"headers": [(b"host", host)]}) == name
 
 
 @pytest.mark.slow  # a server start-up

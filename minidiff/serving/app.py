@@ -46,6 +46,7 @@ class Service:
     device: object
     metrics: Metrics
     api_key: str | None = None
+    allowed_hosts: tuple[str, ...] | None = None  # the Host names requests may carry (None: any)
     body_limit: int = 1 << 20  # bytes
     deadline: float = 600.0  # seconds a request may take from its arrival
     draining: bool = False  # SIGTERM: finishing what runs, accepting nothing new
@@ -277,7 +278,8 @@ def make_app(service: Service) -> Starlette:
               Route("/page/chat", partial(complete, chat=True, page=True), **post)]
     service.metrics.watch(service.engine)
     app = Starlette(routes=routes, lifespan=lifespan, middleware=[Middleware(Guard, metrics=service.metrics,
-                                                                            key=service.api_key)],
+                                                                            key=service.api_key,
+                                                                            hosts=service.allowed_hosts)],
                     exception_handlers={ApiError: api_error, HTTPException: http_error, Exception: server_error})
     app.state.service = service
     return app

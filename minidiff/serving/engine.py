@@ -65,8 +65,8 @@ class Ticket:
 
 def model_thread() -> ThreadPoolExecutor:
     """The one thread that runs the model. Load the model in it too (`submit(load).result()`): on
-    the CPU, OpenMP work started from a second thread ran a step 2x slower on 2 cores (measured:
-    docs/serving.md, "One worker owns the model")."""
+    the CPU, a model whose OpenMP work began in another thread runs slower here (docs/serving.md,
+    "One worker owns the model")."""
     return ThreadPoolExecutor(1, thread_name_prefix="minidiff-model")
 
 

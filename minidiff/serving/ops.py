@@ -53,11 +53,19 @@ def guarded(path: str) -> bool:
     return path.startswith("/v1/") or path == "/page/chat"
 
 
-class Guard:
-    """The key check, the access log and the request count, around the application."""
+def host_name(scope) -> str:
+    """The Host header's name without its port ("[::1]:8000" -> "::1"), lower case."""
+    host = dict(scope["headers"]).get(b"host", b"").decode("latin-1").lower()
+    return host[1:host.find("]")] if host.startswith("[") else host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
-    def __init__(self, app, metrics: Metrics, key: str | None):
-        self.app, self.metrics, self.key = app, metrics, key
+
+class Guard:
+    """The Host and key checks, the access log and the request count, around the application.
+    `hosts`: the Host names a request may carry (None: any), so that a web page whose name was
+    rebound to this address cannot call a server on localhost from the user's browser."""
+
+    def __init__(self, app, metrics: Metrics, key: str | None, hosts: tuple[str, ...] | None = None):
+        self.app, self.metrics, self.key, self.hosts = app, metrics, key, hosts
 
     def authorized(self, scope) -> bool:
         headers = dict(scope["headers"])
@@ -75,7 +83,11 @@ class Guard:
             await send(message)
 
         try:
-            if self.key and guarded(scope["path"]) and not self.authorized(scope):
+            if self.hosts is not None and host_name(scope) not in self.hosts:
+                error = ApiError(400, f"the Host header {host_name(scope)!r} is not one this server answers to "
+                                      f"({', '.join(self.hosts)}; serve.py --allowed-hosts).", code="invalid_host")
+                await JSONResponse(error.body(), 400)(scope, receive, sending)
+            elif self.key and guarded(scope["path"]) and not self.authorized(scope):
                 error = ApiError(401, "a valid API key is required: send the header Authorization: Bearer KEY.",
                                  code="invalid_api_key")
                 await JSONResponse(error.body(), 401, {"WWW-Authenticate": "Bearer"})(scope, receive, sending)
