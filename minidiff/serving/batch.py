@@ -16,7 +16,7 @@ import torch
 from minidiff.data.chat import StopRules
 from minidiff.model import model_device
 from minidiff.sampler import Canvas, SamplerConfig, build_canvas, plan_block, random_generators, steps_per_block
-from minidiff.speed.invariance import own_draws, pad_to_bucket, padded_length, products_alike
+from minidiff.speed.invariance import own_draws, pad_to_bucket, row_key
 from minidiff.speed.sampling import Denoiser, GenerateOutput
 
 # the settings one block's steps read (plan_block, denoise_step, the caches, the compiled step)
@@ -85,16 +85,13 @@ def batch_key(row: Row) -> tuple:
 
 
 def invariant_key(row: Row, bucket: int, exact_products: bool) -> tuple:
-    """What rows must share besides batch_key so that a row's logits are its own alone, bit for bit
-    (speed/invariance.py): the padded length; prefix mode's window (the block's start); and, where a
-    product's rounding depends on its row count, each product's row count."""
+    """What rows must share besides batch_key so that a row's logits are its own alone, bit for bit:
+    invariance.row_key for its next block (the key holds the row's id where it must run alone)."""
     if not bucket:
         return ()
-    length = padded_length(row.tokens, bucket)
-    start = row.block_start if row.config.cache == "prefix" else None
-    # the products' row counts per row: the canvas (a refresh), the block, prefix mode's window
-    counts = (length, row.width) + ((length - row.block_start,) if start is not None else ())
-    return length, start, None if products_alike(counts, exact_products) else id(row)
+    length, window, alone = row_key(row.tokens, [row.block_start], [row.width], bucket, exact_products,
+                                    row.config.cache == "prefix")
+    return length, window, id(row) if alone else None
 
 
 def batch_canvas(rows: list[Row], mask_id: int, eos_id: int, device, bucket: int = 0) -> Canvas:

@@ -56,7 +56,9 @@ def guarded(path: str) -> bool:
 def host_name(scope) -> str:
     """The Host header's name without its port ("[::1]:8000" -> "::1"), lower case."""
     host = dict(scope["headers"]).get(b"host", b"").decode("latin-1").lower()
-    return host[1:host.find("]")] if host.startswith("[") else host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    if host.startswith("["):  # an IPv6 address
+        return host[1:host.find("]")]
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
 class Guard:

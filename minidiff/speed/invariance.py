@@ -44,20 +44,27 @@ def own_draws(config: SamplerConfig) -> bool:
     return draws and config.seed is not None
 
 
+def row_key(tokens: int, starts: list[int], widths: list[int], bucket: int, exact: bool, prefix: bool) -> tuple:
+    """What a row of `tokens` positions, whose blocks start at `starts` and are `widths` wide, must
+    share with the rows beside it to be computed as alone: (its padded length, prefix mode's block
+    starts or None, whether it must run alone: its products' row counts per row, the canvas, the
+    blocks and prefix mode's windows, could round it apart)."""
+    length = padded_length(tokens, bucket)
+    windows = [length - start for start in starts] if prefix else []
+    return length, tuple(starts) if prefix else None, not products_alike([length, *widths, *windows], exact)
+
+
 def share_keys(canvas: Canvas, config: SamplerConfig, bucket: int, exact: bool, prefix: bool) -> list[tuple]:
     """Per row of the canvas: rows with equal keys may be denoised on one canvas padded to `bucket`,
-    each as alone. The padded length; prefix mode's windows (its blocks' starts); alone (the row's
-    index) for own draws or products whose row counts (canvas, blocks, windows) could round it apart."""
+    each as alone (`row_key`; a row with its own draws alone too: the key holds its index)."""
     if not bucket:
         return [()] * canvas.ids.shape[0]  # one canvas padded to the longest: equal alone up to rounding
     starts = torch.stack([block[:, 0] for block in canvas.blocks], 1).tolist()  # [B, blocks]
     widths = [block.shape[1] for block in canvas.blocks]
     keys = []
-    for r, own in enumerate(canvas.answer_end):
-        length = padded_length(own, bucket)
-        windows = [length - start for start in starts[r]] if prefix else []
-        alone = own_draws(config) or not products_alike([length, *widths, *windows], exact)
-        keys.append((length, tuple(starts[r]) if prefix else None, r if alone else None))
+    for r, tokens in enumerate(canvas.answer_end):
+        length, window, alone = row_key(tokens, starts[r], widths, bucket, exact, prefix)
+        keys.append((length, window, r if alone or own_draws(config) else None))
     return keys
 
 
